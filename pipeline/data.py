@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import datasets
-from pipeline.datasets import DEFAULT_ROOT, DatasetInfo
+from pipeline.datasets import DEFAULT_ROOT
 from pipeline.errors import DataError
 
 DEFAULT_VAL_SIZE = 5000

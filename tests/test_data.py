@@ -1,0 +1,115 @@
+"""Split, subsets, device-resident batches and augmentation."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import data
+
+
+def _indexed_images(n: int) -> torch.Tensor:
+    """Images whose first two pixels spell their own index, so batches can be traced back."""
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    idx = torch.arange(n)
+    images[:, 0, 0] = (idx // 256).to(torch.uint8)
+    images[:, 0, 1] = (idx % 256).to(torch.uint8)
+    return images
+
+
+def _decode_indices(batch: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    pixels = torch.round((batch[:, 0, 0, :2] * std + mean) * 255).to(torch.int64)
+    return pixels[:, 0] * 256 + pixels[:, 1]
+
+
+def test_every_training_index_exactly_once_per_epoch():
+    n = 1000
+    split = data.ResidentImages(_indexed_images(n), torch.zeros(n, dtype=torch.int64), mean=0.1, std=0.3)
+    generator = torch.Generator().manual_seed(3)
+    epochs = []
+    for _ in range(2):
+        seen = torch.cat([_decode_indices(x, 0.1, 0.3) for x, _ in split.batches(64, generator)])
+        assert sorted(seen.tolist()) == list(range(n))
+        epochs.append(seen)
+    assert not torch.equal(epochs[0], epochs[1])  # reshuffled each epoch
+    assert not torch.equal(epochs[0], torch.arange(n))
+
+
+def test_same_seed_same_batches_bit_for_bit():
+    images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (300,))
+    split = data.ResidentImages(images, labels, mean=0.13, std=0.31)
+    augment = data.Augment()
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [(x.clone(), y.clone()) for _ in range(2) for x, y in split.batches(32, generator, augment)]
+
+    first, second, other = run(7), run(7), run(8)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[0][0], other[0][0])
+
+
+def test_unshuffled_batches_keep_order_and_last_partial_batch():
+    n = 70
+    split = data.ResidentImages(_indexed_images(n), torch.arange(n) % 10, mean=0.0, std=1.0)
+    batches = list(split.batches(32))
+    assert [len(y) for _, y in batches] == [32, 32, 6]
+    assert torch.equal(torch.cat([_decode_indices(x, 0.0, 1.0) for x, _ in batches]), torch.arange(n))
+    assert [len(y) for _, y in split.batches(32, torch.Generator().manual_seed(0), drop_last=True)] == [32, 32]
+
+
+def test_batches_are_normalised_float():
+    images = torch.full((10, 28, 28), 255, dtype=torch.uint8)
+    split = data.ResidentImages(images, torch.zeros(10, dtype=torch.int64), mean=0.5, std=0.25)
+    x, _ = next(split.batches(10))
+    assert x.dtype == torch.float32 and x.shape == (10, 1, 28, 28)
+    assert torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_augmentation_changes_each_sample_keeps_shape_dtype_range():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.zeros(16, 1, 28, 28)
+    images[:, :, 8:20, 10:18] = 1.0  # the same bar in every sample
+    warped = data.Augment().apply(images.clone(), generator)
+    assert warped.shape == images.shape and warped.dtype == images.dtype
+    assert warped.min() >= 0.0 and warped.max() <= 1.0
+    changed = (warped - images).abs().flatten(1).sum(1)
+    assert (changed > 1.0).all()  # every sample moved
+    # ...and each differently: a per-sample affine, not one transform for the batch
+    assert len({tuple(w.flatten()[::7].tolist()) for w in warped}) == 16
+    # Ink is roughly conserved (10% zoom changes area by at most ~21%).
+    assert ((warped.flatten(1).sum(1) / images.flatten(1).sum(1)) - 1).abs().max() < 0.35
+
+
+def test_augmentation_strength_zero_is_off_and_scales_linearly():
+    assert data.Augment.from_strength(0) is None
+    assert data.Augment.from_strength(2.0) == data.Augment(rotation=20.0, translate=0.2, scale=0.2)
+
+
+def test_stratified_split_sizes_proportions_and_hash():
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
+    split = data.stratified_split(labels, val_size=100, seed=0)
+    assert len(split.val_indices) == 100 and len(split.train_indices) == 900
+    assert torch.bincount(labels[split.val_indices]).tolist() == [60, 30, 10]
+    assert set(split.val_indices.tolist()).isdisjoint(split.train_indices.tolist())
+    again = data.stratified_split(labels, val_size=100, seed=0)
+    assert again.hash == split.hash and torch.equal(again.val_indices, split.val_indices)
+    assert data.stratified_split(labels, val_size=100, seed=1).hash != split.hash
+
+
+def test_stratified_split_quotas_add_up_with_remainders():
+    labels = torch.tensor([0] * 7 + [1] * 7 + [2] * 7)
+    split = data.stratified_split(labels, val_size=10, seed=0)
+    counts = torch.bincount(labels[split.val_indices]).tolist()
+    assert sum(counts) == 10 and max(counts) - min(counts) <= 1
+
+
+def test_prepare_tiny_dataset(tiny_dataset):
+    info, root = tiny_dataset
+    prepared = data.prepare("tiny", root, val_size=100, train_limit=200)
+    assert len(prepared.train) == 200 and len(prepared.val) == 100
+    assert prepared.classes == info.classes and prepared.checksum == info.checksum
+    full = data.prepare("tiny", root, val_size=100)
+    assert len(full.train) == 500
+    assert full.split_hash != prepared.split_hash  # a subset is recorded as a different split
+    assert data.prepare("tiny", root, val_size=100).split_hash == full.split_hash

