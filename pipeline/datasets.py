@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import pickle
 import shutil
 import struct
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import DataError
+from pipeline.fileio import write_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = PROJECT_ROOT / "data"
@@ -184,21 +184,6 @@ def verify(info: DatasetInfo, root: Path) -> None:
         verify_file(info.raw_dir(root) / file_name, expected, info.name)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _land_files(info: DatasetInfo, root: Path, files: dict[str, bytes], source: str) -> None:
     """Check every file against its constant before writing any of them."""
     for file_name, expected in info.sha256.items():
@@ -211,7 +196,7 @@ def _land_files(info: DatasetInfo, root: Path, files: dict[str, bytes], source: 
                 "the source is not the original dataset, remove it or pick another --source"
             )
     for file_name in FILES:
-        _write_atomic(info.raw_dir(root) / file_name, files[file_name])
+        write_atomic(info.raw_dir(root) / file_name, files[file_name])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,7 +229,7 @@ def normalisation_stats(info: DatasetInfo, root: Path = DEFAULT_ROOT) -> tuple[f
         pass  # no cache yet, or a damaged one: recompute
     mean, std = pixel_stats(read_idx(info.raw_dir(root) / TRAIN_IMAGES))
     payload = {"train_images_sha256": key, "mean": mean, "std": std}
-    _write_atomic(cache, json.dumps(payload, indent=2).encode())
+    write_atomic(cache, json.dumps(payload, indent=2).encode())
     return mean, std
 
 
