@@ -1,0 +1,139 @@
+"""Model zoo: every family trains a step, the classics are expressible, bad params fail by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import models
+from pipeline.errors import BadInput, ParamError
+
+
+def _forward_backward(model: nn.Module) -> torch.Tensor:
+    x = torch.randn(4, 1, 28, 28)
+    out = model(x)
+    out.sum().backward()
+    return out
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_every_family_forward_backward(family):
+    model = models.build_model(models.CLASSIC[family])
+    out = _forward_backward(model)
+    assert out.shape == (4, 10)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+
+
+def test_classic_mlp_is_784_512_256_10_with_batchnorm_and_dropout():
+    model = models.build_model(models.CLASSIC["mlp"])
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 256), (256, 10)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 2
+    assert {m.p for m in model.modules() if isinstance(m, nn.Dropout)} == {0.5}
+    # Forward FLOPs as counted: 2 per multiply-add of the three matmuls.
+    assert models.flops_per_image(model) == 2 * (784 * 512 + 512 * 256 + 256 * 10)
+
+
+def test_mlp_depth_width_taper():
+    model = models.build_model({"model": "mlp", "mlp_depth": 3, "mlp_width": 400, "mlp_taper": 0.5,
+                                "activation": "gelu", "batch_norm": False})
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [400, 200, 100, 10]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    assert any(isinstance(m, nn.GELU) for m in model.modules())
+
+
+def test_classic_cnn_is_two_blocks_32_64_with_128_head():
+    model = models.build_model(models.CLASSIC["cnn"])
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size) for m in convs] == [(32, (3, 3)), (64, (3, 3))]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [128, 10]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 1
+
+
+def test_cnn_transitions_gap_head_and_pool_positions():
+    params = {"model": "cnn", "cnn_blocks": 3, "cnn_width": 16, "convs_per_block": 2, "pool": "every",
+              "transition_ratio": 0.5, "head": "gap", "head_units": 0, "dropout": 0.1}
+    model = models.build_model(params)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    one_by_one = [m for m in convs if m.kernel_size == (1, 1)]
+    # 3 blocks x 2 convs, each pooled block followed by a 1x1 transition that halves the depth
+    assert len(convs) - len(one_by_one) == 6 and len(one_by_one) == 3
+    assert [(m.in_channels, m.out_channels) for m in one_by_one] == [(16, 8), (32, 16), (64, 32)]
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    assert _forward_backward(model).shape == (4, 10)
+
+
+def test_deep_cnn_skips_pools_that_would_collapse_the_map():
+    model = models.build_model({"model": "cnn", "cnn_blocks": 6, "cnn_width": 8, "cnn_growth": 1.0, "pool": "every"})
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 3  # 28 -> 14 -> 7 -> 3
+    assert _forward_backward(model).shape == (4, 10)
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"model": "mlp", "activation": "swishy"}, "activation = 'swishy'"),
+        ({"model": "cnn", "dropout": -0.1}, "dropout = -0.1"),
+        ({"model": "transformer"}, "model = 'transformer'"),
+        ({"model": "cnn", "cnn_channels": [32, 0]}, "cnn_channels"),
+        ({"model": "cnn", "batch_norm": "yes"}, "batch_norm = 'yes'"),
+    ],
+)
+def test_bad_parameter_is_named(params, fragment):
+    with pytest.raises(ParamError, match="expected") as err:
+        models.build_model(params)
+    assert fragment in str(err.value)
+
+
+def test_parameter_count_and_flops_reported():
+    model = models.build_model(models.CLASSIC["cnn"])
+    assert models.count_parameters(model) == sum(p.numel() for p in model.parameters()) > 1_000_000
+    assert models.flops_per_image(model) > models.flops_per_image(models.build_model(models.CLASSIC["mlp"]))
+
+
+@pytest.fixture
+def imagenet_weights(tmp_path, monkeypatch):
+    """A ResNet-18 state dict placed where torch's cache keeps the ImageNet weights."""
+    from torchvision.models import resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    state = resnet18(weights=None).state_dict()
+    path = models.resnet18_weights_path()
+    assert str(tmp_path) in str(path)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return state
+
+
+def test_resnet_finetune_loads_cached_weights(imagenet_weights):
+    model = models.build_model({"model": "resnet18", "resnet_mode": "finetune", "backbone_lr_scale": 0.1})
+    backbone = model.backbone.state_dict()
+    assert torch.equal(backbone["layer3.0.conv1.weight"], imagenet_weights["layer3.0.conv1.weight"])
+    assert torch.equal(backbone["conv1.weight"], imagenet_weights["conv1.weight"].sum(1, keepdim=True))
+    groups = models.parameter_groups(model, {"model": "resnet18", "resnet_mode": "finetune"}, lr=1e-2,
+                                     weight_decay=1e-4)
+    assert {g["lr"] for g in groups} == {1e-2, 1e-3}  # head at lr, backbone at lr x 0.1
+    assert _forward_backward(model).shape == (4, 10)
+
+
+def test_resnet_feature_extraction_freezes_backbone(imagenet_weights):
+    params = {"model": "resnet18", "resnet_mode": "feature_extract"}
+    model = models.build_model(params)
+    model.train()
+    assert not model.backbone.training and model.head.training
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    groups = models.parameter_groups(model, params, lr=1e-3, weight_decay=0.0)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.head.parameters()}
+
+
+def test_resnet_pretrained_without_cached_weights_says_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(BadInput, match="resnet18-f37072fd.pth") as err:
+        models.build_model({"model": "resnet18", "resnet_mode": "finetune"})
+    assert str(tmp_path / "empty") in str(err.value) and "resnet_mode='scratch'" in str(err.value)

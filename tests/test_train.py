@@ -1,0 +1,190 @@
+"""The trainer on a tiny synthetic dataset: determinism, checkpoints, accumulation, failures, precision."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pipeline import data, train
+from pipeline.errors import ParamError
+
+SMALL_CNN = {"model": "cnn", "cnn_channels": [8, 16], "pool": "every", "head_units": 32, "dropout": 0.2,
+             "conv_dropout": 0.1, "batch_size": 50, "augment": 1.0}
+
+
+@pytest.fixture
+def tiny(tiny_dataset):
+    _, root = tiny_dataset
+    return data.prepare("tiny", root, val_size=100)
+
+
+def _metrics(result: train.TrainResult) -> list[tuple]:
+    """Per-epoch metrics without the wall-clock ones."""
+    return [(m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.lr) for m in result.history]
+
+
+def _weights(result: train.TrainResult) -> dict[str, torch.Tensor]:
+    return result.model.state_dict()
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_bitwise_identical_metrics_and_weights(tiny):
+    params = dict(SMALL_CNN, epochs=2)
+    first, second = train.fit(params, tiny, seed=5), train.fit(params, tiny, seed=5)
+    assert _metrics(first) == _metrics(second)
+    assert _same_weights(_weights(first), _weights(second))
+    other = train.fit(params, tiny, seed=6)
+    assert _metrics(other) != _metrics(first)
+
+
+def test_callbacks_see_every_epoch_and_can_stop(tiny):
+    seen: list[train.EpochMetrics] = []
+    result = train.fit(dict(SMALL_CNN, epochs=3), tiny, callbacks=[seen.append, lambda m: m.epoch == 2])
+    assert [m.epoch for m in seen] == [1, 2] and result.stop_reason == "callback"
+    first = seen[0]
+    assert 0 <= first.train_accuracy <= 1 and 0 <= first.val_accuracy <= 1
+    assert first.train_loss > 0 and first.val_loss > 0 and first.lr > 0
+    assert first.epoch_seconds > 0 and first.images_per_second > 0
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
+    params = dict(SMALL_CNN, epochs=3, schedule="plateau")
+    uninterrupted = train.fit(params, tiny, seed=3)
+    checkpoint = tmp_path / "checkpoints" / "trial.ckpt"
+    stopped = train.fit(params, tiny, seed=3, checkpoint=checkpoint, callbacks=[lambda m: m.epoch == 1])
+    assert len(stopped.history) == 1 and checkpoint.is_file()
+    resumed = train.fit(params, tiny, seed=3, checkpoint=checkpoint)
+    assert resumed.resumed_from_epoch == 1
+    assert _metrics(resumed) == _metrics(uninterrupted)
+    assert _same_weights(_weights(resumed), _weights(uninterrupted))
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["trial.ckpt"]  # no temporary files left behind
+
+
+def test_checkpoint_of_other_params_is_refused(tiny, tmp_path):
+    checkpoint = tmp_path / "trial.ckpt"
+    train.fit(dict(SMALL_CNN, epochs=1), tiny, checkpoint=checkpoint)
+    with pytest.raises(train.BadInput, match="belongs to other parameters"):
+        train.fit(dict(SMALL_CNN, epochs=1, lr=0.1), tiny, checkpoint=checkpoint)
+
+
+def test_gradient_accumulation_matches_big_batch(tiny):
+    """Without BatchNorm or dropout, 2 x 25 accumulated equals one batch of 50 to float tolerance."""
+    params = {"model": "mlp", "mlp_widths": [64], "batch_norm": False, "dropout": 0.0, "precision": "fp32",
+              "epochs": 2, "optimizer": "sgd", "lr": 0.05, "schedule": "cosine"}
+    big = train.fit(dict(params, batch_size=50), tiny, seed=1)
+    accumulated = train.fit(dict(params, batch_size=25, grad_accum_steps=2), tiny, seed=1)
+    for a, b in zip(big.history, accumulated.history, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+    for name, weight in _weights(big).items():
+        torch.testing.assert_close(weight, _weights(accumulated)[name], rtol=1e-5, atol=1e-6)
+    # ...and it is not trivially so: without accumulation the small batch takes other steps.
+    small = train.fit(dict(params, batch_size=25), tiny, seed=1)
+    assert small.history[-1].train_loss != pytest.approx(big.history[-1].train_loss, rel=1e-5)
+
+
+def test_huge_learning_rate_raises_diverged(tiny):
+    params = {"model": "mlp", "batch_norm": False, "lr": 1e4, "optimizer": "sgd", "schedule": "none",
+              "epochs": 3, "batch_size": 50}
+    with pytest.raises(train.Diverged) as err:
+        train.fit(params, tiny)
+    assert err.value.epoch >= 1 and err.value.step >= 0
+    assert "loss became" in str(err.value)
+
+
+def test_early_stopping_keeps_best_epoch_weights(tiny):
+    # A learning rate too small to change predictions: no epoch beats the first.
+    params = dict(SMALL_CNN, epochs=6, lr=1e-9, schedule="none", early_stopping_patience=2, dropout=0.0,
+                  conv_dropout=0.0, augment=0.0)
+    result = train.fit(params, tiny)
+    assert result.stop_reason == "early_stopping"
+    assert len(result.history) == 3 and result.best_epoch == 1
+    val_loss, val_accuracy = train.evaluate(result.model, tiny.val, 1000, result.precision)
+    assert val_accuracy == result.history[0].val_accuracy
+
+
+def test_out_of_memory_becomes_typed_error_with_batch_size(tiny):
+    def exhausted(module, inputs):
+        if module.training:  # only the training step, not the FLOP count taken before it
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(exhausted)
+    try:
+        with pytest.raises(train.OutOfMemory) as err:
+            train.fit(dict(SMALL_CNN, epochs=1, batch_size=25), tiny)
+    finally:
+        handle.remove()
+    assert err.value.batch_size == 25 and "batch_size 25" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [({"activation": "swishy"}, "activation"), ({"dropout": -0.5}, "dropout"), ({"learning_rate": 0.1}, "lr"),
+     ({"batch_size": 0}, "batch_size"), ({"optimizer": "lion"}, "optimizer")],
+)
+def test_bad_parameter_fails_before_training(tiny, params, fragment):
+    epochs_seen = []
+    with pytest.raises(ParamError) as err:
+        train.fit(dict(SMALL_CNN, **params), tiny, callbacks=[epochs_seen.append])
+    assert fragment in str(err.value) and not epochs_seen
+
+
+def test_batch_larger_than_training_set_is_refused(tiny):
+    with pytest.raises(ParamError, match="batch_size = 5000 exceeds the 500 training images"):
+        train.fit(dict(SMALL_CNN, batch_size=5000), tiny)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "none"])
+def test_lr_schedules_are_pure_functions_of_step(schedule):
+    p = train.resolve_params({"schedule": schedule, "warmup_fraction": 0.1, "step_epochs": 1})
+    factors = [train.lr_factor(p, step, total_steps=100, steps_per_epoch=10) for step in range(100)]
+    assert factors == [train.lr_factor(p, step, 100, 10) for step in range(100)]
+    assert all(0 < f <= 1 for f in factors[:-1])
+    if schedule == "onecycle":
+        assert factors[0] == pytest.approx(1 / 25) and max(factors) == pytest.approx(1.0)
+        assert factors[-1] == pytest.approx(1 / 25e4)
+    if schedule == "cosine":
+        assert factors[9] == pytest.approx(1.0) and factors[0] == pytest.approx(0.1)
+    if schedule == "step":
+        assert factors[9] == 1.0 and factors[10] == 0.5 and factors[25] == 0.25
+
+
+def test_plateau_decays_after_patience():
+    plateau = train.Plateau()
+    for loss in [1.0, 0.9, 0.95, 0.96]:
+        plateau.update(loss, patience=1, gamma=0.5)
+    assert plateau.scale == 0.5 and plateau.best_loss == 0.9
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_every_optimizer_learns(tiny, optimizer):
+    lr = {"sgd": 0.05}.get(optimizer, 3e-3)
+    result = train.fit(dict(SMALL_CNN, epochs=2, optimizer=optimizer, lr=lr, label_smoothing=0.1, grad_clip=1.0), tiny)
+    assert result.best_val_accuracy > 0.5  # 10 classes: chance is 0.1
+
+
+def test_bf16_reaches_fp32_accuracy(tiny):
+    """bf16 autocast (+ channels_last) trains as well as fp32; tolerance 3 points on this subset."""
+    params = dict(SMALL_CNN, epochs=2, lr=1e-3, augment=2.0)
+    fp32 = train.fit(dict(params, precision="fp32"), tiny, seed=2)
+    bf16 = train.fit(dict(params, precision="bf16"), tiny, seed=2)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert fp32.best_val_accuracy > 0.5
+    assert abs(bf16.best_val_accuracy - fp32.best_val_accuracy) <= 0.03
+
+
+def test_auto_precision_follows_the_hardware(tiny):
+    result = train.fit(dict(SMALL_CNN, epochs=1), tiny)
+    assert result.precision == ("bf16" if train.cpu_has_native_bf16() else "fp32")
+    assert result.device == "cpu" and result.threads >= 1
+
+
+def test_history_is_plain_data(tiny):
+    result = train.fit(dict(SMALL_CNN, epochs=1), tiny)
+    assert dataclasses.asdict(result.history[0]) == result.history[0].as_dict()
+    assert result.parameter_count > 0 and result.flops_per_image > 0
