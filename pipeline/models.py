@@ -43,7 +43,7 @@ MODEL_SPECS = {
     "convs_per_block": Int(1, 1, 4),
     "pool": Choice("last", ("every", "alternate", "last", "none"), "which blocks end in a 2x2 max-pool"),
     "transition_ratio": Float(0.0, 0.0, 1.0, help="after each pool, a 1x1 conv to ratio x channels; 0: off"),
-    "conv_dropout": Float(0.0, 0.0, 1.0, high_open=True, help="channel dropout after each pooled block"),
+    "conv_dropout": Float(0.0, 0.0, 1.0, high_open=True, help="dropout after each pooled block"),
     "head": Choice("flatten", ("flatten", "gap"), "flatten + fully connected, or global average pooling"),
     "head_units": Int(128, 0, 8192, help="hidden units in the head; 0: straight to the classes"),
     # ResNet-18
@@ -132,7 +132,7 @@ def build_cnn(p: dict[str, Any], num_classes: int) -> nn.Module:
                 c_in = max(8, round(c_out * p["transition_ratio"]))
                 layers += _conv_bn_act(c_out, c_in, 1, p)
             if p["conv_dropout"] > 0:
-                layers.append(nn.Dropout2d(p["conv_dropout"]))
+                layers.append(nn.Dropout(p["conv_dropout"]))
     if p["head"] == "gap":
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         features = c_in

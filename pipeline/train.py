@@ -170,7 +170,8 @@ def _cosine(start: float, end: float, progress: float) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
 
 
-def lr_factor(p: dict[str, Any], step: int, total_steps: int, steps_per_epoch: int, plateau_scale: float = 1.0) -> float:
+def lr_factor(p: dict[str, Any], step: int, total_steps: int, steps_per_epoch: int,
+              plateau_scale: float = 1.0) -> float:
     """Multiplier on each group's base lr for optimiser step `step` (0-based) out of `total_steps`."""
     schedule = p["schedule"]
     if schedule == "onecycle":

@@ -1,0 +1,60 @@
+"""The CLI: `train` end to end on the tiny dataset, and its exit codes for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import main, parse_assignment
+from pipeline.errors import BadInput
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("lr=0.01", ("lr", 0.01)), ("epochs=3", ("epochs", 3)), ("batch_norm=false", ("batch_norm", False)),
+     ("cnn_channels=[16, 32]", ("cnn_channels", [16, 32])), ("activation=gelu", ("activation", "gelu")),
+     ("optimizer='sgd'", ("optimizer", "sgd"))],
+)
+def test_parse_assignment(text, expected):
+    assert parse_assignment(text) == expected
+
+
+def test_parse_assignment_needs_key_and_value():
+    with pytest.raises(BadInput, match="expected key=value"):
+        parse_assignment("lr")
+
+
+def _train(root, *extra):
+    return main(["train", "--dataset", "tiny", "--root", str(root), "--val-size", "100", *extra])
+
+
+def test_train_command_prints_epochs_and_final_table(tiny_dataset, capsys):
+    _, root = tiny_dataset
+    assert _train(root, "--model", "mlp", "--set", "epochs=2", "--set", "batch_size=50") == 0
+    out = capsys.readouterr().out
+    assert "epoch 1:" in out and "epoch 2:" in out
+    assert "parameters" in out and "MFLOPs/image" in out
+    assert "best val accuracy" in out
+
+
+def test_train_command_bad_parameter_exits_2_with_one_line(tiny_dataset, capsys):
+    _, root = tiny_dataset
+    assert _train(root, "--set", "activation=swish") == 2
+    err = capsys.readouterr().err.strip()
+    assert "activation = 'swish'" in err and "'relu', 'gelu', 'leaky_relu'" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_train_command_unknown_key_suggests_the_right_one(tiny_dataset, capsys):
+    _, root = tiny_dataset
+    assert _train(root, "--set", "learning_rate=0.1") == 2
+    assert "unknown parameter 'learning_rate'" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_code_for_bad_dataset(tmp_path):
+    """`python -m pipeline` as a real process: argparse refuses an unknown dataset with exit 2."""
+    result = subprocess.run([sys.executable, "-m", "pipeline", "data", "--dataset", "cifar", "--root", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "invalid choice: 'cifar'" in result.stderr
