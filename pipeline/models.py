@@ -53,8 +53,9 @@ MODEL_SPECS = {
 
 CLASSIC: dict[str, dict[str, Any]] = {
     "mlp": {"model": "mlp", "mlp_widths": [512, 256], "batch_norm": True, "dropout": 0.5},
-    "cnn": {"model": "cnn", "cnn_channels": [32, 64], "pool": "last", "head": "flatten", "head_units": 128,
-            "conv_dropout": 0.25, "dropout": 0.5},
+    # Two blocks of two 3x3 convs (32 then 64 channels), each block max-pooled, flatten -> 128 -> 10.
+    "cnn": {"model": "cnn", "cnn_channels": [32, 64], "convs_per_block": 2, "pool": "every", "head": "flatten",
+            "head_units": 128, "conv_dropout": 0.0, "dropout": 0.25},
     "resnet18": {"model": "resnet18", "resnet_mode": "scratch"},
 }
 

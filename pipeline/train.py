@@ -34,10 +34,10 @@ from pipeline.params import Bool, Choice, Float, Int, resolve
 
 TRAIN_SPECS = {
     "epochs": Int(5, 1, 10_000),
-    "batch_size": Int(128, 1, 65_536),
+    "batch_size": Int(64, 1, 65_536),
     "grad_accum_steps": Int(1, 1, 1024, help="effective batch = batch_size x grad_accum_steps"),
     "optimizer": Choice("adamw", ("adam", "adamw", "sgd"), "sgd uses Nesterov momentum"),
-    "lr": Float(2e-3, 0.0, 1e6, low_open=True),
+    "lr": Float(3e-3, 0.0, 1e6, low_open=True),
     "momentum": Float(0.9, 0.0, 1.0, high_open=True, help="SGD momentum"),
     "weight_decay": Float(5e-4, 0.0, 1.0, help="not applied to biases and norm weights"),
     "schedule": Choice("onecycle", ("onecycle", "cosine", "step", "plateau", "none")),
@@ -48,7 +48,7 @@ TRAIN_SPECS = {
     "label_smoothing": Float(0.0, 0.0, 1.0, high_open=True),
     "grad_clip": Float(0.0, 0.0, 1e6, help="max gradient norm; 0: off"),
     "early_stopping_patience": Int(0, 0, 10_000, help="epochs without val_accuracy gain; 0: off"),
-    "augment": Float(0.0, 0.0, 4.0, help="random affine strength: 1 = 10 degrees, 10% shift, 10% zoom; 0: off"),
+    "augment": Float(0.5, 0.0, 4.0, help="random affine strength: 1 = 10 degrees, 10% shift, 10% zoom; 0: off"),
     "precision": Choice("auto", ("auto", "fp32", "bf16"), "auto: bf16 where the hardware has it"),
     "compile": Bool(False, "torch.compile the model (worth it on CUDA)"),
     "eval_batch_size": Int(1000, 1, 65_536),

@@ -48,10 +48,10 @@ def test_mlp_depth_width_taper():
 def test_classic_cnn_is_two_blocks_32_64_with_128_head():
     model = models.build_model(models.CLASSIC["cnn"])
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert [(m.out_channels, m.kernel_size) for m in convs] == [(32, (3, 3)), (64, (3, 3))]
+    assert [(m.out_channels, m.kernel_size) for m in convs] == [(32, (3, 3))] * 2 + [(64, (3, 3))] * 2
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert [m.out_features for m in linears] == [128, 10]
-    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 1
+    assert [(m.in_features, m.out_features) for m in linears] == [(64 * 7 * 7, 128), (128, 10)]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
 
 
 def test_cnn_transitions_gap_head_and_pool_positions():
@@ -91,7 +91,10 @@ def test_bad_parameter_is_named(params, fragment):
 
 def test_parameter_count_and_flops_reported():
     model = models.build_model(models.CLASSIC["cnn"])
-    assert models.count_parameters(model) == sum(p.numel() for p in model.parameters()) > 1_000_000
+    convs = 1 * 32 * 9 + 32 * 32 * 9 + 32 * 64 * 9 + 64 * 64 * 9  # bias-free: BatchNorm follows
+    norms = 2 * (32 + 32 + 64 + 64)
+    head = (64 * 7 * 7 * 128 + 128) + (128 * 10 + 10)
+    assert models.count_parameters(model) == convs + norms + head
     assert models.flops_per_image(model) > models.flops_per_image(models.build_model(models.CLASSIC["mlp"]))
 
 
