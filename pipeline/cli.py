@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import BadInput
 
@@ -103,6 +104,172 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trial_line(trial) -> str:
+    """One line per finished trial: number, state, value, duration, reason and key params."""
+    from optuna.trial import TrialState
+
+    seconds = trial.duration.total_seconds() if trial.duration else 0.0
+    if trial.state == TrialState.COMPLETE:
+        value = ", ".join(f"{v:.4f}" for v in trial.values)
+    else:
+        value = trial.user_attrs.get("fail_reason", "")
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_detail"):
+            value += f": {trial.user_attrs['fail_detail'].splitlines()[0][:120]}"
+    shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+    return f"trial {trial.number:>3} {trial.state.name:<8} {value:<10} {seconds:6.1f} s  {shown}"
+
+
+def _short(value: object) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _load_study_spec(args: argparse.Namespace):
+    from pipeline import search, studies
+
+    spec = studies.load(args.study, args.studies_dir)
+    return search.apply_overrides(spec, trials=args.trials, timeout_minutes=args.timeout, epochs=args.epochs,
+                                  train_limit=args.train_limit, val_limit=args.val_limit)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from pipeline import search, train
+
+    spec = _load_study_spec(args)
+    storage = search.make_storage(search.storage_url(args.storage))
+    device = train.pick_device(args.device)
+    study = search.open_study(spec, storage, fresh=args.fresh, log=console.print)
+    prepared = search.prepare_data(spec, args.root, device)
+    console.print(f"[bold]{study.study_name}[/]: {spec.description or spec.name} | {spec.dataset} "
+                  f"{len(prepared.train):,}/{len(prepared.val):,} images, {device}, sampler {spec.sampler}, "
+                  f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min")
+
+    live = console.is_terminal  # bars on a terminal, plain lines in CI and pipes
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=not live)
+    trials_task = progress.add_task("trials", total=spec.trials, completed=search.finished_count(study))
+    epoch_task = progress.add_task("epoch", total=None)
+
+    def best_text() -> str:
+        best = search.best_trials(study)
+        return "best " + (", ".join(f"{v:.4f}" for v in best[0].values) if best else "-")
+
+    def on_trial_start(number: int, params: dict) -> None:
+        progress.update(trials_task, description=f"trial {number} | {best_text()}")
+
+    def on_epoch(number: int, m) -> None:
+        progress.reset(epoch_task, description=f"trial {number} epoch {m.epoch + 1}", total=None)
+        if not live:
+            console.print(f"  trial {number} epoch {m.epoch}: val_accuracy {m.val_accuracy:.4f} "
+                          f"val_loss {m.val_loss:.4f} ({m.epoch_seconds:.1f} s)")
+
+    def on_batch(done: int, total: int) -> None:
+        progress.update(epoch_task, completed=done, total=total)
+
+    def on_trial_end(trial) -> None:
+        progress.console.print(escape(_trial_line(trial)))
+        progress.update(trials_task, completed=search.finished_count(study), description=f"trials | {best_text()}")
+
+    events = search.TrialEvents(on_trial_start, on_epoch, on_batch if live else None)
+    resume = f"make search STUDY={spec.name}"
+    try:
+        with progress:
+            outcome = search.run(spec, study, prepared, events, on_trial_end, threads=args.threads)
+    except search.Interrupted as exc:
+        err_console.print(f"[yellow]{exc} received: the running trial is recorded as FAIL (interrupted) and "
+                          f"queued again; finished trials are saved. Resume with: {resume}")
+        return 128 + exc.signal_number
+    except search.TooManyFailures as exc:
+        err_console.print(f"[red]study stopped:[/] {escape(str(exc))}")
+        return 1
+
+    finished = search.finished_count(study)
+    console.print(f"{outcome.ran} trials run in {outcome.elapsed_seconds / 60:.1f} min; {finished}/{spec.trials} "
+                  f"finished ({'budget reached' if outcome.stop_reason == 'budget' else 'time budget spent'})")
+    frame = study.trials_dataframe(attrs=("number", "value" if len(spec.objectives) == 1 else "values", "state",
+                                          "duration", "params"))
+    complete = frame[frame["state"] == "COMPLETE"]
+    if len(spec.objectives) == 1 and len(complete):
+        complete = complete.sort_values("value", ascending=spec.directions[0] == "minimize").head(5)
+        table = Table(title=f"top trials of {study.study_name} ({spec.metrics[0]})")
+        for column in complete.columns:
+            table.add_column(column.removeprefix("params_"), justify="right")
+        for row in complete.itertuples(index=False):
+            table.add_row(*[_short(v) if not hasattr(v, "total_seconds") else f"{v.total_seconds():.0f} s"
+                            for v in row])
+        console.print(table)
+    best = search.best_trials(study)
+    if best:
+        console.print(f"best trial {best[0].number}: {', '.join(f'{v:.4f}' for v in best[0].values)} "
+                      f"with {escape(str(best[0].user_attrs.get('params')))}")
+    console.print(f"next: `make ui` to compare trials, `make export-best STUDY={spec.name}` for the champion; "
+                  f"`{resume}` continues the study")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline import search, train
+
+    spec = _load_study_spec(args)
+    storage = search.make_storage(search.storage_url(args.storage))
+    prepared = search.prepare_data(spec, args.root, train.pick_device(args.device))
+    outcome = search.replay(spec, storage, args.trial, prepared, threads=args.threads)
+    if outcome.differences:
+        console.print(f"[red]trial {args.trial} replay differs[/] ({len(outcome.differences)} values):")
+        for line in outcome.differences:
+            console.print(f"  {escape(line)}")
+        return 1
+    console.print(f"[green]trial {args.trial} replayed identically[/]: {outcome.epochs} epochs, every recorded "
+                  "metric equal bit for bit")
+    return 0
+
+
+def _cmd_studies(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from pipeline import search, studies
+
+    storage = search.make_storage(search.storage_url(args.storage))
+    table = Table(title="studies")
+    for column in ("study", "file", "trials done", "best value", "state"):
+        table.add_column(column)
+    for name in studies.available(args.studies_dir):
+        spec = studies.load(name, args.studies_dir)
+        try:
+            study = search.find_study(spec, storage)
+        except studies.StudyError:
+            table.add_row(name, f"{name}.toml", f"0/{spec.trials}", "-", "not started")
+            continue
+        done = search.finished_count(study)
+        best = search.best_trials(study)
+        running = len(study.get_trials(deepcopy=False, states=(search.TrialState.RUNNING,)))
+        state = "running" if running else ("done" if done >= spec.trials else "resumable")
+        table.add_row(study.study_name, f"{name}.toml", f"{done}/{spec.trials}",
+                      ", ".join(f"{v:.4f}" for v in best[0].values) if best else "-", state)
+    console.print(table)
+    return 0
+
+
+def _add_study_arguments(p: argparse.ArgumentParser, with_budget: bool) -> None:
+    from pipeline import datasets, studies
+
+    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: $STORAGE or sqlite studies/optuna.db)")
+    p.add_argument("--studies-dir", type=Path, default=studies.STUDIES_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per trial (default: all cores)")
+    p.add_argument("--root", type=Path, default=datasets.DEFAULT_ROOT, help="data folder (default: data/)")
+    p.add_argument("--epochs", type=int, default=None, help="override the study's epoch budget")
+    p.add_argument("--train-limit", type=int, default=None, help="override: train on a subset of this many images")
+    p.add_argument("--val-limit", type=int, default=None, help="override: validate on this many images")
+    p.add_argument("--trials", type=int, default=None, help="override the total trial budget" if with_budget
+                   else argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=None, help="override the time budget, minutes" if with_budget
+                   else argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import datasets
 
@@ -130,6 +297,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="save every epoch here; resume if it exists")
     p.add_argument("--root", type=Path, default=datasets.DEFAULT_ROOT, help="data folder (default: data/)")
     p.set_defaults(run=_cmd_train)
+
+    p = commands.add_parser("search", help="run or resume the Optuna study of studies/<STUDY>.toml")
+    _add_study_arguments(p, with_budget=True)
+    p.add_argument("--fresh", action="store_true", help="start a new version of the study (the old one is kept)")
+    p.set_defaults(run=_cmd_search)
+
+    p = commands.add_parser("replay", help="retrain one finished trial and compare every recorded metric")
+    _add_study_arguments(p, with_budget=False)
+    p.add_argument("--trial", type=int, required=True)
+    p.set_defaults(run=_cmd_replay)
+
+    p = commands.add_parser("studies", help="list the studies with trials done, best value and state")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--studies-dir", type=Path, default=Path(__file__).resolve().parents[1] / "studies",
+                   help=argparse.SUPPRESS)
+    p.set_defaults(run=_cmd_studies)
     return parser
 
 
@@ -139,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except BadInput as exc:
-        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted")

@@ -1,0 +1,321 @@
+"""Study files (`studies/<name>.toml`): load, validate, and turn into Optuna distributions.
+
+A study file is declarative: what is searched, what is fixed, the budgets, the sampler and pruner,
+and baseline trials to try first. It holds no code. Every problem is found when the file is
+loaded, before anything runs, and reported in one line naming the file, the key, what was found
+and what is allowed (`StudyError`, exit 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline import datasets, models, train
+from pipeline.errors import BadInput, ParamError
+from pipeline.params import check_value
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+STUDIES_DIR = PROJECT_ROOT / "studies"
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
+PRUNERS = ("hyperband", "median", "none")
+# Metrics a trial can be judged by: the last-epoch-free ones come from the best epoch.
+METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "parameter_count": "minimize",
+           "flops_per_image": "minimize"}
+
+
+class StudyError(BadInput):
+    """A study file is missing, malformed or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Scalar = bool | int | float | str
+Condition = dict[str, list[Scalar] | Scalar]
+
+
+class FloatParam(_Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    when: Condition | None = None
+
+
+class IntParam(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+    when: Condition | None = None
+
+
+class CategoricalParam(_Strict):
+    type: Literal["categorical"]
+    choices: list[Scalar | list[int]]
+    when: Condition | None = None
+
+
+SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+
+
+class Objective(_Strict):
+    metric: str = "val_accuracy"
+    direction: Literal["maximize", "minimize"] | None = None
+
+
+class StudySpec(_Strict):
+    name: str
+    description: str = ""
+    dataset: str
+    model: str
+    objectives: list[Objective] = [Objective()]
+    trials: int = Field(20, ge=1)
+    timeout_minutes: float = Field(30.0, gt=0)
+    seed: int = Field(0, ge=0)
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    epochs: int = Field(5, ge=1, le=1000)
+    val_size: int = Field(5000, ge=1)
+    train_limit: int | None = Field(None, ge=1)
+    val_limit: int | None = Field(None, ge=1)
+    fixed: dict[str, Any] = {}
+    space: dict[str, SearchParam] = {}
+    baseline: list[dict[str, Any]] = []
+
+    @model_validator(mode="after")
+    def _fill_directions(self) -> StudySpec:
+        for objective in self.objectives:
+            if objective.direction is None and objective.metric in METRICS:
+                object.__setattr__(objective, "direction", METRICS[objective.metric])
+        return self
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    def search_definition(self) -> dict[str, Any]:
+        """Everything that defines the search; budgets, description and baselines are left out."""
+        return self.model_dump(include={"dataset", "model", "objectives", "seed", "sampler", "pruner", "epochs",
+                                        "val_size", "train_limit", "val_limit", "fixed", "space"})
+
+    def fingerprint(self) -> str:
+        """Hash of the search definition: a study whose file changed it needs FRESH=1."""
+        return hashlib.sha256(json.dumps(self.search_definition(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def study_path(name: str, directory: Path = STUDIES_DIR) -> Path:
+    return Path(directory) / f"{name}.toml"
+
+
+def available(directory: Path = STUDIES_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(directory).glob("*.toml"))
+
+
+def load(name_or_path: str | Path, directory: Path = STUDIES_DIR) -> StudySpec:
+    """Load and fully validate a study by name (`cnn`) or path; StudyError names what is wrong."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = study_path(str(name_or_path), directory)
+    if not path.is_file():
+        names = ", ".join(available(path.parent)) or "none"
+        raise StudyError(f"no study {path.stem!r} ({path} does not exist); available studies: {names}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(f"{path}: malformed TOML: {exc}; fix the syntax") from None
+    raw.setdefault("name", path.stem)
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as exc:
+        raise StudyError(f"{path}: {_describe(exc)}") from None
+    try:
+        _check(spec, path)
+    except ParamError as exc:
+        raise StudyError(str(exc)) from None
+    return spec
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first pydantic error as `key: found X; expected Y`."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"] if not str(part).endswith("Param") and part not in
+           ("float", "int", "categorical")]
+    key = ".".join(loc) or "(file)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r}; remove it or check the spelling (see studies/README.md)"
+    if error["type"] == "missing":
+        return f"missing key {key!r}; add it"
+    found = error.get("input")
+    return f"{key} = {found!r}: {error['msg']}"
+
+
+def _check(spec: StudySpec, path: Path) -> None:
+    """Cross-field checks pydantic cannot express; raise ParamError with the file and key."""
+    where = str(path)
+
+    def fail(key: str, message: str) -> None:
+        raise ParamError(f"{where}: {key}: {message}")
+
+    if spec.name != path.stem:
+        fail("name", f"is {spec.name!r} but the file is {path.name}; make them the same")
+    if spec.dataset not in datasets.DATASETS:
+        fail("dataset", f"{spec.dataset!r} is not one of {', '.join(sorted(datasets.DATASETS))}")
+    if spec.model not in models.FAMILIES:
+        fail("model", f"{spec.model!r} is not one of {', '.join(models.FAMILIES)}")
+    if spec.sampler not in SAMPLERS:
+        fail("sampler", f"{spec.sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if spec.pruner not in PRUNERS:
+        fail("pruner", f"{spec.pruner!r} is not one of {', '.join(PRUNERS)}")
+    for i, objective in enumerate(spec.objectives):
+        if objective.metric not in METRICS:
+            fail(f"objectives[{i}].metric", f"{objective.metric!r} is not one of {', '.join(METRICS)}")
+    if len(spec.objectives) > 1 and spec.sampler not in ("nsga2", "tpe", "random"):
+        fail("sampler", f"{spec.sampler!r} is single-objective; use nsga2, tpe or random for several objectives")
+    if len(spec.objectives) > 1 and spec.pruner != "none":
+        fail("pruner", "Optuna cannot prune multi-objective studies; set pruner = \"none\"")
+    if spec.val_size >= 60000:
+        fail("val_size", f"{spec.val_size} leaves no training images; use fewer than 60000")
+
+    specs = train.PARAM_SPECS
+    for key in ("model", "epochs"):
+        if key in spec.fixed or key in spec.space:
+            fail(f"fixed.{key}" if key in spec.fixed else f"space.{key}",
+                 f"set {key!r} at the top level of the study file, not here")
+    for key, value in spec.fixed.items():
+        if key not in specs:
+            fail(f"fixed.{key}", f"unknown parameter; allowed: {', '.join(sorted(specs))}")
+        check_value(key, specs[key], value, f"{where}: fixed")
+    for key, param in spec.space.items():
+        if key not in specs:
+            fail(f"space.{key}", f"unknown parameter; allowed: {', '.join(sorted(specs))}")
+        if key in spec.fixed:
+            fail(f"space.{key}", "is also in [fixed]; a parameter is either searched or fixed")
+        _check_search_param(key, param, specs[key], fail, where)
+    for key, param in spec.space.items():
+        for other, allowed in (param.when or {}).items():
+            if other not in spec.space or not isinstance(spec.space[other], CategoricalParam):
+                fail(f"space.{key}.when", f"{other!r} must be a categorical parameter of [space]")
+            for value in allowed if isinstance(allowed, list) else [allowed]:
+                if value not in spec.space[other].choices:
+                    choices = spec.space[other].choices
+                    fail(f"space.{key}.when.{other}", f"{value!r} is not one of its choices {choices}")
+    for i, baseline in enumerate(spec.baseline):
+        _check_baseline(spec, i, baseline, fail)
+
+
+def _check_search_param(key: str, param: Any, param_spec: Any, fail: Any, where: str) -> None:
+    if isinstance(param, CategoricalParam):
+        if not param.choices:
+            fail(f"space.{key}.choices", "is empty; list at least one value")
+        for choice in param.choices:
+            check_value(key, param_spec, choice, f"{where}: space.{key}.choices")
+        return
+    if not param.low < param.high:
+        fail(f"space.{key}", f"low = {param.low} must be below high = {param.high}")
+    if param.log and param.low <= 0:
+        fail(f"space.{key}.low", f"= {param.low}: a log range must be > 0")
+    if param.log and isinstance(param, FloatParam) and param.step is not None:
+        fail(f"space.{key}.step", "cannot be combined with log = true")
+    if param.step is not None and param.step <= 0:
+        fail(f"space.{key}.step", f"= {param.step} must be > 0")
+    for bound in ("low", "high"):
+        check_value(key, param_spec, getattr(param, bound), f"{where}: space.{key}.{bound}")
+
+
+def _check_baseline(spec: StudySpec, i: int, baseline: dict[str, Any], fail: Any) -> None:
+    for key, value in baseline.items():
+        if key not in spec.space:
+            fail(f"baseline[{i}].{key}", "is not in [space]; a baseline sets searched parameters only")
+        param = spec.space[key]
+        if isinstance(param, CategoricalParam):
+            if value not in param.choices:
+                fail(f"baseline[{i}].{key}", f"= {value!r} is not one of {param.choices}")
+        elif isinstance(value, bool) or not isinstance(value, int | float) or not param.low <= value <= param.high:
+            fail(f"baseline[{i}].{key}", f"= {value!r} is outside [{param.low}, {param.high}]")
+        elif isinstance(param, IntParam) and not isinstance(value, int):
+            fail(f"baseline[{i}].{key}", f"= {value!r} must be an integer")
+    for key, param in spec.space.items():
+        if key not in baseline and _active(param, baseline):
+            fail(f"baseline[{i}]", f"misses {key!r}; a baseline must set every active searched parameter")
+
+
+def _active(param: Any, chosen: dict[str, Any]) -> bool:
+    """Whether a conditional parameter exists given the values chosen so far."""
+    for other, allowed in (param.when or {}).items():
+        options = allowed if isinstance(allowed, list) else [allowed]
+        if chosen.get(other) not in options:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# From a trial to a params dict
+
+
+def sampling_order(spec: StudySpec) -> list[str]:
+    """Unconditional parameters first, then conditional ones, each group in file order."""
+    plain = [k for k, p in spec.space.items() if not p.when]
+    return plain + [k for k, p in spec.space.items() if p.when]
+
+
+def suggest(spec: StudySpec, trial: Any) -> dict[str, Any]:
+    """Sample the search space through an Optuna trial (or FixedTrial) into a full params dict."""
+    chosen: dict[str, Any] = {}
+    for key in sampling_order(spec):
+        param = spec.space[key]
+        if not _active(param, chosen):
+            continue
+        if isinstance(param, FloatParam):
+            chosen[key] = trial.suggest_float(key, param.low, param.high, log=param.log, step=param.step)
+        elif isinstance(param, IntParam):
+            chosen[key] = trial.suggest_int(key, param.low, param.high, log=param.log, step=param.step)
+        else:
+            # Optuna's categorical choices must be scalars: list choices (channel lists) go by index.
+            if any(isinstance(c, list) for c in param.choices):
+                labels = [json.dumps(c) for c in param.choices]
+                chosen[key] = json.loads(trial.suggest_categorical(key, labels))
+            else:
+                chosen[key] = trial.suggest_categorical(key, param.choices)
+    return trial_params(spec, chosen)
+
+
+def trial_params(spec: StudySpec, sampled: dict[str, Any]) -> dict[str, Any]:
+    """Fixed values, then sampled ones, plus the study-level model and epoch budget."""
+    return {"model": spec.model, "epochs": spec.epochs, **spec.fixed, **sampled}
+
+
+def enqueue_form(spec: StudySpec, baseline: dict[str, Any]) -> dict[str, Any]:
+    """A baseline as Optuna's enqueue_trial wants it (list choices as their JSON labels)."""
+    form = {}
+    for key, value in baseline.items():
+        param = spec.space[key]
+        is_list_choice = isinstance(param, CategoricalParam) and any(isinstance(c, list) for c in param.choices)
+        form[key] = json.dumps(value) if is_list_choice else value
+    return form
+
+
+def objective_values(spec: StudySpec, result: train.TrainResult) -> list[float]:
+    best = result.history[result.best_epoch - 1]
+    source = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
+              "parameter_count": float(result.parameter_count), "flops_per_image": float(result.flops_per_image)}
+    return [source[metric] for metric in spec.metrics]
+

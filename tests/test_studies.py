@@ -1,0 +1,120 @@
+"""Study files: every shipped file loads; bad files are refused before anything runs, naming file and key."""
+
+from __future__ import annotations
+
+import pytest
+from optuna.trial import FixedTrial
+
+from pipeline import studies, train
+from pipeline.cli import main
+
+VALID = """
+dataset = "mnist"
+model = "cnn"
+trials = 2
+epochs = 1
+sampler = "tpe"
+pruner = "median"
+
+[fixed]
+cnn_channels = [8, 16]
+
+[space]
+lr = { type = "float", low = 1e-3, high = 1e-2, log = true }
+optimizer = { type = "categorical", choices = ["adamw", "sgd"] }
+momentum = { type = "float", low = 0.8, high = 0.95, when = { optimizer = "sgd" } }
+cnn_width = { type = "int", low = 8, high = 32, step = 8 }
+
+[[baseline]]
+lr = 3e-3
+optimizer = "adamw"
+cnn_width = 16
+"""
+
+
+def _write(tmp_path, text, name="trial"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", studies.available())
+def test_every_shipped_study_loads_and_samples_valid_params(name):
+    spec = studies.load(name)
+    assert spec.name == name and spec.trials >= 1
+    for baseline in spec.baseline:  # each baseline is a complete point of its space
+        params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, baseline)))
+        train.resolve_params(params)
+
+
+def test_required_studies_are_shipped():
+    assert {"cnn", "mlp", "resnet", "fashion-cnn", "smoke"} <= set(studies.available())
+
+
+def test_conditional_parameter_only_when_its_condition_holds(tmp_path):
+    spec = studies.load(_write(tmp_path, VALID))
+    with_sgd = studies.suggest(spec, FixedTrial({"lr": 0.002, "optimizer": "sgd", "momentum": 0.9, "cnn_width": 16}))
+    assert with_sgd["momentum"] == 0.9 and with_sgd["cnn_channels"] == [8, 16] and with_sgd["epochs"] == 1
+    with_adamw = studies.suggest(spec, FixedTrial({"lr": 0.002, "optimizer": "adamw", "cnn_width": 16}))
+    assert "momentum" not in with_adamw
+
+
+def test_list_valued_choices_round_trip(tmp_path):
+    text = VALID.replace('cnn_channels = [8, 16]', '').replace(
+        "[space]", '[space]\ncnn_channels = { type = "categorical", choices = [[8, 16], [16, 32]] }').replace(
+        "[[baseline]]", "[[baseline]]\ncnn_channels = [16, 32]")
+    spec = studies.load(_write(tmp_path, text))
+    params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+    assert params["cnn_channels"] == [16, 32]
+
+
+BAD = [
+    ("unknown top-level key", ('trials = 2', 'trials = 2\nworkers = 3'), "unknown key 'workers'"),
+    ("wrong type", ('trials = 2', 'trials = "ten"'), "trials = 'ten'"),
+    ("inverted range", ('low = 1e-3, high = 1e-2', 'low = 1e-2, high = 1e-3'), "space.lr: low = 0.01 must be below"),
+    ("empty range", ('low = 8, high = 32', 'low = 8, high = 8'), "space.cnn_width: low = 8 must be below high = 8"),
+    ("log range touching zero", ('low = 1e-3, high = 1e-2, log', 'low = 0.0, high = 1e-2, log'),
+     "space.lr.low: = 0.0: a log range must be > 0"),
+    ("unknown sampler", ('sampler = "tpe"', 'sampler = "bayes"'), "sampler: 'bayes' is not one of tpe"),
+    ("unknown pruner", ('pruner = "median"', 'pruner = "sometimes"'), "pruner: 'sometimes' is not one of"),
+    ("unknown model", ('model = "cnn"', 'model = "vit"'), "model: 'vit' is not one of mlp, cnn, resnet18"),
+    ("unknown dataset", ('dataset = "mnist"', 'dataset = "cifar10"'), "dataset: 'cifar10' is not one of"),
+    ("baseline outside the space", ("lr = 3e-3\n", "lr = 0.5\n"), "baseline[0].lr: = 0.5 is outside [0.001, 0.01]"),
+    ("baseline missing a parameter", ("cnn_width = 16\n", ""), "baseline[0]: misses 'cnn_width'"),
+    ("unknown parameter in space", ("cnn_width = {", "cnn_wdth = {"), "space.cnn_wdth: unknown parameter"),
+    ("unknown key in a range", ("step = 8", "stride = 8"), "unknown key 'space.cnn_width.stride'"),
+    ("bad fixed value", ("cnn_channels = [8, 16]", "cnn_channels = [8, -16]"), "cnn_channels = [8, -16]"),
+    ("range outside what the parameter allows", ('low = 0.8, high = 0.95', 'low = 0.8, high = 1.5'),
+     "momentum = 1.5 is not allowed; expected a number in [0, 1)"),
+    ("condition on a non-categorical", ('when = { optimizer = "sgd" }', 'when = { lr = 0.01 }'),
+     "space.momentum.when: 'lr' must be a categorical parameter"),
+    ("searched and fixed", ("[space]", "batch_size = 64\n[space]\nbatch_size = { type = 'int', low = 32, high = 64 }"),
+     "space.batch_size: is also in [fixed]"),
+    ("malformed TOML", ('trials = 2', 'trials = = 2'), "malformed TOML"),
+    ("epochs inside fixed", ("[fixed]", "[fixed]\nepochs = 3"), "fixed.epochs: set 'epochs' at the top level"),
+]
+
+
+@pytest.mark.parametrize("label, change, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, change, message):
+    old, new = change
+    assert old in VALID
+    path = _write(tmp_path, VALID.replace(old, new, 1))
+    assert main(["search", "--study", "trial", "--studies-dir", str(tmp_path),
+                 "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # undo line wrapping
+    assert str(path) in err and message in err
+    assert not (tmp_path / "optuna.db").exists()  # refused before the storage was even opened
+
+
+def test_unknown_study_lists_the_available_ones(capsys):
+    assert main(["search", "--study", "nope"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no study 'nope'" in err and "cnn, fashion-cnn, mlp, resnet, smoke" in err
+
+
+def test_fingerprint_ignores_budgets_but_not_the_space(tmp_path):
+    spec = studies.load(_write(tmp_path, VALID))
+    assert studies.load(_write(tmp_path, VALID.replace("trials = 2", "trials = 50"))).fingerprint() == spec.fingerprint()
+    changed = studies.load(_write(tmp_path, VALID.replace("high = 1e-2", "high = 2e-2")))
+    assert changed.fingerprint() != spec.fingerprint()
