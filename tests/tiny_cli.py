@@ -1,0 +1,21 @@
+"""Run the real CLI in a real process with the tiny test dataset registered.
+
+    python tests/tiny_cli.py DATA_ROOT search --study ... (any `python -m pipeline` arguments)
+
+The tiny dataset's files must already be under DATA_ROOT (see conftest.write_tiny_dataset); their
+checksums are taken from the files, as a user registering their own data would record them.
+"""
+
+import sys
+from pathlib import Path
+
+from pipeline import datasets
+from pipeline.cli import main
+
+root = Path(sys.argv[1])
+raw = root / "Tiny" / "raw"
+datasets.DATASETS["tiny"] = datasets.DatasetInfo(
+    name="tiny", folder="Tiny", sha256={f: datasets.sha256_file(raw / f) for f in datasets.FILES},
+    classes=tuple(f"class{i}" for i in range(10)),
+)
+sys.exit(main(sys.argv[2:]))
