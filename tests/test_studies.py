@@ -115,6 +115,7 @@ def test_unknown_study_lists_the_available_ones(capsys):
 
 def test_fingerprint_ignores_budgets_but_not_the_space(tmp_path):
     spec = studies.load(_write(tmp_path, VALID))
-    assert studies.load(_write(tmp_path, VALID.replace("trials = 2", "trials = 50"))).fingerprint() == spec.fingerprint()
+    bigger_budget = studies.load(_write(tmp_path, VALID.replace("trials = 2", "trials = 50")))
+    assert bigger_budget.fingerprint() == spec.fingerprint()
     changed = studies.load(_write(tmp_path, VALID.replace("high = 1e-2", "high = 2e-2")))
     assert changed.fingerprint() != spec.fingerprint()
