@@ -11,10 +11,15 @@ DATASET ?= all
 SOURCE  ?= auto
 MODEL   ?= cnn
 SET     ?=
+STUDY   ?=
+TRIAL   ?=
+# Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>
+SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
+               $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE))
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train test test-slow lint format bench-data bench-trainer clean
+.PHONY: help setup data train search replay studies test test-slow lint format bench-data bench-trainer clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,6 +37,15 @@ data: $(STAMP) ## land + verify MNIST and Fashion-MNIST under data/ (DATASET=mni
 train: $(STAMP) ## train one baseline: MODEL=mlp|cnn|resnet18 DATASET=mnist SET="lr=0.01 epochs=3"
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
 		$(foreach s,$(SET),--set $(s))
+
+search: $(STAMP) ## run or resume a study: STUDY=cnn [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url]
+	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
+
+replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12
+	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)" $(if $(STORAGE),--storage $(STORAGE))
+
+studies: $(STAMP) ## list the studies with trials done, best value and state
+	$(PY) -m pipeline studies $(if $(STORAGE),--storage $(STORAGE))
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

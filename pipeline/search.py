@@ -188,6 +188,36 @@ def _enqueue_new_baselines(spec: StudySpec, study: optuna.Study, log: Callable[[
 # The objective
 
 
+class StopRequest:
+    """SIGINT/SIGTERM handling that only interrupts at safe points.
+
+    The handler just records the signal; `check()` raises Interrupted where it is safe to stop: after
+    any training batch or epoch, and between trials. Raising from inside Optuna's bookkeeping could
+    leave a trial half-told. A second signal raises at once, for a user who insists.
+    """
+
+    def __init__(self) -> None:
+        self.signal_number: int | None = None
+
+    def _handle(self, signal_number: int, _frame: Any) -> None:
+        if self.signal_number is not None:
+            raise Interrupted(signal_number)
+        self.signal_number = signal_number
+
+    def check(self) -> None:
+        if self.signal_number is not None:
+            raise Interrupted(self.signal_number)
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
 @dataclass
 class TrialEvents:
     """Hooks for progress output (and, later, tracking); each is optional."""
@@ -209,6 +239,7 @@ class Objective:
     data: data_module.PreparedData
     events: TrialEvents = field(default_factory=TrialEvents)
     threads: int | None = None
+    stop: StopRequest = field(default_factory=StopRequest)
     running: int | None = None  # the number of the trial in progress, for the interrupt handler
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
@@ -221,7 +252,13 @@ class Objective:
         history: list[dict[str, float]] = []
         single = len(self.spec.objectives) == 1
 
+        def on_batch(done: int, total: int) -> None:
+            self.stop.check()
+            if self.events.on_batch is not None:
+                self.events.on_batch(done, total)
+
         def report(metrics: train.EpochMetrics) -> None:
+            self.stop.check()
             history.append(history_record(metrics))
             trial.set_user_attr("history", history)
             self.events.on_epoch(trial.number, metrics)
@@ -233,7 +270,7 @@ class Objective:
 
         try:
             result = train.fit(params, self.data, callbacks=[report], seed=seed, threads=self.threads,
-                               on_batch=self.events.on_batch)
+                               on_batch=on_batch)
         except train.Diverged as exc:
             trial.set_user_attr("fail_reason", "diverged")
             trial.set_user_attr("fail_detail", str(exc))
@@ -265,21 +302,6 @@ class Objective:
 # The search loop
 
 
-@contextmanager
-def signals_raise_interrupted() -> Iterator[None]:
-    """SIGINT and SIGTERM raise Interrupted in the main thread, so the trial is closed properly."""
-
-    def handler(signal_number: int, _frame: Any) -> None:
-        raise Interrupted(signal_number)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 @dataclass
 class SearchOutcome:
     study: optuna.Study
@@ -307,13 +329,15 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
 
     Raises Interrupted (after closing and re-queueing the running trial) and TooManyFailures.
     """
-    objective = Objective(spec, prepared, events, threads)
+    stop = StopRequest()
+    objective = Objective(spec, prepared, events, threads, stop)
     started = time.monotonic()
     deadline = started + spec.timeout_minutes * 60
     ran, consecutive_failures = 0, 0
     last: list[optuna.trial.FrozenTrial] = []
-    with signals_raise_interrupted():
+    with stop.installed():
         while finished_count(study) < spec.trials:
+            stop.check()
             if time.monotonic() >= deadline:
                 return SearchOutcome(study, ran, "timeout", time.monotonic() - started)
             last.clear()

@@ -325,7 +325,7 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
 
     `device` defaults to the data's device (they must agree). With `checkpoint`, progress is saved
     atomically after every epoch and an existing matching checkpoint is resumed. `on_batch(done,
-    total)` is called every few batches for progress displays. Raises ParamError before training
+    total)` is called after every batch (progress displays; it may raise to stop). Raises ParamError before training
     for bad params, Diverged on a non-finite loss, OutOfMemory when the device runs out of memory.
     """
     p = resolve_params(params)
@@ -387,7 +387,7 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     progress.step += 1
-                if on_batch is not None and (i % 20 == 19 or i == micro_batches - 1):
+                if on_batch is not None:
                     on_batch(i + 1, micro_batches)
             seen = micro_batches * batch_size
             train_loss, train_accuracy = loss_sum.item() / seen, correct.item() / seen

