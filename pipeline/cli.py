@@ -52,14 +52,33 @@ def parse_assignment(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
+def _study_baseline(args: argparse.Namespace) -> dict:
+    from optuna.trial import FixedTrial
+
+    from pipeline import studies
+
+    spec = studies.load(args.study)
+    if not spec.baseline:
+        raise studies.StudyError(f"studies/{args.study}.toml has no [[baseline]] trial to train")
+    args.dataset = spec.dataset
+    args.val_size = spec.val_size
+    args.train_limit = args.train_limit or spec.train_limit
+    args.val_limit = args.val_limit or spec.val_limit
+    return studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from pipeline import data, models, train
 
-    params = dict(models.CLASSIC[args.model])
+    if args.study:  # the study's first baseline trial, on the study's dataset and subset
+        params, args.model = _study_baseline(args), None
+    else:
+        params = dict(models.CLASSIC[args.model])
     params.update(parse_assignment(item) for item in args.set)
+    args.model = params.get("model", args.model)
     resolved = train.resolve_params(params)  # bad parameters stop here, before the data is loaded
     device = train.pick_device(args.device)
     prepared = data.prepare(args.dataset, args.root, device, val_size=args.val_size, train_limit=args.train_limit,
@@ -285,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("train", help="one training run of a model family's baseline (+ --set overrides)")
     p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet18"])
+    p.add_argument("--study", default=None, help="train this study's first baseline trial instead of --model's")
     p.add_argument("--dataset", default="mnist", choices=sorted(datasets.DATASETS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set lr=0.01 --set cnn_channels=[32,64] (repeatable)")

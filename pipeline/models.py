@@ -65,6 +65,17 @@ def model_params(params: dict[str, Any]) -> dict[str, Any]:
     return resolve(MODEL_SPECS, {k: v for k, v in params.items() if k in MODEL_SPECS}, "model parameters")
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over height and width -> [B, C].
+
+    Used instead of nn.AdaptiveAvgPool2d because that op's CUDA backward has no deterministic
+    implementation, so deterministic mode would refuse to train with it on a GPU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 def _activation(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "gelu": nn.GELU, "leaky_relu": lambda: nn.LeakyReLU(0.01)}[name]()
 
@@ -135,7 +146,7 @@ def build_cnn(p: dict[str, Any], num_classes: int) -> nn.Module:
             if p["conv_dropout"] > 0:
                 layers.append(nn.Dropout(p["conv_dropout"]))
     if p["head"] == "gap":
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers.append(GlobalAvgPool())
         features = c_in
     else:
         layers.append(nn.Flatten())
@@ -184,6 +195,7 @@ class ResNet18Classifier(nn.Module):
                 conv1.weight.copy_(state["conv1.weight"].sum(dim=1, keepdim=True))
             backbone.conv1 = conv1
         backbone.maxpool = nn.Identity()
+        backbone.avgpool = GlobalAvgPool()  # deterministic on CUDA, unlike AdaptiveAvgPool2d
         backbone.fc = nn.Identity()
         self.mode = mode
         self.backbone = backbone

@@ -58,3 +58,13 @@ def test_module_entry_point_exit_code_for_bad_dataset(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline", "data", "--dataset", "cifar", "--root", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "invalid choice: 'cifar'" in result.stderr
+
+
+@pytest.mark.data
+def test_train_command_with_a_study_trains_its_baseline(capsys):
+    from conftest import require_real_dataset
+
+    require_real_dataset("mnist")
+    assert main(["train", "--study", "smoke", "--set", "epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "cnn on mnist (5,000 train / 1,000 val" in out and "best val accuracy" in out

@@ -63,7 +63,7 @@ def test_cnn_transitions_gap_head_and_pool_positions():
     # 3 blocks x 2 convs, each pooled block followed by a 1x1 transition that halves the depth
     assert len(convs) - len(one_by_one) == 6 and len(one_by_one) == 3
     assert [(m.in_channels, m.out_channels) for m in one_by_one] == [(16, 8), (32, 16), (64, 32)]
-    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    assert any(isinstance(m, models.GlobalAvgPool) for m in model.modules())
     assert _forward_backward(model).shape == (4, 10)
 
 
@@ -87,6 +87,14 @@ def test_bad_parameter_is_named(params, fragment):
     with pytest.raises(ParamError, match="expected") as err:
         models.build_model(params)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_no_op_without_a_deterministic_cuda_backward(family):
+    """Deterministic mode refuses these on CUDA; our models must not contain them."""
+    refused = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool3d, nn.MaxPool3d, nn.ReflectionPad2d)
+    params = {"model": family, "head": "gap", "head_units": 0}
+    assert not any(isinstance(m, refused) for m in models.build_model(params).modules())
 
 
 def test_parameter_count_and_flops_reported():

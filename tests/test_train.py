@@ -182,6 +182,7 @@ def test_bf16_reaches_fp32_accuracy(tiny):
 def test_bf16_reaches_fp32_accuracy_on_mnist_subset():
     """The same on 5,000 real MNIST images, 1 epoch of the classic CNN: within 1.5 points."""
     from conftest import require_real_dataset
+
     from pipeline import models
 
     require_real_dataset("mnist")
