@@ -53,18 +53,14 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 
 def _study_baseline(args: argparse.Namespace) -> dict:
-    from optuna.trial import FixedTrial
-
-    from pipeline import studies
+    from pipeline import search, studies
 
     spec = studies.load(args.study)
-    if not spec.baseline:
-        raise studies.StudyError(f"studies/{args.study}.toml has no [[baseline]] trial to train")
     args.dataset = spec.dataset
     args.val_size = spec.val_size
     args.train_limit = args.train_limit or spec.train_limit
     args.val_limit = args.val_limit or spec.val_limit
-    return studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+    return search.baseline_params(spec)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -125,14 +121,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _trial_line(trial) -> str:
     """One line per finished trial: number, state, value, duration, reason and key params."""
-    from optuna.trial import TrialState
-
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
-    if trial.state == TrialState.COMPLETE:
+    if trial.state.name == "COMPLETE":
         value = ", ".join(f"{v:.4f}" for v in trial.values)
     else:
         value = trial.user_attrs.get("fail_reason", "")
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_detail"):
+        if trial.state.name == "FAIL" and trial.user_attrs.get("fail_detail"):
             value += f": {trial.user_attrs['fail_detail'].splitlines()[0][:120]}"
     shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
     return f"trial {trial.number:>3} {trial.state.name:<8} {value:<10} {seconds:6.1f} s  {shown}"
@@ -263,7 +257,7 @@ def _cmd_studies(args: argparse.Namespace) -> int:
             continue
         done = search.finished_count(study)
         best = search.best_trials(study)
-        running = len(study.get_trials(deepcopy=False, states=(search.TrialState.RUNNING,)))
+        running = search.running_count(study)
         state = "running" if running else ("done" if done >= spec.trials else "resumable")
         table.add_row(study.study_name, f"{name}.toml", f"{done}/{spec.trials}",
                       ", ".join(f"{v:.4f}" for v in best[0].values) if best else "-", state)

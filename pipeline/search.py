@@ -138,6 +138,17 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def running_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def baseline_params(spec: StudySpec) -> dict[str, Any]:
+    """The full params dict of the study's first baseline trial (for `make train STUDY=...`)."""
+    if not spec.baseline:
+        raise StudyError(f"studies/{spec.name}.toml has no [[baseline]] trial to train")
+    return studies.suggest(spec, optuna.trial.FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+
+
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: bool = False,
                log: Callable[[str], None] = print) -> optuna.Study:
     """Create or resume the study's current version; FRESH starts the next version."""

@@ -227,3 +227,24 @@ def test_sigint_mid_trial_then_resume_completes_budget(env):
     assert len(numbers) == len(set(numbers))
     retried = [t for t in finished if t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(retried) == 1 and retried[0].params == interrupted[0].params
+
+
+@pytest.mark.parametrize("sampler", ["random", "gp", "cmaes"])
+def test_every_single_objective_sampler_runs(env, sampler):
+    path = write_study(env[0], trials=3)
+    path.write_text(path.read_text().replace('sampler = "tpe"', f'sampler = "{sampler}"'))
+    assert run_cli(env, "search") == 0
+    trials = load(env[1]).trials
+    assert len(trials) == 3 and all(t.state in search.FINISHED for t in trials)
+    assert len({t.params["lr"] for t in trials}) == 3
+
+
+def test_multi_objective_study_with_nsga2(env):
+    path = write_study(env[0], trials=3)
+    objectives = 'objectives = [{ metric = "val_accuracy" }, { metric = "parameter_count" }]'
+    path.write_text(path.read_text().replace('sampler = "tpe"', 'sampler = "nsga2"').replace(
+        'pruner = "median"', f'pruner = "none"\n{objectives}'))
+    assert run_cli(env, "search") == 0
+    study = load(env[1])
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert all(len(t.values) == 2 for t in study.trials) and study.best_trials
