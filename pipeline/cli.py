@@ -207,11 +207,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if len(spec.objectives) == 1 and len(complete):
         complete = complete.sort_values("value", ascending=spec.directions[0] == "minimize").head(5)
         table = Table(title=f"top trials of {study.study_name} ({spec.metrics[0]})")
-        for column in complete.columns:
-            table.add_column(column.removeprefix("params_"), justify="right")
-        for row in complete.itertuples(index=False):
-            table.add_row(*[_short(v) if not hasattr(v, "total_seconds") else f"{v.total_seconds():.0f} s"
-                            for v in row])
+        for column, justify in (("trial", "right"), ("value", "right"), ("time", "right"), ("parameters", "left")):
+            table.add_column(column, justify=justify, overflow="fold")
+        param_columns = [c for c in complete.columns if c.startswith("params_")]
+        for _, row in complete.iterrows():
+            shown = ", ".join(f"{c.removeprefix('params_')}={_short(row[c])}" for c in param_columns)
+            table.add_row(str(row["number"]), f"{row['value']:.4f}", f"{row['duration'].total_seconds():.0f} s",
+                          escape(shown))
         console.print(table)
     best = search.best_trials(study)
     if best:

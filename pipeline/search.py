@@ -43,7 +43,7 @@ MAX_CONSECUTIVE_FAILURES = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")  # not timings
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own progress output replaces Optuna's
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own progress output replaces Optuna's
 # Heartbeats and the stale-trial retry are marked experimental; they are the documented way to recover
 # from killed workers, and the Optuna minor version is pinned.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
