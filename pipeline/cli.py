@@ -219,8 +219,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if best:
         console.print(f"best trial {best[0].number}: {', '.join(f'{v:.4f}' for v in best[0].values)} "
                       f"with {escape(str(best[0].user_attrs.get('params')))}")
-    console.print(f"next: `make ui` to compare trials, `make export-best STUDY={spec.name}` for the champion; "
-                  f"`{resume}` continues the study")
+    replay = f"make replay STUDY={spec.name} TRIAL={best[0].number}" if best else "make studies"
+    console.print(f"next: `{resume}` continues the study (raise TRIALS= / TIMEOUT= for more); "
+                  f"`{replay}` re-checks the best trial bit for bit")
     return 0
 
 

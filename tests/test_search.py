@@ -91,7 +91,7 @@ def test_search_runs_budget_and_records_seed_params_history(env, capsys):
     first = study.trials[0]
     assert first.params == {"lr": 3e-3, "dropout": 0.1} and first.user_attrs["baseline"] is True
     out = capsys.readouterr().out
-    assert "trial   0 COMPLETE" in out and "top trials of tiny" in out and "make export-best STUDY=tiny" in out
+    assert "trial   0 COMPLETE" in out and "top trials of tiny" in out and "make replay STUDY=tiny TRIAL=" in out
 
 
 def test_two_fresh_runs_same_seed_identical_params_and_values(env, tmp_path):

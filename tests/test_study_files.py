@@ -24,4 +24,4 @@ def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, capsys):
     finished = study.get_trials(states=search.FINISHED)
     assert len(finished) == 2
     assert finished[0].user_attrs.get("baseline") is True  # the file's first baseline ran first
-    assert f"make export-best STUDY={name}" in capsys.readouterr().out
+    assert f"make search STUDY={name}` continues" in capsys.readouterr().out
