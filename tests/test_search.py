@@ -13,6 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from pipeline import reproducibility, search
@@ -153,6 +154,26 @@ def test_divergent_trial_is_pruned_with_reason(env):
     trial = load(env[1]).trials[0]
     assert trial.state == TrialState.PRUNED and trial.user_attrs["fail_reason"] == "diverged"
     assert "loss became" in trial.user_attrs["fail_detail"]
+
+
+def test_out_of_memory_trial_is_pruned_with_batch_size_and_study_continues(env):
+    write_study(env[0], trials=2)
+
+    def exhausted(module, inputs):  # the device's OOM error, raised by the first trial's training step
+        if module.training and len(inputs[0]) == 50 and not exhausted.raised:
+            exhausted.raised = True
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    exhausted.raised = False
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(exhausted)
+    try:
+        assert run_cli(env, "search") == 0
+    finally:
+        handle.remove()
+    first, second = load(env[1]).trials
+    assert first.state == TrialState.PRUNED and first.user_attrs["fail_reason"] == "oom"
+    assert "batch_size 50" in first.user_attrs["fail_detail"]
+    assert second.state == TrialState.COMPLETE
 
 
 def test_three_consecutive_failures_stop_the_study(env, tmp_path, monkeypatch, capsys):
