@@ -161,7 +161,7 @@ def _describe(exc: ValidationError) -> str:
            ("float", "int", "categorical")]
     key = ".".join(loc) or "(file)"
     if error["type"] == "extra_forbidden":
-        return f"unknown key {key!r}; remove it or check the spelling (see studies/README.md)"
+        return f"unknown key {key!r}; remove it or check the spelling (the README's \"Searching\" lists the keys)"
     if error["type"] == "missing":
         return f"missing key {key!r}; add it"
     found = error.get("input")
