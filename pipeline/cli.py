@@ -69,18 +69,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from pipeline import data, models, train
 
-    if args.study:  # the study's first baseline trial, on the study's dataset and subset
-        params, args.model = _study_baseline(args), None
-    else:
-        params = dict(models.CLASSIC[args.model])
+    # A study's first baseline trial (on the study's dataset and subset), or the family's classic.
+    params = _study_baseline(args) if args.study else dict(models.CLASSIC[args.model])
     params.update(parse_assignment(item) for item in args.set)
-    args.model = params.get("model", args.model)
+    model = params["model"]
     resolved = train.resolve_params(params)  # bad parameters stop here, before the data is loaded
     device = train.pick_device(args.device)
     prepared = data.prepare(args.dataset, args.root, device, val_size=args.val_size, train_limit=args.train_limit,
                             val_limit=args.val_limit)
     console.print(
-        f"[bold]{args.model}[/] on {args.dataset} ({len(prepared.train):,} train / {len(prepared.val):,} val, "
+        f"[bold]{model}[/] on {args.dataset} ({len(prepared.train):,} train / {len(prepared.val):,} val, "
         f"split {prepared.split_hash}), {device}, precision {train.pick_precision(resolved['precision'], device)}, "
         f"seed {args.seed}"
     )
@@ -103,7 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train.fit(params, prepared, device, callbacks=[on_epoch], seed=args.seed,
                            checkpoint=args.checkpoint, threads=args.threads, on_batch=on_batch)
 
-    table = Table(title=f"{args.model}: {result.parameter_count:,} parameters, "
+    table = Table(title=f"{model}: {result.parameter_count:,} parameters, "
                         f"{result.flops_per_image / 1e6:,.1f} MFLOPs/image, {result.precision}, "
                         f"{result.threads} threads")
     for column in ("epoch", "train loss", "train acc", "val loss", "val acc", "lr", "s", "img/s"):

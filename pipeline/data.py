@@ -37,9 +37,12 @@ class Arrays:
 
 
 def load_arrays(name: str, root: Path = DEFAULT_ROOT) -> Arrays:
-    """Read a landed dataset after verifying every file's checksum (a DataError names a bad file)."""
+    """Land the dataset if needed (verifying every file's checksum) and read it as tensors.
+
+    A missing dataset is fetched from its sources; a corrupt file raises DataError naming it.
+    """
     info = datasets.dataset_info(name)
-    datasets.verify(info, root)
+    datasets.land(name, root)
     raw = info.raw_dir(root)
 
     def tensor(file_name: str, dtype: torch.dtype) -> torch.Tensor:

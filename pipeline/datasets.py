@@ -353,7 +353,7 @@ def _fashion_package(info: DatasetInfo, root: Path) -> str:
 
 
 _PACKAGE_SOURCES = {"mnist": _mnist_package, "fashion-mnist": _fashion_package}
-_TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+_TORCHVISION_DOWNLOADS = {"mnist", "fashion-mnist"}  # their folder is torchvision's class name
 
 
 def _from_package(info: DatasetInfo, root: Path) -> str:
@@ -363,11 +363,11 @@ def _from_package(info: DatasetInfo, root: Path) -> str:
 
 
 def _from_torchvision(info: DatasetInfo, root: Path) -> str:
-    if info.name not in _TORCHVISION_CLASSES:
+    if info.name not in _TORCHVISION_DOWNLOADS:
         raise DataError(f"torchvision has no download for {info.name}")
     import torchvision
 
-    dataset_class = getattr(torchvision.datasets, _TORCHVISION_CLASSES[info.name])
+    dataset_class = getattr(torchvision.datasets, info.folder)
     with tempfile.TemporaryDirectory(dir=root, prefix=".torchvision-") as tmp:
         try:
             dataset_class(tmp, train=True, download=True)

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import data as data_module
-from pipeline import datasets, reproducibility, studies, train
+from pipeline import reproducibility, studies, train
 from pipeline.errors import BadInput
 from pipeline.studies import StudyError, StudySpec
 
@@ -328,7 +328,6 @@ def apply_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
 
 
 def prepare_data(spec: StudySpec, root: Path, device: Any) -> data_module.PreparedData:
-    datasets.land(spec.dataset, root)
     return data_module.prepare(spec.dataset, root, device, spec.val_size, train_limit=spec.train_limit,
                                val_limit=spec.val_limit)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pipeline import data
+from pipeline import data, datasets
+from pipeline.errors import DataError
 
 
 def _indexed_images(n: int) -> torch.Tensor:
@@ -102,6 +104,15 @@ def test_stratified_split_quotas_add_up_with_remainders():
     split = data.stratified_split(labels, val_size=10, seed=0)
     counts = torch.bincount(labels[split.val_indices]).tolist()
     assert sum(counts) == 10 and max(counts) - min(counts) <= 1
+
+
+def test_prepare_refuses_a_corrupt_file_naming_it(tiny_dataset):
+    info, root = tiny_dataset
+    path = info.raw_dir(root) / datasets.TRAIN_LABELS
+    path.write_bytes(path.read_bytes()[:-1] + b"\x09")
+    with pytest.raises(DataError, match="SHA-256 mismatch") as err:
+        data.prepare("tiny", root, val_size=100)
+    assert str(path) in str(err.value)
 
 
 def test_prepare_tiny_dataset(tiny_dataset):

@@ -95,6 +95,18 @@ def test_search_runs_budget_and_records_seed_params_history(env, capsys):
     assert "trial   0 COMPLETE" in out and "top trials of tiny" in out and "make replay STUDY=tiny TRIAL=" in out
 
 
+def test_studies_command_lists_progress_and_best(env, capsys):
+    write_study(env[0], trials=2)
+    write_study(env[0], name="other", trials=2)
+    assert run_cli(env, "search") == 0
+    capsys.readouterr()
+    assert main(["studies", "--studies-dir", str(env[0]), "--storage", env[1]]) == 0
+    rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "│" in line}
+    best = max(t.value for t in load(env[1]).trials if t.value is not None)
+    assert "2/2" in rows["tiny"] and f"{best:.4f}" in rows["tiny"] and "done" in rows["tiny"]
+    assert "0/2" in rows["other"] and "not started" in rows["other"]
+
+
 def test_two_fresh_runs_same_seed_identical_params_and_values(env, tmp_path):
     write_study(env[0], trials=4)
     other = (env[0], f"sqlite:///{tmp_path}/other.db", env[2])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -140,10 +138,9 @@ def test_batch_larger_than_training_set_is_refused(tiny):
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "none"])
-def test_lr_schedules_are_pure_functions_of_step(schedule):
+def test_lr_schedule_shapes(schedule):
     p = train.resolve_params({"schedule": schedule, "warmup_fraction": 0.1, "step_epochs": 1})
     factors = [train.lr_factor(p, step, total_steps=100, steps_per_epoch=10) for step in range(100)]
-    assert factors == [train.lr_factor(p, step, 100, 10) for step in range(100)]
     assert all(0 < f <= 1 for f in factors[:-1])
     if schedule == "onecycle":
         assert factors[0] == pytest.approx(1 / 25) and max(factors) == pytest.approx(1.0)
@@ -198,9 +195,6 @@ def test_auto_precision_follows_the_hardware(tiny):
     result = train.fit(dict(SMALL_CNN, epochs=1), tiny)
     assert result.precision == ("bf16" if train.cpu_has_native_bf16() else "fp32")
     assert result.device == "cpu" and result.threads >= 1
-
-
-def test_history_is_plain_data(tiny):
-    result = train.fit(dict(SMALL_CNN, epochs=1), tiny)
-    assert dataclasses.asdict(result.history[0]) == result.history[0].as_dict()
-    assert result.parameter_count > 0 and result.flops_per_image > 0
+    # The model that trained is the one counted: its parameters, and the FLOPs of a forward pass.
+    assert result.parameter_count == sum(p.numel() for p in result.model.parameters())
+    assert result.flops_per_image > result.parameter_count  # convolutions reuse each weight over the map
