@@ -16,10 +16,14 @@ TRIAL   ?=
 # Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
                $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE))
+PORT    ?= 5000
+# TRACKING=off runs a search without MLflow (MLFLOW_TRACKING_URI picks another store)
+SEARCH_FLAGS += $(if $(filter off 0 no,$(TRACKING)),--no-tracking)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies test test-slow lint format bench-data bench-trainer clean
+.PHONY: help setup data train search replay studies ui test test-slow test-browser lint format bench-data bench-trainer \
+        bench-tracking clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,7 +42,7 @@ train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
 		$(if $(STUDY),--study $(STUDY)) $(foreach s,$(SET),--set $(s))
 
-search: $(STAMP) ## run or resume a study: STUDY=cnn [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url]
+search: $(STAMP) ## run or resume a study: STUDY=cnn [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url] [TRACKING=off]
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
 
 replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12
@@ -47,11 +51,18 @@ replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cn
 studies: $(STAMP) ## list the studies with trials done, best value and state
 	$(PY) -m pipeline studies $(if $(STORAGE),--storage $(STORAGE))
 
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(PORT), opened on STUDY's runs (PORT=5000)
+	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))
+
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## run the slow end-to-end checks
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+test-browser: $(STAMP) ## drive the MLflow UI in headless Chromium (installs chromium + chromium-driver if missing)
+	@command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
+	$(PY) -m pytest -m "browser" $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff over the package, tests and benchmarks
 	$(VENV)/bin/ruff check pipeline tests benchmarks
@@ -65,6 +76,9 @@ bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's D
 
 bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script
 	$(PY) benchmarks/trainer_vs_baseline.py
+
+bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without
+	$(PY) benchmarks/tracking_overhead.py
 
 clean: ## remove the virtual environment and caches (keeps data/, mlruns/, studies/*.db)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -6,6 +6,8 @@ Exit codes: 0 done, 2 bad input (a one-line message says what and how to fix it)
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -149,10 +151,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from pipeline import search, train
 
     spec = _load_study_spec(args)
+    client = _tracking_client() if args.tracking else None  # an unreachable store stops us here, before training
     storage = search.make_storage(search.storage_url(args.storage))
     device = train.pick_device(args.device)
     study = search.open_study(spec, storage, fresh=args.fresh, log=console.print)
     prepared = search.prepare_data(spec, args.root, device)
+    tracker = search.start_tracking(spec, study, client) if client is not None else None
     console.print(f"[bold]{study.study_name}[/]: {spec.description or spec.name} | {spec.dataset} "
                   f"{len(prepared.train):,}/{len(prepared.val):,} images, {device}, sampler {spec.sampler}, "
                   f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min")
@@ -187,14 +191,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
     resume = f"make search STUDY={spec.name}"
     try:
         with progress:
-            outcome = search.run(spec, study, prepared, events, on_trial_end, threads=args.threads)
+            outcome = search.run(spec, study, prepared, events, on_trial_end, threads=args.threads, tracker=tracker)
     except search.Interrupted as exc:
+        _finish_tracking(spec, study, tracker, "KILLED")
         err_console.print(f"[yellow]{exc} received: the running trial is recorded as FAIL (interrupted) and "
                           f"queued again; finished trials are saved. Resume with: {resume}")
         return 128 + exc.signal_number
     except search.TooManyFailures as exc:
+        _finish_tracking(spec, study, tracker, "FAILED")
         err_console.print(f"[red]study stopped:[/] {escape(str(exc))}")
         return 1
+    _finish_tracking(spec, study, tracker, "FINISHED")
 
     finished = search.finished_count(study)
     console.print(f"{outcome.ran} trials run in {outcome.elapsed_seconds / 60:.1f} min; {finished}/{spec.trials} "
@@ -221,6 +228,68 @@ def _cmd_search(args: argparse.Namespace) -> int:
     console.print(f"next: `{resume}` continues the study (raise TRIALS= / TIMEOUT= for more); "
                   f"`{replay}` re-checks the best trial bit for bit")
     return 0
+
+
+def _tracking_client():
+    from pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    client = tracking.connect(uri)
+    console.print(f"tracking to MLflow at {uri}")
+    return client
+
+
+def _finish_tracking(spec, study, tracker, status: str) -> None:
+    from pipeline import search
+
+    if tracker is None:
+        return
+    for line in search.finish_tracking(spec, study, tracker, status):
+        console.print(escape(line))
+    console.print(f"MLflow: `make ui STUDY={spec.name}` shows the study's runs (experiment {study.study_name!r})")
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+    import subprocess
+
+    from pipeline import search, studies, tracking
+
+    uri = tracking.tracking_uri()
+    client = tracking.connect(uri)
+    page = "#/experiments"
+    if args.study:
+        spec = studies.load(args.study, args.studies_dir)
+        name = search.find_study(spec, search.make_storage(search.storage_url(args.storage))).study_name
+        experiment_id = tracking.experiment_id(client, name)
+        if experiment_id is None:
+            raise BadInput(f"study {name!r} has no MLflow experiment in {uri} yet; run `make search "
+                           f"STUDY={args.study}` with tracking on (the default) first")
+        page = f"#/experiments/{experiment_id}/runs"
+    if tracking.artifact_root(uri) is None:  # an `mlflow server` already serves its own UI
+        console.print(f"MLflow UI: {uri.rstrip('/')}/{page}")
+        return 0
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+            raise BadInput(f"port {args.port} on 127.0.0.1 is already in use; pick another with PORT=5001 "
+                           "(make ui) or --port")
+    console.print(f"MLflow UI on {uri}: open http://127.0.0.1:{args.port}/{page}  (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port), "--workers", "1",
+               "--artifacts-destination", str(tracking.artifact_root(uri))]
+    # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us.
+    server = subprocess.Popen(command, start_new_session=True)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        return 0
+
+
+def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal_number)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -316,12 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("search", help="run or resume the Optuna study of studies/<STUDY>.toml")
     _add_study_arguments(p, with_budget=True)
     p.add_argument("--fresh", action="store_true", help="start a new version of the study (the old one is kept)")
+    p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
+                   help="record trials in MLflow ($MLFLOW_TRACKING_URI, default sqlite mlruns/mlflow.db)")
     p.set_defaults(run=_cmd_search)
 
     p = commands.add_parser("replay", help="retrain one finished trial and compare every recorded metric")
     _add_study_arguments(p, with_budget=False)
     p.add_argument("--trial", type=int, required=True)
     p.set_defaults(run=_cmd_replay)
+
+    p = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1, opened on a study's runs table")
+    p.add_argument("--study", default=None, help="open on this study's runs (default: the experiments list)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--storage", default=None, help="Optuna storage URL, to find the study's current version")
+    p.add_argument("--studies-dir", type=Path, default=Path(__file__).resolve().parents[1] / "studies",
+                   help=argparse.SUPPRESS)
+    p.set_defaults(run=_cmd_ui)
 
     p = commands.add_parser("studies", help="list the studies with trials done, best value and state")
     p.add_argument("--storage", default=None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 import traceback
 import warnings
@@ -24,15 +25,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import TrialState
 
 from pipeline import data as data_module
-from pipeline import reproducibility, studies, train
+from pipeline import models, reproducibility, studies, train
 from pipeline.errors import BadInput
 from pipeline.studies import StudyError, StudySpec
+
+if TYPE_CHECKING:  # tracking imports MLflow (seconds); it is loaded only when tracking is on
+    from pipeline.tracking import StudyRun
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'studies' / 'optuna.db'}"
@@ -251,15 +255,20 @@ class Objective:
     events: TrialEvents = field(default_factory=TrialEvents)
     threads: int | None = None
     stop: StopRequest = field(default_factory=StopRequest)
+    tracker: StudyRun | None = None
     running: int | None = None  # the number of the trial in progress, for the interrupt handler
+    result: train.TrainResult | None = None  # the last completed trial's result (its best-epoch model)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        self.running = trial.number
+        self.running, self.result = trial.number, None
         params = studies.suggest(self.spec, trial)
         seed = reproducibility.derive_seed(self.spec.seed, trial.number)
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("params", params)
         self.events.on_trial_start(trial.number, params)
+        if self.tracker is not None:
+            self.tracker.start_trial(trial.number, train.resolve_params(params), seed, self.data,
+                                     _parameter_count(params, len(self.data.classes)))
         history: list[dict[str, float]] = []
         single = len(self.spec.objectives) == 1
 
@@ -273,6 +282,8 @@ class Objective:
             history.append(history_record(metrics))
             trial.set_user_attr("history", history)
             self.events.on_epoch(trial.number, metrics)
+            if self.tracker is not None:
+                self.tracker.log_epoch(trial.number, metrics)
             if single:
                 trial.report(getattr(metrics, self.spec.metrics[0]), step=metrics.epoch)
                 if trial.should_prune():
@@ -305,8 +316,17 @@ class Objective:
         trial.set_user_attr("parameter_count", result.parameter_count)
         trial.set_user_attr("flops_per_image", result.flops_per_image)
         trial.set_user_attr("stop_reason", result.stop_reason)
+        self.result = result
         values = studies.objective_values(self.spec, result)
         return values[0] if single else values
+
+
+def _parameter_count(params: dict[str, Any], num_classes: int) -> int:
+    """Counted before training, so pruned and failed trials are tagged with their size too."""
+    try:
+        return models.count_parameters(models.build_model(train.resolve_params(params), num_classes))
+    except Exception:  # bad params or missing weights: fit() reports those properly
+        return -1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,13 +354,13 @@ def prepare_data(spec: StudySpec, root: Path, device: Any) -> data_module.Prepar
 
 def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData, events: TrialEvents,
         on_trial_end: Callable[[optuna.trial.FrozenTrial], None] = lambda t: None,
-        threads: int | None = None) -> SearchOutcome:
+        threads: int | None = None, tracker: StudyRun | None = None) -> SearchOutcome:
     """Run trials until the study has `spec.trials` finished ones or the time budget is spent.
 
     Raises Interrupted (after closing and re-queueing the running trial) and TooManyFailures.
     """
     stop = StopRequest()
-    objective = Objective(spec, prepared, events, threads, stop)
+    objective = Objective(spec, prepared, events, threads, stop, tracker)
     started = time.monotonic()
     deadline = started + spec.timeout_minutes * 60
     ran, consecutive_failures = 0, 0
@@ -355,12 +375,16 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
                 study.optimize(objective, n_trials=1, catch=(Exception,),
                                callbacks=[lambda _study, trial: last.append(trial)])
             except Interrupted:
+                if tracker is not None:
+                    tracker.abort_running("interrupted")
                 if objective.running is not None:
                     _requeue(study, objective.running)
                 raise
             objective.running = None
             ran += 1
             trial = last[0]
+            if tracker is not None:
+                _track_trial_end(study, trial, objective.result, tracker, prepared)
             on_trial_end(trial)
             consecutive_failures = consecutive_failures + 1 if trial.state == TrialState.FAIL else 0
             if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
@@ -370,6 +394,31 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
                     f"{trial.user_attrs.get('traceback', '')}"
                 )
     return SearchOutcome(study, ran, "budget", time.monotonic() - started)
+
+
+def _track_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial, result: train.TrainResult | None,
+                     tracker: StudyRun, prepared: data_module.PreparedData) -> None:
+    """Close the trial's child run; log its model if it is the study's new best."""
+    from pipeline.tracking import TrialOutcome
+
+    best = leading_best(study)
+    if result is not None and best is not None and best.number == trial.number:
+        tracker.log_best_model(trial.number, trial.values[0], result.model, prepared, result.precision)
+    attrs = trial.user_attrs
+    tracker.end_trial(TrialOutcome(trial.number, trial.state.name, trial.values, attrs.get("fail_reason"),
+                                   attrs.get("fail_detail"), attrs.get("traceback")))
+
+
+def leading_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The complete trial best on the study's first objective (the earliest on ties): the champion candidate.
+
+    For one objective this is Optuna's best trial; for several it picks one point of the Pareto front.
+    """
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not complete:
+        return None
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return min(complete, key=lambda t: (sign * t.values[0], t.number))
 
 
 def _requeue(study: optuna.Study, number: int) -> None:
@@ -383,6 +432,84 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         return study.best_trials
     except ValueError:
         return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracking: the study's parent run, its report, the champion
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+REPORT_EXCLUDED_COLUMNS = ("user_attrs_history", "user_attrs_traceback", "user_attrs_params")
+
+
+def start_tracking(spec: StudySpec, study: optuna.Study, client: Any) -> StudyRun:
+    """Open (or reopen) the study's parent run; its id lives in the study so every invocation finds it."""
+    from pipeline import tracking
+
+    recorded = study.user_attrs.get(PARENT_RUN_ATTR)
+    tracker = tracking.StudyRun(client, study.study_name, spec.name, spec.metrics[0], spec.directions[0],
+                                recorded, spec.description)
+    if tracker.parent_run_id != recorded:
+        study.set_user_attr(PARENT_RUN_ATTR, tracker.parent_run_id)
+    return tracker
+
+
+def finish_tracking(spec: StudySpec, study: optuna.Study, tracker: StudyRun, status: str = "FINISHED") -> list[str]:
+    """End of an invocation: close runs of killed trials, refresh the parent's report, register the best model."""
+    trials = study.get_trials(deepcopy=False)
+    live = {t.number for t in trials if t.state == TrialState.RUNNING}
+    messages = []
+    closed = tracker.close_orphans(live, {t.number: t.user_attrs.get("fail_reason", "stale") for t in trials})
+    if closed:
+        messages.append(f"{closed} run(s) left RUNNING by a killed process marked FAILED in MLflow")
+    best = leading_best(study)
+    counts = {state.name: sum(t.state == state for t in trials) for state in (*FINISHED, TrialState.FAIL)}
+    with tempfile.TemporaryDirectory() as tmp:
+        skipped = write_report(spec, study, Path(tmp))
+        tracker.finish(Path(tmp), best.number if best else None, best.values[0] if best else None, counts, status)
+    messages.extend(f"report: {line}" for line in skipped)
+    if best is not None:
+        messages.append(tracker.register_champion(best.number, best.values[0]))
+    return messages
+
+
+def write_report(spec: StudySpec, study: optuna.Study, directory: Path) -> list[str]:
+    """trials.csv, best_params.json and Optuna's plots as PNG; returns why any plot was left out."""
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    from pipeline import plots  # noqa: F401  (selects the headless matplotlib backend)
+
+    frame = study.trials_dataframe(multi_index=False)
+    frame.drop(columns=[c for c in REPORT_EXCLUDED_COLUMNS if c in frame.columns]).to_csv(
+        directory / "trials.csv", index=False)
+    best = leading_best(study)
+    if best is not None:
+        summary = {"study": study.study_name, "trial": best.number, "objectives": spec.metrics,
+                   "values": best.values, "seed": best.user_attrs.get("seed"),
+                   "params": best.user_attrs.get("params", best.params)}
+        (directory / "best_params.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    metric = spec.metrics[0]
+    target = (lambda t: t.values[0]) if len(spec.objectives) > 1 else None
+    figures = {
+        "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study, target=target,
+                                                                                   target_name=metric),
+        "param_importances.png": lambda: optuna_plots.plot_param_importances(study, target=target,
+                                                                             target_name=metric),
+        "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study, target=target,
+                                                                                 target_name=metric),
+        "intermediate_values.png": lambda: optuna_plots.plot_intermediate_values(study),
+    }
+    skipped = []
+    for name, draw in figures.items():
+        try:
+            axes = draw()
+        except Exception as exc:  # e.g. importances need two complete trials that differ
+            skipped.append(f"{name} left out: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.savefig(directory / name, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+    return skipped
 
 
 # --------------------------------------------------------------------------------------------------

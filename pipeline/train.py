@@ -12,6 +12,7 @@ scheduler object; only reduce-on-plateau carries a small state, which the checkp
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -232,6 +233,25 @@ def evaluate(model: nn.Module, split: ResidentImages, batch_size: int, precision
             correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
     return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: ResidentImages, batch_size: int = 512, precision: str = "fp32") -> torch.Tensor:
+    """Predicted class of every image of a split, in order, on the CPU (confusion matrices, reports)."""
+    was_training = model.training
+    model.eval()
+    memory_format = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    predicted = []
+    with autocast(split.device, precision):
+        for x, _ in split.batches(batch_size):
+            predicted.append(model(x.contiguous(memory_format=memory_format)).argmax(1).cpu())
+    model.train(was_training)
+    return torch.cat(predicted)
+
+
+def export_ready_copy(model: nn.Module) -> nn.Module:
+    """A float32, contiguous, eval-mode copy on the CPU: what torch.export and a CPU user should get."""
+    return copy.deepcopy(model).to("cpu", dtype=torch.float32, memory_format=torch.contiguous_format).eval()
 
 
 # --------------------------------------------------------------------------------------------------

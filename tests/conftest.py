@@ -86,3 +86,26 @@ def imagenet_weights(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
     path.parent.mkdir(parents=True)
     torch.save(state, path)
     return state
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its schema made once (migrations take seconds); tests copy it."""
+    from pipeline import tracking
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    tracking.connect(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(request, tmp_path, monkeypatch) -> str:
+    """Every test tracks into its own MLflow store (never the project's mlruns/); returns its URI."""
+    import shutil
+
+    store = tmp_path / "mlruns" / "mlflow.db"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(request.getfixturevalue("empty_mlflow_store"), store)
+    uri = f"sqlite:///{store}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

@@ -1,0 +1,352 @@
+"""MLflow: one experiment and one parent run per study, one child run per trial, the champion in the registry.
+
+This is the only module that imports MLflow; it knows nothing of Optuna (search.py hands it plain
+values). The store is `sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts/`, both
+resolved from the project root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`,
+PostgreSQL, another SQLite file).
+
+- Parent run: one per study, created on the first invocation and reopened by later ones (its id is
+  kept in the study's user attributes). It carries the study report at the end of each invocation.
+- Child run: one per trial, opened when the trial starts so a running trial is visible live; params
+  under stable names, one batched metrics call per epoch (`step=epoch`), and the end status
+  FINISHED / KILLED / FAILED for COMPLETE / PRUNED / FAIL.
+- Best model: only a trial that becomes the study's best logs its model (torch.export `pt2`, which
+  loads with torch alone), so disk grows with improvements, not with trials. The best trial's model
+  is registered as model `<study file name>` with alias `champion`; the alias moves only to a better one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import json
+import logging
+import math
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import requests
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from pipeline import plots, train
+from pipeline.data import PreparedData
+from pipeline.errors import BadInput
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+DEFAULT_ARTIFACT_ROOT = PROJECT_ROOT / "mlruns" / "artifacts"
+CHAMPION = "champion"
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+# MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
+                 "images_per_second")
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+INPUT_EXAMPLE_IMAGES = 4  # > 1, so torch.export keeps the batch dimension dynamic
+
+# MLflow announces the SQLite schema migrations at INFO level and draws a progress bar per download.
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite file, under mlruns/ for another database,
+    and wherever the server decides (None) for an `mlflow server`."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+    return DEFAULT_ARTIFACT_ROOT
+
+
+def connect(uri: str | None = None) -> MlflowClient:
+    """Open the tracking store, failing fast (before any training) with a clear message if it cannot be reached."""
+    uri = uri or tracking_uri()
+    hint = "check MLFLOW_TRACKING_URI (unset it to use the local store mlruns/mlflow.db)"
+    if uri.startswith(("http://", "https://")):
+        try:  # one quick probe: the client itself would retry for minutes before giving up
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise BadInput(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
+                           f"start it (make server) or {hint}") from None
+    elif uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # unwritable file, refused connection, wrong credentials
+        raise BadInput(f"MLflow tracking store {uri} cannot be opened: {str(exc).splitlines()[0][:300]}; "
+                       f"{hint}") from None
+    return client
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance logged with every trial
+
+
+def git_commit() -> str:
+    """The project's commit, `+dirty` when tracked files have uncommitted changes; `unknown` outside git."""
+    try:
+        commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def provenance(data: PreparedData) -> dict[str, str]:
+    """What every trial's run records besides its hyperparameters: data identity, code and versions."""
+    return {
+        "dataset": data.dataset,
+        "dataset_checksum": data.checksum,
+        "split_hash": data.split_hash,
+        "train_images": str(len(data.train)),
+        "val_images": str(len(data.val)),
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "optuna_version": importlib.metadata.version("optuna"),
+        "mlflow_version": mlflow.__version__,
+    }
+
+
+def param_value(value: Any) -> str:
+    """One stable text form per value, so the UI's compare view lines trials up."""
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def _is_better(value: float, than: float, direction: str) -> bool:
+    return value > than if direction == "maximize" else value < than
+
+
+# --------------------------------------------------------------------------------------------------
+# The study's parent run and its trials' child runs
+
+
+@dataclass
+class TrialOutcome:
+    """What search.py tells us about a trial that has ended."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL
+    values: list[float] | None
+    fail_reason: str | None = None
+    fail_detail: str | None = None
+    traceback: str | None = None
+
+
+class StudyRun:
+    """The MLflow side of one study: its experiment, parent run and child runs."""
+
+    def __init__(self, client: MlflowClient, study_name: str, model_name: str, metric: str, direction: str,
+                 parent_run_id: str | None, description: str = ""):
+        self.client = client
+        self.study_name = study_name
+        self.model_name = model_name  # the registered model: the study file's name, shared by its versions
+        self.metric, self.direction = metric, direction
+        self.experiment_id = self._experiment(study_name)
+        mlflow.set_experiment(experiment_id=self.experiment_id)  # logged models follow the fluent experiment
+        self.parent_run_id = self._parent(parent_run_id, description)
+        self.children: dict[int, str] = {}
+        self._provenance: dict[str, str] | None = None
+
+    def _experiment(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            root = artifact_root(self.client.tracking_uri)
+            location = (root.resolve() / name).as_uri() if root is not None else None
+            try:
+                experiment_id = self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+            except MlflowException:  # another worker created it a moment ago
+                experiment_id = self.client.get_experiment_by_name(name).experiment_id
+            return experiment_id
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment.experiment_id)
+        if experiment.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+            self.client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        return experiment.experiment_id
+
+    def _parent(self, run_id: str | None, description: str) -> str:
+        if run_id is not None:
+            try:
+                run = self.client.get_run(run_id)
+                if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active":
+                    self.client.update_run(run_id, status="RUNNING")
+                    return run_id
+            except MlflowException:
+                pass  # the tracking store was replaced: start a new parent in it
+        tags = {RUN_NAME_TAG: self.study_name, "study": self.study_name, "role": "study",
+                "mlflow.note.content": description}
+        return self.client.create_run(self.experiment_id, tags=tags).info.run_id
+
+    # ---- trials ------------------------------------------------------------------------------------
+
+    def start_trial(self, number: int, params: dict[str, Any], seed: int, data: PreparedData,
+                    parameter_count: int) -> str:
+        if self._provenance is None:
+            self._provenance = provenance(data)
+        tags = {PARENT_TAG: self.parent_run_id, RUN_NAME_TAG: f"trial-{number:04d}", "study": self.study_name,
+                "trial_number": str(number), "optuna_state": "RUNNING", "parameter_count": str(parameter_count)}
+        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+        logged = {k: param_value(v) for k, v in params.items()}
+        logged |= {"trial_number": str(number), "trial_seed": str(seed), **self._provenance}
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(logged.items())])
+        self.children[number] = run_id
+        return run_id
+
+    def log_epoch(self, number: int, metrics: train.EpochMetrics) -> None:
+        timestamp = int(time.time() * 1000)
+        values = metrics.as_dict()
+        self.client.log_batch(self.children[number], metrics=[
+            Metric(key, float(values[key]), timestamp, metrics.epoch) for key in EPOCH_METRICS])
+
+    def end_trial(self, outcome: TrialOutcome) -> None:
+        run_id = self.children.pop(outcome.number, None)
+        if run_id is None:
+            return
+        tags = {"optuna_state": outcome.state}
+        if outcome.fail_reason:
+            tags["fail_reason"] = outcome.fail_reason
+        if outcome.fail_detail:
+            tags["fail_detail"] = outcome.fail_detail[:5000]
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if outcome.traceback:
+            self.client.log_text(run_id, outcome.traceback, "traceback.txt")
+        if outcome.state == "COMPLETE" and outcome.values:
+            self.client.log_metric(run_id, f"objective_{self.metric}", outcome.values[0])
+        self.client.set_terminated(run_id, RUN_STATUS.get(outcome.state, "FAILED"))
+
+    def close_orphans(self, live_trials: set[int], reasons: dict[int, str]) -> int:
+        """Fail child runs left RUNNING by a killed process (their trials are no longer running)."""
+        closed = 0
+        for run in self._children("attributes.status = 'RUNNING'"):
+            number = int(run.data.tags.get("trial_number", -1))
+            if number in live_trials or number in self.children.keys():
+                continue
+            self.client.set_tag(run.info.run_id, "optuna_state", "FAIL")
+            self.client.set_tag(run.info.run_id, "fail_reason", reasons.get(number, "stale"))
+            self.client.set_terminated(run.info.run_id, "FAILED")
+            closed += 1
+        return closed
+
+    def _children(self, extra_filter: str = "") -> list[Any]:
+        query = f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'" + (f" and {extra_filter}" if extra_filter else "")
+        return list(self.client.search_runs([self.experiment_id], query, max_results=10000))
+
+    def child_of_trial(self, number: int) -> Any | None:
+        runs = self._children(f"tags.trial_number = '{number}'")
+        return max(runs, key=lambda r: r.info.start_time) if runs else None
+
+    # ---- the best model ----------------------------------------------------------------------------
+
+    def log_best_model(self, number: int, value: float, model: torch.nn.Module, data: PreparedData,
+                       precision: str) -> str:
+        """Log a new best trial's model (pt2) and its validation confusion matrix; return the model URI."""
+        run_id = self.children[number]
+        cpu_model = train.export_ready_copy(model)
+        example = data.val.to_float(data.val.images[:INPUT_EXAMPLE_IMAGES]).cpu().numpy()
+        with torch.no_grad():
+            output = cpu_model(torch.from_numpy(example)).numpy()
+        info = mlflow.pytorch.log_model(
+            cpu_model, name="model", run_id=run_id,
+            signature=mlflow.models.infer_signature(example, output), input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # skips MLflow's slow requirement probe
+            metadata={"dataset": data.dataset, "classes": list(data.classes), "mean": data.mean, "std": data.std,
+                      "input_shape": list(example.shape[1:]), "study": self.study_name, "trial_number": number},
+        )
+        predicted = train.predict(model, data.val, precision=precision)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "confusion_matrix.png"
+            plots.confusion_matrix(data.val.labels.cpu().numpy(), predicted.numpy(), data.classes, path,
+                                   title=f"{self.study_name} trial {number}: validation")
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_tag(run_id, "model_uri", info.model_uri)
+        self.client.log_metric(self.parent_run_id, f"best_{self.metric}", value, step=number)
+        return info.model_uri
+
+    def register_champion(self, number: int, value: float) -> str:
+        """Register trial `number`'s logged model as `<model_name>`; move `champion` to it if it is better."""
+        run = self.child_of_trial(number)
+        model_uri = run.data.tags.get("model_uri") if run else None
+        if model_uri is None:
+            return f"trial {number} has no logged model (it ran without tracking): nothing registered"
+        existing = self.client.search_model_versions(f"name = '{self.model_name}' and run_id = '{run.info.run_id}'")
+        if existing:
+            version = existing[0]
+        else:
+            tags = {"study": self.study_name, "trial_number": str(number), "objective": self.metric,
+                    "direction": self.direction, "objective_value": repr(value)}
+            with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own two lines; ours says more
+                version = mlflow.register_model(model_uri, self.model_name, tags=tags)
+        try:
+            current = self.client.get_model_version_by_alias(self.model_name, CHAMPION)
+        except MlflowException:
+            current = None
+        if current is not None and current.version == version.version:
+            return f"model {self.model_name!r} version {version.version} (trial {number}) is already the {CHAMPION}"
+        comparable = current is not None and current.tags.get("objective") == self.metric
+        if comparable and not _is_better(value, float(current.tags["objective_value"]), self.direction):
+            return (f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) registered; "
+                    f"{CHAMPION} stays on version {current.version} ({float(current.tags['objective_value']):.4f})")
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, version.version)
+        return f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) is the {CHAMPION}"
+
+    # ---- the end of an invocation ------------------------------------------------------------------
+
+    def finish(self, report_dir: Path, best_number: int | None, best_value: float | None, counts: dict[str, int],
+               status: str = "FINISHED") -> None:
+        """Refresh the parent's report artifacts and summary metrics, then close it with `status`."""
+        self.client.log_artifacts(self.parent_run_id, str(report_dir))
+        metrics = {f"trials_{state.lower()}": float(n) for state, n in counts.items()}
+        if best_value is not None and math.isfinite(best_value):
+            metrics[f"best_{self.metric}"] = best_value
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()])
+        if best_number is not None:
+            self.client.set_tag(self.parent_run_id, "best_trial", str(best_number))
+            self._copy_confusion_matrix(best_number)
+        self.client.set_terminated(self.parent_run_id, status)
+
+    def _copy_confusion_matrix(self, number: int) -> None:
+        run = self.child_of_trial(number)
+        if run is None or "model_uri" not in run.data.tags:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="confusion_matrix.png",
+                                                       dst_path=tmp)
+            self.client.log_artifact(self.parent_run_id, path)
+
+    def abort_running(self, fail_reason: str) -> None:
+        """Close the child runs of trials cut short (Ctrl-C, SIGTERM) as FAILED with the reason."""
+        for number in list(self.children):
+            self.end_trial(TrialOutcome(number, "FAIL", None, fail_reason=fail_reason))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading back (the UI command, export)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str | None:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None

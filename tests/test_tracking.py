@@ -1,0 +1,301 @@
+"""MLflow tracking through the real CLI: parent and child runs, statuses, stepped metrics, the champion, `ui`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import requests
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline import data, tracking, train
+from pipeline.cli import main
+
+# Three baselines run first, in order: a normal trial, one that diverges (PRUNED), one that raises inside the
+# trainer (FAIL, see `fail_at_lr`); then sampled trials. fp32, so the registered fp32 model reproduces the score.
+FAILING_LR = 0.07
+STUDY = """
+description = "tracking test study"
+dataset = "tiny"
+model = "cnn"
+trials = {trials}
+timeout_minutes = 10
+seed = 3
+sampler = "random"
+pruner = "none"
+epochs = 2
+val_size = 100
+
+[fixed]
+cnn_channels = [8, 16]
+pool = "every"
+head = "gap"
+head_units = 0
+batch_size = 50
+precision = "fp32"
+optimizer = "sgd"
+schedule = "none"
+batch_norm = false
+
+[space]
+lr = {{ type = "float", low = 1e-2, high = 1e4, log = true }}
+
+[[baseline]]
+lr = 0.05
+
+[[baseline]]
+lr = 1e4
+
+[[baseline]]
+lr = 0.07
+"""
+
+
+@pytest.fixture
+def env(tiny_dataset, tmp_path, mlflow_store, monkeypatch):
+    """(studies dir, Optuna storage, data root); trials with lr = FAILING_LR fail with an exception."""
+    real_fit = train.fit
+
+    def fail_at_lr(params, *args, **kwargs):
+        if params.get("lr") == FAILING_LR:
+            raise RuntimeError("injected failure inside the trainer")
+        return real_fit(params, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", fail_at_lr)
+    _, root = tiny_dataset
+    studies_dir = tmp_path / "studies"
+    studies_dir.mkdir()
+    return studies_dir, f"sqlite:///{tmp_path}/optuna.db", root
+
+
+def write_study(studies_dir: Path, trials: int) -> None:
+    (studies_dir / "tracked.toml").write_text(STUDY.format(trials=trials))
+
+
+def run_cli(env, *args: str) -> int:
+    studies_dir, storage, root = env
+    return main([args[0], "--study", "tracked", "--studies-dir", str(studies_dir), "--storage", storage,
+                 "--root", str(root), "--threads", "1", *args[1:]])
+
+
+def load_study(env, name: str = "tracked") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=env[1])
+
+
+def runs_of(client: MlflowClient, experiment: str) -> tuple[list, list]:
+    """(parent runs, child runs) of an experiment."""
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id], max_results=1000)
+    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
+    return parents, children
+
+
+def by_trial(children: list) -> dict[int, object]:
+    return {int(r.data.tags["trial_number"]): r for r in children}
+
+
+def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and_params(env, mlflow_store):
+    write_study(env[0], trials=4)
+    assert run_cli(env, "search") == 0
+    study = load_study(env)
+    client = MlflowClient(mlflow_store)
+    parents, children = runs_of(client, "tracked")
+    experiment = client.get_experiment_by_name("tracked")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert study.user_attrs[search_attr()] == parent.info.run_id
+    assert len(children) == len(study.trials)
+    assert all(r.data.tags[tracking.PARENT_TAG] == parent.info.run_id for r in children)
+    runs = by_trial(children)
+    expected_status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+    for trial in study.trials:
+        run = runs[trial.number]
+        assert run.info.status == expected_status[trial.state], trial.number
+        assert run.data.tags["optuna_state"] == trial.state.name
+        assert run.data.params["lr"] == str(trial.params["lr"])
+        assert run.data.params["trial_seed"] == str(trial.user_attrs["seed"])
+        assert run.data.params["cnn_channels"] == "[8, 16]"
+        for key in ("dataset_checksum", "split_hash", "git_commit", "torch_version", "optuna_version"):
+            assert run.data.params[key]
+        assert int(run.data.tags["parameter_count"]) > 0
+
+    # The forced outcomes: trial 1 diverged (PRUNED -> KILLED), trial 2 failed with its traceback logged.
+    assert study.trials[1].state == TrialState.PRUNED and runs[1].data.tags["fail_reason"] == "diverged"
+    assert study.trials[2].state == TrialState.FAIL and runs[2].data.tags["fail_reason"] == "RuntimeError"
+    traceback_file = mlflow.artifacts.download_artifacts(run_id=runs[2].info.run_id, artifact_path="traceback.txt")
+    assert "Traceback" in Path(traceback_file).read_text() and "injected failure" in Path(traceback_file).read_text()
+
+    # One metric value per epoch, stepped by epoch, equal to what Optuna recorded.
+    for trial in study.trials:
+        history = trial.user_attrs.get("history", [])
+        logged = client.get_metric_history(runs[trial.number].info.run_id, "val_accuracy")
+        assert [m.step for m in logged] == [h["epoch"] for h in history]
+        assert [m.value for m in logged] == pytest.approx([h["val_accuracy"] for h in history])
+        for key in tracking.EPOCH_METRICS:
+            assert len(client.get_metric_history(runs[trial.number].info.run_id, key)) == len(history)
+
+    # Models only for trials that were the best so far when they completed.
+    best_so_far, improving = None, set()
+    for trial in study.trials:
+        if trial.state == TrialState.COMPLETE and (best_so_far is None or trial.value > best_so_far):
+            best_so_far = trial.value
+            improving.add(trial.number)
+    assert {n for n, r in runs.items() if "model_uri" in r.data.tags} == improving
+
+    # The parent's report.
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_params.json", "confusion_matrix.png", "optimization_history.png",
+            "parallel_coordinate.png", "intermediate_values.png"} <= artifacts
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    best_params = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="best_params.json")).read_text())
+    assert best_params["trial"] == study.best_trial.number
+    assert best_params["params"]["lr"] == study.best_trial.params["lr"]
+
+
+def search_attr() -> str:
+    from pipeline import search
+
+    return search.PARENT_RUN_ATTR
+
+
+def test_champion_alias_loads_and_scores_as_the_trial_reported(env, mlflow_store):
+    write_study(env[0], trials=3)
+    assert run_cli(env, "search") == 0
+    best = load_study(env).best_trial
+    client = MlflowClient(mlflow_store)
+    version = client.get_model_version_by_alias("tracked", "champion")
+    assert version.tags["trial_number"] == str(best.number)
+
+    info = mlflow.models.get_model_info("models:/tracked@champion")
+    assert info.signature.inputs.inputs[0].shape == (-1, 1, 28, 28)  # a batch of normalised images
+    assert info.metadata["classes"][0] == "class0" and info.metadata["mean"] > 0
+    model = mlflow.pytorch.load_model("models:/tracked@champion")  # a torch.export program: no project code needed
+    prepared = data.prepare("tiny", env[2], "cpu", val_size=100)
+    correct = 0
+    for images, labels in prepared.val.batches(64):
+        correct += (model(images).argmax(1) == labels).sum().item()
+    assert correct / len(prepared.val) == pytest.approx(best.value, abs=1 / len(prepared.val))
+
+
+def test_resume_adds_children_under_the_same_parent(env, mlflow_store):
+    write_study(env[0], trials=2)
+    assert run_cli(env, "search") == 0
+    first_parent = load_study(env).user_attrs[search_attr()]
+    assert run_cli(env, "search", "--trials", "3") == 0
+    study = load_study(env)
+    parents, children = runs_of(MlflowClient(mlflow_store), "tracked")
+    assert [p.info.run_id for p in parents] == [first_parent] and parents[0].info.status == "FINISHED"
+    assert len(children) == len(study.trials) == 4  # 2 finished + the failing baseline, then one more
+    assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {first_parent}
+
+
+def test_champion_alias_moves_only_to_a_better_model(env, mlflow_store):
+    client = MlflowClient(mlflow_store)
+    write_study(env[0], trials=2)
+    assert run_cli(env, "search") == 0
+    first = client.get_model_version_by_alias("tracked", "champion")
+    client.set_model_version_tag("tracked", first.version, "objective_value", "1.5")  # unbeatable
+    assert run_cli(env, "search", "--fresh") == 0
+    assert client.get_model_version_by_alias("tracked", "champion").version == first.version
+    assert len(client.search_model_versions("name = 'tracked'")) == 2
+
+    client.set_model_version_tag("tracked", first.version, "objective_value", "-1.0")  # beaten by anything
+    assert run_cli(env, "search", "--fresh") == 0
+    champion = client.get_model_version_by_alias("tracked", "champion")
+    assert champion.version != first.version and champion.tags["study"] == "tracked-v3"
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(env, monkeypatch, capsys):
+    write_study(env[0], trials=2)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    assert run_cli(env, "search") == 2
+    assert time.monotonic() - started < 15
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err and "MLFLOW_TRACKING_URI" in err
+    assert optuna.get_all_study_summaries(env[1]) == []  # nothing started, nothing trained
+
+
+def test_no_tracking_flag_runs_without_mlflow(env, mlflow_store):
+    write_study(env[0], trials=1)
+    assert run_cli(env, "search", "--no-tracking") == 0
+    assert MlflowClient(mlflow_store).get_experiment_by_name("tracked") is None
+    assert search_attr() not in load_study(env).user_attrs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(env, port: int) -> tuple[subprocess.Popen, str]:
+    """`python -m pipeline ui` in a real process; returns it and the URL it printed."""
+    studies_dir, storage, root = env
+    command = [sys.executable, str(Path(__file__).parent / "tiny_cli.py"), str(root), "ui", "--study", "tracked",
+               "--studies-dir", str(studies_dir), "--storage", storage, "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="300"))
+    line = process.stdout.readline()
+    url = next(word for word in line.split() if word.startswith("http://"))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("the MLflow UI did not come up within 90 s")
+
+
+def stop_ui(process: subprocess.Popen, port: int) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    with socket.socket() as s:  # the server (a grandchild) is gone too: the port is free again
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_ui_serves_the_study_runs_over_rest(env, mlflow_store):
+    write_study(env[0], trials=2)
+    assert run_cli(env, "search") == 0
+    experiment_id = MlflowClient(mlflow_store).get_experiment_by_name("tracked").experiment_id
+    port = free_port()
+    process, url = start_ui(env, port)
+    try:
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+        response = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+                                 json={"experiment_ids": [experiment_id], "max_results": 100}, timeout=30)
+        response.raise_for_status()
+        runs = response.json()["runs"]
+        names = sorted(r["info"]["run_name"] for r in runs)
+        trials = [t for t in load_study(env).trials if t.state != TrialState.WAITING]  # the third baseline waits
+        assert names == sorted(["tracked", *(f"trial-{t.number:04d}" for t in trials)])
+    finally:
+        stop_ui(process, port)
+
+
+def test_ui_for_a_study_never_tracked_exits_2(env, capsys):
+    write_study(env[0], trials=1)
+    assert run_cli(env, "search", "--no-tracking") == 0
+    studies_dir, storage, _ = env
+    assert main(["ui", "--study", "tracked", "--studies-dir", str(studies_dir), "--storage", storage]) == 2
+    assert "has no MLflow experiment" in capsys.readouterr().err
+
