@@ -490,10 +490,13 @@ def write_report(spec: StudySpec, study: optuna.Study, directory: Path) -> list[
         (directory / "best_params.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     metric = spec.metrics[0]
     target = (lambda t: t.values[0]) if len(spec.objectives) > 1 else None
+    # A custom target is read as "lower is better" by the importance evaluator: flip a maximised one.
+    flip = -1.0 if spec.directions[0] == "maximize" else 1.0
+    importance_target = (lambda t: flip * t.values[0]) if target is not None else None
     figures = {
         "optimization_history.png": lambda: optuna_plots.plot_optimization_history(study, target=target,
                                                                                    target_name=metric),
-        "param_importances.png": lambda: optuna_plots.plot_param_importances(study, target=target,
+        "param_importances.png": lambda: optuna_plots.plot_param_importances(study, target=importance_target,
                                                                              target_name=metric),
         "parallel_coordinate.png": lambda: optuna_plots.plot_parallel_coordinate(study, target=target,
                                                                                  target_name=metric),
@@ -502,7 +505,9 @@ def write_report(spec: StudySpec, study: optuna.Study, directory: Path) -> list[
     skipped = []
     for name, draw in figures.items():
         try:
-            axes = draw()
+            with warnings.catch_warnings():  # small studies draw degenerate axes; the figure is still right
+                warnings.simplefilter("ignore")
+                axes = draw()
         except Exception as exc:  # e.g. importances need two complete trials that differ
             skipped.append(f"{name} left out: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             continue

@@ -14,9 +14,10 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline import reproducibility, search
+from pipeline import reproducibility, search, tracking
 from pipeline.cli import main
 
 TINY_STUDY = """
@@ -227,7 +228,7 @@ def test_replay_identical_then_detects_an_altered_metric(env, capsys):
     assert run_cli(env, "replay", "--trial", "9") == 2
 
 
-def test_sigint_mid_trial_then_resume_completes_budget(env):
+def test_sigint_mid_trial_then_resume_completes_budget(env, mlflow_store):
     """A real process, a real SIGINT after the first finished trial, then the same command again."""
     studies_dir, storage, root = env
     write_study(studies_dir, trials=3, epochs=6)
@@ -250,6 +251,10 @@ def test_sigint_mid_trial_then_resume_completes_budget(env):
     assert "Resume with: make search STUDY=tiny" in " ".join(err.split())
     interrupted = [t for t in load(storage).trials if t.state == TrialState.FAIL]
     assert len(interrupted) == 1 and interrupted[0].user_attrs["fail_reason"] == "interrupted"
+    runs = {r.data.tags.get("trial_number", "parent"): r for r in mlflow_runs(mlflow_store, "tiny")}
+    cut = runs[str(interrupted[0].number)]
+    assert cut.info.status == "FAILED" and cut.data.tags["fail_reason"] == "interrupted"
+    assert runs["parent"].info.status == "KILLED"  # the study's run says the invocation was cut short
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -260,6 +265,14 @@ def test_sigint_mid_trial_then_resume_completes_budget(env):
     assert len(numbers) == len(set(numbers))
     retried = [t for t in finished if t.user_attrs.get("retry_of") == interrupted[0].number]
     assert len(retried) == 1 and retried[0].params == interrupted[0].params
+    runs = mlflow_runs(mlflow_store, "tiny")
+    assert len(runs) == len(trials) + 1 and sum(tracking.PARENT_TAG not in r.data.tags for r in runs) == 1
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def mlflow_runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    return list(client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000))
 
 
 @pytest.mark.parametrize("sampler", ["random", "gp", "cmaes"])

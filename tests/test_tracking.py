@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +13,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from ui_process import free_port, start_ui, stop_ui
 
 from pipeline import data, tracking, train
 from pipeline.cli import main
@@ -240,45 +237,12 @@ def test_no_tracking_flag_runs_without_mlflow(env, mlflow_store):
     assert search_attr() not in load_study(env).user_attrs
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_ui(env, port: int) -> tuple[subprocess.Popen, str]:
-    """`python -m pipeline ui` in a real process; returns it and the URL it printed."""
-    studies_dir, storage, root = env
-    command = [sys.executable, str(Path(__file__).parent / "tiny_cli.py"), str(root), "ui", "--study", "tracked",
-               "--studies-dir", str(studies_dir), "--storage", storage, "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="300"))
-    line = process.stdout.readline()
-    url = next(word for word in line.split() if word.startswith("http://"))
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    process.kill()
-    raise AssertionError("the MLflow UI did not come up within 90 s")
-
-
-def stop_ui(process: subprocess.Popen, port: int) -> None:
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    with socket.socket() as s:  # the server (a grandchild) is gone too: the port is free again
-        assert s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def test_ui_serves_the_study_runs_over_rest(env, mlflow_store):
     write_study(env[0], trials=2)
     assert run_cli(env, "search") == 0
     experiment_id = MlflowClient(mlflow_store).get_experiment_by_name("tracked").experiment_id
     port = free_port()
-    process, url = start_ui(env, port)
+    process, url = start_ui(env, "tracked", port)
     try:
         assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
         response = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",

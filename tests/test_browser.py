@@ -1,0 +1,93 @@
+"""The MLflow UI in a real headless Chromium: the study's parent run, its trials nested under it, Compare.
+
+Runs under the `browser` marker (`make test-browser`, which installs chromium + chromium-driver).
+Screenshots land in $SCREENSHOT_DIR (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from test_tracking import env, run_cli, write_study  # noqa: F401  (env is a fixture)
+from ui_process import free_port, start_ui, stop_ui
+
+pytestmark = pytest.mark.browser
+
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def chromium():
+    if not Path(CHROMEDRIVER).exists():
+        pytest.skip("chromium-driver is not installed; `make test-browser` installs it")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(argument)
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = condition()
+        except Exception:  # the page is still rendering: elements come and go
+            found = None
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"the MLflow UI never showed {what} within {timeout:.0f} s")
+
+
+def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(env, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    write_study(env[0], trials=3)
+    assert run_cli(env, "search") == 0
+    trials = [t for t in optuna.load_study(study_name="tracked", storage=env[1]).trials
+              if t.state != TrialState.WAITING]
+    names = {f"trial-{t.number:04d}" for t in trials}
+    screenshots = Path(os.environ.get("SCREENSHOT_DIR", tmp_path))
+    screenshots.mkdir(parents=True, exist_ok=True)
+
+    port = free_port()
+    process, url = start_ui(env, "tracked", port)
+    browser = chromium()
+    try:
+        browser.get(url)
+
+        def rows():
+            return browser.find_elements(By.CSS_SELECTOR, "[role=row]")
+
+        parent = wait_for(lambda: next(r for r in rows() if "tracked" in r.text.split("\n")), "the study's parent run")
+        assert not any(name in browser.page_source for name in names)  # the trials are nested, collapsed
+        parent.find_element(By.CSS_SELECTOR, "button").click()  # the expander in the run-name cell
+        wait_for(lambda: all(any(name in r.text for r in rows()) for name in names), "the trials under the parent")
+        browser.save_screenshot(str(screenshots / "runs_table.png"))
+
+        for row in [r for r in rows() if any(name in r.text for name in names)]:
+            row.find_element(By.CSS_SELECTOR, "input.ag-checkbox-input").click()
+        compare = wait_for(lambda: next(b for b in browser.find_elements(By.TAG_NAME, "button")
+                                        if b.text.strip().startswith("Compare")), "the Compare button")
+        compare.click()
+        def page_showing(*markers: str) -> str | None:
+            text = browser.find_element(By.TAG_NAME, "body").text
+            return text if all(marker in text for marker in markers) else None
+
+        body = wait_for(lambda: page_showing(f"Comparing {len(trials)} Runs", "Parameters"), "the compare view")
+        for trial in trials:  # every trial's sampled learning rate, side by side
+            assert str(trial.params["lr"]) in body
+        assert "Parallel Coordinates Plot" in body
+        browser.save_screenshot(str(screenshots / "compare_runs.png"))
+    finally:
+        browser.quit()
+        stop_ui(process, port)

@@ -1,0 +1,46 @@
+"""`python -m pipeline ui` in a real process, for the REST and browser tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ui(env, study: str, port: int) -> tuple[subprocess.Popen, str]:
+    """`python -m pipeline ui` in a real process; returns it and the URL it printed."""
+    studies_dir, storage, root = env
+    command = [sys.executable, str(Path(__file__).parent / "tiny_cli.py"), str(root), "ui", "--study", study,
+               "--studies-dir", str(studies_dir), "--storage", storage, "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="300"))
+    line = process.stdout.readline()
+    url = next(word for word in line.split() if word.startswith("http://"))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return process, url
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    process.kill()
+    raise AssertionError("the MLflow UI did not come up within 90 s")
+
+
+def stop_ui(process: subprocess.Popen, port: int) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    with socket.socket() as s:  # the server (a grandchild) is gone too: the port is free again
+        assert s.connect_ex(("127.0.0.1", port)) != 0
