@@ -13,9 +13,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import require_real_dataset
 from optuna.trial import TrialState
 from test_tracking import env, run_cli, write_study  # noqa: F401  (env is a fixture)
 from ui_process import free_port, start_ui, stop_ui
+
+from pipeline import datasets, studies
+from pipeline.cli import main
 
 pytestmark = pytest.mark.browser
 
@@ -48,19 +52,15 @@ def wait_for(condition, what: str, timeout: float = 60):
     raise AssertionError(f"the MLflow UI never showed {what} within {timeout:.0f} s")
 
 
-def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(env, tmp_path):  # noqa: F811
+def walk_through_the_ui(stores: tuple, study: str, screenshots: Path) -> None:
+    """Open `make ui`'s address, unfold the parent run, select its trials, Compare; assert at each step."""
     from selenium.webdriver.common.by import By
 
-    write_study(env[0], trials=3)
-    assert run_cli(env, "search") == 0
-    trials = [t for t in optuna.load_study(study_name="tracked", storage=env[1]).trials
-              if t.state != TrialState.WAITING]
+    trials = [t for t in optuna.load_study(study_name=study, storage=stores[1]).trials if t.state != TrialState.WAITING]
     names = {f"trial-{t.number:04d}" for t in trials}
-    screenshots = Path(os.environ.get("SCREENSHOT_DIR", tmp_path))
     screenshots.mkdir(parents=True, exist_ok=True)
-
     port = free_port()
-    process, url = start_ui(env, "tracked", port)
+    process, url = start_ui(stores, study, port)
     browser = chromium()
     try:
         browser.get(url)
@@ -68,26 +68,43 @@ def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(en
         def rows():
             return browser.find_elements(By.CSS_SELECTOR, "[role=row]")
 
-        parent = wait_for(lambda: next(r for r in rows() if "tracked" in r.text.split("\n")), "the study's parent run")
+        def page_showing(*markers: str) -> str | None:
+            text = browser.find_element(By.TAG_NAME, "body").text
+            return text if all(marker in text for marker in markers) else None
+
+        parent = wait_for(lambda: next(r for r in rows() if study in r.text.split("\n")), "the study's parent run")
         assert not any(name in browser.page_source for name in names)  # the trials are nested, collapsed
         parent.find_element(By.CSS_SELECTOR, "button").click()  # the expander in the run-name cell
         wait_for(lambda: all(any(name in r.text for r in rows()) for name in names), "the trials under the parent")
-        browser.save_screenshot(str(screenshots / "runs_table.png"))
+        browser.save_screenshot(str(screenshots / f"{study}_runs_table.png"))
 
         for row in [r for r in rows() if any(name in r.text for name in names)]:
             row.find_element(By.CSS_SELECTOR, "input.ag-checkbox-input").click()
         compare = wait_for(lambda: next(b for b in browser.find_elements(By.TAG_NAME, "button")
                                         if b.text.strip().startswith("Compare")), "the Compare button")
         compare.click()
-        def page_showing(*markers: str) -> str | None:
-            text = browser.find_element(By.TAG_NAME, "body").text
-            return text if all(marker in text for marker in markers) else None
-
         body = wait_for(lambda: page_showing(f"Comparing {len(trials)} Runs", "Parameters"), "the compare view")
         for trial in trials:  # every trial's sampled learning rate, side by side
             assert str(trial.params["lr"]) in body
         assert "Parallel Coordinates Plot" in body
-        browser.save_screenshot(str(screenshots / "compare_runs.png"))
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .parcoords"),
+                 "the parallel coordinates chart")
+        browser.save_screenshot(str(screenshots / f"{study}_compare_runs.png"))
     finally:
         browser.quit()
         stop_ui(process, port)
+
+
+def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(env, tmp_path):  # noqa: F811
+    write_study(env[0], trials=3)
+    assert run_cli(env, "search") == 0
+    walk_through_the_ui(env, "tracked", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))
+
+
+@pytest.mark.data
+def test_ui_on_the_real_smoke_study(tmp_path):
+    """The smoke study as a new user runs it (real MNIST subset), in its own stores."""
+    require_real_dataset("mnist")
+    stores = (studies.STUDIES_DIR, f"sqlite:///{tmp_path}/optuna.db", datasets.DEFAULT_ROOT)
+    assert main(["search", "--study", "smoke", "--storage", stores[1]]) == 0
+    walk_through_the_ui(stores, "smoke", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))
