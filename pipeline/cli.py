@@ -201,7 +201,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
         _finish_tracking(spec, study, tracker, "FAILED")
         err_console.print(f"[red]study stopped:[/] {escape(str(exc))}")
         return 1
-    _finish_tracking(spec, study, tracker, "FINISHED")
 
     finished = search.finished_count(study)
     console.print(f"{outcome.ran} trials run in {outcome.elapsed_seconds / 60:.1f} min; {finished}/{spec.trials} "
@@ -224,6 +223,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if best:
         console.print(f"best trial {best[0].number}: {', '.join(f'{v:.4f}' for v in best[0].values)} "
                       f"with {escape(str(best[0].user_attrs.get('params')))}")
+    _finish_tracking(spec, study, tracker, "FINISHED")
     replay = f"make replay STUDY={spec.name} TRIAL={best[0].number}" if best else "make studies"
     console.print(f"next: `{resume}` continues the study (raise TRIALS= / TIMEOUT= for more); "
                   f"`{replay}` re-checks the best trial bit for bit")
