@@ -17,12 +17,14 @@ TRIAL   ?=
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
                $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE))
 PORT    ?= 5000
+EXPORT  ?= exports/$(or $(STUDY),cnn)
+IMAGES  ?=
 # TRACKING=off runs a search without MLflow (MLFLOW_TRACKING_URI picks another store)
 SEARCH_FLAGS += $(if $(filter off 0 no,$(TRACKING)),--no-tracking)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies ui test test-slow test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay studies export-best predict ui test test-slow test-browser lint format bench-data bench-trainer \
         bench-tracking clean
 
 help: ## list the targets
@@ -50,6 +52,12 @@ replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cn
 
 studies: $(STAMP) ## list the studies with trials done, best value and state
 	$(PY) -m pipeline studies $(if $(STORAGE),--storage $(STORAGE))
+
+export-best: $(STAMP) ## champion of STUDY -> exports/STUDY/, verified by a fresh process [FORCE=1]
+	$(PY) -m pipeline export-best --study "$(STUDY)" $(if $(FORCE),--force) $(if $(STORAGE),--storage $(STORAGE))
+
+predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="a.png b.jpg"
+	$(PY) -m pipeline predict --export "$(EXPORT)" $(IMAGES)
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(PORT), opened on STUDY's runs (PORT=5000)
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))

@@ -6,6 +6,7 @@ Exit codes: 0 done, 2 bad input (a one-line message says what and how to fix it)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -292,6 +293,67 @@ def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal_number)
 
 
+def _cmd_export_best(args: argparse.Namespace) -> int:
+    from pipeline import export, studies
+
+    spec = studies.load(args.study, args.studies_dir)
+    client = _tracking_client() if args.tracking else None
+    started = time.perf_counter()
+    try:
+        destination = export.export_best(spec, _storage_url(args), args.root, client, args.out, args.force,
+                                         log=console.print)
+    except export.ExportFailed as exc:
+        err_console.print(f"[red]export failed, nothing written:[/] {escape(str(exc))}")
+        return 1
+    metrics = json.loads((destination / "metrics.json").read_text())
+    console.print(
+        f"[green]{destination}[/]: test accuracy {metrics['test_accuracy']:.4f} "
+        f"({metrics['test_correct']:,}/{metrics['test_images']:,}, verified by a fresh process), validation "
+        f"{metrics['val_accuracy']}, {metrics['parameter_count']:,} parameters, "
+        f"{metrics['cpu_latency_ms_batch1_median']:.2f} ms/image at batch 1, "
+        f"{metrics['cpu_throughput_images_per_s_batch256']:,.0f} images/s at batch 256 "
+        f"({time.perf_counter() - started:.0f} s)")
+    console.print(f"next: `make predict EXPORT={_relative(destination)} IMAGES=\"a.png b.png\"`; "
+                  f"see {_relative(destination / 'model_card.md')}")
+    return 0
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    from pipeline import search
+
+    return search.storage_url(args.storage)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from pipeline import export
+
+    if not args.images:
+        raise BadInput("predict: no images given; pass IMAGES=\"a.png b.png\" (make predict) or file paths")
+    predictions, errors = export.predict(args.export, args.images)
+    if predictions:
+        width = len(predictions[0].top)
+        table = Table(title=f"predictions of {args.export}")
+        table.add_column("image", overflow="fold")
+        table.add_column("predicted")
+        for rank in range(1, width + 1):
+            table.add_column(f"top {rank}", justify="right")
+        for p in predictions:
+            table.add_row(escape(str(p.path)), p.top[0][0], *(f"{name} {prob:.3f}" for name, prob in p.top))
+        console.print(table)
+    for line in errors:
+        err_console.print(f"[red]error:[/] {escape(line)}")
+    return 2 if errors else 0
+
+
 def _cmd_replay(args: argparse.Namespace) -> int:
     from pipeline import search, train
 
@@ -393,6 +455,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_arguments(p, with_budget=False)
     p.add_argument("--trial", type=int, required=True)
     p.set_defaults(run=_cmd_replay)
+
+    p = commands.add_parser("export-best", help="the study's champion -> exports/<study>/, verified by a fresh process")
+    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
+    p.add_argument("--force", action="store_true", help="replace an existing export")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "exports",
+                   help="parent folder of the export (default: exports/)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: $STORAGE or sqlite studies/optuna.db)")
+    p.add_argument("--root", type=Path, default=datasets.DEFAULT_ROOT, help="data folder (default: data/)")
+    p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
+                   help="take the champion from the MLflow registry and log the test accuracy back")
+    p.add_argument("--studies-dir", type=Path, default=Path(__file__).resolve().parents[1] / "studies",
+                   help=argparse.SUPPRESS)
+    p.set_defaults(run=_cmd_export_best)
+
+    p = commands.add_parser("predict", help="classify PNG/JPEG files with an export")
+    p.add_argument("--export", type=Path, required=True, help="an export folder, e.g. exports/cnn")
+    p.add_argument("images", nargs="*", type=Path, help="image files (any size or colour)")
+    p.set_defaults(run=_cmd_predict)
 
     p = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1, opened on a study's runs table")
     p.add_argument("--study", default=None, help="open on this study's runs (default: the experiments list)")

@@ -231,3 +231,11 @@ def prepare(name: str, root: Path = DEFAULT_ROOT, device: torch.device | str = "
         # Subsets change what was trained on, so they change the recorded hash too.
         split_hash=split.hash if (train_limit, val_limit) == (None, None) else split_hash(train_idx, val_idx),
     )
+
+
+def test_split(name: str, root: Path = DEFAULT_ROOT, device: torch.device | str = "cpu") -> ResidentImages:
+    """The untouched test split, normalised with the training split's statistics (read only by exports)."""
+    info = datasets.dataset_info(name)
+    arrays = load_arrays(name, root)
+    mean, std = datasets.normalisation_stats(info, root)
+    return ResidentImages(arrays.test_images, arrays.test_labels, mean, std, device)

@@ -43,3 +43,24 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequenc
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return counts
+
+
+def mistakes_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
+                  classes: Sequence[str], path: Path, title: str, limit: int = 36) -> int:
+    """Write a grid of the most confident mistakes (true -> predicted, confidence) as a PNG; return how many."""
+    wrong = np.flatnonzero(labels != predicted)
+    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+    columns = 6
+    rows = max(1, -(-len(worst) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.1 + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, index in zip(axes.flat, worst, strict=False):
+        ax.imshow(images[index], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{classes[labels[index]]} -> {classes[predicted[index]]}\n{confidence[index]:.0%}", fontsize=8)
+    shown = f"the {len(worst)} most confident of {len(wrong):,} mistakes" if len(wrong) else "no mistakes"
+    fig.suptitle(f"{title}: {shown} (true -> predicted)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(worst)

@@ -313,6 +313,8 @@ class Objective:
             raise
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("precision", result.precision)
+        trial.set_user_attr("threads", result.threads)  # float sums depend on it: a replay must use the same
+        trial.set_user_attr("device", result.device)
         trial.set_user_attr("parameter_count", result.parameter_count)
         trial.set_user_attr("flops_per_image", result.flops_per_image)
         trial.set_user_attr("stop_reason", result.stop_reason)
@@ -535,6 +537,18 @@ def find_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.
     return optuna.load_study(study_name=study_name(spec.name, versions[-1]), storage=storage)
 
 
+def load_trial(storage: optuna.storages.BaseStorage, name: str, number: int) -> tuple[optuna.trial.FrozenTrial, dict]:
+    """Trial `number` of study `name` (any version) and that study's recorded search definition."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise StudyError(f"study {name!r} is not in the Optuna storage; check STORAGE") from None
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.COMPLETE:
+        raise StudyError(f"trial {number} of study {name!r} is not a complete trial")
+    return trial, study.user_attrs.get("definition", {})
+
+
 def replay(spec: StudySpec, storage: optuna.storages.BaseStorage, trial_number: int, prepared: data_module.PreparedData,
            threads: int | None = None) -> ReplayOutcome:
     """Retrain one finished trial from its recorded params and seed; list every metric that differs."""
@@ -552,7 +566,8 @@ def replay(spec: StudySpec, storage: optuna.storages.BaseStorage, trial_number: 
         replayed.append(history_record(metrics))
         return len(replayed) >= len(recorded)  # a pruned trial stopped early: stop at the same epoch
 
-    train.fit(params, prepared, callbacks=[collect], seed=seed, threads=threads)
+    # Float sums depend on the thread count: by default, use the one the trial ran with.
+    train.fit(params, prepared, callbacks=[collect], seed=seed, threads=threads or trials[0].user_attrs.get("threads"))
     differences = []
     for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
         for key in HISTORY_KEYS:

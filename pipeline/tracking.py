@@ -350,3 +350,38 @@ class StudyRun:
 def experiment_id(client: MlflowClient, name: str) -> str | None:
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else None
+
+
+@dataclass
+class ChampionVersion:
+    """The registered model version behind the `champion` alias, and where it came from."""
+
+    model_name: str
+    version: str
+    study_name: str  # the Optuna study (version) that produced it, e.g. cnn-v2
+    trial_number: int
+    run_id: str
+    parent_run_id: str | None
+    model_uri: str
+
+
+def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:  # no such registered model, or no alias yet
+        return None
+    run = client.get_run(version.run_id)
+    return ChampionVersion(model_name, version.version, version.tags["study"], int(version.tags["trial_number"]),
+                           version.run_id, run.data.tags.get(PARENT_TAG), f"models:/{model_name}/{version.version}")
+
+
+def load_state_dict(model_uri: str) -> dict[str, torch.Tensor]:
+    """The weights of a logged model (a torch.export program) under the original module's names."""
+    return mlflow.pytorch.load_model(model_uri).state_dict()
+
+
+def log_test_metrics(client: MlflowClient, run_ids: list[str], metrics: dict[str, float]) -> None:
+    """Record an export's test-split figures on the champion's run and the study's parent run."""
+    timestamp = int(time.time() * 1000)
+    for run_id in run_ids:
+        client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])

@@ -1,0 +1,387 @@
+"""The champion out of the pipeline: `exports/<study>/`, verified by a fresh process; and `predict`.
+
+An export holds everything needed to use the model with torch alone:
+
+    model.pt2            torch.export program (CPU, float32, any batch size)
+    weights.pt           plain state dict: torch.load(..., weights_only=True)
+    config.json          architecture params, input shape, mean/std, classes, provenance, versions
+    metrics.json         validation accuracy as recorded, test accuracy measured now, per class,
+                         parameters, FLOPs, CPU latency (batch 1) and throughput (batch 256)
+    model_card.md        what it is, how it was found, the figures, its limits
+    confusion_matrix.png, misclassified.png   on the test split
+    verify.py            re-evaluates model.pt2 on the test split with torch alone
+
+The directory is written under a temporary name; a fresh process then runs verify.py, and only if its
+test accuracy equals metrics.json exactly is the directory renamed into place. Otherwise the partial
+directory is removed and the export fails (exit 1). The test split is read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline import data, datasets, models, plots, search, studies, train, verify_export
+from pipeline.errors import BadInput
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXPORTS_DIR = PROJECT_ROOT / "exports"
+EVAL_BATCH = 1000
+LATENCY_RUNS = 200
+THROUGHPUT_BATCH = 256
+THROUGHPUT_RUNS = 10
+
+
+class ExportFailed(Exception):
+    """The written export did not reproduce its own figures; nothing was left behind."""
+
+
+@dataclass
+class Champion:
+    """The model to export and where it came from."""
+
+    study_name: str  # the Optuna study (version) it belongs to
+    trial: Any  # optuna FrozenTrial
+    definition: dict[str, Any]  # that study's search definition (dataset, val_size, limits, ...)
+    model: torch.nn.Module  # CPU, float32, eval mode
+    source: str  # one line: registry version, or retrained from the recorded trial
+    run_ids: list[str]  # MLflow runs that get the test figures (champion run, parent run)
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the champion
+
+
+def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client: Any | None,
+                  log: Any = print) -> Champion:
+    """The registry's `champion` of the study's model, else the study's best trial retrained from its record."""
+    storage = search.make_storage(storage_url)
+    study = search.find_study(spec, storage)  # StudyError (exit 2) when the study was never run
+    if client is not None:
+        from pipeline import tracking
+
+        version = tracking.champion(client, spec.name)
+        if version is not None:
+            trial, definition = search.load_trial(storage, version.study_name, version.trial_number)
+            model = _build(trial.user_attrs["params"], definition, root)
+            model.load_state_dict(tracking.load_state_dict(version.model_uri))
+            return Champion(version.study_name, trial, definition, model.eval(),
+                            f"registered model {spec.name!r} version {version.version} (alias champion)",
+                            [r for r in (version.run_id, version.parent_run_id) if r])
+    best = search.leading_best(study)
+    if best is None:
+        raise BadInput(f"study {study.study_name!r} has no finished trial to export; run `make search "
+                       f"STUDY={spec.name}` until one completes")
+    definition = study.user_attrs.get("definition", {})
+    log(f"no registered champion for {spec.name!r}: retraining trial {best.number} of {study.study_name!r} "
+        "from its recorded params and seed")
+    prepared = _prepared(definition, root)
+    result = train.fit(best.user_attrs["params"], prepared, seed=best.user_attrs["seed"],
+                       threads=best.user_attrs.get("threads"))
+    recorded = [h["val_accuracy"] for h in best.user_attrs.get("history", [])]
+    if recorded and max(recorded) != result.best_val_accuracy:
+        log(f"warning: the retrained validation accuracy {result.best_val_accuracy} differs from the recorded "
+            f"{max(recorded)} (another device or thread count?)")
+    return Champion(study.study_name, best, definition, train.export_ready_copy(result.model),
+                    f"trial {best.number} retrained from its recorded params and seed (no registry entry)", [])
+
+
+def _prepared(definition: dict[str, Any], root: Path) -> data.PreparedData:
+    return data.prepare(definition["dataset"], root, "cpu", val_size=definition.get("val_size", 5000),
+                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"))
+
+
+def _build(params: dict[str, Any], definition: dict[str, Any], root: Path) -> torch.nn.Module:
+    info = datasets.dataset_info(definition["dataset"])
+    return models.build_model(train.resolve_params(params), num_classes=len(info.classes))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing, measuring, verifying
+
+
+def export_best(spec: studies.StudySpec, storage_url: str, root: Path = datasets.DEFAULT_ROOT,
+                client: Any | None = None, out_dir: Path = EXPORTS_DIR, force: bool = False,
+                threads: int | None = None, log: Any = print) -> Path:
+    destination = out_dir / spec.name
+    if destination.exists() and not force:
+        raise BadInput(f"{destination} already exists; pass FORCE=1 (make export-best) or --force to replace it")
+    champion = find_champion(spec, storage_url, root, client, log)
+    log(f"exporting {champion.source}: trial {champion.trial.number} of {champion.study_name!r}")
+    threads = threads or torch.get_num_threads()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".{spec.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        metrics = write_export(champion, spec, root, partial, threads)
+        verified = verify(partial, root)
+        if verified["correct"] != metrics["test_correct"] or verified["project_code_loaded"]:
+            raise ExportFailed(f"a fresh process scored model.pt2 {verified['correct']}/{verified['total']} on the "
+                               f"test split, metrics.json says {metrics['test_correct']}/{metrics['test_images']}")
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if destination.exists():
+        previous = out_dir / f".{spec.name}.replaced-{os.getpid()}"
+        destination.rename(previous)
+        partial.rename(destination)
+        shutil.rmtree(previous)
+    else:
+        partial.rename(destination)
+    if client is not None and champion.run_ids:
+        from pipeline import tracking
+
+        tracking.log_test_metrics(client, champion.run_ids, {"test_accuracy": metrics["test_accuracy"]})
+    return destination
+
+
+def write_export(champion: Champion, spec: studies.StudySpec, root: Path, directory: Path,
+                 threads: int) -> dict[str, Any]:
+    """Every file but the verification; returns metrics.json's content."""
+    torch.set_num_threads(threads)
+    info = datasets.dataset_info(champion.definition["dataset"])
+    test = data.test_split(info.name, root)
+    mean, std = test.mean, test.std
+    model = champion.model
+    example = test.to_float(test.images[:4])
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(directory / "model.pt2"))
+    torch.save(model.state_dict(), directory / "weights.pt")
+    shutil.copy(Path(verify_export.__file__), directory / "verify.py")
+
+    params = train.resolve_params(champion.trial.user_attrs["params"])
+    config = {
+        "model": params["model"],
+        "params": params,
+        "input_shape": [1, 28, 28],
+        "input": "float32 [N, 1, 28, 28]: uint8 pixels / 255, then (x - mean) / std",
+        "mean": mean,
+        "std": std,
+        "classes": list(info.classes),
+        "dataset": info.name,
+        "dataset_checksum": info.checksum,
+        "split_hash": _prepared(champion.definition, root).split_hash,
+        "study": champion.study_name,
+        "study_file": spec.name,
+        "trial_number": champion.trial.number,
+        "trial_seed": champion.trial.user_attrs["seed"],
+        "source": champion.source,
+        "git_commit": _git_commit(),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+        "evaluation": {"threads": threads, "batch_size": EVAL_BATCH},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    exported = torch.export.load(str(directory / "model.pt2")).module()  # score exactly what was written
+    scores = verify_export.logits(exported, test.images.squeeze(1), mean, std, EVAL_BATCH)
+    probabilities = scores.softmax(1)
+    predicted = scores.argmax(1)
+    labels = test.labels
+    correct = int((predicted == labels).sum())
+    per_class = {info.classes[c]: int((predicted[labels == c] == c).sum()) / max(int((labels == c).sum()), 1)
+                 for c in range(len(info.classes))}
+    history = champion.trial.user_attrs.get("history", [])
+    latency, throughput = _speed(exported, example)
+    metrics = {
+        "val_accuracy": max((h["val_accuracy"] for h in history), default=None),
+        "objective": dict(zip(spec.metrics, champion.trial.values, strict=False)),
+        "test_accuracy": correct / len(labels),
+        "test_correct": correct,
+        "test_images": len(labels),
+        "test_per_class_accuracy": per_class,
+        "parameter_count": models.count_parameters(model),
+        "flops_per_image": models.flops_per_image(model),
+        "cpu_latency_ms_batch1_median": latency * 1000,
+        "cpu_throughput_images_per_s_batch256": throughput,
+        "cpu_threads": threads,
+    }
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    images = test.images.squeeze(1).numpy()
+    plots.confusion_matrix(labels.numpy(), predicted.numpy(), info.classes, directory / "confusion_matrix.png",
+                           title=f"{spec.name} champion: test split")
+    plots.mistakes_grid(images, labels.numpy(), predicted.numpy(), probabilities.max(1).values.numpy(),
+                        info.classes, directory / "misclassified.png", title=f"{spec.name} champion")
+    (directory / "model_card.md").write_text(model_card(spec, champion, config, metrics))
+    return metrics
+
+
+def _speed(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]:
+    """Median seconds per image at batch 1, and images per second at batch 256, on the CPU."""
+    single = example[:1]
+    many = example[:1].expand(THROUGHPUT_BATCH, -1, -1, -1).contiguous()
+    with torch.no_grad():
+        for _ in range(10):  # warm-up: first calls pick kernels
+            model(single)
+        timings = []
+        for _ in range(LATENCY_RUNS):
+            started = time.perf_counter()
+            model(single)
+            timings.append(time.perf_counter() - started)
+        model(many)
+        started = time.perf_counter()
+        for _ in range(THROUGHPUT_RUNS):
+            model(many)
+        throughput = THROUGHPUT_BATCH * THROUGHPUT_RUNS / (time.perf_counter() - started)
+    return statistics.median(timings), throughput
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def verify(directory: Path, root: Path = datasets.DEFAULT_ROOT) -> dict[str, Any]:
+    """Run the export's verify.py in a fresh, isolated process; returns its result."""
+    config = json.loads((directory / "config.json").read_text())
+    raw = datasets.dataset_info(config["dataset"]).raw_dir(root)
+    command = [sys.executable, "-I", str(directory / "verify.py"), "--export", str(directory),
+               "--images", str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=directory, timeout=600)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ExportFailed(f"{directory / 'model.pt2'} could not be re-evaluated by a fresh process: {last}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def model_card(spec: studies.StudySpec, champion: Champion, config: dict, metrics: dict) -> str:
+    definition = champion.definition
+    space = ", ".join(sorted(definition.get("space", {}))) or "none"
+    fixed = ", ".join(f"{k}={v}" for k, v in sorted(definition.get("fixed", {}).items())) or "none"
+    per_class = "\n".join(f"| {name} | {accuracy:.4f} |"
+                          for name, accuracy in metrics["test_per_class_accuracy"].items())
+    trained_on = definition.get("train_limit") or "all"
+    test = f"{metrics['test_accuracy']:.4f} ({metrics['test_correct']:,}/{metrics['test_images']:,})"
+    return f"""# {spec.name} champion: {config['model']} on {config['dataset']}
+
+{spec.description or ''}
+
+## What it is
+A {config['model']} image classifier for {len(config['classes'])} classes ({', '.join(config['classes'])}), taking
+{config['input']}. {metrics['parameter_count']:,} parameters, {metrics['flops_per_image'] / 1e6:,.1f} MFLOPs per image.
+Architecture and training parameters: `config.json` (`params`).
+
+## How it was found
+Optuna study `{champion.study_name}` (file `studies/{spec.name}.toml`): sampler {definition.get('sampler')}, pruner
+{definition.get('pruner')}, up to {definition.get('epochs')} epochs per trial, objective
+{', '.join(spec.metrics)}. Searched: {space}. Fixed: {fixed}.
+This is trial {champion.trial.number} (seed {config['trial_seed']}); source: {champion.source}.
+Training images: {trained_on} of the training split; validation: a stratified, seeded split of the
+training file (hash {config['split_hash']}), used for every tuning decision.
+
+## Figures
+| figure | value |
+|---|---|
+| validation accuracy (recorded during the search) | {metrics['val_accuracy']} |
+| **test accuracy** (untouched test split, measured at export) | **{test}** |
+| CPU latency, batch 1 (median of {LATENCY_RUNS}) | {metrics['cpu_latency_ms_batch1_median']:.3f} ms |
+| CPU throughput, batch {THROUGHPUT_BATCH} | {metrics['cpu_throughput_images_per_s_batch256']:,.0f} images/s |
+
+CPU figures on {metrics['cpu_threads']} threads of the exporting machine. Per-class test accuracy:
+
+| class | accuracy |
+|---|---|
+{per_class}
+
+`confusion_matrix.png` and `misclassified.png` show where it errs.
+
+## Limits
+- Trained and tested on {config['dataset']} only: 28x28 grayscale, centred, light object on a dark background.
+  Other images must be converted the same way (`make predict` does) and may still score far lower.
+- The test accuracy is one sample of {metrics['test_images']:,} images; differences of a few tenths of a percent
+  between models are within noise.
+- Chosen by validation accuracy among the study's trials; no calibration of the probabilities.
+
+## Use
+```python
+import torch
+model = torch.export.load("model.pt2").module()
+probabilities = model(x).softmax(1)   # x: {config['input']}
+```
+`python verify.py --images <t10k-images-idx3-ubyte> --labels <t10k-labels-idx1-ubyte>` re-checks the test accuracy.
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Predict
+
+
+@dataclass
+class Prediction:
+    path: Path
+    top: list[tuple[str, float]]  # (class, probability), best first
+
+
+def to_dataset_image(image: Image.Image, dataset: str) -> np.ndarray:
+    """Any picture -> 28x28 uint8 the way the dataset looks: grayscale, light object on a dark background.
+
+    A 28x28 picture is kept as it is (only inverted if its background is light). Otherwise: grayscale,
+    inverted if the border is lighter than the middle, cropped to the object, and then for MNIST scaled
+    to fit 20x20 and centred by its centre of mass in 28x28 (how MNIST was made); for Fashion-MNIST
+    scaled to fit 28x28 and centred.
+    """
+    gray = ImageOps.exif_transpose(image).convert("L")
+    pixels = np.asarray(gray, dtype=np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if border.mean() > 127:
+        gray = ImageOps.invert(gray)
+    if gray.size == (28, 28):
+        return np.asarray(gray, dtype=np.uint8)
+    box = gray.point(lambda v: 255 if v > 30 else 0).getbbox() or (0, 0, *gray.size)
+    gray = gray.crop(box)
+    fit = 20 if dataset == "mnist" else 28
+    scale = fit / max(gray.size)
+    gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))), Image.LANCZOS)
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    small = np.asarray(gray, dtype=np.float32)
+    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
+    if dataset == "mnist" and small.sum() > 0:  # centre of mass at the centre, as MNIST was centred
+        rows, cols = np.indices(small.shape)
+        top = int(round(14 - (rows * small).sum() / small.sum()))
+        left = int(round(14 - (cols * small).sum() / small.sum()))
+        top = min(max(top, 0), 28 - small.shape[0])
+        left = min(max(left, 0), 28 - small.shape[1])
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return canvas.clip(0, 255).astype(np.uint8)
+
+
+def predict(export_dir: Path, paths: list[Path], top_k: int = 3) -> tuple[list[Prediction], list[str]]:
+    """Classify image files with an export; returns the predictions and one error line per unreadable file."""
+    config_path = export_dir / "config.json"
+    if not config_path.is_file() or not (export_dir / "model.pt2").is_file():
+        raise BadInput(f"{export_dir} is not an export (no config.json / model.pt2); run `make export-best "
+                       "STUDY=...` first or point EXPORT= at one")
+    config = json.loads(config_path.read_text())
+    model = torch.export.load(str(export_dir / "model.pt2")).module()
+    images, readable, errors = [], [], []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(to_dataset_image(image, config["dataset"]))
+            readable.append(path)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            errors.append(f"{path}: cannot be read as an image ({type(exc).__name__}: {exc}); skipped")
+    if not images:
+        return [], errors
+    batch = torch.from_numpy(np.stack(images))
+    probabilities = verify_export.logits(model, batch, config["mean"], config["std"], EVAL_BATCH).softmax(1)
+    values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+    predictions = [Prediction(path, [(config["classes"][i], float(v)) for v, i in zip(vs, ix, strict=True)])
+                   for path, vs, ix in zip(readable, values.tolist(), indices.tolist(), strict=True)]
+    return predictions, errors

@@ -1,0 +1,263 @@
+"""export-best and predict through the real CLI, on the tiny dataset with real stores and real processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from conftest import write_tiny_dataset
+from mlflow import MlflowClient
+from PIL import Image
+
+from pipeline import datasets, export, models, train, verify_export
+from pipeline.cli import main
+
+STUDY = """
+description = "export test study"
+dataset = "tiny"
+model = "cnn"
+trials = {trials}
+timeout_minutes = 10
+seed = 5
+sampler = "random"
+pruner = "none"
+epochs = 3
+val_size = 100
+
+[fixed]
+cnn_channels = [8, 16]
+pool = "every"
+head = "gap"
+head_units = 0
+batch_size = 25
+precision = "fp32"
+optimizer = "adamw"
+schedule = "none"
+augment = 0.0
+
+[space]
+lr = {{ type = "float", low = 3e-3, high = 1e4, log = true }}
+
+[[baseline]]
+lr = {baseline_lr}
+"""
+
+
+@pytest.fixture
+def env(tiny_dataset, tmp_path, mlflow_store):
+    """(studies dir, Optuna storage, data root, exports dir) of a study not run yet."""
+    _, root = tiny_dataset
+    studies_dir = tmp_path / "studies"
+    studies_dir.mkdir()
+    return studies_dir, f"sqlite:///{tmp_path}/optuna.db", root, tmp_path / "exports"
+
+
+def write_study(env, trials: int = 2, baseline_lr: float = 1e-2) -> None:
+    (env[0] / "exported.toml").write_text(STUDY.format(trials=trials, baseline_lr=baseline_lr))
+
+
+def cli(env, command: str, *args: str) -> int:
+    studies_dir, storage, root, exports = env
+    common = ["--study", "exported", "--studies-dir", str(studies_dir), "--storage", storage, "--root", str(root)]
+    if command == "search":
+        return main(["search", *common, "--threads", "1", *args])
+    return main(["export-best", *common, "--out", str(exports), *args])
+
+
+@dataclass
+class Searched:
+    env: tuple  # as `env`, with the study searched (tracked) and exported to env[3] / "exported"
+    mlflow_uri: str
+    info: datasets.DatasetInfo
+
+    @property
+    def export(self) -> Path:
+        return self.env[3] / "exported"
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, empty_mlflow_store) -> Searched:
+    """One tracked search and its export, shared by the tests below (they copy before they change it)."""
+    base = tmp_path_factory.mktemp("searched")
+    uri = f"sqlite:///{base}/mlruns/mlflow.db"
+    (base / "mlruns").mkdir()
+    shutil.copy(empty_mlflow_store, base / "mlruns" / "mlflow.db")
+    env = (base / "studies", f"sqlite:///{base}/optuna.db", base / "data", base / "exports")
+    env[0].mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        info = write_tiny_dataset(env[2])
+        patch.setitem(datasets.DATASETS, info.name, info)
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        write_study(env)
+        assert cli(env, "search") == 0
+        assert cli(env, "export") == 0
+    return Searched(env, uri, info)
+
+
+@pytest.fixture
+def use(searched, monkeypatch, tmp_path) -> Searched:
+    """The shared search in this test: its dataset registered, its MLflow store current, a fresh exports dir."""
+    monkeypatch.setitem(datasets.DATASETS, searched.info.name, searched.info)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", searched.mlflow_uri)
+    return searched
+
+
+def elsewhere(searched: Searched, exports: Path) -> tuple:
+    return (*searched.env[:3], exports)
+
+
+def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
+    directory = use.export
+    assert sorted(p.name for p in directory.iterdir()) == sorted([
+        "model.pt2", "weights.pt", "config.json", "metrics.json", "model_card.md", "confusion_matrix.png",
+        "misclassified.png", "verify.py"])
+    assert [p.name for p in directory.parent.iterdir()] == ["exported"]  # no partial directories left
+    config = json.loads((directory / "config.json").read_text())
+    metrics = json.loads((directory / "metrics.json").read_text())
+    best = optuna.load_study(study_name="exported", storage=use.env[1]).best_trial
+    assert config["trial_number"] == best.number and config["trial_seed"] == best.user_attrs["seed"]
+    assert config["source"].startswith("registered model 'exported'")
+    assert config["classes"] == [f"class{i}" for i in range(10)] and config["input_shape"] == [1, 28, 28]
+    assert metrics["val_accuracy"] == pytest.approx(best.value)
+    assert metrics["test_images"] == 200 and metrics["test_accuracy"] > 0.5
+    assert set(metrics["test_per_class_accuracy"]) == set(config["classes"])
+    assert metrics["cpu_latency_ms_batch1_median"] > 0 and metrics["cpu_throughput_images_per_s_batch256"] > 0
+
+    # The model.pt2 alone, in a process of its own, scores exactly what metrics.json says.
+    raw = use.env[2] / "Tiny" / "raw"
+    done = subprocess.run([sys.executable, "-I", str(directory / "verify.py"), "--images",
+                           str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)],
+                          capture_output=True, text=True, timeout=300, cwd=directory)
+    assert done.returncode == 0, done.stderr
+    fresh = json.loads(done.stdout)
+    assert fresh["correct"] == metrics["test_correct"] and fresh["project_code_loaded"] is False
+
+    # weights.pt is a plain state dict for the architecture in config.json.
+    model = models.build_model(train.resolve_params(config["params"]), num_classes=10)
+    model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
+
+    # The test figures went back to the champion's run and to the study's parent run.
+    client = MlflowClient(use.mlflow_uri)
+    champion = client.get_model_version_by_alias("exported", "champion")
+    run = client.get_run(champion.run_id)
+    assert run.data.metrics["test_accuracy"] == metrics["test_accuracy"]
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.metrics["test_accuracy"] == metrics["test_accuracy"]
+    card = (directory / "model_card.md").read_text()
+    assert f"{metrics['test_accuracy']:.4f}" in card and "Limits" in card
+
+
+def test_export_fails_and_leaves_nothing_when_the_written_model_is_corrupt(use, tmp_path, monkeypatch, capsys):
+    real_write = export.write_export
+
+    def write_then_corrupt(champion, spec, root, directory, threads):  # bit rot between writing and verifying
+        metrics = real_write(champion, spec, root, directory, threads)
+        payload = bytearray((directory / "model.pt2").read_bytes())
+        payload[len(payload) // 2:len(payload) // 2 + 64] = bytes(64)
+        (directory / "model.pt2").write_bytes(bytes(payload))
+        return metrics
+
+    monkeypatch.setattr(export, "write_export", write_then_corrupt)
+    assert cli(elsewhere(use, tmp_path / "exports"), "export") == 1
+    assert "export failed, nothing written" in capsys.readouterr().err
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_verify_detects_a_corrupted_model_file(use, tmp_path):
+    directory = shutil.copytree(use.export, tmp_path / "copy")
+    assert export.verify(directory, use.env[2])["correct"] == json.loads(
+        (directory / "metrics.json").read_text())["test_correct"]
+    (directory / "model.pt2").write_bytes((directory / "model.pt2").read_bytes()[:5000])  # truncated
+    with pytest.raises(export.ExportFailed, match="could not be re-evaluated"):
+        export.verify(directory, use.env[2])
+
+
+def test_existing_export_needs_force_then_is_replaced(use, tmp_path, capsys):
+    exports = tmp_path / "exports"
+    shutil.copytree(use.export, exports / "exported")
+    marker = exports / "exported" / "model_card.md"
+    marker.write_text("old")
+    assert cli(elsewhere(use, exports), "export") == 2
+    assert "already exists; pass FORCE=1" in capsys.readouterr().err
+    assert marker.read_text() == "old"
+    assert cli(elsewhere(use, exports), "export", "--force") == 0
+    assert marker.read_text() != "old" and [p.name for p in exports.iterdir()] == ["exported"]
+
+
+def test_without_a_registry_the_best_trial_is_retrained_and_exported(use, tmp_path):
+    assert cli(elsewhere(use, tmp_path / "exports"), "export", "--no-tracking") == 0
+    config = json.loads((tmp_path / "exports" / "exported" / "config.json").read_text())
+    best = optuna.load_study(study_name="exported", storage=use.env[1]).best_trial
+    assert config["trial_number"] == best.number and "retrained" in config["source"]
+    shared = json.loads((use.export / "metrics.json").read_text())
+    retrained = json.loads((tmp_path / "exports" / "exported" / "metrics.json").read_text())
+    assert retrained["test_correct"] == shared["test_correct"]  # deterministic training: the same model
+
+
+def test_study_without_a_finished_trial_exits_2(env, capsys):
+    write_study(env, trials=1, baseline_lr=1e4)  # the only trial diverges: pruned, nothing complete
+    assert cli(env, "search") == 0
+    assert cli(env, "export") == 2
+    assert "has no finished trial to export" in capsys.readouterr().err
+    assert not env[3].exists() or list(env[3].iterdir()) == []
+
+
+def test_unknown_or_unrun_study_exits_2(env, capsys):
+    studies_dir, storage, root, exports = env
+    assert main(["export-best", "--study", "nope", "--studies-dir", str(studies_dir), "--storage", storage]) == 2
+    write_study(env)
+    assert cli(env, "export") == 2
+    assert "has not been run yet" in capsys.readouterr().err
+
+
+def test_predict_returns_the_labels_of_correctly_classified_test_images(use, tmp_path, capsys, monkeypatch):
+    directory = use.export
+    config = json.loads((directory / "config.json").read_text())
+    raw = use.env[2] / "Tiny" / "raw"
+    images = torch.from_numpy(datasets.read_idx(raw / datasets.TEST_IMAGES).copy())
+    labels = datasets.read_idx(raw / datasets.TEST_LABELS)
+    model = torch.export.load(str(directory / "model.pt2")).module()
+    predicted = verify_export.logits(model, images, config["mean"], config["std"], 100).argmax(1).numpy()
+    right = np.flatnonzero(predicted == labels)[:5]
+    monkeypatch.chdir(tmp_path)  # short relative names keep each table row on one line
+    paths = []
+    for index in right:
+        paths.append(f"test{index}.png")
+        Image.fromarray(images[index].numpy()).save(paths[-1])
+    Path("broken.png").write_bytes(b"this is not a picture")
+
+    capsys.readouterr()
+    assert main(["predict", "--export", str(directory), *paths, "broken.png"]) == 2
+    out, err = capsys.readouterr()
+    rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(rows) == len(right)
+    for index, row in zip(right, rows, strict=True):
+        cells = [c.strip() for c in row.split("│") if c.strip()]
+        assert cells[0].endswith(f"test{index}.png") and cells[1] == f"class{labels[index]}"
+    assert "broken.png: cannot be read as an image" in " ".join(err.split())
+
+
+def test_pictures_are_converted_the_way_mnist_looks():
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[6:22, 12:16] = 255  # a bright "1" on black, slightly off-centre
+    assert np.array_equal(export.to_dataset_image(Image.fromarray(digit), "mnist"), digit)  # 28x28 kept as is
+
+    photo = np.full((300, 200, 3), 240, dtype=np.uint8)  # a dark stroke on white paper, RGB, any size
+    photo[40:260, 60:100] = 10
+    converted = export.to_dataset_image(Image.fromarray(photo), "mnist")
+    assert converted.shape == (28, 28) and converted.dtype == np.uint8
+    assert converted[0].max() == 0 and converted[:, 0].max() == 0  # dark background
+    rows, cols = np.nonzero(converted > 30)
+    assert rows.max() - rows.min() + 1 <= 20  # fitted into MNIST's 20x20 box
+    mass = converted.astype(float)
+    row_centre, col_centre = ((axis * mass).sum() / mass.sum() for axis in np.indices(mass.shape))
+    assert abs(row_centre - 14) <= 1.0 and abs(col_centre - 14) <= 1.0  # centred by its centre of mass
+
