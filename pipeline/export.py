@@ -88,7 +88,10 @@ def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client:
     log(f"no registered champion for {spec.name!r}: retraining trial {best.number} of {study.study_name!r} "
         "from its recorded params and seed")
     prepared = _prepared(definition, root)
-    result = train.fit(best.user_attrs["params"], prepared, seed=best.user_attrs["seed"],
+    def progress(m: train.EpochMetrics) -> None:
+        log(f"  epoch {m.epoch}: val_accuracy {m.val_accuracy:.4f} ({m.epoch_seconds:.0f} s)")
+
+    result = train.fit(best.user_attrs["params"], prepared, callbacks=[progress], seed=best.user_attrs["seed"],
                        threads=best.user_attrs.get("threads"))
     recorded = [h["val_accuracy"] for h in best.user_attrs.get("history", [])]
     if recorded and max(recorded) != result.best_val_accuracy:

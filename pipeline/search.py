@@ -14,6 +14,7 @@ it again for the next run, and stops.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -257,10 +258,9 @@ class Objective:
     stop: StopRequest = field(default_factory=StopRequest)
     tracker: StudyRun | None = None
     running: int | None = None  # the number of the trial in progress, for the interrupt handler
-    result: train.TrainResult | None = None  # the last completed trial's result (its best-epoch model)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        self.running, self.result = trial.number, None
+        self.running = trial.number
         params = studies.suggest(self.spec, trial)
         seed = reproducibility.derive_seed(self.spec.seed, trial.number)
         trial.set_user_attr("seed", seed)
@@ -307,9 +307,7 @@ class Objective:
             trial.set_user_attr("fail_reason", "interrupted")
             raise
         except Exception as exc:
-            trial.set_user_attr("fail_reason", type(exc).__name__)
-            trial.set_user_attr("fail_detail", str(exc)[:1000])
-            trial.set_user_attr("traceback", traceback.format_exc()[-8000:])
+            _record_failure(trial, exc)
             raise
         trial.set_user_attr("best_epoch", result.best_epoch)
         trial.set_user_attr("precision", result.precision)
@@ -318,9 +316,32 @@ class Objective:
         trial.set_user_attr("parameter_count", result.parameter_count)
         trial.set_user_attr("flops_per_image", result.flops_per_image)
         trial.set_user_attr("stop_reason", result.stop_reason)
-        self.result = result
         values = studies.objective_values(self.spec, result)
+        if self.tracker is not None and _beats_best(trial.study, values[0]):
+            # Inside the trial, so that a model that cannot be saved (disk full) fails this trial, not the study.
+            try:
+                self.tracker.log_best_model(trial.number, values[0], result.model, self.data, result.precision)
+            except Exception as exc:
+                _record_failure(trial, exc, "the best model could not be logged to MLflow")
+                raise
         return values[0] if single else values
+
+
+def _record_failure(trial: optuna.Trial, exc: BaseException, context: str = "") -> None:
+    """fail_reason (`disk_full` for a full disk or file-size limit), the detail and the traceback."""
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    trial.set_user_attr("fail_reason", "disk_full" if full else type(exc).__name__)
+    trial.set_user_attr("fail_detail", (f"{context}: " if context else "") + str(exc)[:1000])
+    trial.set_user_attr("traceback", traceback.format_exc()[-8000:])
+
+
+def _beats_best(study: optuna.Study, value: float) -> bool:
+    """Would a trial with this (first) objective value become the study's best? Ties keep the earlier one."""
+    best = leading_best(study)
+    if best is None:
+        return True
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return value > best.values[0] if maximize else value < best.values[0]
 
 
 def _parameter_count(params: dict[str, Any], num_classes: int) -> int:
@@ -386,7 +407,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
             ran += 1
             trial = last[0]
             if tracker is not None:
-                _track_trial_end(study, trial, objective.result, tracker, prepared)
+                _track_trial_end(trial, tracker)
             on_trial_end(trial)
             consecutive_failures = consecutive_failures + 1 if trial.state == TrialState.FAIL else 0
             if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
@@ -398,14 +419,10 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
     return SearchOutcome(study, ran, "budget", time.monotonic() - started)
 
 
-def _track_trial_end(study: optuna.Study, trial: optuna.trial.FrozenTrial, result: train.TrainResult | None,
-                     tracker: StudyRun, prepared: data_module.PreparedData) -> None:
-    """Close the trial's child run; log its model if it is the study's new best."""
+def _track_trial_end(trial: optuna.trial.FrozenTrial, tracker: StudyRun) -> None:
+    """Close the trial's child run with its outcome."""
     from pipeline.tracking import TrialOutcome
 
-    best = leading_best(study)
-    if result is not None and best is not None and best.number == trial.number:
-        tracker.log_best_model(trial.number, trial.values[0], result.model, prepared, result.precision)
     attrs = trial.user_attrs
     tracker.end_trial(TrialOutcome(trial.number, trial.state.name, trial.values, attrs.get("fail_reason"),
                                    attrs.get("fail_detail"), attrs.get("traceback")))
