@@ -155,9 +155,17 @@ def _cmd_search(args: argparse.Namespace) -> int:
     client = _tracking_client() if args.tracking else None  # an unreachable store stops us here, before training
     storage = search.make_storage(search.storage_url(args.storage))
     device = train.pick_device(args.device)
-    study = search.open_study(spec, storage, fresh=args.fresh, log=console.print)
+    trackers = []  # the creator of a new study opens its MLflow parent run before other workers can join
+
+    def on_create(new_study) -> None:
+        if client is not None:
+            trackers.append(search.start_tracking(spec, new_study, client, contested=False))
+
+    study = search.open_study(spec, storage, fresh=args.fresh, log=console.print, on_create=on_create)
+    if client is not None and not trackers:
+        trackers.append(search.start_tracking(spec, study, client))
+    tracker = trackers[0] if trackers else None
     prepared = search.prepare_data(spec, args.root, device)
-    tracker = search.start_tracking(spec, study, client) if client is not None else None
     console.print(f"[bold]{study.study_name}[/]: {spec.description or spec.name} | {spec.dataset} "
                   f"{len(prepared.train):,}/{len(prepared.val):,} images, {device}, sampler {spec.sampler}, "
                   f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min")

@@ -41,8 +41,10 @@ if TYPE_CHECKING:  # tracking imports MLflow (seconds); it is loaded only when t
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'studies' / 'optuna.db'}"
-HEARTBEAT_SECONDS = 30  # a RUNNING trial whose process stopped beating for GRACE_SECONDS is failed...
-GRACE_SECONDS = 90
+# A RUNNING trial whose process stopped beating for GRACE_SECONDS is failed... (the environment variables
+# shorten both for the fault tests; a real trial's epochs are far longer).
+HEARTBEAT_SECONDS = int(os.environ.get("PIPELINE_HEARTBEAT_SECONDS", 30))
+GRACE_SECONDS = int(os.environ.get("PIPELINE_GRACE_SECONDS", 90))
 MAX_RETRIES = 2  # ...and retried up to this many times
 MAX_CONSECUTIVE_FAILURES = 3
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -155,37 +157,62 @@ def baseline_params(spec: StudySpec) -> dict[str, Any]:
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: bool = False,
-               log: Callable[[str], None] = print) -> optuna.Study:
-    """Create or resume the study's current version; FRESH starts the next version."""
+               log: Callable[[str], None] = print,
+               on_create: Callable[[optuna.Study], None] = lambda study: None) -> optuna.Study:
+    """Create or resume the study's current version; FRESH starts the next version.
+
+    Safe when several processes start at once: creating a study is atomic in the storage, the loser
+    resumes it, and the creator sets the `fingerprint` attribute last, after queueing the baselines
+    and running `on_create` (which opens the MLflow parent run), so whoever sees the fingerprint sees
+    a fully set-up study.
+    """
     versions = _versions(storage, spec.name)
     version = (versions[-1] + 1 if fresh else versions[-1]) if versions else 1
     name = study_name(spec.name, version)
     pruner = make_pruner(spec)
-    if versions and not fresh:
-        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
-        recorded = study.user_attrs.get("fingerprint")
-        if recorded != spec.fingerprint():
-            what = _changes(study.user_attrs.get("definition", {}), spec.search_definition())
-            raise StudyError(
-                f"studies/{spec.name}.toml changed since study {name!r} started ({what}); "
-                f"run again with FRESH=1 to start {study_name(spec.name, version + 1)!r} (the old study is kept), "
-                "or undo the change to resume"
-            )
-        done = finished_count(study)
-        # Reseeded from the finished count, so a resumed study does not replay its opening suggestions.
-        study.sampler = make_sampler(spec, reproducibility.derive_seed(spec.seed, done))
-        log(f"resuming study {name!r}: {done} of {spec.trials} trials finished")
-    else:
-        study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions,
-                                    sampler=make_sampler(spec, reproducibility.derive_seed(spec.seed, 0)),
-                                    pruner=pruner)
-        study.set_user_attr("fingerprint", spec.fingerprint())
+    if not versions or fresh:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions,
+                                        sampler=make_sampler(spec, reproducibility.derive_seed(spec.seed, 0)),
+                                        pruner=pruner)
+        except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago: join it
+            pass
+        else:
+            study.set_user_attr("definition", spec.search_definition())
+            study.set_user_attr("study_file", spec.name)
+            study.set_user_attr("version", version)
+            log(f"new study {name!r}" + (f" (FRESH=1: earlier versions kept: {versions})" if fresh else ""))
+            _enqueue_new_baselines(spec, study, log)
+            on_create(study)
+            study.set_user_attr("fingerprint", spec.fingerprint())  # last: the study is ready
+            return study
+    study = optuna.load_study(study_name=name, storage=storage, pruner=pruner)
+    recorded = _wait_for_fingerprint(study)
+    if recorded is None:  # its creator stopped before finishing the set-up: finish it
+        log(f"study {name!r} was left half set up by a process that stopped; completing its set-up")
         study.set_user_attr("definition", spec.search_definition())
-        study.set_user_attr("study_file", spec.name)
-        study.set_user_attr("version", version)
-        log(f"new study {name!r}" + (f" (FRESH=1: earlier versions kept: {versions})" if fresh else ""))
+        study.set_user_attr("fingerprint", recorded := spec.fingerprint())
+    if recorded != spec.fingerprint():
+        what = _changes(study.user_attrs.get("definition", {}), spec.search_definition())
+        raise StudyError(
+            f"studies/{spec.name}.toml changed since study {name!r} started ({what}); "
+            f"run again with FRESH=1 to start {study_name(spec.name, version + 1)!r} (the old study is kept), "
+            "or undo the change to resume"
+        )
+    done = finished_count(study)
+    # Reseeded from the finished count, so a resumed study does not replay its opening suggestions.
+    study.sampler = make_sampler(spec, reproducibility.derive_seed(spec.seed, done))
+    log(f"resuming study {name!r}: {done} of {spec.trials} trials finished")
     _enqueue_new_baselines(spec, study, log)
     return study
+
+
+def _wait_for_fingerprint(study: optuna.Study, seconds: float = 30.0) -> str | None:
+    """A study another process is still setting up has no fingerprint yet; give it a moment."""
+    deadline = time.monotonic() + seconds
+    while study.user_attrs.get("fingerprint") is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return study.user_attrs.get("fingerprint")
 
 
 def _enqueue_new_baselines(spec: StudySpec, study: optuna.Study, log: Callable[[str], None]) -> None:
@@ -457,11 +484,15 @@ def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 # Tracking: the study's parent run, its report, the champion
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+PARENT_SETTLE_SECONDS = 1.0
 REPORT_EXCLUDED_COLUMNS = ("user_attrs_history", "user_attrs_traceback", "user_attrs_params")
 
 
-def start_tracking(spec: StudySpec, study: optuna.Study, client: Any) -> StudyRun:
-    """Open (or reopen) the study's parent run; its id lives in the study so every invocation finds it."""
+def start_tracking(spec: StudySpec, study: optuna.Study, client: Any, contested: bool = True) -> StudyRun:
+    """Open (or reopen) the study's parent run; its id lives in the study so every invocation finds it.
+
+    `contested=False` for the study's creator, whom nobody can have raced yet.
+    """
     from pipeline import tracking
 
     recorded = study.user_attrs.get(PARENT_RUN_ATTR)
@@ -469,6 +500,13 @@ def start_tracking(spec: StudySpec, study: optuna.Study, client: Any) -> StudyRu
                                 recorded, spec.description)
     if tracker.parent_run_id != recorded:
         study.set_user_attr(PARENT_RUN_ATTR, tracker.parent_run_id)
+        # The study's creator opens the parent before anyone else can join (see open_study). Otherwise two
+        # processes that both found none may have made one each: the last recorded wins, the other steps aside.
+        if contested:
+            time.sleep(PARENT_SETTLE_SECONDS)
+            final = study.user_attrs[PARENT_RUN_ATTR]  # read from the storage, not cached
+            if final != tracker.parent_run_id:
+                tracker.adopt_parent(final)
     return tracker
 
 

@@ -200,6 +200,11 @@ class StudyRun:
                 "mlflow.note.content": description}
         return self.client.create_run(self.experiment_id, tags=tags).info.run_id
 
+    def adopt_parent(self, run_id: str) -> None:
+        """Another process's parent run won the race: delete ours (it has no children yet) and use theirs."""
+        self.client.delete_run(self.parent_run_id)
+        self.parent_run_id = self._parent(run_id, "")
+
     # ---- trials ------------------------------------------------------------------------------------
 
     def start_trial(self, number: int, params: dict[str, Any], seed: int, data: PreparedData,
