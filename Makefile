@@ -24,7 +24,7 @@ SEARCH_FLAGS += $(if $(filter off 0 no,$(TRACKING)),--no-tracking)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies export-best predict ui test test-slow test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay studies export-best predict ui test test-slow test-faults test-browser lint format bench-data bench-trainer \
         bench-tracking clean
 
 help: ## list the targets
@@ -63,10 +63,13 @@ ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(PORT), opened on STUDY's runs (P
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
-	$(PY) -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser and not faults" $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## run the slow end-to-end checks
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+test-faults: $(STAMP) ## the fault suite: kill -9, signals, full disk, concurrent runs, bad input (README: What survives what)
+	$(PY) -m pytest -m "faults" $(PYTEST_ARGS)
 
 test-browser: $(STAMP) ## drive the MLflow UI in headless Chromium (installs chromium + chromium-driver if missing)
 	@command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }

@@ -18,6 +18,7 @@ directory is removed and the export fails (exit 1). The test split is read here 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -162,8 +163,12 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
     example = test.to_float(test.images[:4])
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(directory / "model.pt2"))
-    torch.save(model.state_dict(), directory / "weights.pt")
+    # Serialised in memory and written by Python: torch's file writer aborts the process on a full disk.
+    for name, save, payload in (("model.pt2", torch.export.save, program), ("weights.pt", torch.save,
+                                                                             model.state_dict())):
+        buffer = io.BytesIO()
+        save(payload, buffer)
+        (directory / name).write_bytes(buffer.getvalue())
     shutil.copy(Path(verify_export.__file__), directory / "verify.py")
 
     params = train.resolve_params(champion.trial.user_attrs["params"])

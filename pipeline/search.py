@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 
 from pipeline import data as data_module
 from pipeline import models, reproducibility, studies, train
+from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.studies import StudyError, StudySpec
 
@@ -80,12 +81,12 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return optuna.storages.RDBStorage(
+        return open_store(lambda: optuna.storages.RDBStorage(
             url,
             heartbeat_interval=HEARTBEAT_SECONDS,
             grace_period=GRACE_SECONDS,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-        )
+        ))
     except Exception as exc:  # bad URL, unreachable server, locked or unwritable file
         raise BadInput(f"Optuna storage {url!r} cannot be opened: {str(exc).splitlines()[0]}; "
                        "check STORAGE (default: sqlite:///studies/optuna.db)") from None

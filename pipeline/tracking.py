@@ -39,6 +39,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline import plots, train
+from pipeline.concurrency import open_store
 from pipeline.data import PreparedData
 from pipeline.errors import BadInput
 
@@ -89,13 +90,17 @@ def connect(uri: str | None = None) -> MlflowClient:
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+
+    def open_() -> MlflowClient:
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # a new SQLite store gets its schema here
+        return client
+
     try:
-        client.search_experiments(max_results=1)
-    except Exception as exc:  # unwritable file, refused connection, wrong credentials
+        return open_store(open_)
+    except Exception as exc:  # unwritable or locked file, refused connection, wrong credentials
         raise BadInput(f"MLflow tracking store {uri} cannot be opened: {str(exc).splitlines()[0][:300]}; "
                        f"{hint}") from None
-    return client
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,6 +132,26 @@ def provenance(data: PreparedData) -> dict[str, str]:
         "optuna_version": importlib.metadata.version("optuna"),
         "mlflow_version": mlflow.__version__,
     }
+
+
+def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
+    """Raise OSError (ENOSPC, EFBIG) now if a model this size cannot be written in these folders.
+
+    torch's zip writer aborts the whole process (a C++ exception in a destructor) when a file write
+    fails, so a full disk must be found before it writes: a probe file of the model's size plus a
+    margin, written and removed with ordinary Python I/O, fails cleanly instead.
+    """
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 11 // 10 + (1 << 20)
+    chunk = bytes(1 << 20)
+    for directory in directories:
+        if directory is None:  # an `mlflow server` stores the artifacts: its disk, its errors
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory) as probe:
+            for _ in range(-(-size // len(chunk))):
+                probe.write(chunk)
+            probe.flush()
+            os.fsync(probe.fileno())
 
 
 def param_value(value: Any) -> str:
@@ -269,6 +294,7 @@ class StudyRun:
                        precision: str) -> str:
         """Log a new best trial's model (pt2) and its validation confusion matrix; return the model URI."""
         run_id = self.children[number]
+        ensure_room(model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
         cpu_model = train.export_ready_copy(model)
         example = data.val.to_float(data.val.images[:INPUT_EXAMPLE_IMAGES]).cpu().numpy()
         with torch.no_grad():

@@ -104,8 +104,7 @@ def test_stratified_split_quotas_add_up_with_remainders():
     split = data.stratified_split(labels, val_size=10, seed=0)
     counts = torch.bincount(labels[split.val_indices]).tolist()
     assert sum(counts) == 10 and max(counts) - min(counts) <= 1
-
-
+@pytest.mark.faults  # README: What survives what
 def test_prepare_refuses_a_corrupt_file_naming_it(tiny_dataset):
     info, root = tiny_dataset
     path = info.raw_dir(root) / datasets.TRAIN_LABELS

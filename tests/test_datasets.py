@@ -44,8 +44,7 @@ def test_present_files_verify(tiny_dataset):
     info, root = tiny_dataset
     assert datasets.land("tiny", root) == "present"
     assert datasets.land("tiny", root, source="present") == "present"
-
-
+@pytest.mark.faults  # README: What survives what
 def test_flipped_byte_names_file_and_both_checksums(tiny_dataset):
     info, root = tiny_dataset
     path = info.raw_dir(root) / datasets.TEST_IMAGES
@@ -60,8 +59,7 @@ def test_flipped_byte_names_file_and_both_checksums(tiny_dataset):
     assert datasets.sha256_bytes(bytes(data)) in message
     # The corrupt file is reported, never silently replaced.
     assert path.read_bytes() == bytes(data)
-
-
+@pytest.mark.faults  # README: What survives what
 def test_cli_exit_code_2_on_corrupt_file(tiny_dataset, capsys):
     info, root = tiny_dataset
     path = info.raw_dir(root) / datasets.TRAIN_LABELS
@@ -79,8 +77,7 @@ def test_cli_lands_and_reports_stats(tiny_dataset, capsys):
     assert "600 train + 200 test" in out
     images = datasets.read_idx(info.raw_dir(root) / datasets.TRAIN_IMAGES).astype(np.float64) / 255
     assert f"mean {images.mean():.4f} std {images.std():.4f}" in out
-
-
+@pytest.mark.faults  # README: What survives what
 def test_missing_file_with_no_source_fails_cleanly(tiny_dataset):
     info, root = tiny_dataset
     (info.raw_dir(root) / datasets.TEST_LABELS).unlink()

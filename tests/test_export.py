@@ -178,8 +178,7 @@ def test_verify_detects_a_corrupted_model_file(use, tmp_path):
     (directory / "model.pt2").write_bytes((directory / "model.pt2").read_bytes()[:5000])  # truncated
     with pytest.raises(export.ExportFailed, match="could not be re-evaluated"):
         export.verify(directory, use.env[2])
-
-
+@pytest.mark.faults  # README: What survives what
 def test_existing_export_needs_force_then_is_replaced(use, tmp_path, capsys):
     exports = tmp_path / "exports"
     shutil.copytree(use.export, exports / "exported")
@@ -200,16 +199,14 @@ def test_without_a_registry_the_best_trial_is_retrained_and_exported(use, tmp_pa
     shared = json.loads((use.export / "metrics.json").read_text())
     retrained = json.loads((tmp_path / "exports" / "exported" / "metrics.json").read_text())
     assert retrained["test_correct"] == shared["test_correct"]  # deterministic training: the same model
-
-
+@pytest.mark.faults  # README: What survives what
 def test_study_without_a_finished_trial_exits_2(env, capsys):
     write_study(env, trials=1, baseline_lr=1e4)  # the only trial diverges: pruned, nothing complete
     assert cli(env, "search") == 0
     assert cli(env, "export") == 2
     assert "has no finished trial to export" in capsys.readouterr().err
     assert not env[3].exists() or list(env[3].iterdir()) == []
-
-
+@pytest.mark.faults  # README: What survives what
 def test_unknown_or_unrun_study_exits_2(env, capsys):
     studies_dir, storage, root, exports = env
     assert main(["export-best", "--study", "nope", "--studies-dir", str(studies_dir), "--storage", storage]) == 2

@@ -95,6 +95,7 @@ BAD = [
 ]
 
 
+@pytest.mark.faults  # README: What survives what
 @pytest.mark.parametrize("label, change, message", BAD, ids=[b[0] for b in BAD])
 def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, change, message):
     old, new = change
@@ -105,8 +106,7 @@ def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, cha
     err = " ".join(capsys.readouterr().err.split())  # undo line wrapping
     assert str(path) in err and message in err
     assert not (tmp_path / "optuna.db").exists()  # refused before the storage was even opened
-
-
+@pytest.mark.faults  # README: What survives what
 def test_unknown_study_lists_the_available_ones(capsys):
     assert main(["search", "--study", "nope"]) == 2
     err = " ".join(capsys.readouterr().err.split())

@@ -1,0 +1,328 @@
+"""Faults that really happen: kill -9, signals, kills during writes, concurrent runs, a full disk, bad images.
+
+Each test does the thing for real (real processes, real signals, real files, real size limits) and asserts
+what survives. `make test-faults` runs these and the other scenarios marked `faults` across the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import resource
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from PIL import Image
+
+from pipeline import search, tracking
+from pipeline.cli import main
+
+pytestmark = pytest.mark.faults
+
+TINY_CLI = str(Path(__file__).parent / "tiny_cli.py")
+STUDY = """
+description = "fault test study"
+dataset = "tiny"
+model = "cnn"
+trials = {trials}
+timeout_minutes = 10
+seed = 11
+sampler = "random"
+pruner = "none"
+epochs = {epochs}
+val_size = 100
+
+[fixed]
+cnn_channels = {channels}
+pool = "every"
+head = "{head}"
+head_units = {head_units}
+batch_size = 50
+precision = "fp32"
+augment = 0.0
+
+[space]
+lr = {{ type = "categorical", choices = [1e-5, 3e-3] }}
+
+[[baseline]]
+lr = 1e-5
+
+[[baseline]]
+lr = 3e-3
+"""
+
+
+def write_study(directory: Path, trials: int = 3, epochs: int = 1, channels: str = "[8, 16]", head: str = "gap",
+                head_units: int = 0) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "faulty.toml").write_text(STUDY.format(trials=trials, epochs=epochs, channels=channels, head=head,
+                                                        head_units=head_units))
+
+
+@pytest.fixture
+def env(tiny_dataset, tmp_path, mlflow_store):
+    _, root = tiny_dataset
+    return tmp_path / "studies", f"sqlite:///{tmp_path}/optuna.db", root
+
+
+def command(env, *args: str) -> list[str]:
+    studies_dir, storage, root = env
+    return [sys.executable, TINY_CLI, str(root), "search", "--study", "faulty", "--studies-dir", str(studies_dir),
+            "--storage", storage, "--root", str(root), "--threads", "1", *args]
+
+
+def load(env) -> optuna.Study:
+    return optuna.load_study(study_name="faulty", storage=env[1])
+
+
+def runs(uri: str) -> list:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("faulty")
+    return list(client.search_runs([experiment.experiment_id], max_results=1000)) if experiment else []
+
+
+def wait_until(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (KeyError, optuna.exceptions.StorageInternalError, sqlite3.OperationalError):
+            pass  # the database is being created or is busy
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def integrity_ok(url: str) -> bool:
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. kill -9 mid-trial, then the same command again
+
+
+def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(env, mlflow_store):
+    write_study(env[0], trials=3, epochs=8)
+    fast_heartbeat = dict(os.environ, PIPELINE_HEARTBEAT_SECONDS="1", PIPELINE_GRACE_SECONDS="3")
+    process = subprocess.Popen(command(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=fast_heartbeat)
+    def running_and_tracked() -> bool:
+        running = [t.number for t in load(env).trials if t.state == TrialState.RUNNING]
+        tracked = {r.data.tags.get("trial_number") for r in runs(mlflow_store) if r.info.status == "RUNNING"}
+        return any(t.state == TrialState.COMPLETE for t in load(env).trials) and any(
+            str(n) in tracked for n in running)
+
+    wait_until(running_and_tracked, "a finished trial and a running one with its MLflow run")
+    process.kill()  # SIGKILL: no handler runs, nothing is closed
+    process.wait()
+    killed = next(t for t in load(env).trials if t.state == TrialState.RUNNING)
+    finished_before = {t.number: t.values for t in load(env).trials if t.state == TrialState.COMPLETE}
+    child = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
+    assert child[str(killed.number)].info.status == "RUNNING"  # as the kill left it
+
+    time.sleep(4)  # past the grace period: the killed trial's heartbeat is stale
+    rerun = subprocess.run(command(env), capture_output=True, text=True, timeout=600, env=fast_heartbeat)
+    assert rerun.returncode == 0, rerun.stderr
+    trials = load(env).trials
+    assert trials[killed.number].state == TrialState.FAIL  # failed by the heartbeat check
+    retried = [t for t in trials if t.number > killed.number and t.params == killed.params
+               and t.state in search.FINISHED]
+    assert retried, "the killed trial's parameters were not run again"
+    assert len([t for t in trials if t.state in search.FINISHED]) >= 3
+    assert {t.number: t.values for t in trials if t.number in finished_before} == finished_before
+    by_trial = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
+    assert by_trial[str(killed.number)].info.status == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in by_trial.values())
+    assert integrity_ok(env[1]) and integrity_ok(mlflow_store)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. kill -9 while checkpoints are being written
+
+
+def test_kill_9_during_checkpoint_writes_never_leaves_a_truncated_checkpoint(tiny_dataset, tmp_path):
+    _, root = tiny_dataset
+    checkpoint = tmp_path / "run.ckpt"
+    # A wide flatten head makes each checkpoint ~10 MB, so kills often land inside a write.
+    train_command = [sys.executable, TINY_CLI, str(root), "train", "--dataset", "tiny", "--root", str(root),
+                     "--model", "cnn", "--set", "cnn_channels=[16,32]", "--set", "head=flatten",
+                     "--set", "head_units=1024", "--set", "epochs=40", "--set", "augment=0.0",
+                     "--val-size", "100", "--threads", "1", "--checkpoint", str(checkpoint)]
+    rng = random.Random(0)
+    kills, epoch = 0, 0
+    for _ in range(6):
+        process = subprocess.Popen(train_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: checkpoint.is_file(), "the first checkpoint", timeout=120)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if process.poll() is None:
+            process.kill()
+            kills += 1
+        process.wait()
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # a whole file, every time
+        assert state["epoch"] >= epoch and len(state["history"]) == state["epoch"]
+        assert state["model"]["0.weight"].shape[0] == 16  # the weights are all there
+        epoch = state["epoch"]
+    assert kills >= 3 and epoch < 40
+    finished = subprocess.run(train_command, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr  # resumes from the last whole checkpoint to the end
+    printed = re.findall(r"^epoch \d+:", finished.stdout, re.MULTILINE)
+    assert 0 < len(printed) <= 40 - epoch  # only the epochs the checkpoint did not have
+    assert "best val accuracy" in finished.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. two searches on the same study at once
+
+
+def test_two_searches_on_one_study_at_once_both_contribute_nothing_lost(env, mlflow_store):
+    write_study(env[0], trials=6, epochs=2)
+    first = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = [p.communicate(timeout=600) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, [err for _, err in outputs]
+    for out, _ in outputs:  # each process ran trials of its own
+        assert " COMPLETE " in out or " PRUNED " in out
+    trials = load(env).trials
+    finished = [t for t in trials if t.state in search.FINISHED]
+    assert 6 <= len(finished) <= 7  # both may start a trial when 5 are done
+    assert len({t.number for t in trials}) == len(trials)
+    baseline_runs = [t for t in trials if t.user_attrs.get("baseline")]
+    assert len(baseline_runs) == 2  # each baseline queued once, not once per process
+    recorded = runs(mlflow_store)
+    parents = [r for r in recorded if tracking.PARENT_TAG not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in recorded if tracking.PARENT_TAG in r.data.tags]
+    assert len(children) == len([t for t in trials if t.state != TrialState.WAITING])
+    assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {parents[0].info.run_id}
+
+
+# --------------------------------------------------------------------------------------------------
+# 10. a full disk (a real file-size limit) while the best model is being logged
+
+
+def limit_file_size(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(env, mlflow_store):
+    # A flatten head of 1024 units: the model is ~3.2 MB, over the 2.5 MB limit; the databases stay under it.
+    write_study(env[0], trials=1, channels="[16, 16]", head="flatten", head_units=1024)
+    assert subprocess.run(command(env), capture_output=True, text=True, timeout=300).returncode == 0
+    first = load(env).trials[0]
+    assert first.state == TrialState.COMPLETE  # the weak baseline, its model logged
+
+    limited = subprocess.run(command(env, "--trials", "2"), capture_output=True, text=True, timeout=300,
+                             preexec_fn=limit_file_size(2_500_000))
+    assert limited.returncode in (0, 1), limited.stderr  # no crash: the study goes on or stops with a reason
+    trials = load(env).trials
+    full = trials[1]  # the strong baseline: a new best whose model does not fit
+    assert full.state == TrialState.FAIL and full.user_attrs["fail_reason"] == "disk_full"
+    assert "File too large" in full.user_attrs["fail_detail"]
+    assert trials[0].state == TrialState.COMPLETE and trials[0].values == first.values
+    by_trial = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
+    assert by_trial["1"].info.status == "FAILED" and by_trial["1"].data.tags["fail_reason"] == "disk_full"
+    assert by_trial["0"].info.status == "FINISHED" and "model_uri" in by_trial["0"].data.tags
+    assert integrity_ok(env[1]) and integrity_ok(mlflow_store)
+
+    resumed = subprocess.run(command(env, "--trials", "3"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr  # space is back: the study completes its budget
+    trials = load(env).trials
+    assert len([t for t in trials if t.state in search.FINISHED]) >= 3
+    best = search.leading_best(load(env))
+    assert "model_uri" in {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}[str(best.number)].data.tags
+
+
+# --------------------------------------------------------------------------------------------------
+# 11. a locked tracking store at start
+
+
+def test_locked_tracking_store_fails_fast_before_training(env, mlflow_store, capsys):
+    write_study(env[0])
+    lock = sqlite3.connect(mlflow_store.removeprefix("sqlite:///"), timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")  # another program holds the database
+    try:
+        started = time.monotonic()
+        studies_dir, storage, root = env
+        code = main(["search", "--study", "faulty", "--studies-dir", str(studies_dir), "--storage", storage,
+                     "--root", str(root)])
+        elapsed = time.monotonic() - started
+    finally:
+        lock.rollback()
+        lock.close()
+    assert code == 2 and elapsed < 60
+    err = " ".join(capsys.readouterr().err.split())
+    assert "MLflow tracking store" in err and "cannot be opened" in err and "locked" in err
+    assert optuna.get_all_study_summaries(storage) == []  # nothing started
+
+
+# --------------------------------------------------------------------------------------------------
+# 13. predict with unreadable, empty, huge or wrong-mode images
+
+
+def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, capsys, monkeypatch):
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
+    program = torch.export.export(model, (torch.zeros(2, 1, 28, 28),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(export_dir / "model.pt2"))
+    (export_dir / "config.json").write_text('{"dataset": "mnist", "mean": 0.13, "std": 0.31, '
+                                            '"classes": ["0","1","2","3","4","5","6","7","8","9"]}')
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[5:23, 12:16] = 255
+    good = {
+        "gray.png": Image.fromarray(digit),
+        "rgba.png": Image.fromarray(np.stack([digit] * 3 + [np.full_like(digit, 255)], axis=-1), "RGBA"),
+        "cmyk.jpg": Image.fromarray(np.stack([digit] * 3, axis=-1)).convert("CMYK"),
+        "palette.png": Image.fromarray(digit).convert("P"),
+        "bilevel.png": Image.fromarray(digit).convert("1"),
+        "sixteen_bit.png": Image.fromarray(digit.astype(np.uint16) * 256),
+        "huge.png": Image.fromarray(np.kron(255 - digit, np.ones((200, 200), dtype=np.uint8))),  # 5600 x 5600
+    }
+    for name, image in good.items():
+        image.save(tmp_path / name)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    truncated = (tmp_path / "gray.png").read_bytes()[:40]
+    (tmp_path / "truncated.png").write_bytes(truncated)
+    bad = ["empty.png", "text.jpg", "truncated.png", "missing.png"]
+    monkeypatch.chdir(tmp_path)  # short relative names keep each table row on one line
+    paths = [*good, *bad]
+
+    assert main(["predict", "--export", str(export_dir), *paths]) == 2
+    out, err = capsys.readouterr()
+    err = " ".join(err.split())
+    for name in bad:
+        assert f"{name}: cannot be read as an image" in err
+    table_rows = [line for line in out.splitlines() if line.startswith("│")]
+    assert len(table_rows) == len(good)  # every readable picture classified
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. a corrupt dataset file, found by the search before anything trains
+
+
+def test_corrupt_dataset_file_stops_the_search_before_training(env, capsys):
+    write_study(env[0])
+    labels = env[2] / "Tiny" / "raw" / "t10k-labels-idx1-ubyte"
+    payload = bytearray(labels.read_bytes())
+    payload[-1] ^= 0xFF  # one flipped byte
+    labels.write_bytes(bytes(payload))
+    studies_dir, storage, root = env
+    assert main(["search", "--study", "faulty", "--studies-dir", str(studies_dir), "--storage", storage,
+                 "--root", str(root)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert str(labels) in err and "SHA-256 mismatch, expected" in err and "make data" in err
+    assert all(t.state == TrialState.WAITING for t in load(env).trials)  # queued baselines only: nothing ran
