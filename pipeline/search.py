@@ -514,9 +514,10 @@ def start_tracking(spec: StudySpec, study: optuna.Study, client: Any, contested:
 def finish_tracking(spec: StudySpec, study: optuna.Study, tracker: StudyRun, status: str = "FINISHED") -> list[str]:
     """End of an invocation: close runs of killed trials, refresh the parent's report, register the best model."""
     trials = study.get_trials(deepcopy=False)
-    live = {t.number for t in trials if t.state == TrialState.RUNNING}
     messages = []
-    closed = tracker.close_orphans(live, {t.number: t.user_attrs.get("fail_reason", "stale") for t in trials})
+    # A trial failed by the heartbeat check has no fail_reason of its own: its process was killed.
+    closed = tracker.close_orphans({t.number: t.user_attrs.get("fail_reason", "stale")
+                                    for t in trials if t.state == TrialState.FAIL})
     if closed:
         messages.append(f"{closed} run(s) left RUNNING by a killed process marked FAILED in MLflow")
     best = leading_best(study)

@@ -267,15 +267,19 @@ class StudyRun:
             self.client.log_metric(run_id, f"objective_{self.metric}", outcome.values[0])
         self.client.set_terminated(run_id, RUN_STATUS.get(outcome.state, "FAILED"))
 
-    def close_orphans(self, live_trials: set[int], reasons: dict[int, str]) -> int:
-        """Fail child runs left RUNNING by a killed process (their trials are no longer running)."""
+    def close_orphans(self, failed: dict[int, str]) -> int:
+        """Close child runs left RUNNING by a killed process: those whose trial Optuna has failed since.
+
+        `failed` maps the study's FAIL trials to their reason. Trials that are running or finished are
+        left alone: their own process is (or was) about to close them.
+        """
         closed = 0
         for run in self._children("attributes.status = 'RUNNING'"):
             number = int(run.data.tags.get("trial_number", -1))
-            if number in live_trials or number in self.children.keys():
+            if number not in failed or number in self.children:
                 continue
-            self.client.set_tag(run.info.run_id, "optuna_state", "FAIL")
-            self.client.set_tag(run.info.run_id, "fail_reason", reasons.get(number, "stale"))
+            self.client.log_batch(run.info.run_id, tags=[RunTag("optuna_state", "FAIL"),
+                                                         RunTag("fail_reason", failed[number])])
             self.client.set_terminated(run.info.run_id, "FAILED")
             closed += 1
         return closed

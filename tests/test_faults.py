@@ -142,6 +142,7 @@ def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(env, mlflow_sto
     assert {t.number: t.values for t in trials if t.number in finished_before} == finished_before
     by_trial = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
     assert by_trial[str(killed.number)].info.status == "FAILED"
+    assert by_trial[str(killed.number)].data.tags["fail_reason"] == "stale"  # failed by the heartbeat check
     assert all(r.info.status != "RUNNING" for r in by_trial.values())
     assert integrity_ok(env[1]) and integrity_ok(mlflow_store)
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,9 +15,10 @@ import mlflow
 import optuna
 import pytest
 import requests
+import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from ui_process import free_port, start_ui, stop_ui
+from ui_process import free_port, start_ui, stop_ui, wait_for_health
 
 from pipeline import data, tracking, train
 from pipeline.cli import main
@@ -262,3 +267,26 @@ def test_ui_for_a_study_never_tracked_exits_2(env, capsys):
     assert main(["ui", "--study", "tracked", "--studies-dir", str(studies_dir), "--storage", storage]) == 2
     assert "has no MLflow experiment" in capsys.readouterr().err
 
+
+
+def test_search_tracks_to_an_mlflow_server_over_http(env, tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=http://...: runs, artifacts (proxied by the server) and the registry, over HTTP."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_health(port)
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        write_study(env[0], trials=2)
+        assert run_cli(env, "search") == 0
+        parents, children = runs_of(MlflowClient(uri), "tracked")
+        assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
+        assert any((tmp_path / "server-artifacts").rglob("model.pt2"))  # the server stored the best model
+        model = mlflow.pytorch.load_model("models:/tracked@champion")  # downloaded through the server
+        assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -28,15 +28,24 @@ def start_ui(env, study: str, port: int) -> tuple[subprocess.Popen, str]:
                                env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="300"))
     line = process.stdout.readline()
     url = next(word for word in line.split() if word.startswith("http://"))
-    deadline = time.monotonic() + 90
+    try:
+        wait_for_health(port)
+    except AssertionError:
+        process.kill()
+        raise
+    return process, url
+
+
+def wait_for_health(port: int, timeout: float = 90) -> None:
+    """Until an MLflow server on 127.0.0.1:port answers /health."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
-                return process, url
+                return
         except requests.ConnectionError:
             time.sleep(0.5)
-    process.kill()
-    raise AssertionError("the MLflow UI did not come up within 90 s")
+    raise AssertionError(f"the MLflow server on port {port} did not come up within {timeout:.0f} s")
 
 
 def stop_ui(process: subprocess.Popen, port: int) -> None:
