@@ -202,13 +202,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
         with progress:
             outcome = search.run(spec, study, prepared, events, on_trial_end, threads=args.threads, tracker=tracker)
     except search.Interrupted as exc:
-        _finish_tracking(spec, study, tracker, "KILLED")
         err_console.print(f"[yellow]{exc} received: the running trial is recorded as FAIL (interrupted) and "
                           f"queued again; finished trials are saved. Resume with: {resume}")
+        _finish_tracking(spec, study, tracker, "KILLED")
         return 128 + exc.signal_number
     except search.TooManyFailures as exc:
-        _finish_tracking(spec, study, tracker, "FAILED")
         err_console.print(f"[red]study stopped:[/] {escape(str(exc))}")
+        _finish_tracking(spec, study, tracker, "FAILED")
         return 1
 
     finished = search.finished_count(study)
@@ -253,7 +253,14 @@ def _finish_tracking(spec, study, tracker, status: str) -> None:
 
     if tracker is None:
         return
-    for line in search.finish_tracking(spec, study, tracker, status):
+    try:
+        lines = search.finish_tracking(spec, study, tracker, status)
+    except Exception as exc:  # the study itself is safe in Optuna; the next run refreshes the report
+        err_console.print(f"[yellow]warning:[/] MLflow could not record the end of this run ({type(exc).__name__}: "
+                          f"{escape(str(exc).splitlines()[0][:200])}); the trials are saved in Optuna and the "
+                          "next run brings MLflow up to date")
+        return
+    for line in lines:
         console.print(escape(line))
     console.print(f"MLflow: `make ui STUDY={spec.name}` shows the study's runs (experiment {study.study_name!r})")
 
@@ -286,9 +293,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(args.port), "--workers", "1",
                "--artifacts-destination", str(tracking.artifact_root(uri))]
-    # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us.
-    server = subprocess.Popen(command, start_new_session=True)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us (Ctrl-C,
+    # SIGTERM, a closed terminal); if we are killed outright, the kernel tells the server (Linux).
+    server = subprocess.Popen(command, start_new_session=True, preexec_fn=_stop_with_parent)
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _raise_keyboard_interrupt)
     try:
         return server.wait()
     except KeyboardInterrupt:
@@ -299,6 +308,14 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
 def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal_number)
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM it when its parent dies (prctl PR_SET_PDEATHSIG, Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _cmd_export_best(args: argparse.Namespace) -> int:

@@ -76,6 +76,11 @@ def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client:
         version = tracking.champion(client, spec.name)
         if version is not None:
             trial, definition = search.load_trial(storage, version.study_name, version.trial_number)
+            if not version.matches(train.resolve_params(trial.user_attrs["params"]), trial.user_attrs["seed"]):
+                raise BadInput(f"the registered champion of {spec.name!r} (version {version.version}) was trained by "
+                               f"trial {version.trial_number} of {version.study_name!r}, but that trial in the Optuna "
+                               "storage has other params or seed (was the storage replaced?); point STORAGE at the "
+                               "original one, or pass --no-tracking to export the study's own best trial")
             model = _build(trial.user_attrs["params"], definition, root)
             model.load_state_dict(tracking.load_state_dict(version.model_uri))
             return Champion(version.study_name, trial, definition, model.eval(),
@@ -88,7 +93,8 @@ def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client:
     definition = study.user_attrs.get("definition", {})
     log(f"no registered champion for {spec.name!r}: retraining trial {best.number} of {study.study_name!r} "
         "from its recorded params and seed")
-    prepared = _prepared(definition, root)
+    prepared = _prepared(definition, root, train.pick_device())
+
     def progress(m: train.EpochMetrics) -> None:
         log(f"  epoch {m.epoch}: val_accuracy {m.val_accuracy:.4f} ({m.epoch_seconds:.0f} s)")
 
@@ -102,8 +108,8 @@ def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client:
                     f"trial {best.number} retrained from its recorded params and seed (no registry entry)", [])
 
 
-def _prepared(definition: dict[str, Any], root: Path) -> data.PreparedData:
-    return data.prepare(definition["dataset"], root, "cpu", val_size=definition.get("val_size", 5000),
+def _prepared(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu") -> data.PreparedData:
+    return data.prepare(definition["dataset"], root, device, val_size=definition.get("val_size", 5000),
                         train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"))
 
 
@@ -135,21 +141,31 @@ def export_best(spec: studies.StudySpec, storage_url: str, root: Path = datasets
         if verified["correct"] != metrics["test_correct"] or verified["project_code_loaded"]:
             raise ExportFailed(f"a fresh process scored model.pt2 {verified['correct']}/{verified['total']} on the "
                                f"test split, metrics.json says {metrics['test_correct']}/{metrics['test_images']}")
+        _move_into_place(partial, destination, force)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if destination.exists():
-        previous = out_dir / f".{spec.name}.replaced-{os.getpid()}"
-        destination.rename(previous)
-        partial.rename(destination)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(destination)
     if client is not None and champion.run_ids:
         from pipeline import tracking
 
         tracking.log_test_metrics(client, champion.run_ids, {"test_accuracy": metrics["test_accuracy"]})
     return destination
+
+
+def _move_into_place(partial: Path, destination: Path, force: bool) -> None:
+    """Rename the verified export into place; with `force`, the previous one goes only once the new one is there."""
+    if not destination.exists():
+        try:
+            partial.rename(destination)
+            return
+        except OSError:  # it appeared meanwhile (another export): treat it as existing
+            pass
+    if not force:
+        raise BadInput(f"{destination} already exists; pass FORCE=1 (make export-best) or --force to replace it")
+    previous = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
+    destination.rename(previous)
+    partial.rename(destination)
+    shutil.rmtree(previous)
 
 
 def write_export(champion: Champion, spec: studies.StudySpec, root: Path, directory: Path,
@@ -256,10 +272,10 @@ def _git_commit() -> str:
 
 
 def verify(directory: Path, root: Path = datasets.DEFAULT_ROOT) -> dict[str, Any]:
-    """Run the export's verify.py in a fresh, isolated process; returns its result."""
+    """Run the export's verify.py in a fresh process; returns its result (which says if project code loaded)."""
     config = json.loads((directory / "config.json").read_text())
     raw = datasets.dataset_info(config["dataset"]).raw_dir(root)
-    command = [sys.executable, "-I", str(directory / "verify.py"), "--export", str(directory),
+    command = [sys.executable, str(directory / "verify.py"), "--export", str(directory),
                "--images", str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=directory, timeout=600)
     if done.returncode != 0:
@@ -383,7 +399,7 @@ def predict(export_dir: Path, paths: list[Path], top_k: int = 3) -> tuple[list[P
             with Image.open(path) as image:
                 images.append(to_dataset_image(image, config["dataset"]))
             readable.append(path)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             errors.append(f"{path}: cannot be read as an image ({type(exc).__name__}: {exc}); skipped")
     if not images:
         return [], errors

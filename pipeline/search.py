@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -269,6 +270,7 @@ class TrialEvents:
     on_trial_start: Callable[[int, dict[str, Any]], None] = lambda number, params: None
     on_epoch: Callable[[int, train.EpochMetrics], None] = lambda number, metrics: None
     on_batch: Callable[[int, int], None] | None = None
+    on_warning: Callable[[str], None] = lambda message: print(message, file=sys.stderr)
 
 
 def history_record(metrics: train.EpochMetrics) -> dict[str, float]:
@@ -295,8 +297,12 @@ class Objective:
         trial.set_user_attr("params", params)
         self.events.on_trial_start(trial.number, params)
         if self.tracker is not None:
-            self.tracker.start_trial(trial.number, train.resolve_params(params), seed, self.data,
-                                     _parameter_count(params, len(self.data.classes)))
+            try:
+                self.tracker.start_trial(trial.number, train.resolve_params(params), seed, self.data,
+                                         _parameter_count(params, len(self.data.classes)))
+            except Exception as exc:
+                _record_failure(trial, exc, "MLflow could not open the trial's run")
+                raise
         history: list[dict[str, float]] = []
         single = len(self.spec.objectives) == 1
 
@@ -427,7 +433,10 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
                                callbacks=[lambda _study, trial: last.append(trial)])
             except Interrupted:
                 if tracker is not None:
-                    tracker.abort_running("interrupted")
+                    try:
+                        tracker.abort_running("interrupted")
+                    except Exception as exc:
+                        events.on_warning(f"MLflow could not close the interrupted trial's run ({exc})")
                 if objective.running is not None:
                     _requeue(study, objective.running)
                 raise
@@ -435,7 +444,11 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
             ran += 1
             trial = last[0]
             if tracker is not None:
-                _track_trial_end(trial, tracker)
+                try:
+                    _track_trial_end(trial, tracker)
+                except Exception as exc:  # the trial is safe in Optuna; MLflow is told at the end of the run
+                    events.on_warning(f"MLflow could not record the end of trial {trial.number} "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the search goes on")
             on_trial_end(trial)
             consecutive_failures = consecutive_failures + 1 if trial.state == TrialState.FAIL else 0
             if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
@@ -457,7 +470,7 @@ def _track_trial_end(trial: optuna.trial.FrozenTrial, tracker: StudyRun) -> None
 
 
 def leading_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The complete trial best on the study's first objective (the earliest on ties): the champion candidate.
+    """The complete trial best on the study's first objective (the first completed on ties): the champion.
 
     For one objective this is Optuna's best trial; for several it picks one point of the Pareto front.
     """
@@ -465,7 +478,8 @@ def leading_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     if not complete:
         return None
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return min(complete, key=lambda t: (sign * t.values[0], t.number))
+    # On ties the first to complete wins, as in _beats_best: with several workers that need not be the lowest number.
+    return min(complete, key=lambda t: (sign * t.values[0], t.datetime_complete, t.number))
 
 
 def _requeue(study: optuna.Study, number: int) -> None:
@@ -527,8 +541,13 @@ def finish_tracking(spec: StudySpec, study: optuna.Study, tracker: StudyRun, sta
         tracker.finish(Path(tmp), best.number if best else None, best.values[0] if best else None, counts, status)
     messages.extend(f"report: {line}" for line in skipped)
     if best is not None:
-        messages.append(tracker.register_champion(best.number, best.values[0]))
+        messages.append(tracker.register_champion(best.number, best.values[0], evaluation_set(spec)))
     return messages
+
+
+def evaluation_set(spec: StudySpec) -> str:
+    """What a validation score was measured on: scores of different sets are not compared for the champion."""
+    return f"{spec.dataset}/val_size={spec.val_size}/val_limit={spec.val_limit}"
 
 
 def write_report(spec: StudySpec, study: optuna.Study, directory: Path) -> list[str]:

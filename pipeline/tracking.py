@@ -60,6 +60,8 @@ INPUT_EXAMPLE_IMAGES = 4  # > 1, so torch.export keeps the batch dimension dynam
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# A server that stops answering costs 2 + 4 + 8 s per call before the error surfaces, not MLflow's ~4 minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 
 
 def tracking_uri() -> str:
@@ -81,9 +83,12 @@ def connect(uri: str | None = None) -> MlflowClient:
     uri = uri or tracking_uri()
     hint = "check MLFLOW_TRACKING_URI (unset it to use the local store mlruns/mlflow.db)"
     if uri.startswith(("http://", "https://")):
-        try:  # one quick probe: the client itself would retry for minutes before giving up
-            response = requests.get(f"{uri.rstrip('/')}/health", timeout=5)
-            response.raise_for_status()
+        # One quick probe (the client itself would retry for minutes). Any HTTP answer means reachable:
+        # credentials and the like are the real client's to check, and it reports them.
+        insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+        verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or not insecure
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=5, verify=verify)
         except requests.RequestException as exc:
             raise BadInput(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
                            f"start it (make server) or {hint}") from None
@@ -317,11 +322,15 @@ class StudyRun:
                                    title=f"{self.study_name} trial {number}: validation")
             self.client.log_artifact(run_id, str(path))
         self.client.set_tag(run_id, "model_uri", info.model_uri)
-        self.client.log_metric(self.parent_run_id, f"best_{self.metric}", value, step=number)
+        self.client.log_metric(self.parent_run_id, f"best_{self.metric}_so_far", value, step=number)
         return info.model_uri
 
-    def register_champion(self, number: int, value: float) -> str:
-        """Register trial `number`'s logged model as `<model_name>`; move `champion` to it if it is better."""
+    def register_champion(self, number: int, value: float, evaluation_set: str) -> str:
+        """Register trial `number`'s logged model as `<model_name>`; move `champion` to it if it is better.
+
+        Better means a better objective on the same evaluation set (dataset and validation split); a
+        champion measured on another set, or by another objective, is replaced by the newer study's best.
+        """
         run = self.child_of_trial(number)
         model_uri = run.data.tags.get("model_uri") if run else None
         if model_uri is None:
@@ -331,7 +340,7 @@ class StudyRun:
             version = existing[0]
         else:
             tags = {"study": self.study_name, "trial_number": str(number), "objective": self.metric,
-                    "direction": self.direction, "objective_value": repr(value)}
+                    "direction": self.direction, "objective_value": repr(value), "evaluation_set": evaluation_set}
             with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own two lines; ours says more
                 version = mlflow.register_model(model_uri, self.model_name, tags=tags)
         try:
@@ -340,7 +349,8 @@ class StudyRun:
             current = None
         if current is not None and current.version == version.version:
             return f"model {self.model_name!r} version {version.version} (trial {number}) is already the {CHAMPION}"
-        comparable = current is not None and current.tags.get("objective") == self.metric
+        comparable = (current is not None and current.tags.get("objective") == self.metric
+                      and current.tags.get("evaluation_set") == evaluation_set)
         if comparable and not _is_better(value, float(current.tags["objective_value"]), self.direction):
             return (f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) registered; "
                     f"{CHAMPION} stays on version {current.version} ({float(current.tags['objective_value']):.4f})")
@@ -398,6 +408,12 @@ class ChampionVersion:
     run_id: str
     parent_run_id: str | None
     model_uri: str
+    run_params: dict[str, str]  # as logged by the trial's run: what the weights were trained with
+
+    def matches(self, params: dict[str, Any], seed: int) -> bool:
+        """Were these weights trained by a trial with these (resolved) params and seed?"""
+        logged = {k: param_value(v) for k, v in params.items()} | {"trial_seed": str(seed)}
+        return all(self.run_params.get(k) == v for k, v in logged.items())
 
 
 def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:
@@ -407,7 +423,8 @@ def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:
         return None
     run = client.get_run(version.run_id)
     return ChampionVersion(model_name, version.version, version.tags["study"], int(version.tags["trial_number"]),
-                           version.run_id, run.data.tags.get(PARENT_TAG), f"models:/{model_name}/{version.version}")
+                           version.run_id, run.data.tags.get(PARENT_TAG), f"models:/{model_name}/{version.version}",
+                           dict(run.data.params))
 
 
 def load_state_dict(model_uri: str) -> dict[str, torch.Tensor]:

@@ -199,6 +199,19 @@ def test_without_a_registry_the_best_trial_is_retrained_and_exported(use, tmp_pa
     shared = json.loads((use.export / "metrics.json").read_text())
     retrained = json.loads((tmp_path / "exports" / "exported" / "metrics.json").read_text())
     assert retrained["test_correct"] == shared["test_correct"]  # deterministic training: the same model
+def test_champion_from_another_optuna_storage_is_refused(use, tmp_path, capsys):
+    """The registry's champion must match the trial the storage holds under its name and number."""
+    studies_dir = tmp_path / "studies"
+    studies_dir.mkdir()
+    other = (studies_dir, f"sqlite:///{tmp_path}/other.db", use.env[2], tmp_path / "exports")
+    write_study(other, baseline_lr=5e-3)  # same study name, trial 0 with another learning rate
+    assert cli(other, "search", "--no-tracking") == 0
+    assert cli(other, "export") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has other params or seed (was the storage replaced?)" in err
+    assert not (tmp_path / "exports" / "exported").exists()
+
+
 @pytest.mark.faults  # README: What survives what
 def test_study_without_a_finished_trial_exits_2(env, capsys):
     write_study(env, trials=1, baseline_lr=1e4)  # the only trial diverges: pruned, nothing complete

@@ -294,11 +294,12 @@ def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, ca
     }
     for name, image in good.items():
         image.save(tmp_path / name)
+    Image.new("1", (14_000, 14_000)).save(tmp_path / "bomb.png")  # 196 megapixels: Pillow's bomb guard refuses it
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
     truncated = (tmp_path / "gray.png").read_bytes()[:40]
     (tmp_path / "truncated.png").write_bytes(truncated)
-    bad = ["empty.png", "text.jpg", "truncated.png", "missing.png"]
+    bad = ["bomb.png", "empty.png", "text.jpg", "truncated.png", "missing.png"]
     monkeypatch.chdir(tmp_path)  # short relative names keep each table row on one line
     paths = [*good, *bad]
 

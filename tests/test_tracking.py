@@ -219,6 +219,14 @@ def test_champion_alias_moves_only_to_a_better_model(env, mlflow_store):
     assert run_cli(env, "search", "--fresh") == 0
     champion = client.get_model_version_by_alias("tracked", "champion")
     assert champion.version != first.version and champion.tags["study"] == "tracked-v3"
+
+    # Scores on another validation split are not comparable: the newer study's best takes over.
+    client.set_model_version_tag("tracked", champion.version, "objective_value", "1.5")
+    path = env[0] / "tracked.toml"
+    path.write_text(path.read_text().replace("val_size = 100", "val_size = 150"))
+    assert run_cli(env, "search", "--fresh") == 0
+    moved = client.get_model_version_by_alias("tracked", "champion")
+    assert moved.tags["study"] == "tracked-v4" and "val_size=150" in moved.tags["evaluation_set"]
 @pytest.mark.faults  # README: What survives what
 def test_unreachable_tracking_server_fails_fast_before_training(env, monkeypatch, capsys):
     write_study(env[0], trials=2)
