@@ -10,6 +10,7 @@ import os
 import random
 import re
 import resource
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -328,3 +329,52 @@ def test_corrupt_dataset_file_stops_the_search_before_training(env, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert str(labels) in err and "SHA-256 mismatch, expected" in err and "make data" in err
     assert all(t.state == TrialState.WAITING for t in load(env).trials)  # queued baselines only: nothing ran
+
+
+# --------------------------------------------------------------------------------------------------
+# 11b. the tracking server dies in the middle of a search, then comes back
+
+
+def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(env, tmp_path):
+    from ui_process import free_port, wait_for_health
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                      f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts"),
+                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+    def start_server() -> subprocess.Popen:
+        server = subprocess.Popen(server_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        wait_for_health(port)
+        return server
+
+    write_study(env[0], trials=4, epochs=4)
+    quick_failures = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    server = start_server()
+    process = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=quick_failures)
+    wait_until(lambda: any(t.state == TrialState.COMPLETE for t in load(env).trials), "a finished trial")
+    os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-trial
+    server.wait()
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 1, err
+    err = " ".join(err.split())
+    assert "study stopped: 3 trials failed in a row" in err  # the reason comes first...
+    assert "MLflow could not record the end of this run" in err  # ...then the tracking warning
+    trials = load(env).trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 3 and all(t.user_attrs.get("fail_reason") for t in failed)
+    assert trials[0].state == TrialState.COMPLETE  # what finished before is intact
+
+    server = start_server()  # the same database: the server is back
+    try:
+        rerun = subprocess.run(command(env), capture_output=True, text=True, timeout=600, env=quick_failures)
+        assert rerun.returncode == 0, rerun.stderr
+        assert len([t for t in load(env).trials if t.state in search.FINISHED]) >= 4
+        statuses = [r.info.status for r in runs(uri)]
+        assert "RUNNING" not in statuses  # the run cut off with the server was closed as FAILED
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
