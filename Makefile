@@ -24,7 +24,7 @@ SEARCH_FLAGS += $(if $(filter off 0 no,$(TRACKING)),--no-tracking)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies export-best predict ui test test-slow test-faults test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay studies export-best predict server ui test test-slow test-faults test-browser lint format bench-data bench-trainer \
         bench-tracking clean
 
 help: ## list the targets
@@ -58,6 +58,10 @@ export-best: $(STAMP) ## champion of STUDY -> exports/STUDY/, verified by a fres
 
 predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="a.png b.jpg"
 	$(PY) -m pipeline predict --export "$(EXPORT)" $(IMAGES)
+
+server: $(STAMP) ## MLflow tracking server for other hosts: [HOST=0.0.0.0] [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir]
+	$(PY) -m pipeline server --host $(or $(HOST),0.0.0.0) --port $(PORT) $(if $(BACKEND),--backend $(BACKEND)) \
+		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(PORT), opened on STUDY's runs (PORT=5000)
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))

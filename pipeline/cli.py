@@ -266,9 +266,6 @@ def _finish_tracking(spec, study, tracker, status: str) -> None:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    import socket
-    import subprocess
-
     from pipeline import search, studies, tracking
 
     uri = tracking.tracking_uri()
@@ -285,14 +282,35 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     if tracking.artifact_root(uri) is None:  # an `mlflow server` already serves its own UI
         console.print(f"MLflow UI: {uri.rstrip('/')}/{page}")
         return 0
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
-            raise BadInput(f"port {args.port} on 127.0.0.1 is already in use; pick another with PORT=5001 "
-                           "(make ui) or --port")
     console.print(f"MLflow UI on {uri}: open http://127.0.0.1:{args.port}/{page}  (Ctrl-C stops it)")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(args.port), "--workers", "1",
-               "--artifacts-destination", str(tracking.artifact_root(uri))]
+    return _serve_mlflow(uri, "127.0.0.1", args.port, tracking.artifact_root(uri), "make ui")
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    backend = args.backend or tracking.tracking_uri()
+    if tracking.artifact_root(backend) is None:
+        raise BadInput(f"--backend {backend}: expected a database URI (sqlite:///..., postgresql://...), "
+                       "not another server")
+    tracking.connect(backend)  # creates the schema now, and fails here with one line if it cannot
+    artifacts = args.artifacts or tracking.artifact_root(backend)
+    shown = "<this host>" if args.host == "0.0.0.0" else args.host
+    console.print(f"MLflow tracking server on {args.host}:{args.port} (backend {backend}, artifacts {artifacts}); "
+                  f"point searches at it with MLFLOW_TRACKING_URI=http://{shown}:{args.port}  (Ctrl-C stops it)")
+    return _serve_mlflow(backend, args.host, args.port, artifacts, "make server")
+
+
+def _serve_mlflow(backend: str, host: str, port: int, artifacts: Path, target: str) -> int:
+    """Run `mlflow server` until Ctrl-C, SIGTERM or a closed terminal; artifacts are proxied by the server."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise BadInput(f"port {port} is already in use; pick another with PORT=5001 ({target}) or --port")
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--host", host,
+               "--port", str(port), "--workers", "1", "--artifacts-destination", str(artifacts)]
     # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us (Ctrl-C,
     # SIGTERM, a closed terminal); if we are killed outright, the kernel tells the server (Linux).
     server = subprocess.Popen(command, start_new_session=True, preexec_fn=_stop_with_parent)
@@ -506,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies-dir", type=Path, default=Path(__file__).resolve().parents[1] / "studies",
                    help=argparse.SUPPRESS)
     p.set_defaults(run=_cmd_ui)
+
+    p = commands.add_parser("server", help="an MLflow tracking server that searches on other hosts can log to")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend", default=None,
+                   help="database URI (default: $MLFLOW_TRACKING_URI or sqlite mlruns/mlflow.db), e.g. postgresql://...")
+    p.add_argument("--artifacts", type=Path, default=None, help="where the server keeps artifacts "
+                   "(default: mlruns/artifacts, or beside the SQLite file)")
+    p.set_defaults(run=_cmd_server)
 
     p = commands.add_parser("studies", help="list the studies with trials done, best value and state")
     p.add_argument("--storage", default=None)

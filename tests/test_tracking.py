@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -277,13 +276,13 @@ def test_ui_for_a_study_never_tracked_exits_2(env, capsys):
 
 
 
-def test_search_tracks_to_an_mlflow_server_over_http(env, tmp_path, monkeypatch):
-    """MLFLOW_TRACKING_URI=http://...: runs, artifacts (proxied by the server) and the registry, over HTTP."""
+def test_search_tracks_to_make_server_over_http(env, tmp_path, monkeypatch):
+    """`make server` + MLFLOW_TRACKING_URI=http://...: runs, artifacts (proxied) and the registry over HTTP."""
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(  # `make server`, on loopback
+        [sys.executable, "-m", "pipeline", "server", "--host", "127.0.0.1", "--port", str(port), "--backend",
+         f"sqlite:///{tmp_path}/server.db", "--artifacts", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_health(port)
         uri = f"http://127.0.0.1:{port}"
@@ -296,5 +295,7 @@ def test_search_tracks_to_an_mlflow_server_over_http(env, tmp_path, monkeypatch)
         model = mlflow.pytorch.load_model("models:/tracked@champion")  # downloaded through the server
         assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)  # it stops its mlflow server with it
         server.wait(timeout=30)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
