@@ -63,7 +63,7 @@ server: $(STAMP) ## MLflow tracking server for other hosts: [HOST=0.0.0.0] [PORT
 	$(PY) -m pipeline server --host $(or $(HOST),0.0.0.0) --port $(PORT) $(if $(BACKEND),--backend $(BACKEND)) \
 		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
-ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(PORT), opened on STUDY's runs (PORT=5000)
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT=5001]
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
