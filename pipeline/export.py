@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import data, datasets, models, plots, search, studies, train, verify_export
+from pipeline import data, datasets, models, plots, reproducibility, search, studies, train, verify_export
 from pipeline.errors import BadInput
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
         "trial_number": champion.trial.number,
         "trial_seed": champion.trial.user_attrs["seed"],
         "source": champion.source,
-        "git_commit": _git_commit(),
+        "git_commit": reproducibility.git_commit(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "evaluation": {"threads": threads, "batch_size": EVAL_BATCH},
     }
@@ -261,14 +261,6 @@ def _speed(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]
             model(many)
         throughput = THROUGHPUT_BATCH * THROUGHPUT_RUNS / (time.perf_counter() - started)
     return statistics.median(timings), throughput
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def verify(directory: Path, root: Path = datasets.DEFAULT_ROOT) -> dict[str, Any]:

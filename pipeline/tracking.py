@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from pipeline import plots, train
+from pipeline import plots, reproducibility, train
 from pipeline.concurrency import open_store
 from pipeline.data import PreparedData
 from pipeline.errors import BadInput
@@ -112,18 +111,6 @@ def connect(uri: str | None = None) -> MlflowClient:
 # Provenance logged with every trial
 
 
-def git_commit() -> str:
-    """The project's commit, `+dirty` when tracked files have uncommitted changes; `unknown` outside git."""
-    try:
-        commit = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
 def provenance(data: PreparedData) -> dict[str, str]:
     """What every trial's run records besides its hyperparameters: data identity, code and versions."""
     return {
@@ -132,7 +119,7 @@ def provenance(data: PreparedData) -> dict[str, str]:
         "split_hash": data.split_hash,
         "train_images": str(len(data.train)),
         "val_images": str(len(data.val)),
-        "git_commit": git_commit(),
+        "git_commit": reproducibility.git_commit(),
         "torch_version": torch.__version__,
         "optuna_version": importlib.metadata.version("optuna"),
         "mlflow_version": mlflow.__version__,
