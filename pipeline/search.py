@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -79,6 +80,11 @@ def storage_url(override: str | None = None) -> str:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///..., postgresql://...) with heartbeats, or a `.journal` file for local workers."""
+    if url.endswith(".journal"):  # Optuna's journal file: safe for several processes on one host
+        path = Path(url.removeprefix("journal://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -90,7 +96,7 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         ))
     except Exception as exc:  # bad URL, unreachable server, locked or unwritable file
         raise BadInput(f"Optuna storage {url!r} cannot be opened: {str(exc).splitlines()[0]}; "
-                       "check STORAGE (default: sqlite:///studies/optuna.db)") from None
+                       "check STORAGE (default: sqlite:///studies/optuna.db, or a path ending in .journal)") from None
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -295,6 +301,7 @@ class Objective:
         seed = reproducibility.derive_seed(self.spec.seed, trial.number)
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("params", params)
+        trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": os.getpid()})  # for the stale sweep
         self.events.on_trial_start(trial.number, params)
         if self.tracker is not None:
             try:
@@ -425,6 +432,8 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
     with stop.installed():
         while finished_count(study) < spec.trials:
             stop.check()
+            for number in fail_dead_owners(study):
+                events.on_warning(f"trial {number} was left RUNNING by a process that died: failed and queued again")
             if time.monotonic() >= deadline:
                 return SearchOutcome(study, ran, "timeout", time.monotonic() - started)
             last.clear()
@@ -480,6 +489,40 @@ def leading_best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     # On ties the first to complete wins, as in _beats_best: with several workers that need not be the lowest number.
     return min(complete, key=lambda t: (sign * t.values[0], t.datetime_complete, t.number))
+
+
+def fail_dead_owners(study: optuna.Study) -> list[int]:
+    """Fail (and queue again) RUNNING trials whose process, on this host, no longer exists.
+
+    The journal storage has no heartbeat, and on an RDB storage this spares the 90 s grace period when
+    the dead worker ran here. Another host's trials are left to the heartbeat. Returns the trials failed.
+    """
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("owner") or {}
+        if owner.get("host") != host or owner.get("pid") in (None, os.getpid()) or _alive(owner["pid"]):
+            continue
+        storage = study._storage  # Optuna has no public way to fail another process's trial
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "stale")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            continue  # another worker swept it first
+        retries = trial.user_attrs.get("retries", 0)
+        if retries < MAX_RETRIES:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+        failed.append(trial.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _requeue(study: optuna.Study, number: int) -> None:
