@@ -570,13 +570,18 @@ def start_tracking(spec: StudySpec, study: optuna.Study, client: Any, contested:
 
 def finish_tracking(spec: StudySpec, study: optuna.Study, tracker: StudyRun, status: str = "FINISHED") -> list[str]:
     """End of an invocation: close runs of killed trials, refresh the parent's report, register the best model."""
+    from pipeline.tracking import TrialOutcome
+
     trials = study.get_trials(deepcopy=False)
     messages = []
     # A trial failed by the heartbeat check has no fail_reason of its own: its process was killed.
-    closed = tracker.close_orphans({t.number: t.user_attrs.get("fail_reason", "stale")
-                                    for t in trials if t.state == TrialState.FAIL})
+    ended = {t.number: TrialOutcome(t.number, t.state.name, t.values,
+                                    t.user_attrs.get("fail_reason", "stale" if t.state == TrialState.FAIL else None))
+             for t in trials if t.state in (*FINISHED, TrialState.FAIL)}
+    closed = tracker.close_orphans(ended)
     if closed:
-        messages.append(f"{closed} run(s) left RUNNING by a killed process marked FAILED in MLflow")
+        messages.append(f"{closed} MLflow run(s) left RUNNING (a killed process, or MLflow out of reach) closed "
+                        "with their trial's outcome")
     best = leading_best(study)
     counts = {state.name: sum(t.state == state for t in trials) for state in (*FINISHED, TrialState.FAIL)}
     with tempfile.TemporaryDirectory() as tmp:

@@ -245,8 +245,11 @@ class StudyRun:
 
     def end_trial(self, outcome: TrialOutcome) -> None:
         run_id = self.children.pop(outcome.number, None)
-        if run_id is None:
-            return
+        if run_id is not None:
+            self._close(run_id, outcome)
+
+    def _close(self, run_id: str, outcome: TrialOutcome) -> None:
+        """Record a trial's outcome on its run and end the run with the matching status."""
         tags = {"optuna_state": outcome.state}
         if outcome.fail_reason:
             tags["fail_reason"] = outcome.fail_reason
@@ -259,21 +262,20 @@ class StudyRun:
             self.client.log_metric(run_id, f"objective_{self.metric}", outcome.values[0])
         self.client.set_terminated(run_id, RUN_STATUS.get(outcome.state, "FAILED"))
 
-    def close_orphans(self, failed: dict[int, str]) -> int:
-        """Close child runs left RUNNING by a killed process: those whose trial Optuna has failed since.
+    def close_orphans(self, ended: dict[int, TrialOutcome]) -> int:
+        """Close child runs still RUNNING although Optuna says their trial has ended.
 
-        `failed` maps the study's FAIL trials to their reason. Trials that are running or finished are
-        left alone: their own process is (or was) about to close them.
+        A killed process leaves its trial's run open (the trial is then failed as stale), and a tracking
+        store that was unreachable at a trial's end leaves that run open too. Each gets the outcome Optuna
+        recorded, which is the same whoever closes it, so a worker still busy with its trial's end is no
+        problem. This process's own open trials are left alone.
         """
         closed = 0
         for run in self._children("attributes.status = 'RUNNING'"):
             number = int(run.data.tags.get("trial_number", -1))
-            if number not in failed or number in self.children:
-                continue
-            self.client.log_batch(run.info.run_id, tags=[RunTag("optuna_state", "FAIL"),
-                                                         RunTag("fail_reason", failed[number])])
-            self.client.set_terminated(run.info.run_id, "FAILED")
-            closed += 1
+            if number in ended and number not in self.children:
+                self._close(run.info.run_id, ended[number])
+                closed += 1
         return closed
 
     def _children(self, extra_filter: str = "") -> list[Any]:
