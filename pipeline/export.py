@@ -198,7 +198,8 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
         "classes": list(info.classes),
         "dataset": info.name,
         "dataset_checksum": info.checksum,
-        "split_hash": _prepared(champion.definition, root).split_hash,
+        # Recorded by the trial; only trials from before that was recorded need the split rebuilt.
+        "split_hash": champion.trial.user_attrs.get("split_hash") or _prepared(champion.definition, root).split_hash,
         "study": champion.study_name,
         "study_file": spec.name,
         "trial_number": champion.trial.number,

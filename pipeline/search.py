@@ -302,6 +302,7 @@ class Objective:
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("params", params)
         trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": os.getpid()})  # for the stale sweep
+        trial.set_user_attr("split_hash", self.data.split_hash)  # the validation split it was judged on
         self.events.on_trial_start(trial.number, params)
         if self.tracker is not None:
             try:

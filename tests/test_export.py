@@ -17,7 +17,7 @@ from conftest import write_tiny_dataset
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import datasets, export, models, train, verify_export
+from pipeline import data, datasets, export, models, train, verify_export
 from pipeline.cli import main
 
 STUDY = """
@@ -124,6 +124,8 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     metrics = json.loads((directory / "metrics.json").read_text())
     best = optuna.load_study(study_name="exported", storage=use.env[1]).best_trial
     assert config["trial_number"] == best.number and config["trial_seed"] == best.user_attrs["seed"]
+    assert config["split_hash"] == best.user_attrs["split_hash"] == data.prepare(
+        "tiny", use.env[2], "cpu", val_size=100).split_hash  # the split the trial was judged on
     assert config["source"].startswith("registered model 'exported'")
     assert config["classes"] == [f"class{i}" for i in range(10)] and config["input_shape"] == [1, 28, 28]
     assert metrics["val_accuracy"] == pytest.approx(best.value)
