@@ -104,6 +104,23 @@ def wait_until(condition, what: str, timeout: float = 120) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def kill_mid_trial(process: subprocess.Popen, mid_trial) -> None:
+    """SIGKILL `process` at a moment `mid_trial()` holds. The process is frozen (SIGSTOP) while the condition is
+    checked again, so a trial cannot finish between the check and the kill."""
+    while True:
+        wait_until(mid_trial, "a finished trial and a running one with its MLflow run")
+        process.send_signal(signal.SIGSTOP)
+        try:
+            still = mid_trial()
+        except Exception:  # frozen while holding a database lock: let it go on and look again
+            still = False
+        if still:
+            break
+        process.send_signal(signal.SIGCONT)
+    process.kill()  # SIGKILL: no handler runs, nothing is closed
+    process.wait()
+
+
 def integrity_ok(url: str) -> bool:
     with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
         return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -127,9 +144,7 @@ def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(env, mlflow_sto
         return any(t.state == TrialState.COMPLETE for t in load(env).trials) and any(
             str(n) in tracked for n in running)
 
-    wait_until(running_and_tracked, "a finished trial and a running one with its MLflow run")
-    process.kill()  # SIGKILL: no handler runs, nothing is closed
-    process.wait()
+    kill_mid_trial(process, running_and_tracked)
     killed = next(t for t in load(env).trials if t.state == TrialState.RUNNING)
     finished_before = {t.number: t.values for t in load(env).trials if t.state == TrialState.COMPLETE}
     child = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
