@@ -13,9 +13,10 @@ MODEL   ?= cnn
 SET     ?=
 STUDY   ?=
 TRIAL   ?=
-# Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>
+# Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>,
+# WORKERS=<worker processes on this host>
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
-               $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE))
+               $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE)) $(if $(WORKERS),--workers $(WORKERS))
 PORT    ?= 5000
 EXPORT  ?= exports/$(or $(STUDY),cnn)
 IMAGES  ?=
@@ -24,7 +25,7 @@ SEARCH_FLAGS += $(if $(filter off 0 no,$(TRACKING)),--no-tracking)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies export-best predict server ui test test-slow test-faults test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay studies export-best predict server ui test test-slow test-faults test-scale test-browser lint format bench-data bench-trainer \
         bench-tracking clean
 
 help: ## list the targets
@@ -44,7 +45,7 @@ train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
 		$(if $(STUDY),--study $(STUDY)) $(foreach s,$(SET),--set $(s))
 
-search: $(STAMP) ## run or resume a study: STUDY=cnn [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url] [TRACKING=off]
+search: $(STAMP) ## run or resume a study: STUDY=cnn [WORKERS=4] [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url] [TRACKING=off]
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
 
 replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12
@@ -67,13 +68,17 @@ ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
-	$(PY) -m pytest -m "not slow and not browser and not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not browser and not faults and not scale" $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## run the slow end-to-end checks
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) ## the fault suite: kill -9, signals, full disk, concurrent runs, bad input (README: What survives what)
 	$(PY) -m pytest -m "faults" $(PYTEST_ARGS)
+
+test-scale: $(STAMP) ## worker processes, PostgreSQL 15 and an MLflow server on loopback (installs postgresql if missing)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; }
+	$(PY) -m pytest -m "scale" $(PYTEST_ARGS)
 
 test-browser: $(STAMP) ## drive the MLflow UI in headless Chromium (installs chromium + chromium-driver if missing)
 	@command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from pipeline.concurrency import stop_with_parent
 from pipeline.errors import BadInput
 
 console = Console(highlight=False, soft_wrap=True)
@@ -146,14 +148,15 @@ def _load_study_spec(args: argparse.Namespace):
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
     from pipeline import search, train
 
     spec = _load_study_spec(args)
-    client = _tracking_client() if args.tracking else None  # an unreachable store stops us here, before training
-    storage = search.make_storage(search.storage_url(args.storage))
+    if args.workers < 1:
+        raise BadInput(f"WORKERS={args.workers}: expected a number of worker processes >= 1, e.g. WORKERS=4")
+    say = console.print if args.worker is None else (lambda message: None)  # a worker's coordinator speaks
+    client = _tracking_client(say) if args.tracking else None  # unreachable store: stop here, before training
+    url = search.storage_url(args.storage, spec.name, args.workers)
+    storage = search.make_storage(url)
     device = train.pick_device(args.device)
     trackers = []  # the creator of a new study opens its MLflow parent run before other workers can join
 
@@ -161,46 +164,28 @@ def _cmd_search(args: argparse.Namespace) -> int:
         if client is not None:
             trackers.append(search.start_tracking(spec, new_study, client, contested=False))
 
-    study = search.open_study(spec, storage, fresh=args.fresh, log=console.print, on_create=on_create)
+    salt = f"{socket.gethostname()}/worker{args.worker}" if args.worker is not None else ""
+    study = search.open_study(spec, storage, fresh=args.fresh, log=say, on_create=on_create, sampler_salt=salt)
     if client is not None and not trackers:
         trackers.append(search.start_tracking(spec, study, client))
     tracker = trackers[0] if trackers else None
-    prepared = search.prepare_data(spec, args.root, device)
+    prepared = search.prepare_data(spec, args.root, device)  # before any worker starts: data lands once
+    if args.worker is not None:
+        return _search_worker(spec, study, prepared, args.threads, tracker)
+    if args.workers > 1 and url.startswith("sqlite:"):
+        err_console.print(f"[yellow]note:[/] {args.workers} workers share the SQLite file {url}: Optuna advises a "
+                          "journal file (STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
     console.print(f"[bold]{study.study_name}[/]: {spec.description or spec.name} | {spec.dataset} "
                   f"{len(prepared.train):,}/{len(prepared.val):,} images, {device}, sampler {spec.sampler}, "
-                  f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min")
-
-    live = console.is_terminal  # bars on a terminal, plain lines in CI and pipes
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, disable=not live)
-    trials_task = progress.add_task("trials", total=spec.trials, completed=search.finished_count(study))
-    epoch_task = progress.add_task("epoch", total=None)
-
-    def best_text() -> str:
-        best = search.best_trials(study)
-        return "best " + (", ".join(f"{v:.4f}" for v in best[0].values) if best else "-")
-
-    def on_trial_start(number: int, params: dict) -> None:
-        progress.update(trials_task, description=f"trial {number} | {best_text()}")
-
-    def on_epoch(number: int, m) -> None:
-        progress.reset(epoch_task, description=f"trial {number} epoch {m.epoch + 1}", total=None)
-        if not live:
-            console.print(f"  trial {number} epoch {m.epoch}: val_accuracy {m.val_accuracy:.4f} "
-                          f"val_loss {m.val_loss:.4f} ({m.epoch_seconds:.1f} s)")
-
-    def on_batch(done: int, total: int) -> None:
-        progress.update(epoch_task, completed=done, total=total)
-
-    def on_trial_end(trial) -> None:
-        progress.console.print(escape(_trial_line(trial)))
-        progress.update(trials_task, completed=search.finished_count(study), description=f"trials | {best_text()}")
-
-    events = search.TrialEvents(on_trial_start, on_epoch, on_batch if live else None)
-    resume = f"make search STUDY={spec.name}"
+                  f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
+                  + (f" | {args.workers} workers, storage {url}" if args.workers > 1 else ""))
+    resume = f"make search STUDY={spec.name}" + (f" WORKERS={args.workers}" if args.workers > 1 else "")
+    started = time.monotonic()
     try:
-        with progress:
-            outcome = search.run(spec, study, prepared, events, on_trial_end, threads=args.threads, tracker=tracker)
+        if args.workers > 1:
+            ran, stop_reason = _search_with_workers(args, spec, study, url, device)
+        else:
+            ran, stop_reason = _search_in_process(args, spec, study, prepared, tracker)
     except search.Interrupted as exc:
         err_console.print(f"[yellow]{exc} received: the running trial is recorded as FAIL (interrupted) and "
                           f"queued again; finished trials are saved. Resume with: {resume}")
@@ -210,10 +195,199 @@ def _cmd_search(args: argparse.Namespace) -> int:
         err_console.print(f"[red]study stopped:[/] {escape(str(exc))}")
         _finish_tracking(spec, study, tracker, "FAILED")
         return 1
+    _print_summary(spec, study, ran, stop_reason, time.monotonic() - started)
+    _finish_tracking(spec, study, tracker, "FINISHED")
+    best = search.best_trials(study)
+    replay = f"make replay STUDY={spec.name} TRIAL={best[0].number}" if best else "make studies"
+    console.print(f"next: `{resume}` continues the study (raise TRIALS= / TIMEOUT= for more); "
+                  f"`{replay}` re-checks the best trial bit for bit")
+    return 0
+
+
+def _progress(live: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not live)
+
+
+def _best_text(study) -> str:
+    from pipeline import search
+
+    best = search.best_trials(study)
+    return "best " + (", ".join(f"{v:.4f}" for v in best[0].values) if best else "-")
+
+
+def _epoch_line(number: int, epoch: int, val_accuracy: float, val_loss: float, seconds: float) -> str:
+    return f"trial {number} epoch {epoch}: val_accuracy {val_accuracy:.4f} val_loss {val_loss:.4f} ({seconds:.1f} s)"
+
+
+def _search_in_process(args, spec, study, prepared, tracker) -> tuple[int, str]:
+    """One worker: this process runs the trials, with its own progress view."""
+    from pipeline import search
+
+    live = console.is_terminal  # bars on a terminal, plain lines in CI and pipes
+    progress = _progress(live)
+    trials_task = progress.add_task("trials", total=spec.trials, completed=search.finished_count(study))
+    epoch_task = progress.add_task("epoch", total=None)
+
+    def on_trial_start(number: int, params: dict) -> None:
+        progress.update(trials_task, description=f"trial {number} | {_best_text(study)}")
+
+    def on_epoch(number: int, m) -> None:
+        progress.reset(epoch_task, description=f"trial {number} epoch {m.epoch + 1}", total=None)
+        if not live:
+            console.print("  " + _epoch_line(number, m.epoch, m.val_accuracy, m.val_loss, m.epoch_seconds))
+
+    def on_batch(done: int, total: int) -> None:
+        progress.update(epoch_task, completed=done, total=total)
+
+    def on_trial_end(trial) -> None:
+        progress.console.print(escape(_trial_line(trial)))
+        progress.update(trials_task, completed=search.finished_count(study),
+                        description=f"trials | {_best_text(study)}")
+
+    events = search.TrialEvents(on_trial_start, on_epoch, on_batch if live else None)
+    with progress:
+        outcome = search.run(spec, study, prepared, events, on_trial_end, threads=args.threads, tracker=tracker)
+    return outcome.ran, outcome.stop_reason
+
+
+def _search_worker(spec, study, prepared, threads: int | None, tracker) -> int:
+    """`--worker N`: the search loop, telling its coordinator what happens as event lines."""
+    from pipeline import search, workers
+
+    last_batch = [0.0]
+
+    def on_batch(done: int, total: int) -> None:
+        if time.monotonic() - last_batch[0] > 0.25 or done == total:  # a few updates a second is plenty
+            last_batch[0] = time.monotonic()
+            workers.emit("batch", done=done, total=total)
+
+    events = search.TrialEvents(
+        on_trial_start=lambda number, params: workers.emit("trial_start", number=number),
+        on_epoch=lambda number, m: workers.emit("epoch", number=number, epoch=m.epoch, val_accuracy=m.val_accuracy,
+                                                val_loss=m.val_loss, seconds=m.epoch_seconds),
+        on_batch=on_batch,
+        on_warning=lambda message: workers.emit("warning", text=message),
+        on_wait=lambda: workers.emit("waiting"),
+    )
+    try:
+        outcome = search.run(spec, study, prepared, events,
+                             lambda trial: workers.emit("trial_end", number=trial.number, line=_trial_line(trial)),
+                             threads=threads, tracker=tracker)
+    except search.Interrupted as exc:
+        return 128 + exc.signal_number
+    except search.TooManyFailures as exc:
+        workers.emit("too_many_failures", text=str(exc))
+        return 1
+    workers.emit("done", ran=outcome.ran, stop_reason=outcome.stop_reason)
+    return 0
+
+
+def _search_with_workers(args, spec, study, url: str, device) -> tuple[int, str]:
+    """WORKERS=N: N worker processes on the study, one view of all of them here.
+
+    Ctrl-C (or SIGTERM/SIGHUP) is passed on to every worker, which fails and re-queues its running trial
+    and stops; a second one makes them stop at once. Raises Interrupted or TooManyFailures like a search.
+    """
+    from pipeline import search, workers
+
+    gpus = workers.visible_gpus() if device.type == "cuda" else []
+    plans = workers.plan(args.workers, args.threads, gpus)
+    pool = workers.Workers(_worker_command(args, spec, url), plans)
+    for p in plans:
+        console.print(f"worker {p.index}: pid {pool.processes[p.index].pid}, "
+                      + (f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else "") + f"{p.threads} threads")
+    received: list[int] = []
+
+    def on_signal(signal_number: int, _frame) -> None:
+        received.append(signal_number)
+        pool.signal_all(signal_number)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    live = console.is_terminal
+    progress = _progress(live)
+    trials_task = progress.add_task(f"trials | {_best_text(study)}", total=spec.trials,
+                                    completed=search.finished_count(study))
+    tasks = {p.index: progress.add_task(f"worker {p.index}: starting", total=None) for p in plans}
+    ran, reasons, failure = 0, set(), None
+    try:
+        with progress:
+            for index, item in pool.events():
+                if item is None:
+                    code = pool.processes[index].returncode if index else None
+                    if code is not None and code not in (0, 1) and not received:
+                        what = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+                        progress.console.print(f"[yellow]worker {index} (pid {pool.processes[index].pid}) ended "
+                                               f"({what}); the others carry on and rerun its trial")
+                    if code is not None:
+                        progress.update(tasks[index], description=f"worker {index}: ended", total=1, completed=1)
+                    continue
+                if isinstance(item, str):  # a worker's own line (an error message, a warning from a library)
+                    progress.console.print(f"[dim]worker {index}:[/] {escape(item)}")
+                    continue
+                event = item["event"]
+                if event == "trial_start":
+                    progress.reset(tasks[index], description=f"worker {index}: trial {item['number']} epoch 1",
+                                   total=None)
+                elif event == "batch":
+                    progress.update(tasks[index], completed=item["done"], total=item["total"])
+                elif event == "epoch":
+                    progress.reset(tasks[index], total=None,
+                                   description=f"worker {index}: trial {item['number']} epoch {item['epoch'] + 1}")
+                    if not live:
+                        console.print(f"  worker {index}: " + _epoch_line(
+                            item["number"], item["epoch"], item["val_accuracy"], item["val_loss"], item["seconds"]))
+                elif event == "trial_end":
+                    progress.console.print(escape(item["line"]) + f"  (worker {index})")
+                    progress.update(trials_task, completed=search.finished_count(study),
+                                    description=f"trials | {_best_text(study)}")
+                elif event == "waiting":
+                    progress.update(tasks[index], description=f"worker {index}: waiting for the last trials")
+                elif event == "warning":
+                    progress.console.print(f"[yellow]warning (worker {index}):[/] {escape(item['text'])}")
+                elif event == "too_many_failures" and failure is None:
+                    failure = item["text"]
+                    pool.signal_all(signal.SIGTERM)  # the study stops: the others stop too
+                elif event == "done":
+                    ran += item["ran"]
+                    reasons.add(item["stop_reason"])
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise search.Interrupted(received[0])
+    if failure is not None:
+        raise search.TooManyFailures(failure)
+    if search.finished_count(study) < spec.trials and "timeout" not in reasons:
+        raise search.TooManyFailures(f"every worker stopped before the budget was reached (exit codes "
+                                     f"{pool.exit_codes()}); see the lines above")
+    return ran, "timeout" if "timeout" in reasons else "budget"
+
+
+def _worker_command(args, spec, url: str) -> list[str]:
+    """The command line of one worker: this program, the same study, budget and storage (stated explicitly,
+    so every worker opens the very store the coordinator chose)."""
+    command = [*WORKER_PROGRAM, "search", "--study", spec.name, "--studies-dir", str(args.studies_dir),
+               "--storage", url, "--root", str(args.root), "--device", args.device,
+               "--trials", str(spec.trials), "--timeout", str(spec.timeout_minutes),
+               "--tracking" if args.tracking else "--no-tracking"]
+    for flag, value in (("--epochs", args.epochs), ("--train-limit", args.train_limit),
+                        ("--val-limit", args.val_limit)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def _print_summary(spec, study, ran: int, stop_reason: str, seconds: float) -> None:
+    from rich.table import Table
+
+    from pipeline import search
 
     finished = search.finished_count(study)
-    console.print(f"{outcome.ran} trials run in {outcome.elapsed_seconds / 60:.1f} min; {finished}/{spec.trials} "
-                  f"finished ({'budget reached' if outcome.stop_reason == 'budget' else 'time budget spent'})")
+    console.print(f"{ran} trials run in {seconds / 60:.1f} min; {finished}/{spec.trials} "
+                  f"finished ({'budget reached' if stop_reason == 'budget' else 'time budget spent'})")
     frame = study.trials_dataframe(attrs=("number", "value" if len(spec.objectives) == 1 else "values", "state",
                                           "duration", "params"))
     complete = frame[frame["state"] == "COMPLETE"]
@@ -232,19 +406,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if best:
         console.print(f"best trial {best[0].number}: {', '.join(f'{v:.4f}' for v in best[0].values)} "
                       f"with {escape(str(best[0].user_attrs.get('params')))}")
-    _finish_tracking(spec, study, tracker, "FINISHED")
-    replay = f"make replay STUDY={spec.name} TRIAL={best[0].number}" if best else "make studies"
-    console.print(f"next: `{resume}` continues the study (raise TRIALS= / TIMEOUT= for more); "
-                  f"`{replay}` re-checks the best trial bit for bit")
-    return 0
 
 
-def _tracking_client():
+def _tracking_client(say=console.print):
     from pipeline import tracking
 
     uri = tracking.tracking_uri()
     client = tracking.connect(uri)
-    console.print(f"tracking to MLflow at {uri}")
+    say(f"tracking to MLflow at {uri}")
     return client
 
 
@@ -273,7 +442,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     page = "#/experiments"
     if args.study:
         spec = studies.load(args.study, args.studies_dir)
-        name = search.find_study(spec, search.make_storage(search.storage_url(args.storage))).study_name
+        name = search.find_study(spec, search.make_storage(search.storage_url(args.storage, spec.name))).study_name
         experiment_id = tracking.experiment_id(client, name)
         if experiment_id is None:
             raise BadInput(f"study {name!r} has no MLflow experiment in {uri} yet; run `make search "
@@ -313,7 +482,7 @@ def _serve_mlflow(backend: str, host: str, port: int, artifacts: Path, target: s
                "--port", str(port), "--workers", "1", "--artifacts-destination", str(artifacts)]
     # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us (Ctrl-C,
     # SIGTERM, a closed terminal); if we are killed outright, the kernel tells the server (Linux).
-    server = subprocess.Popen(command, start_new_session=True, preexec_fn=_stop_with_parent)
+    server = subprocess.Popen(command, start_new_session=True, preexec_fn=stop_with_parent)
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, _raise_keyboard_interrupt)
     try:
@@ -326,14 +495,6 @@ def _serve_mlflow(backend: str, host: str, port: int, artifacts: Path, target: s
 
 def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal_number)
-
-
-def _stop_with_parent() -> None:
-    """In the child before exec: SIGTERM it when its parent dies (prctl PR_SET_PDEATHSIG, Linux only)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def _cmd_export_best(args: argparse.Namespace) -> int:
@@ -371,7 +532,7 @@ def _relative(path: Path) -> str:
 def _storage_url(args: argparse.Namespace) -> str:
     from pipeline import search
 
-    return search.storage_url(args.storage)
+    return search.storage_url(args.storage, args.study)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -401,7 +562,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from pipeline import search, train
 
     spec = _load_study_spec(args)
-    storage = search.make_storage(search.storage_url(args.storage))
+    storage = search.make_storage(search.storage_url(args.storage, spec.name))
     prepared = search.prepare_data(spec, args.root, train.pick_device(args.device))
     outcome = search.replay(spec, storage, args.trial, prepared, threads=args.threads)
     if outcome.differences:
@@ -419,14 +580,13 @@ def _cmd_studies(args: argparse.Namespace) -> int:
 
     from pipeline import search, studies
 
-    storage = search.make_storage(search.storage_url(args.storage))
     table = Table(title="studies")
     for column in ("study", "file", "trials done", "best value", "state"):
         table.add_column(column)
     for name in studies.available(args.studies_dir):
         spec = studies.load(name, args.studies_dir)
         try:
-            study = search.find_study(spec, storage)
+            study = search.find_study(spec, search.make_storage(search.storage_url(args.storage, name)))
         except studies.StudyError:
             table.add_row(name, f"{name}.toml", f"0/{spec.trials}", "-", "not started")
             continue
@@ -440,11 +600,15 @@ def _cmd_studies(args: argparse.Namespace) -> int:
     return 0
 
 
+STORAGE_HELP = ("Optuna storage: a URL (sqlite:///..., postgresql://...) or a .journal file (default: $STORAGE, else "
+                "studies/optuna.db, or studies/optuna.journal for a study run with several workers)")
+
+
 def _add_study_arguments(p: argparse.ArgumentParser, with_budget: bool) -> None:
     from pipeline import datasets, studies
 
     p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: $STORAGE or sqlite studies/optuna.db)")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
     p.add_argument("--studies-dir", type=Path, default=studies.STUDIES_DIR, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per trial (default: all cores)")
@@ -490,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("search", help="run or resume the Optuna study of studies/<STUDY>.toml")
     _add_study_arguments(p, with_budget=True)
     p.add_argument("--fresh", action="store_true", help="start a new version of the study (the old one is kept)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1); "
+                   "GPUs are shared out round robin, CPU threads split between them")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the coordinator
     p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
                    help="record trials in MLflow ($MLFLOW_TRACKING_URI, default sqlite mlruns/mlflow.db)")
     p.set_defaults(run=_cmd_search)
@@ -504,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "exports",
                    help="parent folder of the export (default: exports/)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: $STORAGE or sqlite studies/optuna.db)")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
     p.add_argument("--root", type=Path, default=datasets.DEFAULT_ROOT, help="data folder (default: data/)")
     p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
                    help="take the champion from the MLflow registry and log the test accuracy back")
@@ -542,7 +709,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+# How a worker process runs this program (tests run it through a script that registers a test dataset).
+WORKER_PROGRAM = [sys.executable, "-m", "pipeline"]
+
+
+def main(argv: list[str] | None = None, worker_program: list[str] | None = None) -> int:
+    global WORKER_PROGRAM
+    WORKER_PROGRAM = worker_program or WORKER_PROGRAM
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

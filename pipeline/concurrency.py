@@ -1,7 +1,9 @@
-"""Opening a database that another process may be creating at the same moment."""
+"""Living with other processes: a database another process may be creating, children that die with us."""
 
 from __future__ import annotations
 
+import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -22,3 +24,12 @@ def open_store(open_: Callable[[], T], attempts: int = 3, pause_seconds: float =
                 raise
             time.sleep(pause_seconds)
     raise AssertionError("unreachable")
+
+
+def stop_with_parent() -> None:
+    """In a child process before exec: SIGTERM it when its parent dies (prctl PR_SET_PDEATHSIG, Linux only),
+    so a server or worker never outlives a parent that was killed outright."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)

@@ -44,6 +44,10 @@ if TYPE_CHECKING:  # tracking imports MLflow (seconds); it is loaded only when t
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORAGE = f"sqlite:///{PROJECT_ROOT / 'studies' / 'optuna.db'}"
+# Several worker processes on one host share Optuna's journal file instead: SQLite's locking is not
+# meant for parallel writers (Optuna's advice), the journal file is.
+DEFAULT_JOURNAL = PROJECT_ROOT / "studies" / "optuna.journal"
+WAIT_SECONDS = 1.0  # how often an idle worker looks again while others run the budget's last trials
 # A RUNNING trial whose process stopped beating for GRACE_SECONDS is failed... (the environment variables
 # shorten both for the fault tests; a real trial's epochs are far longer).
 HEARTBEAT_SECONDS = int(os.environ.get("PIPELINE_HEARTBEAT_SECONDS", 30))
@@ -71,12 +75,36 @@ class TooManyFailures(Exception):
     """Three trials in a row failed: something is wrong beyond one bad configuration."""
 
 
+class SurplusTrial(Exception):
+    """Another worker took the budget's last trial at the same moment as this one."""
+
+
+SURPLUS = "surplus"
+
+
 # --------------------------------------------------------------------------------------------------
 # Storage, sampler, pruner
 
 
-def storage_url(override: str | None = None) -> str:
-    return override or os.environ.get("STORAGE") or DEFAULT_STORAGE
+def storage_url(override: str | None = None, study: str | None = None, workers: int = 1) -> str:
+    """STORAGE when given. Otherwise the default store `study` (a study file name) already lives in:
+    studies/optuna.db (SQLite, one worker) or studies/optuna.journal (where several local workers work);
+    a new study goes to the journal when it starts with several workers."""
+    chosen = override or os.environ.get("STORAGE")
+    if chosen:
+        return chosen
+    if study is None or _holds(DEFAULT_STORAGE, study):
+        return DEFAULT_STORAGE
+    if workers > 1 or _holds(str(DEFAULT_JOURNAL), study):
+        return str(DEFAULT_JOURNAL)
+    return DEFAULT_STORAGE
+
+
+def _holds(url: str, name: str) -> bool:
+    """Does the store at `url` (a default file, which may not exist yet) hold any version of study `name`?"""
+    if not Path(url.removeprefix("sqlite:///")).is_file():
+        return False
+    return bool(_versions(make_storage(url), name))
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -166,13 +194,14 @@ def baseline_params(spec: StudySpec) -> dict[str, Any]:
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: bool = False,
                log: Callable[[str], None] = print,
-               on_create: Callable[[optuna.Study], None] = lambda study: None) -> optuna.Study:
+               on_create: Callable[[optuna.Study], None] = lambda study: None, sampler_salt: str = "") -> optuna.Study:
     """Create or resume the study's current version; FRESH starts the next version.
 
     Safe when several processes start at once: creating a study is atomic in the storage, the loser
     resumes it, and the creator sets the `fingerprint` attribute last, after queueing the baselines
     and running `on_create` (which opens the MLflow parent run), so whoever sees the fingerprint sees
-    a fully set-up study.
+    a fully set-up study. `sampler_salt` tells parallel workers' samplers apart (the same seed would
+    make them suggest the same parameters).
     """
     versions = _versions(storage, spec.name)
     version = (versions[-1] + 1 if fresh else versions[-1]) if versions else 1
@@ -209,7 +238,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: boo
         )
     done = finished_count(study)
     # Reseeded from the finished count, so a resumed study does not replay its opening suggestions.
-    study.sampler = make_sampler(spec, reproducibility.derive_seed(spec.seed, done))
+    study.sampler = make_sampler(spec, reproducibility.derive_seed(spec.seed, done, *filter(None, [sampler_salt])))
     log(f"resuming study {name!r}: {done} of {spec.trials} trials finished")
     _enqueue_new_baselines(spec, study, log)
     return study
@@ -277,6 +306,7 @@ class TrialEvents:
     on_epoch: Callable[[int, train.EpochMetrics], None] = lambda number, metrics: None
     on_batch: Callable[[int, int], None] | None = None
     on_warning: Callable[[str], None] = lambda message: print(message, file=sys.stderr)
+    on_wait: Callable[[], None] = lambda: None  # other workers are running the budget's last trials
 
 
 def history_record(metrics: train.EpochMetrics) -> dict[str, float]:
@@ -296,6 +326,9 @@ class Objective:
     running: int | None = None  # the number of the trial in progress, for the interrupt handler
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        if _surplus(self.spec, trial):
+            trial.set_user_attr("fail_reason", SURPLUS)
+            raise SurplusTrial(f"trial {trial.number}: the study's {self.spec.trials} trials are all taken")
         self.running = trial.number
         params = studies.suggest(self.spec, trial)
         seed = reproducibility.derive_seed(self.spec.seed, trial.number)
@@ -369,6 +402,24 @@ class Objective:
         return values[0] if single else values
 
 
+def _surplus(spec: StudySpec, trial: optuna.Trial) -> bool:
+    """Is this new trial one too many? Workers check the budget before asking for a trial, but two may
+    ask at the same moment. Trial numbers are handed out in order by the storage, so the trial whose
+    earlier-numbered finished or running trials already fill the budget is the surplus one, and exactly
+    one of two racing workers finds that. A surplus trial taken from the queue (a baseline, a retry) is
+    queued again, so its parameters still run if a running trial fails."""
+    others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    taken = sum(t.state in FINISHED or t.number < trial.number for t in others)
+    if taken < spec.trials:
+        return False
+    frozen = trial.study._storage.get_trial(trial._trial_id)  # its queued parameters, if it came from the queue
+    if frozen.params or "fixed_params" in frozen.system_attrs:
+        trial.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            user_attrs=frozen.user_attrs, system_attrs=frozen.system_attrs))
+    return True
+
+
 def _record_failure(trial: optuna.Trial, exc: BaseException, context: str = "") -> None:
     """fail_reason (`disk_full` for a full disk or file-size limit), the detail and the traceback."""
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -437,6 +488,12 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
                 events.on_warning(f"trial {number} was left RUNNING by a process that died: failed and queued again")
             if time.monotonic() >= deadline:
                 return SearchOutcome(study, ran, "timeout", time.monotonic() - started)
+            if finished_count(study) + running_count(study) >= spec.trials:
+                # Other workers hold the rest of the budget. Wait: if one of their trials fails, it is redone.
+                events.on_wait()
+                time.sleep(WAIT_SECONDS)
+                optuna.storages.fail_stale_trials(study)  # a dead worker on another host (RDB heartbeat)
+                continue
             last.clear()
             try:
                 study.optimize(objective, n_trials=1, catch=(Exception,),
@@ -451,8 +508,10 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
                     _requeue(study, objective.running)
                 raise
             objective.running = None
-            ran += 1
             trial = last[0]
+            if trial.user_attrs.get("fail_reason") == SURPLUS:
+                continue  # no training happened; the loop sees the budget in flight and waits
+            ran += 1
             if tracker is not None:
                 try:
                     _track_trial_end(trial, tracker)

@@ -104,21 +104,28 @@ def wait_until(condition, what: str, timeout: float = 120) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def kill_mid_trial(process: subprocess.Popen, mid_trial) -> None:
-    """SIGKILL `process` at a moment `mid_trial()` holds. The process is frozen (SIGSTOP) while the condition is
-    checked again, so a trial cannot finish between the check and the kill."""
+def kill_mid_trial(find_victim) -> int:
+    """SIGKILL the process `find_victim()` names (the pid of a process in the middle of a trial, or None).
+    It is frozen (SIGSTOP) while the check is made again, so its trial cannot finish between the check and
+    the kill. Returns the pid killed."""
+    found: list[int | None] = []
+
+    def victim_found() -> bool:
+        found.append(find_victim())
+        return found[-1] is not None
+
     while True:
-        wait_until(mid_trial, "a finished trial and a running one with its MLflow run")
-        process.send_signal(signal.SIGSTOP)
+        wait_until(victim_found, "a process in the middle of a trial")
+        pid = found[-1]
+        os.kill(pid, signal.SIGSTOP)
         try:
-            still = mid_trial()
+            still = find_victim() == pid
         except Exception:  # frozen while holding a database lock: let it go on and look again
             still = False
         if still:
-            break
-        process.send_signal(signal.SIGCONT)
-    process.kill()  # SIGKILL: no handler runs, nothing is closed
-    process.wait()
+            os.kill(pid, signal.SIGKILL)  # no handler runs, nothing is closed
+            return pid
+        os.kill(pid, signal.SIGCONT)
 
 
 def integrity_ok(url: str) -> bool:
@@ -141,10 +148,12 @@ def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(env, mlflow_sto
     def running_and_tracked() -> bool:
         running = [t.number for t in load(env).trials if t.state == TrialState.RUNNING]
         tracked = {r.data.tags.get("trial_number") for r in runs(mlflow_store) if r.info.status == "RUNNING"}
-        return any(t.state == TrialState.COMPLETE for t in load(env).trials) and any(
+        mid_trial = any(t.state == TrialState.COMPLETE for t in load(env).trials) and any(
             str(n) in tracked for n in running)
+        return process.pid if mid_trial else None
 
-    kill_mid_trial(process, running_and_tracked)
+    kill_mid_trial(running_and_tracked)
+    process.wait()
     killed = next(t for t in load(env).trials if t.state == TrialState.RUNNING)
     finished_before = {t.number: t.values for t in load(env).trials if t.state == TrialState.COMPLETE}
     child = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}

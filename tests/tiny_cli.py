@@ -19,4 +19,5 @@ if raw.is_dir():  # absent when the command works on the real datasets
         name="tiny", folder="Tiny", sha256={f: datasets.sha256_file(raw / f) for f in datasets.FILES},
         classes=tuple(f"class{i}" for i in range(10)),
     )
-sys.exit(main(sys.argv[2:]))
+# Worker processes (WORKERS=N) run through this script too, so they see the tiny dataset.
+sys.exit(main(sys.argv[2:], worker_program=[sys.executable, __file__, str(root)]))

@@ -1,0 +1,177 @@
+"""Scale-out for real: worker processes on one study, Optuna's journal file, PostgreSQL on loopback, an MLflow
+tracking server, and kill -9 of a worker mid-trial. `make test-scale` runs these (it installs PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import postgres
+import pytest
+from optuna.trial import TrialState
+from test_faults import command, kill_mid_trial, load, runs, write_study
+from ui_process import free_port, wait_for_health
+
+from pipeline import search
+
+pytestmark = pytest.mark.scale
+FAST_HEARTBEAT = {"PIPELINE_HEARTBEAT_SECONDS": "1", "PIPELINE_GRACE_SECONDS": "3"}
+
+
+@pytest.fixture(scope="module")
+def postgresql() -> Iterator[postgres.Server]:
+    server = postgres.start(free_port())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def journal_env(tiny_dataset, tmp_path):
+    _, root = tiny_dataset
+    return tmp_path / "studies", str(tmp_path / "studies" / "optuna.journal"), root
+
+
+@pytest.fixture
+def postgres_env(tiny_dataset, tmp_path, postgresql, request):
+    """An Optuna database and an MLflow server (`make server` over its own PostgreSQL database) on loopback."""
+    _, root = tiny_dataset
+    suffix = re.sub(r"\W", "_", request.node.name)[-40:].lower()
+    optuna_url = postgresql.create_database(f"optuna_{suffix}")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend", postgresql.create_database(f"mlflow_{suffix}"), "--artifacts", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_health(port)
+        yield (tmp_path / "studies", optuna_url, root), f"http://127.0.0.1:{port}"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def check_budget_exactly_run(env, mlflow_uri: str, trials: int) -> list:
+    """Exactly `trials` finished trials, each number once, each with one child run under the one parent run."""
+    study = load(env)
+    finished = [t for t in study.trials if t.state in search.FINISHED]
+    assert len(finished) == trials
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    all_runs = runs(mlflow_uri)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    child_trials = [int(r.data.tags["trial_number"]) for r in children]
+    assert len(child_trials) == len(set(child_trials))  # no trial tracked twice
+    assert {n for n in child_trials if n in {t.number for t in finished}} == {t.number for t in finished}
+    assert all(r.info.status != "RUNNING" for r in all_runs)
+    return finished
+
+
+def run_two_workers(env, mlflow_uri: str, trials: int = 8) -> subprocess.CompletedProcess:
+    write_study(env[0], trials=trials, epochs=1)
+    done = subprocess.run(command(env, "--workers", "2"), capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{trials}/{trials} finished (budget reached)" in done.stdout
+    finished = check_budget_exactly_run(env, mlflow_uri, trials)
+    worker_pids = {int(pid) for pid in re.findall(r"^worker \d: pid (\d+)", done.stdout, re.MULTILINE)}
+    assert len(worker_pids) == 2
+    assert {t.user_attrs["owner"]["pid"] for t in finished} == worker_pids  # both workers ran trials
+    return done
+
+
+def test_two_local_workers_on_the_journal_file_run_exactly_the_budget(journal_env, mlflow_store):
+    done = run_two_workers(journal_env, mlflow_store)
+    assert "storage " + journal_env[1] in done.stdout
+
+
+def test_two_workers_on_postgresql_with_an_mlflow_server_run_exactly_the_budget(postgres_env):
+    env, mlflow_uri = postgres_env
+    run_two_workers(env, mlflow_uri)
+
+
+def test_kill_9_of_a_local_worker_mid_trial_is_swept_retried_and_the_budget_completes(journal_env, mlflow_store):
+    env = journal_env
+    write_study(env[0], trials=6, epochs=6)
+    coordinator = subprocess.Popen(command(env, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, env=dict(os.environ, **FAST_HEARTBEAT))
+    victim: dict = {}
+
+    def worker_mid_trial() -> int | None:  # a worker's trial has finished an epoch; another trial has finished
+        trials = load(env).trials
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        if not (running and any(t.state == TrialState.COMPLETE for t in trials)):
+            return None
+        victim.update(number=running[0].number, pid=running[0].user_attrs["owner"]["pid"])
+        return victim["pid"]
+
+    kill_mid_trial(worker_mid_trial)
+    output, _ = coordinator.communicate(timeout=600)
+    assert coordinator.returncode == 0, output
+    assert f"(pid {victim['pid']}) ended (SIGKILL)" in output
+
+    trials = load(env).trials
+    killed = trials[victim["number"]]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "stale"  # the sweep
+    retried = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retried) == 1 and retried[0].state in search.FINISHED and retried[0].params == killed.params
+    assert retried[0].user_attrs["owner"]["pid"] != victim["pid"]  # the surviving worker ran it
+    check_budget_exactly_run(env, mlflow_store, 6)
+    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_store) if "trial_number" in r.data.tags}
+    assert by_trial[killed.number].info.status == "FAILED"
+    assert by_trial[killed.number].data.tags["fail_reason"] == "stale"
+
+
+def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retried(postgres_env):
+    """Two hosts on PostgreSQL: one search in its own UTS namespace, so its host name differs and the local
+    sweep cannot see it; only Optuna's heartbeat can tell it died."""
+    env, mlflow_uri = postgres_env
+    write_study(env[0], trials=5, epochs=6)
+    process_env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, **FAST_HEARTBEAT)
+    here = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=process_env)
+    other_host = subprocess.Popen(
+        ["unshare", "--map-root-user", "--uts", "sh", "-c", 'hostname other-host && exec "$@"', "sh", *command(env)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=process_env)
+
+    killed_number: list[int] = []
+
+    def other_host_mid_trial() -> int | None:
+        trials = load(env).trials
+        running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
+                   and t.user_attrs["owner"]["host"] == "other-host"]
+        if not (running and any(t.state == TrialState.COMPLETE for t in trials)):
+            return None
+        killed_number[:] = [running[0].number]
+        return other_host.pid
+
+    kill_mid_trial(other_host_mid_trial)
+    other_host.wait()
+    killed = load(env).trials[killed_number[0]]
+    output, _ = here.communicate(timeout=600)
+    assert here.returncode == 0, output
+
+    trials = load(env).trials
+    assert trials[killed.number].state == TrialState.FAIL
+    assert "fail_reason" not in trials[killed.number].user_attrs  # not the local sweep: the heartbeat
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].state in search.FINISHED and retried[0].params == killed.params
+    check_budget_exactly_run(env, mlflow_uri, 5)
+    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_uri) if "trial_number" in r.data.tags}
+    assert by_trial[killed.number].info.status == "FAILED"
+    assert by_trial[killed.number].data.tags["fail_reason"] == "stale"
+
+
+def test_several_workers_need_a_positive_count(journal_env):
+    write_study(journal_env[0])
+    done = subprocess.run(command(journal_env, "--workers", "0"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "WORKERS=0: expected a number of worker processes >= 1" in done.stderr
+    assert not os.path.exists(journal_env[1])  # refused before anything was opened or recorded
