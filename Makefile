@@ -26,7 +26,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train search replay studies export-best predict server ui test test-slow test-faults test-scale test-browser lint format bench-data bench-trainer \
-        bench-tracking clean
+        bench-tracking bench-workers clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -99,6 +99,9 @@ bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference Da
 
 bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without
 	$(PY) benchmarks/tracking_overhead.py
+
+bench-workers: $(STAMP) data ## trials/hour of a fixed small study with 1 worker vs WORKERS (default 2)
+	$(PY) benchmarks/workers_scaling.py --workers $(or $(WORKERS),2)
 
 clean: ## remove the virtual environment and caches (keeps data/, mlruns/, studies/*.db)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -187,8 +187,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
         else:
             ran, stop_reason = _search_in_process(args, spec, study, prepared, tracker)
     except search.Interrupted as exc:
-        err_console.print(f"[yellow]{exc} received: the running trial is recorded as FAIL (interrupted) and "
-                          f"queued again; finished trials are saved. Resume with: {resume}")
+        err_console.print(f"[yellow]{exc} received: the running trial{'s are' if args.workers > 1 else ' is'} "
+                          f"recorded as FAIL (interrupted) and queued again; finished trials are saved. "
+                          f"Resume with: {resume}")
         _finish_tracking(spec, study, tracker, "KILLED")
         return 128 + exc.signal_number
     except search.TooManyFailures as exc:
@@ -297,8 +298,9 @@ def _search_with_workers(args, spec, study, url: str, device) -> tuple[int, str]
     plans = workers.plan(args.workers, args.threads, gpus)
     pool = workers.Workers(_worker_command(args, spec, url), plans)
     for p in plans:
-        console.print(f"worker {p.index}: pid {pool.processes[p.index].pid}, "
-                      + (f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else "") + f"{p.threads} threads")
+        gpu = f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else ""
+        console.print(f"worker {p.index}: pid {pool.processes[p.index].pid}, {gpu}"
+                      f"{p.threads} thread{'s' if p.threads > 1 else ''}")
     received: list[int] = []
 
     def on_signal(signal_number: int, _frame) -> None:
@@ -317,7 +319,7 @@ def _search_with_workers(args, spec, study, url: str, device) -> tuple[int, str]
             for index, item in pool.events():
                 if item is None:
                     code = pool.processes[index].returncode if index else None
-                    if code is not None and code not in (0, 1) and not received:
+                    if code and not received and failure is None:
                         what = signal.Signals(-code).name if code < 0 else f"exit code {code}"
                         progress.console.print(f"[yellow]worker {index} (pid {pool.processes[index].pid}) ended "
                                                f"({what}); the others carry on and rerun its trial")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import postgres
 import pytest
 from optuna.trial import TrialState
-from test_faults import command, kill_mid_trial, load, runs, write_study
+from test_faults import command, kill_mid_trial, load, runs, wait_until, write_study
 from ui_process import free_port, wait_for_health
 
 from pipeline import search
@@ -175,3 +175,38 @@ def test_several_workers_need_a_positive_count(journal_env):
     assert done.returncode == 2
     assert "WORKERS=0: expected a number of worker processes >= 1" in done.stderr
     assert not os.path.exists(journal_env[1])  # refused before anything was opened or recorded
+
+
+def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, mlflow_store):
+    env = journal_env
+    write_study(env[0], trials=4, epochs=6)
+    coordinator = subprocess.Popen(command(env, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+
+    def both_workers_mid_trial() -> bool:
+        return len([t for t in load(env).trials if t.state == TrialState.RUNNING and t.intermediate_values]) == 2
+
+    wait_until(both_workers_mid_trial, "two workers in the middle of a trial")
+    interrupted = {t.number: t.user_attrs["owner"]["pid"] for t in load(env).trials if t.state == TrialState.RUNNING}
+    coordinator.send_signal(signal.SIGINT)  # what Ctrl-C does to the command
+    output, _ = coordinator.communicate(timeout=120)
+    assert coordinator.returncode == 128 + signal.SIGINT, output
+    assert "SIGINT received" in output
+    for pid in interrupted.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # no worker outlives the command
+    trials = load(env).trials
+    for number in interrupted:
+        assert trials[number].state == TrialState.FAIL and trials[number].user_attrs["fail_reason"] == "interrupted"
+        assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == number for t in trials)
+    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_store) if "trial_number" in r.data.tags}
+    assert all(by_trial[number].info.status == "FAILED" for number in interrupted)
+    assert all(by_trial[number].data.tags["fail_reason"] == "interrupted" for number in interrupted)
+    parent = next(r for r in runs(mlflow_store) if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "KILLED"
+    assert all(r.info.status != "RUNNING" for r in runs(mlflow_store))
+
+    resumed = subprocess.run(command(env, "--workers", "2"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    finished = check_budget_exactly_run(env, mlflow_store, 4)
+    assert {t.user_attrs.get("retry_of") for t in finished} >= set(interrupted)  # the interrupted ones ran again
