@@ -1,6 +1,6 @@
 """Trials per hour with 1 worker vs N workers on one host, in one run.
 
-    make bench-workers      (.venv/bin/python benchmarks/workers_scaling.py [--trials 12] [--workers 2])
+    make bench-workers      (.venv/bin/python benchmarks/workers_scaling.py [--trials 24] [--workers 2])
 
 A fixed small study (studies/smoke.toml's model and data: a small CNN, 5,000 MNIST training images,
 1 epoch a trial; random sampler, no pruner, so every trial does the same amount of work) runs through
@@ -62,7 +62,7 @@ def run(workers: int, trials: int, workdir: Path) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--workers", type=int, default=2, help="compared with 1 worker")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
