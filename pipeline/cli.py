@@ -400,7 +400,8 @@ def _print_summary(spec, study, ran: int, stop_reason: str, seconds: float) -> N
             table.add_column(column, justify=justify, overflow="fold")
         param_columns = [c for c in complete.columns if c.startswith("params_")]
         for _, row in complete.iterrows():
-            shown = ", ".join(f"{c.removeprefix('params_')}={_short(row[c])}" for c in param_columns)
+            shown = ", ".join(f"{c.removeprefix('params_')}={_short(row[c])}" for c in param_columns
+                              if row[c] == row[c])  # NaN: a conditional parameter this trial did not have
             table.add_row(str(row["number"]), f"{row['value']:.4f}", f"{row['duration'].total_seconds():.0f} s",
                           escape(shown))
         console.print(table)

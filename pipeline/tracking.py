@@ -46,6 +46,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
 DEFAULT_ARTIFACT_ROOT = PROJECT_ROOT / "mlruns" / "artifacts"
 CHAMPION = "champion"
+ALIAS_ATTEMPTS = 3  # searches on several hosts may move the champion alias at the same moment
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
@@ -61,6 +62,9 @@ for _name in ("mlflow", "alembic"):
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # A server that stops answering costs 2 + 4 + 8 s per call before the error surfaces, not MLflow's ~4 minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+# With a tracking server MLflow prints two "View run ..." lines per closed run; our own output says where
+# the runs are, and a worker's stdout is its event stream.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def tracking_uri() -> str:
@@ -332,19 +336,30 @@ class StudyRun:
                     "direction": self.direction, "objective_value": repr(value), "evaluation_set": evaluation_set}
             with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own two lines; ours says more
                 version = mlflow.register_model(model_uri, self.model_name, tags=tags)
-        try:
-            current = self.client.get_model_version_by_alias(self.model_name, CHAMPION)
-        except MlflowException:
-            current = None
-        if current is not None and current.version == version.version:
-            return f"model {self.model_name!r} version {version.version} (trial {number}) is already the {CHAMPION}"
-        comparable = (current is not None and current.tags.get("objective") == self.metric
-                      and current.tags.get("evaluation_set") == evaluation_set)
-        if comparable and not _is_better(value, float(current.tags["objective_value"]), self.direction):
-            return (f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) registered; "
-                    f"{CHAMPION} stays on version {current.version} ({float(current.tags['objective_value']):.4f})")
-        self.client.set_registered_model_alias(self.model_name, CHAMPION, version.version)
-        return f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) is the {CHAMPION}"
+        for attempt in range(ALIAS_ATTEMPTS):
+            try:
+                current = self.client.get_model_version_by_alias(self.model_name, CHAMPION)
+            except MlflowException:
+                current = None
+            if current is not None and current.version == version.version:
+                return f"model {self.model_name!r} version {version.version} (trial {number}) is already the {CHAMPION}"
+            comparable = (current is not None and current.tags.get("objective") == self.metric
+                          and current.tags.get("evaluation_set") == evaluation_set)
+            if comparable and not _is_better(value, float(current.tags["objective_value"]), self.direction):
+                return (f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) "
+                        f"registered; {CHAMPION} stays on version {current.version} "
+                        f"({float(current.tags['objective_value']):.4f})")
+            try:
+                self.client.set_registered_model_alias(self.model_name, CHAMPION, version.version)
+            except MlflowException:
+                # Another search (another host) set the alias at the same moment: look at the champion again.
+                if attempt == ALIAS_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5 + attempt)
+                continue
+            return (f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) "
+                    f"is the {CHAMPION}")
+        raise AssertionError("unreachable")
 
     # ---- the end of an invocation ------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import postgres
 import pytest
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 from test_faults import command, kill_mid_trial, load, runs, wait_until, write_study
 from ui_process import free_port, wait_for_health
@@ -210,3 +211,19 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     finished = check_budget_exactly_run(env, mlflow_store, 4)
     assert {t.user_attrs.get("retry_of") for t in finished} >= set(interrupted)  # the interrupted ones ran again
+
+
+def test_two_hosts_at_once_share_the_study_the_parent_run_and_the_champion(postgres_env):
+    """The README's many-hosts set-up: the same command on two hosts at once, ending at about the same time."""
+    env, mlflow_uri = postgres_env
+    write_study(env[0], trials=6, epochs=1)
+    process_env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
+    hosts = [subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=process_env) for _ in range(2)]
+    outputs = [host.communicate(timeout=600)[0] for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], outputs
+    assert not any("could not record" in output for output in outputs), outputs  # e.g. the champion alias
+    finished = check_budget_exactly_run(env, mlflow_uri, 6)
+    best = max((t for t in finished if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
+    champion = MlflowClient(mlflow_uri).get_model_version_by_alias("faulty", "champion")
+    assert float(champion.tags["objective_value"]) == best.value
