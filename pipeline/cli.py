@@ -169,7 +169,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if client is not None and not trackers:
         trackers.append(search.start_tracking(spec, study, client))
     tracker = trackers[0] if trackers else None
-    prepared = search.prepare_data(spec, args.root, device)  # before any worker starts: data lands once
+    # Before any worker starts, so the data lands once; the coordinator of workers keeps it off the GPU.
+    prepared = search.prepare_data(spec, args.root, device if args.workers == 1 else "cpu")
     if args.worker is not None:
         return _search_worker(spec, study, prepared, args.threads, tracker)
     if args.workers > 1 and url.startswith("sqlite:"):
@@ -294,7 +295,8 @@ def _search_with_workers(args, spec, study, url: str, device) -> tuple[int, str]
     """
     from pipeline import search, workers
 
-    gpus = workers.visible_gpus() if device.type == "cuda" else []
+    # GPUs are shared out when the device is left to us; `--device cuda:1` keeps every worker on that GPU.
+    gpus = workers.visible_gpus() if device.type == "cuda" and args.device in ("auto", "cuda") else []
     plans = workers.plan(args.workers, args.threads, gpus)
     pool = workers.Workers(_worker_command(args, spec, url), plans)
     for p in plans:
@@ -308,64 +310,83 @@ def _search_with_workers(args, spec, study, url: str, device) -> tuple[int, str]
         pool.signal_all(signal_number)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    live = console.is_terminal
-    progress = _progress(live)
-    trials_task = progress.add_task(f"trials | {_best_text(study)}", total=spec.trials,
-                                    completed=search.finished_count(study))
-    tasks = {p.index: progress.add_task(f"worker {p.index}: starting", total=None) for p in plans}
-    ran, reasons, failure = 0, set(), None
+    view = _WorkersView(spec, study, pool)
     try:
-        with progress:
+        with view.progress:
             for index, item in pool.events():
+                if index == 0:
+                    continue  # nothing arrived for a moment
                 if item is None:
-                    code = pool.processes[index].returncode if index else None
-                    if code and not received and failure is None:
-                        what = signal.Signals(-code).name if code < 0 else f"exit code {code}"
-                        progress.console.print(f"[yellow]worker {index} (pid {pool.processes[index].pid}) ended "
-                                               f"({what}); the others carry on and rerun its trial")
-                    if code is not None:
-                        progress.update(tasks[index], description=f"worker {index}: ended", total=1, completed=1)
-                    continue
-                if isinstance(item, str):  # a worker's own line (an error message, a warning from a library)
-                    progress.console.print(f"[dim]worker {index}:[/] {escape(item)}")
-                    continue
-                event = item["event"]
-                if event == "trial_start":
-                    progress.reset(tasks[index], description=f"worker {index}: trial {item['number']} epoch 1",
-                                   total=None)
-                elif event == "batch":
-                    progress.update(tasks[index], completed=item["done"], total=item["total"])
-                elif event == "epoch":
-                    progress.reset(tasks[index], total=None,
-                                   description=f"worker {index}: trial {item['number']} epoch {item['epoch'] + 1}")
-                    if not live:
-                        console.print(f"  worker {index}: " + _epoch_line(
-                            item["number"], item["epoch"], item["val_accuracy"], item["val_loss"], item["seconds"]))
-                elif event == "trial_end":
-                    progress.console.print(escape(item["line"]) + f"  (worker {index})")
-                    progress.update(trials_task, completed=search.finished_count(study),
-                                    description=f"trials | {_best_text(study)}")
-                elif event == "waiting":
-                    progress.update(tasks[index], description=f"worker {index}: waiting for the last trials")
-                elif event == "warning":
-                    progress.console.print(f"[yellow]warning (worker {index}):[/] {escape(item['text'])}")
-                elif event == "too_many_failures" and failure is None:
-                    failure = item["text"]
-                    pool.signal_all(signal.SIGTERM)  # the study stops: the others stop too
-                elif event == "done":
-                    ran += item["ran"]
-                    reasons.add(item["stop_reason"])
+                    view.worker_ended(index, expected=bool(received))
+                elif isinstance(item, str):  # a worker's own line (an error message, a library's warning)
+                    view.say(f"[dim]worker {index}:[/] {escape(item)}")
+                else:
+                    view.show(index, item)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:
         raise search.Interrupted(received[0])
-    if failure is not None:
-        raise search.TooManyFailures(failure)
-    if search.finished_count(study) < spec.trials and "timeout" not in reasons:
+    if view.failure is not None:
+        raise search.TooManyFailures(view.failure)
+    if search.finished_count(study) < spec.trials and "timeout" not in view.stop_reasons:
         raise search.TooManyFailures(f"every worker stopped before the budget was reached (exit codes "
                                      f"{pool.exit_codes()}); see the lines above")
-    return ran, "timeout" if "timeout" in reasons else "budget"
+    return view.ran, "timeout" if "timeout" in view.stop_reasons else "budget"
+
+
+class _WorkersView:
+    """The one view of a study several workers run: the study's trials bar, one line per worker, each
+    finished trial once; plain lines instead of bars when the output is not a terminal."""
+
+    def __init__(self, spec, study, pool):
+        from pipeline import search
+
+        self.study, self.pool, self.search = study, pool, search
+        self.live = console.is_terminal
+        self.progress = _progress(self.live)
+        self.trials_task = self.progress.add_task(f"trials | {_best_text(study)}", total=spec.trials,
+                                                  completed=search.finished_count(study))
+        self.tasks = {p.index: self.progress.add_task(f"worker {p.index}: starting", total=None) for p in pool.plans}
+        self.ran, self.stop_reasons, self.failure = 0, set(), None
+
+    def say(self, text: str) -> None:
+        self.progress.console.print(text)
+
+    def worker_ended(self, index: int, expected: bool) -> None:
+        code = self.pool.processes[index].returncode
+        if code and not expected and self.failure is None:
+            what = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+            self.say(f"[yellow]worker {index} (pid {self.pool.processes[index].pid}) ended ({what}); "
+                     "the others carry on and rerun its trial")
+        self.progress.update(self.tasks[index], description=f"worker {index}: ended", total=1, completed=1)
+
+    def show(self, index: int, event: dict) -> None:
+        kind, task = event["event"], self.tasks[index]
+        if kind == "trial_start":
+            self.progress.reset(task, description=f"worker {index}: trial {event['number']} epoch 1", total=None)
+        elif kind == "batch":
+            self.progress.update(task, completed=event["done"], total=event["total"])
+        elif kind == "epoch":
+            self.progress.reset(task, total=None,
+                                description=f"worker {index}: trial {event['number']} epoch {event['epoch'] + 1}")
+            if not self.live:
+                self.say(f"  worker {index}: " + _epoch_line(event["number"], event["epoch"], event["val_accuracy"],
+                                                              event["val_loss"], event["seconds"]))
+        elif kind == "trial_end":
+            self.say(escape(event["line"]) + f"  (worker {index})")
+            self.progress.update(self.trials_task, completed=self.search.finished_count(self.study),
+                                 description=f"trials | {_best_text(self.study)}")
+        elif kind == "waiting":
+            self.progress.update(task, description=f"worker {index}: waiting for the last trials")
+        elif kind == "warning":
+            self.say(f"[yellow]warning (worker {index}):[/] {escape(event['text'])}")
+        elif kind == "too_many_failures" and self.failure is None:
+            self.failure = event["text"]
+            self.pool.signal_all(signal.SIGTERM)  # the study stops: the other workers stop too
+        elif kind == "done":
+            self.ran += event["ran"]
+            self.stop_reasons.add(event["stop_reason"])
 
 
 def _worker_command(args, spec, url: str) -> list[str]:

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import postgres
@@ -184,12 +185,23 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
     coordinator = subprocess.Popen(command(env, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)
 
-    def both_workers_mid_trial() -> bool:
-        return len([t for t in load(env).trials if t.state == TrialState.RUNNING and t.intermediate_values]) == 2
+    def mid_trial() -> dict[int, int]:  # trial -> worker pid, for trials with epochs both done and to come
+        return {t.number: t.user_attrs["owner"]["pid"] for t in load(env).trials
+                if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 5}
 
-    wait_until(both_workers_mid_trial, "two workers in the middle of a trial")
-    interrupted = {t.number: t.user_attrs["owner"]["pid"] for t in load(env).trials if t.state == TrialState.RUNNING}
-    coordinator.send_signal(signal.SIGINT)  # what Ctrl-C does to the command
+    while True:  # both workers frozen while it is checked, so no trial ends between the check and the signal
+        wait_until(lambda: len(mid_trial()) == 2, "two workers in the middle of a trial")
+        interrupted = mid_trial()
+        for pid in interrupted.values():
+            os.kill(pid, signal.SIGSTOP)
+        if mid_trial() == interrupted:
+            break
+        for pid in interrupted.values():
+            os.kill(pid, signal.SIGCONT)
+    coordinator.send_signal(signal.SIGINT)  # what Ctrl-C does to the command: it passes it on to the workers
+    time.sleep(1)
+    for pid in interrupted.values():
+        os.kill(pid, signal.SIGCONT)  # each finds the signal waiting for it
     output, _ = coordinator.communicate(timeout=120)
     assert coordinator.returncode == 128 + signal.SIGINT, output
     assert "SIGINT received" in output
