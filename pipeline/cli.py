@@ -349,6 +349,7 @@ class _WorkersView:
                                                   completed=search.finished_count(study))
         self.tasks = {p.index: self.progress.add_task(f"worker {p.index}: starting", total=None) for p in pool.plans}
         self.ran, self.stop_reasons, self.failure = 0, set(), None
+        self.waiting: set[int] = set()  # workers waiting for other workers' last trials
 
     def say(self, text: str) -> None:
         self.progress.console.print(text)
@@ -364,6 +365,7 @@ class _WorkersView:
     def show(self, index: int, event: dict) -> None:
         kind, task = event["event"], self.tasks[index]
         if kind == "trial_start":
+            self.waiting.discard(index)
             self.progress.reset(task, description=f"worker {index}: trial {event['number']} epoch 1", total=None)
         elif kind == "batch":
             self.progress.update(task, completed=event["done"], total=event["total"])
@@ -377,8 +379,10 @@ class _WorkersView:
             self.say(escape(event["line"]) + f"  (worker {index})")
             self.progress.update(self.trials_task, completed=self.search.finished_count(self.study),
                                  description=f"trials | {_best_text(self.study)}")
-        elif kind == "waiting":
-            self.progress.update(task, description=f"worker {index}: waiting for the last trials")
+        elif kind == "waiting" and index not in self.waiting:  # repeated every second while it waits
+            self.waiting.add(index)
+            self.progress.update(task, description=f"worker {index}: waiting for the last trials", total=1,
+                                 completed=1)  # its own part is done
         elif kind == "warning":
             self.say(f"[yellow]warning (worker {index}):[/] {escape(event['text'])}")
         elif kind == "too_many_failures" and self.failure is None:
