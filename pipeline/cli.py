@@ -249,7 +249,10 @@ def _search_in_process(args, spec, study, prepared, tracker) -> tuple[int, str]:
         progress.update(trials_task, completed=search.finished_count(study),
                         description=f"trials | {_best_text(study)}")
 
-    events = search.TrialEvents(on_trial_start, on_epoch, on_batch if live else None)
+    def on_wait() -> None:  # another search on this study runs the budget's last trials
+        progress.update(trials_task, description=f"waiting for other processes' last trials | {_best_text(study)}")
+
+    events = search.TrialEvents(on_trial_start, on_epoch, on_batch if live else None, on_wait=on_wait)
     with progress:
         outcome = search.run(spec, study, prepared, events, on_trial_end, threads=args.threads, tracker=tracker)
     return outcome.ran, outcome.stop_reason

@@ -83,6 +83,7 @@ def run_two_workers(env, mlflow_uri: str, trials: int = 8) -> subprocess.Complet
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{trials}/{trials} finished (budget reached)" in done.stdout
     finished = check_budget_exactly_run(env, mlflow_uri, trials)
+    assert len([r for r in runs(mlflow_uri) if "mlflow.parentRunId" in r.data.tags]) == trials  # one per trial
     worker_pids = {int(pid) for pid in re.findall(r"^worker \d: pid (\d+)", done.stdout, re.MULTILINE)}
     assert len(worker_pids) == 2
     assert {t.user_attrs["owner"]["pid"] for t in finished} == worker_pids  # both workers ran trials
@@ -181,13 +182,14 @@ def test_several_workers_need_a_positive_count(journal_env):
 
 def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, mlflow_store):
     env = journal_env
-    write_study(env[0], trials=4, epochs=6)
+    write_study(env[0], trials=4, epochs=30)  # long trials: both workers are mid-trial most of the time
     coordinator = subprocess.Popen(command(env, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)
 
     def mid_trial() -> dict[int, int]:  # trial -> worker pid, for trials with epochs both done and to come
+        assert coordinator.poll() is None, coordinator.communicate()[0]  # it ended before it could be stopped
         return {t.number: t.user_attrs["owner"]["pid"] for t in load(env).trials
-                if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 5}
+                if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 25}
 
     while True:  # both workers frozen while it is checked, so no trial ends between the check and the signal
         wait_until(lambda: len(mid_trial()) == 2, "two workers in the middle of a trial")
