@@ -102,7 +102,7 @@ def test_two_workers_on_postgresql_with_an_mlflow_server_run_exactly_the_budget(
 
 def test_kill_9_of_a_local_worker_mid_trial_is_swept_retried_and_the_budget_completes(journal_env, mlflow_store):
     env = journal_env
-    write_study(env[0], trials=6, epochs=6)
+    write_study(env[0], trials=6, epochs=10)
     coordinator = subprocess.Popen(command(env, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, env=dict(os.environ, **FAST_HEARTBEAT))
     victim: dict = {}
@@ -136,7 +136,7 @@ def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retri
     """Two hosts on PostgreSQL: one search in its own UTS namespace, so its host name differs and the local
     sweep cannot see it; only Optuna's heartbeat can tell it died."""
     env, mlflow_uri = postgres_env
-    write_study(env[0], trials=5, epochs=6)
+    write_study(env[0], trials=5, epochs=10)
     process_env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, **FAST_HEARTBEAT)
     here = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=process_env)
