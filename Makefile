@@ -60,9 +60,9 @@ export-best: $(STAMP) ## champion of STUDY -> exports/STUDY/, verified by a fres
 predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="a.png b.jpg"
 	$(PY) -m pipeline predict --export "$(EXPORT)" $(IMAGES)
 
-server: $(STAMP) ## MLflow tracking server for other hosts: [HOST=0.0.0.0] [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir]
+server: $(STAMP) ## MLflow tracking server for other hosts: [HOST=0.0.0.0] [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir] [ALLOWED_HOSTS=name,...]
 	$(PY) -m pipeline server --host $(or $(HOST),0.0.0.0) --port $(PORT) $(if $(BACKEND),--backend $(BACKEND)) \
-		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
+		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT=5001]
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))

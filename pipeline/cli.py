@@ -498,12 +498,23 @@ def _cmd_server(args: argparse.Namespace) -> int:
     shown = "<this host>" if args.host == "0.0.0.0" else args.host
     console.print(f"MLflow tracking server on {args.host}:{args.port} (backend {backend}, artifacts {artifacts}); "
                   f"point searches at it with MLFLOW_TRACKING_URI=http://{shown}:{args.port}  (Ctrl-C stops it)")
-    return _serve_mlflow(backend, args.host, args.port, artifacts, "make server")
+    return _serve_mlflow(backend, args.host, args.port, artifacts, "make server", _allowed_hosts(args.allowed_hosts))
 
 
-def _serve_mlflow(backend: str, host: str, port: int, artifacts: Path, target: str) -> int:
+def _allowed_hosts(extra: str | None) -> str:
+    """The Host headers the server answers: MLflow's defaults (localhost, private IP addresses), this
+    host's own names, and `extra`. MLflow 3 refuses any other name (DNS rebinding protection), and
+    training hosts usually reach the server by its host name."""
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    names = sorted({socket.gethostname(), socket.getfqdn()})
+    listed = [h.strip() for h in (extra or "").split(",") if h.strip()]
+    return ",".join([*get_default_allowed_hosts(), *names, *(f"{name}:*" for name in names), *listed])
+
+
+def _serve_mlflow(backend: str, host: str, port: int, artifacts: Path, target: str,
+                  allowed_hosts: str | None = None) -> int:
     """Run `mlflow server` until Ctrl-C, SIGTERM or a closed terminal; artifacts are proxied by the server."""
-    import socket
     import subprocess
 
     with socket.socket() as probe:
@@ -511,6 +522,8 @@ def _serve_mlflow(backend: str, host: str, port: int, artifacts: Path, target: s
             raise BadInput(f"port {port} is already in use; pick another with PORT=5001 ({target}) or --port")
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--host", host,
                "--port", str(port), "--workers", "1", "--artifacts-destination", str(artifacts)]
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
     # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us (Ctrl-C,
     # SIGTERM, a closed terminal); if we are killed outright, the kernel tells the server (Linux).
     server = subprocess.Popen(command, start_new_session=True, preexec_fn=stop_with_parent)
@@ -730,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="database URI (default: $MLFLOW_TRACKING_URI or sqlite mlruns/mlflow.db), e.g. postgresql://...")
     p.add_argument("--artifacts", type=Path, default=None, help="where the server keeps artifacts "
                    "(default: mlruns/artifacts, or beside the SQLite file)")
+    p.add_argument("--allowed-hosts", default=None, help="more names clients may reach it by, comma-separated "
+                   "(localhost, private IP addresses and this host's names are always allowed), e.g. mlflow.lab")
     p.set_defaults(run=_cmd_server)
 
     p = commands.add_parser("studies", help="list the studies with trials done, best value and state")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 
 import postgres
 import pytest
+import requests
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from test_faults import command, kill_mid_trial, load, runs, wait_until, write_study
@@ -241,3 +243,23 @@ def test_two_hosts_at_once_share_the_study_the_parent_run_and_the_champion(postg
     best = max((t for t in finished if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
     champion = MlflowClient(mlflow_uri).get_model_version_by_alias("faulty", "champion")
     assert float(champion.tags["objective_value"]) == best.value
+
+
+def test_the_tracking_server_answers_by_its_host_name_and_listed_names_only(tmp_path):
+    """MLflow 3 refuses unknown Host headers; training hosts reach `make server` by the server's host name."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "server", "--host", "127.0.0.1", "--port", str(port), "--backend",
+         f"sqlite:///{tmp_path}/server.db", "--artifacts", str(tmp_path / "artifacts"),
+         "--allowed-hosts", "mlflow.lab"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_health(port)
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=1"
+        name = socket.gethostname()
+        for host, status in ((f"{name}:{port}", 200), (name, 200), ("mlflow.lab", 200), (f"127.0.0.1:{port}", 200),
+                             (f"elsewhere.example:{port}", 403)):
+            assert requests.get(url, headers={"Host": host}, timeout=30).status_code == status, host
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
