@@ -345,7 +345,7 @@ class _WorkersView:
     def __init__(self, spec, study, pool):
         from pipeline import search
 
-        self.study, self.pool, self.search = study, pool, search
+        self.study, self.pool = study, pool
         self.live = console.is_terminal
         self.progress = _progress(self.live)
         self.trials_task = self.progress.add_task(f"trials | {_best_text(study)}", total=spec.trials,
@@ -379,8 +379,10 @@ class _WorkersView:
                 self.say(f"  worker {index}: " + _epoch_line(event["number"], event["epoch"], event["val_accuracy"],
                                                               event["val_loss"], event["seconds"]))
         elif kind == "trial_end":
+            from pipeline import search
+
             self.say(escape(event["line"]) + f"  (worker {index})")
-            self.progress.update(self.trials_task, completed=self.search.finished_count(self.study),
+            self.progress.update(self.trials_task, completed=search.finished_count(self.study),
                                  description=f"trials | {_best_text(self.study)}")
         elif kind == "waiting" and index not in self.waiting:  # repeated every second while it waits
             self.waiting.add(index)

@@ -97,9 +97,6 @@ class Workers:
                 self.processes[index].wait()
             yield index, item
 
-    def pids(self) -> dict[int, int]:
-        return {index: p.pid for index, p in self.processes.items()}
-
     def signal_all(self, signal_number: int) -> None:
         for process in self.processes.values():
             if process.poll() is None:
