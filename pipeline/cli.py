@@ -180,6 +180,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                   f"{len(prepared.train):,}/{len(prepared.val):,} images, {device}, sampler {spec.sampler}, "
                   f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
                   + (f" | {args.workers} workers, storage {url}" if args.workers > 1 else ""))
+    if args.workers > 1:
+        prepared = None  # each worker loads its own copy; the coordinator need not hold one for the whole run
     resume = f"make search STUDY={spec.name}" + (f" WORKERS={args.workers}" if args.workers > 1 else "")
     started = time.monotonic()
     try:

@@ -488,7 +488,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
                 events.on_warning(f"trial {number} was left RUNNING by a process that died: failed and queued again")
             if time.monotonic() >= deadline:
                 return SearchOutcome(study, ran, "timeout", time.monotonic() - started)
-            if finished_count(study) + running_count(study) >= spec.trials:
+            if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= spec.trials:
                 # Other workers hold the rest of the budget. Wait: if one of their trials fails, it is redone.
                 events.on_wait()
                 time.sleep(WAIT_SECONDS)
@@ -505,7 +505,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: data_module.PreparedData
                     except Exception as exc:
                         events.on_warning(f"MLflow could not close the interrupted trial's run ({exc})")
                 if objective.running is not None:
-                    _requeue(study, objective.running)
+                    _requeue(study, study.get_trials(deepcopy=False)[objective.running])
                 raise
             objective.running = None
             trial = last[0]
@@ -570,7 +570,7 @@ def fail_dead_owners(study: optuna.Study) -> list[int]:
             continue  # another worker swept it first
         retries = trial.user_attrs.get("retries", 0)
         if retries < MAX_RETRIES:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries + 1})
+            _requeue(study, trial, retries=retries + 1)
         failed.append(trial.number)
     return failed
 
@@ -585,10 +585,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _requeue(study: optuna.Study, number: int) -> None:
-    """The interrupted trial is FAIL now; queue its parameters so the next run retries it first."""
-    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": number})
+def _requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, **user_attrs: Any) -> None:
+    """A failed (interrupted, stale) trial's parameters queued again, so the next free worker runs them first."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **user_attrs})
 
 
 def best_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
