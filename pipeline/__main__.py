@@ -1,3 +1,5 @@
 from pipeline.cli import main
 
-raise SystemExit(main())
+# Guarded: the image decoder's worker processes (spawned) import this module too.
+if __name__ == "__main__":
+    raise SystemExit(main())

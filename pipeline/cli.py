@@ -61,7 +61,7 @@ def _study_baseline(args: argparse.Namespace) -> dict:
     from pipeline import search, studies
 
     spec = studies.load(args.study)
-    args.dataset = spec.dataset
+    args.dataset = spec.data
     args.val_size = spec.val_size
     args.train_limit = args.train_limit or spec.train_limit
     args.val_limit = args.val_limit or spec.val_limit
@@ -83,8 +83,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     prepared = data.prepare(args.dataset, args.root, device, val_size=args.val_size, train_limit=args.train_limit,
                             val_limit=args.val_limit)
     console.print(
-        f"[bold]{model}[/] on {args.dataset} ({len(prepared.train):,} train / {len(prepared.val):,} val, "
-        f"split {prepared.split_hash}), {device}, precision {train.pick_precision(resolved['precision'], device)}, "
+        f"[bold]{model}[/] on {prepared.dataset} ({len(prepared.train):,} train / {len(prepared.val):,} val, "
+        f"{'x'.join(map(str, prepared.input_shape))} {prepared.mode}, split {prepared.split_hash}), {device}, precision {train.pick_precision(resolved['precision'], device)}, "
         f"seed {args.seed}"
     )
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -176,8 +176,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if args.workers > 1 and url.startswith("sqlite:"):
         err_console.print(f"[yellow]note:[/] {args.workers} workers share the SQLite file {url}: Optuna advises a "
                           "journal file (STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
-    console.print(f"[bold]{study.study_name}[/]: {spec.description or spec.name} | {spec.dataset} "
-                  f"{len(prepared.train):,}/{len(prepared.val):,} images, {device}, sampler {spec.sampler}, "
+    shape = "x".join(map(str, prepared.input_shape))
+    console.print(f"[bold]{study.study_name}[/]: {spec.description or spec.name} | {prepared.dataset} "
+                  f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({prepared.mode}, digest "
+                  f"{prepared.checksum}), {device}, sampler {spec.sampler}, "
                   f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
                   + (f" | {args.workers} workers, storage {url}" if args.workers > 1 else ""))
     if args.workers > 1:
@@ -686,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="one training run of a model family's baseline (+ --set overrides)")
     p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet18"])
     p.add_argument("--study", default=None, help="train this study's first baseline trial instead of --model's")
-    p.add_argument("--dataset", default="mnist", choices=sorted(datasets.DATASETS))
+    p.add_argument("--dataset", default="mnist", choices=[*sorted(datasets.DATASETS), "cifar10", "cifar100"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set lr=0.01 --set cnn_channels=[32,64] (repeatable)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")

@@ -1,46 +1,113 @@
-"""From landed dataset files to device-resident batches.
+"""From landed datasets to device-resident batches.
 
-The whole split lives on the device as uint8 (MNIST's 60,000 images are 47 MB); each batch is a slice
-of that tensor, converted, augmented and normalised on the device with batched tensor math. There is
-no DataLoader and no per-sample Python. All randomness (epoch permutations, augmentation parameters)
-is drawn from one seeded CPU `torch.Generator`, so the same seed gives the same batches bit for bit
-on any device; only the small parameter tensors travel to the device.
+A study names a built-in dataset (`mnist`, `fashion-mnist`: IDX files; `cifar10`, `cifar100`: the
+decoded-image cache) or its own folder (`folders.FolderSource`, decoded once into the cache). Either way
+the images arrive as uint8 [N, C, H, W]. The whole split lives on the device as uint8 (MNIST's 60,000
+images are 47 MB); each batch is a slice of that tensor, converted, augmented and normalised on the
+device with batched tensor math. A split too large for the device (or for the stated share of RAM on
+the CPU) stays memory-mapped in the cache and each batch is gathered from it instead. There is no
+DataLoader and no per-sample Python. All randomness (epoch permutations, augmentation parameters) is
+drawn from one seeded CPU `torch.Generator`, so the same seed gives the same batches bit for bit on any
+device; only the small parameter tensors travel to the device.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import datasets
-from pipeline.datasets import DEFAULT_ROOT
+from pipeline import datasets, imagecache
+from pipeline.datasets import DEFAULT_ROOT, PROJECT_ROOT
 from pipeline.errors import DataError
+from pipeline.fileio import write_atomic
+from pipeline.images import Preprocessing
+from pipeline.sources import DIGITS, FolderSource
 
 DEFAULT_VAL_SIZE = 5000
 DEFAULT_SPLIT_SEED = 0
+TEST_SPLIT_SEED = 1000  # carving a folder's test split: fixed, so every study of the folder holds out the same
+RAM_SHARE = 0.5  # on the CPU a split stays resident while it fits in this share of the machine's memory
+DEVICE_MEMORY_SHARE = 0.5  # on a GPU: of its free memory
+DatasetRef = str | FolderSource
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def dataset_label(dataset: DatasetRef) -> str:
+    """The dataset's name in records: the built-in name, or the folder's name."""
+    return dataset if isinstance(dataset, str) else dataset.name
 
 
 @dataclass(frozen=True)
 class Arrays:
-    """The four files of a dataset as CPU tensors: images uint8 [N, 28, 28], labels int64 [N]."""
+    """A dataset as CPU tensors: images uint8 [N, C, H, W] (memory-mapped for cached sources), labels int64 [N].
 
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    `train_rows` and `test_rows` say which images form the training file and the test split;
+    `given_val` lists the training images (positions in `train_rows`) that the source itself assigned to
+    validation, or is None when the pipeline carves the validation split.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    train_rows: torch.Tensor
+    test_rows: torch.Tensor
+    classes: tuple[str, ...]
+    checksum: str  # the dataset digest recorded with every result
+    preprocessing: Preprocessing
+    source: str  # where the images came from, for records
+    given_val: torch.Tensor | None = None
+    memory_mapped: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.labels[self.train_rows]
+
+    @property
+    def train_images(self) -> torch.Tensor:
+        return self.images[self.train_rows]
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        return self.labels[self.test_rows]
+
+    @property
+    def test_images(self) -> torch.Tensor:
+        return self.images[self.test_rows]
 
 
-def load_arrays(name: str, root: Path = DEFAULT_ROOT) -> Arrays:
-    """Land the dataset if needed (verifying every file's checksum) and read it as tensors.
+def load_arrays(dataset: DatasetRef, root: Path = DEFAULT_ROOT, log: Callable[[str], None] = _stderr) -> Arrays:
+    """Land the dataset if needed (verifying every file) and read it as tensors.
 
     A missing dataset is fetched from its sources; a corrupt file raises DataError naming it.
     """
+    if isinstance(dataset, FolderSource):
+        from pipeline import folders
+
+        return _from_cache(folders.land_folder(dataset, PROJECT_ROOT, root, log))
+    if dataset in ("cifar10", "cifar100"):
+        from pipeline import cifar
+
+        return _from_cache(cifar.land_cifar(dataset, root, log))
+    return _from_idx(dataset, root)
+
+
+def _from_idx(name: str, root: Path) -> Arrays:
     info = datasets.dataset_info(name)
     datasets.land(name, root)
     raw = info.raw_dir(root)
@@ -48,11 +115,43 @@ def load_arrays(name: str, root: Path = DEFAULT_ROOT) -> Arrays:
     def tensor(file_name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(datasets.read_idx(raw / file_name).copy()).to(dtype)
 
+    train_images, test_images = tensor(datasets.TRAIN_IMAGES, torch.uint8), tensor(datasets.TEST_IMAGES, torch.uint8)
+    n_train, n_test = len(train_images), len(test_images)
     return Arrays(
-        train_images=tensor(datasets.TRAIN_IMAGES, torch.uint8),
-        train_labels=tensor(datasets.TRAIN_LABELS, torch.int64),
-        test_images=tensor(datasets.TEST_IMAGES, torch.uint8),
-        test_labels=tensor(datasets.TEST_LABELS, torch.int64),
+        images=torch.cat([train_images, test_images]).unsqueeze(1),
+        labels=torch.cat([tensor(datasets.TRAIN_LABELS, torch.int64), tensor(datasets.TEST_LABELS, torch.int64)]),
+        train_rows=torch.arange(n_train),
+        test_rows=torch.arange(n_train, n_train + n_test),
+        classes=info.classes,
+        checksum=info.checksum,
+        preprocessing=Preprocessing(28, "gray", name if name in DIGITS else "photo"),
+        source=str(raw),
+    )
+
+
+def _from_cache(cached: imagecache.CachedImages) -> Arrays:
+    """Training rows: the given train (+ val) images, or all but the carved test split; test rows likewise."""
+    labels = torch.from_numpy(cached.labels)
+    split = torch.from_numpy(cached.split.astype(np.int64))
+    carve = torch.nonzero(split == imagecache.CARVE).flatten()
+    given_val = None
+    if len(carve):
+        fraction = cached.manifest.get("folder", {}).get("test_fraction", 0.1)
+        test_size = max(len(torch.unique(labels[carve])), round(fraction * len(carve)))
+        carved = stratified_split(labels[carve], test_size, TEST_SPLIT_SEED, what="test split")
+        train_rows, test_rows = carve[carved.train_indices], carve[carved.val_indices]
+    else:
+        train_rows = torch.nonzero((split == imagecache.TRAIN) | (split == imagecache.VAL)).flatten()
+        test_rows = torch.nonzero(split == imagecache.TEST).flatten()
+        given = torch.nonzero(split[train_rows] == imagecache.VAL).flatten()
+        given_val = given if len(given) else None
+    if len(test_rows) == 0:
+        raise DataError(f"{cached.manifest['source']}: the test split is empty; add pictures to test/ "
+                        "(or remove test/ to let the pipeline carve one)")
+    return Arrays(
+        images=torch.from_numpy(cached.images), labels=labels, train_rows=train_rows, test_rows=test_rows,
+        classes=cached.classes, checksum=cached.digest, preprocessing=Preprocessing(**cached.manifest["preprocessing"]),
+        source=cached.manifest["source"], given_val=given_val, memory_mapped=True,
     )
 
 
@@ -75,14 +174,16 @@ def split_hash(train_indices: torch.Tensor, val_indices: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def stratified_split(labels: torch.Tensor, val_size: int = DEFAULT_VAL_SIZE, seed: int = DEFAULT_SPLIT_SEED) -> Split:
+def stratified_split(labels: torch.Tensor, val_size: int = DEFAULT_VAL_SIZE, seed: int = DEFAULT_SPLIT_SEED,
+                     what: str = "validation split") -> Split:
     """Carve `val_size` validation indices with each class in proportion to its share of `labels`.
 
     Per-class quotas use largest remainders so they add up to exactly `val_size`.
     """
     n = len(labels)
     if not 0 < val_size < n:
-        raise DataError(f"validation size {val_size} must be between 1 and {n - 1} (the training set has {n})")
+        raise DataError(f"{what}: size {val_size} must be between 1 and {n - 1} (the set it is carved from has {n} "
+                        "images); change val_size / the fractions in [dataset], or add pictures")
     classes, counts = torch.unique(labels, return_counts=True)
     exact = counts.to(torch.float64) * val_size / n
     quotas = exact.floor().to(torch.int64)
@@ -152,48 +253,155 @@ class Augment:
 
 
 # --------------------------------------------------------------------------------------------------
+# Augmentation for natural images: random crop with padding, horizontal flip, mild colour jitter
+
+
+@dataclass(frozen=True)
+class NaturalAugment:
+    """The classic recipe for photos (CIFAR-10's): pad and crop back at a random offset, flip half the images
+    left-right, jitter brightness, contrast and (RGB) saturation. Strength 1: padding of an eighth of the
+    image (4 px at 32), jitter of 20%."""
+
+    padding: int = 4  # pixels per side
+    flip: bool = True
+    jitter: float = 0.2  # factors uniform in [1 - jitter, 1 + jitter]
+
+    @classmethod
+    def from_strength(cls, strength: float, image_size: int) -> NaturalAugment | None:
+        if strength < 0:
+            raise DataError(f"augmentation strength {strength} must be >= 0 (0 turns it off)")
+        if strength == 0:
+            return None
+        return cls(padding=max(1, round(strength * image_size / 8)), flip=True, jitter=min(0.9, 0.2 * strength))
+
+    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Float images [B, C, H, W] in [0, 1]; the padding is a reflection of the border."""
+        batch, channels, height, width = images.shape
+        p = self.padding
+        draws = torch.rand(batch, 6, generator=generator, dtype=torch.float32)
+        shifts = (draws[:, :2] * (2 * p + 1)).floor().to(torch.int64).clamp_(max=2 * p).to(images.device)
+        padded = F.pad(images, (p, p, p, p), mode="reflect") if p < min(height, width) else \
+            F.pad(images, (p, p, p, p), mode="replicate")
+        rows = (torch.arange(height, device=images.device)[None, :] + shifts[:, :1])  # [B, H]
+        cols = (torch.arange(width, device=images.device)[None, :] + shifts[:, 1:])  # [B, W]
+        index = torch.arange(batch, device=images.device)[:, None, None, None]
+        channel = torch.arange(channels, device=images.device)[None, :, None, None]
+        x = padded[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
+        if self.flip:
+            flipped = (draws[:, 2] < 0.5).to(images.device)[:, None, None, None]
+            x = torch.where(flipped, x.flip(3), x)
+        if self.jitter > 0:
+            factors = (1 + (draws[:, 3:] * 2 - 1) * self.jitter).to(images.device)  # brightness, contrast, saturation
+            x = x * factors[:, 0, None, None, None]
+            gray = x.mean(dim=1, keepdim=True) if channels == 1 else \
+                (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = (x - gray.mean(dim=(2, 3), keepdim=True)) * factors[:, 1, None, None, None] \
+                + gray.mean(dim=(2, 3), keepdim=True)
+            if channels == 3:
+                gray = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+                x = gray + (x - gray) * factors[:, 2, None, None, None]
+        return x.clamp_(0.0, 1.0)
+
+
+def make_augment(policy: str, strength: float, image_size: int) -> Augment | NaturalAugment | None:
+    """The augmentation a trial trains with: `policy` (resolved, not "auto") at `strength`."""
+    if policy == "digits":
+        return Augment.from_strength(strength)
+    if policy == "natural":
+        return NaturalAugment.from_strength(strength, image_size)
+    if strength < 0:
+        raise DataError(f"augmentation strength {strength} must be >= 0 (0 turns it off)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Device-resident batches
 
 
-class ResidentImages:
-    """One split resident on a device as uint8, served as normalised float batches."""
+def _batches(split: ResidentImages | FeatureSplit, batch_size: int, generator: torch.Generator | None = None,
+             augment: Augment | NaturalAugment | None = None,
+             drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (inputs, labels) batches; shuffled when a generator is given, in order otherwise."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator).to(split.device) if generator is not None else None
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        index = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+        yield split.inputs(index, augment, generator), split.labels[index]
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float, std: float,
-                 device: torch.device | str = "cpu"):
-        if images.dtype != torch.uint8 or images.dim() != 3:
-            raise DataError(f"images must be uint8 [N, H, W], got {images.dtype} {tuple(images.shape)}")
-        self.device = torch.device(device)
-        self.images = images.unsqueeze(1).to(self.device)  # [N, 1, H, W], still uint8
-        self.labels = labels.to(self.device)
-        self.mean = mean
-        self.std = std
+
+class FeatureSplit:
+    """A split whose images were replaced by fixed features [N, D] (a frozen backbone's), batched the same way."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels, self.device = features, labels, features.device
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.labels)
 
-    def to_float(self, images_uint8: torch.Tensor, augment: Augment | None = None,
+    def inputs(self, index: torch.Tensor | slice, augment: None, generator: torch.Generator | None) -> torch.Tensor:
+        return self.features[index]
+
+    batches = _batches
+
+
+class ResidentImages:
+    """One split as uint8 [N, C, H, W], served as normalised float batches.
+
+    Resident (the default): the split is copied to the device once and batches are slices of it.
+    Streamed (`rows` given): `images` is the whole memory-mapped cache on the CPU; each batch gathers its
+    rows from it and moves them to the device. Either way the arithmetic is the same batched tensor math.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: float | tuple[float, ...],
+                 std: float | tuple[float, ...], device: torch.device | str = "cpu", rows: torch.Tensor | None = None):
+        if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+            raise DataError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if images.dim() == 3:
+            images = images.unsqueeze(1)  # [N, H, W]: one channel
+        self.device = torch.device(device)
+        self.rows = rows
+        self.images = images if rows is not None else images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.mean = tuple(mean) if isinstance(mean, tuple | list) else (float(mean),)
+        self.std = tuple(std) if isinstance(std, tuple | list) else (float(std),)
+        if len(self.mean) != images.shape[1] or len(self.std) != images.shape[1]:
+            raise DataError(f"{images.shape[1]} channel(s) but mean/std for {len(self.mean)}")
+        # One channel keeps plain float arithmetic (as results recorded before per-channel statistics);
+        # several use a [1, C, 1, 1] tensor.
+        self._mean = self.mean[0] if len(self.mean) == 1 else torch.tensor(self.mean).view(1, -1, 1, 1).to(self.device)
+        self._std = self.std[0] if len(self.std) == 1 else torch.tensor(self.std).view(1, -1, 1, 1).to(self.device)
+
+    @property
+    def streamed(self) -> bool:
+        return self.rows is not None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def uint8(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """The split's uint8 images at `index` (positions in this split), on the device."""
+        if self.rows is None:
+            return self.images[index]
+        rows = self.rows[index.cpu() if isinstance(index, torch.Tensor) else index]
+        return self.images[rows].to(self.device, non_blocking=True)
+
+    def to_float(self, images_uint8: torch.Tensor, augment: Augment | NaturalAugment | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         x = images_uint8.to(torch.float32).div_(255.0)
         if augment is not None:
             x = augment.apply(x, generator)
-        return x.sub_(self.mean).div_(self.std)
+        return x.sub_(self._mean).div_(self._std)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None,
-                augment: Augment | None = None, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (images, labels) batches; shuffled when a generator is given, in order otherwise."""
-        n = len(self)
-        if generator is not None:
-            order = torch.randperm(n, generator=generator).to(self.device)
-        else:
-            order = None
-        stop = n - n % batch_size if drop_last else n
-        for start in range(0, stop, batch_size):
-            if order is None:
-                images, labels = self.images[start:start + batch_size], self.labels[start:start + batch_size]
-            else:
-                index = order[start:start + batch_size]
-                images, labels = self.images[index], self.labels[index]
-            yield self.to_float(images, augment, generator), labels
+    def inputs(self, index: torch.Tensor | slice, augment: Augment | NaturalAugment | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+        return self.to_float(self.uint8(index), augment, generator)
+
+    batches = _batches
 
 
 @dataclass
@@ -204,38 +412,133 @@ class PreparedData:
     classes: tuple[str, ...]
     train: ResidentImages
     val: ResidentImages
-    mean: float
-    std: float
-    checksum: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    checksum: str  # the dataset digest
     split_hash: str
+    preprocessing: Preprocessing = field(default_factory=lambda: Preprocessing(28, "gray", "mnist"))
+    default_augment_policy: str = "digits"
+    source: str = ""
+    test_images: int = 0
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.train.shape
+
+    @property
+    def mode(self) -> str:
+        return "streamed from the memory-mapped cache" if self.train.streamed else "resident"
+
+    def augment_policy(self, requested: str) -> str:
+        return self.default_augment_policy if requested == "auto" else requested
 
 
-def prepare(name: str, root: Path = DEFAULT_ROOT, device: torch.device | str = "cpu",
-            val_size: int = DEFAULT_VAL_SIZE, split_seed: int = DEFAULT_SPLIT_SEED,
-            train_limit: int | None = None, val_limit: int | None = None) -> PreparedData:
-    """Verify, load, split and place a dataset on `device`; limits take seeded subsets for quick runs."""
-    info = datasets.dataset_info(name)
-    arrays = load_arrays(name, root)
-    mean, std = datasets.normalisation_stats(info, root)
-    split = stratified_split(arrays.train_labels, val_size, split_seed)
+def channel_stats(images: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:
+    """Per-channel mean and population std of pixel/255 over `images[rows]`, exact (histograms of the 256
+    levels), read in chunks so a memory-mapped dataset is never loaded whole."""
+    channels = images.shape[1]
+    counts = np.zeros((channels, 256), dtype=np.float64)
+    for start in range(0, len(rows), chunk):
+        block = images[rows[start:start + chunk]].numpy()
+        for c in range(channels):
+            counts[c] += np.bincount(block[:, c].ravel(), minlength=256)
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    means, stds = [], []
+    for c in range(channels):
+        total = counts[c].sum()
+        mean = float((counts[c] * levels).sum() / total)
+        means.append(mean)
+        stds.append(float(np.sqrt((counts[c] * (levels - mean) ** 2).sum() / total)))
+    return tuple(means), tuple(stds)
+
+
+def _cached_stats(arrays: Arrays, rows: torch.Tensor, root: Path, key: str) -> tuple[tuple[float, ...], ...]:
+    """Training-split statistics of a cached dataset, kept beside the cache (keyed by the split)."""
+    path = Path(root) / "cache" / arrays.checksum / f"stats-{key}.json"
+    try:
+        cached = json.loads(path.read_text())
+        return tuple(cached["mean"]), tuple(cached["std"])
+    except (OSError, ValueError, KeyError):
+        pass
+    mean, std = channel_stats(arrays.images, rows)
+    write_atomic(path, json.dumps({"mean": mean, "std": std}).encode())
+    return mean, std
+
+
+def _fits(nbytes: int, device: torch.device, budget: int | None) -> bool:
+    if budget is None:
+        if device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * DEVICE_MEMORY_SHARE)
+        else:
+            budget = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * RAM_SHARE)
+    return nbytes <= budget
+
+
+def prepare(dataset: DatasetRef, root: Path = DEFAULT_ROOT, device: torch.device | str = "cpu",
+            val_size: int | None = DEFAULT_VAL_SIZE, split_seed: int = DEFAULT_SPLIT_SEED,
+            train_limit: int | None = None, val_limit: int | None = None, resident_bytes: int | None = None,
+            log: Callable[[str], None] = _stderr) -> PreparedData:
+    """Verify, load, split and place a dataset on `device`; limits take seeded subsets for quick runs.
+
+    `val_size` None: a folder's `val_fraction`. The training and validation splits stay resident while
+    together they fit in `resident_bytes` (default: half the RAM on a CPU, half the free memory on a GPU);
+    beyond that batches stream from the memory-mapped cache.
+    """
+    device = torch.device(device)
+    arrays = load_arrays(dataset, root, log)
+    train_labels = arrays.train_labels
+    if arrays.given_val is not None:  # the source's own validation split (folder val/)
+        is_val = torch.zeros(len(train_labels), dtype=torch.bool)
+        is_val[arrays.given_val] = True
+        split = Split(torch.nonzero(~is_val).flatten(), arrays.given_val,
+                      split_hash(torch.nonzero(~is_val).flatten(), arrays.given_val))
+    else:
+        if val_size is None:
+            fraction = dataset.val_fraction if isinstance(dataset, FolderSource) else 0.1
+            val_size = max(len(arrays.classes), round(fraction * len(train_labels)))
+        split = stratified_split(train_labels, val_size, split_seed)
     train_idx = seeded_subset(split.train_indices, train_limit, split_seed + 1)
     val_idx = seeded_subset(split.val_indices, val_limit, split_seed + 2)
+    if isinstance(dataset, str) and dataset in datasets.DATASETS:
+        # The IDX datasets' statistics cover the whole training file, as they always have (recorded results).
+        mean, std = datasets.normalisation_stats(datasets.dataset_info(dataset), root)
+        mean, std = (mean,), (std,)
+    else:
+        mean, std = _cached_stats(arrays, arrays.train_rows[split.train_indices], root, split.hash)
+    train_rows, val_rows = arrays.train_rows[train_idx], arrays.train_rows[val_idx]
+    image_bytes = math.prod(arrays.shape)
+    resident = _fits((len(train_rows) + len(val_rows)) * image_bytes, device, resident_bytes)
+
+    def place(rows: torch.Tensor) -> ResidentImages:
+        if resident:
+            return ResidentImages(arrays.images[rows], arrays.labels[rows], mean, std, device)
+        return ResidentImages(arrays.images, arrays.labels[rows], mean, std, device, rows=rows)
+
+    label = dataset_label(dataset)
     return PreparedData(
-        dataset=name,
-        classes=info.classes,
-        train=ResidentImages(arrays.train_images[train_idx], arrays.train_labels[train_idx], mean, std, device),
-        val=ResidentImages(arrays.train_images[val_idx], arrays.train_labels[val_idx], mean, std, device),
+        dataset=label,
+        classes=arrays.classes,
+        train=place(train_rows),
+        val=place(val_rows),
         mean=mean,
         std=std,
-        checksum=info.checksum,
+        checksum=arrays.checksum,
         # Subsets change what was trained on, so they change the recorded hash too.
         split_hash=split.hash if (train_limit, val_limit) == (None, None) else split_hash(train_idx, val_idx),
+        preprocessing=arrays.preprocessing,
+        # IDX files hold digit-like images (MNIST, Fashion-MNIST, the tests' own): the affine that never flips.
+        default_augment_policy="digits" if isinstance(dataset, str) and dataset in datasets.DATASETS else "natural",
+        source=arrays.source,
+        test_images=len(arrays.test_rows),
     )
 
 
-def test_split(name: str, root: Path = DEFAULT_ROOT, device: torch.device | str = "cpu") -> ResidentImages:
-    """The untouched test split, normalised with the training split's statistics (read only by exports)."""
-    info = datasets.dataset_info(name)
-    arrays = load_arrays(name, root)
-    mean, std = datasets.normalisation_stats(info, root)
-    return ResidentImages(arrays.test_images, arrays.test_labels, mean, std, device)
+def test_split(dataset: DatasetRef, root: Path = DEFAULT_ROOT, device: torch.device | str = "cpu",
+               val_size: int | None = DEFAULT_VAL_SIZE, split_seed: int = DEFAULT_SPLIT_SEED,
+               log: Callable[[str], None] = _stderr) -> tuple[ResidentImages, Arrays]:
+    """The untouched test split, normalised with the training split's statistics (read only by exports),
+    and the arrays it came from (their `test_rows` say which cache rows it holds)."""
+    prepared = prepare(dataset, root, "cpu", val_size, split_seed, resident_bytes=1, log=log)
+    arrays = load_arrays(dataset, root, log)
+    rows = arrays.test_rows
+    return ResidentImages(arrays.images[rows], arrays.labels[rows], prepared.mean, prepared.std, device), arrays

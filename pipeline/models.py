@@ -1,8 +1,9 @@
 """MLP, CNN and ResNet-18 classifiers, each built from a plain dict of hyperparameters.
 
-`MODEL_SPECS` lists every architecture key with its default; `build_model(params)` checks the dict,
-builds the network for 1-channel 28x28 input, and refuses anything unknown or out of range before
-a single weight exists. `describe(model)` gives the parameter count and FLOPs per image.
+`MODEL_SPECS` lists every architecture key with its default; `build_model(params, num_classes,
+input_shape)` checks the dict, builds the network for the data's channels and image size (1x28x28
+unless told), and refuses anything unknown, out of range or unable to fit the image before a single
+weight exists. `count_parameters` and `flops_per_image` describe the result.
 
 The classics are expressible as plain dicts (see `CLASSIC`): the 784-512-256-10 MLP with BatchNorm
 and dropout 0.5, and the two-block 32/64-channel CNN with a 128-unit head.
@@ -15,15 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, ParamError
 from pipeline.params import Bool, Choice, Float, Int, IntList, resolve
 
 FAMILIES = ("mlp", "cnn", "resnet18")
 RESNET_MODES = ("scratch", "finetune", "feature_extract")
-IMAGE_SIZE = 28
-IN_CHANNELS = 1
+DEFAULT_INPUT_SHAPE = (1, 28, 28)  # channels, height, width: the digit datasets'
+SMALL_IMAGE = 64  # ResNet-18 keeps full resolution in its stem (3x3 or stride-1 conv, no max-pool) up to this size
+MAX_FLAT_FEATURES = 1 << 21  # a flatten head over more features than this would be mostly one huge matrix
+# torchvision's ImageNet weights expect RGB normalised with these (torchvision's transforms for the weights).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 MODEL_SPECS = {
     "model": Choice("cnn", FAMILIES, "architecture family"),
@@ -49,6 +54,8 @@ MODEL_SPECS = {
     # ResNet-18
     "resnet_mode": Choice("scratch", RESNET_MODES),
     "backbone_lr_scale": Float(0.1, 0.0, 1.0, low_open=True, help="fine-tuning: backbone lr = lr x this"),
+    "input_size": Int(0, 0, 1024, help="ResNet-18: resize inputs to this on the device (224: the classic "
+                      "ImageNet size); 0: as landed"),
 }
 
 CLASSIC: dict[str, dict[str, Any]] = {
@@ -100,8 +107,10 @@ def mlp_widths(p: dict[str, Any]) -> list[int]:
     return [max(8, round(p["mlp_width"] * p["mlp_taper"] ** i)) for i in range(p["mlp_depth"])]
 
 
-def build_mlp(p: dict[str, Any], num_classes: int) -> nn.Module:
-    widths = [IN_CHANNELS * IMAGE_SIZE * IMAGE_SIZE, *mlp_widths(p)]
+def build_mlp(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    channels, height, width = input_shape
+    _check_flat("mlp_widths", channels * height * width)
+    widths = [channels * height * width, *mlp_widths(p)]
     return nn.Sequential(nn.Flatten(), *_fully_connected(widths, num_classes, p))
 
 
@@ -119,7 +128,14 @@ def _conv_bn_act(c_in: int, c_out: int, kernel: int, p: dict[str, Any]) -> list[
     return layers
 
 
-def build_cnn(p: dict[str, Any], num_classes: int) -> nn.Module:
+def _check_flat(key: str, features: int) -> None:
+    if features > MAX_FLAT_FEATURES:
+        raise ParamError(f"parameters: {key}: the image flattens to {features:,} features, more than "
+                         f"{MAX_FLAT_FEATURES:,}; use head = \"gap\" or more pooling (pool = \"every\"), or a smaller "
+                         "dataset.image_size")
+
+
+def build_cnn(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
     """Blocks of 3x3 convs ('same' padding) with a 2x2 max-pool where `pool` says.
 
     A pool that would shrink the map below 3x3 is skipped, so any block count stays buildable.
@@ -132,7 +148,10 @@ def build_cnn(p: dict[str, Any], num_classes: int) -> nn.Module:
         "none": set(),
     }[p["pool"]]
     layers: list[nn.Module] = []
-    c_in, size = IN_CHANNELS, IMAGE_SIZE
+    c_in, size = input_shape[0], min(input_shape[1:])
+    if size < 3:
+        raise ParamError(f"parameters: model: {input_shape[1]}x{input_shape[2]} images are too small for a CNN; "
+                         "use dataset.image_size >= 3")
     for block, c_out in enumerate(channels):
         for conv in range(p["convs_per_block"]):
             layers += _conv_bn_act(c_in if conv == 0 else c_out, c_out, 3, p)
@@ -150,13 +169,24 @@ def build_cnn(p: dict[str, Any], num_classes: int) -> nn.Module:
         features = c_in
     else:
         layers.append(nn.Flatten())
-        features = c_in * size * size
+        # Non-square images shrink on both axes alike: the same pools apply to each.
+        features = c_in * _pooled(input_shape[1], size, min(input_shape[1:])) * _pooled(input_shape[2], size,
+                                                                                         min(input_shape[1:]))
+        _check_flat("head", features)
     widths = [features, p["head_units"]] if p["head_units"] else [features]
     # The head's hidden layer carries dropout; BatchNorm there would fight it, so it has none.
     head = _fully_connected(widths, num_classes, dict(p, batch_norm=False))
     if p["dropout"] > 0 and not p["head_units"]:
         head.insert(0, nn.Dropout(p["dropout"]))
     return nn.Sequential(*layers, *head)
+
+
+def _pooled(length: int, pooled_min: int, original_min: int) -> int:
+    """A side of `length` after the pools that took the shorter side from `original_min` to `pooled_min`."""
+    while original_min > pooled_min:
+        original_min //= 2
+        length //= 2
+    return length
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,46 +201,109 @@ def resnet18_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
-class ResNet18Classifier(nn.Module):
-    """torchvision's ResNet-18 adapted to 1x28x28 input: no stride or max-pool in the stem.
+class ImageNetInput(nn.Module):
+    """Turns the pipeline's input (normalised with the dataset's statistics) into what ImageNet weights
+    expect: pixels back in [0, 1], gray repeated to RGB, resized to `size` on the device, then normalised
+    with ImageNet's mean and std. Part of the model, so exports take the same input as every other model."""
 
-    From scratch the stem is a 3x3 conv (the usual small-image adaptation). With ImageNet weights it
-    keeps the pretrained 7x7 kernel, summed over RGB, so the pretrained filters still apply to gray.
-    In feature extraction the backbone is frozen and stays in eval mode (its BatchNorm statistics
-    are ImageNet's); only the new head trains.
+    def __init__(self, data_mean: tuple[float, ...], data_std: tuple[float, ...], size: int):
+        super().__init__()
+        channels = len(data_mean)
+        # Not persistent: derived from the data's statistics, so state dicts stay plain weights.
+        self.register_buffer("data_mean", torch.tensor(data_mean).view(1, channels, 1, 1), persistent=False)
+        self.register_buffer("data_std", torch.tensor(data_std).view(1, channels, 1, 1), persistent=False)
+        self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.data_std + self.data_mean
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.size and tuple(x.shape[-2:]) != (self.size, self.size):
+            # The input never needs a gradient, so this op's non-deterministic CUDA backward never runs.
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
+        return (x - self.imagenet_mean) / self.imagenet_std
+
+
+class ResNet18Classifier(nn.Module):
+    """torchvision's ResNet-18 for the data's channels, size and classes.
+
+    Images up to SMALL_IMAGE px keep their resolution through the stem (no stride, no max-pool): from
+    scratch the stem is a 3x3 conv (the usual small-image adaptation), with ImageNet weights the
+    pretrained 7x7 conv at stride 1. Larger images get torchvision's own stem. With ImageNet weights the
+    input passes through `ImageNetInput` (ImageNet statistics, RGB, `input_size`). In feature extraction
+    the backbone is frozen and stays in eval mode (its BatchNorm statistics are ImageNet's); only the new
+    head trains. Fine-tuning may start the same way (`freeze_backbone`) and unfreeze later.
     """
 
-    def __init__(self, mode: str, num_classes: int, dropout: float):
+    def __init__(self, mode: str, num_classes: int, dropout: float, input_shape: tuple[int, int, int] = (1, 28, 28),
+                 input_size: int = 0, input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         super().__init__()
         from torchvision.models import resnet18
 
+        channels = input_shape[0]
+        size = input_size or max(input_shape[1:])
+        if min(input_shape[1:]) < 8 and not input_size:
+            raise ParamError(f"parameters: model: ResNet-18 needs images of at least 8x8, these are "
+                             f"{input_shape[1]}x{input_shape[2]}; set input_size (e.g. 32) to resize them")
         backbone = resnet18(weights=None)
+        self.input = nn.Identity()
         if mode == "scratch":
-            backbone.conv1 = nn.Conv2d(IN_CHANNELS, 64, 3, stride=1, padding=1, bias=False)
+            if size <= SMALL_IMAGE:
+                backbone.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
+            elif channels != 3:
+                backbone.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
+            if input_size:
+                self.input = _Resize(input_size)
         else:
-            state = load_imagenet_resnet18()
-            backbone.load_state_dict(state)
-            conv1 = nn.Conv2d(IN_CHANNELS, 64, 7, stride=1, padding=3, bias=False)
-            with torch.no_grad():
-                conv1.weight.copy_(state["conv1.weight"].sum(dim=1, keepdim=True))
-            backbone.conv1 = conv1
-        backbone.maxpool = nn.Identity()
+            backbone.load_state_dict(load_imagenet_resnet18())
+            if size <= SMALL_IMAGE:
+                backbone.conv1.stride = (1, 1)
+            if input_stats is None:
+                input_stats = ((0.5,) * channels, (0.5,) * channels)
+            self.input = ImageNetInput(*input_stats, input_size)
+        if size <= SMALL_IMAGE:
+            backbone.maxpool = nn.Identity()
         backbone.avgpool = GlobalAvgPool()  # deterministic on CUDA, unlike AdaptiveAvgPool2d
         backbone.fc = nn.Identity()
         self.mode = mode
         self.backbone = backbone
         self.head = nn.Sequential(nn.Dropout(dropout) if dropout > 0 else nn.Identity(), nn.Linear(512, num_classes))
+        self.backbone_frozen = False
         if mode == "feature_extract":
-            self.backbone.requires_grad_(False)
+            self.freeze_backbone(True)
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """Train the head alone (backbone weights fixed, its BatchNorm statistics kept) or the whole network."""
+        self.backbone_frozen = frozen
+        self.backbone.requires_grad_(not frozen)
+        if frozen:
+            self.backbone.eval()
 
     def train(self, mode: bool = True) -> ResNet18Classifier:
         super().train(mode)
-        if self.mode == "feature_extract":
+        if self.backbone_frozen:
             self.backbone.eval()
         return self
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's 512 features per image (what feature extraction trains the head on)."""
+        return self.backbone(self.input(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head(self.features(x))
+
+
+class _Resize(nn.Module):
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == (self.size, self.size):
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
 
 
 def load_imagenet_resnet18() -> dict[str, torch.Tensor]:
@@ -232,14 +325,19 @@ def load_imagenet_resnet18() -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model(params: dict[str, Any], num_classes: int = 10) -> nn.Module:
-    """Build the network that `params` describes (other keys in `params` are ignored here)."""
+def build_model(params: dict[str, Any], num_classes: int = 10,
+                input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE,
+                input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> nn.Module:
+    """Build the network that `params` describes for images of `input_shape` (other keys in `params` are
+    ignored here). `input_stats` (the data's mean and std per channel) lets a pretrained ResNet undo the
+    data's normalisation and apply ImageNet's."""
     p = model_params(params)
+    input_shape = tuple(input_shape)
     if p["model"] == "mlp":
-        return build_mlp(p, num_classes)
+        return build_mlp(p, num_classes, input_shape)
     if p["model"] == "cnn":
-        return build_cnn(p, num_classes)
-    return ResNet18Classifier(p["resnet_mode"], num_classes, p["dropout"])
+        return build_cnn(p, num_classes, input_shape)
+    return ResNet18Classifier(p["resnet_mode"], num_classes, p["dropout"], input_shape, p["input_size"], input_stats)
 
 
 def parameter_groups(model: nn.Module, params: dict[str, Any], lr: float, weight_decay: float) -> list[dict]:
@@ -262,7 +360,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_image(model: nn.Module) -> int:
+def flops_per_image(model: nn.Module, input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE) -> int:
     """Forward FLOPs for one image as torch's FlopCounterMode counts them (a multiply-add is 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -271,7 +369,7 @@ def flops_per_image(model: nn.Module) -> int:
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(1, IN_CHANNELS, IMAGE_SIZE, IMAGE_SIZE, device=device))
+            model(torch.zeros(1, *input_shape, device=device))
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

@@ -336,11 +336,12 @@ class Objective:
         trial.set_user_attr("params", params)
         trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": os.getpid()})  # for the stale sweep
         trial.set_user_attr("split_hash", self.data.split_hash)  # the validation split it was judged on
+        trial.set_user_attr("dataset_digest", self.data.checksum)  # the pictures themselves
         self.events.on_trial_start(trial.number, params)
         if self.tracker is not None:
             try:
                 self.tracker.start_trial(trial.number, train.resolve_params(params), seed, self.data,
-                                         _parameter_count(params, len(self.data.classes)))
+                                         _parameter_count(params, len(self.data.classes), self.data.input_shape))
             except Exception as exc:
                 _record_failure(trial, exc, "MLflow could not open the trial's run")
                 raise
@@ -437,10 +438,10 @@ def _beats_best(study: optuna.Study, value: float) -> bool:
     return value > best.values[0] if maximize else value < best.values[0]
 
 
-def _parameter_count(params: dict[str, Any], num_classes: int) -> int:
+def _parameter_count(params: dict[str, Any], num_classes: int, input_shape: tuple[int, int, int]) -> int:
     """Counted before training, so pruned and failed trials are tagged with their size too."""
     try:
-        return models.count_parameters(models.build_model(train.resolve_params(params), num_classes))
+        return models.count_parameters(models.build_model(train.resolve_params(params), num_classes, input_shape))
     except Exception:  # bad params or missing weights: fit() reports those properly
         return -1
 
@@ -464,7 +465,7 @@ def apply_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
 
 
 def prepare_data(spec: StudySpec, root: Path, device: Any) -> data_module.PreparedData:
-    return data_module.prepare(spec.dataset, root, device, spec.val_size, train_limit=spec.train_limit,
+    return data_module.prepare(spec.data, root, device, spec.val_size, train_limit=spec.train_limit,
                                val_limit=spec.val_limit)
 
 
@@ -654,7 +655,8 @@ def finish_tracking(spec: StudySpec, study: optuna.Study, tracker: StudyRun, sta
 
 def evaluation_set(spec: StudySpec) -> str:
     """What a validation score was measured on: scores of different sets are not compared for the champion."""
-    return f"{spec.dataset}/val_size={spec.val_size}/val_limit={spec.val_limit}"
+    where = spec.dataset if isinstance(spec.dataset, str) else f"{spec.dataset.path}@{spec.dataset.image_size}"
+    return f"{where}/val_size={spec.val_size}/val_limit={spec.val_limit}"
 
 
 def write_report(spec: StudySpec, study: optuna.Study, directory: Path) -> list[str]:
@@ -743,6 +745,11 @@ def replay(spec: StudySpec, storage: optuna.storages.BaseStorage, trial_number: 
                          f"recorded metrics; finished trials: {finished or 'none'}")
     recorded = trials[0].user_attrs["history"]
     params, seed = trials[0].user_attrs["params"], trials[0].user_attrs["seed"]
+    digest = trials[0].user_attrs.get("dataset_digest")
+    if digest is not None and digest != prepared.checksum:
+        raise StudyError(f"trial {trial_number} was trained on {spec.dataset_label} with digest {digest}, but the data "
+                         f"now has digest {prepared.checksum} (pictures were added, removed or changed since); "
+                         "restore the pictures it was trained on to replay it")
     replayed: list[dict[str, float]] = []
 
     def collect(metrics: train.EpochMetrics) -> bool:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline import datasets, models, train
+from pipeline import datasets, models, sources, train
 from pipeline.errors import BadInput, ParamError
 from pipeline.params import check_value
 
@@ -74,10 +74,23 @@ class Objective(_Strict):
     direction: Literal["maximize", "minimize"] | None = None
 
 
+class DatasetTable(_Strict):
+    """`[dataset]`: the user's own pictures (see sources.FolderSource for the meaning of each key)."""
+
+    path: str
+    image_size: int = Field(64, ge=4, le=1024)
+    channels: Literal["auto", "rgb", "gray"] = "auto"
+    csv: str | None = None
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    skip_unreadable: bool = False
+    max_megapixels: float = Field(sources.DEFAULT_MAX_MEGAPIXELS, gt=0)
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
-    dataset: str
+    dataset: str | DatasetTable
     model: str
     objectives: list[Objective] = [Objective()]
     trials: int = Field(20, ge=1)
@@ -86,7 +99,7 @@ class StudySpec(_Strict):
     sampler: str = "tpe"
     pruner: str = "hyperband"
     epochs: int = Field(5, ge=1, le=1000)
-    val_size: int = Field(5000, ge=1)
+    val_size: int | None = Field(5000, ge=1)  # folders: None unless set, their val_fraction decides
     train_limit: int | None = Field(None, ge=1)
     val_limit: int | None = Field(None, ge=1)
     fixed: dict[str, Any] = {}
@@ -95,10 +108,21 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _fill_directions(self) -> StudySpec:
+        if isinstance(self.dataset, DatasetTable) and "val_size" not in self.model_fields_set:
+            object.__setattr__(self, "val_size", None)
         for objective in self.objectives:
             if objective.direction is None and objective.metric in METRICS:
                 object.__setattr__(objective, "direction", METRICS[objective.metric])
         return self
+
+    @property
+    def data(self) -> str | sources.FolderSource:
+        """What data.prepare takes: a built-in dataset's name, or the folder source."""
+        return dataset_ref(self.dataset.model_dump() if isinstance(self.dataset, DatasetTable) else self.dataset)
+
+    @property
+    def dataset_label(self) -> str:
+        return self.dataset if isinstance(self.dataset, str) else self.data.name
 
     @property
     def directions(self) -> list[str]:
@@ -116,6 +140,11 @@ class StudySpec(_Strict):
     def fingerprint(self) -> str:
         """Hash of the search definition: a study whose file changed it needs FRESH=1."""
         return hashlib.sha256(json.dumps(self.search_definition(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dataset_ref(recorded: str | dict) -> str | sources.FolderSource:
+    """A study's (or a recorded definition's) dataset as data.prepare takes it."""
+    return recorded if isinstance(recorded, str) else sources.FolderSource(**recorded)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,8 +185,10 @@ def load(name_or_path: str | Path, directory: Path = STUDIES_DIR) -> StudySpec:
 
 def _describe(exc: ValidationError) -> str:
     """The first pydantic error as `key: found X; expected Y`."""
-    error = exc.errors()[0]
-    loc = [str(part) for part in error["loc"] if not str(part).endswith("Param") and part not in
+    errors = exc.errors()
+    # `dataset` is a name or a table: for a table, the table's own error says more than "not a string".
+    error = next((e for e in errors if "str" not in e["loc"][1:]), errors[0])
+    loc = [str(part) for part in error["loc"] if not str(part).endswith(("Param", "Table")) and part not in
            ("float", "int", "categorical")]
     key = ".".join(loc) or "(file)"
     if error["type"] == "extra_forbidden":
@@ -177,8 +208,10 @@ def _check(spec: StudySpec, path: Path) -> None:
 
     if spec.name != path.stem:
         fail("name", f"is {spec.name!r} but the file is {path.name}; make them the same")
-    if spec.dataset not in datasets.DATASETS:
-        fail("dataset", f"{spec.dataset!r} is not one of {', '.join(sorted(datasets.DATASETS))}")
+    builtin = [*datasets.DATASETS, *sources.CIFAR_DATASETS]  # the IDX registry may hold more (tests, users)
+    if isinstance(spec.dataset, str) and spec.dataset not in builtin:
+        fail("dataset", f"{spec.dataset!r} is not one of {', '.join(builtin)}; or give your own pictures "
+                        "as a [dataset] table with path = \"...\" (README: Your own images)")
     if spec.model not in models.FAMILIES:
         fail("model", f"{spec.model!r} is not one of {', '.join(models.FAMILIES)}")
     if spec.sampler not in SAMPLERS:
@@ -192,14 +225,20 @@ def _check(spec: StudySpec, path: Path) -> None:
         fail("sampler", f"{spec.sampler!r} is single-objective; use nsga2, tpe or random for several objectives")
     if len(spec.objectives) > 1 and spec.pruner != "none":
         fail("pruner", "Optuna cannot prune multi-objective studies; set pruner = \"none\"")
-    if spec.val_size >= 60000:
+    if spec.dataset in sources.IDX_DATASETS and spec.val_size >= 60000:
         fail("val_size", f"{spec.val_size} leaves no training images; use fewer than 60000")
+    if spec.dataset in sources.CIFAR_DATASETS and spec.val_size >= 50000:
+        fail("val_size", f"{spec.val_size} leaves no training images; use fewer than 50000")
 
     specs = train.PARAM_SPECS
     for key in ("model", "epochs"):
-        if key in spec.fixed or key in spec.space:
+        if key in spec.fixed or (key in spec.space and key != "model"):
             fail(f"fixed.{key}" if key in spec.fixed else f"space.{key}",
                  f"set {key!r} at the top level of the study file, not here")
+    # Families can compete in one study: `model` may be a categorical of [space] (the top-level one is then
+    # only what `make train STUDY=...` falls back to); their own keys carry `when = { model = ... }`.
+    if "model" in spec.space and not isinstance(spec.space["model"], CategoricalParam):
+        fail("space.model", "must be categorical, e.g. { type = \"categorical\", choices = [\"cnn\", \"resnet18\"] }")
     for key, value in spec.fixed.items():
         if key not in specs:
             fail(f"fixed.{key}", f"unknown parameter; allowed: {', '.join(sorted(specs))}")

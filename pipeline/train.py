@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import models, reproducibility
-from pipeline.data import Augment, PreparedData, ResidentImages
+from pipeline.data import FeatureSplit, PreparedData, ResidentImages, make_augment
 from pipeline.errors import BadInput, ParamError
 from pipeline.fileio import write_atomic
 from pipeline.params import Bool, Choice, Float, Int, resolve
+from pipeline.sources import AUGMENT_POLICIES
 
 TRAIN_SPECS = {
     "epochs": Int(5, 1, 10_000),
@@ -49,7 +50,11 @@ TRAIN_SPECS = {
     "label_smoothing": Float(0.0, 0.0, 1.0, high_open=True),
     "grad_clip": Float(0.0, 0.0, 1e6, help="max gradient norm; 0: off"),
     "early_stopping_patience": Int(0, 0, 10_000, help="epochs without val_accuracy gain; 0: off"),
-    "augment": Float(0.5, 0.0, 4.0, help="random affine strength: 1 = 10 degrees, 10% shift, 10% zoom; 0: off"),
+    "augment": Float(0.5, 0.0, 4.0, help="augmentation strength; digits 1 = 10 degrees, 10% shift, 10% zoom; "
+                     "natural 1 = crop padded by 1/8, flips, 20% colour jitter; 0: off"),
+    "augment_policy": Choice("auto", AUGMENT_POLICIES, "digits: affine, never flips; natural: crop, flip, jitter; "
+                             "auto: digits for MNIST-like data, natural otherwise"),
+    "unfreeze_epoch": Int(0, 0, 10_000, help="ResNet fine-tuning: epochs that train the head alone first"),
     "precision": Choice("auto", ("auto", "fp32", "bf16"), "auto: bf16 where the hardware has it"),
     "compile": Bool(False, "torch.compile the model (worth it on CUDA)"),
     "eval_batch_size": Int(1000, 1, 65_536),
@@ -219,7 +224,7 @@ class Plateau:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: ResidentImages, batch_size: int, precision: str = "fp32",
+def evaluate(model: nn.Module, split: ResidentImages | FeatureSplit, batch_size: int, precision: str = "fp32",
              memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
     """Mean cross-entropy (no label smoothing) and accuracy over a whole split, in order."""
     was_training = model.training
@@ -233,6 +238,17 @@ def evaluate(model: nn.Module, split: ResidentImages, batch_size: int, precision
             correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
     return loss_sum.item() / len(split), correct.item() / len(split)
+
+
+@torch.no_grad()
+def backbone_features(model: models.ResNet18Classifier, split: ResidentImages, batch_size: int, precision: str,
+                      memory_format: torch.memory_format) -> FeatureSplit:
+    """A split's images through the frozen backbone (eval mode, in order), once: [N, 512] float32."""
+    model.eval()
+    with autocast(split.device, precision):
+        features = [model.features(x.contiguous(memory_format=memory_format)).float() for x, _ in
+                    split.batches(batch_size)]
+    return FeatureSplit(torch.cat(features), split.labels)
 
 
 @torch.no_grad()
@@ -363,18 +379,25 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
     threads = reproducibility.make_deterministic(threads)
     reproducibility.seed_everything(seed)
 
-    model = models.build_model(p, num_classes=len(data.classes))
-    parameter_count, flops = models.count_parameters(model), models.flops_per_image(model)
+    model = models.build_model(p, len(data.classes), data.input_shape, (data.mean, data.std))
+    parameter_count, flops = models.count_parameters(model), models.flops_per_image(model, data.input_shape)
     # channels_last lets oneDNN/cuDNN pick their fast NHWC convolution kernels.
     memory_format = torch.channels_last if precision == "bf16" or device.type == "cuda" else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, p)
-    forward = torch.compile(model) if p["compile"] else model
+    augment = make_augment(data.augment_policy(p["augment_policy"]), p["augment"], data.input_shape[-1])
+    train_split, val_split, network, input_format = data.train, data.val, model, memory_format
+    if isinstance(model, models.ResNet18Classifier) and model.mode == "feature_extract" and augment is None:
+        # The frozen backbone sees the same images every epoch: run it once per split, train the head on that.
+        train_split = backbone_features(model, data.train, p["eval_batch_size"], precision, memory_format)
+        val_split = backbone_features(model, data.val, p["eval_batch_size"], precision, memory_format)
+        network, input_format = model.head, torch.contiguous_format
+    forward = torch.compile(network) if p["compile"] else network
+    unfreeze = p["unfreeze_epoch"] if isinstance(model, models.ResNet18Classifier) and model.mode == "finetune" else 0
 
     steps_per_epoch = math.ceil(micro_batches / accum)
     total_steps = p["epochs"] * steps_per_epoch
     generator = torch.Generator().manual_seed(seed)
-    augment = Augment.from_strength(p["augment"])
     fingerprint = params_fingerprint(p, seed, data)
     progress = _Progress()
     if checkpoint is not None and Path(checkpoint).is_file():
@@ -385,15 +408,17 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
     while progress.epoch < p["epochs"] and stop_reason == "completed":
         epoch = progress.epoch + 1
         started = time.perf_counter()
+        if unfreeze:
+            model.freeze_backbone(epoch <= unfreeze)
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         try:
-            for i, (x, y) in enumerate(data.train.batches(batch_size, generator, augment, drop_last=True)):
+            for i, (x, y) in enumerate(train_split.batches(batch_size, generator, augment, drop_last=True)):
                 if i % accum == 0:  # a new accumulation group: how many micro-batches it holds
                     group = min(accum, micro_batches - i)
                 with autocast(device, precision):
-                    logits = forward(x.contiguous(memory_format=memory_format)).float()
+                    logits = forward(x.contiguous(memory_format=input_format)).float()
                     loss = F.cross_entropy(logits, y, label_smoothing=p["label_smoothing"])
                 if not torch.isfinite(loss):
                     raise Diverged(epoch, progress.step, loss.item())
@@ -415,7 +440,7 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
             seen = micro_batches * batch_size
             train_loss, train_accuracy = loss_sum.item() / seen, correct.item() / seen
             train_seconds = time.perf_counter() - started
-            val_loss, val_accuracy = evaluate(model, data.val, p["eval_batch_size"], precision, memory_format)
+            val_loss, val_accuracy = evaluate(network, val_split, p["eval_batch_size"], precision, input_format)
         except Exception as exc:
             if _is_out_of_memory(exc):
                 raise OutOfMemory(batch_size, str(device), str(exc)) from exc

@@ -123,3 +123,32 @@ def test_prepare_tiny_dataset(tiny_dataset):
     assert len(full.train) == 500
     assert full.split_hash != prepared.split_hash  # a subset is recorded as a different split
     assert data.prepare("tiny", root, val_size=100).split_hash == full.split_hash
+
+
+def test_natural_augment_flips_only_left_right_and_crops_within_the_padding():
+    images = torch.rand(64, 3, 12, 10)
+    flips = data.NaturalAugment(padding=0, flip=True, jitter=0.0)
+    out = flips.apply(images.clone(), torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, x.flip(2)) for o, x in zip(out, images, strict=True)]
+    kept = [torch.equal(o, x) for o, x in zip(out, images, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 10 < sum(flipped) < 54
+    crops = data.NaturalAugment(padding=2, flip=False, jitter=0.0)
+    out = crops.apply(images.clone(), torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
+    for o, p in zip(out, padded, strict=True):
+        assert any(torch.equal(o, p[:, dy:dy + 12, dx:dx + 10]) for dy in range(5) for dx in range(5))
+    assert not torch.equal(out, images)
+
+
+def test_natural_augment_is_seeded_and_keeps_pixels_in_range():
+    images = torch.rand(32, 3, 16, 16)
+    policy = data.make_augment("natural", 1.0, 16)
+    first = policy.apply(images.clone(), torch.Generator().manual_seed(3))
+    again = policy.apply(images.clone(), torch.Generator().manual_seed(3))
+    other = policy.apply(images.clone(), torch.Generator().manual_seed(4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.min() >= 0 and first.max() <= 1 and first.shape == images.shape
+    gray = data.make_augment("natural", 1.0, 16).apply(torch.rand(8, 1, 16, 16), torch.Generator().manual_seed(0))
+    assert gray.shape == (8, 1, 16, 16)
+    assert data.make_augment("none", 1.0, 16) is None and data.make_augment("natural", 0.0, 16) is None
+    assert isinstance(data.make_augment("digits", 1.0, 28), data.Augment)  # the affine, never flips

@@ -110,7 +110,9 @@ def test_resnet_finetune_loads_cached_weights(imagenet_weights):
     model = models.build_model({"model": "resnet18", "resnet_mode": "finetune", "backbone_lr_scale": 0.1})
     backbone = model.backbone.state_dict()
     assert torch.equal(backbone["layer3.0.conv1.weight"], imagenet_weights["layer3.0.conv1.weight"])
-    assert torch.equal(backbone["conv1.weight"], imagenet_weights["conv1.weight"].sum(1, keepdim=True))
+    # The pretrained RGB stem is kept whole: gray input is repeated to three channels instead.
+    assert torch.equal(backbone["conv1.weight"], imagenet_weights["conv1.weight"])
+    assert model.backbone.conv1.stride == (1, 1)  # 28 px: full resolution through the stem
     groups = models.parameter_groups(model, {"model": "resnet18", "resnet_mode": "finetune"}, lr=1e-2,
                                      weight_decay=1e-4)
     assert {g["lr"] for g in groups} == {1e-2, 1e-3}  # head at lr, backbone at lr x 0.1
@@ -133,3 +135,38 @@ def test_resnet_pretrained_without_cached_weights_says_where_to_put_them(tmp_pat
     with pytest.raises(BadInput, match="resnet18-f37072fd.pth") as err:
         models.build_model({"model": "resnet18", "resnet_mode": "finetune"})
     assert str(tmp_path / "empty") in str(err.value) and "resnet_mode='scratch'" in str(err.value)
+
+
+def test_pretrained_input_is_imagenet_normalised_rgb_at_input_size(imagenet_weights):
+    """Data normalised with its own statistics goes in; ImageNet-normalised RGB at input_size reaches the stem."""
+    mean, std = (0.2,), (0.3,)
+    model = models.build_model({"model": "resnet18", "resnet_mode": "finetune", "input_size": 64}, 10,
+                               (1, 28, 28), (mean, std))
+    pixels = torch.rand(2, 1, 28, 28)
+    seen = model.input((pixels - 0.2) / 0.3)
+    assert seen.shape == (2, 3, 64, 64)
+    resized = torch.nn.functional.interpolate(pixels.expand(-1, 3, -1, -1), size=(64, 64), mode="bilinear")
+    expected = (resized - torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        models.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.allclose(seen, expected, atol=1e-5)
+    assert not any("input" in key for key in model.state_dict())  # derived from config, not weights
+    big = models.build_model({"model": "resnet18", "resnet_mode": "finetune", "input_size": 224}, 10, (3, 32, 32),
+                             ((0.5,) * 3, (0.25,) * 3))
+    assert big.backbone.conv1.stride == (2, 2) and not isinstance(big.backbone.maxpool, torch.nn.Identity)
+    assert big(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 64, 48), (3, 8, 8)])
+def test_every_family_builds_for_the_data_shape(shape):
+    for family in ("mlp", "cnn", "resnet18"):
+        model = models.build_model(models.CLASSIC[family], 7, shape).eval()
+        assert model(torch.zeros(2, *shape)).shape == (2, 7)
+        assert models.flops_per_image(model, shape) > 0
+
+
+def test_a_model_that_cannot_fit_the_image_is_refused_naming_the_key():
+    with pytest.raises(ParamError, match="head"):
+        models.build_model({"model": "cnn", "cnn_channels": [64], "pool": "none", "head": "flatten"}, 10,
+                           (3, 256, 256))
+    with pytest.raises(ParamError, match="input_size"):
+        models.build_model({"model": "resnet18"}, 10, (3, 4, 4))

@@ -48,7 +48,8 @@ def test_every_shipped_study_loads_and_samples_valid_params(name):
 
 
 def test_required_studies_are_shipped():
-    assert {"cnn", "mlp", "resnet", "fashion-cnn", "smoke"} <= set(studies.available())
+    assert {"cnn", "mlp", "resnet", "fashion-cnn", "smoke", "cifar10", "cifar10-transfer", "folder-example"} <= set(
+        studies.available())
 
 
 def test_conditional_parameter_only_when_its_condition_holds(tmp_path):
@@ -78,7 +79,11 @@ BAD = [
     ("unknown sampler", ('sampler = "tpe"', 'sampler = "bayes"'), "sampler: 'bayes' is not one of tpe"),
     ("unknown pruner", ('pruner = "median"', 'pruner = "sometimes"'), "pruner: 'sometimes' is not one of"),
     ("unknown model", ('model = "cnn"', 'model = "vit"'), "model: 'vit' is not one of mlp, cnn, resnet18"),
-    ("unknown dataset", ('dataset = "mnist"', 'dataset = "cifar10"'), "dataset: 'cifar10' is not one of"),
+    ("unknown dataset", ('dataset = "mnist"', 'dataset = "imagenet"'), "dataset: 'imagenet' is not one of"),
+    ("unknown key in [dataset]", ('dataset = "mnist"', 'dataset = { path = "x", size = 3 }'),
+     "unknown key 'dataset.size'"),
+    ("bad channels in [dataset]", ('dataset = "mnist"', 'dataset = { path = "x", channels = "cmyk" }'),
+     "dataset.channels = 'cmyk'"),
     ("baseline outside the space", ("lr = 3e-3\n", "lr = 0.5\n"), "baseline[0].lr: = 0.5 is outside [0.001, 0.01]"),
     ("baseline missing a parameter", ("cnn_width = 16\n", ""), "baseline[0]: misses 'cnn_width'"),
     ("unknown parameter in space", ("cnn_width = {", "cnn_wdth = {"), "space.cnn_wdth: unknown parameter"),
@@ -110,7 +115,7 @@ def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, cha
 def test_unknown_study_lists_the_available_ones(capsys):
     assert main(["search", "--study", "nope"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "no study 'nope'" in err and "cnn, fashion-cnn, mlp, resnet, smoke" in err
+    assert "no study 'nope'" in err and "cifar10, cifar10-transfer, cnn, fashion-cnn" in err
 
 
 def test_fingerprint_ignores_budgets_but_not_the_space(tmp_path):
@@ -119,3 +124,25 @@ def test_fingerprint_ignores_budgets_but_not_the_space(tmp_path):
     assert bigger_budget.fingerprint() == spec.fingerprint()
     changed = studies.load(_write(tmp_path, VALID.replace("high = 1e-2", "high = 2e-2")))
     assert changed.fingerprint() != spec.fingerprint()
+
+
+def test_fingerprint_of_a_study_is_what_stores_made_before_any_image_datasets_record(tmp_path):
+    """Stores keep a study's fingerprint; a new version that hashed it differently would refuse to resume them."""
+    assert studies.load(_write(tmp_path, VALID)).fingerprint() == "2a755cb18d84135b"  # as the previous version
+
+
+def test_a_folder_dataset_table_loads_with_its_defaults(tmp_path):
+    text = VALID.replace('dataset = "mnist"', 'dataset = { path = "~/pictures/flowers", image_size = 48 }')
+    spec = studies.load(_write(tmp_path, text))
+    assert spec.dataset_label == "flowers" and spec.val_size is None  # the folder's val_fraction decides
+    assert spec.data.image_size == 48 and spec.data.channels == "auto" and spec.data.test_fraction == 0.1
+    explicit = studies.load(_write(tmp_path, text.replace("trials = 2", "trials = 2\nval_size = 30")))
+    assert explicit.val_size == 30
+
+
+def test_families_can_compete_in_one_study(tmp_path):
+    text = VALID.replace("[space]", '[space]\nmodel = { type = "categorical", choices = ["cnn", "mlp"] }').replace(
+        "[[baseline]]", '[[baseline]]\nmodel = "mlp"')
+    spec = studies.load(_write(tmp_path, text))
+    params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+    assert params["model"] == "mlp"

@@ -198,3 +198,74 @@ def test_auto_precision_follows_the_hardware(tiny):
     # The model that trained is the one counted: its parameters, and the FLOPs of a forward pass.
     assert result.parameter_count == sum(p.numel() for p in result.model.parameters())
     assert result.flops_per_image > result.parameter_count  # convolutions reuse each weight over the map
+
+
+# --------------------------------------------------------------------------------------------------
+# Transfer learning: cached backbone features, unfreezing, ImageNet input
+
+
+RESNET_HEAD = {"model": "resnet18", "batch_size": 50, "epochs": 2, "precision": "fp32", "lr": 1e-2, "dropout": 0.3,
+               "eval_batch_size": 50}
+
+
+def test_feature_extraction_without_augmentation_trains_the_head_on_cached_features(tiny, imagenet_weights):
+    """The frozen backbone runs once per split; the result matches the full forward pass every step."""
+    cached_params = dict(RESNET_HEAD, resnet_mode="feature_extract", augment=0.0)
+    calls = []
+    cached = train.fit(cached_params, tiny, seed=4, callbacks=[lambda m: calls.append(m.epoch)])
+    full = _fit_without_feature_cache(cached_params, tiny, seed=4)
+    for ours, reference in zip(cached.history, full.history, strict=True):
+        assert ours.val_accuracy == reference.val_accuracy
+        assert ours.train_accuracy == reference.train_accuracy
+        assert abs(ours.train_loss - reference.train_loss) < 1e-4 and abs(ours.val_loss - reference.val_loss) < 1e-4
+    assert calls == [1, 2]
+    backbone = {k: v for k, v in cached.model.state_dict().items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, imagenet_weights[k.removeprefix("backbone.")]) for k, v in backbone.items()
+               if k.removeprefix("backbone.") in imagenet_weights)  # frozen: ImageNet's weights unchanged
+
+
+def _fit_without_feature_cache(params, prepared, seed):
+    """train.fit with the feature cache turned off: the backbone runs on every batch, as without the cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "backbone_features", lambda model, split, *args: _PassThrough(model, split))
+        return train.fit(params, prepared, seed=seed)
+
+
+class _PassThrough:
+    """A 'feature split' that runs the backbone on each batch (what the trainer did before the cache)."""
+
+    def __init__(self, model, split):
+        self.model, self.split, self.labels, self.device = model, split, split.labels, split.device
+
+    def __len__(self):
+        return len(self.split)
+
+    def batches(self, batch_size, generator=None, augment=None, drop_last=False):
+        for x, y in self.split.batches(batch_size, generator, augment, drop_last):
+            was = self.model.backbone.training
+            self.model.backbone.eval()
+            with torch.no_grad():
+                features = self.model.features(x)
+            self.model.backbone.train(was)
+            yield features, y
+
+
+def test_unfreeze_epoch_trains_the_head_alone_first(tiny, imagenet_weights, monkeypatch):
+    params = dict(RESNET_HEAD, resnet_mode="finetune", unfreeze_epoch=1, augment=0.0, epochs=2)
+    built, snapshots = [], []
+    build = train.models.build_model
+    monkeypatch.setattr(train.models, "build_model", lambda *args: built.append(build(*args)) or built[-1])
+    train.fit(params, tiny, seed=2,
+              callbacks=[lambda m: snapshots.append(built[0].backbone.layer1[0].conv1.weight.detach().clone())])
+    pretrained = imagenet_weights["layer1.0.conv1.weight"]
+    assert torch.equal(snapshots[0], pretrained)  # epoch 1: head only
+    assert not torch.equal(snapshots[1], pretrained)  # epoch 2: the whole network
+
+
+def test_natural_policy_trains_and_is_deterministic(tiny):
+    params = dict(SMALL_CNN, epochs=1, augment_policy="natural")
+    first, second = train.fit(params, tiny, seed=1), train.fit(params, tiny, seed=1)
+    assert _metrics(first) == _metrics(second)
+    digits = train.fit(dict(params, augment_policy="digits"), tiny, seed=1)
+    assert _metrics(digits) != _metrics(first)
+    assert _metrics(train.fit(dict(params, augment_policy="auto"), tiny, seed=1)) == _metrics(digits)  # tiny: IDX

@@ -1,0 +1,151 @@
+"""One picture -> the uint8 array a model was trained on. Landing a folder and `make predict` both call
+`prepare_picture`, so the two cannot drift apart.
+
+Decoding is Pillow's: EXIF orientation applied, 16-bit and float images scaled to 8 bits, palette and
+transparent images composited over white, CMYK converted to RGB. Then the shorter side is resized to
+`image_size` and the centre cropped to a square. Digit datasets (MNIST, Fashion-MNIST) instead get
+their own preparation: light object on a dark background, cropped to the object and centred as those
+datasets were made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.sources import DEFAULT_MAX_MEGAPIXELS
+
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+GRAY_MODES = ("1", "L", "LA", "I", *SIXTEEN_BIT, "F")
+# Pillow refuses more than twice its own limit by itself; ours is the one that applies (checked first).
+Image.MAX_IMAGE_PIXELS = None
+
+
+class PictureError(ValueError):
+    """A file that cannot be used as a picture: unreadable, truncated, or over the pixel cap."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pictures become model input: recorded in every export's config.json."""
+
+    image_size: int  # output is image_size x image_size
+    channels: str  # "rgb" or "gray" (resolved, never "auto")
+    style: str = "photo"  # "photo": resize + centre crop; "mnist" / "fashion-mnist": the digit datasets' own
+
+    def as_dict(self) -> dict:
+        return {"image_size": self.image_size, "channels": self.channels, "style": self.style}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (3 if self.channels == "rgb" else 1, self.image_size, self.image_size)
+
+
+def is_gray_mode(mode: str) -> bool:
+    return mode in GRAY_MODES
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer and float gray images scaled to 0-255 (Pillow's own conversion clips).
+
+    A 16-bit mode's range is 0-65535 whatever its pixels hold, so a dark 16-bit picture stays dark. Mode "I"
+    (32-bit integers) and "F" (floats) say nothing of their range: values up to 255 (floats: up to 1) are
+    taken as that range, larger ones as 16-bit."""
+    if image.mode not in ("I", *SIXTEEN_BIT, "F"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode in SIXTEEN_BIT:
+        top = 65535.0
+    elif image.mode == "I":
+        top = 65535.0 if pixels.max(initial=0) > 255 else 255.0
+    else:
+        top = 1.0 if pixels.max(initial=0) <= 1.0 else 255.0
+    return Image.fromarray(np.clip(np.round(pixels * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_mode(image: Image.Image, channels: str) -> Image.Image:
+    """An 8-bit "RGB" or "L" image, transparency composited over white, orientation from EXIF applied."""
+    image = ImageOps.exif_transpose(image)
+    image = _eight_bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB" if channels == "rgb" else "L")
+
+
+def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size` (antialiased), then the centred size x size square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new != image.size:
+        image = image.resize(new, Image.BILINEAR, reducing_gap=None)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def check_size(image: Image.Image, max_megapixels: float, name: str) -> None:
+    pixels = image.width * image.height
+    if pixels > max_megapixels * 1e6:
+        raise PictureError(f"{name}: {image.width}x{image.height} is {pixels / 1e6:.0f} megapixels, over the cap "
+                           f"of {max_megapixels:g}; shrink it, remove it, or raise dataset.max_megapixels")
+
+
+def prepare_picture(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """A decoded picture -> uint8 [C, S, S] the way the training images were landed."""
+    if preprocessing.style in ("mnist", "fashion-mnist"):
+        return digit_picture(image, preprocessing.style)[None]
+    picture = resize_and_crop(to_mode(image, preprocessing.channels), preprocessing.image_size)
+    array = np.asarray(picture, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def open_picture(path, preprocessing: Preprocessing, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
+    """Read one picture file and prepare it; PictureError names the file and what is wrong."""
+    try:
+        with Image.open(path) as image:
+            check_size(image, max_megapixels, str(path))
+            image.load()
+            return prepare_picture(image, preprocessing)
+    except PictureError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        detail = " ".join(str(exc).split())  # one line, whatever the decoder wrote
+        raise PictureError(f"{path}: cannot be decoded as an image ({type(exc).__name__}: {detail})") from None
+
+
+def digit_picture(image: Image.Image, dataset: str) -> np.ndarray:
+    """Any picture -> 28x28 uint8 the way the digit datasets look: grayscale, light object on a dark background.
+
+    A 28x28 picture is kept as it is (only inverted if its background is light). Otherwise: grayscale,
+    inverted if the border is lighter than the middle, cropped to the object, and then for MNIST scaled
+    to fit 20x20 and centred by its centre of mass in 28x28 (how MNIST was made); for Fashion-MNIST
+    scaled to fit 28x28 and centred.
+    """
+    gray = to_mode(image, "gray")
+    pixels = np.asarray(gray, dtype=np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if border.mean() > 127:
+        gray = ImageOps.invert(gray)
+    if gray.size == (28, 28):
+        return np.asarray(gray, dtype=np.uint8)
+    box = gray.point(lambda v: 255 if v > 30 else 0).getbbox() or (0, 0, *gray.size)
+    gray = gray.crop(box)
+    fit = 20 if dataset == "mnist" else 28
+    scale = fit / max(gray.size)
+    gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))), Image.LANCZOS)
+    canvas = np.zeros((28, 28), dtype=np.float32)
+    small = np.asarray(gray, dtype=np.float32)
+    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
+    if dataset == "mnist" and small.sum() > 0:  # centre of mass at the centre, as MNIST was centred
+        rows, cols = np.indices(small.shape)
+        top = int(round(14 - (rows * small).sum() / small.sum()))
+        left = int(round(14 - (cols * small).sum() / small.sum()))
+        top = min(max(top, 0), 28 - small.shape[0])
+        left = min(max(left, 0), 28 - small.shape[1])
+    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
+    return canvas.clip(0, 255).astype(np.uint8)
