@@ -27,6 +27,8 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 def _cmd_data(args: argparse.Namespace) -> int:
     from pipeline import datasets  # not pipeline.data: importing torch would cost a second here
 
+    if args.dataset in ("cifar10", "cifar100"):
+        return _land_cifar(args)
     names = sorted(datasets.DATASETS) if args.dataset == "all" else [args.dataset]
     for name in names:
         started = time.perf_counter()
@@ -40,6 +42,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
             f"in {info.raw_dir(args.root)} (source: {source}; checksum {info.checksum}; "
             f"mean {mean:.4f} std {std:.4f}; {time.perf_counter() - started:.1f} s)"
         )
+    return 0
+
+
+def _land_cifar(args: argparse.Namespace) -> int:
+    from pipeline import cifar, imagecache
+
+    started = time.perf_counter()
+    cached = cifar.land_cifar(args.dataset, args.root, log=lambda m: err_console.print(f"[yellow]{m}"))
+    n_test = int((cached.split == imagecache.TEST).sum())
+    console.print(f"[green]{args.dataset}[/]: {len(cached.labels) - n_test:,} train + {n_test:,} test images "
+                  f"3x32x32, {len(cached.classes)} classes, cached in {cached.directory} (digest {cached.digest}; "
+                  f"{time.perf_counter() - started:.1f} s)")
     return 0
 
 
@@ -84,7 +98,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                             val_limit=args.val_limit)
     console.print(
         f"[bold]{model}[/] on {prepared.dataset} ({len(prepared.train):,} train / {len(prepared.val):,} val, "
-        f"{'x'.join(map(str, prepared.input_shape))} {prepared.mode}, split {prepared.split_hash}), {device}, precision {train.pick_precision(resolved['precision'], device)}, "
+        f"{'x'.join(map(str, prepared.input_shape))} {prepared.mode}, split {prepared.split_hash}), {device}, "
+        f"precision {train.pick_precision(resolved['precision'], device)}, "
         f"seed {args.seed}"
     )
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -679,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("data", help="land and verify datasets under data/ (offline sources first)")
-    p.add_argument("--dataset", default="all", choices=["all", *sorted(datasets.DATASETS)])
+    p.add_argument("--dataset", default="all", choices=["all", *sorted(datasets.DATASETS), "cifar10", "cifar100"],
+                   help="all: MNIST and Fashion-MNIST; CIFAR needs its archive in data/ or the internet")
     p.add_argument("--source", default="auto", choices=datasets.SOURCES,
                    help="auto: present files, then the offline package, then torchvision's download")
     p.add_argument("--root", type=Path, default=datasets.DEFAULT_ROOT, help="data folder (default: data/)")

@@ -99,7 +99,7 @@ def load_arrays(dataset: DatasetRef, root: Path = DEFAULT_ROOT, log: Callable[[s
     if isinstance(dataset, FolderSource):
         from pipeline import folders
 
-        return _from_cache(folders.land_folder(dataset, PROJECT_ROOT, root, log))
+        return _from_cache(folders.land_folder(dataset, PROJECT_ROOT, root, log), dataset.test_fraction)
     if dataset in ("cifar10", "cifar100"):
         from pipeline import cifar
 
@@ -129,15 +129,14 @@ def _from_idx(name: str, root: Path) -> Arrays:
     )
 
 
-def _from_cache(cached: imagecache.CachedImages) -> Arrays:
+def _from_cache(cached: imagecache.CachedImages, test_fraction: float = 0.1) -> Arrays:
     """Training rows: the given train (+ val) images, or all but the carved test split; test rows likewise."""
     labels = torch.from_numpy(cached.labels)
     split = torch.from_numpy(cached.split.astype(np.int64))
     carve = torch.nonzero(split == imagecache.CARVE).flatten()
     given_val = None
     if len(carve):
-        fraction = cached.manifest.get("folder", {}).get("test_fraction", 0.1)
-        test_size = max(len(torch.unique(labels[carve])), round(fraction * len(carve)))
+        test_size = max(len(torch.unique(labels[carve])), round(test_fraction * len(carve)))
         carved = stratified_split(labels[carve], test_size, TEST_SPLIT_SEED, what="test split")
         train_rows, test_rows = carve[carved.train_indices], carve[carved.val_indices]
     else:
@@ -484,8 +483,13 @@ def prepare(dataset: DatasetRef, root: Path = DEFAULT_ROOT, device: torch.device
     together they fit in `resident_bytes` (default: half the RAM on a CPU, half the free memory on a GPU);
     beyond that batches stream from the memory-mapped cache.
     """
-    device = torch.device(device)
-    arrays = load_arrays(dataset, root, log)
+    return _prepare(load_arrays(dataset, root, log), dataset, root, torch.device(device), val_size, split_seed,
+                    train_limit, val_limit, resident_bytes)
+
+
+def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.device, val_size: int | None,
+             split_seed: int, train_limit: int | None, val_limit: int | None,
+             resident_bytes: int | None) -> PreparedData:
     train_labels = arrays.train_labels
     if arrays.given_val is not None:  # the source's own validation split (folder val/)
         is_val = torch.zeros(len(train_labels), dtype=torch.bool)
@@ -538,7 +542,8 @@ def test_split(dataset: DatasetRef, root: Path = DEFAULT_ROOT, device: torch.dev
                log: Callable[[str], None] = _stderr) -> tuple[ResidentImages, Arrays]:
     """The untouched test split, normalised with the training split's statistics (read only by exports),
     and the arrays it came from (their `test_rows` say which cache rows it holds)."""
-    prepared = prepare(dataset, root, "cpu", val_size, split_seed, resident_bytes=1, log=log)
     arrays = load_arrays(dataset, root, log)
+    # Streamed (resident_bytes=1): only the training split's statistics are wanted from it.
+    prepared = _prepare(arrays, dataset, root, torch.device("cpu"), val_size, split_seed, None, None, 1)
     rows = arrays.test_rows
     return ResidentImages(arrays.images[rows], arrays.labels[rows], prepared.mean, prepared.std, device), arrays

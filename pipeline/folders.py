@@ -7,8 +7,8 @@ Layouts (torchvision's ImageFolder: one subfolder per class, its name is the cla
     flowers/labels.csv with `path,label` rows             csv = "labels.csv" (paths relative to the CSV)
 
 The dataset digest covers every image's relative path, label and bytes, plus the preprocessing (size,
-channels), so a changed picture gives a new digest and a new cache. Files are hashed once: an index
-beside the caches remembers each file's hash by its size and modification time.
+channels) and the carved test share, so a changed picture gives a new digest and a new cache. Files are
+hashed once: an index beside the caches remembers each file's hash by its size and modification time.
 """
 
 from __future__ import annotations
