@@ -4,12 +4,15 @@ An export holds everything needed to use the model with torch alone:
 
     model.pt2            torch.export program (CPU, float32, any batch size)
     weights.pt           plain state dict: torch.load(..., weights_only=True)
-    config.json          architecture params, input shape, mean/std, classes, provenance, versions
+    config.json          architecture params, input shape, per-channel mean/std, how pictures are prepared
+                         (`preprocessing`), classes, dataset digest, provenance, versions
     metrics.json         validation accuracy as recorded, test accuracy measured now, per class,
                          parameters, FLOPs, CPU latency (batch 1) and throughput (batch 256)
     model_card.md        what it is, how it was found, the figures, its limits
     confusion_matrix.png, misclassified.png   on the test split
     verify.py            re-evaluates model.pt2 on the test split with torch alone
+    test_rows.npy        (datasets read from the image cache: CIFAR, folders) which cache rows are the
+                         test split, for verify.py
 
 The directory is written under a temporary name; a fresh process then runs verify.py, and only if its
 test accuracy equals metrics.json exactly is the directory renamed into place. Otherwise the partial
@@ -32,10 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline import data, datasets, models, plots, reproducibility, search, studies, train, verify_export
+from pipeline import data, datasets, imagecache, models, plots, reproducibility, search, studies, train, verify_export
 from pipeline.errors import BadInput
+from pipeline.images import PictureError, Preprocessing, open_picture
+from pipeline.sources import DIGITS, FolderSource
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXPORTS_DIR = PROJECT_ROOT / "exports"
@@ -43,6 +47,7 @@ EVAL_BATCH = 1000
 LATENCY_RUNS = 200
 THROUGHPUT_BATCH = 256
 THROUGHPUT_RUNS = 10
+TEST_ROWS = "test_rows.npy"  # written for datasets read from the image cache: the test split's rows of it
 
 
 class ExportFailed(Exception):
@@ -81,7 +86,8 @@ def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client:
                                f"trial {version.trial_number} of {version.study_name!r}, but that trial in the Optuna "
                                "storage has other params or seed (was the storage replaced?); point STORAGE at the "
                                "original one, or pass --no-tracking to export the study's own best trial")
-            model = _build(trial.user_attrs["params"], definition, root)
+            # Streamed (resident_bytes=1): only the classes, shape and statistics are needed, not the images.
+            model = _build(trial.user_attrs["params"], _prepared(definition, root, resident_bytes=1))
             model.load_state_dict(tracking.load_state_dict(version.model_uri))
             return Champion(version.study_name, trial, definition, model.eval(),
                             f"registered model {spec.name!r} version {version.version} (alias champion)",
@@ -108,14 +114,26 @@ def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client:
                     f"trial {best.number} retrained from its recorded params and seed (no registry entry)", [])
 
 
-def _prepared(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu") -> data.PreparedData:
-    return data.prepare(definition["dataset"], root, device, val_size=definition.get("val_size", 5000),
-                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"))
+def _dataset(definition: dict[str, Any]) -> data.DatasetRef:
+    return studies.dataset_ref(definition["dataset"])
 
 
-def _build(params: dict[str, Any], definition: dict[str, Any], root: Path) -> torch.nn.Module:
-    info = datasets.dataset_info(definition["dataset"])
-    return models.build_model(train.resolve_params(params), num_classes=len(info.classes))
+def _val_size(definition: dict[str, Any]) -> int | None:
+    """The recorded validation size (None for a folder: its val_fraction); older records lack it: the default."""
+    return definition.get("val_size", data.DEFAULT_VAL_SIZE)
+
+
+def _prepared(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu",
+              resident_bytes: int | None = None) -> data.PreparedData:
+    return data.prepare(_dataset(definition), root, device, val_size=_val_size(definition),
+                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
+                        resident_bytes=resident_bytes)
+
+
+def _build(params: dict[str, Any], prepared: data.PreparedData) -> torch.nn.Module:
+    """The trial's architecture for this data; a pretrained ResNet's input adapter needs the data's statistics."""
+    return models.build_model(train.resolve_params(params), len(prepared.classes), prepared.input_shape,
+                              (prepared.mean, prepared.std))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,11 +190,18 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
                  threads: int) -> dict[str, Any]:
     """Every file but the verification; returns metrics.json's content."""
     torch.set_num_threads(threads)
-    info = datasets.dataset_info(champion.definition["dataset"])
-    test = data.test_split(info.name, root)
-    mean, std = test.mean, test.std
+    dataset = _dataset(champion.definition)
+    test, arrays = data.test_split(dataset, root, "cpu", val_size=_val_size(champion.definition))
+    trained_on = champion.trial.user_attrs.get("dataset_digest")
+    if trained_on is not None and trained_on != arrays.checksum:
+        raise BadInput(f"trial {champion.trial.number} was trained on {data.dataset_label(dataset)} with digest "
+                       f"{trained_on}, but the data now has digest {arrays.checksum} (pictures were added, removed "
+                       "or changed since); restore the pictures it was trained on, or search again and export that")
+    mean, std = list(test.mean), list(test.std)
+    classes = list(arrays.classes)
+    input_shape = list(test.shape)
     model = champion.model
-    example = test.to_float(test.images[:4])
+    example = test.to_float(test.uint8(slice(0, 4)))
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     # Serialised in memory and written by Python: torch's file writer aborts the process on a full disk.
@@ -186,20 +211,25 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
         save(payload, buffer)
         (directory / name).write_bytes(buffer.getvalue())
     shutil.copy(Path(verify_export.__file__), directory / "verify.py")
+    if arrays.memory_mapped:  # the test split is rows of the image cache: verify.py needs to know which
+        np.save(directory / TEST_ROWS, arrays.test_rows.numpy().astype(np.int64), allow_pickle=False)
 
     params = train.resolve_params(champion.trial.user_attrs["params"])
+    channels, height, width = input_shape
     config = {
         "model": params["model"],
         "params": params,
-        "input_shape": [1, 28, 28],
-        "input": "float32 [N, 1, 28, 28]: uint8 pixels / 255, then (x - mean) / std",
+        "input_shape": input_shape,
+        "input": f"float32 [N, {channels}, {height}, {width}]: uint8 pixels / 255, then (x - mean) / std per channel",
         "mean": mean,
         "std": std,
-        "classes": list(info.classes),
-        "dataset": info.name,
-        "dataset_checksum": info.checksum,
+        "preprocessing": arrays.preprocessing.as_dict(),  # how `predict` turns a picture into the input
+        "classes": classes,
+        "dataset": data.dataset_label(dataset),
+        "dataset_checksum": arrays.checksum,
         # Recorded by the trial; only trials from before that was recorded need the split rebuilt.
-        "split_hash": champion.trial.user_attrs.get("split_hash") or _prepared(champion.definition, root).split_hash,
+        "split_hash": champion.trial.user_attrs.get("split_hash") or _prepared(champion.definition, root,
+                                                                               resident_bytes=1).split_hash,
         "study": champion.study_name,
         "study_file": spec.name,
         "trial_number": champion.trial.number,
@@ -212,13 +242,13 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     exported = torch.export.load(str(directory / "model.pt2")).module()  # score exactly what was written
-    scores = verify_export.logits(exported, test.images.squeeze(1), mean, std, EVAL_BATCH)
+    scores = verify_export.logits(exported, test.images, mean, std, EVAL_BATCH)
     probabilities = scores.softmax(1)
     predicted = scores.argmax(1)
     labels = test.labels
     correct = int((predicted == labels).sum())
-    per_class = {info.classes[c]: int((predicted[labels == c] == c).sum()) / max(int((labels == c).sum()), 1)
-                 for c in range(len(info.classes))}
+    per_class = {classes[c]: int((predicted[labels == c] == c).sum()) / max(int((labels == c).sum()), 1)
+                 for c in range(len(classes))}
     history = champion.trial.user_attrs.get("history", [])
     latency, throughput = _speed(exported, example)
     metrics = {
@@ -229,18 +259,18 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
         "test_images": len(labels),
         "test_per_class_accuracy": per_class,
         "parameter_count": models.count_parameters(model),
-        "flops_per_image": models.flops_per_image(model),
+        "flops_per_image": models.flops_per_image(model, tuple(input_shape)),
         "cpu_latency_ms_batch1_median": latency * 1000,
         "cpu_throughput_images_per_s_batch256": throughput,
         "cpu_threads": threads,
     }
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    images = test.images.squeeze(1).numpy()
-    plots.confusion_matrix(labels.numpy(), predicted.numpy(), info.classes, directory / "confusion_matrix.png",
+    plots.confusion_matrix(labels.numpy(), predicted.numpy(), classes, directory / "confusion_matrix.png",
                            title=f"{spec.name} champion: test split")
-    plots.mistakes_grid(images, labels.numpy(), predicted.numpy(), probabilities.max(1).values.numpy(),
-                        info.classes, directory / "misclassified.png", title=f"{spec.name} champion")
-    (directory / "model_card.md").write_text(model_card(spec, champion, config, metrics))
+    plots.mistakes_grid(test.images.numpy(), labels.numpy(), predicted.numpy(), probabilities.max(1).values.numpy(),
+                        classes, directory / "misclassified.png", title=f"{spec.name} champion")
+    (directory / "model_card.md").write_text(model_card(spec, champion, config, metrics, dataset,
+                                                        arrays.memory_mapped, arrays.given_val is not None))
     return metrics
 
 
@@ -265,11 +295,14 @@ def _speed(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]
 
 
 def verify(directory: Path, root: Path = datasets.DEFAULT_ROOT) -> dict[str, Any]:
-    """Run the export's verify.py in a fresh process; returns its result (which says if project code loaded)."""
+    """Run the export's verify.py in a fresh process; returns its result (which says if project code loaded).
+
+    The test split is read where the pipeline landed it: the IDX test files of MNIST-like datasets, or the
+    image cache of the dataset's digest (CIFAR, folders) with the export's own test_rows.npy.
+    """
     config = json.loads((directory / "config.json").read_text())
-    raw = datasets.dataset_info(config["dataset"]).raw_dir(root)
-    command = [sys.executable, str(directory / "verify.py"), "--export", str(directory),
-               "--images", str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)]
+    command = [sys.executable, str(directory / "verify.py"), "--export", str(directory), *_test_files(config, root,
+                                                                                                    directory)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=directory, timeout=600)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -277,7 +310,31 @@ def verify(directory: Path, root: Path = datasets.DEFAULT_ROOT) -> dict[str, Any
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def model_card(spec: studies.StudySpec, champion: Champion, config: dict, metrics: dict) -> str:
+def _test_files(config: dict, root: Path, directory: Path) -> list[str]:
+    """verify.py's arguments that name the test split's files."""
+    cache = imagecache.cache_dir(root, config["dataset_checksum"])
+    if (directory / TEST_ROWS).is_file():
+        if not (cache / "images.npy").is_file():
+            raise BadInput(f"{cache}: the image cache of {config['dataset']!r} (digest {config['dataset_checksum']}) "
+                           f"is missing; run `make search` on its study to land it again, or pass --root")
+        return ["--images", str(cache / "images.npy"), "--labels", str(cache / "labels.npy"),
+                "--rows", str(directory / TEST_ROWS)]
+    raw = datasets.dataset_info(config["dataset"]).raw_dir(root)
+    return ["--images", str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)]
+
+
+def _looks(preprocessing: dict) -> str:
+    """What the model's input pictures look like, for the model card."""
+    size = preprocessing["image_size"]
+    if preprocessing["style"] in DIGITS:
+        return f"{size}x{size} grayscale, centred, light object on a dark background"
+    colour = "RGB" if preprocessing["channels"] == "rgb" else "grayscale"
+    return f"{size}x{size} {colour}, the shorter side resized to {size} and the centre cropped"
+
+
+def model_card(spec: studies.StudySpec, champion: Champion, config: dict, metrics: dict, dataset: data.DatasetRef,
+               cached: bool, given_val: bool) -> str:
+    """`cached`: the test split is rows of the image cache; `given_val`: the dataset brought its own val/ split."""
     definition = champion.definition
     space = ", ".join(sorted(definition.get("space", {}))) or "none"
     fixed = ", ".join(f"{k}={v}" for k, v in sorted(definition.get("fixed", {}).items())) or "none"
@@ -285,6 +342,20 @@ def model_card(spec: studies.StudySpec, champion: Champion, config: dict, metric
                           for name, accuracy in metrics["test_per_class_accuracy"].items())
     trained_on = definition.get("train_limit") or "all"
     test = f"{metrics['test_accuracy']:.4f} ({metrics['test_correct']:,}/{metrics['test_images']:,})"
+    validation = ("the folder's own val/ split" if given_val else
+                  f"a stratified, seeded split of the training images (hash {config['split_hash']})")
+    if isinstance(dataset, FolderSource):
+        held_out = (f"the pictures in {dataset.path}/test/ when the folder is split into train/ and test/, "
+                    f"otherwise a stratified {dataset.test_fraction:.0%} of its pictures carved once with a fixed "
+                    "seed; never trained or tuned on")
+    else:
+        held_out = f"the test split that {config['dataset']} ships with; never trained or tuned on"
+    if cached:
+        cache = f"<data>/cache/{config['dataset_checksum']}"
+        verify_command = (f"python verify.py --images {cache}/images.npy --labels {cache}/labels.npy --rows "
+                          f"{TEST_ROWS}` (`<data>`: the pipeline's data folder, `data/` unless --root moved it)")
+    else:
+        verify_command = "python verify.py --images <t10k-images-idx3-ubyte> --labels <t10k-labels-idx1-ubyte>`"
     return f"""# {spec.name} champion: {config['model']} on {config['dataset']}
 
 {spec.description or ''}
@@ -292,15 +363,15 @@ def model_card(spec: studies.StudySpec, champion: Champion, config: dict, metric
 ## What it is
 A {config['model']} image classifier for {len(config['classes'])} classes ({', '.join(config['classes'])}), taking
 {config['input']}. {metrics['parameter_count']:,} parameters, {metrics['flops_per_image'] / 1e6:,.1f} MFLOPs per image.
-Architecture and training parameters: `config.json` (`params`).
+Architecture and training parameters: `config.json` (`params`); how a picture becomes the input: `preprocessing`.
 
 ## How it was found
 Optuna study `{champion.study_name}` (file `studies/{spec.name}.toml`): sampler {definition.get('sampler')}, pruner
 {definition.get('pruner')}, up to {definition.get('epochs')} epochs per trial, objective
 {', '.join(spec.metrics)}. Searched: {space}. Fixed: {fixed}.
 This is trial {champion.trial.number} (seed {config['trial_seed']}); source: {champion.source}.
-Training images: {trained_on} of the training split; validation: a stratified, seeded split of the
-training file (hash {config['split_hash']}), used for every tuning decision.
+Training images: {trained_on} of the training split; validation: {validation}, used for every tuning decision.
+Test: {held_out}. Dataset digest {config['dataset_checksum']}.
 
 ## Figures
 | figure | value |
@@ -319,8 +390,8 @@ CPU figures on {metrics['cpu_threads']} threads of the exporting machine. Per-cl
 `confusion_matrix.png` and `misclassified.png` show where it errs.
 
 ## Limits
-- Trained and tested on {config['dataset']} only: 28x28 grayscale, centred, light object on a dark background.
-  Other images must be converted the same way (`make predict` does) and may still score far lower.
+- Trained and tested on {config['dataset']} only: {_looks(config['preprocessing'])}.
+  Other pictures must be prepared the same way (`make predict` does) and may still score far lower.
 - The test accuracy is one sample of {metrics['test_images']:,} images; differences of a few tenths of a percent
   between models are within noise.
 - Chosen by validation accuracy among the study's trials; no calibration of the probabilities.
@@ -331,7 +402,7 @@ import torch
 model = torch.export.load("model.pt2").module()
 probabilities = model(x).softmax(1)   # x: {config['input']}
 ```
-`python verify.py --images <t10k-images-idx3-ubyte> --labels <t10k-labels-idx1-ubyte>` re-checks the test accuracy.
+`{verify_command} re-checks the test accuracy with torch alone.
 """
 
 
@@ -345,55 +416,34 @@ class Prediction:
     top: list[tuple[str, float]]  # (class, probability), best first
 
 
-def to_dataset_image(image: Image.Image, dataset: str) -> np.ndarray:
-    """Any picture -> 28x28 uint8 the way the dataset looks: grayscale, light object on a dark background.
-
-    A 28x28 picture is kept as it is (only inverted if its background is light). Otherwise: grayscale,
-    inverted if the border is lighter than the middle, cropped to the object, and then for MNIST scaled
-    to fit 20x20 and centred by its centre of mass in 28x28 (how MNIST was made); for Fashion-MNIST
-    scaled to fit 28x28 and centred.
-    """
-    gray = ImageOps.exif_transpose(image).convert("L")
-    pixels = np.asarray(gray, dtype=np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if border.mean() > 127:
-        gray = ImageOps.invert(gray)
-    if gray.size == (28, 28):
-        return np.asarray(gray, dtype=np.uint8)
-    box = gray.point(lambda v: 255 if v > 30 else 0).getbbox() or (0, 0, *gray.size)
-    gray = gray.crop(box)
-    fit = 20 if dataset == "mnist" else 28
-    scale = fit / max(gray.size)
-    gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))), Image.LANCZOS)
-    canvas = np.zeros((28, 28), dtype=np.float32)
-    small = np.asarray(gray, dtype=np.float32)
-    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
-    if dataset == "mnist" and small.sum() > 0:  # centre of mass at the centre, as MNIST was centred
-        rows, cols = np.indices(small.shape)
-        top = int(round(14 - (rows * small).sum() / small.sum()))
-        left = int(round(14 - (cols * small).sum() / small.sum()))
-        top = min(max(top, 0), 28 - small.shape[0])
-        left = min(max(left, 0), 28 - small.shape[1])
-    canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
-    return canvas.clip(0, 255).astype(np.uint8)
+def export_preprocessing(config: dict) -> Preprocessing:
+    """How this export's pictures are prepared: from config.json, or, for exports written before it was
+    recorded (MNIST-like data only), the 28x28 gray preparation of the dataset they were trained on."""
+    if "preprocessing" in config:
+        return Preprocessing(**config["preprocessing"])
+    dataset = config["dataset"]
+    return Preprocessing(28, "gray", dataset if dataset in DIGITS else "photo")
 
 
 def predict(export_dir: Path, paths: list[Path], top_k: int = 3) -> tuple[list[Prediction], list[str]]:
-    """Classify image files with an export; returns the predictions and one error line per unreadable file."""
+    """Classify image files with an export; returns the predictions and one error line per unreadable file.
+
+    Each picture is prepared by `images.prepare_picture`, the function that landed the training images.
+    """
     config_path = export_dir / "config.json"
     if not config_path.is_file() or not (export_dir / "model.pt2").is_file():
         raise BadInput(f"{export_dir} is not an export (no config.json / model.pt2); run `make export-best "
                        "STUDY=...` first or point EXPORT= at one")
     config = json.loads(config_path.read_text())
+    preprocessing = export_preprocessing(config)
     model = torch.export.load(str(export_dir / "model.pt2")).module()
     images, readable, errors = [], [], []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                images.append(to_dataset_image(image, config["dataset"]))
+            images.append(open_picture(path, preprocessing))
             readable.append(path)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-            errors.append(f"{path}: cannot be read as an image ({type(exc).__name__}: {exc}); skipped")
+        except PictureError as exc:
+            errors.append(f"{exc}; skipped")
     if not images:
         return [], errors
     batch = torch.from_numpy(np.stack(images))

@@ -14,6 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 import numpy as np  # noqa: E402
 
+ANNOTATED_CLASSES = 30  # beyond this many classes (CIFAR-100) the cells are too small for their counts
+MAX_FIGURE_INCHES = 24.0  # 2400 px at 100 dpi
+
 
 def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """counts[true, predicted]."""
@@ -27,15 +30,17 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequenc
     """Write the confusion matrix (counts, rows = true class) as a PNG; return the counts."""
     counts = confusion_counts(labels, predicted, len(classes))
     accuracy = np.trace(counts) / max(counts.sum(), 1)
-    size = max(5.0, 0.55 * len(classes) + 2)
+    many = len(classes) > ANNOTATED_CLASSES
+    size = min(max(5.0, 0.55 * len(classes) + 2), MAX_FIGURE_INCHES)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(counts, cmap="Blues")
     for (row, col), n in np.ndenumerate(counts):
-        if n:
+        if n and not many:  # many classes: the colour alone
             ax.text(col, row, str(n), ha="center", va="center", fontsize=8,
                     color="white" if n > counts.max() / 2 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xticks(range(len(classes)), classes, rotation=90 if many else 45, ha="center" if many else "right",
+                  fontsize=5 if many else None)
+    ax.set_yticks(range(len(classes)), classes, fontsize=5 if many else None)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"{title} (accuracy {accuracy:.4f}, {counts.sum():,} images)")
@@ -45,9 +50,19 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequenc
     return counts
 
 
+def _displayable(image: np.ndarray) -> np.ndarray:
+    """One uint8 image as imshow takes it: [H, W] for gray, [H, W, 3] for RGB (from [H, W], [1, H, W], [3, H, W])."""
+    if image.ndim == 3:
+        image = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+    return image
+
+
 def mistakes_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
                   classes: Sequence[str], path: Path, title: str, limit: int = 36) -> int:
-    """Write a grid of the most confident mistakes (true -> predicted, confidence) as a PNG; return how many."""
+    """Write a grid of the most confident mistakes (true -> predicted, confidence) as a PNG; return how many.
+
+    `images` are uint8 [N, H, W] or [N, C, H, W] with one (gray) or three (RGB) channels.
+    """
     wrong = np.flatnonzero(labels != predicted)
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
     columns = 6
@@ -56,7 +71,7 @@ def mistakes_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, worst, strict=False):
-        ax.imshow(images[index], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(_displayable(images[index]), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"{classes[labels[index]]} -> {classes[predicted[index]]}\n{confidence[index]:.0%}", fontsize=8)
     shown = f"the {len(worst)} most confident of {len(wrong):,} mistakes" if len(wrong) else "no mistakes"
     fig.suptitle(f"{title}: {shown} (true -> predicted)", fontsize=10)

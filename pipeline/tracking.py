@@ -8,8 +8,9 @@ PostgreSQL, another SQLite file).
 - Parent run: one per study, created on the first invocation and reopened by later ones (its id is
   kept in the study's user attributes). It carries the study report at the end of each invocation.
 - Child run: one per trial, opened when the trial starts so a running trial is visible live; params
-  under stable names, one batched metrics call per epoch (`step=epoch`), and the end status
-  FINISHED / KILLED / FAILED for COMPLETE / PRUNED / FAIL.
+  under stable names, the dataset as a run input (name, digest, source, images per split, classes,
+  image size: the UI's Dataset column), one batched metrics call per epoch (`step=epoch`), and the end
+  status FINISHED / KILLED / FAILED for COMPLETE / PRUNED / FAIL.
 - Best model: only a trial that becomes the study's best logs its model (torch.export `pt2`, which
   loads with torch alone), so disk grows with improvements, not with trials. The best trial's model
   is registered as model `<study file name>` with alias `champion`; the alias moves only to a better one.
@@ -31,11 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import requests
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.schema import TensorDatasetSchema
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.types import Schema, TensorSpec
 
 from pipeline import plots, reproducibility, train
 from pipeline.concurrency import open_store
@@ -119,7 +123,8 @@ def provenance(data: PreparedData) -> dict[str, str]:
     """What every trial's run records besides its hyperparameters: data identity, code and versions."""
     return {
         "dataset": data.dataset,
-        "dataset_checksum": data.checksum,
+        "dataset_checksum": data.checksum,  # the name results have always been recorded under
+        "dataset_digest": data.checksum,  # the name of the trial's Optuna attribute and its MLflow dataset input
         "split_hash": data.split_hash,
         "train_images": str(len(data.train)),
         "val_images": str(len(data.val)),
@@ -128,6 +133,32 @@ def provenance(data: PreparedData) -> dict[str, str]:
         "optuna_version": importlib.metadata.version("optuna"),
         "mlflow_version": mlflow.__version__,
     }
+
+
+def dataset_input(data: PreparedData) -> DatasetInput:
+    """The trial's dataset as an MLflow run input: metadata only (no image is copied), identified by its digest.
+
+    The UI shows `name (digest)` in the runs table's Dataset column; its drawer shows the profile (images
+    per split, classes, image size, preprocessing) and the schema (uint8 image tensors, int64 labels).
+    """
+    channels, height, width = data.input_shape
+    profile = {
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "test_images": data.test_images,
+        "num_classes": len(data.classes),
+        "classes": list(data.classes),
+        "image_size": f"{channels}x{height}x{width}",
+        "preprocessing": data.preprocessing.as_dict(),
+        "split_hash": data.split_hash,
+    }
+    schema = TensorDatasetSchema(features=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, height, width),
+                                                             "image")]),
+                                 targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]))
+    dataset = Dataset(name=data.dataset, digest=data.checksum, source_type="local",
+                      source=json.dumps({"uri": data.source or data.dataset}), schema=json.dumps(schema.to_dict()),
+                      profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
@@ -191,6 +222,7 @@ class StudyRun:
         self.parent_run_id = self._parent(parent_run_id, description)
         self.children: dict[int, str] = {}
         self._provenance: dict[str, str] | None = None
+        self._dataset: DatasetInput | None = None
 
     def _experiment(self, name: str) -> str:
         experiment = self.client.get_experiment_by_name(name)
@@ -230,14 +262,16 @@ class StudyRun:
 
     def start_trial(self, number: int, params: dict[str, Any], seed: int, data: PreparedData,
                     parameter_count: int) -> str:
-        if self._provenance is None:
+        if self._provenance is None:  # the same data for every trial of this process: described once
             self._provenance = provenance(data)
+            self._dataset = dataset_input(data)
         tags = {PARENT_TAG: self.parent_run_id, RUN_NAME_TAG: f"trial-{number:04d}", "study": self.study_name,
                 "trial_number": str(number), "optuna_state": "RUNNING", "parameter_count": str(parameter_count)}
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         logged = {k: param_value(v) for k, v in params.items()}
         logged |= {"trial_number": str(number), "trial_seed": str(seed), **self._provenance}
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(logged.items())])
+        self.client.log_inputs(run_id, datasets=[self._dataset])
         self.children[number] = run_id
         return run_id
 
@@ -298,15 +332,17 @@ class StudyRun:
         run_id = self.children[number]
         ensure_room(model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
         cpu_model = train.export_ready_copy(model)
-        example = data.val.to_float(data.val.images[:INPUT_EXAMPLE_IMAGES]).cpu().numpy()
+        example = data.val.to_float(data.val.uint8(slice(0, INPUT_EXAMPLE_IMAGES))).cpu().numpy()
         with torch.no_grad():
             output = cpu_model(torch.from_numpy(example)).numpy()
         info = mlflow.pytorch.log_model(
             cpu_model, name="model", run_id=run_id,
             signature=mlflow.models.infer_signature(example, output), input_example=example,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # skips MLflow's slow requirement probe
-            metadata={"dataset": data.dataset, "classes": list(data.classes), "mean": data.mean, "std": data.std,
-                      "input_shape": list(example.shape[1:]), "study": self.study_name, "trial_number": number},
+            metadata={"dataset": data.dataset, "dataset_digest": data.checksum, "classes": list(data.classes),
+                      "mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
+                      "preprocessing": data.preprocessing.as_dict(), "study": self.study_name,
+                      "trial_number": number},
         )
         predicted = train.predict(model, data.val, precision=precision)
         with tempfile.TemporaryDirectory() as tmp:
@@ -415,9 +451,19 @@ class ChampionVersion:
     run_params: dict[str, str]  # as logged by the trial's run: what the weights were trained with
 
     def matches(self, params: dict[str, Any], seed: int) -> bool:
-        """Were these weights trained by a trial with these (resolved) params and seed?"""
+        """Were these weights trained by a trial with these (resolved) params and seed?
+
+        A parameter the run did not log did not exist when it ran (e.g. `augment_policy`), so it trained
+        as that parameter's default does: it matches when the value is the default.
+        """
         logged = {k: param_value(v) for k, v in params.items()} | {"trial_seed": str(seed)}
-        return all(self.run_params.get(k) == v for k, v in logged.items())
+        for key, value in logged.items():
+            recorded = self.run_params.get(key)
+            if recorded is None and key in train.PARAM_SPECS:
+                recorded = param_value(train.PARAM_SPECS[key].default)
+            if recorded != value:
+                return False
+        return True
 
 
 def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:

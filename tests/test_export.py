@@ -17,8 +17,9 @@ from conftest import write_tiny_dataset
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import data, datasets, export, models, train, verify_export
+from pipeline import data, datasets, export, imagecache, models, plots, train, verify_export
 from pipeline.cli import main
+from pipeline.images import Preprocessing, open_picture, prepare_picture
 
 STUDY = """
 description = "export test study"
@@ -254,18 +255,42 @@ def test_predict_returns_the_labels_of_correctly_classified_test_images(use, tmp
     for index, row in zip(right, rows, strict=True):
         cells = [c.strip() for c in row.split("│") if c.strip()]
         assert cells[0].endswith(f"test{index}.png") and cells[1] == f"class{labels[index]}"
-    assert "broken.png: cannot be read as an image" in " ".join(err.split())
+    assert "broken.png: cannot be decoded as an image" in " ".join(err.split())
+
+
+def test_predict_reads_exports_written_before_preprocessing_was_recorded(use, tmp_path):
+    """An export of the previous version: scalar mean/std, no `preprocessing`, an MNIST-like dataset."""
+    old = shutil.copytree(use.export, tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    config.pop("preprocessing")
+    config.update(mean=config["mean"][0], std=config["std"][0], input_shape=[1, 28, 28], dataset="mnist")
+    (old / "config.json").write_text(json.dumps(config))
+    raw = use.env[2] / "Tiny" / "raw"
+    images = datasets.read_idx(raw / datasets.TEST_IMAGES)[:20]
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"test{index}.png")
+        Image.fromarray(image).save(paths[-1])
+
+    assert export.export_preprocessing(config) == Preprocessing(28, "gray", "mnist")  # the old digit centring
+    before, errors = export.predict(old, paths)
+    now, _ = export.predict(use.export, paths)
+    assert not errors and len(before) == len(paths)
+    # 28x28 digit-like pictures pass both preparations unchanged, so the old export predicts as the new one.
+    assert [p.top for p in before] == [p.top for p in now]
 
 
 def test_pictures_are_converted_the_way_mnist_looks():
+    mnist = Preprocessing(28, "gray", "mnist")
     digit = np.zeros((28, 28), dtype=np.uint8)
     digit[6:22, 12:16] = 255  # a bright "1" on black, slightly off-centre
-    assert np.array_equal(export.to_dataset_image(Image.fromarray(digit), "mnist"), digit)  # 28x28 kept as is
+    assert np.array_equal(prepare_picture(Image.fromarray(digit), mnist), digit[None])  # 28x28 kept as is
 
     photo = np.full((300, 200, 3), 240, dtype=np.uint8)  # a dark stroke on white paper, RGB, any size
     photo[40:260, 60:100] = 10
-    converted = export.to_dataset_image(Image.fromarray(photo), "mnist")
-    assert converted.shape == (28, 28) and converted.dtype == np.uint8
+    converted = prepare_picture(Image.fromarray(photo), mnist)
+    assert converted.shape == (1, 28, 28) and converted.dtype == np.uint8
+    converted = converted[0]
     assert converted[0].max() == 0 and converted[:, 0].max() == 0  # dark background
     rows, cols = np.nonzero(converted > 30)
     assert rows.max() - rows.min() + 1 <= 20  # fitted into MNIST's 20x20 box
@@ -273,3 +298,115 @@ def test_pictures_are_converted_the_way_mnist_looks():
     row_centre, col_centre = ((axis * mass).sum() / mass.sum() for axis in np.indices(mass.shape))
     assert abs(row_centre - 14) <= 1.0 and abs(col_centre - 14) <= 1.0  # centred by its centre of mass
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Your own pictures: an RGB folder, exported, verified from the image cache, and predicted
+
+FOLDER_STUDY = """
+description = "folder export test"
+model = "cnn"
+trials = 1
+timeout_minutes = 10
+seed = 5
+sampler = "random"
+pruner = "none"
+epochs = 3
+
+[dataset]
+path = "{path}"
+image_size = 16
+
+[fixed]
+cnn_channels = [8, 16]
+pool = "every"
+head = "gap"
+head_units = 0
+batch_size = 16
+precision = "fp32"
+optimizer = "adamw"
+schedule = "none"
+augment = 0.0
+
+[space]
+lr = {{ type = "float", low = 1e-2, high = 2e-2, log = true }}
+"""
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
+SIZES = [(16, 16), (24, 20), (20, 32), (40, 40)]
+
+
+def write_picture_folder(directory: Path, per_class: int = 30) -> None:
+    """One subfolder per class: a square of the class's colour on a noisy gray background, PNG and JPEG, mixed sizes."""
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (directory / name).mkdir(parents=True)
+        for i in range(per_class):
+            width, height = SIZES[i % len(SIZES)]
+            pixels = rng.integers(90, 160, size=(height, width, 3))
+            top, left = height // 4, width // 4
+            pixels[top:height - top, left:width - left] = np.clip(
+                np.array(colour) + rng.integers(-25, 26, size=(height - 2 * top, width - 2 * left, 3)), 0, 255)
+            image = Image.fromarray(pixels.astype(np.uint8))
+            image.save(directory / name / (f"{i:02d}.png" if i % 2 else f"{i:02d}.jpg"))
+
+
+def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(tmp_path, monkeypatch):
+    pictures, root = tmp_path / "pictures", tmp_path / "data"
+    write_picture_folder(pictures)
+    studies_dir = tmp_path / "studies"
+    studies_dir.mkdir()
+    (studies_dir / "folder.toml").write_text(FOLDER_STUDY.format(path=pictures))
+    common = ["--study", "folder", "--studies-dir", str(studies_dir), "--storage", f"sqlite:///{tmp_path}/optuna.db",
+              "--root", str(root)]
+    assert main(["search", *common, "--threads", "1"]) == 0
+    assert main(["export-best", *common, "--out", str(tmp_path / "exports")]) == 0  # it exists: it was verified
+
+    directory = tmp_path / "exports" / "folder"
+    config = json.loads((directory / "config.json").read_text())
+    metrics = json.loads((directory / "metrics.json").read_text())
+    assert config["input_shape"] == [3, 16, 16] and len(config["mean"]) == len(config["std"]) == 3
+    assert config["mean"][0] > config["mean"][1]  # red and gray pictures: more red than green on average
+    assert config["preprocessing"] == {"image_size": 16, "channels": "rgb", "style": "photo"}
+    assert config["classes"] == sorted(COLOURS) and config["dataset"] == "pictures"
+    cache = imagecache.open_cache(imagecache.cache_dir(root, config["dataset_checksum"]))
+    rows = np.load(directory / export.TEST_ROWS, allow_pickle=False)
+    assert metrics["test_images"] == len(rows) == 9  # 10% of 90 pictures, carved stratified
+    assert "28x28" not in (directory / "model_card.md").read_text()
+    assert "16x16 RGB" in (directory / "model_card.md").read_text()
+
+    # verify.py in a fresh, isolated process: the cache's .npy files and the export's test rows.
+    done = subprocess.run([sys.executable, "-I", str(directory / "verify.py"), "--images",
+                           str(cache.directory / "images.npy"), "--labels", str(cache.directory / "labels.npy"),
+                           "--rows", str(directory / export.TEST_ROWS)],
+                          capture_output=True, text=True, timeout=300, cwd=directory)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["correct"] == metrics["test_correct"]
+
+    # predict prepares a picture exactly as it was landed for training (one function), and names a class.
+    picture = pictures / "blue" / "05.png"
+    preprocessing = export.export_preprocessing(config)
+    landed = cache.images[cache.manifest["files"].index("blue/05.png")]
+    assert np.array_equal(open_picture(picture, preprocessing), landed)
+    monkeypatch.chdir(tmp_path)
+    predictions, errors = export.predict(directory, [picture])
+    assert not errors and predictions[0].top[0][0] == "blue"  # the class's folder name
+
+    # The trial's MLflow run names the dataset it trained on by the same digest.
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("folder").experiment_id],
+                             "tags.trial_number = '0'")[0]
+    (logged,) = run.inputs.dataset_inputs
+    profile = json.loads(logged.dataset.profile)
+    assert logged.dataset.digest == config["dataset_checksum"] and logged.dataset.name == "pictures"
+    assert profile["image_size"] == "3x16x16" and profile["classes"] == config["classes"]
+    assert profile["test_images"] == 9 and profile["train_images"] + profile["val_images"] == 81
+
+
+def test_mistakes_grid_draws_rgb_and_gray_images(tmp_path):
+    labels, predicted = np.array([0, 1, 1]), np.array([1, 1, 0])
+    confidence = np.array([0.9, 0.8, 0.7])
+    for shape in ((3, 3, 12, 12), (3, 1, 12, 12), (3, 12, 12)):
+        images = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+        path = tmp_path / f"grid{len(shape)}-{shape[1]}.png"
+        assert plots.mistakes_grid(images, labels, predicted, confidence, ["a", "b"], path, "t") == 2
+        assert path.stat().st_size > 0

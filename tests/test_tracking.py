@@ -121,6 +121,7 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
     assert len(children) == len(study.trials)
     assert all(r.data.tags[tracking.PARENT_TAG] == parent.info.run_id for r in children)
     runs = by_trial(children)
+    prepared = data.prepare("tiny", env[2], "cpu", val_size=100)
     expected_status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
     for trial in study.trials:
         run = runs[trial.number]
@@ -132,6 +133,15 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
         for key in ("dataset_checksum", "split_hash", "git_commit", "torch_version", "optuna_version"):
             assert run.data.params[key]
         assert int(run.data.tags["parameter_count"]) > 0
+        # The dataset it trained on, as a run input (the UI's Dataset column): the data's own digest.
+        (logged,) = run.inputs.dataset_inputs
+        assert logged.dataset.name == "tiny" and logged.dataset.digest == prepared.checksum
+        assert run.data.params["dataset_digest"] == run.data.params["dataset_checksum"] == prepared.checksum
+        assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+        profile = json.loads(logged.dataset.profile)
+        assert profile["image_size"] == "1x28x28" and profile["classes"] == list(prepared.classes)
+        assert (profile["train_images"], profile["val_images"], profile["test_images"]) == (
+            len(prepared.train), len(prepared.val), 200)
 
     # The forced outcomes: trial 1 diverged (PRUNED -> KILLED), trial 2 failed with its traceback logged.
     assert study.trials[1].state == TrialState.PRUNED and runs[1].data.tags["fail_reason"] == "diverged"
@@ -183,7 +193,8 @@ def test_champion_alias_loads_and_scores_as_the_trial_reported(env, mlflow_store
 
     info = mlflow.models.get_model_info("models:/tracked@champion")
     assert info.signature.inputs.inputs[0].shape == (-1, 1, 28, 28)  # a batch of normalised images
-    assert info.metadata["classes"][0] == "class0" and info.metadata["mean"] > 0
+    assert info.metadata["classes"][0] == "class0" and len(info.metadata["mean"]) == 1 and info.metadata["mean"][0] > 0
+    assert info.metadata["input_shape"] == [1, 28, 28] and info.metadata["preprocessing"]["image_size"] == 28
     model = mlflow.pytorch.load_model("models:/tracked@champion")  # a torch.export program: no project code needed
     prepared = data.prepare("tiny", env[2], "cpu", val_size=100)
     correct = 0
@@ -299,3 +310,18 @@ def test_search_tracks_to_make_server_over_http(env, tmp_path, monkeypatch):
         server.wait(timeout=30)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_champion_matches_runs_logged_before_parameters_were_added():
+    """A store written before `augment_policy`, `unfreeze_epoch` and `input_size` existed still exports."""
+    params = train.resolve_params({"model": "cnn", "lr": 0.05})
+    logged = {k: tracking.param_value(v) for k, v in params.items()} | {"trial_seed": "7"}
+    old_run = {k: v for k, v in logged.items() if k not in ("augment_policy", "unfreeze_epoch", "input_size")}
+    version = tracking.ChampionVersion("m", "1", "m", 0, "run", None, "models:/m/1", old_run)
+    assert version.matches(params, 7)  # missing keys: the run trained at their defaults
+    assert not version.matches(params, 8)  # another seed
+    assert not version.matches(params | {"unfreeze_epoch": 2}, 7)  # missing, and not the default
+    assert not version.matches(params | {"lr": 0.01}, 7)  # logged, and different
+    differs = tracking.ChampionVersion("m", "1", "m", 0, "run", None, "models:/m/1",
+                                       old_run | {"augment_policy": "natural"})
+    assert not differs.matches(params, 7)  # logged with another value than the trial's
