@@ -274,32 +274,43 @@ class NaturalAugment:
         return cls(padding=max(1, round(strength * image_size / 8)), flip=True, jitter=min(0.9, 0.2 * strength))
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Float images [B, C, H, W] in [0, 1]; the padding is a reflection of the border."""
+        """Float images [B, C, H, W] in [0, 1]; the padding is a reflection of the border.
+
+        Crop, padding and flip are one gather of source pixels, and the three jitters one colour matrix
+        and offset per image: a handful of batched ops, whatever the batch size.
+        """
         batch, channels, height, width = images.shape
+        device = images.device
         p = self.padding
-        draws = torch.rand(batch, 6, generator=generator, dtype=torch.float32)
-        shifts = (draws[:, :2] * (2 * p + 1)).floor().to(torch.int64).clamp_(max=2 * p).to(images.device)
-        padded = F.pad(images, (p, p, p, p), mode="reflect") if p < min(height, width) else \
-            F.pad(images, (p, p, p, p), mode="replicate")
-        rows = (torch.arange(height, device=images.device)[None, :] + shifts[:, :1])  # [B, H]
-        cols = (torch.arange(width, device=images.device)[None, :] + shifts[:, 1:])  # [B, W]
-        index = torch.arange(batch, device=images.device)[:, None, None, None]
-        channel = torch.arange(channels, device=images.device)[None, :, None, None]
-        x = padded[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
-        if self.flip:
-            flipped = (draws[:, 2] < 0.5).to(images.device)[:, None, None, None]
-            x = torch.where(flipped, x.flip(3), x)
+        draws = torch.rand(batch, 6, generator=generator, dtype=torch.float32).to(device)
+        shifts = (draws[:, :2] * (2 * p + 1)).floor().clamp_(max=2 * p).to(torch.int64) - p  # in [-p, p]
+        rows = torch.arange(height, device=device)[None, :] + shifts[:, :1]  # [B, H] rows of the source
+        cols = torch.arange(width, device=device)[None, :].expand(batch, -1)
+        if self.flip:  # crop, then mirror: output column j reads cropped column W - 1 - j
+            cols = torch.where(draws[:, 2:3] < 0.5, cols.flip(1), cols)
+        cols = cols + shifts[:, 1:]
+        index = _reflect(rows, height)[:, :, None] * width + _reflect(cols, width)[:, None, :]  # [B, H, W]
+        x = images.reshape(batch, channels, -1).gather(2, index.view(batch, 1, -1).expand(-1, channels, -1))
         if self.jitter > 0:
-            factors = (1 + (draws[:, 3:] * 2 - 1) * self.jitter).to(images.device)  # brightness, contrast, saturation
-            x = x * factors[:, 0, None, None, None]
-            gray = x.mean(dim=1, keepdim=True) if channels == 1 else \
-                (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-            x = (x - gray.mean(dim=(2, 3), keepdim=True)) * factors[:, 1, None, None, None] \
-                + gray.mean(dim=(2, 3), keepdim=True)
+            # brightness b, contrast c around the image's mean luminance m, saturation s towards each pixel's
+            # luminance: y = b c (s x + (1 - s) lum(x)) + (1 - c) b m, all per image.
+            b, c, s = (1 + (draws[:, 3:] * 2 - 1) * self.jitter).unbind(1)
             if channels == 3:
-                gray = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-                x = gray + (x - gray) * factors[:, 2, None, None, None]
-        return x.clamp_(0.0, 1.0)
+                weights = torch.tensor([0.299, 0.587, 0.114], device=device)
+                mean = (weights[None, :, None] * x).sum(1).mean(1)
+                mix = s[:, None, None] * torch.eye(3, device=device) + (1 - s)[:, None, None] * weights
+                x = torch.bmm((b * c)[:, None, None] * mix, x)
+            else:
+                mean = x.mean(dim=(1, 2))
+                x = (b * c)[:, None, None] * x
+            x = x + ((1 - c) * b * mean)[:, None, None]
+        return x.view(batch, channels, height, width).clamp_(0.0, 1.0)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions outside [0, size) mirrored back in without repeating the edge (F.pad's "reflect")."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index).clamp_(0, size - 1)
 
 
 def make_augment(policy: str, strength: float, image_size: int) -> Augment | NaturalAugment | None:

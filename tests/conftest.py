@@ -118,3 +118,12 @@ def mlflow_store(request, tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{store}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def require_sample_images(spec) -> None:
+    """The folder a shipped folder study reads: `make sample-images` writes the one the example names."""
+    from pipeline import sample_images
+
+    if Path(spec.dataset.path) != Path("data/sample-images"):
+        pytest.skip(f"{spec.name}: its folder {spec.dataset.path} is not one the project can make")
+    sample_images.write()

@@ -152,3 +152,19 @@ def test_natural_augment_is_seeded_and_keeps_pixels_in_range():
     assert gray.shape == (8, 1, 16, 16)
     assert data.make_augment("none", 1.0, 16) is None and data.make_augment("natural", 0.0, 16) is None
     assert isinstance(data.make_augment("digits", 1.0, 28), data.Augment)  # the affine, never flips
+
+
+def test_natural_jitter_is_brightness_then_contrast_then_saturation():
+    """The one-matrix jitter equals the three adjustments applied one after the other."""
+    images = torch.rand(16, 3, 8, 8)
+    augment = data.NaturalAugment(padding=0, flip=False, jitter=0.4)
+    out = augment.apply(images.clone(), torch.Generator().manual_seed(5))
+    draws = torch.rand(16, 6, generator=torch.Generator().manual_seed(5))
+    b, c, s = (1 + (draws[:, 3:] * 2 - 1) * 0.4).unbind(1)
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    x = images * b.view(-1, 1, 1, 1)
+    mean = (x * weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * c.view(-1, 1, 1, 1) + mean
+    gray = (x * weights).sum(1, keepdim=True)
+    x = gray + (x - gray) * s.view(-1, 1, 1, 1)
+    assert torch.allclose(out, x.clamp(0, 1), atol=1e-5)
