@@ -34,7 +34,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from pipeline import imagecache
 from pipeline.errors import DataError
 from pipeline.fileio import write_atomic
-from pipeline.images import PictureError, Preprocessing, is_gray_mode, open_picture
+from pipeline.images import Preprocessing, decode_files, is_gray_mode
 from pipeline.sources import FolderSource
 
 SPLIT_FOLDERS = {"train": imagecache.TRAIN, "val": imagecache.VAL, "test": imagecache.TEST}
@@ -212,18 +212,6 @@ def _resolve_channels(listing: Listing, channels: str) -> str:
     return "gray"
 
 
-def _decode_chunk(task: tuple[list[str], Preprocessing, float]) -> list[np.ndarray | str]:
-    """In a worker process: each picture as uint8 [C, S, S], or the error line that names it."""
-    paths, preprocessing, max_megapixels = task
-    out: list[np.ndarray | str] = []
-    for path in paths:
-        try:
-            out.append(open_picture(path, preprocessing, max_megapixels))
-        except PictureError as exc:
-            out.append(str(exc))
-    return out
-
-
 def _cores() -> int:
     """The cores this process may use (a container's or taskset's share, not the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -259,9 +247,9 @@ def decode_into_cache(listing: Listing, source: FolderSource, key: str, cache_ro
                 # spawn, not fork: the parent may hold torch's thread pools, which a forked child must not inherit.
                 pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
                     workers, mp_context=multiprocessing.get_context("spawn")))
-                decoded = pool.map(_decode_chunk, tasks)
+                decoded = pool.map(decode_files, tasks)
             else:  # one chunk (or one core): a process would only add its start-up (seconds: it imports torch)
-                decoded = map(_decode_chunk, tasks)
+                decoded = map(decode_files, tasks)
             task = progress.add_task("decode", total=count, name=listing.root.name, rate="")
             done = 0
             for chunk, results in zip(chunks, decoded, strict=True):

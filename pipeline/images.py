@@ -149,3 +149,18 @@ def digit_picture(image: Image.Image, dataset: str) -> np.ndarray:
         left = min(max(left, 0), 28 - small.shape[1])
     canvas[top:top + small.shape[0], left:left + small.shape[1]] = small
     return canvas.clip(0, 255).astype(np.uint8)
+
+
+def decode_files(task: tuple[list[str], Preprocessing, float]) -> list[np.ndarray | str]:
+    """Each picture of a chunk as uint8 [C, S, S], or the error line that names it.
+
+    Run in the decoding processes, which import only this module (numpy and Pillow, not torch): each
+    starts in a fraction of a second."""
+    paths, preprocessing, max_megapixels = task
+    out: list[np.ndarray | str] = []
+    for path in paths:
+        try:
+            out.append(open_picture(path, preprocessing, max_megapixels))
+        except PictureError as exc:
+            out.append(str(exc))
+    return out

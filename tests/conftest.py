@@ -127,3 +127,12 @@ def require_sample_images(spec) -> None:
     if Path(spec.dataset.path) != Path("data/sample-images"):
         pytest.skip(f"{spec.name}: its folder {spec.dataset.path} is not one the project can make")
     sample_images.write()
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path, monkeypatch):
+    """`data/cifar-10-python.tar.gz` under a temporary root: 5 x 60 training and 100 test images in the real
+    format, its checksums stated (see cifar_archive.py)."""
+    from cifar_archive import make_tiny_cifar
+
+    return make_tiny_cifar(tmp_path / "data", monkeypatch)

@@ -488,6 +488,7 @@ BREAKAGES = [
 ]
 
 
+@pytest.mark.faults  # README: What survives what
 def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(pictures, tmp_path, capsys):
     pictures.add("cat", 12)
     pictures.add("dog", 12)
@@ -522,3 +523,22 @@ def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(picture
         assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and fragment in errors[0], f"{what}: {err}"
         assert recorded() == before, what
         assert pictures.caches() == caches, what  # no half-written cache left behind either
+
+
+@pytest.mark.faults  # README: What survives what
+def test_replay_after_a_picture_changed_says_the_digest_no_longer_matches(pictures, tmp_path, capsys):
+    pictures.add("cat", 12)
+    dogs = pictures.add("dog", 12)
+    studies_dir = tmp_path / "studies"
+    studies_dir.mkdir()
+    (studies_dir / "mine.toml").write_text(STUDY.format(path=json.dumps(str(pictures.folder))))
+    common = ["--study", "mine", "--studies-dir", str(studies_dir), "--storage", f"sqlite:///{tmp_path}/optuna.db",
+              "--root", str(pictures.data_root), "--threads", "1", "--device", "cpu"]
+    assert main(["search", *common, "--no-tracking"]) == 0, capsys.readouterr().err
+    assert main(["replay", *common, "--trial", "0"]) == 0  # unchanged pictures: identical
+    capsys.readouterr()
+    Image.new("RGB", (24, 20), (255, 255, 255)).save(dogs[0])  # one picture changes
+    assert main(["replay", *common, "--trial", "0"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trial 0 was trained on pics with digest" in err and "restore the pictures" in err
+    assert len(pictures.caches()) == 2  # the changed folder got a cache of its own; the old one is kept
