@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import imagecache
+from pipeline.datasets import sha256_file
 from pipeline.errors import DataError
 
 
@@ -95,14 +96,6 @@ def _md5(payload: bytes) -> str:
     return hashlib.md5(payload, usedforsecurity=False).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verified_batches(spec: CifarInfo, root: Path) -> dict[str, bytes]:
     """The extracted batch files, each checked against its MD5; DataError names the first bad one."""
     folder = root / spec.folder
@@ -122,7 +115,7 @@ def _verified_batches(spec: CifarInfo, root: Path) -> dict[str, bytes]:
 
 def _extract(spec: CifarInfo, archive: Path, root: Path) -> None:
     if spec.archive_sha256 is not None:
-        actual = _file_sha256(archive)
+        actual = sha256_file(archive)
         if actual != spec.archive_sha256:
             raise DataError(f"{archive}: SHA-256 {actual}, expected {spec.archive_sha256}; it is not the original "
                             f"archive, download it again from {spec.url}")

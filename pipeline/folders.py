@@ -32,6 +32,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from pipeline import imagecache
+from pipeline.datasets import sha256_file
 from pipeline.errors import DataError
 from pipeline.fileio import write_atomic
 from pipeline.images import Preprocessing, decode_files, is_gray_mode
@@ -156,14 +157,6 @@ def list_csv(root: Path, csv_name: str) -> Listing:
 # Digest
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_hashes(listing: Listing, cache_root: Path) -> list[str]:
     """SHA-256 of every file, reusing the hashes of files whose size and modification time are unchanged."""
     index_path = cache_root / "index" / f"{hashlib.sha256(str(listing.root).encode()).hexdigest()[:16]}.json"
@@ -176,7 +169,7 @@ def file_hashes(listing: Listing, cache_root: Path) -> list[str]:
         stat = file.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = known.get(rel)
-        sha = entry[2] if entry and entry[:2] == stamp else _sha256(file)
+        sha = entry[2] if entry and entry[:2] == stamp else sha256_file(file)
         fresh[rel] = [*stamp, sha]
         hashes.append(sha)
     if fresh != known:

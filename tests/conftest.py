@@ -136,3 +136,12 @@ def tiny_cifar(tmp_path, monkeypatch):
     from cifar_archive import make_tiny_cifar
 
     return make_tiny_cifar(tmp_path / "data", monkeypatch)
+
+
+def refusal(action) -> str:
+    """The DataError message `action()` raises, checked to be one line."""
+    with pytest.raises(DataError) as raised:
+        action()
+    message = str(raised.value)
+    assert "\n" not in message
+    return message

@@ -16,18 +16,10 @@ import numpy as np
 import optuna
 import pytest
 from cifar_archive import ARCHIVE, FOLDER, NAMES, PER_BATCH, TEST_IMAGES, batch_pickle
+from conftest import refusal
 
 from pipeline import cifar, data, imagecache, search
 from pipeline.cli import main
-from pipeline.errors import DataError
-
-
-def refusal(action) -> str:
-    with pytest.raises(DataError) as raised:
-        action()
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 def test_the_pickles_are_in_the_original_format(tiny_cifar):

@@ -15,12 +15,12 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import refusal
 from optuna.trial import TrialState
 from PIL import Image
 
 from pipeline import data, folders, imagecache, search
 from pipeline.cli import main
-from pipeline.errors import DataError
 from pipeline.images import Preprocessing, open_picture
 from pipeline.sources import FolderSource
 
@@ -82,15 +82,6 @@ def pictures(tmp_path) -> Pictures:
 
 def decoded(path: Path, channels: str = "rgb") -> np.ndarray:
     return open_picture(path, Preprocessing(SIZE, channels))
-
-
-def refusal(action) -> str:
-    """The DataError message `action()` raises, checked to be one line."""
-    with pytest.raises(DataError) as raised:
-        action()
-    message = str(raised.value)
-    assert "\n" not in message
-    return message
 
 
 # --------------------------------------------------------------------------------------------------
