@@ -92,7 +92,7 @@ def check_size(image: Image.Image, max_megapixels: float, name: str) -> None:
     pixels = image.width * image.height
     if pixels > max_megapixels * 1e6:
         raise PictureError(f"{name}: {image.width}x{image.height} is {pixels / 1e6:.0f} megapixels, over the cap "
-                           f"of {max_megapixels:g}; shrink it, remove it, or raise dataset.max_megapixels")
+                           f"of {max_megapixels:g}; shrink it or remove it (a study may raise dataset.max_megapixels)")
 
 
 def prepare_picture(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
