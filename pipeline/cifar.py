@@ -62,7 +62,6 @@ def _infos() -> dict[str, CifarInfo]:
     }
 
 
-NAMES = ("cifar10", "cifar100")
 INFOS: dict[str, CifarInfo] = {}  # filled on first use (reading torchvision's lists imports torchvision)
 
 

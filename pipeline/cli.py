@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from pipeline import sources
 from pipeline.concurrency import stop_with_parent
 from pipeline.errors import BadInput
 
@@ -27,7 +28,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 def _cmd_data(args: argparse.Namespace) -> int:
     from pipeline import datasets  # not pipeline.data: importing torch would cost a second here
 
-    if args.dataset in ("cifar10", "cifar100"):
+    if args.dataset in sources.CIFAR_DATASETS:
         return _land_cifar(args)
     names = sorted(datasets.DATASETS) if args.dataset == "all" else [args.dataset]
     for name in names:
@@ -694,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("data", help="land and verify datasets under data/ (offline sources first)")
-    p.add_argument("--dataset", default="all", choices=["all", *sorted(datasets.DATASETS), "cifar10", "cifar100"],
+    p.add_argument("--dataset", default="all", choices=["all", *sorted(datasets.DATASETS), *sources.CIFAR_DATASETS],
                    help="all: MNIST and Fashion-MNIST; CIFAR needs its archive in data/ or the internet")
     p.add_argument("--source", default="auto", choices=datasets.SOURCES,
                    help="auto: present files, then the offline package, then torchvision's download")
@@ -704,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="one training run of a model family's baseline (+ --set overrides)")
     p.add_argument("--model", default="cnn", choices=["mlp", "cnn", "resnet18"])
     p.add_argument("--study", default=None, help="train this study's first baseline trial instead of --model's")
-    p.add_argument("--dataset", default="mnist", choices=[*sorted(datasets.DATASETS), "cifar10", "cifar100"])
+    p.add_argument("--dataset", default="mnist", choices=[*sorted(datasets.DATASETS), *sources.CIFAR_DATASETS])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set lr=0.01 --set cnn_channels=[32,64] (repeatable)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")

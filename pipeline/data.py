@@ -19,7 +19,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from pipeline.datasets import DEFAULT_ROOT, PROJECT_ROOT
 from pipeline.errors import DataError
 from pipeline.fileio import write_atomic
 from pipeline.images import Preprocessing
-from pipeline.sources import DIGITS, FolderSource
+from pipeline.sources import CIFAR_DATASETS, DIGITS, FolderSource
 
 DEFAULT_VAL_SIZE = 5000
 DEFAULT_SPLIT_SEED = 0
@@ -82,14 +82,6 @@ class Arrays:
     def train_images(self) -> torch.Tensor:
         return self.images[self.train_rows]
 
-    @property
-    def test_labels(self) -> torch.Tensor:
-        return self.labels[self.test_rows]
-
-    @property
-    def test_images(self) -> torch.Tensor:
-        return self.images[self.test_rows]
-
 
 def load_arrays(dataset: DatasetRef, root: Path = DEFAULT_ROOT, log: Callable[[str], None] = _stderr) -> Arrays:
     """Land the dataset if needed (verifying every file) and read it as tensors.
@@ -100,7 +92,7 @@ def load_arrays(dataset: DatasetRef, root: Path = DEFAULT_ROOT, log: Callable[[s
         from pipeline import folders
 
         return _from_cache(folders.land_folder(dataset, PROJECT_ROOT, root, log), dataset.test_fraction)
-    if dataset in ("cifar10", "cifar100"):
+    if dataset in CIFAR_DATASETS:
         from pipeline import cifar
 
         return _from_cache(cifar.land_cifar(dataset, root, log))
@@ -266,11 +258,7 @@ class NaturalAugment:
     jitter: float = 0.2  # factors uniform in [1 - jitter, 1 + jitter]
 
     @classmethod
-    def from_strength(cls, strength: float, image_size: int) -> NaturalAugment | None:
-        if strength < 0:
-            raise DataError(f"augmentation strength {strength} must be >= 0 (0 turns it off)")
-        if strength == 0:
-            return None
+    def from_strength(cls, strength: float, image_size: int) -> NaturalAugment:
         return cls(padding=max(1, round(strength * image_size / 8)), flip=True, jitter=min(0.9, 0.2 * strength))
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -314,13 +302,13 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def make_augment(policy: str, strength: float, image_size: int) -> Augment | NaturalAugment | None:
-    """The augmentation a trial trains with: `policy` (resolved, not "auto") at `strength`."""
+    """The augmentation a trial trains with: `policy` (resolved, not "auto") at `strength` (0: none)."""
     if policy == "digits":
-        return Augment.from_strength(strength)
-    if policy == "natural":
-        return NaturalAugment.from_strength(strength, image_size)
+        return Augment.from_strength(strength)  # checks the strength itself, as it always has
     if strength < 0:
         raise DataError(f"augmentation strength {strength} must be >= 0 (0 turns it off)")
+    if policy == "natural" and strength > 0:
+        return NaturalAugment.from_strength(strength, image_size)
     return None
 
 
@@ -426,10 +414,10 @@ class PreparedData:
     std: tuple[float, ...]
     checksum: str  # the dataset digest
     split_hash: str
-    preprocessing: Preprocessing = field(default_factory=lambda: Preprocessing(28, "gray", "mnist"))
-    default_augment_policy: str = "digits"
-    source: str = ""
-    test_images: int = 0
+    preprocessing: Preprocessing  # how a picture becomes an image of this dataset (predict does the same)
+    default_augment_policy: str  # what augment_policy = "auto" means here
+    source: str  # where the images came from, for records
+    test_count: int  # images in the test split (never read here)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -452,13 +440,7 @@ def channel_stats(images: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -
         block = images[rows[start:start + chunk]].numpy()
         for c in range(channels):
             counts[c] += np.bincount(block[:, c].ravel(), minlength=256)
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    means, stds = [], []
-    for c in range(channels):
-        total = counts[c].sum()
-        mean = float((counts[c] * levels).sum() / total)
-        means.append(mean)
-        stds.append(float(np.sqrt((counts[c] * (levels - mean) ** 2).sum() / total)))
+    means, stds = zip(*(datasets.histogram_stats(counts[c]) for c in range(channels)), strict=True)
     return tuple(means), tuple(stds)
 
 
@@ -544,8 +526,18 @@ def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.devi
         # IDX files hold digit-like images (MNIST, Fashion-MNIST, the tests' own): the affine that never flips.
         default_augment_policy="digits" if isinstance(dataset, str) and dataset in datasets.DATASETS else "natural",
         source=arrays.source,
-        test_images=len(arrays.test_rows),
+        test_count=len(arrays.test_rows),
     )
+
+
+def require_digest(recorded: str | None, actual: str, trial_number: int, dataset: str, fix: str) -> None:
+    """A trial trained on other pictures than the data now holds cannot be replayed or exported faithfully.
+
+    `recorded` is the trial's `dataset_digest` (None for trials from before it was recorded: not checked).
+    """
+    if recorded is not None and recorded != actual:
+        raise DataError(f"trial {trial_number} was trained on {dataset} with digest {recorded}, but the data now has "
+                        f"digest {actual} (pictures were added, removed or changed since); {fix}")
 
 
 def test_split(dataset: DatasetRef, root: Path = DEFAULT_ROOT, device: torch.device | str = "cpu",

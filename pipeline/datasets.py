@@ -205,7 +205,12 @@ def _land_files(info: DatasetInfo, root: Path, files: dict[str, bytes], source: 
 
 def pixel_stats(images: np.ndarray) -> tuple[float, float]:
     """Mean and population std of pixel/255 over all pixels, exact via a histogram of the 256 levels."""
-    counts = np.bincount(np.asarray(images, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
+    return histogram_stats(np.bincount(np.asarray(images, dtype=np.uint8).ravel(), minlength=256))
+
+
+def histogram_stats(counts: np.ndarray) -> tuple[float, float]:
+    """Mean and population std of pixel/255 from the count of each of the 256 levels."""
+    counts = np.asarray(counts, dtype=np.float64)
     levels = np.arange(256, dtype=np.float64) / 255.0
     total = counts.sum()
     mean = float((counts * levels).sum() / total)

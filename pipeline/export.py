@@ -192,11 +192,9 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
     torch.set_num_threads(threads)
     dataset = _dataset(champion.definition)
     test, arrays = data.test_split(dataset, root, "cpu", val_size=_val_size(champion.definition))
-    trained_on = champion.trial.user_attrs.get("dataset_digest")
-    if trained_on is not None and trained_on != arrays.checksum:
-        raise BadInput(f"trial {champion.trial.number} was trained on {data.dataset_label(dataset)} with digest "
-                       f"{trained_on}, but the data now has digest {arrays.checksum} (pictures were added, removed "
-                       "or changed since); restore the pictures it was trained on, or search again and export that")
+    data.require_digest(champion.trial.user_attrs.get("dataset_digest"), arrays.checksum, champion.trial.number,
+                        data.dataset_label(dataset),
+                        "restore the pictures it was trained on, or search again and export that")
     mean, std = list(test.mean), list(test.std)
     classes = list(arrays.classes)
     input_shape = list(test.shape)

@@ -179,7 +179,8 @@ def file_hashes(listing: Listing, cache_root: Path) -> list[str]:
 
 def digest(listing: Listing, hashes: list[str], source: FolderSource) -> str:
     """The dataset's identity. test_fraction is in it (though it decodes nothing) because the carved test split
-    follows it and the cache's manifest is where data.py reads it from."""
+    follows it: a recorded digest then names the test split too, and the training-split statistics kept in the
+    cache folder (keyed by the split hash, which counts rows of the training part) cannot mix two test splits."""
     identity = {"classes": listing.classes, "preprocessing": source.preprocessing_key(),
                 "test_fraction": source.test_fraction,
                 "files": [[rel, label, split, sha] for rel, label, split, sha in
@@ -241,7 +242,7 @@ def decode_into_cache(listing: Listing, source: FolderSource, key: str, cache_ro
                 pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
                     workers, mp_context=multiprocessing.get_context("spawn")))
                 decoded = pool.map(decode_files, tasks)
-            else:  # one chunk (or one core): a process would only add its start-up (seconds: it imports torch)
+            else:  # one chunk (or one core): a process would only add its start-up
                 decoded = map(decode_files, tasks)
             task = progress.add_task("decode", total=count, name=listing.root.name, rate="")
             done = 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.sources import DEFAULT_MAX_MEGAPIXELS
+from pipeline.sources import DEFAULT_MAX_MEGAPIXELS, DIGITS
 
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 GRAY_MODES = ("1", "L", "LA", "I", *SIXTEEN_BIT, "F")
@@ -97,7 +97,7 @@ def check_size(image: Image.Image, max_megapixels: float, name: str) -> None:
 
 def prepare_picture(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
     """A decoded picture -> uint8 [C, S, S] the way the training images were landed."""
-    if preprocessing.style in ("mnist", "fashion-mnist"):
+    if preprocessing.style in DIGITS:
         return digit_picture(image, preprocessing.style)[None]
     picture = resize_and_crop(to_mode(image, preprocessing.channels), preprocessing.image_size)
     array = np.asarray(picture, dtype=np.uint8)

@@ -148,17 +148,17 @@ def build_cnn(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, 
         "none": set(),
     }[p["pool"]]
     layers: list[nn.Module] = []
-    c_in, size = input_shape[0], min(input_shape[1:])
-    if size < 3:
+    c_in, height, width = input_shape
+    if min(height, width) < 3:
         raise ParamError(f"parameters: model: {input_shape[1]}x{input_shape[2]} images are too small for a CNN; "
                          "use dataset.image_size >= 3")
     for block, c_out in enumerate(channels):
         for conv in range(p["convs_per_block"]):
             layers += _conv_bn_act(c_in if conv == 0 else c_out, c_out, 3, p)
         c_in = c_out
-        if block in pooled_blocks and size // 2 >= 3:
+        if block in pooled_blocks and min(height, width) // 2 >= 3:
             layers.append(nn.MaxPool2d(2))
-            size //= 2
+            height, width = height // 2, width // 2
             if p["transition_ratio"] > 0:
                 c_in = max(8, round(c_out * p["transition_ratio"]))
                 layers += _conv_bn_act(c_out, c_in, 1, p)
@@ -169,9 +169,7 @@ def build_cnn(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, 
         features = c_in
     else:
         layers.append(nn.Flatten())
-        # Non-square images shrink on both axes alike: the same pools apply to each.
-        features = c_in * _pooled(input_shape[1], size, min(input_shape[1:])) * _pooled(input_shape[2], size,
-                                                                                         min(input_shape[1:]))
+        features = c_in * height * width
         _check_flat("head", features)
     widths = [features, p["head_units"]] if p["head_units"] else [features]
     # The head's hidden layer carries dropout; BatchNorm there would fight it, so it has none.
@@ -179,14 +177,6 @@ def build_cnn(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, 
     if p["dropout"] > 0 and not p["head_units"]:
         head.insert(0, nn.Dropout(p["dropout"]))
     return nn.Sequential(*layers, *head)
-
-
-def _pooled(length: int, pooled_min: int, original_min: int) -> int:
-    """A side of `length` after the pools that took the shorter side from `original_min` to `pooled_min`."""
-    while original_min > pooled_min:
-        original_min //= 2
-        length //= 2
-    return length
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,6 +189,20 @@ def resnet18_weights_path() -> Path:
 
     file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+class Resize(nn.Module):
+    """Images resized to size x size on the device (bilinear). Only inputs pass through it, which never need a
+    gradient, so interpolate's non-deterministic CUDA backward never runs."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == (self.size, self.size):
+            return x
+        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
 
 
 class ImageNetInput(nn.Module):
@@ -214,16 +218,13 @@ class ImageNetInput(nn.Module):
         self.register_buffer("data_std", torch.tensor(data_std).view(1, channels, 1, 1), persistent=False)
         self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.size = size
+        self.resize = Resize(size) if size else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.data_std + self.data_mean
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.size and tuple(x.shape[-2:]) != (self.size, self.size):
-            # The input never needs a gradient, so this op's non-deterministic CUDA backward never runs.
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
-        return (x - self.imagenet_mean) / self.imagenet_std
+        return (self.resize(x) - self.imagenet_mean) / self.imagenet_std
 
 
 class ResNet18Classifier(nn.Module):
@@ -255,7 +256,7 @@ class ResNet18Classifier(nn.Module):
             elif channels != 3:
                 backbone.conv1 = nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False)
             if input_size:
-                self.input = _Resize(input_size)
+                self.input = Resize(input_size)
         else:
             backbone.load_state_dict(load_imagenet_resnet18())
             if size <= SMALL_IMAGE:
@@ -293,17 +294,6 @@ class ResNet18Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-class _Resize(nn.Module):
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) == (self.size, self.size):
-            return x
-        return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=False)
 
 
 def load_imagenet_resnet18() -> dict[str, torch.Tensor]:

@@ -745,11 +745,8 @@ def replay(spec: StudySpec, storage: optuna.storages.BaseStorage, trial_number: 
                          f"recorded metrics; finished trials: {finished or 'none'}")
     recorded = trials[0].user_attrs["history"]
     params, seed = trials[0].user_attrs["params"], trials[0].user_attrs["seed"]
-    digest = trials[0].user_attrs.get("dataset_digest")
-    if digest is not None and digest != prepared.checksum:
-        raise StudyError(f"trial {trial_number} was trained on {spec.dataset_label} with digest {digest}, but the data "
-                         f"now has digest {prepared.checksum} (pictures were added, removed or changed since); "
-                         "restore the pictures it was trained on to replay it")
+    data_module.require_digest(trials[0].user_attrs.get("dataset_digest"), prepared.checksum, trial_number,
+                               prepared.dataset, "restore the pictures it was trained on to replay it")
     replayed: list[dict[str, float]] = []
 
     def collect(metrics: train.EpochMetrics) -> bool:

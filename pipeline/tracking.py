@@ -145,7 +145,7 @@ def dataset_input(data: PreparedData) -> DatasetInput:
     profile = {
         "train_images": len(data.train),
         "val_images": len(data.val),
-        "test_images": data.test_images,
+        "test_images": data.test_count,
         "num_classes": len(data.classes),
         "classes": list(data.classes),
         "image_size": f"{channels}x{height}x{width}",

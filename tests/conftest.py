@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import datasets, models
+from pipeline import datasets, models, sources
 from pipeline.errors import DataError
 
 
@@ -62,7 +62,7 @@ def require_real_dataset(name: str) -> None:
     Only an unreachable source skips: once the source is reached, any mismatch fails the test.
     CIFAR has no offline source: it is used when its archive or batches are already under data/.
     """
-    if name in ("cifar10", "cifar100"):
+    if name in sources.CIFAR_DATASETS:
         from pipeline import cifar
 
         spec = cifar.info(name)

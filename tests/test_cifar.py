@@ -170,7 +170,7 @@ def test_a_batch_with_the_wrong_contents_is_refused_by_name(tiny_cifar, record, 
 
 def test_prepare_uses_cifars_own_test_split(tiny_cifar):
     prepared = data.prepare("cifar10", tiny_cifar.root, "cpu", val_size=50, log=lambda line: None)
-    assert (len(prepared.train), len(prepared.val), prepared.test_images) == (250, 50, TEST_IMAGES)
+    assert (len(prepared.train), len(prepared.val), prepared.test_count) == (250, 50, TEST_IMAGES)
     assert prepared.input_shape == (3, 32, 32) and prepared.classes == tuple(NAMES)
     assert prepared.default_augment_policy == "natural" and len(prepared.mean) == 3
 
@@ -220,3 +220,10 @@ def test_search_end_to_end_on_the_tiny_archive(tiny_cifar, tmp_path, capsys):
               f"(50 validation images, 1 epoch) {json.dumps(trial.params)}")
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert accuracy > 0.3  # ten colours: far above chance (0.1) after one epoch
+
+
+def test_make_data_lands_cifar_and_says_what_it_holds(tiny_cifar, capsys):
+    assert main(["data", "--dataset", "cifar10", "--root", str(tiny_cifar.root)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cifar10: 300 train + 100 test images 3x32x32, 10 classes" in out
+    assert (tiny_cifar.root / FOLDER).is_dir()  # extracted from the archive

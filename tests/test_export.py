@@ -350,7 +350,7 @@ def write_picture_folder(directory: Path, per_class: int = 30) -> None:
             image.save(directory / name / (f"{i:02d}.png" if i % 2 else f"{i:02d}.jpg"))
 
 
-def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(tmp_path, monkeypatch):
+def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(tmp_path, monkeypatch, capsys):
     pictures, root = tmp_path / "pictures", tmp_path / "data"
     write_picture_folder(pictures)
     studies_dir = tmp_path / "studies"
@@ -400,6 +400,13 @@ def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(tm
     assert logged.dataset.digest == config["dataset_checksum"] and logged.dataset.name == "pictures"
     assert profile["image_size"] == "3x16x16" and profile["classes"] == config["classes"]
     assert profile["test_images"] == 9 and profile["train_images"] + profile["val_images"] == 81
+
+    # A picture changes: exporting the champion again refuses (its weights came from the old pictures).
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(picture)
+    capsys.readouterr()
+    assert main(["export-best", *common, "--out", str(tmp_path / "exports"), "--force"]) == 2
+    assert "trial 0 was trained on pictures with digest" in " ".join(capsys.readouterr().err.split())
+    assert json.loads((directory / "metrics.json").read_text()) == metrics  # the verified export is untouched
 
 
 def test_mistakes_grid_draws_rgb_and_gray_images(tmp_path):

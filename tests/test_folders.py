@@ -143,7 +143,7 @@ def test_given_train_val_test_folders_are_used_as_given(pictures):
         pictures.add(label, 2, under="val", colour=(250, 250, 250))  # white: told apart from the training ones
         pictures.add(label, 3, under="test", colour=(5, 5, 5))
     prepared = pictures.prepare()
-    assert (len(prepared.train), len(prepared.val), prepared.test_images) == (12, 4, 6)
+    assert (len(prepared.train), len(prepared.val), prepared.test_count) == (12, 4, 6)
     assert prepared.mode == "resident"
     val_files = sorted((pictures.folder / "val").rglob("*.png"))
     expected = sorted(decoded(p).tobytes() for p in val_files)
@@ -157,7 +157,7 @@ def test_without_val_folder_validation_is_carved_from_train(pictures):
         pictures.add(label, 8, under="train")
         pictures.add(label, 2, under="test")
     prepared = pictures.prepare(val_fraction=0.25)
-    assert (len(prepared.train), len(prepared.val), prepared.test_images) == (12, 4, 4)
+    assert (len(prepared.train), len(prepared.val), prepared.test_count) == (12, 4, 4)
     assert sorted(prepared.val.labels.tolist()) == [0, 0, 1, 1]  # stratified: two of each
 
 
@@ -193,9 +193,9 @@ def test_each_test_fraction_gets_its_own_test_split(pictures):
     """The carved test split follows test_fraction, also when the pictures were landed before with another."""
     pictures.add("cat", 10)
     pictures.add("dog", 10)
-    assert pictures.prepare(test_fraction=0.2).test_images == 4
-    assert pictures.prepare(test_fraction=0.5).test_images == 10
-    assert pictures.prepare(test_fraction=0.2).test_images == 4
+    assert pictures.prepare(test_fraction=0.2).test_count == 4
+    assert pictures.prepare(test_fraction=0.5).test_count == 10
+    assert pictures.prepare(test_fraction=0.2).test_count == 4
 
 
 def test_csv_source_labels_pictures_by_its_rows(pictures):

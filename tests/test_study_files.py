@@ -6,7 +6,7 @@ import optuna
 import pytest
 from conftest import require_real_dataset, require_sample_images
 
-from pipeline import search, studies
+from pipeline import search, sources, studies
 from pipeline.cli import main
 
 pytestmark = pytest.mark.data
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.data
 def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, capsys, monkeypatch):
     spec = studies.load(name)
     root = []
-    if spec.dataset in ("cifar10", "cifar100"):
+    if spec.dataset in sources.CIFAR_DATASETS:
         # Not to be had offline: a tiny archive in the real format, big enough for the study's 5,000
         # validation images (the real one's loading code is the same).
         from cifar_archive import make_tiny_cifar
