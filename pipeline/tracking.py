@@ -51,6 +51,7 @@ DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
 DEFAULT_ARTIFACT_ROOT = PROJECT_ROOT / "mlruns" / "artifacts"
 CHAMPION = "champion"
 ALIAS_ATTEMPTS = 3  # searches on several hosts may move the champion alias at the same moment
+DATASET_ATTEMPTS = 3  # ... and record the same dataset at the same moment
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
@@ -271,9 +272,22 @@ class StudyRun:
         logged = {k: param_value(v) for k, v in params.items()}
         logged |= {"trial_number": str(number), "trial_seed": str(seed), **self._provenance}
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(logged.items())])
-        self.client.log_inputs(run_id, datasets=[self._dataset])
+        self._log_dataset(run_id)
         self.children[number] = run_id
         return run_id
+
+    def _log_dataset(self, run_id: str) -> None:
+        """The dataset as the run's input. Workers starting their first trials at once may each find the dataset
+        unrecorded and each insert it: the store's unique key refuses the second insert, and a second try finds
+        the first one's record."""
+        for attempt in range(DATASET_ATTEMPTS):
+            try:
+                self.client.log_inputs(run_id, datasets=[self._dataset])
+                return
+            except MlflowException:
+                if attempt == DATASET_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2 + attempt)
 
     def log_epoch(self, number: int, metrics: train.EpochMetrics) -> None:
         timestamp = int(time.time() * 1000)
