@@ -27,7 +27,7 @@ SEARCH_FLAGS += $(if $(filter off 0 no,$(TRACKING)),--no-tracking)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies export-best predict server ui test test-slow test-faults test-scale test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay studies export-best predict server ui test test-faults test-scale test-browser lint format bench-data bench-trainer \
         bench-tracking bench-workers clean sample-images
 
 help: ## list the targets
@@ -73,10 +73,7 @@ ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
-	$(PY) -m pytest -m "not slow and not browser and not faults and not scale" $(PYTEST_ARGS)
-
-test-slow: $(STAMP) ## run the slow end-to-end checks
-	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not browser and not faults and not scale" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) ## the fault suite: kill -9, signals, full disk, concurrent runs, bad input (README: What survives what)
 	$(PY) -m pytest -m "faults" $(PYTEST_ARGS)

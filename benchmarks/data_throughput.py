@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from pipeline import data, datasets
+from pipeline import data, datasets, paths
+from pipeline.augment import Augment
 
 BATCH = 64
 
@@ -49,7 +50,7 @@ def main() -> None:
     def baseline(rotate: bool):
         steps = [transforms.RandomRotation(10)] if rotate else []
         transform = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-        dataset = tv_class(datasets.DEFAULT_ROOT, train=True, download=False, transform=transform)
+        dataset = tv_class(paths.DATA_ROOT, train=True, download=False, transform=transform)
         return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=args.workers)
 
     arrays = data.load_arrays(args.dataset)
@@ -62,8 +63,8 @@ def main() -> None:
 
     rows = [
         ("ToTensor+Normalize", baseline(False), resident(None)),
-        ("+ RandomRotation(10)", baseline(True), resident(data.Augment(rotation=10, translate=0, scale=0))),
-        ("+ full affine (ours: rot+shift+zoom)", baseline(True), resident(data.Augment())),
+        ("+ RandomRotation(10)", baseline(True), resident(Augment(rotation=10, translate=0, scale=0))),
+        ("+ full affine (ours: rot+shift+zoom)", baseline(True), resident(Augment())),
     ]
     print(f"{args.dataset}, batch {BATCH}, {args.images:,} images per measurement, CPU threads 2, "
           f"DataLoader workers {args.workers}")

@@ -25,12 +25,13 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from pipeline import data, folders, imagecache, sample_images
-from pipeline.datasets import DEFAULT_ROOT, PROJECT_ROOT
+from pipeline.augment import make_augment
+from pipeline.paths import DATA_ROOT, PROJECT_ROOT
 from pipeline.sources import FolderSource
 
 BATCH = 64
 SIZE = 32
-TREE = DEFAULT_ROOT / "bench-images"  # benchmark-only: no study reads it
+TREE = DATA_ROOT / "bench-images"  # benchmark-only: no study reads it
 SIZES = (64, 128)
 
 
@@ -52,10 +53,10 @@ def cold_landing(source: FolderSource) -> float:
     """Seconds to land `source` after its decoded cache is removed (the file-hash index stays warm)."""
     root = folders.resolve_root(source, PROJECT_ROOT)
     listing = folders.list_folder(root)
-    key = folders.digest(listing, folders.file_hashes(listing, DEFAULT_ROOT / "cache"), source)
-    shutil.rmtree(imagecache.cache_dir(DEFAULT_ROOT, key), ignore_errors=True)
+    key = folders.digest(listing, folders.file_hashes(listing, DATA_ROOT / "cache"), source)
+    shutil.rmtree(imagecache.cache_dir(DATA_ROOT, key), ignore_errors=True)
     started = time.perf_counter()
-    folders.land_folder(source, PROJECT_ROOT, DEFAULT_ROOT, log=lambda message: None)
+    folders.land_folder(source, PROJECT_ROOT, DATA_ROOT, log=lambda message: None)
     return time.perf_counter() - started
 
 
@@ -72,7 +73,7 @@ def main() -> None:
     sample_images.write(TREE, args.per_class, seed=1, sizes=SIZES, jpeg_only=True)
     source = FolderSource(path=str(TREE), image_size=SIZE)
     landing = cold_landing(source)
-    prepared = data.prepare(source, DEFAULT_ROOT, "cpu", val_size=None, log=lambda message: None)
+    prepared = data.prepare(source, DATA_ROOT, "cpu", val_size=None, log=lambda message: None)
     count = args.per_class * len(sample_images.CLASSES)
 
     transform = transforms.Compose([transforms.Resize(SIZE), transforms.CenterCrop(SIZE),
@@ -83,7 +84,7 @@ def main() -> None:
     epoch_rate(loader)  # warm-up, untimed: worker start-up code paths, the files into the page cache
     theirs = [epoch_rate(loader) for _ in range(args.epochs)]
 
-    augment = data.make_augment("natural", 1.0, SIZE)
+    augment = make_augment("natural", 1.0, SIZE)
     generator = torch.Generator().manual_seed(0)
     epoch_rate(prepared.train.batches(BATCH, generator, augment))  # warm-up, untimed: first-call allocations
     ours = [epoch_rate(prepared.train.batches(BATCH, generator, augment)) for _ in range(args.epochs)]

@@ -13,7 +13,7 @@ from collections import Counter
 
 import optuna
 
-from pipeline import search
+from pipeline import store
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--storage", default=None, help="default: $STORAGE or sqlite:///studies/optuna.db")
     args = parser.parse_args()
 
-    study = optuna.load_study(study_name=args.study, storage=search.make_storage(search.storage_url(args.storage)))
+    study = optuna.load_study(study_name=args.study, storage=store.make_storage(store.storage_url(args.storage)))
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start]
     start = min(t.datetime_start for t in trials)
     end = max(t.datetime_complete for t in trials if t.datetime_complete)
@@ -37,7 +37,7 @@ def main() -> None:
             continue
         minutes = (first.datetime_complete - start).total_seconds() / 60
         print(f"time to {target}: {minutes:.1f} min (trial {first.number})")
-    best = search.best_trials(study)
+    best = store.best_records(study)
     if best:
         print(f"best: {best[0].values} (trial {best[0].number})")
 

@@ -22,28 +22,29 @@ from pathlib import Path
 
 import optuna
 
-from pipeline import datasets, models, search, studies, tracking, train
+from pipeline import hparams, models, paths, replay, search, session, store, studies, tracking, train
+from pipeline.events import Listener, TrialEnded, TrialStarted
 
-TIMED_CALLS = ("start_trial", "log_epoch", "end_trial", "log_best_model")
+TIMED_CALLS = ("trial_started", "epoch_ended", "trial_ended", "new_best")
 
 
 def run_smoke(spec: studies.StudySpec, prepared, workdir: Path, tracked: bool) -> tuple[float, dict[str, list[float]]]:
     """Wall seconds of the smoke search (trials only) and the seconds of each tracking call."""
-    storage = search.make_storage(f"sqlite:///{workdir}/optuna.db")
-    study = search.open_study(spec, storage, log=lambda m: None)
+    storage = store.make_storage(f"sqlite:///{workdir}/optuna.db")
+    study = store.open_study(spec, storage, log=lambda m: None)
     calls: dict[str, list[float]] = defaultdict(list)
-    tracker = None
+    tracker = session.Tracking.off()
     if tracked:
-        client = tracking.connect(f"sqlite:///{workdir}/mlruns/mlflow.db")
-        tracker = search.start_tracking(spec, study, client)
+        tracker = session.Tracking(tracking.connect(f"sqlite:///{workdir}/mlruns/mlflow.db"))
+        tracker.start(spec, study, contested=False)
         for name in TIMED_CALLS:
-            setattr(tracker, name, _timed(getattr(tracker, name), calls[name]))
+            setattr(tracker.run, name, _timed(getattr(tracker.run, name), calls[name]))
     started = time.perf_counter()
-    search.run(spec, study, prepared, search.TrialEvents(), tracker=tracker)
+    search.run(spec, study, prepared, tracker.listener)
     wall = time.perf_counter() - started
-    if tracker is not None:
+    if tracked:
         finish_started = time.perf_counter()
-        search.finish_tracking(spec, study, tracker)
+        tracker.finish(spec, study, "FINISHED", warn=print)
         calls["finish"].append(time.perf_counter() - finish_started)
     return wall, calls
 
@@ -59,33 +60,32 @@ def _timed(method, sink: list[float]):
     return wrapper
 
 
-def time_cnn_model_logging(study: optuna.Study, tracker) -> float:
+def time_cnn_model_logging(study: optuna.Study, run: Listener) -> float:
     """Seconds to log the recorded study's best model (its architecture, the full validation split)."""
-    best = search.leading_best(study)
-    params = train.resolve_params(best.user_attrs["params"])
-    spec = studies.load(study.user_attrs.get("study_file", "cnn"))
-    prepared = search.prepare_data(spec, datasets.DEFAULT_ROOT, train.pick_device())
+    best = store.leading_best(study)
+    params = hparams.resolve_params(best.params)
+    prepared = replay.recorded_data(store.definition(study), paths.DATA_ROOT, train.pick_device())
     model = models.build_model(params, num_classes=len(prepared.classes)).to(prepared.val.device)
     number = 10_000 + best.number  # a throw-away child run of the benchmark's own store
-    tracker.start_trial(number, params, 0, prepared, models.count_parameters(model))
+    run.trial_started(TrialStarted(number, params, 0, models.count_parameters(model), prepared))
     started = time.perf_counter()
-    tracker.log_best_model(number, 0.0, model, prepared, train.pick_precision("auto", prepared.val.device))
+    run.new_best(number, 0.0, train.TrainedModel(model, prepared, train.pick_precision("auto", prepared.val.device)))
     seconds = time.perf_counter() - started
-    tracker.end_trial(tracking.TrialOutcome(number, "COMPLETE", [0.0]))
+    run.trial_ended(TrialEnded(number, "COMPLETE", [0.0]))
     return seconds
 
 
 def price_cnn_study(study: optuna.Study, costs: dict[str, float]) -> None:
     """Tracking seconds a recorded study would have paid, over its trials' own durations."""
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state in search.FINISHED and t.duration]
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state in store.FINISHED and t.duration]
     trial_seconds = sum(t.duration.total_seconds() for t in trials)
     epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)
     best, improvements = None, 0
     for t in sorted(trials, key=lambda t: t.datetime_complete):
         if t.state == optuna.trial.TrialState.COMPLETE and (best is None or t.value > best):
             best, improvements = t.value, improvements + 1
-    per_trial = costs["start_trial"] + costs["end_trial"]
-    tracking_seconds = (len(trials) * per_trial + epochs * costs["log_epoch"] + improvements * costs["cnn_model"]
+    per_trial = costs["trial_started"] + costs["trial_ended"]
+    tracking_seconds = (len(trials) * per_trial + epochs * costs["epoch_ended"] + improvements * costs["cnn_model"]
                         + costs["first_model_extra"] + costs["finish"])
     print(f"\n{study.study_name}: {len(trials)} finished trials, {epochs} epochs "
           f"({trial_seconds / epochs:.1f} s/epoch), {improvements} new bests, {trial_seconds / 60:.1f} min of trials")
@@ -94,7 +94,7 @@ def price_cnn_study(study: optuna.Study, costs: dict[str, float]) -> None:
           "(target < 2%)")
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]  # only these log a model
     shortest = min(complete, key=lambda t: t.duration)
-    worst = per_trial + costs["log_epoch"] * len(shortest.user_attrs.get("history", [])) + costs["cnn_model"]
+    worst = per_trial + costs["epoch_ended"] * len(shortest.user_attrs.get("history", [])) + costs["cnn_model"]
     print(f"  worst single trial (the shortest complete one, {shortest.duration.total_seconds():.0f} s, had it been "
           f"a new best): {100 * worst / shortest.duration.total_seconds():.2f}%")
 
@@ -102,12 +102,12 @@ def price_cnn_study(study: optuna.Study, costs: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cnn-study", default="cnn-v2", help="recorded study to price (default: cnn-v2)")
-    parser.add_argument("--storage", default=search.DEFAULT_STORAGE)
+    parser.add_argument("--storage", default=store.DEFAULT_STORAGE)
     args = parser.parse_args()
 
     spec = studies.load("smoke")
     device = train.pick_device()
-    prepared = search.prepare_data(spec, datasets.DEFAULT_ROOT, device)
+    prepared = replay.study_data(spec, paths.DATA_ROOT, device)
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("warm-up", "off", "on"):
             (Path(tmp) / mode).mkdir()
@@ -116,7 +116,7 @@ def main() -> None:
         wall_off, _ = run_smoke(spec, prepared, Path(tmp) / "off", tracked=False)
         wall_on, calls = run_smoke(spec, prepared, Path(tmp) / "on", tracked=True)
 
-        trials = len(calls["start_trial"])
+        trials = len(calls["trial_started"])
         print(f"smoke study ({trials} trials, {spec.epochs} epoch each, {len(prepared.train):,} images, {device}):")
         print(f"  without tracking {wall_off:6.2f} s | with tracking {wall_on:6.2f} s | "
               f"ratio {wall_on / wall_off:.3f}")
@@ -126,21 +126,21 @@ def main() -> None:
             if values:
                 print(f"    {name:<15} n={len(values):<3} median {statistics.median(values):.3f}  "
                       f"max {max(values):.3f}")
-        print(f"    first model logged by a process (torch.export start-up): {warm['log_best_model'][0]:.2f} s")
+        print(f"    first model logged by a process (torch.export start-up): {warm['new_best'][0]:.2f} s")
         try:
-            study = optuna.load_study(study_name=args.cnn_study, storage=search.make_storage(args.storage))
+            study = optuna.load_study(study_name=args.cnn_study, storage=store.make_storage(args.storage))
         except KeyError:
             print(f"no study {args.cnn_study!r} in {args.storage}: run `make search STUDY=cnn` for the cnn figure")
             return
-        tracker = search.start_tracking(spec, optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp}/on/optuna.db"),
-                                        tracking.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
+        tracker = session.Tracking(tracking.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
+        tracker.start(spec, optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp}/on/optuna.db"))
         costs = {
-            "start_trial": statistics.median(calls["start_trial"]),
-            "end_trial": statistics.median(calls["end_trial"]),
-            "log_epoch": statistics.median(calls["log_epoch"]),
-            "first_model_extra": max(0.0, warm["log_best_model"][0] - statistics.median(calls["log_best_model"])),
+            "trial_started": statistics.median(calls["trial_started"]),
+            "trial_ended": statistics.median(calls["trial_ended"]),
+            "epoch_ended": statistics.median(calls["epoch_ended"]),
+            "first_model_extra": max(0.0, warm["new_best"][0] - statistics.median(calls["new_best"])),
             "finish": calls["finish"][0],
-            "cnn_model": time_cnn_model_logging(study, tracker),
+            "cnn_model": time_cnn_model_logging(study, tracker.run),
         }
         price_cnn_study(study, costs)
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from pipeline import data, datasets, models, reproducibility, train
+from pipeline import data, datasets, hparams, models, paths, reproducibility, train
 
 BATCH = 64
 LR = 1e-3
@@ -33,12 +33,12 @@ def reference_epoch(family: str, train_idx: torch.Tensor, val_idx: torch.Tensor,
     steps = [transforms.RandomRotation(10)] if rotate else []
     train_tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
     val_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    train_set = tv_datasets.MNIST(datasets.DEFAULT_ROOT, train=True, download=False, transform=train_tf)
-    val_set = tv_datasets.MNIST(datasets.DEFAULT_ROOT, train=True, download=False, transform=val_tf)
+    train_set = tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=train_tf)
+    val_set = tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=val_tf)
     train_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=BATCH, shuffle=True)
     val_loader = DataLoader(Subset(val_set, val_idx.tolist()), batch_size=1000)
     torch.manual_seed(0)
-    model = models.build_model(models.CLASSIC[family])
+    model = models.build_model(hparams.CLASSIC[family])
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     started = time.perf_counter()
     model.train()
@@ -55,7 +55,7 @@ def reference_epoch(family: str, train_idx: torch.Tensor, val_idx: torch.Tensor,
 
 
 def our_epoch(family: str, prepared: data.PreparedData, precision: str, augment: float) -> tuple[float, str]:
-    params = dict(models.CLASSIC[family], epochs=1, batch_size=BATCH, optimizer="adam", lr=LR, weight_decay=0.0,
+    params = dict(hparams.CLASSIC[family], epochs=1, batch_size=BATCH, optimizer="adam", lr=LR, weight_decay=0.0,
                   schedule="none", augment=augment, precision=precision)
     result = train.fit(params, prepared, seed=0)
     return result.history[0].epoch_seconds, result.precision

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import optuna
 
-from pipeline import search
+from pipeline import store
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,8 @@ def run(workers: int, trials: int, workdir: Path) -> tuple[float, float]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"the {workers}-worker search failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    study = optuna.load_study(study_name="smoke", storage=search.make_storage(str(journal)))
-    finished = [t for t in study.trials if t.state in search.FINISHED]
+    study = optuna.load_study(study_name="smoke", storage=store.make_storage(str(journal)))
+    finished = [t for t in study.trials if t.state in store.FINISHED]
     assert len(finished) == trials, f"{len(finished)} trials finished, expected {trials}"
     steady = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
     return wall, steady

@@ -16,6 +16,7 @@ import os
 import pickle
 import shutil
 import tarfile
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ def _torchvision_info(name: str, cls: type, label_key: bytes, names_key: bytes,
 
 
 def _infos() -> dict[str, CifarInfo]:
-    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets import CIFAR10, CIFAR100  # here: torchvision imports torch, this module must not
 
     return {
         "cifar10": _torchvision_info("cifar10", CIFAR10, b"labels", b"label_names",
@@ -155,8 +156,6 @@ def _download(spec: CifarInfo, root: Path, log: Callable[[str], None]) -> None:
 
     Not torchvision's own download: it has no time limit, and its dataset class unpickles the batches freely.
     """
-    import urllib.request
-
     archive = root / spec.archive
     partial = archive.with_name(archive.name + ".partial")
     root.mkdir(parents=True, exist_ok=True)

@@ -32,9 +32,7 @@ import numpy as np
 
 from pipeline.errors import DataError
 from pipeline.fileio import write_atomic
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_ROOT = PROJECT_ROOT / "data"
+from pipeline.paths import DATA_ROOT
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -218,7 +216,7 @@ def histogram_stats(counts: np.ndarray) -> tuple[float, float]:
     return mean, std
 
 
-def normalisation_stats(info: DatasetInfo, root: Path = DEFAULT_ROOT) -> tuple[float, float]:
+def normalisation_stats(info: DatasetInfo, root: Path = DATA_ROOT) -> tuple[float, float]:
     """Mean/std of the training file, computed once and cached beside it (keyed by its checksum).
 
     Computed over the whole original training file (train + validation split): only two numbers
@@ -384,7 +382,7 @@ def _from_torchvision(info: DatasetInfo, root: Path) -> str:
     return "torchvision download"
 
 
-def land(name: str, root: Path = DEFAULT_ROOT, source: str = "auto",
+def land(name: str, root: Path = DATA_ROOT, source: str = "auto",
          log: Callable[[str], None] = lambda _msg: None) -> str:
     """Make sure the dataset's four verified files are under `root`; return which source provided them.
 

@@ -1,4 +1,4 @@
-"""The champion out of the pipeline: `exports/<study>/`, verified by a fresh process; and `predict`.
+"""The champion out of the pipeline: `exports/<study>/`, verified by a fresh process (predict.py uses it).
 
 An export holds everything needed to use the model with torch alone:
 
@@ -36,13 +36,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import data, datasets, imagecache, models, plots, reproducibility, search, studies, train, verify_export
+from pipeline import (
+    data,
+    datasets,
+    hparams,
+    imagecache,
+    models,
+    paths,
+    plots,
+    registry,
+    replay,
+    reproducibility,
+    store,
+    studies,
+    train,
+    verify_export,
+)
 from pipeline.errors import BadInput
-from pipeline.images import PictureError, Preprocessing, open_picture
-from pipeline.sources import DIGITS, FolderSource
+from pipeline.sources import DEFAULT_VAL_SIZE, DIGITS, FolderSource
+from pipeline.store import Storage
+from pipeline.studies import StudyError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-EXPORTS_DIR = PROJECT_ROOT / "exports"
 EVAL_BATCH = 1000
 LATENCY_RUNS = 200
 THROUGHPUT_BATCH = 256
@@ -59,7 +73,7 @@ class Champion:
     """The model to export and where it came from."""
 
     study_name: str  # the Optuna study (version) it belongs to
-    trial: Any  # optuna FrozenTrial
+    trial: store.TrialRecord
     definition: dict[str, Any]  # that study's search definition (dataset, val_size, limits, ...)
     model: torch.nn.Module  # CPU, float32, eval mode
     source: str  # one line: registry version, or retrained from the recorded trial
@@ -70,43 +84,27 @@ class Champion:
 # Finding the champion
 
 
-def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client: Any | None,
+def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client: Any | None,
                   log: Any = print) -> Champion:
     """The registry's `champion` of the study's model, else the study's best trial retrained from its record."""
-    storage = search.make_storage(storage_url)
-    study = search.find_study(spec, storage)  # StudyError (exit 2) when the study was never run
-    if client is not None:
-        from pipeline import tracking
-
-        version = tracking.champion(client, spec.name)
-        if version is not None:
-            trial, definition = search.load_trial(storage, version.study_name, version.trial_number)
-            if not version.matches(train.resolve_params(trial.user_attrs["params"]), trial.user_attrs["seed"]):
-                raise BadInput(f"the registered champion of {spec.name!r} (version {version.version}) was trained by "
-                               f"trial {version.trial_number} of {version.study_name!r}, but that trial in the Optuna "
-                               "storage has other params or seed (was the storage replaced?); point STORAGE at the "
-                               "original one, or pass --no-tracking to export the study's own best trial")
-            # Streamed (resident_bytes=1): only the classes, shape and statistics are needed, not the images.
-            model = _build(trial.user_attrs["params"], _prepared(definition, root, resident_bytes=1))
-            model.load_state_dict(tracking.load_state_dict(version.model_uri))
-            return Champion(version.study_name, trial, definition, model.eval(),
-                            f"registered model {spec.name!r} version {version.version} (alias champion)",
-                            [r for r in (version.run_id, version.parent_run_id) if r])
-    best = search.leading_best(study)
+    study = store.find_study(spec, storage.backend)  # StudyError (exit 2) when the study was never run
+    version = registry.champion(client, spec.name) if client is not None else None
+    if version is not None:
+        return _registered(spec, storage, root, version)
+    best = store.leading_best(study)
     if best is None:
         raise BadInput(f"study {study.study_name!r} has no finished trial to export; run `make search "
                        f"STUDY={spec.name}` until one completes")
-    definition = study.user_attrs.get("definition", {})
+    definition = store.definition(study)
     log(f"no registered champion for {spec.name!r}: retraining trial {best.number} of {study.study_name!r} "
         "from its recorded params and seed")
-    prepared = _prepared(definition, root, train.pick_device())
+    prepared = replay.recorded_data(definition, root, train.pick_device())
 
     def progress(m: train.EpochMetrics) -> None:
         log(f"  epoch {m.epoch}: val_accuracy {m.val_accuracy:.4f} ({m.epoch_seconds:.0f} s)")
 
-    result = train.fit(best.user_attrs["params"], prepared, callbacks=[progress], seed=best.user_attrs["seed"],
-                       threads=best.user_attrs.get("threads"))
-    recorded = [h["val_accuracy"] for h in best.user_attrs.get("history", [])]
+    result = replay.retrain(best, prepared, progress)
+    recorded = [h["val_accuracy"] for h in best.history]
     if recorded and max(recorded) != result.best_val_accuracy:
         log(f"warning: the retrained validation accuracy {result.best_val_accuracy} differs from the recorded "
             f"{max(recorded)} (another device or thread count?)")
@@ -114,25 +112,33 @@ def find_champion(spec: studies.StudySpec, storage_url: str, root: Path, client:
                     f"trial {best.number} retrained from its recorded params and seed (no registry entry)", [])
 
 
+def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: registry.ChampionVersion) -> Champion:
+    """The registered champion's weights in the architecture its trial recorded, checked to be that trial's."""
+    study = store.load_study(storage.backend, version.study_name)
+    trial = store.record(study, version.trial_number)
+    if trial is None or trial.state != "COMPLETE":
+        raise StudyError(f"trial {version.trial_number} of study {version.study_name!r} is not a complete trial")
+    if not version.matches(hparams.resolve_params(trial.params), trial.seed):
+        raise BadInput(f"the registered champion of {spec.name!r} (version {version.version}) was trained by "
+                       f"trial {version.trial_number} of {version.study_name!r}, but that trial in the Optuna "
+                       "storage has other params or seed (was the storage replaced?); point STORAGE at the "
+                       "original one, or pass --no-tracking to export the study's own best trial")
+    definition = store.definition(study)
+    # Streamed (resident_bytes=1): only the classes, shape and statistics are needed, not the images.
+    model = _build(trial.params, replay.recorded_data(definition, root, resident_bytes=1))
+    model.load_state_dict(registry.load_state_dict(version.model_uri))
+    return Champion(version.study_name, trial, definition, model.eval(),
+                    f"registered model {spec.name!r} version {version.version} (alias champion)",
+                    [r for r in (version.run_id, version.parent_run_id) if r])
+
+
 def _dataset(definition: dict[str, Any]) -> data.DatasetRef:
     return studies.dataset_ref(definition["dataset"])
 
 
-def _val_size(definition: dict[str, Any]) -> int | None:
-    """The recorded validation size (None for a folder: its val_fraction); older records lack it: the default."""
-    return definition.get("val_size", data.DEFAULT_VAL_SIZE)
-
-
-def _prepared(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu",
-              resident_bytes: int | None = None) -> data.PreparedData:
-    return data.prepare(_dataset(definition), root, device, val_size=_val_size(definition),
-                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
-                        resident_bytes=resident_bytes)
-
-
 def _build(params: dict[str, Any], prepared: data.PreparedData) -> torch.nn.Module:
     """The trial's architecture for this data; a pretrained ResNet's input adapter needs the data's statistics."""
-    return models.build_model(train.resolve_params(params), len(prepared.classes), prepared.input_shape,
+    return models.build_model(hparams.resolve_params(params), len(prepared.classes), prepared.input_shape,
                               (prepared.mean, prepared.std))
 
 
@@ -140,13 +146,15 @@ def _build(params: dict[str, Any], prepared: data.PreparedData) -> torch.nn.Modu
 # Writing, measuring, verifying
 
 
-def export_best(spec: studies.StudySpec, storage_url: str, root: Path = datasets.DEFAULT_ROOT,
-                client: Any | None = None, out_dir: Path = EXPORTS_DIR, force: bool = False,
+def export_best(spec: studies.StudySpec, storage_override: str | None = None, root: Path = paths.DATA_ROOT,
+                client: Any | None = None, out_dir: Path = paths.EXPORTS_DIR, force: bool = False,
                 threads: int | None = None, log: Any = print) -> Path:
+    """`make export-best`: write the champion to `out_dir/<study>/`, verified by a fresh process, and log its
+    test accuracy to its MLflow runs (with `client`: an MLflow client, whose registry is asked first)."""
     destination = out_dir / spec.name
     if destination.exists() and not force:
         raise BadInput(f"{destination} already exists; pass FORCE=1 (make export-best) or --force to replace it")
-    champion = find_champion(spec, storage_url, root, client, log)
+    champion = find_champion(spec, store.open_storage(storage_override, spec.name), root, client, log)
     log(f"exporting {champion.source}: trial {champion.trial.number} of {champion.study_name!r}")
     threads = threads or torch.get_num_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,9 +172,7 @@ def export_best(spec: studies.StudySpec, storage_url: str, root: Path = datasets
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if client is not None and champion.run_ids:
-        from pipeline import tracking
-
-        tracking.log_test_metrics(client, champion.run_ids, {"test_accuracy": metrics["test_accuracy"]})
+        registry.log_test_metrics(client, champion.run_ids, {"test_accuracy": metrics["test_accuracy"]})
     return destination
 
 
@@ -191,15 +197,35 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
     """Every file but the verification; returns metrics.json's content."""
     torch.set_num_threads(threads)
     dataset = _dataset(champion.definition)
-    test, arrays = data.test_split(dataset, root, "cpu", val_size=_val_size(champion.definition))
-    data.require_digest(champion.trial.user_attrs.get("dataset_digest"), arrays.checksum, champion.trial.number,
+    test, arrays = data.test_split(dataset, root, "cpu",
+                                   val_size=champion.definition.get("val_size", DEFAULT_VAL_SIZE))
+    data.require_digest(champion.trial.dataset_digest, arrays.checksum, champion.trial.number,
                         data.dataset_label(dataset),
                         "restore the pictures it was trained on, or search again and export that")
-    mean, std = list(test.mean), list(test.std)
-    classes = list(arrays.classes)
-    input_shape = list(test.shape)
-    model = champion.model
     example = test.to_float(test.uint8(slice(0, 4)))
+    _write_model(champion.model, example, directory)
+    if arrays.memory_mapped:  # the test split is rows of the image cache: verify.py needs to know which
+        np.save(directory / TEST_ROWS, arrays.test_rows.numpy().astype(np.int64), allow_pickle=False)
+    config = _config(champion, spec, root, test, arrays, threads)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    exported = torch.export.load(str(directory / "model.pt2")).module()  # score exactly what was written
+    scores = verify_export.logits(exported, test.images, config["mean"], config["std"], EVAL_BATCH)
+    predicted = scores.argmax(1)
+    metrics = _metrics(champion, spec, predicted, test.labels, config, _speed(exported, example), threads)
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plots.confusion_matrix(test.labels.numpy(), predicted.numpy(), config["classes"],
+                           directory / "confusion_matrix.png", title=f"{spec.name} champion: test split")
+    plots.mistakes_grid(test.images.numpy(), test.labels.numpy(), predicted.numpy(),
+                        scores.softmax(1).max(1).values.numpy(), config["classes"], directory / "misclassified.png",
+                        title=f"{spec.name} champion")
+    (directory / "model_card.md").write_text(model_card(spec, champion, config, metrics, dataset,
+                                                        arrays.memory_mapped, arrays.given_val is not None))
+    return metrics
+
+
+def _write_model(model: torch.nn.Module, example: torch.Tensor, directory: Path) -> None:
+    """model.pt2 (any batch size), weights.pt and verify.py."""
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     # Serialised in memory and written by Python: torch's file writer aborts the process on a full disk.
@@ -209,67 +235,60 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
         save(payload, buffer)
         (directory / name).write_bytes(buffer.getvalue())
     shutil.copy(Path(verify_export.__file__), directory / "verify.py")
-    if arrays.memory_mapped:  # the test split is rows of the image cache: verify.py needs to know which
-        np.save(directory / TEST_ROWS, arrays.test_rows.numpy().astype(np.int64), allow_pickle=False)
 
-    params = train.resolve_params(champion.trial.user_attrs["params"])
+
+def _config(champion: Champion, spec: studies.StudySpec, root: Path, test: data.ResidentImages,
+            arrays: data.Arrays, threads: int) -> dict[str, Any]:
+    """config.json: what the model is, what it expects, and where it came from."""
+    params = hparams.resolve_params(champion.trial.params)
+    input_shape = list(test.shape)
     channels, height, width = input_shape
-    config = {
+    return {
         "model": params["model"],
         "params": params,
         "input_shape": input_shape,
         "input": f"float32 [N, {channels}, {height}, {width}]: uint8 pixels / 255, then (x - mean) / std per channel",
-        "mean": mean,
-        "std": std,
+        "mean": list(test.mean),
+        "std": list(test.std),
         "preprocessing": arrays.preprocessing.as_dict(),  # how `predict` turns a picture into the input
-        "classes": classes,
-        "dataset": data.dataset_label(dataset),
+        "classes": list(arrays.classes),
+        "dataset": data.dataset_label(_dataset(champion.definition)),
         "dataset_checksum": arrays.checksum,
         # Recorded by the trial; only trials from before that was recorded need the split rebuilt.
-        "split_hash": champion.trial.user_attrs.get("split_hash") or _prepared(champion.definition, root,
-                                                                               resident_bytes=1).split_hash,
+        "split_hash": champion.trial.split_hash or replay.recorded_data(champion.definition, root,
+                                                                        resident_bytes=1).split_hash,
         "study": champion.study_name,
         "study_file": spec.name,
         "trial_number": champion.trial.number,
-        "trial_seed": champion.trial.user_attrs["seed"],
+        "trial_seed": champion.trial.seed,
         "source": champion.source,
         "git_commit": reproducibility.git_commit(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "evaluation": {"threads": threads, "batch_size": EVAL_BATCH},
     }
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
-    exported = torch.export.load(str(directory / "model.pt2")).module()  # score exactly what was written
-    scores = verify_export.logits(exported, test.images, mean, std, EVAL_BATCH)
-    probabilities = scores.softmax(1)
-    predicted = scores.argmax(1)
-    labels = test.labels
+
+def _metrics(champion: Champion, spec: studies.StudySpec, predicted: torch.Tensor, labels: torch.Tensor,
+             config: dict[str, Any], speed: tuple[float, float], threads: int) -> dict[str, Any]:
+    """metrics.json: accuracy on the test split, size, and CPU speed (seconds per image, images per second)."""
+    classes, (latency, throughput) = config["classes"], speed
     correct = int((predicted == labels).sum())
     per_class = {classes[c]: int((predicted[labels == c] == c).sum()) / max(int((labels == c).sum()), 1)
                  for c in range(len(classes))}
-    history = champion.trial.user_attrs.get("history", [])
-    latency, throughput = _speed(exported, example)
-    metrics = {
-        "val_accuracy": max((h["val_accuracy"] for h in history), default=None),
+    model = champion.model
+    return {
+        "val_accuracy": max((h["val_accuracy"] for h in champion.trial.history), default=None),
         "objective": dict(zip(spec.metrics, champion.trial.values, strict=False)),
         "test_accuracy": correct / len(labels),
         "test_correct": correct,
         "test_images": len(labels),
         "test_per_class_accuracy": per_class,
         "parameter_count": models.count_parameters(model),
-        "flops_per_image": models.flops_per_image(model, tuple(input_shape)),
+        "flops_per_image": models.flops_per_image(model, tuple(config["input_shape"])),
         "cpu_latency_ms_batch1_median": latency * 1000,
         "cpu_throughput_images_per_s_batch256": throughput,
         "cpu_threads": threads,
     }
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    plots.confusion_matrix(labels.numpy(), predicted.numpy(), classes, directory / "confusion_matrix.png",
-                           title=f"{spec.name} champion: test split")
-    plots.mistakes_grid(test.images.numpy(), labels.numpy(), predicted.numpy(), probabilities.max(1).values.numpy(),
-                        classes, directory / "misclassified.png", title=f"{spec.name} champion")
-    (directory / "model_card.md").write_text(model_card(spec, champion, config, metrics, dataset,
-                                                        arrays.memory_mapped, arrays.given_val is not None))
-    return metrics
 
 
 def _speed(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]:
@@ -292,7 +311,7 @@ def _speed(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]
     return statistics.median(timings), throughput
 
 
-def verify(directory: Path, root: Path = datasets.DEFAULT_ROOT) -> dict[str, Any]:
+def verify(directory: Path, root: Path = paths.DATA_ROOT) -> dict[str, Any]:
     """Run the export's verify.py in a fresh process; returns its result (which says if project code loaded).
 
     The test split is read where the pipeline landed it: the IDX test files of MNIST-like datasets, or the
@@ -402,51 +421,3 @@ probabilities = model(x).softmax(1)   # x: {config['input']}
 ```
 `{verify_command} re-checks the test accuracy with torch alone.
 """
-
-
-# --------------------------------------------------------------------------------------------------
-# Predict
-
-
-@dataclass
-class Prediction:
-    path: Path
-    top: list[tuple[str, float]]  # (class, probability), best first
-
-
-def export_preprocessing(config: dict) -> Preprocessing:
-    """How this export's pictures are prepared: from config.json, or, for exports written before it was
-    recorded (MNIST-like data only), the 28x28 gray preparation of the dataset they were trained on."""
-    if "preprocessing" in config:
-        return Preprocessing(**config["preprocessing"])
-    dataset = config["dataset"]
-    return Preprocessing(28, "gray", dataset if dataset in DIGITS else "photo")
-
-
-def predict(export_dir: Path, paths: list[Path], top_k: int = 3) -> tuple[list[Prediction], list[str]]:
-    """Classify image files with an export; returns the predictions and one error line per unreadable file.
-
-    Each picture is prepared by `images.prepare_picture`, the function that landed the training images.
-    """
-    config_path = export_dir / "config.json"
-    if not config_path.is_file() or not (export_dir / "model.pt2").is_file():
-        raise BadInput(f"{export_dir} is not an export (no config.json / model.pt2); run `make export-best "
-                       "STUDY=...` first or point EXPORT= at one")
-    config = json.loads(config_path.read_text())
-    preprocessing = export_preprocessing(config)
-    model = torch.export.load(str(export_dir / "model.pt2")).module()
-    images, readable, errors = [], [], []
-    for path in paths:
-        try:
-            images.append(open_picture(path, preprocessing))
-            readable.append(path)
-        except PictureError as exc:
-            errors.append(f"{exc}; skipped")
-    if not images:
-        return [], errors
-    batch = torch.from_numpy(np.stack(images))
-    probabilities = verify_export.logits(model, batch, config["mean"], config["std"], EVAL_BATCH).softmax(1)
-    values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
-    predictions = [Prediction(path, [(config["classes"][i], float(v)) for v, i in zip(vs, ix, strict=True)])
-                   for path, vs, ix in zip(readable, values.tolist(), indices.tolist(), strict=True)]
-    return predictions, errors

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import imagecache
 from pipeline.datasets import sha256_file
@@ -65,11 +67,21 @@ def resolve_root(source: FolderSource, project_root: Path) -> Path:
     return root
 
 
+@functools.cache
+def _image_extensions() -> tuple[str, ...]:
+    """The suffixes torchvision's ImageFolder takes for pictures."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # here: torchvision imports torch, this module must not
+
+    return IMG_EXTENSIONS
+
+
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+    return path.suffix.lower() in _image_extensions() and not path.name.startswith(".")
 
 
 def _class_folders(directory: Path) -> list[str]:
+    from torchvision.datasets.folder import find_classes  # here: torchvision imports torch, this module must not
+
     try:
         classes, _ = find_classes(directory)
     except FileNotFoundError:
@@ -108,8 +120,8 @@ def list_folder(root: Path) -> Listing:
             images = [p for p in found if _is_image(p)]
             skipped += [str(p.relative_to(root)) for p in found if not _is_image(p)]
             if not images and code != imagecache.VAL:
-                raise DataError(f"dataset.path: class folder {class_dir} has no pictures ({', '.join(IMG_EXTENSIONS)});"
-                                " add some or remove the folder")
+                raise DataError(f"dataset.path: class folder {class_dir} has no pictures "
+                                f"({', '.join(_image_extensions())}); add some or remove the folder")
             files += images
             labels += [label] * len(images)
             split += [code] * len(images)
@@ -215,12 +227,17 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _progress_bar() -> Progress:
+    """The decoding bar (count, images/s, elapsed) on stderr; off when stderr is no terminal, gone when done."""
+    console = Console(stderr=True)
+    return Progress(TextColumn("decoding {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
+                    disable=not console.is_terminal, transient=True)
+
+
 def decode_into_cache(listing: Listing, source: FolderSource, key: str, cache_root: Path,
                       log: Callable[[str], None] = _stderr) -> Path:
     """Decode every picture once (all cores, a progress bar with images/s) into a new cache folder."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     channels = _resolve_channels(listing, source.channels)
     preprocessing = Preprocessing(source.image_size, channels)
     count = len(listing.files)
@@ -228,11 +245,8 @@ def decode_into_cache(listing: Listing, source: FolderSource, key: str, cache_ro
     keep = np.ones(count, dtype=bool)
     errors: list[str] = []
     chunks = [list(range(i, min(i + DECODE_CHUNK, count))) for i in range(0, count, DECODE_CHUNK)]
+    progress = _progress_bar()
     started = time.perf_counter()
-    console = Console(stderr=True)
-    progress = Progress(TextColumn("decoding {task.fields[name]}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
-                        disable=not console.is_terminal, transient=True)
     workers = max(1, min(_cores(), len(chunks)))
     try:
         tasks = [([str(listing.files[i]) for i in chunk], preprocessing, source.max_megapixels) for chunk in chunks]

@@ -1,12 +1,12 @@
 """MLP, CNN and ResNet-18 classifiers, each built from a plain dict of hyperparameters.
 
-`MODEL_SPECS` lists every architecture key with its default; `build_model(params, num_classes,
+`hparams.MODEL_SPECS` lists every architecture key with its default; `build_model(params, num_classes,
 input_shape)` checks the dict, builds the network for the data's channels and image size (1x28x28
 unless told), and refuses anything unknown, out of range or unable to fit the image before a single
 weight exists. `count_parameters` and `flops_per_image` describe the result.
 
-The classics are expressible as plain dicts (see `CLASSIC`): the 784-512-256-10 MLP with BatchNorm
-and dropout 0.5, and the two-block 32/64-channel CNN with a 128-unit head.
+The classics are expressible as plain dicts (see `hparams.CLASSIC`): the 784-512-256-10 MLP with
+BatchNorm and dropout 0.5, and the two-block 32/64-channel CNN with a 128-unit head.
 """
 
 from __future__ import annotations
@@ -18,58 +18,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import ResNet18_Weights, resnet18
 
 from pipeline.errors import BadInput, ParamError
-from pipeline.params import Bool, Choice, Float, Int, IntList, resolve
+from pipeline.hparams import model_params
 
-FAMILIES = ("mlp", "cnn", "resnet18")
-RESNET_MODES = ("scratch", "finetune", "feature_extract")
 DEFAULT_INPUT_SHAPE = (1, 28, 28)  # channels, height, width: the digit datasets'
 SMALL_IMAGE = 64  # ResNet-18 keeps full resolution in its stem (3x3 or stride-1 conv, no max-pool) up to this size
 MAX_FLAT_FEATURES = 1 << 21  # a flatten head over more features than this would be mostly one huge matrix
 # torchvision's ImageNet weights expect RGB normalised with these (torchvision's transforms for the weights).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-MODEL_SPECS = {
-    "model": Choice("cnn", FAMILIES, "architecture family"),
-    "activation": Choice("relu", ("relu", "gelu", "leaky_relu")),
-    "batch_norm": Bool(True),
-    "dropout": Float(0.0, 0.0, 1.0, high_open=True, help="before every fully connected layer"),
-    # MLP: explicit widths, or depth x width shrinking by `mlp_taper` per layer.
-    "mlp_widths": IntList((), help="hidden widths, e.g. [512, 256]; empty: from depth/width/taper"),
-    "mlp_depth": Int(2, 1, 16),
-    "mlp_width": Int(512, 8, 8192),
-    "mlp_taper": Float(0.5, 0.0, 1.0, low_open=True, help="each hidden layer is this times the previous"),
-    # CNN: blocks of 3x3 convolutions (+BatchNorm, activation), max-pooling, optional 1x1 transitions.
-    "cnn_channels": IntList((), help="channels per block, e.g. [32, 64]; empty: from blocks/width/growth"),
-    "cnn_blocks": Int(2, 1, 8),
-    "cnn_width": Int(32, 4, 512),
-    "cnn_growth": Float(2.0, 1.0, 4.0, help="channel multiplier from one block to the next"),
-    "convs_per_block": Int(1, 1, 4),
-    "pool": Choice("last", ("every", "alternate", "last", "none"), "which blocks end in a 2x2 max-pool"),
-    "transition_ratio": Float(0.0, 0.0, 1.0, help="after each pool, a 1x1 conv to ratio x channels; 0: off"),
-    "conv_dropout": Float(0.0, 0.0, 1.0, high_open=True, help="dropout after each pooled block"),
-    "head": Choice("flatten", ("flatten", "gap"), "flatten + fully connected, or global average pooling"),
-    "head_units": Int(128, 0, 8192, help="hidden units in the head; 0: straight to the classes"),
-    # ResNet-18
-    "resnet_mode": Choice("scratch", RESNET_MODES),
-    "backbone_lr_scale": Float(0.1, 0.0, 1.0, low_open=True, help="fine-tuning: backbone lr = lr x this"),
-    "input_size": Int(0, 0, 1024, help="ResNet-18: resize inputs to this on the device (224: the classic "
-                      "ImageNet size); 0: as landed"),
-}
-
-CLASSIC: dict[str, dict[str, Any]] = {
-    "mlp": {"model": "mlp", "mlp_widths": [512, 256], "batch_norm": True, "dropout": 0.5},
-    # Two blocks of two 3x3 convs (32 then 64 channels), each block max-pooled, flatten -> 128 -> 10.
-    "cnn": {"model": "cnn", "cnn_channels": [32, 64], "convs_per_block": 2, "pool": "every", "head": "flatten",
-            "head_units": 128, "conv_dropout": 0.0, "dropout": 0.25},
-    "resnet18": {"model": "resnet18", "resnet_mode": "scratch"},
-}
-
-
-def model_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The architecture keys of `params`, checked and completed with defaults."""
-    return resolve(MODEL_SPECS, {k: v for k, v in params.items() if k in MODEL_SPECS}, "model parameters")
 
 
 class GlobalAvgPool(nn.Module):
@@ -185,8 +144,6 @@ def build_cnn(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, 
 
 def resnet18_weights_path() -> Path:
     """Where torch's cache keeps torchvision's ImageNet ResNet-18 weights (honours TORCH_HOME)."""
-    from torchvision.models import ResNet18_Weights
-
     file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
@@ -241,8 +198,6 @@ class ResNet18Classifier(nn.Module):
     def __init__(self, mode: str, num_classes: int, dropout: float, input_shape: tuple[int, int, int] = (1, 28, 28),
                  input_size: int = 0, input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         super().__init__()
-        from torchvision.models import resnet18
-
         channels = input_shape[0]
         size = input_size or max(input_shape[1:])
         if min(input_shape[1:]) < 8 and not input_size:
@@ -299,8 +254,6 @@ class ResNet18Classifier(nn.Module):
 def load_imagenet_resnet18() -> dict[str, torch.Tensor]:
     path = resnet18_weights_path()
     if not path.is_file():
-        from torchvision.models import ResNet18_Weights
-
         raise BadInput(
             f"ImageNet ResNet-18 weights not found at {path}; download {ResNet18_Weights.IMAGENET1K_V1.url} "
             f"on a machine with internet and copy it there (TORCH_HOME={os.environ.get('TORCH_HOME', 'unset')}), "
@@ -352,8 +305,6 @@ def count_parameters(model: nn.Module) -> int:
 
 def flops_per_image(model: nn.Module, input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE) -> int:
     """Forward FLOPs for one image as torch's FlopCounterMode counts them (a multiply-add is 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()

@@ -1,6 +1,7 @@
 """PNG figures for reports: confusion matrices (and, for exports, grids of mistakes).
 
-matplotlib runs headless (Agg); every function writes one file and closes its figure.
+Figures are drawn on `matplotlib.figure.Figure` objects directly, never through pyplot: no backend
+is chosen or needed (saving a PNG renders with Agg), and no figure outlives the function that drew it.
 """
 
 from __future__ import annotations
@@ -8,11 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 ANNOTATED_CLASSES = 30  # beyond this many classes (CIFAR-100) the cells are too small for their counts
 MAX_FIGURE_INCHES = 24.0  # 2400 px at 100 dpi
@@ -32,7 +30,8 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequenc
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     many = len(classes) > ANNOTATED_CLASSES
     size = min(max(5.0, 0.55 * len(classes) + 2), MAX_FIGURE_INCHES)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ax.imshow(counts, cmap="Blues")
     for (row, col), n in np.ndenumerate(counts):
         if n and not many:  # many classes: the colour alone
@@ -46,7 +45,6 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequenc
     ax.set_title(f"{title} (accuracy {accuracy:.4f}, {counts.sum():,} images)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return counts
 
 
@@ -67,7 +65,8 @@ def mistakes_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
     columns = 6
     rows = max(1, -(-len(worst) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.9, rows * 2.1 + 0.5), squeeze=False)
+    fig = Figure(figsize=(columns * 1.9, rows * 2.1 + 0.5))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, index in zip(axes.flat, worst, strict=False):
@@ -77,5 +76,4 @@ def mistakes_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
     fig.suptitle(f"{title}: {shown} (true -> predicted)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return len(worst)

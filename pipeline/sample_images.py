@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.datasets import DEFAULT_ROOT
 from pipeline.errors import BadInput
+from pipeline.paths import DATA_ROOT
 
 VERSION = 1  # bump when the drawing changes, so existing trees are rewritten
 CLASSES = ("circle", "square", "triangle", "thin stripes", "étoile")
-DEFAULT_OUT = DEFAULT_ROOT / "sample-images"
+DEFAULT_OUT = DATA_ROOT / "sample-images"
 DEFAULT_PER_CLASS = 200  # 1,000 pictures land in seconds; at 120 a small CNN tops out near 85% in 15 epochs
 DEFAULT_SIZES = (40, 120)  # shortest and longest side, px
 MARKER = ".sample-images.json"  # a hidden file at the root: ImageFolder reads class folders only

@@ -15,6 +15,7 @@ DIGITS = IDX_DATASETS  # their default augmentation is the digits affine (never 
 CHANNELS = ("auto", "rgb", "gray")
 AUGMENT_POLICIES = ("auto", "digits", "natural", "none")
 DEFAULT_MAX_MEGAPIXELS = 100.0
+DEFAULT_VAL_SIZE = 5000  # validation images carved from a built-in dataset's training file (folders: val_fraction)
 
 
 @dataclass(frozen=True)

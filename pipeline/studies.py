@@ -12,16 +12,17 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline import datasets, models, sources, train
+from pipeline import datasets, hparams, sources
 from pipeline.errors import BadInput, ParamError
-from pipeline.params import check_value
+from pipeline.hparams import check_value
+from pipeline.paths import STUDIES_DIR
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STUDIES_DIR = PROJECT_ROOT / "studies"
+if TYPE_CHECKING:
+    from pipeline.train import TrainResult
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
 PRUNERS = ("hyperband", "median", "none")
@@ -99,7 +100,7 @@ class StudySpec(_Strict):
     sampler: str = "tpe"
     pruner: str = "hyperband"
     epochs: int = Field(5, ge=1, le=1000)
-    val_size: int | None = Field(5000, ge=1)  # folders: None unless set, their val_fraction decides
+    val_size: int | None = Field(sources.DEFAULT_VAL_SIZE, ge=1)  # folders: None unless set, their val_fraction decides
     train_limit: int | None = Field(None, ge=1)
     val_limit: int | None = Field(None, ge=1)
     fixed: dict[str, Any] = {}
@@ -140,6 +141,12 @@ class StudySpec(_Strict):
     def fingerprint(self) -> str:
         """Hash of the search definition: a study whose file changed it needs FRESH=1."""
         return hashlib.sha256(json.dumps(self.search_definition(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
+    """The spec with command-line overrides (trials, timeout_minutes, epochs, subsets) applied; None: the file's."""
+    update = {k: v for k, v in overrides.items() if v is not None}
+    return spec.model_copy(update=update) if update else spec
 
 
 def dataset_ref(recorded: str | dict) -> str | sources.FolderSource:
@@ -212,8 +219,8 @@ def _check(spec: StudySpec, path: Path) -> None:
     if isinstance(spec.dataset, str) and spec.dataset not in builtin:
         fail("dataset", f"{spec.dataset!r} is not one of {', '.join(builtin)}; or give your own pictures "
                         "as a [dataset] table with path = \"...\" (README: Your own images)")
-    if spec.model not in models.FAMILIES:
-        fail("model", f"{spec.model!r} is not one of {', '.join(models.FAMILIES)}")
+    if spec.model not in hparams.FAMILIES:
+        fail("model", f"{spec.model!r} is not one of {', '.join(hparams.FAMILIES)}")
     if spec.sampler not in SAMPLERS:
         fail("sampler", f"{spec.sampler!r} is not one of {', '.join(SAMPLERS)}")
     if spec.pruner not in PRUNERS:
@@ -230,7 +237,7 @@ def _check(spec: StudySpec, path: Path) -> None:
     if spec.dataset in sources.CIFAR_DATASETS and spec.val_size >= 50000:
         fail("val_size", f"{spec.val_size} leaves no training images; use fewer than 50000")
 
-    specs = train.PARAM_SPECS
+    specs = hparams.PARAM_SPECS
     for key in ("model", "epochs"):
         if key in spec.fixed or (key in spec.space and key != "model"):
             fail(f"fixed.{key}" if key in spec.fixed else f"space.{key}",
@@ -352,7 +359,7 @@ def enqueue_form(spec: StudySpec, baseline: dict[str, Any]) -> dict[str, Any]:
     return form
 
 
-def objective_values(spec: StudySpec, result: train.TrainResult) -> list[float]:
+def objective_values(spec: StudySpec, result: TrainResult) -> list[float]:
     best = result.history[result.best_epoch - 1]
     source = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
               "parameter_count": float(result.parameter_count), "flops_per_image": float(result.flops_per_image)}

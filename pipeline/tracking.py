@@ -1,9 +1,9 @@
-"""MLflow: one experiment and one parent run per study, one child run per trial, the champion in the registry.
+"""MLflow: one experiment and one parent run per study, one child run per trial.
 
-This is the only module that imports MLflow; it knows nothing of Optuna (search.py hands it plain
-values). The store is `sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts/`, both
-resolved from the project root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`,
-PostgreSQL, another SQLite file).
+With registry.py, the only module that imports MLflow. It knows nothing of Optuna: `StudyRun` is a
+listener (events.py) that the search tells what happens, in plain values. The store is
+`sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts/`, both resolved from the project
+root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, PostgreSQL, another SQLite file).
 
 - Parent run: one per study, created on the first invocation and reopened by later ones (its id is
   kept in the study's user attributes). It carries the study report at the end of each invocation.
@@ -13,23 +13,20 @@ PostgreSQL, another SQLite file).
   status FINISHED / KILLED / FAILED for COMPLETE / PRUNED / FAIL.
 - Best model: only a trial that becomes the study's best logs its model (torch.export `pt2`, which
   loads with torch alone), so disk grows with improvements, not with trials. The best trial's model
-  is registered as model `<study file name>` with alias `champion`; the alias moves only to a better one.
+  is registered as model `<study file name>` with alias `champion` (registry.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import io
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -41,18 +38,17 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import plots, reproducibility, train
+from pipeline import paths, plots, registry, reproducibility
 from pipeline.concurrency import open_store
-from pipeline.data import PreparedData
 from pipeline.errors import BadInput
+from pipeline.events import Listener, TrialEnded, TrialStarted
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
-DEFAULT_ARTIFACT_ROOT = PROJECT_ROOT / "mlruns" / "artifacts"
-CHAMPION = "champion"
-ALIAS_ATTEMPTS = 3  # searches on several hosts may move the champion alias at the same moment
-DATASET_ATTEMPTS = 3  # ... and record the same dataset at the same moment
-PARENT_TAG = "mlflow.parentRunId"
+if TYPE_CHECKING:  # annotations only: tracking never trains or predicts itself
+    from pipeline.data import PreparedData
+    from pipeline.train import EpochMetrics, TrainedModel
+
+DATASET_ATTEMPTS = 3  # workers may record the same dataset at the same moment
+PARENT_TAG = registry.PARENT_TAG
 RUN_NAME_TAG = "mlflow.runName"
 # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -61,19 +57,23 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 INPUT_EXAMPLE_IMAGES = 4  # > 1, so torch.export keeps the batch dimension dynamic
 
-# MLflow announces the SQLite schema migrations at INFO level and draws a progress bar per download.
-for _name in ("mlflow", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# A server that stops answering costs 2 + 4 + 8 s per call before the error surfaces, not MLflow's ~4 minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-# With a tracking server MLflow prints two "View run ..." lines per closed run; our own output says where
-# the runs are, and a worker's stdout is its event stream.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def quiet_mlflow() -> None:
+    """MLflow's settings for a command-line tool, made before the first MLflow call."""
+    # MLflow announces the SQLite schema migrations at INFO level and draws a progress bar per download.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A server that stops answering costs 2 + 4 + 8 s per call before the error surfaces, not MLflow's ~4 minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    # With a tracking server MLflow prints two "View run ..." lines per closed run; our own output says where
+    # the runs are, and a worker's stdout is its event stream.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return os.environ.get("MLFLOW_TRACKING_URI") or paths.DEFAULT_TRACKING_URI
 
 
 def artifact_root(uri: str) -> Path | None:
@@ -83,11 +83,12 @@ def artifact_root(uri: str) -> Path | None:
         return None
     if uri.startswith("sqlite:///"):
         return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
-    return DEFAULT_ARTIFACT_ROOT
+    return paths.DEFAULT_ARTIFACT_ROOT
 
 
 def connect(uri: str | None = None) -> MlflowClient:
     """Open the tracking store, failing fast (before any training) with a clear message if it cannot be reached."""
+    quiet_mlflow()
     uri = uri or tracking_uri()
     hint = "check MLFLOW_TRACKING_URI (unset it to use the local store mlruns/mlflow.db)"
     if uri.startswith(("http://", "https://")):
@@ -182,35 +183,12 @@ def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
             os.fsync(probe.fileno())
 
 
-def param_value(value: Any) -> str:
-    """One stable text form per value, so the UI's compare view lines trials up."""
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
-    return str(value)
-
-
-def _is_better(value: float, than: float, direction: str) -> bool:
-    return value > than if direction == "maximize" else value < than
-
-
 # --------------------------------------------------------------------------------------------------
 # The study's parent run and its trials' child runs
 
 
-@dataclass
-class TrialOutcome:
-    """What search.py tells us about a trial that has ended."""
-
-    number: int
-    state: str  # COMPLETE, PRUNED, FAIL
-    values: list[float] | None
-    fail_reason: str | None = None
-    fail_detail: str | None = None
-    traceback: str | None = None
-
-
-class StudyRun:
-    """The MLflow side of one study: its experiment, parent run and child runs."""
+class StudyRun(Listener):
+    """The MLflow side of one study: its experiment, parent run and child runs; it listens to the search's events."""
 
     def __init__(self, client: MlflowClient, study_name: str, model_name: str, metric: str, direction: str,
                  parent_run_id: str | None, description: str = ""):
@@ -261,20 +239,20 @@ class StudyRun:
 
     # ---- trials ------------------------------------------------------------------------------------
 
-    def start_trial(self, number: int, params: dict[str, Any], seed: int, data: PreparedData,
-                    parameter_count: int) -> str:
+    def trial_started(self, trial: TrialStarted) -> None:
+        """Open the trial's child run (so a running trial is visible live) with its params and dataset."""
         if self._provenance is None:  # the same data for every trial of this process: described once
-            self._provenance = provenance(data)
-            self._dataset = dataset_input(data)
+            self._provenance = provenance(trial.data)
+            self._dataset = dataset_input(trial.data)
+        number = trial.number
         tags = {PARENT_TAG: self.parent_run_id, RUN_NAME_TAG: f"trial-{number:04d}", "study": self.study_name,
-                "trial_number": str(number), "optuna_state": "RUNNING", "parameter_count": str(parameter_count)}
+                "trial_number": str(number), "optuna_state": "RUNNING", "parameter_count": str(trial.parameter_count)}
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
-        logged = {k: param_value(v) for k, v in params.items()}
-        logged |= {"trial_number": str(number), "trial_seed": str(seed), **self._provenance}
+        logged = {k: registry.param_value(v) for k, v in trial.params.items()}
+        logged |= {"trial_number": str(number), "trial_seed": str(trial.seed), **self._provenance}
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(logged.items())])
         self._log_dataset(run_id)
         self.children[number] = run_id
-        return run_id
 
     def _log_dataset(self, run_id: str) -> None:
         """The dataset as the run's input. Workers starting their first trials at once may each find the dataset
@@ -289,18 +267,23 @@ class StudyRun:
                     raise
                 time.sleep(0.2 + attempt)
 
-    def log_epoch(self, number: int, metrics: train.EpochMetrics) -> None:
+    def epoch_ended(self, number: int, metrics: EpochMetrics) -> None:
         timestamp = int(time.time() * 1000)
         values = metrics.as_dict()
         self.client.log_batch(self.children[number], metrics=[
             Metric(key, float(values[key]), timestamp, metrics.epoch) for key in EPOCH_METRICS])
 
-    def end_trial(self, outcome: TrialOutcome) -> None:
-        run_id = self.children.pop(outcome.number, None)
+    def trial_ended(self, trial: TrialEnded) -> None:
+        run_id = self.children.pop(trial.number, None)
         if run_id is not None:
-            self._close(run_id, outcome)
+            self._close(run_id, trial)
 
-    def _close(self, run_id: str, outcome: TrialOutcome) -> None:
+    def interrupted(self, reason: str) -> None:
+        """Close the child runs of trials cut short (Ctrl-C, SIGTERM) as FAILED with the reason."""
+        for number in list(self.children):
+            self.trial_ended(TrialEnded(number, "FAIL", None, fail_reason=reason))
+
+    def _close(self, run_id: str, outcome: TrialEnded) -> None:
         """Record a trial's outcome on its run and end the run with the matching status."""
         tags = {"optuna_state": outcome.state}
         if outcome.fail_reason:
@@ -314,7 +297,7 @@ class StudyRun:
             self.client.log_metric(run_id, f"objective_{self.metric}", outcome.values[0])
         self.client.set_terminated(run_id, RUN_STATUS.get(outcome.state, "FAILED"))
 
-    def close_orphans(self, ended: dict[int, TrialOutcome]) -> int:
+    def close_orphans(self, ended: dict[int, TrialEnded]) -> int:
         """Close child runs still RUNNING although Optuna says their trial has ended.
 
         A killed process leaves its trial's run open (the trial is then failed as stale), and a tracking
@@ -340,13 +323,12 @@ class StudyRun:
 
     # ---- the best model ----------------------------------------------------------------------------
 
-    def log_best_model(self, number: int, value: float, model: torch.nn.Module, data: PreparedData,
-                       precision: str) -> str:
-        """Log a new best trial's model (pt2) and its validation confusion matrix; return the model URI."""
-        run_id = self.children[number]
-        ensure_room(model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
-        cpu_model = train.export_ready_copy(model)
-        example = data.val.to_float(data.val.uint8(slice(0, INPUT_EXAMPLE_IMAGES))).cpu().numpy()
+    def new_best(self, number: int, value: float, model: TrainedModel) -> None:
+        """Log a new best trial's model (pt2) and its validation confusion matrix."""
+        run_id, data = self.children[number], model.data
+        cpu_model = model.cpu_copy()
+        ensure_room(cpu_model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
+        example = model.example_inputs(INPUT_EXAMPLE_IMAGES).numpy()
         with torch.no_grad():
             output = cpu_model(torch.from_numpy(example)).numpy()
         info = mlflow.pytorch.log_model(
@@ -358,58 +340,23 @@ class StudyRun:
                       "preprocessing": data.preprocessing.as_dict(), "study": self.study_name,
                       "trial_number": number},
         )
-        predicted = train.predict(model, data.val, precision=precision)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "confusion_matrix.png"
-            plots.confusion_matrix(data.val.labels.cpu().numpy(), predicted.numpy(), data.classes, path,
-                                   title=f"{self.study_name} trial {number}: validation")
+            plots.confusion_matrix(data.val.labels.cpu().numpy(), model.val_predictions().numpy(), data.classes,
+                                   path, title=f"{self.study_name} trial {number}: validation")
             self.client.log_artifact(run_id, str(path))
         self.client.set_tag(run_id, "model_uri", info.model_uri)
         self.client.log_metric(self.parent_run_id, f"best_{self.metric}_so_far", value, step=number)
-        return info.model_uri
 
     def register_champion(self, number: int, value: float, evaluation_set: str) -> str:
-        """Register trial `number`'s logged model as `<model_name>`; move `champion` to it if it is better.
-
-        Better means a better objective on the same evaluation set (dataset and validation split); a
-        champion measured on another set, or by another objective, is replaced by the newer study's best.
-        """
+        """Offer trial `number`'s logged model for the champion (registry.register_champion)."""
         run = self.child_of_trial(number)
         model_uri = run.data.tags.get("model_uri") if run else None
         if model_uri is None:
             return f"trial {number} has no logged model (it ran without tracking): nothing registered"
-        existing = self.client.search_model_versions(f"name = '{self.model_name}' and run_id = '{run.info.run_id}'")
-        if existing:
-            version = existing[0]
-        else:
-            tags = {"study": self.study_name, "trial_number": str(number), "objective": self.metric,
-                    "direction": self.direction, "objective_value": repr(value), "evaluation_set": evaluation_set}
-            with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own two lines; ours says more
-                version = mlflow.register_model(model_uri, self.model_name, tags=tags)
-        for attempt in range(ALIAS_ATTEMPTS):
-            try:
-                current = self.client.get_model_version_by_alias(self.model_name, CHAMPION)
-            except MlflowException:
-                current = None
-            if current is not None and current.version == version.version:
-                return f"model {self.model_name!r} version {version.version} (trial {number}) is already the {CHAMPION}"
-            comparable = (current is not None and current.tags.get("objective") == self.metric
-                          and current.tags.get("evaluation_set") == evaluation_set)
-            if comparable and not _is_better(value, float(current.tags["objective_value"]), self.direction):
-                return (f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) "
-                        f"registered; {CHAMPION} stays on version {current.version} "
-                        f"({float(current.tags['objective_value']):.4f})")
-            try:
-                self.client.set_registered_model_alias(self.model_name, CHAMPION, version.version)
-            except MlflowException:
-                # Another search (another host) set the alias at the same moment: look at the champion again.
-                if attempt == ALIAS_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.5 + attempt)
-                continue
-            return (f"model {self.model_name!r} version {version.version} (trial {number}, {value:.4f}) "
-                    f"is the {CHAMPION}")
-        raise AssertionError("unreachable")
+        return registry.register_champion(self.client, registry.Candidate(
+            self.model_name, self.study_name, number, run.info.run_id, model_uri, self.metric, self.direction,
+            value, evaluation_set))
 
     # ---- the end of an invocation ------------------------------------------------------------------
 
@@ -436,68 +383,11 @@ class StudyRun:
                                                        dst_path=tmp)
             self.client.log_artifact(self.parent_run_id, path)
 
-    def abort_running(self, fail_reason: str) -> None:
-        """Close the child runs of trials cut short (Ctrl-C, SIGTERM) as FAILED with the reason."""
-        for number in list(self.children):
-            self.end_trial(TrialOutcome(number, "FAIL", None, fail_reason=fail_reason))
-
 
 # --------------------------------------------------------------------------------------------------
-# Reading back (the UI command, export)
+# Reading back (the UI command)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str | None:
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else None
-
-
-@dataclass
-class ChampionVersion:
-    """The registered model version behind the `champion` alias, and where it came from."""
-
-    model_name: str
-    version: str
-    study_name: str  # the Optuna study (version) that produced it, e.g. cnn-v2
-    trial_number: int
-    run_id: str
-    parent_run_id: str | None
-    model_uri: str
-    run_params: dict[str, str]  # as logged by the trial's run: what the weights were trained with
-
-    def matches(self, params: dict[str, Any], seed: int) -> bool:
-        """Were these weights trained by a trial with these (resolved) params and seed?
-
-        A parameter the run did not log did not exist when it ran (e.g. `augment_policy`), so it trained
-        as that parameter's default does: it matches when the value is the default.
-        """
-        logged = {k: param_value(v) for k, v in params.items()} | {"trial_seed": str(seed)}
-        for key, value in logged.items():
-            recorded = self.run_params.get(key)
-            if recorded is None and key in train.PARAM_SPECS:
-                recorded = param_value(train.PARAM_SPECS[key].default)
-            if recorded != value:
-                return False
-        return True
-
-
-def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:  # no such registered model, or no alias yet
-        return None
-    run = client.get_run(version.run_id)
-    return ChampionVersion(model_name, version.version, version.tags["study"], int(version.tags["trial_number"]),
-                           version.run_id, run.data.tags.get(PARENT_TAG), f"models:/{model_name}/{version.version}",
-                           dict(run.data.params))
-
-
-def load_state_dict(model_uri: str) -> dict[str, torch.Tensor]:
-    """The weights of a logged model (a torch.export program) under the original module's names."""
-    return mlflow.pytorch.load_model(model_uri).state_dict()
-
-
-def log_test_metrics(client: MlflowClient, run_ids: list[str], metrics: dict[str, float]) -> None:
-    """Record an export's test-split figures on the champion's run and the study's parent run."""
-    timestamp = int(time.time() * 1000)
-    for run_id in run_ids:
-        client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, 0) for k, v in metrics.items()])

@@ -1,23 +1,35 @@
 """Several search workers on one host: start them, share out GPUs and CPU threads, relay their events.
 
 A worker is an ordinary search process (`search ... --worker`) on the shared Optuna storage; instead
-of drawing its own progress view it prints one JSON event per line on stdout, and the coordinating
-process draws one view of the whole study. Which trial each worker runs is decided by Optuna's
-storage alone; nothing here schedules trials.
+of drawing its own progress view it prints one JSON event per line on stdout (`EventView`), and the
+coordinating process (`coordinate`) hands them to one view of the whole study. Which trial each
+worker runs is decided by Optuna's storage alone; nothing here schedules trials.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import queue
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.concurrency import stop_with_parent
+from pipeline.events import Listener, TrialEnded, TrialStarted
+
+if TYPE_CHECKING:
+    from pipeline.session import SearchOptions, SearchOutcome
+    from pipeline.studies import StudySpec
+    from pipeline.train import EpochMetrics
+
+BATCH_EVENT_SECONDS = 0.25  # a few progress updates a second is plenty
 
 EVENT_PREFIX = "@event "  # marks a worker's event lines; anything else it prints is passed on as text
 
@@ -39,17 +51,12 @@ def plan(workers: int, threads: int | None, gpus: list[str]) -> list[WorkerPlan]
 
 def visible_gpus() -> list[str]:
     """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (empty without CUDA)."""
-    import torch
+    import torch  # only asked when the search runs on CUDA, when torch is loaded already
 
     if not torch.cuda.is_available():
         return []
     listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     return listed or [str(i) for i in range(torch.cuda.device_count())]
-
-
-def emit(event: str, **fields: Any) -> None:
-    """In a worker: one event line for the coordinator."""
-    print(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str), flush=True)
 
 
 class Workers:
@@ -105,3 +112,138 @@ class Workers:
     def exit_codes(self) -> dict[int, int | None]:
         return {index: p.poll() for index, p in self.processes.items()}
 
+
+
+def worker_command(spec: StudySpec, url: str, options: SearchOptions) -> list[str]:
+    """The command line of one worker: this program, the same study, budget and storage (stated explicitly,
+    so every worker opens the very store the coordinator chose)."""
+    command = [*options.worker_program, "search", "--study", spec.name, "--studies-dir", str(options.studies_dir),
+               "--storage", url, "--root", str(options.root), "--device", options.device,
+               "--trials", str(spec.trials), "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
+               "--tracking" if options.tracking else "--no-tracking"]
+    for flag, value in (("--train-limit", spec.train_limit), ("--val-limit", spec.val_limit)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+# --------------------------------------------------------------------------------------------------
+# In a worker: events out
+
+
+def emit(event: str, **fields: Any) -> None:
+    """In a worker: one event line for the coordinator."""
+    print(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str), flush=True)
+
+
+class EventView(Listener):
+    """A worker's view of its search: every event as a line for the coordinator, nothing on the console."""
+
+    def __init__(self) -> None:
+        self.last_batch = 0.0
+
+    def trial_started(self, trial: TrialStarted) -> None:
+        emit("trial_start", number=trial.number)
+
+    def batch_done(self, done: int, total: int) -> None:
+        if time.monotonic() - self.last_batch > BATCH_EVENT_SECONDS or done == total:
+            self.last_batch = time.monotonic()
+            emit("batch", done=done, total=total)
+
+    def epoch_ended(self, number: int, metrics: EpochMetrics) -> None:
+        emit("epoch", number=number, epoch=metrics.epoch, val_accuracy=metrics.val_accuracy,
+             val_loss=metrics.val_loss, seconds=metrics.epoch_seconds)
+
+    def trial_ended(self, trial: TrialEnded) -> None:
+        emit("trial_end", **dataclasses.asdict(trial))
+
+    def waiting(self) -> None:
+        emit("waiting")
+
+    def warning(self, message: str) -> None:
+        emit("warning", text=message)
+
+    def say(self, message: str) -> None:
+        pass  # the coordinator speaks for the study
+
+    def note(self, message: str) -> None:
+        emit("warning", text=message)
+
+    def header(self, text: str) -> None:
+        pass
+
+    def running(self, spec: StudySpec, status: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def workers_view(self, spec: StudySpec, status: Any, pool: Workers) -> WorkersView:
+        raise AssertionError("a worker does not start workers")
+
+    def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
+        if outcome.stop_reason == "failed":
+            emit("too_many_failures", text=outcome.failure)
+        elif outcome.stop_reason != "interrupted":
+            emit("done", ran=outcome.ran, stop_reason=outcome.stop_reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# In the coordinator: events in
+
+
+class WorkersView(Protocol):
+    """What the coordinator shows (views.WorkersView draws it)."""
+
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> Any: ...
+    def worker_ended(self, index: int, process: subprocess.Popen, unexpected: bool) -> None: ...
+    def worker_line(self, index: int, text: str) -> None: ...
+    def show(self, index: int, event: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Coordinated:
+    """What the workers reported between them."""
+
+    ran: int = 0
+    stop_reasons: set[str] = field(default_factory=set)
+    failure: str | None = None  # a worker's TooManyFailures message
+    signal_number: int | None = None  # the first stop signal this process received
+
+
+def coordinate(pool: Workers, view: WorkersView) -> Coordinated:
+    """Relay every worker's events to `view` until they have all ended.
+
+    Ctrl-C (or SIGTERM/SIGHUP) is passed on to every worker, which fails and re-queues its running trial and
+    stops; a second one makes them stop at once. A worker's TooManyFailures stops the others too.
+    """
+    result, received = Coordinated(), []
+
+    def on_signal(signal_number: int, _frame: Any) -> None:
+        received.append(signal_number)
+        pool.signal_all(signal_number)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with view:
+            for index, item in pool.events():
+                if index == 0:
+                    continue  # nothing arrived for a moment
+                if item is None:
+                    code = pool.processes[index].returncode
+                    view.worker_ended(index, pool.processes[index],
+                                      unexpected=bool(code) and not received and result.failure is None)
+                elif isinstance(item, str):  # a worker's own line (an error message, a library's warning)
+                    view.worker_line(index, item)
+                elif item["event"] == "too_many_failures":
+                    if result.failure is None:
+                        result.failure = item["text"]
+                        pool.signal_all(signal.SIGTERM)  # the study stops: the other workers stop too
+                elif item["event"] == "done":
+                    result.ran += item["ran"]
+                    result.stop_reasons.add(item["stop_reason"])
+                else:
+                    view.show(index, item)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    result.signal_number = received[0] if received else None
+    return result

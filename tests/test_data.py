@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline import data, datasets
+from pipeline.augment import Augment, NaturalAugment, make_augment
 from pipeline.errors import DataError
 
 
@@ -40,7 +41,7 @@ def test_same_seed_same_batches_bit_for_bit():
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (300,))
     split = data.ResidentImages(images, labels, mean=0.13, std=0.31)
-    augment = data.Augment()
+    augment = Augment()
 
     def run(seed):
         generator = torch.Generator().manual_seed(seed)
@@ -72,7 +73,7 @@ def test_augmentation_changes_each_sample_keeps_shape_dtype_range():
     generator = torch.Generator().manual_seed(0)
     images = torch.zeros(16, 1, 28, 28)
     images[:, :, 8:20, 10:18] = 1.0  # the same bar in every sample
-    warped = data.Augment().apply(images.clone(), generator)
+    warped = Augment().apply(images.clone(), generator)
     assert warped.shape == images.shape and warped.dtype == images.dtype
     assert warped.min() >= 0.0 and warped.max() <= 1.0
     changed = (warped - images).abs().flatten(1).sum(1)
@@ -84,8 +85,8 @@ def test_augmentation_changes_each_sample_keeps_shape_dtype_range():
 
 
 def test_augmentation_strength_zero_is_off_and_scales_linearly():
-    assert data.Augment.from_strength(0) is None
-    assert data.Augment.from_strength(2.0) == data.Augment(rotation=20.0, translate=0.2, scale=0.2)
+    assert Augment.from_strength(0) is None
+    assert Augment.from_strength(2.0) == Augment(rotation=20.0, translate=0.2, scale=0.2)
 
 
 def test_stratified_split_sizes_proportions_and_hash():
@@ -127,12 +128,12 @@ def test_prepare_tiny_dataset(tiny_dataset):
 
 def test_natural_augment_flips_only_left_right_and_crops_within_the_padding():
     images = torch.rand(64, 3, 12, 10)
-    flips = data.NaturalAugment(padding=0, flip=True, jitter=0.0)
+    flips = NaturalAugment(padding=0, flip=True, jitter=0.0)
     out = flips.apply(images.clone(), torch.Generator().manual_seed(0))
     flipped = [torch.equal(o, x.flip(2)) for o, x in zip(out, images, strict=True)]
     kept = [torch.equal(o, x) for o, x in zip(out, images, strict=True)]
     assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 10 < sum(flipped) < 54
-    crops = data.NaturalAugment(padding=2, flip=False, jitter=0.0)
+    crops = NaturalAugment(padding=2, flip=False, jitter=0.0)
     out = crops.apply(images.clone(), torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
     for o, p in zip(out, padded, strict=True):
@@ -142,22 +143,22 @@ def test_natural_augment_flips_only_left_right_and_crops_within_the_padding():
 
 def test_natural_augment_is_seeded_and_keeps_pixels_in_range():
     images = torch.rand(32, 3, 16, 16)
-    policy = data.make_augment("natural", 1.0, 16)
+    policy = make_augment("natural", 1.0, 16)
     first = policy.apply(images.clone(), torch.Generator().manual_seed(3))
     again = policy.apply(images.clone(), torch.Generator().manual_seed(3))
     other = policy.apply(images.clone(), torch.Generator().manual_seed(4))
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.min() >= 0 and first.max() <= 1 and first.shape == images.shape
-    gray = data.make_augment("natural", 1.0, 16).apply(torch.rand(8, 1, 16, 16), torch.Generator().manual_seed(0))
+    gray = make_augment("natural", 1.0, 16).apply(torch.rand(8, 1, 16, 16), torch.Generator().manual_seed(0))
     assert gray.shape == (8, 1, 16, 16)
-    assert data.make_augment("none", 1.0, 16) is None and data.make_augment("natural", 0.0, 16) is None
-    assert isinstance(data.make_augment("digits", 1.0, 28), data.Augment)  # the affine, never flips
+    assert make_augment("none", 1.0, 16) is None and make_augment("natural", 0.0, 16) is None
+    assert isinstance(make_augment("digits", 1.0, 28), Augment)  # the affine, never flips
 
 
 def test_natural_jitter_is_brightness_then_contrast_then_saturation():
     """The one-matrix jitter equals the three adjustments applied one after the other."""
     images = torch.rand(16, 3, 8, 8)
-    augment = data.NaturalAugment(padding=0, flip=False, jitter=0.4)
+    augment = NaturalAugment(padding=0, flip=False, jitter=0.4)
     out = augment.apply(images.clone(), torch.Generator().manual_seed(5))
     draws = torch.rand(16, 6, generator=torch.Generator().manual_seed(5))
     b, c, s = (1 + (draws[:, 3:] * 2 - 1) * 0.4).unbind(1)

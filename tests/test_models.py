@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import models
+from pipeline import hparams, models
 from pipeline.errors import BadInput, ParamError
 
 
@@ -17,9 +17,9 @@ def _forward_backward(model: nn.Module) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("family", models.FAMILIES)
+@pytest.mark.parametrize("family", hparams.FAMILIES)
 def test_every_family_forward_backward(family):
-    model = models.build_model(models.CLASSIC[family])
+    model = models.build_model(hparams.CLASSIC[family])
     out = _forward_backward(model)
     assert out.shape == (4, 10)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -27,7 +27,7 @@ def test_every_family_forward_backward(family):
 
 
 def test_classic_mlp_is_784_512_256_10_with_batchnorm_and_dropout():
-    model = models.build_model(models.CLASSIC["mlp"])
+    model = models.build_model(hparams.CLASSIC["mlp"])
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 256), (256, 10)]
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model.modules()) == 2
@@ -46,7 +46,7 @@ def test_mlp_depth_width_taper():
 
 
 def test_classic_cnn_is_two_blocks_32_64_with_128_head():
-    model = models.build_model(models.CLASSIC["cnn"])
+    model = models.build_model(hparams.CLASSIC["cnn"])
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [(m.out_channels, m.kernel_size) for m in convs] == [(32, (3, 3))] * 2 + [(64, (3, 3))] * 2
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -89,7 +89,7 @@ def test_bad_parameter_is_named(params, fragment):
     assert fragment in str(err.value)
 
 
-@pytest.mark.parametrize("family", models.FAMILIES)
+@pytest.mark.parametrize("family", hparams.FAMILIES)
 def test_no_op_without_a_deterministic_cuda_backward(family):
     """Deterministic mode refuses these on CUDA; our models must not contain them."""
     refused = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool3d, nn.MaxPool3d, nn.ReflectionPad2d)
@@ -98,12 +98,12 @@ def test_no_op_without_a_deterministic_cuda_backward(family):
 
 
 def test_parameter_count_and_flops_reported():
-    model = models.build_model(models.CLASSIC["cnn"])
+    model = models.build_model(hparams.CLASSIC["cnn"])
     convs = 1 * 32 * 9 + 32 * 32 * 9 + 32 * 64 * 9 + 64 * 64 * 9  # bias-free: BatchNorm follows
     norms = 2 * (32 + 32 + 64 + 64)
     head = (64 * 7 * 7 * 128 + 128) + (128 * 10 + 10)
     assert models.count_parameters(model) == convs + norms + head
-    assert models.flops_per_image(model) > models.flops_per_image(models.build_model(models.CLASSIC["mlp"]))
+    assert models.flops_per_image(model) > models.flops_per_image(models.build_model(hparams.CLASSIC["mlp"]))
 
 
 def test_resnet_finetune_loads_cached_weights(imagenet_weights):
@@ -159,7 +159,7 @@ def test_pretrained_input_is_imagenet_normalised_rgb_at_input_size(imagenet_weig
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 64, 48), (3, 8, 8)])
 def test_every_family_builds_for_the_data_shape(shape):
     for family in ("mlp", "cnn", "resnet18"):
-        model = models.build_model(models.CLASSIC[family], 7, shape).eval()
+        model = models.build_model(hparams.CLASSIC[family], 7, shape).eval()
         assert model(torch.zeros(2, *shape)).shape == (2, 7)
         assert models.flops_per_image(model, shape) > 0
 

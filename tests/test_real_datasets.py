@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import require_real_dataset
 
-from pipeline import datasets
+from pipeline import datasets, paths
 
 pytestmark = pytest.mark.data
 
@@ -21,20 +21,20 @@ EXPECTED_STATS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 def test_real_dataset_lands_verified_with_expected_stats(name):
     require_real_dataset(name)
     info = datasets.DATASETS[name]
-    datasets.verify(info, datasets.DEFAULT_ROOT)  # every file byte-identical to the original
-    assert datasets.idx_shape(info.raw_dir(datasets.DEFAULT_ROOT) / datasets.TRAIN_IMAGES) == (60000, 28, 28)
-    assert datasets.idx_shape(info.raw_dir(datasets.DEFAULT_ROOT) / datasets.TEST_IMAGES) == (10000, 28, 28)
-    mean, std = datasets.normalisation_stats(info, datasets.DEFAULT_ROOT)
+    datasets.verify(info, paths.DATA_ROOT)  # every file byte-identical to the original
+    assert datasets.idx_shape(info.raw_dir(paths.DATA_ROOT) / datasets.TRAIN_IMAGES) == (60000, 28, 28)
+    assert datasets.idx_shape(info.raw_dir(paths.DATA_ROOT) / datasets.TEST_IMAGES) == (10000, 28, 28)
+    mean, std = datasets.normalisation_stats(info, paths.DATA_ROOT)
     assert (round(mean, 4), round(std, 4)) == EXPECTED_STATS[name]
 
 
 def test_mnist_class_counts_and_torchvision_reads_our_files():
     require_real_dataset("mnist")
-    labels = datasets.read_idx(datasets.DATASETS["mnist"].raw_dir(datasets.DEFAULT_ROOT) / datasets.TRAIN_LABELS)
+    labels = datasets.read_idx(datasets.DATASETS["mnist"].raw_dir(paths.DATA_ROOT) / datasets.TRAIN_LABELS)
     assert np.bincount(labels, minlength=10).tolist() == MNIST_TRAIN_CLASS_COUNTS
 
     import torchvision
 
-    mnist = torchvision.datasets.MNIST(datasets.DEFAULT_ROOT, train=False, download=False)
+    mnist = torchvision.datasets.MNIST(paths.DATA_ROOT, train=False, download=False)
     assert len(mnist) == 10000
     assert mnist.targets[:5].tolist() == [7, 2, 1, 0, 4]  # the famous first test digits

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from optuna.trial import FixedTrial
 
-from pipeline import studies, train
+from pipeline import hparams, studies
 from pipeline.cli import main
 
 VALID = """
@@ -44,7 +44,7 @@ def test_every_shipped_study_loads_and_samples_valid_params(name):
     assert spec.name == name and spec.trials >= 1
     for baseline in spec.baseline:  # each baseline is a complete point of its space
         params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, baseline)))
-        train.resolve_params(params)
+        hparams.resolve_params(params)
 
 
 def test_required_studies_are_shipped():

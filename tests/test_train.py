@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import data, train
-from pipeline.errors import ParamError
+from pipeline import data, hparams, train
+from pipeline.errors import BadInput, ParamError
 
 SMALL_CNN = {"model": "cnn", "cnn_channels": [8, 16], "pool": "every", "head_units": 32, "dropout": 0.2,
              "conv_dropout": 0.1, "batch_size": 50, "augment": 1.0}
@@ -66,7 +66,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tiny, tmp_path):
 def test_checkpoint_of_other_params_is_refused(tiny, tmp_path):
     checkpoint = tmp_path / "trial.ckpt"
     train.fit(dict(SMALL_CNN, epochs=1), tiny, checkpoint=checkpoint)
-    with pytest.raises(train.BadInput, match="belongs to other parameters"):
+    with pytest.raises(BadInput, match="belongs to other parameters"):
         train.fit(dict(SMALL_CNN, epochs=1, lr=0.1), tiny, checkpoint=checkpoint)
 
 
@@ -139,7 +139,7 @@ def test_batch_larger_than_training_set_is_refused(tiny):
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "none"])
 def test_lr_schedule_shapes(schedule):
-    p = train.resolve_params({"schedule": schedule, "warmup_fraction": 0.1, "step_epochs": 1})
+    p = hparams.resolve_params({"schedule": schedule, "warmup_fraction": 0.1, "step_epochs": 1})
     factors = [train.lr_factor(p, step, total_steps=100, steps_per_epoch=10) for step in range(100)]
     assert all(0 < f <= 1 for f in factors[:-1])
     if schedule == "onecycle":
@@ -180,11 +180,9 @@ def test_bf16_reaches_fp32_accuracy_on_mnist_subset():
     """The same on 5,000 real MNIST images, 1 epoch of the classic CNN: within 1.5 points."""
     from conftest import require_real_dataset
 
-    from pipeline import models
-
     require_real_dataset("mnist")
     prepared = data.prepare("mnist", train_limit=5000, val_limit=1000)
-    params = dict(models.CLASSIC["cnn"], epochs=1)
+    params = dict(hparams.CLASSIC["cnn"], epochs=1)
     fp32 = train.fit(dict(params, precision="fp32"), prepared, seed=0)
     bf16 = train.fit(dict(params, precision="bf16"), prepared, seed=0)
     assert fp32.best_val_accuracy > 0.9

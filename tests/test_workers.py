@@ -9,7 +9,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import search, studies, workers
+from pipeline import paths, search, store, studies, workers
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -31,26 +31,26 @@ def test_gpus_are_assigned_round_robin():
 def default_stores(tmp_path, monkeypatch):
     """The two default stores moved into a temporary folder, and no STORAGE in the environment."""
     sqlite_url = f"sqlite:///{tmp_path}/optuna.db"
-    monkeypatch.setattr(search, "DEFAULT_STORAGE", sqlite_url)
-    monkeypatch.setattr(search, "DEFAULT_JOURNAL", tmp_path / "optuna.journal")
+    monkeypatch.setattr(paths, "DEFAULT_STORAGE", sqlite_url)
+    monkeypatch.setattr(paths, "DEFAULT_JOURNAL", tmp_path / "optuna.journal")
     monkeypatch.delenv("STORAGE", raising=False)
     return sqlite_url, str(tmp_path / "optuna.journal")
 
 
 def test_a_new_study_with_several_workers_goes_to_the_journal_and_is_found_there_later(default_stores):
     sqlite_url, journal = default_stores
-    assert search.storage_url(None, "cnn") == sqlite_url  # one worker: SQLite
-    assert search.storage_url(None, "cnn", workers=4) == journal
-    optuna.create_study(study_name="cnn", storage=search.make_storage(journal))
-    assert search.storage_url(None, "cnn") == journal  # export-best, replay, ui and a later search find it
-    assert search.storage_url(None, "mlp") == sqlite_url
-    assert search.storage_url("postgresql://db/optuna", "cnn") == "postgresql://db/optuna"  # STORAGE wins
+    assert store.storage_url(None, "cnn") == sqlite_url  # one worker: SQLite
+    assert store.storage_url(None, "cnn", workers=4) == journal
+    optuna.create_study(study_name="cnn", storage=store.make_storage(journal))
+    assert store.storage_url(None, "cnn") == journal  # export-best, replay, ui and a later search find it
+    assert store.storage_url(None, "mlp") == sqlite_url
+    assert store.storage_url("postgresql://db/optuna", "cnn") == "postgresql://db/optuna"  # STORAGE wins
 
 
 def test_a_study_already_in_sqlite_stays_there_with_several_workers(default_stores):
     sqlite_url, _ = default_stores
-    optuna.create_study(study_name="cnn-v2", storage=search.make_storage(sqlite_url))
-    assert search.storage_url(None, "cnn", workers=4) == sqlite_url
+    optuna.create_study(study_name="cnn-v2", storage=store.make_storage(sqlite_url))
+    assert store.storage_url(None, "cnn", workers=4) == sqlite_url
 
 
 def budget_of(trials: int) -> studies.StudySpec:
@@ -60,7 +60,7 @@ def budget_of(trials: int) -> studies.StudySpec:
 
 def test_of_two_trials_started_at_once_for_the_last_slot_the_later_number_is_surplus(tmp_path):
     """Budget 3: one trial finished, then three workers each ask for a trial at the same moment."""
-    study = optuna.create_study(storage=search.make_storage(f"sqlite:///{tmp_path}/s.db"))
+    study = optuna.create_study(storage=store.make_storage(f"sqlite:///{tmp_path}/s.db"))
     spec = budget_of(3)
     first = study.ask()
     study.tell(first, 0.5)
@@ -69,7 +69,7 @@ def test_of_two_trials_started_at_once_for_the_last_slot_the_later_number_is_sur
 
 
 def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
-    study = optuna.create_study(storage=search.make_storage(f"sqlite:///{tmp_path}/s.db"))
+    study = optuna.create_study(storage=store.make_storage(f"sqlite:///{tmp_path}/s.db"))
     spec = budget_of(1)
     study.ask()  # the budget's only trial, running
     study.enqueue_trial({"lr": 0.01}, user_attrs={"retry_of": 0})

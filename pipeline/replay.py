@@ -1,0 +1,91 @@
+"""Retrain a recorded trial from its params and seed: `make replay` compares every recorded metric, and
+export retrains a champion that has no registered model.
+
+One recipe turns a study's recorded definition into the data its trials saw (`recorded_data`), so a
+search, a replay and an export all prepare the very same split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from pipeline import data, store, studies, train
+from pipeline.search import HISTORY_KEYS, history_record
+from pipeline.sources import DEFAULT_VAL_SIZE
+from pipeline.studies import StudyError, StudySpec
+
+
+def recorded_data(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu",
+                  resident_bytes: int | None = None) -> data.PreparedData:
+    """The data of a study's trials, from its search definition (as recorded, or a study file's).
+
+    Older records lack `val_size`: they were made with the default. A folder's is None (its val_fraction decides).
+    """
+    return data.prepare(studies.dataset_ref(definition["dataset"]), root, device,
+                        val_size=definition.get("val_size", DEFAULT_VAL_SIZE),
+                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
+                        resident_bytes=resident_bytes)
+
+
+def study_data(spec: StudySpec, root: Path, device: torch.device | str) -> data.PreparedData:
+    return recorded_data(spec.search_definition(), root, device)
+
+
+@dataclass
+class ReplayOutcome:
+    trial_number: int
+    epochs: int
+    differences: list[str]
+
+
+def replay_trial(spec: StudySpec, storage_override: str | None, trial_number: int, root: Path,
+                 device: str = "auto", threads: int | None = None) -> ReplayOutcome:
+    """`make replay`: retrain trial `trial_number` of the study's current version; list every metric that differs."""
+    storage = store.open_storage(storage_override, spec.name)
+    study = store.find_study(spec, storage.backend)
+    record = _finished_trial(study, trial_number)
+    prepared = study_data(spec, root, train.pick_device(device))
+    data.require_digest(record.dataset_digest, prepared.checksum, trial_number, prepared.dataset,
+                        "restore the pictures it was trained on to replay it")
+    return compare(record, prepared, threads)
+
+
+def _finished_trial(study: optuna.Study, number: int) -> store.TrialRecord:
+    record = store.record(study, number)
+    if record is None or not record.finished or not record.history:
+        finished = [r.number for r in store.records(study, store.FINISHED)]
+        raise StudyError(f"trial {number} of study {study.study_name!r} is not a finished trial with "
+                         f"recorded metrics; finished trials: {finished or 'none'}")
+    return record
+
+
+def compare(record: store.TrialRecord, prepared: data.PreparedData, threads: int | None = None) -> ReplayOutcome:
+    """Retrain the trial and compare its per-epoch history with the recorded one, value by value."""
+    recorded = record.history
+    replayed: list[dict[str, float]] = []
+
+    def collect(metrics: train.EpochMetrics) -> bool:
+        replayed.append(history_record(metrics))
+        return len(replayed) >= len(recorded)  # a pruned trial stopped early: stop at the same epoch
+
+    # Float sums depend on the thread count: by default, use the one the trial ran with.
+    train.fit(record.params, prepared, callbacks=[collect], seed=record.seed, threads=threads or record.threads)
+    differences = []
+    for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
+        for key in HISTORY_KEYS:
+            if old.get(key) != new.get(key):
+                differences.append(f"epoch {epoch} {key}: recorded {old.get(key)!r}, replayed {new.get(key)!r}")
+    if len(recorded) != len(replayed):
+        differences.append(f"epochs: recorded {len(recorded)}, replayed {len(replayed)}")
+    return ReplayOutcome(record.number, len(replayed), differences)
+
+
+def retrain(record: store.TrialRecord, prepared: data.PreparedData,
+            on_epoch: Any = lambda metrics: None) -> train.TrainResult:
+    """Train the trial's model again from its recorded params and seed (on the thread count it ran with)."""
+    return train.fit(record.params, prepared, callbacks=[on_epoch], seed=record.seed, threads=record.threads)

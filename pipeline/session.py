@@ -1,0 +1,296 @@
+"""`make search` as one call: `run_search(spec, options, view) -> SearchOutcome`.
+
+It opens the store, the study, the data and (unless it is off) MLflow tracking, runs the search loop
+in this process or in worker processes, then writes the study's report to MLflow and registers its
+champion. What it shows goes through `view` (views.py draws it on the console, a worker's view sends
+event lines to its coordinator); the trial-level work is search.py's, the MLflow side tracking.py's.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+import torch
+
+from pipeline import data, hparams, paths, replay, report, reproducibility, search, store, train, workers
+from pipeline.errors import BadInput
+from pipeline.events import Listener, Listeners
+from pipeline.sources import DEFAULT_VAL_SIZE
+from pipeline.studies import StudySpec
+
+PARENT_SETTLE_SECONDS = 1.0
+TOP = 5  # trials in the end-of-search table
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    storage: str | None = None  # Optuna storage URL or .journal file; None: STORAGE or the default
+    fresh: bool = False
+    workers: int = 1
+    worker: int | None = None  # set in a worker process started by a coordinator
+    device: str = "auto"
+    threads: int | None = None
+    root: Path = paths.DATA_ROOT
+    studies_dir: Path = paths.STUDIES_DIR
+    tracking: bool = True
+    worker_program: tuple[str, ...] = ()  # how a worker runs this program (see workers.worker_command)
+
+
+@dataclass
+class SearchOutcome:
+    study_name: str
+    ran: int  # trials this invocation ran
+    stop_reason: str  # budget, timeout, interrupted, failed
+    seconds: float
+    signal_number: int | None = None  # interrupted by this signal
+    failure: str | None = None  # why the study stopped (failed)
+    finished: int = 0  # finished trials of the study, all invocations
+    best: store.TrialRecord | None = None  # Optuna's best (the first of the Pareto front for several objectives)
+    top: list[store.TrialRecord] = field(default_factory=list)  # the best complete trials, best first (up to 5)
+    workers: int = 1
+    resume_command: str = ""
+    messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
+
+
+Status = Callable[[], tuple[int, list[float] | None]]  # (finished trials, best values so far)
+
+
+class SearchView(Protocol):
+    """What the session shows, besides the search's events (a SearchView is also an events.Listener):
+    views.SearchView draws it, workers.EventView sends it to a coordinator."""
+
+    def say(self, message: str) -> None: ...
+    def note(self, message: str) -> None: ...  # a warning the user should read
+    def header(self, text: str) -> None: ...
+    def running(self, spec: StudySpec, status: Status) -> Any: ...  # context manager around the loop
+    def workers_view(self, spec: StudySpec, status: Status, pool: workers.Workers) -> workers.WorkersView: ...
+    def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None: ...
+
+
+def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> SearchOutcome:
+    """Run or resume the study until its budget is reached, the time is spent or a signal arrives."""
+    if options.workers < 1:
+        raise BadInput(f"WORKERS={options.workers}: expected a number of worker processes >= 1, e.g. WORKERS=4")
+    tracking = Tracking.connect(spec, view) if options.tracking else Tracking.off()
+    storage = store.open_storage(options.storage, spec.name, options.workers)
+    device = train.pick_device(options.device)
+    salt = [f"{socket.gethostname()}/worker{options.worker}"] if options.worker is not None else []
+    study = store.open_study(spec, storage.backend, fresh=options.fresh, log=view.say,
+                             on_create=lambda created: tracking.start(spec, created, contested=False),
+                             sampler_seed=lambda finished: reproducibility.derive_seed(spec.seed, finished, *salt))
+    tracking.start(spec, study)  # joins the parent run the study's creator opened (a no-op for the creator)
+    # Before any worker starts, so the data lands once; the coordinator of workers keeps it off the GPU.
+    prepared = replay.study_data(spec, options.root, device if options.workers == 1 else "cpu")
+    if options.worker is None:
+        view.header(_header(spec, study, prepared, device, options, storage.url))
+    if options.workers > 1 and storage.url.startswith("sqlite:"):
+        view.note(f"{options.workers} workers share the SQLite file {storage.url}: Optuna advises a journal file "
+                  "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
+    listener = Listeners(view, tracking.listener)
+    resume = f"make search STUDY={spec.name}" + (f" WORKERS={options.workers}" if options.workers > 1 else "")
+    outcome = SearchOutcome(study.study_name, 0, "budget", 0.0, workers=options.workers, resume_command=resume)
+    started, status = time.monotonic(), "FINISHED"
+    try:
+        if options.workers > 1:
+            del prepared  # each worker loads its own copy; the coordinator need not hold one for the whole run
+            outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
+        else:
+            with view.running(spec, lambda: _status(study)):
+                loop = search.run(spec, study, prepared, listener, threads=options.threads)
+            outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
+    except search.Interrupted as exc:
+        outcome.stop_reason, outcome.signal_number, status = "interrupted", exc.signal_number, "KILLED"
+    except search.TooManyFailures as exc:
+        outcome.stop_reason, outcome.failure, status = "failed", str(exc), "FAILED"
+    outcome.seconds = time.monotonic() - started
+    _standings(spec, study, outcome)
+    view.ended(spec, outcome)
+    if options.worker is None:  # a worker's coordinator closes the study's MLflow side
+        outcome.messages = tracking.finish(spec, study, status, warn=view.note)
+    return outcome
+
+
+def _status(study: optuna.Study) -> tuple[int, list[float] | None]:
+    """What a progress view shows of the study: finished trials and the best values so far."""
+    return store.finished_count(study), store.best_values(study)
+
+
+def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> None:
+    outcome.finished = store.finished_count(study)
+    best = store.best_records(study)
+    outcome.best = best[0] if best else None
+    if len(spec.objectives) == 1:
+        complete = store.records(study, (optuna.trial.TrialState.COMPLETE,))
+        outcome.top = sorted(complete, key=lambda r: r.values[0], reverse=spec.directions[0] == "maximize")[:TOP]
+
+
+def _header(spec: StudySpec, study: optuna.Study, prepared: Any, device: torch.device, options: SearchOptions,
+            url: str) -> str:
+    shape = "x".join(map(str, prepared.input_shape))
+    return (f"{study.study_name}: {spec.description or spec.name} | {prepared.dataset} "
+            f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({prepared.mode}, digest "
+            f"{prepared.checksum}), {device}, sampler {spec.sampler}, "
+            f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
+            + (f" | {options.workers} workers, storage {url}" if options.workers > 1 else ""))
+
+
+def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.device, options: SearchOptions,
+                  view: SearchView) -> tuple[int, str]:
+    """WORKERS=N: N worker processes on the study, one view of all of them here.
+
+    Ctrl-C (or SIGTERM/SIGHUP) is passed on to every worker, which fails and re-queues its running trial
+    and stops; a second one makes them stop at once. Raises Interrupted or TooManyFailures like a search.
+    """
+    # GPUs are shared out when the device is left to us; `--device cuda:1` keeps every worker on that GPU.
+    gpus = workers.visible_gpus() if device.type == "cuda" and options.device in ("auto", "cuda") else []
+    plans = workers.plan(options.workers, options.threads, gpus)
+    pool = workers.Workers(workers.worker_command(spec, url, options), plans)
+    for p in plans:
+        gpu = f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else ""
+        view.say(f"worker {p.index}: pid {pool.processes[p.index].pid}, {gpu}"
+                 f"{p.threads} thread{'s' if p.threads > 1 else ''}")
+    coordinated = workers.coordinate(pool, view.workers_view(spec, lambda: _status(study), pool))
+    if coordinated.signal_number is not None:
+        raise search.Interrupted(coordinated.signal_number)
+    if coordinated.failure is not None:
+        raise search.TooManyFailures(coordinated.failure)
+    if store.finished_count(study) < spec.trials and "timeout" not in coordinated.stop_reasons:
+        raise search.TooManyFailures(f"every worker stopped before the budget was reached (exit codes "
+                                     f"{pool.exit_codes()}); see the lines above")
+    return coordinated.ran, "timeout" if "timeout" in coordinated.stop_reasons else "budget"
+
+
+# --------------------------------------------------------------------------------------------------
+# MLflow: the one place the search reaches it
+
+
+def evaluation_set(spec: StudySpec) -> str:
+    """What a validation score was measured on: scores of different sets are not compared for the champion."""
+    where = spec.dataset if isinstance(spec.dataset, str) else f"{spec.dataset.path}@{spec.dataset.image_size}"
+    return f"{where}/val_size={spec.val_size}/val_limit={spec.val_limit}"
+
+
+class Tracking:
+    """The study's MLflow parent run across one invocation; `Tracking.off()` does nothing at every step."""
+
+    def __init__(self, client: Any | None):
+        self.client = client
+        self.run: Any | None = None  # tracking.StudyRun once started
+
+    @classmethod
+    def connect(cls, spec: StudySpec, view: SearchView) -> Tracking:
+        """Reach the tracking store now: an unreachable one stops the search before any training."""
+        from pipeline import tracking  # MLflow takes seconds to import: only when tracking is on
+
+        uri = tracking.tracking_uri()
+        client = tracking.connect(uri)
+        view.say(f"tracking to MLflow at {uri}")
+        return cls(client)
+
+    @classmethod
+    def off(cls) -> Tracking:
+        return cls(None)
+
+    @property
+    def listener(self) -> Listener:
+        return self.run if self.run is not None else Listener()
+
+    def start(self, spec: StudySpec, study: optuna.Study, contested: bool = True) -> None:
+        """Open (or reopen) the study's parent run; its id lives in the study so every invocation finds it.
+
+        `contested=False` for the study's creator, whom nobody can have raced yet. Otherwise two processes
+        that both found none may have made one each: the last recorded wins, the other steps aside.
+        """
+        if self.client is None or self.run is not None:
+            return
+        from pipeline import tracking
+
+        recorded = store.parent_run_id(study)
+        self.run = tracking.StudyRun(self.client, study.study_name, spec.name, spec.metrics[0], spec.directions[0],
+                                     recorded, spec.description)
+        if self.run.parent_run_id != recorded:
+            store.record_parent_run_id(study, self.run.parent_run_id)
+            if contested:
+                time.sleep(PARENT_SETTLE_SECONDS)
+                final = store.parent_run_id(study)  # read from the storage, not cached
+                if final != self.run.parent_run_id:
+                    self.run.adopt_parent(final)
+
+    def finish(self, spec: StudySpec, study: optuna.Study, status: str, warn: Callable[[str], None]) -> list[str]:
+        """End of an invocation: close runs of killed trials, refresh the parent's report, register the best
+        model. MLflow out of reach only warns: the trials are safe in Optuna and the next run catches up."""
+        if self.run is None:
+            return []
+        try:
+            lines = self._finish(spec, study, status)
+        except Exception as exc:
+            warn(f"MLflow could not record the end of this run ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200]}); the trials are saved in Optuna and the next run "
+                      "brings MLflow up to date")
+            return []
+        return [*lines, f"MLflow: `make ui STUDY={spec.name}` shows the study's runs (experiment "
+                        f"{study.study_name!r})"]
+
+    def _finish(self, spec: StudySpec, study: optuna.Study, status: str) -> list[str]:
+        records = store.records(study)
+        ended = {r.number: search.trial_ended(r) for r in records if r.state in ("COMPLETE", "PRUNED", "FAIL")}
+        lines = []
+        closed = self.run.close_orphans(ended)
+        if closed:
+            lines.append(f"{closed} MLflow run(s) left RUNNING (a killed process, or MLflow out of reach) closed "
+                         "with their trial's outcome")
+        best = store.leading_best(study)
+        counts = {state: sum(r.state == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
+        with tempfile.TemporaryDirectory() as tmp:
+            skipped = report.write_report(spec, study, Path(tmp))
+            self.run.finish(Path(tmp), best.number if best else None, best.values[0] if best else None, counts,
+                            status)
+        lines.extend(f"report: {line}" for line in skipped)
+        if best is not None:
+            lines.append(self.run.register_champion(best.number, best.values[0], evaluation_set(spec)))
+        return lines
+
+
+
+# --------------------------------------------------------------------------------------------------
+# make train: one training run, no study
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    dataset: Any  # a dataset name or a sources.FolderSource
+    root: Path = paths.DATA_ROOT
+    device: str = "auto"
+    seed: int = 0
+    threads: int | None = None
+    val_size: int | None = DEFAULT_VAL_SIZE
+    train_limit: int | None = None
+    val_limit: int | None = None
+    checkpoint: Path | None = None  # saved every epoch; resumed when it exists
+
+
+class TrainView(Protocol):
+    def header(self, text: str) -> None: ...
+    def batch_done(self, done: int, total: int) -> None: ...
+    def epoch_ended(self, metrics: train.EpochMetrics) -> None: ...
+
+
+def train_one(params: dict[str, Any], options: TrainOptions, view: TrainView) -> train.TrainResult:
+    """`make train`: train `params` once on the dataset and return the result (history, best epoch, model)."""
+    resolved = hparams.resolve_params(params)  # bad parameters stop here, before the data is loaded
+    device = train.pick_device(options.device)
+    prepared = data.prepare(options.dataset, options.root, device, val_size=options.val_size,
+                            train_limit=options.train_limit, val_limit=options.val_limit)
+    view.header(f"[bold]{resolved['model']}[/] on {prepared.dataset} ({len(prepared.train):,} train / "
+                f"{len(prepared.val):,} val, {'x'.join(map(str, prepared.input_shape))} {prepared.mode}, split "
+                f"{prepared.split_hash}), {device}, precision {train.pick_precision(resolved['precision'], device)}, "
+                f"seed {options.seed}")
+    return train.fit(params, prepared, device, callbacks=[view.epoch_ended], seed=options.seed,
+                     checkpoint=options.checkpoint, threads=options.threads, on_batch=view.batch_done)

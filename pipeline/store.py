@@ -1,0 +1,455 @@
+"""The Optuna storage: where studies live, their versions, and the typed record every trial carries.
+
+One study file gives one Optuna study (`<name>`, or `<name>-v<N>` after FRESH=1) in the storage
+(`sqlite:///studies/optuna.db` unless STORAGE is set). What a trial records beyond Optuna's own fields
+(its seed, full params, per-epoch history, owner, data identity, failure) is a `TrialRecord`, stored as
+user attributes under the same keys as ever, written by `note` and read by `records`, nowhere else.
+
+This is the only module that touches Optuna's private API; each use sits behind a small function
+with its own test pinned to the Optuna version (tests/test_store.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline import paths, studies
+from pipeline.concurrency import open_store
+from pipeline.errors import BadInput
+from pipeline.studies import StudyError, StudySpec
+
+# A RUNNING trial whose process stopped beating for GRACE_SECONDS is failed... (the environment variables
+# shorten both for the fault tests; a real trial's epochs are far longer).
+HEARTBEAT_SECONDS = int(os.environ.get("PIPELINE_HEARTBEAT_SECONDS", 30))
+GRACE_SECONDS = int(os.environ.get("PIPELINE_GRACE_SECONDS", 90))
+MAX_RETRIES = 2  # ...and retried up to this many times
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+FINGERPRINT_WAIT_SECONDS = 30.0
+
+
+def quiet_optuna() -> None:
+    """Our own progress output replaces Optuna's log lines. Heartbeats and the stale-trial retry are marked
+    experimental; they are the documented way to recover from killed workers, and Optuna's version is pinned."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage
+
+
+@dataclass(frozen=True)
+class Storage:
+    url: str  # as the user (or the default) named it; workers are handed the same
+    backend: optuna.storages.BaseStorage
+
+
+def storage_url(override: str | None = None, study: str | None = None, workers: int = 1) -> str:
+    """STORAGE when given. Otherwise the default store `study` (a study file name) already lives in:
+    studies/optuna.db (SQLite, one worker) or studies/optuna.journal (where several local workers work);
+    a new study goes to the journal when it starts with several workers."""
+    chosen = override or os.environ.get("STORAGE")
+    if chosen:
+        return chosen
+    if study is None or _holds(paths.DEFAULT_STORAGE, study):
+        return paths.DEFAULT_STORAGE
+    if workers > 1 or _holds(str(paths.DEFAULT_JOURNAL), study):
+        return str(paths.DEFAULT_JOURNAL)
+    return paths.DEFAULT_STORAGE
+
+
+def open_storage(override: str | None = None, study: str | None = None, workers: int = 1) -> Storage:
+    """The storage `storage_url` chooses, opened."""
+    url = storage_url(override, study, workers)
+    return Storage(url, make_storage(url))
+
+
+def _holds(url: str, name: str) -> bool:
+    """Does the store at `url` (a default file, which may not exist yet) hold any version of study `name`?"""
+    if not Path(url.removeprefix("sqlite:///")).is_file():
+        return False
+    return bool(versions(make_storage(url), name))
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///..., postgresql://...) with heartbeats, or a `.journal` file for local workers."""
+    quiet_optuna()
+    if url.endswith(".journal"):  # Optuna's journal file: safe for several processes on one host
+        path = Path(url.removeprefix("journal://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return open_store(lambda: optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+        ))
+    except Exception as exc:  # bad URL, unreachable server, locked or unwritable file
+        raise BadInput(f"Optuna storage {url!r} cannot be opened: {str(exc).splitlines()[0]}; "
+                       "check STORAGE (default: sqlite:///studies/optuna.db, or a path ending in .journal)") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The trial record
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as stored: Optuna's fields first, then ours (user attributes; absent in older trials)."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    values: list[float] | None
+    sampled: dict[str, Any]  # Optuna's params: the searched values only
+    seconds: float  # how long it ran (0 while running)
+    completed_at: datetime | None
+    # ---- ours, written by `note` -------------------------------------------------------------------
+    seed: int | None = None
+    params: dict[str, Any] | None = None  # the full params it trained with: fixed and searched
+    owner: dict[str, Any] | None = None  # {"host", "pid"} of the process running it, for the stale sweep
+    split_hash: str | None = None  # the validation split it was judged on
+    dataset_digest: str | None = None  # the pictures themselves
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: HISTORY_KEYS
+    best_epoch: int | None = None
+    precision: str | None = None
+    threads: int | None = None  # float sums depend on it: a replay uses the same
+    device: str | None = None
+    parameter_count: int | None = None
+    flops_per_image: int | None = None
+    stop_reason: str | None = None
+    fail_reason: str | None = None  # pruned, diverged, oom, interrupted, stale, surplus, disk_full, <exception>
+    fail_detail: str | None = None
+    traceback: str | None = None
+    baseline: bool = False  # queued from the study file's [[baseline]]
+    retry_of: int | None = None  # queued again after this trial failed (interrupted, stale)
+    retries: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("COMPLETE", "PRUNED")
+
+
+OPTUNA_FIELDS = ("number", "state", "values", "sampled", "seconds", "completed_at")
+RECORDED = tuple(f.name for f in dataclasses.fields(TrialRecord) if f.name not in OPTUNA_FIELDS)
+
+
+def record_of(trial: optuna.trial.FrozenTrial) -> TrialRecord:
+    ours = {k: v for k, v in trial.user_attrs.items() if k in RECORDED}
+    return TrialRecord(number=trial.number, state=trial.state.name, values=trial.values, sampled=dict(trial.params),
+                       seconds=trial.duration.total_seconds() if trial.duration else 0.0,
+                       completed_at=trial.datetime_complete, **ours)
+
+
+def note(trial: optuna.Trial, **fields: Any) -> None:
+    """Record fields of the running trial's TrialRecord (by their names there: `note(trial, seed=3)`)."""
+    for key, value in fields.items():
+        if key not in RECORDED:
+            raise KeyError(f"{key!r} is not a TrialRecord field")
+        trial.set_user_attr(key, value)
+
+
+def queue_trial(study: optuna.Study, params: dict[str, Any], **fields: Any) -> None:
+    """Queue parameters for the next free worker, with record fields (`baseline`, `retry_of`, `retries`)."""
+    unknown = set(fields) - set(RECORDED)
+    if unknown:
+        raise KeyError(f"{sorted(unknown)} are not TrialRecord fields")
+    study.enqueue_trial(params, user_attrs=fields)
+
+
+def records(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
+    return [record_of(t) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+def record(study: optuna.Study, number: int) -> TrialRecord | None:
+    return next((r for r in records(study) if r.number == number), None)
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def running_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def taken_count(study: optuna.Study) -> int:
+    """Finished or running trials: the part of the budget already handed out."""
+    return len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING)))
+
+
+def leading_best(study: optuna.Study) -> TrialRecord | None:
+    """The complete trial best on the study's first objective (the first completed on ties): the champion.
+
+    For one objective this is Optuna's best trial; for several it picks one point of the Pareto front.
+    """
+    complete = records(study, (TrialState.COMPLETE,))
+    if not complete:
+        return None
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    # On ties the first to complete wins: with several workers that need not be the lowest number.
+    return min(complete, key=lambda r: (sign * r.values[0], r.completed_at, r.number))
+
+
+def beats_best(study: optuna.Study, value: float) -> bool:
+    """Would a trial with this (first) objective value become the study's best? Ties keep the earlier one."""
+    best = leading_best(study)
+    if best is None:
+        return True
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    return value > best.values[0] if maximize else value < best.values[0]
+
+
+def best_values(study: optuna.Study) -> list[float] | None:
+    """The values of Optuna's best trial (the first of the Pareto front for several objectives), if any."""
+    try:
+        best = study.best_trials
+    except ValueError:
+        return None
+    return best[0].values if best else None
+
+
+def best_records(study: optuna.Study) -> list[TrialRecord]:
+    try:
+        return [record_of(t) for t in study.best_trials]
+    except ValueError:
+        return []
+
+
+# --------------------------------------------------------------------------------------------------
+# Optuna's private API, each use wrapped once (tests/test_store.py pins them to the Optuna version)
+
+
+def fail_trial(study: optuna.Study, number: int, reason: str) -> bool:
+    """Fail another process's RUNNING trial with `reason`; False when someone else finished or failed it first.
+
+    Optuna has no public way to change a trial that this process is not running.
+    """
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    try:
+        study._storage.set_trial_user_attr(frozen._trial_id, "fail_reason", reason)
+        study._storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        return False
+    return True
+
+
+def requeue_if_queued(trial: optuna.Trial) -> None:
+    """A running trial that came from the queue (a baseline, a retry) given back to the queue.
+
+    The parameters a queued trial was given are kept in the storage's copy of it; Optuna has no public
+    way to read them from a running trial.
+    """
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    if frozen.params or "fixed_params" in frozen.system_attrs:
+        trial.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            user_attrs=frozen.user_attrs, system_attrs=frozen.system_attrs))
+
+
+def requeue(study: optuna.Study, failed: TrialRecord, **fields: Any) -> None:
+    """A failed (interrupted, stale) trial's parameters queued again, so the next free worker runs them first."""
+    queue_trial(study, failed.sampled, retry_of=failed.number, **fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# Study versions and opening
+
+
+def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    if spec.sampler == "tpe":  # Optuna 5: multivariate + constant liar by default
+        return optuna.samplers.TPESampler(seed=seed)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if spec.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if spec.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs, reduction_factor=3)
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def versions(storage: optuna.storages.BaseStorage, name: str) -> list[int]:
+    found = []
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name == name:
+            found.append(1)
+        elif summary.study_name.startswith(f"{name}-v") and summary.study_name[len(name) + 2:].isdigit():
+            found.append(int(summary.study_name[len(name) + 2:]))
+    return sorted(found)
+
+
+def study_name(name: str, version: int) -> str:
+    return name if version == 1 else f"{name}-v{version}"
+
+
+def find_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
+    """The study file's current (latest) version; StudyError when it was never run."""
+    found = versions(storage, spec.name)
+    if not found:
+        raise StudyError(f"study {spec.name!r} has not been run yet; run `make search STUDY={spec.name}` first")
+    return optuna.load_study(study_name=study_name(spec.name, found[-1]), storage=storage)
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    """Study `name` (any version, e.g. cnn-v2); StudyError when the storage does not hold it."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise StudyError(f"study {name!r} is not in the Optuna storage; check STORAGE") from None
+
+
+def definition(study: optuna.Study) -> dict[str, Any]:
+    """The search definition the study was started with (dataset, val_size, limits, space...)."""
+    return study.user_attrs.get("definition", {})
+
+
+def parent_run_id(study: optuna.Study) -> str | None:
+    """The study's MLflow parent run, as recorded by the first process that tracked it (read from the storage)."""
+    return study.user_attrs.get(PARENT_RUN_ATTR)
+
+
+def record_parent_run_id(study: optuna.Study, run_id: str) -> None:
+    study.set_user_attr(PARENT_RUN_ATTR, run_id)
+
+
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: bool = False,
+               log: Callable[[str], None] = print, on_create: Callable[[optuna.Study], None] = lambda study: None,
+               sampler_seed: Callable[[int], int] = lambda finished: finished) -> optuna.Study:
+    """Create or resume the study's current version; FRESH starts the next version.
+
+    Safe when several processes start at once: creating a study is atomic in the storage, the loser
+    resumes it, and the creator sets the `fingerprint` attribute last, after queueing the baselines
+    and running `on_create` (which opens the MLflow parent run), so whoever sees the fingerprint sees
+    a fully set-up study. `sampler_seed(finished trials)` seeds a resumed study's sampler, so it does
+    not replay its opening suggestions (and parallel workers can be told apart).
+    """
+    found = versions(storage, spec.name)
+    version = (found[-1] + 1 if fresh else found[-1]) if found else 1
+    name = study_name(spec.name, version)
+    if not found or fresh:
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions,
+                                        sampler=make_sampler(spec, sampler_seed(0)), pruner=make_pruner(spec))
+        except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago: join it
+            pass
+        else:
+            study.set_user_attr("definition", spec.search_definition())
+            study.set_user_attr("study_file", spec.name)
+            study.set_user_attr("version", version)
+            log(f"new study {name!r}" + (f" (FRESH=1: earlier versions kept: {found})" if fresh else ""))
+            _enqueue_new_baselines(spec, study, log)
+            on_create(study)
+            study.set_user_attr("fingerprint", spec.fingerprint())  # last: the study is ready
+            return study
+    study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
+    _check_fingerprint(spec, study, version, log)
+    done = finished_count(study)
+    study.sampler = make_sampler(spec, sampler_seed(done))
+    log(f"resuming study {name!r}: {done} of {spec.trials} trials finished")
+    _enqueue_new_baselines(spec, study, log)
+    return study
+
+
+def _check_fingerprint(spec: StudySpec, study: optuna.Study, version: int, log: Callable[[str], None]) -> None:
+    """The study file must still define the search the study started with."""
+    recorded = _wait_for_fingerprint(study)
+    if recorded is None:  # its creator stopped before finishing the set-up: finish it
+        log(f"study {study.study_name!r} was left half set up by a process that stopped; completing its set-up")
+        study.set_user_attr("definition", spec.search_definition())
+        study.set_user_attr("fingerprint", recorded := spec.fingerprint())
+    if recorded != spec.fingerprint():
+        what = _changes(definition(study), spec.search_definition())
+        raise StudyError(
+            f"studies/{spec.name}.toml changed since study {study.study_name!r} started ({what}); "
+            f"run again with FRESH=1 to start {study_name(spec.name, version + 1)!r} (the old study is kept), "
+            "or undo the change to resume"
+        )
+
+
+def _wait_for_fingerprint(study: optuna.Study, seconds: float = FINGERPRINT_WAIT_SECONDS) -> str | None:
+    """A study another process is still setting up has no fingerprint yet; give it a moment."""
+    deadline = time.monotonic() + seconds
+    while study.user_attrs.get("fingerprint") is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return study.user_attrs.get("fingerprint")
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+                keys = sorted(set(old[key]) | set(new[key]))
+                changed.extend(f"{key}.{k}" for k in keys if old[key].get(k) != new[key].get(k))
+            else:
+                changed.append(key)
+    return ", ".join(changed) or "the search definition"
+
+
+def _enqueue_new_baselines(spec: StudySpec, study: optuna.Study, log: Callable[[str], None]) -> None:
+    """Enqueue each baseline once per study, even when the file gains baselines between runs."""
+    enqueued = list(study.user_attrs.get("enqueued_baselines", []))
+    for baseline in spec.baseline:
+        key = json.dumps(baseline, sort_keys=True)
+        if key not in enqueued:
+            queue_trial(study, studies.enqueue_form(spec, baseline), baseline=True)
+            enqueued.append(key)
+            log(f"baseline trial queued: {key}")
+    study.set_user_attr("enqueued_baselines", enqueued)
+
+
+def baseline_params(spec: StudySpec) -> dict[str, Any]:
+    """The full params dict of the study's first baseline trial (for `make train STUDY=...`)."""
+    if not spec.baseline:
+        raise StudyError(f"studies/{spec.name}.toml has no [[baseline]] trial to train")
+    return studies.suggest(spec, optuna.trial.FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """One study file's standing, for `make studies`."""
+
+    name: str  # its current version's name (the file's name when not started)
+    file: str
+    done: int
+    trials: int
+    best: list[float] | None
+    state: str  # not started, running, done, resumable
+
+
+def study_states(studies_dir: Path, storage_override: str | None = None) -> list[StudyState]:
+    states = []
+    for name in studies.available(studies_dir):
+        spec = studies.load(name, studies_dir)
+        try:
+            study = find_study(spec, open_storage(storage_override, name).backend)
+        except StudyError:
+            states.append(StudyState(name, f"{name}.toml", 0, spec.trials, None, "not started"))
+            continue
+        done = finished_count(study)
+        state = "running" if running_count(study) else ("done" if done >= spec.trials else "resumable")
+        states.append(StudyState(study.study_name, f"{name}.toml", done, spec.trials, best_values(study), state))
+    return states
