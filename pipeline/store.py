@@ -252,8 +252,9 @@ def fail_trial(study: optuna.Study, number: int, reason: str) -> bool:
 def requeue_if_queued(trial: optuna.Trial) -> None:
     """A running trial that came from the queue (a baseline, a retry) given back to the queue.
 
-    The parameters a queued trial was given are kept in the storage's copy of it; Optuna has no public
-    way to read them from a running trial.
+    Call it before the trial suggests anything: until then only a queued trial has params. The parameters
+    a queued trial was given are kept in the storage's copy of it; Optuna has no public way to read them
+    from a running trial.
     """
     frozen = trial.study._storage.get_trial(trial._trial_id)
     if frozen.params or "fixed_params" in frozen.system_attrs:

@@ -1,0 +1,154 @@
+"""The search loop's events, recorded by a listener and checked against what Optuna stored (no console text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import events, replay, search, session, store, studies
+
+STUDY = """
+description = "events test"
+dataset = "tiny"
+model = "cnn"
+trials = {trials}
+timeout_minutes = 10
+seed = 7
+sampler = "random"
+pruner = "none"
+epochs = {epochs}
+val_size = 100
+
+[fixed]
+cnn_channels = [8, 16]
+pool = "every"
+head = "flatten"
+head_units = 0
+batch_size = 25
+augment = 0.0
+schedule = "none"
+
+[space]
+lr = {{ type = "float", low = 1e-6, high = 1e-2, log = true }}
+
+# A good trial first, then one that barely moves its weights: it cannot beat the first,
+# so the "no new best" case is always exercised.
+[[baseline]]
+lr = 3e-3
+
+[[baseline]]
+lr = 1e-6
+"""
+
+
+class RecordingListener(events.Listener):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def trial_started(self, trial: events.TrialStarted) -> None:
+        self.events.append(("trial_started", trial.number))
+
+    def epoch_ended(self, number, metrics) -> None:
+        self.events.append(("epoch_ended", number, metrics.epoch))
+
+    def new_best(self, number, value, model) -> None:
+        self.events.append(("new_best", number, value))
+
+    def trial_ended(self, trial: events.TrialEnded) -> None:
+        self.events.append(("trial_ended", trial.number, trial.state, trial.values, trial.fail_reason))
+
+    def warning(self, message: str) -> None:
+        self.events.append(("warning", message))
+
+
+def setup(tmp_path: Path, root: Path, trials: int = 3, epochs: int = 2):
+    """(spec, study, prepared) for a tiny study in tmp_path."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(STUDY.format(trials=trials, epochs=epochs))
+    spec = studies.load(path)
+    study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/optuna.db"), log=lambda m: None)
+    return spec, study, replay.study_data(spec, root, "cpu")
+
+
+def test_each_trial_is_told_in_order_and_new_best_only_when_it_improves(tiny_dataset, tmp_path):
+    spec, study, prepared = setup(tmp_path, tiny_dataset[1])
+    listener = RecordingListener()
+    outcome = search.run(spec, study, prepared, listener, threads=1)
+    assert outcome.ran == 3 and outcome.stop_reason == "budget"
+
+    recorded = {r.number: r for r in store.records(study)}
+    assert sorted(recorded) == [0, 1, 2] and all(r.state == "COMPLETE" for r in recorded.values())
+    # Each trial's events are contiguous: started, its epochs in order, [new best], ended.
+    expected_best, best_so_far = set(), None
+    expected: list[tuple] = []
+    for number in sorted(recorded):
+        r = recorded[number]
+        expected.append(("trial_started", number))
+        expected.extend(("epoch_ended", number, epoch) for epoch in range(1, spec.epochs + 1))
+        if best_so_far is None or r.values[0] > best_so_far:  # maximize; a tie keeps the earlier trial
+            best_so_far = r.values[0]
+            expected_best.add(number)
+            expected.append(("new_best", number, r.values[0]))
+        expected.append(("trial_ended", number, r.state, r.values, r.fail_reason))
+    assert listener.events == expected
+    assert 0 in expected_best and 1 not in expected_best  # by design of the baselines: both cases occur
+    assert [h["epoch"] for h in recorded[0].history] == list(range(1, spec.epochs + 1))
+
+
+def test_a_listener_failing_at_trial_start_fails_only_that_trial(tiny_dataset, tmp_path):
+    spec, study, prepared = setup(tmp_path, tiny_dataset[1], trials=2, epochs=1)
+
+    class FailsFirstStart(RecordingListener):
+        def trial_started(self, trial):
+            super().trial_started(trial)
+            if trial.number == 0:
+                raise RuntimeError("the MLflow run could not be opened")
+
+    listener = FailsFirstStart()
+    outcome = search.run(spec, study, prepared, listener, threads=1)
+    assert outcome.ran == 3  # the failed trial, then the two the budget asks for
+    failed, *rest = store.records(study)
+    assert failed.number == 0 and failed.state == "FAIL" and failed.fail_reason == "RuntimeError"
+    assert "the MLflow run could not be opened" in failed.fail_detail
+    assert "Traceback" in failed.traceback and "RuntimeError" in failed.traceback
+    assert [(r.number, r.state) for r in rest] == [(1, "COMPLETE"), (2, "COMPLETE")]
+    assert ("epoch_ended", 0, 1) not in listener.events  # it never trained
+    assert ("trial_ended", 0, "FAIL", None, "RuntimeError") in listener.events
+
+
+def test_a_listener_failing_at_trial_end_only_warns(tiny_dataset, tmp_path):
+    spec, study, prepared = setup(tmp_path, tiny_dataset[1], trials=1, epochs=1)
+
+    class FailsAtEnd(RecordingListener):
+        def trial_ended(self, trial):
+            super().trial_ended(trial)
+            raise ConnectionError("MLflow is out of reach\nsecond line")
+
+    listener = FailsAtEnd()
+    outcome = search.run(spec, study, prepared, listener, threads=1)
+    assert outcome.ran == 1 and outcome.stop_reason == "budget"
+    (only,) = store.records(study, store.FINISHED)  # the second baseline is still queued
+    assert only.state == "COMPLETE" and only.fail_reason is None
+    warnings = [e[1] for e in listener.events if e[0] == "warning"]
+    assert len(warnings) == 1
+    assert "trial 0" in warnings[0] and "ConnectionError: MLflow is out of reach" in warnings[0]
+    assert "second line" not in warnings[0]
+    assert listener.events[-2:] == [("trial_ended", 0, "COMPLETE", only.values, None), ("warning", warnings[0])]
+
+
+def test_tracking_off_gives_a_listener_that_does_nothing(tmp_path):
+    tracking = session.Tracking.off()
+    listener = tracking.listener
+    assert type(listener) is events.Listener  # the base class: every event is a no-op
+    ended = events.TrialEnded(0, "COMPLETE", [0.5])
+    for call in (lambda: listener.trial_started(None), lambda: listener.batch_done(1, 2),
+                 lambda: listener.epoch_ended(0, None), lambda: listener.new_best(0, 0.5, None),
+                 lambda: listener.trial_ended(ended), lambda: listener.interrupted("x"), listener.waiting,
+                 lambda: listener.warning("x")):
+        assert call() is None
+    spec = studies.load("smoke")
+    study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/o.db"), log=lambda m: None)
+    tracking.start(spec, study)
+    assert tracking.run is None and store.parent_run_id(study) is None  # nothing reached MLflow
+    assert tracking.finish(spec, study, "FINISHED", warn=pytest.fail) == []

@@ -1,0 +1,181 @@
+"""store.py: the wrappers around Optuna's private API (pinned to the Optuna version), the TrialRecord as
+stored, the champion's tie rule and which storage a command uses."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipeline import paths, store
+
+# Asking trials by hand on a storage with heartbeats makes Optuna say heartbeats belong to optimize().
+pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+
+
+def test_optuna_version_is_the_one_the_private_calls_were_checked_against():
+    assert optuna.__version__.startswith("5.0."), (
+        f"Optuna is {optuna.__version__}: the private calls below were checked against Optuna 5.0; re-check "
+        "store.fail_trial and store.requeue_if_queued (and their tests here), then update this pin")
+
+
+@pytest.fixture(params=["sqlite", "journal"])
+def url(request, tmp_path) -> str:
+    return f"sqlite:///{tmp_path}/o.db" if request.param == "sqlite" else str(tmp_path / "o.journal")
+
+
+def new_study(url: str, direction: str = "maximize") -> optuna.Study:
+    return optuna.create_study(study_name="s", storage=store.make_storage(url), direction=direction)
+
+
+# --------------------------------------------------------------------------------------------------
+# fail_trial: another process's RUNNING trial
+
+
+def test_fail_trial_fails_another_processes_running_trial_once(url):
+    owner = new_study(url)
+    running = owner.ask()
+    sweeper = optuna.load_study(study_name="s", storage=store.make_storage(url))  # as another process sees it
+    assert store.fail_trial(sweeper, running.number, "stale") is True
+    (frozen,) = owner.get_trials()
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs["fail_reason"] == "stale"
+    assert store.record(owner, running.number).fail_reason == "stale"
+
+    assert store.fail_trial(sweeper, running.number, "interrupted") is False  # already finished
+    assert owner.get_trials()[0].user_attrs["fail_reason"] == "stale"  # the first reason stands
+
+
+def test_fail_trial_leaves_a_completed_trial_alone(url):
+    study = new_study(url)
+    done = study.ask()
+    study.tell(done, 0.5)
+    assert store.fail_trial(study, done.number, "stale") is False
+    (frozen,) = study.get_trials()
+    assert frozen.state == TrialState.COMPLETE and frozen.values == [0.5] and "fail_reason" not in frozen.user_attrs
+
+
+# --------------------------------------------------------------------------------------------------
+# requeue_if_queued: called on a new trial before it suggests anything (search._surplus)
+
+
+def test_a_trial_from_the_queue_is_queued_again_with_its_params(url):
+    study = new_study(url)
+    study.enqueue_trial({"lr": 0.01, "dropout": 0.2}, user_attrs={"retry_of": 4})
+    taken = study.ask()
+    assert not study.get_trials(states=(TrialState.WAITING,))  # taken off the queue
+    store.requeue_if_queued(taken)
+    (waiting,) = study.get_trials(states=(TrialState.WAITING,))
+    assert waiting.number != taken.number and waiting.user_attrs["retry_of"] == 4
+    again = study.ask()  # the next worker gets the same parameters
+    assert again.number == waiting.number
+    assert again.suggest_float("lr", 1e-4, 1e-1, log=True) == 0.01
+    assert again.suggest_float("dropout", 0.0, 0.5) == 0.2
+
+
+def test_a_trial_not_from_the_queue_is_not_queued(url):
+    study = new_study(url)
+    fresh = study.ask()
+    store.requeue_if_queued(fresh)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
+# --------------------------------------------------------------------------------------------------
+# The TrialRecord as stored
+
+
+def test_note_then_record_of_round_trips(tmp_path):
+    study = new_study(f"sqlite:///{tmp_path}/o.db")
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    params = {"model": "cnn", "lr": trial.params["lr"], "cnn_channels": [8, 16]}
+    history = [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.75}]
+    store.note(trial, seed=3, params=params, history=history, baseline=True, retries=1)
+    study.tell(trial, 0.75)
+    record = store.record_of(study.get_trials()[0])
+    assert (record.seed, record.params, record.history, record.baseline, record.retries) == (3, params, history,
+                                                                                             True, 1)
+    assert record.number == 0 and record.state == "COMPLETE" and record.values == [0.75]
+    assert record.sampled == {"lr": params["lr"]} and record.finished and record.completed_at is not None
+
+
+def test_note_refuses_a_name_that_is_not_a_record_field(tmp_path):
+    study = new_study(f"sqlite:///{tmp_path}/o.db")
+    trial = study.ask()
+    with pytest.raises(KeyError, match="nonsense"):
+        store.note(trial, nonsense=1)
+    with pytest.raises(KeyError, match="nonsense"):
+        store.queue_trial(study, {"lr": 0.01}, nonsense=1)
+    assert study.get_trials()[0].user_attrs == {}
+
+
+OLD_ATTRS = {  # user attributes as the previous version wrote them, before TrialRecord existed
+    "seed": 1234, "params": {"model": "mlp", "lr": 0.01}, "history": [{"epoch": 1, "val_accuracy": 0.9}],
+    "fail_reason": "oom", "owner": {"host": "box", "pid": 42}, "threads": 2, "split_hash": "abc123",
+    "dataset_digest": "d1g3st",
+}
+
+
+def test_a_trial_stored_by_the_previous_version_reads_into_the_same_fields(tmp_path):
+    study = new_study(f"sqlite:///{tmp_path}/o.db")
+    trial = study.ask()
+    for key, value in OLD_ATTRS.items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("mlflow_note", "an attribute the record does not know")  # ignored, not an error
+    study.tell(trial, state=TrialState.PRUNED)
+    record = store.record_of(study.get_trials()[0])
+    assert {key: getattr(record, key) for key in OLD_ATTRS} == OLD_ATTRS
+    assert record.state == "PRUNED" and record.values is None
+
+
+def test_missing_attributes_give_the_record_defaults(tmp_path):
+    study = new_study(f"sqlite:///{tmp_path}/o.db")
+    study.ask()
+    record = store.record_of(study.get_trials()[0])
+    assert record.state == "RUNNING" and not record.finished and record.seconds == 0.0
+    assert record.seed is None and record.params is None and record.owner is None and record.history == []
+    assert record.fail_reason is None and record.baseline is False and record.retries == 0
+    assert record.retry_of is None and record.threads is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The champion: best first objective, the first to complete on ties
+
+
+def test_leading_best_on_ties_is_the_first_completed_not_the_lowest_number(tmp_path):
+    study = new_study(f"sqlite:///{tmp_path}/o.db")
+    assert store.leading_best(study) is None and store.beats_best(study, 0.0)
+    early, late = study.ask(), study.ask()  # numbers 0 and 1; 1 finishes first
+    study.tell(late, 0.8)
+    time.sleep(0.01)
+    study.tell(early, 0.8)
+    assert store.leading_best(study).number == late.number
+    assert not store.beats_best(study, 0.8) and store.beats_best(study, 0.81)
+    better = study.ask()
+    study.tell(better, 0.9)
+    failed = study.ask()
+    study.tell(failed, state=TrialState.FAIL)
+    assert store.leading_best(study).number == better.number
+
+
+def test_leading_best_follows_the_direction(tmp_path):
+    study = new_study(f"sqlite:///{tmp_path}/o.db", direction="minimize")
+    for value in (0.5, 0.2, 0.2, 0.7):
+        trial = study.ask()
+        study.tell(trial, value)
+        time.sleep(0.01)
+    assert store.leading_best(study).number == 1
+    assert store.beats_best(study, 0.1) and not store.beats_best(study, 0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Which storage (the default stores' choice between SQLite and the journal: tests/test_workers.py)
+
+
+def test_storage_url_override_then_storage_variable_then_default(monkeypatch):
+    monkeypatch.delenv("STORAGE", raising=False)
+    assert store.storage_url() == paths.DEFAULT_STORAGE
+    monkeypatch.setenv("STORAGE", "sqlite:////elsewhere/optuna.db")
+    assert store.storage_url(None, "cnn", workers=4) == "sqlite:////elsewhere/optuna.db"  # not the journal
+    assert store.storage_url("postgresql://db/optuna", "cnn") == "postgresql://db/optuna"

@@ -1,0 +1,168 @@
+"""Console output, drawn from plain values into a rich Console that writes to a string."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+
+import pytest
+from rich.console import Console
+
+from pipeline import store, studies, views
+from pipeline.events import TrialEnded, TrialStarted
+from pipeline.session import SearchOutcome
+from pipeline.train import EpochMetrics
+
+STUDY = """
+dataset = "mnist"
+model = "cnn"
+trials = 4
+pruner = "none"
+epochs = 3
+
+[space]
+lr = { type = "float", low = 1e-4, high = 1e-1, log = true }
+dropout = { type = "float", low = 0.0, high = 0.5 }
+"""
+
+
+@pytest.fixture
+def spec(tmp_path) -> studies.StudySpec:
+    path = tmp_path / "views.toml"
+    path.write_text(STUDY)
+    return studies.load(path)
+
+
+@pytest.fixture
+def out(monkeypatch) -> io.StringIO:
+    """What views print to the console (not a terminal: no colours, no live bars)."""
+    text = io.StringIO()
+    monkeypatch.setattr(views, "console", Console(file=text, force_terminal=False, width=200, highlight=False,
+                                                  soft_wrap=True))
+    return text
+
+
+def metrics(epoch: int, val_accuracy: float = 0.8125, val_loss: float = 0.5) -> EpochMetrics:
+    return EpochMetrics(epoch=epoch, train_loss=0.7, train_accuracy=0.75, val_loss=val_loss,
+                        val_accuracy=val_accuracy, lr=1e-3, epoch_seconds=1.5, images_per_second=1000.0)
+
+
+def started(number: int) -> TrialStarted:
+    return TrialStarted(number, {"model": "cnn", "lr": 1e-3}, seed=11, parameter_count=1234, data=None)
+
+
+def record(number: int, value: float, sampled: dict) -> store.TrialRecord:
+    return store.TrialRecord(number=number, state="COMPLETE", values=[value], sampled=sampled, seconds=12.0,
+                             completed_at=datetime(2025, 1, 1), params={"model": "cnn", **sampled})
+
+
+# --------------------------------------------------------------------------------------------------
+# One line per finished trial
+
+
+def test_trial_line_complete_shows_value_duration_and_sampled_params():
+    line = views.trial_line(TrialEnded(3, "COMPLETE", [0.91234], 12.34, {"lr": 0.00123456, "layers": 2}))
+    assert line == "trial   3 COMPLETE 0.9123" + " " * 7 + "12.3 s  lr=0.00123, layers=2"
+
+
+def test_trial_line_pruned_shows_the_reason():
+    line = views.trial_line(TrialEnded(4, "PRUNED", None, 2.0, {"lr": 0.5}, fail_reason="diverged",
+                                       fail_detail="loss became nan at epoch 1, step 3"))
+    assert line.startswith("trial   4 PRUNED   diverged") and "lr=0.5" in line
+    assert "loss became" not in line  # the detail is for failures
+
+
+def test_trial_line_fail_shows_reason_and_the_first_line_of_the_detail_cut_at_120():
+    detail = "x" * 150 + "\nsecond line of the message"
+    line = views.trial_line(TrialEnded(5, "FAIL", None, 1.0, {}, fail_reason="RuntimeError", fail_detail=detail,
+                                       traceback="Traceback (most recent call last): ..."))
+    assert line.startswith("trial   5 FAIL     RuntimeError: " + "x" * 120 + " ")
+    assert "x" * 121 not in line and "second line" not in line and "Traceback" not in line
+
+
+# --------------------------------------------------------------------------------------------------
+# make search: the bars and the plain lines
+
+
+def test_the_epoch_bar_shows_a_new_trial_as_soon_as_it_starts(spec, out):
+    view = views.SearchView()
+    view.live = True  # bars, as on a terminal
+    with view.running(spec, status=lambda: (0, None)):
+        view.trial_started(started(0))
+        view.batch_done(5, 10)
+        view.epoch_ended(0, metrics(1))
+        epoch_task = view.bars.tasks[view.epoch_task]
+        assert epoch_task.description == "trial 0 epoch 2"
+        view.batch_done(7, 10)
+        view.trial_ended(TrialEnded(0, "COMPLETE", [0.8125], 3.0, {"lr": 1e-3}))
+        view.trial_started(started(1))  # before its first epoch ends
+        epoch_task = view.bars.tasks[view.epoch_task]
+        assert epoch_task.description == "trial 1 epoch 1"  # not "trial 0 epoch 2"
+        assert epoch_task.completed == 0  # not trial 0's 7 batches
+        assert view.bars.tasks[view.trials_task].description == "trial 1 | best -"
+    assert view.bars is None
+
+
+def test_off_a_terminal_each_epoch_and_each_trial_is_one_plain_line(spec, out):
+    view = views.SearchView()
+    assert not view.live
+    with view.running(spec, status=lambda: (1, [0.8125])):
+        view.trial_started(started(7))
+        view.batch_done(3, 10)  # no bars off a terminal
+        view.epoch_ended(7, metrics(1, val_accuracy=0.75, val_loss=0.625))
+        view.epoch_ended(7, metrics(2))
+        view.trial_ended(TrialEnded(7, "COMPLETE", [0.8125], 3.0, {"lr": 1e-3}))
+    assert out.getvalue().splitlines() == [
+        "  trial 7 epoch 1: val_accuracy 0.7500 val_loss 0.6250 (1.5 s)",
+        "  trial 7 epoch 2: val_accuracy 0.8125 val_loss 0.5000 (1.5 s)",
+        "trial   7 COMPLETE 0.8125" + " " * 8 + "3.0 s  lr=0.001",
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The end of a search
+
+
+def outcome(**changes) -> SearchOutcome:
+    top = [record(2, 0.95, {"lr": 0.002, "dropout": 0.1}), record(0, 0.9, {"lr": 0.01, "dropout": 0.3}),
+           record(3, 0.85, {"lr": 0.0005, "dropout": 0.25})]
+    fields = dict(study_name="views-v2", ran=4, stop_reason="budget", seconds=90.0, finished=4, best=top[0],
+                  top=top, resume_command="make search STUDY=views")
+    return SearchOutcome(**{**fields, **changes})
+
+
+def test_summary_lists_the_top_trials_in_order_and_the_best_one(spec, out):
+    views.summary(spec, outcome())
+    text = out.getvalue()
+    assert "4 trials run in 1.5 min; 4/4 finished (budget reached)" in text
+    assert "top trials of views-v2 (val_accuracy)" in text
+    header = [cell.strip() for cell in next(line for line in text.splitlines() if "┃" in line).split("┃")[1:-1]]
+    assert header == ["trial", "value", "time", "parameters"]
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if "│" in line]
+    assert rows == [["2", "0.9500", "12 s", "lr=0.002, dropout=0.1"],
+                        ["0", "0.9000", "12 s", "lr=0.01, dropout=0.3"],
+                        ["3", "0.8500", "12 s", "lr=0.0005, dropout=0.25"]]
+    assert "best trial 2: 0.9500 with {'model': 'cnn', 'lr': 0.002, 'dropout': 0.1}" in text
+
+
+def test_summary_of_a_timed_out_search_without_complete_trials(spec, out):
+    views.summary(spec, outcome(stop_reason="timeout", finished=0, best=None, top=[]))
+    text = out.getvalue()
+    assert "(time budget spent)" in text and "top trials" not in text and "best trial" not in text
+
+
+def test_search_result_gives_the_replay_command_of_the_best_trial(spec, out):
+    views.search_result(spec, outcome(messages=["MLflow: see the runs"]))
+    text = " ".join(out.getvalue().split())
+    assert text.startswith("MLflow: see the runs")
+    assert "`make search STUDY=views` continues the study" in text
+    assert "`make replay STUDY=views TRIAL=2` re-checks the best trial" in text
+
+
+def test_search_result_without_a_best_trial_points_to_make_studies(spec, out):
+    views.search_result(spec, outcome(best=None, top=[]))
+    assert "`make studies`" in out.getvalue() and "make replay" not in out.getvalue()
+    out.seek(0)
+    out.truncate()
+    views.search_result(spec, outcome(stop_reason="interrupted"))  # the interrupt message said what to do
+    assert out.getvalue() == ""
