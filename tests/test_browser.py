@@ -11,14 +11,12 @@ import shutil
 import time
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import require_real_dataset
-from optuna.trial import TrialState
-from test_tracking import env, run_cli, write_study  # noqa: F401  (env is a fixture)
+from conftest import StudyEnv, require_real_dataset
+from test_tracking import tracked_env, write_study  # noqa: F401  (tracked_env is a fixture)
 from ui_process import free_port, start_ui, stop_ui
 
-from pipeline import datasets, studies
+from pipeline import paths
 from pipeline.cli import main
 
 pytestmark = pytest.mark.browser
@@ -52,15 +50,15 @@ def wait_for(condition, what: str, timeout: float = 60):
     raise AssertionError(f"the MLflow UI never showed {what} within {timeout:.0f} s")
 
 
-def walk_through_the_ui(stores: tuple, study: str, screenshots: Path) -> None:
+def walk_through_the_ui(env: StudyEnv, study: str, screenshots: Path) -> None:
     """Open `make ui`'s address, unfold the parent run, select its trials, Compare; assert at each step."""
     from selenium.webdriver.common.by import By
 
-    trials = [t for t in optuna.load_study(study_name=study, storage=stores[1]).trials if t.state != TrialState.WAITING]
+    trials = [t for t in env.records(study) if t.state != "WAITING"]
     names = {f"trial-{t.number:04d}" for t in trials}
     screenshots.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    process, url = start_ui(stores, study, port)
+    process, url = start_ui(env, study, port)
     browser = chromium()
     try:
         browser.get(url)
@@ -85,7 +83,7 @@ def walk_through_the_ui(stores: tuple, study: str, screenshots: Path) -> None:
         compare.click()
         body = wait_for(lambda: page_showing(f"Comparing {len(trials)} Runs", "Parameters"), "the compare view")
         for trial in trials:  # every trial's sampled learning rate, side by side
-            assert str(trial.params["lr"]) in body
+            assert str(trial.sampled["lr"]) in body
         assert "Parallel Coordinates Plot" in body
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .parcoords"),
                  "the parallel coordinates chart")
@@ -95,16 +93,17 @@ def walk_through_the_ui(stores: tuple, study: str, screenshots: Path) -> None:
         stop_ui(process, port)
 
 
-def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(env, tmp_path):  # noqa: F811
-    write_study(env[0], trials=3)
-    assert run_cli(env, "search") == 0
-    walk_through_the_ui(env, "tracked", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))
+def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(tracked_env, tmp_path):  # noqa: F811
+    write_study(tracked_env, trials=3)
+    assert tracked_env.run("search") == 0
+    walk_through_the_ui(tracked_env, "tiny", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))
 
 
 @pytest.mark.data
-def test_ui_on_the_real_smoke_study(tmp_path):
+def test_ui_on_the_real_smoke_study(tmp_path, mlflow_store):
     """The smoke study as a new user runs it (real MNIST subset), in its own stores."""
     require_real_dataset("mnist")
-    stores = (studies.STUDIES_DIR, f"sqlite:///{tmp_path}/optuna.db", datasets.DEFAULT_ROOT)
-    assert main(["search", "--study", "smoke", "--storage", stores[1]]) == 0
+    stores = StudyEnv(paths.STUDIES_DIR, f"sqlite:///{tmp_path}/optuna.db", paths.DATA_ROOT, tmp_path / "exports",
+                      mlflow_store)
+    assert main(["search", "--study", "smoke", "--storage", stores.storage]) == 0
     walk_through_the_ui(stores, "smoke", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))

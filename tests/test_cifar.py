@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 from cifar_archive import ARCHIVE, FOLDER, NAMES, PER_BATCH, TEST_IMAGES, batch_pickle
 from conftest import refusal
 
-from pipeline import cifar, data, imagecache, search
+from pipeline import cifar, data, imagecache
 from pipeline.cli import main
 
 
@@ -175,50 +174,21 @@ def test_prepare_uses_cifars_own_test_split(tiny_cifar):
     assert prepared.default_augment_policy == "natural" and len(prepared.mean) == 3
 
 
-STUDY = """
-description = "tiny CIFAR end to end"
-dataset = "cifar10"
-model = "cnn"
-trials = 1
-timeout_minutes = 10
-seed = 0
-sampler = "random"
-pruner = "none"
-epochs = 1
-val_size = 50
-
-[fixed]
-cnn_channels = [8, 16]
-pool = "every"
-head = "gap"
-head_units = 0
-batch_size = 16
-precision = "fp32"
-augment = 0.0
-
-[space]
-lr = { type = "categorical", choices = [0.01] }
-"""
-
-
-def test_search_end_to_end_on_the_tiny_archive(tiny_cifar, tmp_path, capsys):
-    studies_dir = tmp_path / "studies"
-    studies_dir.mkdir()
-    (studies_dir / "tinycifar.toml").write_text(STUDY)
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    code = main(["search", "--study", "tinycifar", "--studies-dir", str(studies_dir), "--storage", storage,
-                 "--root", str(tiny_cifar.root), "--no-tracking", "--threads", "1", "--device", "cpu"])
+def test_search_end_to_end_on_the_tiny_archive(study_env, tiny_cifar, capsys):
+    env = study_env.replace(root=tiny_cifar.root)
+    env.write_study(dataset="cifar10", trials=1, seed=0, sampler="random", pruner="none", epochs=1, val_size=50,
+                    fixed={"batch_size": 16, "precision": "fp32", "augment": 0.0},
+                    space={"lr": {"type": "categorical", "choices": [0.01]}, "dropout": None}, baseline=None)
+    code = env.run("search", "--device", "cpu")
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "cifar10 250/50 images 3x32x32" in out
-    study = optuna.load_study(study_name=optuna.get_all_study_names(search.make_storage(storage))[0],
-                              storage=search.make_storage(storage))
-    (trial,) = study.trials
+    assert "cifar10 250/50 images 3x32x32" in out  # the header: what the search trains on (no record holds it)
+    (trial,) = env.records()
     accuracy = trial.values[0]
     with capsys.disabled():
         print(f"\ntiny CIFAR-10 end to end: trial {trial.number} val_accuracy {accuracy:.4f} "
-              f"(50 validation images, 1 epoch) {json.dumps(trial.params)}")
-    assert trial.state == optuna.trial.TrialState.COMPLETE
+              f"(50 validation images, 1 epoch) {json.dumps(trial.sampled)}")
+    assert trial.state == "COMPLETE"
     assert accuracy > 0.3  # ten colours: far above chance (0.1) after one epoch
 
 

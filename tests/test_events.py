@@ -5,41 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_study import study_toml
 
 from pipeline import events, replay, search, session, store, studies
 
-STUDY = """
-description = "events test"
-dataset = "tiny"
-model = "cnn"
-trials = {trials}
-timeout_minutes = 10
-seed = 7
-sampler = "random"
-pruner = "none"
-epochs = {epochs}
-val_size = 100
-
-[fixed]
-cnn_channels = [8, 16]
-pool = "every"
-head = "flatten"
-head_units = 0
-batch_size = 25
-augment = 0.0
-schedule = "none"
-
-[space]
-lr = {{ type = "float", low = 1e-6, high = 1e-2, log = true }}
-
-# A good trial first, then one that barely moves its weights: it cannot beat the first,
-# so the "no new best" case is always exercised.
-[[baseline]]
-lr = 3e-3
-
-[[baseline]]
-lr = 1e-6
-"""
+# A good trial first, then one that barely moves its weights: it cannot beat the first, so the
+# "no new best" case is always exercised.
+EVENTS_STUDY = {
+    "sampler": "random", "pruner": "none",
+    "fixed": {"head": "flatten", "batch_size": 25, "augment": 0.0, "schedule": "none"},
+    "space": {"lr": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}, "dropout": None},
+    "baseline": [{"lr": 3e-3}, {"lr": 1e-6}],
+}
 
 
 class RecordingListener(events.Listener):
@@ -65,7 +42,7 @@ class RecordingListener(events.Listener):
 def setup(tmp_path: Path, root: Path, trials: int = 3, epochs: int = 2):
     """(spec, study, prepared) for a tiny study in tmp_path."""
     path = tmp_path / "tiny.toml"
-    path.write_text(STUDY.format(trials=trials, epochs=epochs))
+    path.write_text(study_toml(trials=trials, epochs=epochs, **EVENTS_STUDY))
     spec = studies.load(path)
     study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/optuna.db"), log=lambda m: None)
     return spec, study, replay.study_data(spec, root, "cpu")

@@ -10,109 +10,65 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import torch
-from conftest import write_tiny_dataset
+from conftest import StudyEnv, write_tiny_dataset
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import data, datasets, export, imagecache, models, plots, train, verify_export
+from pipeline import data, datasets, export, hparams, imagecache, models, plots, predict, store, verify_export
 from pipeline.cli import main
 from pipeline.images import Preprocessing, open_picture, prepare_picture
 
-STUDY = """
-description = "export test study"
-dataset = "tiny"
-model = "cnn"
-trials = {trials}
-timeout_minutes = 10
-seed = 5
-sampler = "random"
-pruner = "none"
-epochs = 3
-val_size = 100
-
-[fixed]
-cnn_channels = [8, 16]
-pool = "every"
-head = "gap"
-head_units = 0
-batch_size = 25
-precision = "fp32"
-optimizer = "adamw"
-schedule = "none"
-augment = 0.0
-
-[space]
-lr = {{ type = "float", low = 3e-3, high = 1e4, log = true }}
-
-[[baseline]]
-lr = {baseline_lr}
-"""
+FIXED = {"precision": "fp32", "optimizer": "adamw", "schedule": "none", "augment": 0.0}  # the fp32 model reproduces
+NOT_SEARCHED = {"dropout": None}
 
 
-@pytest.fixture
-def env(tiny_dataset, tmp_path, mlflow_store):
-    """(studies dir, Optuna storage, data root, exports dir) of a study not run yet."""
-    _, root = tiny_dataset
-    studies_dir = tmp_path / "studies"
-    studies_dir.mkdir()
-    return studies_dir, f"sqlite:///{tmp_path}/optuna.db", root, tmp_path / "exports"
-
-
-def write_study(env, trials: int = 2, baseline_lr: float = 1e-2) -> None:
-    (env[0] / "exported.toml").write_text(STUDY.format(trials=trials, baseline_lr=baseline_lr))
-
-
-def cli(env, command: str, *args: str) -> int:
-    studies_dir, storage, root, exports = env
-    common = ["--study", "exported", "--studies-dir", str(studies_dir), "--storage", storage, "--root", str(root)]
-    if command == "search":
-        return main(["search", *common, "--threads", "1", *args])
-    return main(["export-best", *common, "--out", str(exports), *args])
+def write_study(env: StudyEnv, trials: int = 2, baseline_lr: float = 1e-2) -> None:
+    """Three epochs a trial; the sampled learning rates reach divergent ones."""
+    env.write_study(trials=trials, seed=5, sampler="random", pruner="none", epochs=3,
+                    fixed={"batch_size": 25, **FIXED},
+                    space={"lr": {"type": "float", "low": 3e-3, "high": 1e4, "log": True}, **NOT_SEARCHED},
+                    baseline=[{"lr": baseline_lr}])
 
 
 @dataclass
 class Searched:
-    env: tuple  # as `env`, with the study searched (tracked) and exported to env[3] / "exported"
-    mlflow_uri: str
+    env: StudyEnv  # the study searched (tracked) and exported to env.exports / "tiny"
     info: datasets.DatasetInfo
 
     @property
     def export(self) -> Path:
-        return self.env[3] / "exported"
+        return self.env.exports / "tiny"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.env.tracking_uri
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, empty_mlflow_store) -> Searched:
     """One tracked search and its export, shared by the tests below (they copy before they change it)."""
     base = tmp_path_factory.mktemp("searched")
-    uri = f"sqlite:///{base}/mlruns/mlflow.db"
     (base / "mlruns").mkdir()
     shutil.copy(empty_mlflow_store, base / "mlruns" / "mlflow.db")
-    env = (base / "studies", f"sqlite:///{base}/optuna.db", base / "data", base / "exports")
-    env[0].mkdir()
+    env = StudyEnv.under(base, base / "data", tracking_uri=f"sqlite:///{base}/mlruns/mlflow.db")
     with pytest.MonkeyPatch.context() as patch:
-        info = write_tiny_dataset(env[2])
+        info = write_tiny_dataset(env.root)
         patch.setitem(datasets.DATASETS, info.name, info)
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
         write_study(env)
-        assert cli(env, "search") == 0
-        assert cli(env, "export") == 0
-    return Searched(env, uri, info)
+        assert env.run("search") == 0
+        assert env.run("export-best") == 0
+    return Searched(env, info)
 
 
 @pytest.fixture
-def use(searched, monkeypatch, tmp_path) -> Searched:
-    """The shared search in this test: its dataset registered, its MLflow store current, a fresh exports dir."""
+def use(searched, monkeypatch) -> Searched:
+    """The shared search in this test: its dataset registered, its MLflow store current."""
     monkeypatch.setitem(datasets.DATASETS, searched.info.name, searched.info)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", searched.mlflow_uri)
     return searched
-
-
-def elsewhere(searched: Searched, exports: Path) -> tuple:
-    return (*searched.env[:3], exports)
 
 
 def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
@@ -120,22 +76,22 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     assert sorted(p.name for p in directory.iterdir()) == sorted([
         "model.pt2", "weights.pt", "config.json", "metrics.json", "model_card.md", "confusion_matrix.png",
         "misclassified.png", "verify.py"])
-    assert [p.name for p in directory.parent.iterdir()] == ["exported"]  # no partial directories left
+    assert [p.name for p in directory.parent.iterdir()] == ["tiny"]  # no partial directories left
     config = json.loads((directory / "config.json").read_text())
     metrics = json.loads((directory / "metrics.json").read_text())
-    best = optuna.load_study(study_name="exported", storage=use.env[1]).best_trial
-    assert config["trial_number"] == best.number and config["trial_seed"] == best.user_attrs["seed"]
-    assert config["split_hash"] == best.user_attrs["split_hash"] == data.prepare(
-        "tiny", use.env[2], "cpu", val_size=100).split_hash  # the split the trial was judged on
-    assert config["source"].startswith("registered model 'exported'")
+    best = store.leading_best(use.env.load())
+    assert config["trial_number"] == best.number and config["trial_seed"] == best.seed
+    assert config["split_hash"] == best.split_hash == data.prepare(
+        "tiny", use.env.root, "cpu", val_size=100).split_hash  # the split the trial was judged on
+    assert config["source"].startswith("registered model 'tiny'")
     assert config["classes"] == [f"class{i}" for i in range(10)] and config["input_shape"] == [1, 28, 28]
-    assert metrics["val_accuracy"] == pytest.approx(best.value)
+    assert metrics["val_accuracy"] == pytest.approx(best.values[0])
     assert metrics["test_images"] == 200 and metrics["test_accuracy"] > 0.5
     assert set(metrics["test_per_class_accuracy"]) == set(config["classes"])
     assert metrics["cpu_latency_ms_batch1_median"] > 0 and metrics["cpu_throughput_images_per_s_batch256"] > 0
 
     # The model.pt2 alone, in a process of its own, scores exactly what metrics.json says.
-    raw = use.env[2] / "Tiny" / "raw"
+    raw = use.env.root / "Tiny" / "raw"
     done = subprocess.run([sys.executable, "-I", str(directory / "verify.py"), "--images",
                            str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)],
                           capture_output=True, text=True, timeout=300, cwd=directory)
@@ -144,12 +100,12 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     assert fresh["correct"] == metrics["test_correct"] and fresh["project_code_loaded"] is False
 
     # weights.pt is a plain state dict for the architecture in config.json.
-    model = models.build_model(train.resolve_params(config["params"]), num_classes=10)
+    model = models.build_model(hparams.resolve_params(config["params"]), num_classes=10)
     model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
 
     # The test figures went back to the champion's run and to the study's parent run.
     client = MlflowClient(use.mlflow_uri)
-    champion = client.get_model_version_by_alias("exported", "champion")
+    champion = client.get_model_version_by_alias("tiny", "champion")
     run = client.get_run(champion.run_id)
     assert run.data.metrics["test_accuracy"] == metrics["test_accuracy"]
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -169,72 +125,78 @@ def test_export_fails_and_leaves_nothing_when_the_written_model_is_corrupt(use, 
         return metrics
 
     monkeypatch.setattr(export, "write_export", write_then_corrupt)
-    assert cli(elsewhere(use, tmp_path / "exports"), "export") == 1
+    assert use.env.replace(exports=tmp_path / "exports").run("export-best") == 1
     assert "export failed, nothing written" in capsys.readouterr().err
     assert list((tmp_path / "exports").iterdir()) == []
 
 
 def test_verify_detects_a_corrupted_model_file(use, tmp_path):
     directory = shutil.copytree(use.export, tmp_path / "copy")
-    assert export.verify(directory, use.env[2])["correct"] == json.loads(
+    assert export.verify(directory, use.env.root)["correct"] == json.loads(
         (directory / "metrics.json").read_text())["test_correct"]
     (directory / "model.pt2").write_bytes((directory / "model.pt2").read_bytes()[:5000])  # truncated
     with pytest.raises(export.ExportFailed, match="could not be re-evaluated"):
-        export.verify(directory, use.env[2])
+        export.verify(directory, use.env.root)
+
+
 @pytest.mark.faults  # README: What survives what
 def test_existing_export_needs_force_then_is_replaced(use, tmp_path, capsys):
-    exports = tmp_path / "exports"
-    shutil.copytree(use.export, exports / "exported")
-    marker = exports / "exported" / "model_card.md"
+    env = use.env.replace(exports=tmp_path / "exports")
+    shutil.copytree(use.export, env.exports / "tiny")
+    marker = env.exports / "tiny" / "model_card.md"
     marker.write_text("old")
-    assert cli(elsewhere(use, exports), "export") == 2
+    assert env.run("export-best") == 2
     assert "already exists; pass FORCE=1" in capsys.readouterr().err
     assert marker.read_text() == "old"
-    assert cli(elsewhere(use, exports), "export", "--force") == 0
-    assert marker.read_text() != "old" and [p.name for p in exports.iterdir()] == ["exported"]
+    assert env.run("export-best", "--force") == 0
+    assert marker.read_text() != "old" and [p.name for p in env.exports.iterdir()] == ["tiny"]
 
 
 def test_without_a_registry_the_best_trial_is_retrained_and_exported(use, tmp_path):
-    assert cli(elsewhere(use, tmp_path / "exports"), "export", "--no-tracking") == 0
-    config = json.loads((tmp_path / "exports" / "exported" / "config.json").read_text())
-    best = optuna.load_study(study_name="exported", storage=use.env[1]).best_trial
+    assert use.env.replace(exports=tmp_path / "exports").run("export-best", "--no-tracking") == 0
+    config = json.loads((tmp_path / "exports" / "tiny" / "config.json").read_text())
+    best = store.leading_best(use.env.load())
     assert config["trial_number"] == best.number and "retrained" in config["source"]
     shared = json.loads((use.export / "metrics.json").read_text())
-    retrained = json.loads((tmp_path / "exports" / "exported" / "metrics.json").read_text())
+    retrained = json.loads((tmp_path / "exports" / "tiny" / "metrics.json").read_text())
     assert retrained["test_correct"] == shared["test_correct"]  # deterministic training: the same model
+
+
 def test_champion_from_another_optuna_storage_is_refused(use, tmp_path, capsys):
     """The registry's champion must match the trial the storage holds under its name and number."""
-    studies_dir = tmp_path / "studies"
-    studies_dir.mkdir()
-    other = (studies_dir, f"sqlite:///{tmp_path}/other.db", use.env[2], tmp_path / "exports")
+    other = use.env.replace(studies_dir=tmp_path / "studies", storage=f"sqlite:///{tmp_path}/other.db",
+                            exports=tmp_path / "exports")  # the same MLflow store and registry
     write_study(other, baseline_lr=5e-3)  # same study name, trial 0 with another learning rate
-    assert cli(other, "search", "--no-tracking") == 0
-    assert cli(other, "export") == 2
+    assert other.run("search", "--no-tracking") == 0
+    assert other.run("export-best") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "has other params or seed (was the storage replaced?)" in err
-    assert not (tmp_path / "exports" / "exported").exists()
+    assert not (other.exports / "tiny").exists()
 
 
 @pytest.mark.faults  # README: What survives what
-def test_study_without_a_finished_trial_exits_2(env, capsys):
-    write_study(env, trials=1, baseline_lr=1e4)  # the only trial diverges: pruned, nothing complete
-    assert cli(env, "search") == 0
-    assert cli(env, "export") == 2
+def test_study_without_a_finished_trial_exits_2(study_env, mlflow_store, capsys):
+    write_study(study_env, trials=1, baseline_lr=1e4)  # the only trial diverges: pruned, nothing complete
+    assert study_env.run("search") == 0
+    assert [r.state for r in study_env.records()] == ["PRUNED"]
+    assert study_env.run("export-best") == 2
     assert "has no finished trial to export" in capsys.readouterr().err
-    assert not env[3].exists() or list(env[3].iterdir()) == []
+    assert not study_env.exports.exists() or list(study_env.exports.iterdir()) == []
+
+
 @pytest.mark.faults  # README: What survives what
-def test_unknown_or_unrun_study_exits_2(env, capsys):
-    studies_dir, storage, root, exports = env
-    assert main(["export-best", "--study", "nope", "--studies-dir", str(studies_dir), "--storage", storage]) == 2
-    write_study(env)
-    assert cli(env, "export") == 2
+def test_unknown_or_unrun_study_exits_2(study_env, mlflow_store, capsys):
+    study_env.studies_dir.mkdir()
+    assert study_env.run("export-best", study="nope") == 2
+    write_study(study_env)
+    assert study_env.run("export-best") == 2
     assert "has not been run yet" in capsys.readouterr().err
 
 
 def test_predict_returns_the_labels_of_correctly_classified_test_images(use, tmp_path, capsys, monkeypatch):
     directory = use.export
     config = json.loads((directory / "config.json").read_text())
-    raw = use.env[2] / "Tiny" / "raw"
+    raw = use.env.root / "Tiny" / "raw"
     images = torch.from_numpy(datasets.read_idx(raw / datasets.TEST_IMAGES).copy())
     labels = datasets.read_idx(raw / datasets.TEST_LABELS)
     model = torch.export.load(str(directory / "model.pt2")).module()
@@ -265,16 +227,16 @@ def test_predict_reads_exports_written_before_preprocessing_was_recorded(use, tm
     config.pop("preprocessing")
     config.update(mean=config["mean"][0], std=config["std"][0], input_shape=[1, 28, 28], dataset="mnist")
     (old / "config.json").write_text(json.dumps(config))
-    raw = use.env[2] / "Tiny" / "raw"
+    raw = use.env.root / "Tiny" / "raw"
     images = datasets.read_idx(raw / datasets.TEST_IMAGES)[:20]
     paths = []
     for index, image in enumerate(images):
         paths.append(tmp_path / f"test{index}.png")
         Image.fromarray(image).save(paths[-1])
 
-    assert export.export_preprocessing(config) == Preprocessing(28, "gray", "mnist")  # the old digit centring
-    before, errors = export.predict(old, paths)
-    now, _ = export.predict(use.export, paths)
+    assert predict.export_preprocessing(config) == Preprocessing(28, "gray", "mnist")  # the old digit centring
+    before, errors = predict.predict(old, paths)
+    now, _ = predict.predict(use.export, paths)
     assert not errors and len(before) == len(paths)
     # 28x28 digit-like pictures pass both preparations unchanged, so the old export predicts as the new one.
     assert [p.top for p in before] == [p.top for p in now]
@@ -299,38 +261,9 @@ def test_pictures_are_converted_the_way_mnist_looks():
     assert abs(row_centre - 14) <= 1.0 and abs(col_centre - 14) <= 1.0  # centred by its centre of mass
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Your own pictures: an RGB folder, exported, verified from the image cache, and predicted
 
-FOLDER_STUDY = """
-description = "folder export test"
-model = "cnn"
-trials = 1
-timeout_minutes = 10
-seed = 5
-sampler = "random"
-pruner = "none"
-epochs = 3
-
-[dataset]
-path = "{path}"
-image_size = 16
-
-[fixed]
-cnn_channels = [8, 16]
-pool = "every"
-head = "gap"
-head_units = 0
-batch_size = 16
-precision = "fp32"
-optimizer = "adamw"
-schedule = "none"
-augment = 0.0
-
-[space]
-lr = {{ type = "float", low = 1e-2, high = 2e-2, log = true }}
-"""
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
 SIZES = [(16, 16), (24, 20), (20, 32), (40, 40)]
 
@@ -350,18 +283,18 @@ def write_picture_folder(directory: Path, per_class: int = 30) -> None:
             image.save(directory / name / (f"{i:02d}.png" if i % 2 else f"{i:02d}.jpg"))
 
 
-def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(tmp_path, monkeypatch, capsys):
-    pictures, root = tmp_path / "pictures", tmp_path / "data"
+def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(study_env, mlflow_store, tmp_path,
+                                                                             monkeypatch, capsys):
+    pictures, root = tmp_path / "pictures", study_env.root
     write_picture_folder(pictures)
-    studies_dir = tmp_path / "studies"
-    studies_dir.mkdir()
-    (studies_dir / "folder.toml").write_text(FOLDER_STUDY.format(path=pictures))
-    common = ["--study", "folder", "--studies-dir", str(studies_dir), "--storage", f"sqlite:///{tmp_path}/optuna.db",
-              "--root", str(root)]
-    assert main(["search", *common, "--threads", "1"]) == 0
-    assert main(["export-best", *common, "--out", str(tmp_path / "exports")]) == 0  # it exists: it was verified
+    study_env.write_study(trials=1, seed=5, sampler="random", pruner="none", epochs=3, val_size=None,
+                          dataset={"path": str(pictures), "image_size": 16}, fixed={"batch_size": 16, **FIXED},
+                          space={"lr": {"type": "float", "low": 1e-2, "high": 2e-2, "log": True}, **NOT_SEARCHED},
+                          baseline=None)
+    assert study_env.run("search") == 0
+    assert study_env.run("export-best") == 0  # it exists: it was verified
 
-    directory = tmp_path / "exports" / "folder"
+    directory = study_env.exports / "tiny"
     config = json.loads((directory / "config.json").read_text())
     metrics = json.loads((directory / "metrics.json").read_text())
     assert config["input_shape"] == [3, 16, 16] and len(config["mean"]) == len(config["std"]) == 3
@@ -384,16 +317,16 @@ def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(tm
 
     # predict prepares a picture exactly as it was landed for training (one function), and names a class.
     picture = pictures / "blue" / "05.png"
-    preprocessing = export.export_preprocessing(config)
+    preprocessing = predict.export_preprocessing(config)
     landed = cache.images[cache.manifest["files"].index("blue/05.png")]
     assert np.array_equal(open_picture(picture, preprocessing), landed)
     monkeypatch.chdir(tmp_path)
-    predictions, errors = export.predict(directory, [picture])
+    predictions, errors = predict.predict(directory, [picture])
     assert not errors and predictions[0].top[0][0] == "blue"  # the class's folder name
 
     # The trial's MLflow run names the dataset it trained on by the same digest.
-    client = MlflowClient()
-    run = client.search_runs([client.get_experiment_by_name("folder").experiment_id],
+    client = MlflowClient(mlflow_store)
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                              "tags.trial_number = '0'")[0]
     (logged,) = run.inputs.dataset_inputs
     profile = json.loads(logged.dataset.profile)
@@ -404,7 +337,7 @@ def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(tm
     # A picture changes: exporting the champion again refuses (its weights came from the old pictures).
     Image.new("RGB", (20, 20), (0, 0, 0)).save(picture)
     capsys.readouterr()
-    assert main(["export-best", *common, "--out", str(tmp_path / "exports"), "--force"]) == 2
+    assert study_env.run("export-best", "--force") == 2
     assert "trial 0 was trained on pictures with digest" in " ".join(capsys.readouterr().err.split())
     assert json.loads((directory / "metrics.json").read_text()) == metrics  # the verified export is untouched
 

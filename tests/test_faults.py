@@ -15,80 +15,34 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import torch
+from conftest import TINY_CLI, StudyEnv
 from mlflow import MlflowClient
-from optuna.trial import TrialState
 from PIL import Image
 
-from pipeline import search, tracking
+from pipeline import store, tracking
 from pipeline.cli import main
 
 pytestmark = pytest.mark.faults
 
-TINY_CLI = str(Path(__file__).parent / "tiny_cli.py")
-STUDY = """
-description = "fault test study"
-dataset = "tiny"
-model = "cnn"
-trials = {trials}
-timeout_minutes = 10
-seed = 11
-sampler = "random"
-pruner = "none"
-epochs = {epochs}
-val_size = 100
 
-[fixed]
-cnn_channels = {channels}
-pool = "every"
-head = "{head}"
-head_units = {head_units}
-batch_size = 50
-precision = "fp32"
-augment = 0.0
-
-[space]
-lr = {{ type = "categorical", choices = [1e-5, 3e-3] }}
-
-[[baseline]]
-lr = 1e-5
-
-[[baseline]]
-lr = 3e-3
-"""
-
-
-def write_study(directory: Path, trials: int = 3, epochs: int = 1, channels: str = "[8, 16]", head: str = "gap",
-                head_units: int = 0) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "faulty.toml").write_text(STUDY.format(trials=trials, epochs=epochs, channels=channels, head=head,
-                                                        head_units=head_units))
-
-
-@pytest.fixture
-def env(tiny_dataset, tmp_path, mlflow_store):
-    _, root = tiny_dataset
-    return tmp_path / "studies", f"sqlite:///{tmp_path}/optuna.db", root
-
-
-def command(env, *args: str) -> list[str]:
-    studies_dir, storage, root = env
-    return [sys.executable, TINY_CLI, str(root), "search", "--study", "faulty", "--studies-dir", str(studies_dir),
-            "--storage", storage, "--root", str(root), "--threads", "1", *args]
-
-
-def load(env) -> optuna.Study:
-    return optuna.load_study(study_name="faulty", storage=search.make_storage(env[1]))
+def write_study(env: StudyEnv, trials: int = 3, epochs: int = 1, channels: list[int] | None = None,
+                head: str = "gap", head_units: int = 0) -> None:
+    """Random search over two learning rates, a weak and a strong one, each also queued as a baseline."""
+    env.write_study(trials=trials, epochs=epochs, seed=11, sampler="random", pruner="none",
+                    fixed={"cnn_channels": channels or [8, 16], "head": head, "head_units": head_units,
+                           "precision": "fp32", "augment": 0.0},
+                    space={"lr": {"type": "categorical", "choices": [1e-5, 3e-3]}, "dropout": None},
+                    baseline=[{"lr": 1e-5}, {"lr": 3e-3}])
 
 
 def runs(uri: str) -> list:
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("faulty")
+    experiment = client.get_experiment_by_name("tiny")
     return list(client.search_runs([experiment.experiment_id], max_results=1000)) if experiment else []
 
 
@@ -138,42 +92,42 @@ def integrity_ok(url: str) -> bool:
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
-def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(env, mlflow_store, tmp_path, storage):
+def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(study_env, mlflow_store, tmp_path, storage):
     """The rerun finds the killed trial's process gone (same host): failed and queued again at once."""
-    if storage == "journal":
-        env = (env[0], str(tmp_path / "studies" / "optuna.journal"), env[2])
-    write_study(env[0], trials=3, epochs=8)
+    env = study_env.replace(storage=str(tmp_path / "studies" / "optuna.journal")) if storage == "journal" else study_env
+    write_study(env, trials=3, epochs=8)
     fast_heartbeat = dict(os.environ, PIPELINE_HEARTBEAT_SECONDS="1", PIPELINE_GRACE_SECONDS="3")
-    process = subprocess.Popen(command(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=fast_heartbeat)
-    def running_and_tracked() -> bool:
-        running = [t.number for t in load(env).trials if t.state == TrialState.RUNNING]
+    process = subprocess.Popen(env.command("search"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=fast_heartbeat)
+
+    def running_and_tracked() -> int | None:
+        trials = env.records()
+        running = [t.number for t in trials if t.state == "RUNNING"]
         tracked = {r.data.tags.get("trial_number") for r in runs(mlflow_store) if r.info.status == "RUNNING"}
-        mid_trial = any(t.state == TrialState.COMPLETE for t in load(env).trials) and any(
-            str(n) in tracked for n in running)
+        mid_trial = any(t.state == "COMPLETE" for t in trials) and any(str(n) in tracked for n in running)
         return process.pid if mid_trial else None
 
     kill_mid_trial(running_and_tracked)
     process.wait()
-    killed = next(t for t in load(env).trials if t.state == TrialState.RUNNING)
-    finished_before = {t.number: t.values for t in load(env).trials if t.state == TrialState.COMPLETE}
+    killed = next(t for t in env.records() if t.state == "RUNNING")
+    finished_before = {t.number: t.values for t in env.records() if t.state == "COMPLETE"}
     child = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
     assert child[str(killed.number)].info.status == "RUNNING"  # as the kill left it
 
-    rerun = subprocess.run(command(env), capture_output=True, text=True, timeout=600, env=fast_heartbeat)
+    rerun = subprocess.run(env.command("search"), capture_output=True, text=True, timeout=600, env=fast_heartbeat)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"trial {killed.number} was left RUNNING by a process that died" in " ".join(rerun.stderr.split())
-    trials = load(env).trials
-    assert trials[killed.number].state == TrialState.FAIL
-    retried = [t for t in trials if t.number > killed.number and t.params == killed.params
-               and t.state in search.FINISHED]
+    trials = env.records()
+    assert trials[killed.number].state == "FAIL"
+    assert trials[killed.number].fail_reason == "stale"  # failed by the rerun's sweep of dead owners
+    retried = [t for t in trials if t.number > killed.number and t.sampled == killed.sampled and t.finished]
     assert retried, "the killed trial's parameters were not run again"
-    assert len([t for t in trials if t.state in search.FINISHED]) >= 3
+    assert len([t for t in trials if t.finished]) >= 3
     assert {t.number: t.values for t in trials if t.number in finished_before} == finished_before
     by_trial = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
     assert by_trial[str(killed.number)].info.status == "FAILED"
     assert by_trial[str(killed.number)].data.tags["fail_reason"] == "stale"
     assert all(r.info.status != "RUNNING" for r in by_trial.values())
-    assert integrity_ok(mlflow_store) and (storage == "journal" or integrity_ok(env[1]))
+    assert integrity_ok(mlflow_store) and (storage == "journal" or integrity_ok(env.storage))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,7 +138,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_truncated_checkpoint(tin
     _, root = tiny_dataset
     checkpoint = tmp_path / "run.ckpt"
     # A wide flatten head makes each checkpoint ~10 MB, so kills often land inside a write.
-    train_command = [sys.executable, TINY_CLI, str(root), "train", "--dataset", "tiny", "--root", str(root),
+    train_command = [sys.executable, str(TINY_CLI), str(root), "train", "--dataset", "tiny", "--root", str(root),
                      "--model", "cnn", "--set", "cnn_channels=[16,32]", "--set", "head=flatten",
                      "--set", "head_units=1024", "--set", "epochs=40", "--set", "augment=0.0",
                      "--val-size", "100", "--threads", "1", "--checkpoint", str(checkpoint)]
@@ -215,27 +169,25 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_truncated_checkpoint(tin
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
-def test_two_searches_on_one_study_at_once_both_contribute_nothing_lost(env, mlflow_store, tmp_path, storage):
-    if storage == "journal":
-        env = (env[0], str(tmp_path / "studies" / "optuna.journal"), env[2])
-    write_study(env[0], trials=6, epochs=2)
-    first = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_two_searches_on_one_study_at_once_both_contribute_nothing_lost(study_env, mlflow_store, tmp_path, storage):
+    env = study_env.replace(storage=str(tmp_path / "studies" / "optuna.journal")) if storage == "journal" else study_env
+    write_study(env, trials=6, epochs=2)
+    first = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outputs = [p.communicate(timeout=600) for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, [err for _, err in outputs]
-    for out, _ in outputs:  # each process ran trials of its own
-        assert " COMPLETE " in out or " PRUNED " in out
-    trials = load(env).trials
-    finished = [t for t in trials if t.state in search.FINISHED]
+    trials = env.records()
+    finished = [t for t in trials if t.finished]
+    assert {t.owner["pid"] for t in finished} == {first.pid, second.pid}  # each process ran trials of its own
     assert 6 <= len(finished) <= 7  # both may start a trial when 5 are done
     assert len({t.number for t in trials}) == len(trials)
-    baseline_runs = [t for t in trials if t.user_attrs.get("baseline")]
+    baseline_runs = [t for t in trials if t.baseline]
     assert len(baseline_runs) == 2  # each baseline queued once, not once per process
     recorded = runs(mlflow_store)
     parents = [r for r in recorded if tracking.PARENT_TAG not in r.data.tags]
     assert len(parents) == 1
     children = [r for r in recorded if tracking.PARENT_TAG in r.data.tags]
-    assert len(children) == len([t for t in trials if t.state != TrialState.WAITING])
+    assert len(children) == len([t for t in trials if t.state != "WAITING"])
     assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {parents[0].info.run_id}
 
 
@@ -249,31 +201,31 @@ def limit_file_size(limit: int):
     return apply
 
 
-def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(env, mlflow_store):
+def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(study_env, mlflow_store):
     # A flatten head of 1024 units: the model is ~3.2 MB, over the 2.5 MB limit; the databases stay under it.
-    write_study(env[0], trials=1, channels="[16, 16]", head="flatten", head_units=1024)
-    assert subprocess.run(command(env), capture_output=True, text=True, timeout=300).returncode == 0
-    first = load(env).trials[0]
-    assert first.state == TrialState.COMPLETE  # the weak baseline, its model logged
+    write_study(study_env, trials=1, channels=[16, 16], head="flatten", head_units=1024)
+    assert subprocess.run(study_env.command("search"), capture_output=True, text=True, timeout=300).returncode == 0
+    first = study_env.records()[0]
+    assert first.state == "COMPLETE"  # the weak baseline, its model logged
 
-    limited = subprocess.run(command(env, "--trials", "2"), capture_output=True, text=True, timeout=300,
-                             preexec_fn=limit_file_size(2_500_000))
+    limited = subprocess.run(study_env.command("search", "--trials", "2"), capture_output=True, text=True,
+                             timeout=300, preexec_fn=limit_file_size(2_500_000))
     assert limited.returncode in (0, 1), limited.stderr  # no crash: the study goes on or stops with a reason
-    trials = load(env).trials
+    trials = study_env.records()
     full = trials[1]  # the strong baseline: a new best whose model does not fit
-    assert full.state == TrialState.FAIL and full.user_attrs["fail_reason"] == "disk_full"
-    assert "File too large" in full.user_attrs["fail_detail"]
-    assert trials[0].state == TrialState.COMPLETE and trials[0].values == first.values
+    assert full.state == "FAIL" and full.fail_reason == "disk_full"
+    assert "File too large" in full.fail_detail
+    assert trials[0].state == "COMPLETE" and trials[0].values == first.values
     by_trial = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
     assert by_trial["1"].info.status == "FAILED" and by_trial["1"].data.tags["fail_reason"] == "disk_full"
     assert by_trial["0"].info.status == "FINISHED" and "model_uri" in by_trial["0"].data.tags
-    assert integrity_ok(env[1]) and integrity_ok(mlflow_store)
+    assert integrity_ok(study_env.storage) and integrity_ok(mlflow_store)
 
-    resumed = subprocess.run(command(env, "--trials", "3"), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(study_env.command("search", "--trials", "3"), capture_output=True, text=True,
+                             timeout=300)
     assert resumed.returncode == 0, resumed.stderr  # space is back: the study completes its budget
-    trials = load(env).trials
-    assert len([t for t in trials if t.state in search.FINISHED]) >= 3
-    best = search.leading_best(load(env))
+    assert len(study_env.records(states=store.FINISHED)) >= 3
+    best = store.leading_best(study_env.load())
     assert "model_uri" in {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}[str(best.number)].data.tags
 
 
@@ -281,15 +233,13 @@ def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(env, mlflow_store)
 # 11. a locked tracking store at start
 
 
-def test_locked_tracking_store_fails_fast_before_training(env, mlflow_store, capsys):
-    write_study(env[0])
+def test_locked_tracking_store_fails_fast_before_training(study_env, mlflow_store, capsys):
+    write_study(study_env)
     lock = sqlite3.connect(mlflow_store.removeprefix("sqlite:///"), timeout=0)
     lock.execute("BEGIN EXCLUSIVE")  # another program holds the database
     try:
         started = time.monotonic()
-        studies_dir, storage, root = env
-        code = main(["search", "--study", "faulty", "--studies-dir", str(studies_dir), "--storage", storage,
-                     "--root", str(root)])
+        code = study_env.run("search")
         elapsed = time.monotonic() - started
     finally:
         lock.rollback()
@@ -297,7 +247,7 @@ def test_locked_tracking_store_fails_fast_before_training(env, mlflow_store, cap
     assert code == 2 and elapsed < 60
     err = " ".join(capsys.readouterr().err.split())
     assert "MLflow tracking store" in err and "cannot be opened" in err and "locked" in err
-    assert optuna.get_all_study_summaries(storage) == []  # nothing started
+    assert optuna.get_all_study_summaries(study_env.storage) == []  # nothing started
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,29 +298,27 @@ def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, ca
 # 6. a corrupt dataset file, found by the search before anything trains
 
 
-def test_corrupt_dataset_file_stops_the_search_before_training(env, capsys):
-    write_study(env[0])
-    labels = env[2] / "Tiny" / "raw" / "t10k-labels-idx1-ubyte"
+def test_corrupt_dataset_file_stops_the_search_before_training(study_env, capsys):
+    write_study(study_env)
+    labels = study_env.root / "Tiny" / "raw" / "t10k-labels-idx1-ubyte"
     payload = bytearray(labels.read_bytes())
     payload[-1] ^= 0xFF  # one flipped byte
     labels.write_bytes(bytes(payload))
-    studies_dir, storage, root = env
-    assert main(["search", "--study", "faulty", "--studies-dir", str(studies_dir), "--storage", storage,
-                 "--root", str(root)]) == 2
+    assert study_env.run("search") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert str(labels) in err and "SHA-256 mismatch, expected" in err and "make data" in err
-    assert all(t.state == TrialState.WAITING for t in load(env).trials)  # queued baselines only: nothing ran
+    assert all(t.state == "WAITING" for t in study_env.records())  # queued baselines only: nothing ran
 
 
 # --------------------------------------------------------------------------------------------------
 # 11b. the tracking server dies in the middle of a search, then comes back
 
 
-def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(env, tmp_path):
+def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_env, tmp_path):
     from ui_process import free_port, wait_for_health
 
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
+    env = study_env.replace(tracking_uri=f"http://127.0.0.1:{port}")
     server_command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                       f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts"),
                       "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
@@ -381,30 +329,31 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(env, tm
         wait_for_health(port)
         return server
 
-    write_study(env[0], trials=4, epochs=4)
-    quick_failures = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    write_study(env, trials=4, epochs=4)
+    quick_failures = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     server = start_server()
-    process = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=quick_failures)
-    wait_until(lambda: any(t.state == TrialState.COMPLETE for t in load(env).trials), "a finished trial")
+    wait_until(lambda: any(t.state == "COMPLETE" for t in env.records()), "a finished trial")
     os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-trial
     server.wait()
     out, err = process.communicate(timeout=600)
     assert process.returncode == 1, err
-    err = " ".join(err.split())
+    err = " ".join(err.split())  # what the user reads, in this order:
     assert "study stopped: 3 trials failed in a row" in err  # the reason comes first...
     assert "MLflow could not record the end of this run" in err  # ...then the tracking warning
-    trials = load(env).trials
-    failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == 3 and all(t.user_attrs.get("fail_reason") for t in failed)
-    assert trials[0].state == TrialState.COMPLETE  # what finished before is intact
+    trials = env.records()
+    failed = [t for t in trials if t.state == "FAIL"]
+    assert len(failed) == 3 and all(t.fail_reason for t in failed)
+    assert trials[0].state == "COMPLETE"  # what finished before is intact
 
     server = start_server()  # the same database: the server is back
     try:
-        rerun = subprocess.run(command(env), capture_output=True, text=True, timeout=600, env=quick_failures)
+        rerun = subprocess.run(env.command("search"), capture_output=True, text=True, timeout=600,
+                               env=quick_failures)
         assert rerun.returncode == 0, rerun.stderr
-        assert len([t for t in load(env).trials if t.state in search.FINISHED]) >= 4
-        statuses = [r.info.status for r in runs(uri)]
+        assert len(env.records(states=store.FINISHED)) >= 4
+        statuses = [r.info.status for r in runs(env.tracking_uri)]
         assert "RUNNING" not in statuses  # the run cut off with the server was closed as FAILED
     finally:
         os.killpg(server.pid, signal.SIGTERM)

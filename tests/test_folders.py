@@ -12,15 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import torch
-from conftest import refusal
-from optuna.trial import TrialState
+from conftest import StudyEnv, refusal
 from PIL import Image
 
-from pipeline import data, folders, imagecache, search
-from pipeline.cli import main
+from pipeline import data, folders, imagecache
+from pipeline.augment import NaturalAugment
 from pipeline.images import Preprocessing, open_picture
 from pipeline.sources import FolderSource
 
@@ -251,7 +249,7 @@ def test_streamed_batches_equal_resident_ones_bit_for_bit(pictures):
     assert not resident.train.streamed and streamed.train.streamed
     assert resident.split_hash == streamed.split_hash and resident.mean == streamed.mean
 
-    augment = data.NaturalAugment.from_strength(1.0, SIZE)
+    augment = NaturalAugment.from_strength(1.0, SIZE)
     for seed in (0, 5):
         runs = []
         for prepared in (resident, streamed):
@@ -422,32 +420,12 @@ def test_class_names_with_spaces_and_accents_work(pictures):
 # --------------------------------------------------------------------------------------------------
 # B through the CLI: exit code 2, one line, nothing already recorded lost
 
-STUDY = """
-description = "folder test study"
-model = "cnn"
-trials = 1
-timeout_minutes = 5
-seed = 0
-sampler = "random"
-pruner = "none"
-epochs = 1
-
-[dataset]
-path = {path}
-image_size = 16
-
-[fixed]
-cnn_channels = [4, 8]
-pool = "every"
-head = "gap"
-head_units = 0
-batch_size = 8
-precision = "fp32"
-augment = 0.0
-
-[space]
-lr = {{ type = "categorical", choices = [0.01] }}
-"""
+def write_folder_study(env: StudyEnv, folder: Path) -> None:
+    """One trial on the folder's pictures at 16x16, with a small CNN."""
+    env.write_study(dataset={"path": str(folder), "image_size": 16}, val_size=None, trials=1, timeout_minutes=5,
+                    seed=0, sampler="random", pruner="none", epochs=1,
+                    fixed={"cnn_channels": [4, 8], "batch_size": 8, "precision": "fp32", "augment": 0.0},
+                    space={"lr": {"type": "categorical", "choices": [0.01]}, "dropout": None}, baseline=None)
 
 
 def _flatten(folder: Path) -> None:
@@ -480,26 +458,20 @@ BREAKAGES = [
 
 
 @pytest.mark.faults  # README: What survives what
-def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(pictures, tmp_path, capsys):
+def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(pictures, study_env, tmp_path, capsys):
     pictures.add("cat", 12)
     pictures.add("dog", 12)
-    studies_dir = tmp_path / "studies"
-    studies_dir.mkdir()
-    (studies_dir / "mine.toml").write_text(STUDY.format(path=json.dumps(str(pictures.folder))))
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    command = ["search", "--study", "mine", "--studies-dir", str(studies_dir), "--storage", storage,
-               "--root", str(pictures.data_root), "--no-tracking", "--threads", "1", "--device", "cpu"]
-    assert main(command) == 0, capsys.readouterr().err
+    env = study_env.replace(root=pictures.data_root)
+    write_folder_study(env, pictures.folder)
+    assert env.run("search", "--device", "cpu") == 0, capsys.readouterr().err
     first_out = capsys.readouterr().out
-    assert "mine" in first_out and "16x16" in first_out  # the header names the image shape ("3x16x16")
-    name = optuna.get_all_study_names(search.make_storage(storage))[0]
+    assert "tiny" in first_out and "16x16" in first_out  # the header names the image shape ("3x16x16")
 
     def recorded() -> list[tuple]:
-        study = optuna.load_study(study_name=name, storage=search.make_storage(storage))
-        return [(t.number, t.state, t.values) for t in study.get_trials(deepcopy=False)]
+        return [(t.number, t.state, t.values) for t in env.records()]
 
     before = recorded()
-    assert [state for _, state, _ in before] == [TrialState.COMPLETE]
+    assert [state for _, state, _ in before] == ["COMPLETE"]
     caches = pictures.caches()
     good = tmp_path / "good-pics"
     shutil.copytree(pictures.folder, good)
@@ -507,7 +479,7 @@ def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(picture
         shutil.rmtree(pictures.folder, ignore_errors=True)
         shutil.copytree(good, pictures.folder)
         breakage(pictures.folder)
-        code = main([*command, "--trials", "2"])
+        code = env.run("search", "--device", "cpu", "--trials", "2")
         out, err = capsys.readouterr()
         assert code == 2, f"{what}: exit {code}\n{out}\n{err}"
         errors = [line for line in err.splitlines() if line.startswith("error:")]  # above it: landing's progress
@@ -517,19 +489,16 @@ def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(picture
 
 
 @pytest.mark.faults  # README: What survives what
-def test_replay_after_a_picture_changed_says_the_digest_no_longer_matches(pictures, tmp_path, capsys):
+def test_replay_after_a_picture_changed_says_the_digest_no_longer_matches(pictures, study_env, capsys):
     pictures.add("cat", 12)
     dogs = pictures.add("dog", 12)
-    studies_dir = tmp_path / "studies"
-    studies_dir.mkdir()
-    (studies_dir / "mine.toml").write_text(STUDY.format(path=json.dumps(str(pictures.folder))))
-    common = ["--study", "mine", "--studies-dir", str(studies_dir), "--storage", f"sqlite:///{tmp_path}/optuna.db",
-              "--root", str(pictures.data_root), "--threads", "1", "--device", "cpu"]
-    assert main(["search", *common, "--no-tracking"]) == 0, capsys.readouterr().err
-    assert main(["replay", *common, "--trial", "0"]) == 0  # unchanged pictures: identical
+    env = study_env.replace(root=pictures.data_root)
+    write_folder_study(env, pictures.folder)
+    assert env.run("search", "--device", "cpu") == 0, capsys.readouterr().err
+    assert env.run("replay", "--device", "cpu", "--trial", "0") == 0  # unchanged pictures: identical
     capsys.readouterr()
     Image.new("RGB", (24, 20), (255, 255, 255)).save(dogs[0])  # one picture changes
-    assert main(["replay", *common, "--trial", "0"]) == 2
+    assert env.run("replay", "--device", "cpu", "--trial", "0") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "trial 0 was trained on pics with digest" in err and "restore the pictures" in err
     assert len(pictures.caches()) == 2  # the changed folder got a cache of its own; the old one is kept

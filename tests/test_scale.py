@@ -16,12 +16,13 @@ from collections.abc import Iterator
 import postgres
 import pytest
 import requests
+from conftest import StudyEnv
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from test_faults import command, kill_mid_trial, load, runs, wait_until, write_study
+from test_faults import kill_mid_trial, runs, wait_until, write_study
 from ui_process import free_port, wait_for_health
 
-from pipeline import search
+from pipeline import store
 
 pytestmark = pytest.mark.scale
 FAST_HEARTBEAT = {"PIPELINE_HEARTBEAT_SECONDS": "1", "PIPELINE_GRACE_SECONDS": "3"}
@@ -35,15 +36,16 @@ def postgresql() -> Iterator[postgres.Server]:
 
 
 @pytest.fixture
-def journal_env(tiny_dataset, tmp_path):
-    _, root = tiny_dataset
-    return tmp_path / "studies", str(tmp_path / "studies" / "optuna.journal"), root
+def journal_env(study_env, tmp_path) -> StudyEnv:
+    """The study env on Optuna's journal file (the local workers' storage); tracked when the test asks for
+    `mlflow_store`."""
+    return study_env.replace(storage=str(tmp_path / "studies" / "optuna.journal"))
 
 
 @pytest.fixture
-def postgres_env(tiny_dataset, tmp_path, postgresql, request):
-    """An Optuna database and an MLflow server (`make server` over its own PostgreSQL database) on loopback."""
-    _, root = tiny_dataset
+def postgres_env(study_env, tmp_path, postgresql, request) -> Iterator[StudyEnv]:
+    """The study env on an Optuna database and an MLflow server (`make server` over its own PostgreSQL
+    database) on loopback: its `tracking_uri`."""
     suffix = re.sub(r"\W", "_", request.node.name)[-40:].lower()
     optuna_url = postgresql.create_database(f"optuna_{suffix}")
     port = free_port()
@@ -53,18 +55,19 @@ def postgres_env(tiny_dataset, tmp_path, postgresql, request):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_health(port)
-        yield (tmp_path / "studies", optuna_url, root), f"http://127.0.0.1:{port}"
+        yield study_env.replace(storage=optuna_url, tracking_uri=f"http://127.0.0.1:{port}")
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
 
 
-def check_budget_exactly_run(env, mlflow_uri: str, trials: int) -> list:
+def check_budget_exactly_run(env: StudyEnv, trials: int) -> list[store.TrialRecord]:
     """Exactly `trials` finished trials, each number once, each with one child run under the one parent run."""
-    study = load(env)
-    finished = [t for t in study.trials if t.state in search.FINISHED]
+    mlflow_uri = env.tracking_uri
+    records = env.records()
+    finished = [t for t in records if t.finished]
     assert len(finished) == trials
-    numbers = [t.number for t in study.trials]
+    numbers = [t.number for t in records]
     assert len(numbers) == len(set(numbers))
     all_runs = runs(mlflow_uri)
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
@@ -78,39 +81,37 @@ def check_budget_exactly_run(env, mlflow_uri: str, trials: int) -> list:
     return finished
 
 
-def run_two_workers(env, mlflow_uri: str, trials: int = 8) -> subprocess.CompletedProcess:
-    write_study(env[0], trials=trials, epochs=1)
-    done = subprocess.run(command(env, "--workers", "2"), capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri))
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{trials}/{trials} finished (budget reached)" in done.stdout
-    finished = check_budget_exactly_run(env, mlflow_uri, trials)
-    assert len([r for r in runs(mlflow_uri) if "mlflow.parentRunId" in r.data.tags]) == trials  # one per trial
-    worker_pids = {int(pid) for pid in re.findall(r"^worker \d: pid (\d+)", done.stdout, re.MULTILINE)}
-    assert len(worker_pids) == 2
-    assert {t.user_attrs["owner"]["pid"] for t in finished} == worker_pids  # both workers ran trials
-    return done
+def run_two_workers(env: StudyEnv, trials: int = 8) -> None:
+    write_study(env, trials=trials, epochs=1)
+    coordinator = subprocess.Popen(env.command("search", "--workers", "2"), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri))
+    out, err = coordinator.communicate(timeout=600)
+    assert coordinator.returncode == 0, out + err
+    finished = check_budget_exactly_run(env, trials)
+    assert len([r for r in runs(env.tracking_uri) if "mlflow.parentRunId" in r.data.tags]) == trials  # one per trial
+    owners = {t.owner["pid"] for t in finished}
+    assert len(owners) == 2 and coordinator.pid not in owners  # both worker processes ran trials
 
 
 def test_two_local_workers_on_the_journal_file_run_exactly_the_budget(journal_env, mlflow_store):
-    done = run_two_workers(journal_env, mlflow_store)
-    assert "storage " + journal_env[1] in done.stdout
+    run_two_workers(journal_env)
+    assert os.path.getsize(journal_env.storage) > 0  # the study lives in the journal file
 
 
 def test_two_workers_on_postgresql_with_an_mlflow_server_run_exactly_the_budget(postgres_env):
-    env, mlflow_uri = postgres_env
-    run_two_workers(env, mlflow_uri)
+    run_two_workers(postgres_env)
 
 
 def test_kill_9_of_a_local_worker_mid_trial_is_swept_retried_and_the_budget_completes(journal_env, mlflow_store):
     env = journal_env
-    write_study(env[0], trials=6, epochs=10)
-    coordinator = subprocess.Popen(command(env, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, env=dict(os.environ, **FAST_HEARTBEAT))
+    write_study(env, trials=6, epochs=10)
+    coordinator = subprocess.Popen(env.command("search", "--workers", "2"), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **FAST_HEARTBEAT))
     victim: dict = {}
 
     def worker_mid_trial() -> int | None:  # a worker's trial has finished an epoch; another trial has finished
-        trials = load(env).trials
+        trials = env.load().get_trials(deepcopy=False)
         running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
         if not (running and any(t.state == TrialState.COMPLETE for t in trials)):
             return None
@@ -120,15 +121,15 @@ def test_kill_9_of_a_local_worker_mid_trial_is_swept_retried_and_the_budget_comp
     kill_mid_trial(worker_mid_trial)
     output, _ = coordinator.communicate(timeout=600)
     assert coordinator.returncode == 0, output
-    assert f"(pid {victim['pid']}) ended (SIGKILL)" in output
+    assert f"(pid {victim['pid']}) ended (SIGKILL)" in output  # the coordinator tells the user
 
-    trials = load(env).trials
+    trials = env.records()
     killed = trials[victim["number"]]
-    assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "stale"  # the sweep
-    retried = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
-    assert len(retried) == 1 and retried[0].state in search.FINISHED and retried[0].params == killed.params
-    assert retried[0].user_attrs["owner"]["pid"] != victim["pid"]  # the surviving worker ran it
-    check_budget_exactly_run(env, mlflow_store, 6)
+    assert killed.state == "FAIL" and killed.fail_reason == "stale"  # the sweep
+    retried = [t for t in trials if t.retry_of == killed.number]
+    assert len(retried) == 1 and retried[0].finished and retried[0].sampled == killed.sampled
+    assert retried[0].owner["pid"] != victim["pid"]  # the surviving worker ran it
+    check_budget_exactly_run(env, 6)
     by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_store) if "trial_number" in r.data.tags}
     assert by_trial[killed.number].info.status == "FAILED"
     assert by_trial[killed.number].data.tags["fail_reason"] == "stale"
@@ -137,19 +138,20 @@ def test_kill_9_of_a_local_worker_mid_trial_is_swept_retried_and_the_budget_comp
 def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retried(postgres_env):
     """Two hosts on PostgreSQL: one search in its own UTS namespace, so its host name differs and the local
     sweep cannot see it; only Optuna's heartbeat can tell it died."""
-    env, mlflow_uri = postgres_env
-    write_study(env[0], trials=5, epochs=10)
-    process_env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri, **FAST_HEARTBEAT)
-    here = subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    env = postgres_env
+    write_study(env, trials=5, epochs=10)
+    process_env = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri, **FAST_HEARTBEAT)
+    here = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=process_env)
     other_host = subprocess.Popen(
-        ["unshare", "--map-root-user", "--uts", "sh", "-c", 'hostname other-host && exec "$@"', "sh", *command(env)],
+        ["unshare", "--map-root-user", "--uts", "sh", "-c", 'hostname other-host && exec "$@"', "sh",
+         *env.command("search")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=process_env)
 
     killed_number: list[int] = []
 
     def other_host_mid_trial() -> int | None:
-        trials = load(env).trials
+        trials = env.load().get_trials(deepcopy=False)
         running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
                    and t.user_attrs["owner"]["host"] == "other-host"]
         if not (running and any(t.state == TrialState.COMPLETE for t in trials)):
@@ -159,38 +161,39 @@ def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retri
 
     kill_mid_trial(other_host_mid_trial)
     other_host.wait()
-    killed = load(env).trials[killed_number[0]]
+    killed = env.records()[killed_number[0]]
     output, _ = here.communicate(timeout=600)
     assert here.returncode == 0, output
 
-    trials = load(env).trials
-    assert trials[killed.number].state == TrialState.FAIL
-    assert "fail_reason" not in trials[killed.number].user_attrs  # not the local sweep: the heartbeat
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
-    assert len(retried) == 1 and retried[0].state in search.FINISHED and retried[0].params == killed.params
-    check_budget_exactly_run(env, mlflow_uri, 5)
-    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_uri) if "trial_number" in r.data.tags}
+    assert env.records()[killed.number].state == "FAIL"
+    assert env.records()[killed.number].fail_reason is None  # not the local sweep: the heartbeat
+    # Optuna's heartbeat retry names the failed trial in a system attribute (no TrialRecord field).
+    retried = [t for t in env.load().trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].state in store.FINISHED and retried[0].params == killed.sampled
+    check_budget_exactly_run(env, 5)
+    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(env.tracking_uri) if "trial_number" in r.data.tags}
     assert by_trial[killed.number].info.status == "FAILED"
     assert by_trial[killed.number].data.tags["fail_reason"] == "stale"
 
 
 def test_several_workers_need_a_positive_count(journal_env):
-    write_study(journal_env[0])
-    done = subprocess.run(command(journal_env, "--workers", "0"), capture_output=True, text=True, timeout=120)
+    write_study(journal_env)
+    done = subprocess.run(journal_env.command("search", "--workers", "0"), capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 2
     assert "WORKERS=0: expected a number of worker processes >= 1" in done.stderr
-    assert not os.path.exists(journal_env[1])  # refused before anything was opened or recorded
+    assert not os.path.exists(journal_env.storage)  # refused before anything was opened or recorded
 
 
 def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, mlflow_store):
     env = journal_env
-    write_study(env[0], trials=4, epochs=30)  # long trials: both workers are mid-trial most of the time
-    coordinator = subprocess.Popen(command(env, "--workers", "2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)
+    write_study(env, trials=4, epochs=30)  # long trials: both workers are mid-trial most of the time
+    coordinator = subprocess.Popen(env.command("search", "--workers", "2"), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
 
     def mid_trial() -> dict[int, int]:  # trial -> worker pid, for trials with epochs both done and to come
         assert coordinator.poll() is None, coordinator.communicate()[0]  # it ended before it could be stopped
-        return {t.number: t.user_attrs["owner"]["pid"] for t in load(env).trials
+        return {t.number: t.user_attrs["owner"]["pid"] for t in env.load().get_trials(deepcopy=False)
                 if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 25}
 
     while True:  # both workers frozen while it is checked, so no trial ends between the check and the signal
@@ -212,10 +215,10 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
     for pid in interrupted.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # no worker outlives the command
-    trials = load(env).trials
+    trials = env.records()
     for number in interrupted:
-        assert trials[number].state == TrialState.FAIL and trials[number].user_attrs["fail_reason"] == "interrupted"
-        assert any(t.state == TrialState.WAITING and t.user_attrs.get("retry_of") == number for t in trials)
+        assert trials[number].state == "FAIL" and trials[number].fail_reason == "interrupted"
+        assert any(t.state == "WAITING" and t.retry_of == number for t in trials)
     by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_store) if "trial_number" in r.data.tags}
     assert all(by_trial[number].info.status == "FAILED" for number in interrupted)
     assert all(by_trial[number].data.tags["fail_reason"] == "interrupted" for number in interrupted)
@@ -223,26 +226,26 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
     assert parent.info.status == "KILLED"
     assert all(r.info.status != "RUNNING" for r in runs(mlflow_store))
 
-    resumed = subprocess.run(command(env, "--workers", "2"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(env.command("search", "--workers", "2"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    finished = check_budget_exactly_run(env, mlflow_store, 4)
-    assert {t.user_attrs.get("retry_of") for t in finished} >= set(interrupted)  # the interrupted ones ran again
+    finished = check_budget_exactly_run(env, 4)
+    assert {t.retry_of for t in finished} >= set(interrupted)  # the interrupted ones ran again
 
 
 def test_two_hosts_at_once_share_the_study_the_parent_run_and_the_champion(postgres_env):
     """The README's many-hosts set-up: the same command on two hosts at once, ending at about the same time."""
-    env, mlflow_uri = postgres_env
-    write_study(env[0], trials=6, epochs=1)
-    process_env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_uri)
-    hosts = [subprocess.Popen(command(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    env = postgres_env
+    write_study(env, trials=6, epochs=1)
+    process_env = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri)
+    hosts = [subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=process_env) for _ in range(2)]
     outputs = [host.communicate(timeout=600)[0] for host in hosts]
     assert [host.returncode for host in hosts] == [0, 0], outputs
     assert not any("could not record" in output for output in outputs), outputs  # e.g. the champion alias
-    finished = check_budget_exactly_run(env, mlflow_uri, 6)
-    best = max((t for t in finished if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
-    champion = MlflowClient(mlflow_uri).get_model_version_by_alias("faulty", "champion")
-    assert float(champion.tags["objective_value"]) == best.value
+    finished = check_budget_exactly_run(env, 6)
+    best = max((t for t in finished if t.state == "COMPLETE"), key=lambda t: (t.values[0], -t.number))
+    champion = MlflowClient(env.tracking_uri).get_model_version_by_alias("tiny", "champion")
+    assert float(champion.tags["objective_value"]) == best.values[0]
 
 
 def test_the_tracking_server_answers_by_its_host_name_and_listed_names_only(tmp_path):

@@ -6,14 +6,14 @@ import optuna
 import pytest
 from conftest import require_real_dataset, require_sample_images
 
-from pipeline import search, sources, studies
+from pipeline import sources, store, studies
 from pipeline.cli import main
 
 pytestmark = pytest.mark.data
 
 
 @pytest.mark.parametrize("name", studies.available())
-def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, capsys, monkeypatch):
+def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, mlflow_store, capsys, monkeypatch):
     spec = studies.load(name)
     root = []
     if spec.dataset in sources.CIFAR_DATASETS:
@@ -30,8 +30,7 @@ def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, capsys, mo
     code = main(["search", "--study", name, "--storage", storage, "--trials", "2", "--epochs", "1",
                  "--train-limit", "256", "--val-limit", "128", "--timeout", "5", *root])
     assert code == 0, capsys.readouterr().err
-    study = optuna.load_study(study_name=name, storage=storage)
-    finished = study.get_trials(states=search.FINISHED)
+    finished = store.records(optuna.load_study(study_name=name, storage=storage), store.FINISHED)
     assert len(finished) == 2
-    assert finished[0].user_attrs.get("baseline") is True  # the file's first baseline ran first
+    assert finished[0].baseline is True  # the file's first baseline ran first
     assert f"make search STUDY={name}` continues" in capsys.readouterr().out

@@ -15,56 +15,27 @@ import optuna
 import pytest
 import requests
 import torch
+from conftest import StudyEnv
 from mlflow import MlflowClient
-from optuna.trial import TrialState
 from ui_process import free_port, start_ui, stop_ui, wait_for_health
 
-from pipeline import data, tracking, train
-from pipeline.cli import main
+from pipeline import data, hparams, registry, store, tracking, train
 
 # Three baselines run first, in order: a normal trial, one that diverges (PRUNED), one that raises inside the
-# trainer (FAIL, see `fail_at_lr`); then sampled trials. fp32, so the registered fp32 model reproduces the score.
+# trainer (FAIL, see `tracked_env`); then sampled trials. fp32, so the registered fp32 model reproduces the score.
 FAILING_LR = 0.07
-STUDY = """
-description = "tracking test study"
-dataset = "tiny"
-model = "cnn"
-trials = {trials}
-timeout_minutes = 10
-seed = 3
-sampler = "random"
-pruner = "none"
-epochs = 2
-val_size = 100
 
-[fixed]
-cnn_channels = [8, 16]
-pool = "every"
-head = "gap"
-head_units = 0
-batch_size = 50
-precision = "fp32"
-optimizer = "sgd"
-schedule = "none"
-batch_norm = false
 
-[space]
-lr = {{ type = "float", low = 1e-2, high = 1e4, log = true }}
-
-[[baseline]]
-lr = 0.05
-
-[[baseline]]
-lr = 1e4
-
-[[baseline]]
-lr = 0.07
-"""
+def write_study(env: StudyEnv, trials: int, **overrides) -> None:
+    env.write_study(trials=trials, seed=3, sampler="random", pruner="none", epochs=2,
+                    fixed={"precision": "fp32", "optimizer": "sgd", "schedule": "none", "batch_norm": False},
+                    space={"lr": {"type": "float", "low": 1e-2, "high": 1e4, "log": True}, "dropout": None},
+                    baseline=[{"lr": 0.05}, {"lr": 1e4}, {"lr": FAILING_LR}], **overrides)
 
 
 @pytest.fixture
-def env(tiny_dataset, tmp_path, mlflow_store, monkeypatch):
-    """(studies dir, Optuna storage, data root); trials with lr = FAILING_LR fail with an exception."""
+def tracked_env(study_env, mlflow_store, monkeypatch) -> StudyEnv:
+    """The study env tracking into this test's MLflow store; trials with lr = FAILING_LR fail with an exception."""
     real_fit = train.fit
 
     def fail_at_lr(params, *args, **kwargs):
@@ -73,24 +44,7 @@ def env(tiny_dataset, tmp_path, mlflow_store, monkeypatch):
         return real_fit(params, *args, **kwargs)
 
     monkeypatch.setattr(train, "fit", fail_at_lr)
-    _, root = tiny_dataset
-    studies_dir = tmp_path / "studies"
-    studies_dir.mkdir()
-    return studies_dir, f"sqlite:///{tmp_path}/optuna.db", root
-
-
-def write_study(studies_dir: Path, trials: int) -> None:
-    (studies_dir / "tracked.toml").write_text(STUDY.format(trials=trials))
-
-
-def run_cli(env, *args: str) -> int:
-    studies_dir, storage, root = env
-    return main([args[0], "--study", "tracked", "--studies-dir", str(studies_dir), "--storage", storage,
-                 "--root", str(root), "--threads", "1", *args[1:]])
-
-
-def load_study(env, name: str = "tracked") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=env[1])
+    return study_env
 
 
 def runs_of(client: MlflowClient, experiment: str) -> tuple[list, list]:
@@ -106,29 +60,30 @@ def by_trial(children: list) -> dict[int, object]:
     return {int(r.data.tags["trial_number"]): r for r in children}
 
 
-def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and_params(env, mlflow_store):
-    write_study(env[0], trials=4)
-    assert run_cli(env, "search") == 0
-    study = load_study(env)
+def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and_params(tracked_env, mlflow_store):
+    env = tracked_env
+    write_study(env, trials=4)
+    assert env.run("search") == 0
+    study, trials = env.load(), env.records()
     client = MlflowClient(mlflow_store)
-    parents, children = runs_of(client, "tracked")
-    experiment = client.get_experiment_by_name("tracked")
+    parents, children = runs_of(client, "tiny")
+    experiment = client.get_experiment_by_name("tiny")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    assert study.user_attrs[search_attr()] == parent.info.run_id
-    assert len(children) == len(study.trials)
+    assert store.parent_run_id(study) == parent.info.run_id
+    assert len(children) == len(trials)
     assert all(r.data.tags[tracking.PARENT_TAG] == parent.info.run_id for r in children)
     runs = by_trial(children)
-    prepared = data.prepare("tiny", env[2], "cpu", val_size=100)
-    expected_status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
-    for trial in study.trials:
+    prepared = data.prepare("tiny", env.root, "cpu", val_size=100)
+    expected_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    for trial in trials:
         run = runs[trial.number]
         assert run.info.status == expected_status[trial.state], trial.number
-        assert run.data.tags["optuna_state"] == trial.state.name
-        assert run.data.params["lr"] == str(trial.params["lr"])
-        assert run.data.params["trial_seed"] == str(trial.user_attrs["seed"])
+        assert run.data.tags["optuna_state"] == trial.state
+        assert run.data.params["lr"] == str(trial.sampled["lr"])
+        assert run.data.params["trial_seed"] == str(trial.seed)
         assert run.data.params["cnn_channels"] == "[8, 16]"
         for key in ("dataset_checksum", "split_hash", "git_commit", "torch_version", "optuna_version"):
             assert run.data.params[key]
@@ -144,25 +99,24 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
             len(prepared.train), len(prepared.val), 200)
 
     # The forced outcomes: trial 1 diverged (PRUNED -> KILLED), trial 2 failed with its traceback logged.
-    assert study.trials[1].state == TrialState.PRUNED and runs[1].data.tags["fail_reason"] == "diverged"
-    assert study.trials[2].state == TrialState.FAIL and runs[2].data.tags["fail_reason"] == "RuntimeError"
+    assert trials[1].state == "PRUNED" and runs[1].data.tags["fail_reason"] == "diverged"
+    assert trials[2].state == "FAIL" and runs[2].data.tags["fail_reason"] == "RuntimeError"
     traceback_file = mlflow.artifacts.download_artifacts(run_id=runs[2].info.run_id, artifact_path="traceback.txt")
     assert "Traceback" in Path(traceback_file).read_text() and "injected failure" in Path(traceback_file).read_text()
 
     # One metric value per epoch, stepped by epoch, equal to what Optuna recorded.
-    for trial in study.trials:
-        history = trial.user_attrs.get("history", [])
+    for trial in trials:
         logged = client.get_metric_history(runs[trial.number].info.run_id, "val_accuracy")
-        assert [m.step for m in logged] == [h["epoch"] for h in history]
-        assert [m.value for m in logged] == pytest.approx([h["val_accuracy"] for h in history])
+        assert [m.step for m in logged] == [h["epoch"] for h in trial.history]
+        assert [m.value for m in logged] == pytest.approx([h["val_accuracy"] for h in trial.history])
         for key in tracking.EPOCH_METRICS:
-            assert len(client.get_metric_history(runs[trial.number].info.run_id, key)) == len(history)
+            assert len(client.get_metric_history(runs[trial.number].info.run_id, key)) == len(trial.history)
 
     # Models only for trials that were the best so far when they completed.
     best_so_far, improving = None, set()
-    for trial in study.trials:
-        if trial.state == TrialState.COMPLETE and (best_so_far is None or trial.value > best_so_far):
-            best_so_far = trial.value
+    for trial in trials:
+        if trial.state == "COMPLETE" and (best_so_far is None or trial.values[0] > best_so_far):
+            best_so_far = trial.values[0]
             improving.add(trial.number)
     assert {n for n, r in runs.items() if "model_uri" in r.data.tags} == improving
 
@@ -170,101 +124,97 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "best_params.json", "confusion_matrix.png", "optimization_history.png",
             "parallel_coordinate.png", "intermediate_values.png"} <= artifacts
-    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    best = store.leading_best(study)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.values[0])
     best_params = json.loads(Path(mlflow.artifacts.download_artifacts(
         run_id=parent.info.run_id, artifact_path="best_params.json")).read_text())
-    assert best_params["trial"] == study.best_trial.number
-    assert best_params["params"]["lr"] == study.best_trial.params["lr"]
+    assert best_params["trial"] == best.number
+    assert best_params["params"]["lr"] == best.sampled["lr"]
 
 
-def search_attr() -> str:
-    from pipeline import search
-
-    return search.PARENT_RUN_ATTR
-
-
-def test_champion_alias_loads_and_scores_as_the_trial_reported(env, mlflow_store):
-    write_study(env[0], trials=3)
-    assert run_cli(env, "search") == 0
-    best = load_study(env).best_trial
+def test_champion_alias_loads_and_scores_as_the_trial_reported(tracked_env, mlflow_store):
+    write_study(tracked_env, trials=3)
+    assert tracked_env.run("search") == 0
+    best = store.leading_best(tracked_env.load())
     client = MlflowClient(mlflow_store)
-    version = client.get_model_version_by_alias("tracked", "champion")
+    version = client.get_model_version_by_alias("tiny", "champion")
     assert version.tags["trial_number"] == str(best.number)
 
-    info = mlflow.models.get_model_info("models:/tracked@champion")
+    info = mlflow.models.get_model_info("models:/tiny@champion")
     assert info.signature.inputs.inputs[0].shape == (-1, 1, 28, 28)  # a batch of normalised images
     assert info.metadata["classes"][0] == "class0" and len(info.metadata["mean"]) == 1 and info.metadata["mean"][0] > 0
     assert info.metadata["input_shape"] == [1, 28, 28] and info.metadata["preprocessing"]["image_size"] == 28
-    model = mlflow.pytorch.load_model("models:/tracked@champion")  # a torch.export program: no project code needed
-    prepared = data.prepare("tiny", env[2], "cpu", val_size=100)
+    model = mlflow.pytorch.load_model("models:/tiny@champion")  # a torch.export program: no project code needed
+    prepared = data.prepare("tiny", tracked_env.root, "cpu", val_size=100)
     correct = 0
     for images, labels in prepared.val.batches(64):
         correct += (model(images).argmax(1) == labels).sum().item()
-    assert correct / len(prepared.val) == pytest.approx(best.value, abs=1 / len(prepared.val))
+    assert correct / len(prepared.val) == pytest.approx(best.values[0], abs=1 / len(prepared.val))
 
 
-def test_resume_adds_children_under_the_same_parent(env, mlflow_store):
-    write_study(env[0], trials=2)
-    assert run_cli(env, "search") == 0
-    first_parent = load_study(env).user_attrs[search_attr()]
-    assert run_cli(env, "search", "--trials", "3") == 0
-    study = load_study(env)
-    parents, children = runs_of(MlflowClient(mlflow_store), "tracked")
+def test_resume_adds_children_under_the_same_parent(tracked_env, mlflow_store):
+    write_study(tracked_env, trials=2)
+    assert tracked_env.run("search") == 0
+    first_parent = store.parent_run_id(tracked_env.load())
+    assert tracked_env.run("search", "--trials", "3") == 0
+    parents, children = runs_of(MlflowClient(mlflow_store), "tiny")
     assert [p.info.run_id for p in parents] == [first_parent] and parents[0].info.status == "FINISHED"
-    assert len(children) == len(study.trials) == 4  # 2 finished + the failing baseline, then one more
+    assert len(children) == len(tracked_env.records()) == 4  # 2 finished + the failing baseline, then one more
     assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {first_parent}
 
 
-def test_champion_alias_moves_only_to_a_better_model(env, mlflow_store):
+def test_champion_alias_moves_only_to_a_better_model(tracked_env, mlflow_store):
     client = MlflowClient(mlflow_store)
-    write_study(env[0], trials=2)
-    assert run_cli(env, "search") == 0
-    first = client.get_model_version_by_alias("tracked", "champion")
-    client.set_model_version_tag("tracked", first.version, "objective_value", "1.5")  # unbeatable
-    assert run_cli(env, "search", "--fresh") == 0
-    assert client.get_model_version_by_alias("tracked", "champion").version == first.version
-    assert len(client.search_model_versions("name = 'tracked'")) == 2
+    write_study(tracked_env, trials=2)
+    assert tracked_env.run("search") == 0
+    first = client.get_model_version_by_alias("tiny", "champion")
+    client.set_model_version_tag("tiny", first.version, "objective_value", "1.5")  # unbeatable
+    assert tracked_env.run("search", "--fresh") == 0
+    assert client.get_model_version_by_alias("tiny", "champion").version == first.version
+    assert len(client.search_model_versions("name = 'tiny'")) == 2
 
-    client.set_model_version_tag("tracked", first.version, "objective_value", "-1.0")  # beaten by anything
-    assert run_cli(env, "search", "--fresh") == 0
-    champion = client.get_model_version_by_alias("tracked", "champion")
-    assert champion.version != first.version and champion.tags["study"] == "tracked-v3"
+    client.set_model_version_tag("tiny", first.version, "objective_value", "-1.0")  # beaten by anything
+    assert tracked_env.run("search", "--fresh") == 0
+    champion = client.get_model_version_by_alias("tiny", "champion")
+    assert champion.version != first.version and champion.tags["study"] == "tiny-v3"
 
     # Scores on another validation split are not comparable: the newer study's best takes over.
-    client.set_model_version_tag("tracked", champion.version, "objective_value", "1.5")
-    path = env[0] / "tracked.toml"
-    path.write_text(path.read_text().replace("val_size = 100", "val_size = 150"))
-    assert run_cli(env, "search", "--fresh") == 0
-    moved = client.get_model_version_by_alias("tracked", "champion")
-    assert moved.tags["study"] == "tracked-v4" and "val_size=150" in moved.tags["evaluation_set"]
+    client.set_model_version_tag("tiny", champion.version, "objective_value", "1.5")
+    write_study(tracked_env, trials=2, val_size=150)
+    assert tracked_env.run("search", "--fresh") == 0
+    moved = client.get_model_version_by_alias("tiny", "champion")
+    assert moved.tags["study"] == "tiny-v4" and "val_size=150" in moved.tags["evaluation_set"]
+
+
 @pytest.mark.faults  # README: What survives what
-def test_unreachable_tracking_server_fails_fast_before_training(env, monkeypatch, capsys):
-    write_study(env[0], trials=2)
+def test_unreachable_tracking_server_fails_fast_before_training(study_env, monkeypatch, capsys):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    env = study_env.replace(tracking_uri=f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
+    write_study(env, trials=2)
     started = time.monotonic()
-    assert run_cli(env, "search") == 2
+    assert env.run("search") == 2
     assert time.monotonic() - started < 15
     err = " ".join(capsys.readouterr().err.split())
     assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in err and "MLFLOW_TRACKING_URI" in err
-    assert optuna.get_all_study_summaries(env[1]) == []  # nothing started, nothing trained
+    assert optuna.get_all_study_summaries(env.storage) == []  # nothing started, nothing trained
 
 
-def test_no_tracking_flag_runs_without_mlflow(env, mlflow_store):
-    write_study(env[0], trials=1)
-    assert run_cli(env, "search", "--no-tracking") == 0
-    assert MlflowClient(mlflow_store).get_experiment_by_name("tracked") is None
-    assert search_attr() not in load_study(env).user_attrs
+def test_no_tracking_flag_runs_without_mlflow(tracked_env, mlflow_store):
+    write_study(tracked_env, trials=1)
+    assert tracked_env.run("search", "--no-tracking") == 0
+    assert MlflowClient(mlflow_store).get_experiment_by_name("tiny") is None
+    assert store.parent_run_id(tracked_env.load()) is None
 
 
-def test_ui_serves_the_study_runs_over_rest(env, mlflow_store):
-    write_study(env[0], trials=2)
-    assert run_cli(env, "search") == 0
-    experiment_id = MlflowClient(mlflow_store).get_experiment_by_name("tracked").experiment_id
+def test_ui_serves_the_study_runs_over_rest(tracked_env, mlflow_store):
+    write_study(tracked_env, trials=2)
+    assert tracked_env.run("search") == 0
+    experiment_id = MlflowClient(mlflow_store).get_experiment_by_name("tiny").experiment_id
     port = free_port()
-    process, url = start_ui(env, "tracked", port)
+    process, url = start_ui(tracked_env, "tiny", port)
     try:
         assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
         response = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
@@ -272,22 +222,20 @@ def test_ui_serves_the_study_runs_over_rest(env, mlflow_store):
         response.raise_for_status()
         runs = response.json()["runs"]
         names = sorted(r["info"]["run_name"] for r in runs)
-        trials = [t for t in load_study(env).trials if t.state != TrialState.WAITING]  # the third baseline waits
-        assert names == sorted(["tracked", *(f"trial-{t.number:04d}" for t in trials)])
+        trials = [t for t in tracked_env.records() if t.state != "WAITING"]  # the third baseline waits
+        assert names == sorted(["tiny", *(f"trial-{t.number:04d}" for t in trials)])
     finally:
         stop_ui(process, port)
 
 
-def test_ui_for_a_study_never_tracked_exits_2(env, capsys):
-    write_study(env[0], trials=1)
-    assert run_cli(env, "search", "--no-tracking") == 0
-    studies_dir, storage, _ = env
-    assert main(["ui", "--study", "tracked", "--studies-dir", str(studies_dir), "--storage", storage]) == 2
+def test_ui_for_a_study_never_tracked_exits_2(tracked_env, capsys):
+    write_study(tracked_env, trials=1)
+    assert tracked_env.run("search", "--no-tracking") == 0
+    assert tracked_env.run("ui") == 2
     assert "has no MLflow experiment" in capsys.readouterr().err
 
 
-
-def test_search_tracks_to_make_server_over_http(env, tmp_path, monkeypatch):
+def test_search_tracks_to_make_server_over_http(study_env, tmp_path, monkeypatch):
     """`make server` + MLFLOW_TRACKING_URI=http://...: runs, artifacts (proxied) and the registry over HTTP."""
     port = free_port()
     server = subprocess.Popen(  # `make server`, on loopback
@@ -296,14 +244,14 @@ def test_search_tracks_to_make_server_over_http(env, tmp_path, monkeypatch):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_health(port)
-        uri = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        write_study(env[0], trials=2)
-        assert run_cli(env, "search") == 0
-        parents, children = runs_of(MlflowClient(uri), "tracked")
+        env = study_env.replace(tracking_uri=f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
+        write_study(env, trials=2)
+        assert env.run("search") == 0
+        parents, children = runs_of(MlflowClient(env.tracking_uri), "tiny")
         assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
         assert any((tmp_path / "server-artifacts").rglob("model.pt2"))  # the server stored the best model
-        model = mlflow.pytorch.load_model("models:/tracked@champion")  # downloaded through the server
+        model = mlflow.pytorch.load_model("models:/tiny@champion")  # downloaded through the server
         assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     finally:
         server.send_signal(signal.SIGTERM)  # it stops its mlflow server with it
@@ -314,14 +262,14 @@ def test_search_tracks_to_make_server_over_http(env, tmp_path, monkeypatch):
 
 def test_champion_matches_runs_logged_before_parameters_were_added():
     """A store written before `augment_policy`, `unfreeze_epoch` and `input_size` existed still exports."""
-    params = train.resolve_params({"model": "cnn", "lr": 0.05})
-    logged = {k: tracking.param_value(v) for k, v in params.items()} | {"trial_seed": "7"}
+    params = hparams.resolve_params({"model": "cnn", "lr": 0.05})
+    logged = {k: registry.param_value(v) for k, v in params.items()} | {"trial_seed": "7"}
     old_run = {k: v for k, v in logged.items() if k not in ("augment_policy", "unfreeze_epoch", "input_size")}
-    version = tracking.ChampionVersion("m", "1", "m", 0, "run", None, "models:/m/1", old_run)
+    version = registry.ChampionVersion("m", "1", "m", 0, "run", None, "models:/m/1", old_run)
     assert version.matches(params, 7)  # missing keys: the run trained at their defaults
     assert not version.matches(params, 8)  # another seed
     assert not version.matches(params | {"unfreeze_epoch": 2}, 7)  # missing, and not the default
     assert not version.matches(params | {"lr": 0.01}, 7)  # logged, and different
-    differs = tracking.ChampionVersion("m", "1", "m", 0, "run", None, "models:/m/1",
+    differs = registry.ChampionVersion("m", "1", "m", 0, "run", None, "models:/m/1",
                                        old_run | {"augment_policy": "natural"})
     assert not differs.matches(params, 7)  # logged with another value than the trial's

@@ -6,9 +6,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import requests
 
@@ -20,11 +18,10 @@ def free_port() -> int:
 
 
 def start_ui(env, study: str, port: int) -> tuple[subprocess.Popen, str]:
-    """`python -m pipeline ui` in a real process; returns it and the URL it printed."""
-    studies_dir, storage, root = env
-    command = [sys.executable, str(Path(__file__).parent / "tiny_cli.py"), str(root), "ui", "--study", study,
-               "--studies-dir", str(studies_dir), "--storage", storage, "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    """`python -m pipeline ui` on a StudyEnv's stores (conftest.py) in a real process; returns it and the URL it
+    printed."""
+    process = subprocess.Popen(env.command("ui", "--port", str(port), study=study), stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="300"))
     line = process.stdout.readline()
     url = next(word for word in line.split() if word.startswith("http://"))
