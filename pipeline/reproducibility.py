@@ -7,7 +7,6 @@ alternative: `use_deterministic_algorithms(True)` makes those raise instead of s
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import subprocess
@@ -18,12 +17,6 @@ import torch
 
 # cuBLAS reads this when the CUDA context starts; it must be set before any CUDA work.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A stable 31-bit seed from e.g. (study seed, trial number): same parts, same seed, any machine."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def seed_everything(seed: int) -> None:

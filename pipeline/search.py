@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import hparams, models, reproducibility, store, studies, train
+from pipeline import hparams, models, store, studies, train
 from pipeline.data import PreparedData
 from pipeline.events import Listener, TrialEnded, TrialStarted
 from pipeline.studies import StudySpec
@@ -109,7 +109,7 @@ class Objective:
             raise SurplusTrial(f"trial {trial.number}: the study's {self.spec.trials} trials are all taken")
         self.running = trial.number
         params = studies.suggest(self.spec, trial)
-        seed = reproducibility.derive_seed(self.spec.seed, trial.number)
+        seed = studies.derive_seed(self.spec.seed, trial.number)
         store.note(trial, seed=seed, params=params, owner={"host": socket.gethostname(), "pid": os.getpid()},
                    split_hash=self.data.split_hash, dataset_digest=self.data.checksum)
         started = TrialStarted(trial.number, hparams.resolve_params(params), seed,

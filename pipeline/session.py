@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import optuna
 import torch
 
-from pipeline import data, hparams, paths, replay, report, reproducibility, search, store, train, workers
+from pipeline import data, hparams, paths, replay, search, store, train, workers
 from pipeline.errors import BadInput
 from pipeline.events import Listener, Listeners
 from pipeline.sources import DEFAULT_VAL_SIZE
@@ -81,10 +81,10 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     tracking = Tracking.connect(spec, view) if options.tracking else Tracking.off()
     storage = store.open_storage(options.storage, spec.name, options.workers)
     device = train.pick_device(options.device)
-    salt = [f"{socket.gethostname()}/worker{options.worker}"] if options.worker is not None else []
+    salt = f"{socket.gethostname()}/worker{options.worker}" if options.worker is not None else ""
     study = store.open_study(spec, storage.backend, fresh=options.fresh, log=view.say,
-                             on_create=lambda created: tracking.start(spec, created, contested=False),
-                             sampler_seed=lambda finished: reproducibility.derive_seed(spec.seed, finished, *salt))
+                             on_create=lambda new_study: tracking.start(spec, new_study, contested=False),
+                             sampler_salt=salt)
     tracking.start(spec, study)  # joins the parent run the study's creator opened (a no-op for the creator)
     # Before any worker starts, so the data lands once; the coordinator of workers keeps it off the GPU.
     prepared = replay.study_data(spec, options.root, device if options.workers == 1 else "cpu")
@@ -113,7 +113,7 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     _standings(spec, study, outcome)
     view.ended(spec, outcome)
     if options.worker is None:  # a worker's coordinator closes the study's MLflow side
-        outcome.messages = tracking.finish(spec, study, status, warn=view.note)
+        outcome.messages = tracking.finish(spec, study, status, warn=view.warning)
     return outcome
 
 
@@ -231,7 +231,7 @@ class Tracking:
         try:
             lines = self._finish(spec, study, status)
         except Exception as exc:
-            warn(f"MLflow could not record the end of this run ({type(exc).__name__}: "
+            warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200]}); the trials are saved in Optuna and the next run "
                       "brings MLflow up to date")
             return []
@@ -239,6 +239,8 @@ class Tracking:
                         f"{study.study_name!r})"]
 
     def _finish(self, spec: StudySpec, study: optuna.Study, status: str) -> list[str]:
+        from pipeline import report  # matplotlib and Optuna's plots take half a second: only when tracking is on
+
         records = store.records(study)
         ended = {r.number: search.trial_ended(r) for r in records if r.state in ("COMPLETE", "PRUNED", "FAIL")}
         lines = []

@@ -177,7 +177,8 @@ def records(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -
 
 
 def record(study: optuna.Study, number: int) -> TrialRecord | None:
-    return next((r for r in records(study) if r.number == number), None)
+    found = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    return record_of(found) if found is not None else None
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -215,20 +216,18 @@ def beats_best(study: optuna.Study, value: float) -> bool:
     return value > best.values[0] if maximize else value < best.values[0]
 
 
-def best_values(study: optuna.Study) -> list[float] | None:
-    """The values of Optuna's best trial (the first of the Pareto front for several objectives), if any."""
-    try:
-        best = study.best_trials
-    except ValueError:
-        return None
-    return best[0].values if best else None
-
-
 def best_records(study: optuna.Study) -> list[TrialRecord]:
+    """Optuna's best trials: the best one, or the Pareto front for several objectives."""
     try:
         return [record_of(t) for t in study.best_trials]
     except ValueError:
         return []
+
+
+def best_values(study: optuna.Study) -> list[float] | None:
+    """The values of the first of Optuna's best trials, if any."""
+    best = best_records(study)
+    return best[0].values if best else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,14 +337,15 @@ def record_parent_run_id(study: optuna.Study, run_id: str) -> None:
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: bool = False,
                log: Callable[[str], None] = print, on_create: Callable[[optuna.Study], None] = lambda study: None,
-               sampler_seed: Callable[[int], int] = lambda finished: finished) -> optuna.Study:
+               sampler_salt: str = "") -> optuna.Study:
     """Create or resume the study's current version; FRESH starts the next version.
 
     Safe when several processes start at once: creating a study is atomic in the storage, the loser
     resumes it, and the creator sets the `fingerprint` attribute last, after queueing the baselines
     and running `on_create` (which opens the MLflow parent run), so whoever sees the fingerprint sees
-    a fully set-up study. `sampler_seed(finished trials)` seeds a resumed study's sampler, so it does
-    not replay its opening suggestions (and parallel workers can be told apart).
+    a fully set-up study. A resumed study's sampler is reseeded from the finished count, so it does not
+    replay its opening suggestions; `sampler_salt` tells parallel workers' samplers apart (the same seed
+    would make them suggest the same parameters).
     """
     found = versions(storage, spec.name)
     version = (found[-1] + 1 if fresh else found[-1]) if found else 1
@@ -353,7 +353,8 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: boo
     if not found or fresh:
         try:
             study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions,
-                                        sampler=make_sampler(spec, sampler_seed(0)), pruner=make_pruner(spec))
+                                        sampler=make_sampler(spec, studies.derive_seed(spec.seed, 0)),
+                                        pruner=make_pruner(spec))
         except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago: join it
             pass
         else:
@@ -368,7 +369,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: boo
     study = optuna.load_study(study_name=name, storage=storage, pruner=make_pruner(spec))
     _check_fingerprint(spec, study, version, log)
     done = finished_count(study)
-    study.sampler = make_sampler(spec, sampler_seed(done))
+    study.sampler = make_sampler(spec, studies.derive_seed(spec.seed, done, *filter(None, [sampler_salt])))
     log(f"resuming study {name!r}: {done} of {spec.trials} trials finished")
     _enqueue_new_baselines(spec, study, log)
     return study

@@ -143,6 +143,15 @@ class StudySpec(_Strict):
         return hashlib.sha256(json.dumps(self.search_definition(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A stable 31-bit seed from e.g. (study seed, trial number): same parts, same seed, any machine.
+
+    Every seed of a study (its trials', its samplers') derives from the study file's `seed` this way.
+    """
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
 def with_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
     """The spec with command-line overrides (trials, timeout_minutes, epochs, subsets) applied; None: the file's."""
     update = {k: v for k, v in overrides.items() if v is not None}

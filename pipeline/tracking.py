@@ -1,7 +1,8 @@
 """MLflow: one experiment and one parent run per study, one child run per trial.
 
-With registry.py, the only module that imports MLflow. It knows nothing of Optuna: `StudyRun` is a
-listener (events.py) that the search tells what happens, in plain values. The store is
+With registry.py (the champion) and server.py (the UI), the only module that imports MLflow. It knows
+nothing of Optuna: `StudyRun` is a listener (events.py) that the search tells what happens, in plain
+values. The store is
 `sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts/`, both resolved from the project
 root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, PostgreSQL, another SQLite file).
 
@@ -56,7 +57,6 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr
                  "images_per_second")
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 INPUT_EXAMPLE_IMAGES = 4  # > 1, so torch.export keeps the batch dimension dynamic
-
 
 
 def quiet_mlflow() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import reproducibility, store, tracking
+from pipeline import store, studies, tracking
 
 BASELINE = {"lr": 3e-3, "dropout": 0.1}  # the tiny study's baseline (tests/tiny_study.py)
 
@@ -25,7 +25,7 @@ def test_search_runs_budget_and_records_seed_params_history(study_env, capsys):
     finished = study_env.records(states=store.FINISHED)
     assert len(finished) == 3
     for trial in finished:
-        assert trial.seed == reproducibility.derive_seed(7, trial.number)
+        assert trial.seed == studies.derive_seed(7, trial.number)
         assert trial.params["lr"] == trial.sampled["lr"]
         assert trial.params["cnn_channels"] == [8, 16]
         assert 1 <= len(trial.history) <= 2
