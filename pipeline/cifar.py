@@ -106,8 +106,9 @@ def _verified_batches(spec: CifarInfo, root: Path) -> dict[str, bytes]:
             raise DataError(f"{path}: missing from the extracted batches; delete {folder} and land "
                             f"{root / spec.archive} again (download it from {spec.url})")
         payload = path.read_bytes()
-        if _md5(payload) != md5:
-            raise DataError(f"{path}: MD5 {_md5(payload)}, expected {md5} (torchvision's list); delete "
+        actual = _md5(payload)
+        if actual != md5:
+            raise DataError(f"{path}: MD5 {actual}, expected {md5} (torchvision's list); delete "
                             f"{folder} and land {spec.archive} again")
         payloads[member] = payload
     return payloads
@@ -204,31 +205,37 @@ def _batch_arrays(batch: dict, label_key: bytes, classes: int, source: str) -> t
 def land_cifar(name: str, root: Path, log: Callable[[str], None]) -> imagecache.CachedImages:
     """The CIFAR dataset's image cache (train then test images), built from its batches on first use."""
     spec = info(name)
+    root = Path(root)
+    folder = root / spec.folder
     payloads = land_batches(spec, root, log)
-    key = name + "-" + hashlib.sha256("".join(_md5(payloads[m]) for m in sorted(payloads)).encode()).hexdigest()[:12]
+    # Every payload matched its MD5 in spec.files (land_batches verified them), so the key reads those.
+    key = name + "-" + hashlib.sha256("".join(spec.files[m] for m in sorted(payloads)).encode()).hexdigest()[:12]
     cached = imagecache.open_cache(imagecache.cache_dir(root, key))
     if cached is not None:
         return cached
-    meta_path = str(Path(root) / spec.folder / spec.meta_file)
+    meta_path = str(folder / spec.meta_file)
     meta = read_batch(payloads[spec.meta_file], meta_path)
     try:
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[spec.names_key]]
     except (KeyError, TypeError, UnicodeDecodeError) as exc:
         raise DataError(f"{meta_path}: no class names under {spec.names_key!r} ({type(exc).__name__}); delete "
-                        f"{Path(root) / spec.folder} and land {spec.archive} again") from None
+                        f"{folder} and land {spec.archive} again") from None
     images, labels, split = [], [], []
     for code, members in ((imagecache.TRAIN, spec.train_files), (imagecache.TEST, spec.test_files)):
         for member in members:
-            path = str(Path(root) / spec.folder / member)
+            path = str(folder / member)
             pixels, batch_labels = _batch_arrays(read_batch(payloads[member], path), spec.label_key, len(classes),
                                                  path)
             images.append(pixels)
             labels.append(batch_labels)
             split.append(np.full(len(pixels), code, dtype=np.uint8))
-    stacked = np.concatenate(images)
-    writer = imagecache.CacheWriter(root, key, len(stacked), (3, 32, 32))
-    writer.images[:] = stacked
-    manifest = {"source": str(root / spec.folder), "classes": classes,
+    manifest = {"source": str(folder), "classes": classes,
                 "preprocessing": {"image_size": 32, "channels": "rgb", "style": "photo"}}
-    writer.commit(np.concatenate(labels), np.concatenate(split), manifest)
-    return imagecache.open_cache(imagecache.cache_dir(root, key))
+    writer = imagecache.CacheWriter(root, key, sum(map(len, images)), (3, 32, 32))
+    try:
+        np.concatenate(images, out=writer.images)  # straight into the cache file, no stacked copy first
+        directory = writer.commit(np.concatenate(labels), np.concatenate(split), manifest)
+    except BaseException:  # a full disk, say: no half-written cache folder left behind
+        writer.abandon()
+        raise
+    return imagecache.open_cache(directory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -12,6 +13,11 @@ T = TypeVar("T")
 
 # What SQLite/SQLAlchemy/alembic say when two processes create the same schema at once.
 SCHEMA_RACE_SIGNS = ("already exists", "UNIQUE constraint failed: alembic_version", "database is locked")
+
+
+def available_cores() -> int:
+    """The cores this process may use (a container's or taskset's share, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def open_store(open_: Callable[[], T], attempts: int = 3, pause_seconds: float = 1.0) -> T:

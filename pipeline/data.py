@@ -333,7 +333,7 @@ def channel_stats(images: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -
 
 def _cached_stats(arrays: Arrays, rows: torch.Tensor, root: Path, key: str) -> tuple[tuple[float, ...], ...]:
     """Training-split statistics of a cached dataset, kept beside the cache (keyed by the split)."""
-    path = Path(root) / "cache" / arrays.checksum / f"stats-{key}.json"
+    path = imagecache.cache_dir(root, arrays.checksum) / f"stats-{key}.json"
     try:
         cached = json.loads(path.read_text())
         return tuple(cached["mean"]), tuple(cached["std"])
@@ -374,8 +374,8 @@ def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.devi
     if arrays.given_val is not None:  # the source's own validation split (folder val/)
         is_val = torch.zeros(len(train_labels), dtype=torch.bool)
         is_val[arrays.given_val] = True
-        split = Split(torch.nonzero(~is_val).flatten(), arrays.given_val,
-                      split_hash(torch.nonzero(~is_val).flatten(), arrays.given_val))
+        given_train = torch.nonzero(~is_val).flatten()
+        split = Split(given_train, arrays.given_val, split_hash(given_train, arrays.given_val))
     else:
         if val_size is None:
             fraction = dataset.val_fraction if isinstance(dataset, FolderSource) else 0.1
@@ -383,7 +383,8 @@ def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.devi
         split = stratified_split(train_labels, val_size, split_seed)
     train_idx = seeded_subset(split.train_indices, train_limit, split_seed + 1)
     val_idx = seeded_subset(split.val_indices, val_limit, split_seed + 2)
-    if isinstance(dataset, str) and dataset in datasets.DATASETS:
+    idx = isinstance(dataset, str) and dataset in datasets.DATASETS
+    if idx:
         # The IDX datasets' statistics cover the whole training file, as they always have (recorded results).
         mean, std = datasets.normalisation_stats(datasets.dataset_info(dataset), root)
         mean, std = (mean,), (std,)
@@ -411,7 +412,7 @@ def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.devi
         split_hash=split.hash if (train_limit, val_limit) == (None, None) else split_hash(train_idx, val_idx),
         preprocessing=arrays.preprocessing,
         # IDX files hold digit-like images (MNIST, Fashion-MNIST, the tests' own): the affine that never flips.
-        default_augment_policy="digits" if isinstance(dataset, str) and dataset in datasets.DATASETS else "natural",
+        default_augment_policy="digits" if idx else "natural",
         source=arrays.source,
         test_count=len(arrays.test_rows),
     )

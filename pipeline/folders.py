@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import os
 import sys
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import imagecache
+from pipeline.concurrency import available_cores
 from pipeline.datasets import sha256_file
 from pipeline.errors import DataError
 from pipeline.fileio import write_atomic
@@ -100,8 +100,8 @@ def list_folder(root: Path) -> Listing:
                         "train/ and test/ (val/ optional), each with the same class subfolders")
     parts = [(root / name, code) for name, code in SPLIT_FOLDERS.items() if (root / name).is_dir()] if given \
         else [(root, imagecache.CARVE)]
-    classes = _class_folders(parts[0][0])
     where = parts[0][0]
+    classes = _class_folders(where) if given else top
     if not classes:
         raise DataError(f"dataset.path: {where} has no class subfolders; put each class's pictures in a subfolder "
                         "named after the class (e.g. flowers/daisy/1.jpg, flowers/rose/2.jpg)")
@@ -151,6 +151,7 @@ def list_csv(root: Path, csv_name: str) -> Listing:
     if len(classes) < 2:
         raise DataError(f"dataset.csv: {table} names {len(classes)} class(es); a classifier needs at least two")
     rows.sort()
+    label_of = {name: i for i, name in enumerate(classes)}
     files, relative, skipped, labels = [], [], [], []
     for path, label in rows:
         file = (table.parent / path).resolve()
@@ -161,7 +162,7 @@ def list_csv(root: Path, csv_name: str) -> Listing:
             continue
         files.append(file)
         relative.append(f"{path}|{label}")
-        labels.append(classes.index(label))
+        labels.append(label_of[label])
     return Listing(table.parent, tuple(classes), files, relative, labels, [imagecache.CARVE] * len(files), skipped)
 
 
@@ -218,11 +219,6 @@ def _resolve_channels(listing: Listing, channels: str) -> str:
     return "gray"
 
 
-def _cores() -> int:
-    """The cores this process may use (a container's or taskset's share, not the machine's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -235,19 +231,19 @@ def _progress_bar() -> Progress:
                     disable=not console.is_terminal, transient=True)
 
 
-def decode_into_cache(listing: Listing, source: FolderSource, key: str, cache_root: Path,
+def decode_into_cache(listing: Listing, source: FolderSource, key: str, data_root: Path,
                       log: Callable[[str], None] = _stderr) -> Path:
     """Decode every picture once (all cores, a progress bar with images/s) into a new cache folder."""
     channels = _resolve_channels(listing, source.channels)
     preprocessing = Preprocessing(source.image_size, channels)
     count = len(listing.files)
-    writer = imagecache.CacheWriter(cache_root.parent, key, count, preprocessing.shape)
+    writer = imagecache.CacheWriter(data_root, key, count, preprocessing.shape)
     keep = np.ones(count, dtype=bool)
     errors: list[str] = []
     chunks = [list(range(i, min(i + DECODE_CHUNK, count))) for i in range(0, count, DECODE_CHUNK)]
     progress = _progress_bar()
     started = time.perf_counter()
-    workers = max(1, min(_cores(), len(chunks)))
+    workers = max(1, min(available_cores(), len(chunks)))
     try:
         tasks = [([str(listing.files[i]) for i in chunk], preprocessing, source.max_megapixels) for chunk in chunks]
         with progress, contextlib.ExitStack() as stack:
@@ -274,7 +270,8 @@ def decode_into_cache(listing: Listing, source: FolderSource, key: str, cache_ro
             raise DataError(f"{errors[0]}; fix or remove it, or set skip_unreadable = true in [dataset] to skip "
                             f"unreadable pictures ({len(errors)} in all)")
         labels = np.asarray(listing.labels)
-        emptied = [name for i, name in enumerate(listing.classes) if not keep[labels == i].any()]
+        readable = np.bincount(labels[keep], minlength=len(listing.classes))
+        emptied = [name for name, n in zip(listing.classes, readable, strict=True) if n == 0]
         if emptied:
             raise DataError(f"dataset.path: class {emptied[0]!r} has no readable pictures left after skipping "
                             f"{len(errors)} unreadable one(s) (first: {errors[0]}); add readable pictures to it")
@@ -303,13 +300,11 @@ def land_folder(source: FolderSource, project_root: Path, data_root: Path,
     if listing.skipped:
         shown = ", ".join(sorted({Path(s).name for s in listing.skipped})[:5])
         log(f"{root}: {len(listing.skipped)} non-image file(s) skipped ({shown})")
-    cache_root = Path(data_root) / "cache"
-    key = digest(listing, file_hashes(listing, cache_root), source)
+    key = digest(listing, file_hashes(listing, Path(data_root) / "cache"), source)
     cached = imagecache.open_cache(imagecache.cache_dir(data_root, key))
     if cached is None:
         counts = Counter(listing.labels)
         log(f"{root}: {len(listing.files):,} pictures in {len(listing.classes)} classes: "
             + ", ".join(f"{name} {counts[i]:,}" for i, name in enumerate(listing.classes)))
-        decode_into_cache(listing, source, key, cache_root, log)
-        cached = imagecache.open_cache(imagecache.cache_dir(data_root, key))
+        cached = imagecache.open_cache(decode_into_cache(listing, source, key, data_root, log))
     return cached

@@ -26,7 +26,6 @@ import numpy as np
 from pipeline.errors import DataError
 
 TRAIN, VAL, TEST, CARVE = 0, 1, 2, 3
-SPLIT_NAMES = {TRAIN: "train", VAL: "val", TEST: "test", CARVE: "carve"}
 FORMAT_VERSION = 1
 
 
@@ -52,7 +51,7 @@ def cache_dir(root: Path, digest: str) -> Path:
 
 
 def open_cache(directory: Path) -> CachedImages | None:
-    """The cache in `directory`, or None when there is none (or only a damaged one, which is then removed)."""
+    """The cache in `directory`, or None when there is none; a damaged one is removed and DataError says so."""
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
         return None

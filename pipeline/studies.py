@@ -80,7 +80,7 @@ class DatasetTable(_Strict):
 
     path: str
     image_size: int = Field(64, ge=4, le=1024)
-    channels: Literal["auto", "rgb", "gray"] = "auto"
+    channels: Literal[sources.CHANNELS] = "auto"
     csv: str | None = None
     test_fraction: float = Field(0.1, gt=0, lt=1)
     val_fraction: float = Field(0.1, gt=0, lt=1)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pipeline.concurrency import stop_with_parent
+from pipeline.concurrency import available_cores, stop_with_parent
 from pipeline.events import Listener, TrialEnded, TrialStarted
 
 if TYPE_CHECKING:
@@ -44,8 +44,7 @@ class WorkerPlan:
 def plan(workers: int, threads: int | None, gpus: list[str]) -> list[WorkerPlan]:
     """GPUs round robin (worker i gets gpus[i % len]); CPU threads split so the workers together use each
     core once (at least one thread each), unless `threads` says how many each gets."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    each = threads or max(1, cores // workers)
+    each = threads or max(1, available_cores() // workers)
     return [WorkerPlan(i + 1, each, gpus[i % len(gpus)] if gpus else None) for i in range(workers)]
 
 

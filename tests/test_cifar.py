@@ -37,6 +37,9 @@ def test_lands_from_the_archive_with_the_right_channel_order(tiny_cifar):
     assert cached.images.shape == (5 * PER_BATCH + TEST_IMAGES, 3, 32, 32)
     assert np.array_equal(cached.images, tiny_cifar.images) and np.array_equal(cached.labels, tiny_cifar.labels)
     assert cached.split.tolist() == [imagecache.TRAIN] * 5 * PER_BATCH + [imagecache.TEST] * TEST_IMAGES
+    # The cache's name follows the batches' bytes (existing caches keep being found).
+    md5s = "".join(hashlib.md5(tiny_cifar.members[m]).hexdigest() for m in sorted(tiny_cifar.members))
+    assert cached.digest == cached.directory.name == "cifar10-" + hashlib.sha256(md5s.encode()).hexdigest()[:12]
 
     # The layout itself, read straight from a row: red plane, then green, then blue, each row by row.
     row = pickle.loads(tiny_cifar.members["data_batch_1"], encoding="bytes")[b"data"][7]

@@ -6,7 +6,9 @@ Every picture is a real file written with Pillow; every landing decodes them for
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from PIL import Image
 
 from pipeline import data, folders, imagecache
 from pipeline.augment import NaturalAugment
+from pipeline.concurrency import available_cores
 from pipeline.images import Preprocessing, open_picture
 from pipeline.sources import FolderSource
 
@@ -133,6 +136,36 @@ def test_second_landing_reads_the_cache_without_decoding(pictures):
     assert not pictures.logged("decoded") and not pictures.logged("pictures in")
     assert (second.directory / "images.npy").stat().st_mtime_ns == stamp
     assert np.array_equal(np.asarray(second.images), np.asarray(first.images))
+
+
+def test_unchanged_files_are_not_hashed_again(pictures, monkeypatch):
+    """The index beside the caches: a file is hashed again only when its size or modification time changed."""
+    pictures.add("cat", 3)
+    dogs = pictures.add("dog", 3)
+    first = pictures.land()
+    hashed = []
+
+    def counting(path):
+        hashed.append(path.name)
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    monkeypatch.setattr(folders, "sha256_file", counting)
+    assert pictures.land().digest == first.digest and hashed == []
+    os.utime(dogs[0], ns=(1, 1))  # touched: the same bytes, another modification time
+    assert pictures.land().digest == first.digest and hashed == [dogs[0].name]
+
+
+def test_a_damaged_cache_is_removed_and_decoded_anew(pictures):
+    pictures.add("cat", 3)
+    pictures.add("dog", 3)
+    first = pictures.land()
+    images = np.array(first.images)
+    (first.directory / "labels.npy").write_bytes(b"not numpy")
+    message = refusal(pictures.land)
+    assert message.startswith(f"{first.directory}: damaged image cache") and "run again" in message
+    assert not first.directory.exists()
+    again = pictures.land()
+    assert again.digest == first.digest and np.array_equal(again.images, images)
 
 
 def test_given_train_val_test_folders_are_used_as_given(pictures):
@@ -275,7 +308,7 @@ def test_mean_and_std_are_numpys_over_the_training_split(pictures):
     assert not np.allclose(prepared.mean, np.concatenate([pixels, val]).mean(axis=(0, 2, 3)), rtol=0, atol=1e-9)
 
 
-@pytest.mark.skipif(folders._cores() < 2, reason="decoding in worker processes needs two cores")
+@pytest.mark.skipif(available_cores() < 2, reason="decoding in worker processes needs two cores")
 def test_decoding_in_worker_processes_gives_each_file_its_own_picture(pictures):
     pictures.add("cat", 70)
     pictures.add("dog", 60)  # 130 pictures: three chunks of at most 64

@@ -42,3 +42,14 @@ def test_a_folder_it_did_not_write_is_never_replaced(tmp_path):
     with pytest.raises(BadInput):
         sample_images.write(tmp_path / "mine", per_class=4)
     assert (tmp_path / "mine" / "photo.jpg").read_bytes() == b"precious"
+
+
+def test_an_older_tree_of_ours_is_rewritten_in_place(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert sample_images.main(["--out", str(out), "--per-class", "2"]) == 0
+    assert sample_images.main(["--out", str(out), "--per-class", "3"]) == 0  # another tree: replaced
+    assert "wrote 15 pictures" in capsys.readouterr().out
+    assert all(len(list((out / name).iterdir())) == 3 for name in sample_images.CLASSES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]  # no .partial or .old folder left
+    assert sample_images.main(["--out", str(out), "--per-class", "1"]) == 2
+    assert "at least 2 pictures per class" in capsys.readouterr().err
