@@ -28,11 +28,11 @@ BATCH = 64
 LR = 1e-3
 
 
-def reference_epoch(family: str, train_idx: torch.Tensor, val_idx: torch.Tensor, mean: float, std: float,
-                    rotate: bool) -> float:
+def reference_epoch(family: str, train_idx: torch.Tensor, val_idx: torch.Tensor, mean: tuple[float, ...],
+                    std: tuple[float, ...], rotate: bool) -> float:
     steps = [transforms.RandomRotation(10)] if rotate else []
-    train_tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
-    val_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((mean,), (std,))])
+    train_tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+    val_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
     train_set = tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=train_tf)
     val_set = tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=val_tf)
     train_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=BATCH, shuffle=True)

@@ -78,6 +78,7 @@ class Champion:
     model: torch.nn.Module  # CPU, float32, eval mode
     source: str  # one line: registry version, or retrained from the recorded trial
     run_ids: list[str]  # MLflow runs that get the test figures (champion run, parent run)
+    split_hash: str  # the validation split it was judged on: recorded by the trial, or (older trials) rebuilt
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,7 +110,8 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
         log(f"warning: the retrained validation accuracy {result.best_val_accuracy} differs from the recorded "
             f"{max(recorded)} (another device or thread count?)")
     return Champion(study.study_name, best, definition, train.export_ready_copy(result.model),
-                    f"trial {best.number} retrained from its recorded params and seed (no registry entry)", [])
+                    f"trial {best.number} retrained from its recorded params and seed (no registry entry)", [],
+                    best.split_hash or prepared.split_hash)
 
 
 def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: registry.ChampionVersion) -> Champion:
@@ -125,21 +127,14 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: 
                        "original one, or pass --no-tracking to export the study's own best trial")
     definition = store.definition(study)
     # Streamed (resident_bytes=1): only the classes, shape and statistics are needed, not the images.
-    model = _build(trial.params, replay.recorded_data(definition, root, resident_bytes=1))
+    prepared = replay.recorded_data(definition, root, resident_bytes=1)
+    # A pretrained ResNet's input adapter needs the data's statistics.
+    model = models.build_model(trial.params, len(prepared.classes), prepared.input_shape,
+                               (prepared.mean, prepared.std))
     model.load_state_dict(registry.load_state_dict(version.model_uri))
     return Champion(version.study_name, trial, definition, model.eval(),
                     f"registered model {spec.name!r} version {version.version} (alias champion)",
-                    [r for r in (version.run_id, version.parent_run_id) if r])
-
-
-def _dataset(definition: dict[str, Any]) -> data.DatasetRef:
-    return studies.dataset_ref(definition["dataset"])
-
-
-def _build(params: dict[str, Any], prepared: data.PreparedData) -> torch.nn.Module:
-    """The trial's architecture for this data; a pretrained ResNet's input adapter needs the data's statistics."""
-    return models.build_model(hparams.resolve_params(params), len(prepared.classes), prepared.input_shape,
-                              (prepared.mean, prepared.std))
+                    [r for r in (version.run_id, version.parent_run_id) if r], trial.split_hash or prepared.split_hash)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,17 +191,17 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
                  threads: int) -> dict[str, Any]:
     """Every file but the verification; returns metrics.json's content."""
     torch.set_num_threads(threads)
-    dataset = _dataset(champion.definition)
+    dataset = studies.dataset_ref(champion.definition["dataset"])
     test, arrays = data.test_split(dataset, root, "cpu",
                                    val_size=champion.definition.get("val_size", DEFAULT_VAL_SIZE))
     data.require_digest(champion.trial.dataset_digest, arrays.checksum, champion.trial.number,
                         data.dataset_label(dataset),
                         "restore the pictures it was trained on, or search again and export that")
-    example = test.to_float(test.uint8(slice(0, 4)))
+    example = test.inputs(slice(0, 4), None, None)
     _write_model(champion.model, example, directory)
     if arrays.memory_mapped:  # the test split is rows of the image cache: verify.py needs to know which
         np.save(directory / TEST_ROWS, arrays.test_rows.numpy().astype(np.int64), allow_pickle=False)
-    config = _config(champion, spec, root, test, arrays, threads)
+    config = _config(champion, spec, dataset, test, arrays, threads)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     exported = torch.export.load(str(directory / "model.pt2")).module()  # score exactly what was written
@@ -237,7 +232,7 @@ def _write_model(model: torch.nn.Module, example: torch.Tensor, directory: Path)
     shutil.copy(Path(verify_export.__file__), directory / "verify.py")
 
 
-def _config(champion: Champion, spec: studies.StudySpec, root: Path, test: data.ResidentImages,
+def _config(champion: Champion, spec: studies.StudySpec, dataset: data.DatasetRef, test: data.ResidentImages,
             arrays: data.Arrays, threads: int) -> dict[str, Any]:
     """config.json: what the model is, what it expects, and where it came from."""
     params = hparams.resolve_params(champion.trial.params)
@@ -252,11 +247,9 @@ def _config(champion: Champion, spec: studies.StudySpec, root: Path, test: data.
         "std": list(test.std),
         "preprocessing": arrays.preprocessing.as_dict(),  # how `predict` turns a picture into the input
         "classes": list(arrays.classes),
-        "dataset": data.dataset_label(_dataset(champion.definition)),
+        "dataset": data.dataset_label(dataset),
         "dataset_checksum": arrays.checksum,
-        # Recorded by the trial; only trials from before that was recorded need the split rebuilt.
-        "split_hash": champion.trial.split_hash or replay.recorded_data(champion.definition, root,
-                                                                        resident_bytes=1).split_hash,
+        "split_hash": champion.split_hash,
         "study": champion.study_name,
         "study_file": spec.name,
         "trial_number": champion.trial.number,

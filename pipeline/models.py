@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from torchvision.models import ResNet18_Weights, resnet18
 
 from pipeline.errors import BadInput, ParamError
 from pipeline.hparams import model_params
@@ -142,9 +141,15 @@ def build_cnn(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, 
 # ResNet-18
 
 
+def _imagenet_weights_url() -> str:
+    from torchvision.models import ResNet18_Weights  # here: importing torchvision takes a second; only ResNets need it
+
+    return ResNet18_Weights.IMAGENET1K_V1.url
+
+
 def resnet18_weights_path() -> Path:
     """Where torch's cache keeps torchvision's ImageNet ResNet-18 weights (honours TORCH_HOME)."""
-    file_name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    file_name = _imagenet_weights_url().rsplit("/", 1)[1]
     return Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
@@ -195,9 +200,12 @@ class ResNet18Classifier(nn.Module):
     head trains. Fine-tuning may start the same way (`freeze_backbone`) and unfreeze later.
     """
 
-    def __init__(self, mode: str, num_classes: int, dropout: float, input_shape: tuple[int, int, int] = (1, 28, 28),
-                 input_size: int = 0, input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+    def __init__(self, mode: str, num_classes: int, dropout: float,
+                 input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE, input_size: int = 0,
+                 input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
         super().__init__()
+        from torchvision.models import resnet18  # here: importing torchvision takes a second; only ResNets need it
+
         channels = input_shape[0]
         size = input_size or max(input_shape[1:])
         if min(input_shape[1:]) < 8 and not input_size:
@@ -255,7 +263,7 @@ def load_imagenet_resnet18() -> dict[str, torch.Tensor]:
     path = resnet18_weights_path()
     if not path.is_file():
         raise BadInput(
-            f"ImageNet ResNet-18 weights not found at {path}; download {ResNet18_Weights.IMAGENET1K_V1.url} "
+            f"ImageNet ResNet-18 weights not found at {path}; download {_imagenet_weights_url()} "
             f"on a machine with internet and copy it there (TORCH_HOME={os.environ.get('TORCH_HOME', 'unset')}), "
             "or use resnet_mode='scratch'"
         )

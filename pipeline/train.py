@@ -102,7 +102,7 @@ class TrainedModel:
 
     def example_inputs(self, count: int) -> torch.Tensor:
         """The first `count` validation images as the model takes them (normalised float32), on the CPU."""
-        return self.data.val.to_float(self.data.val.uint8(slice(0, count))).cpu()
+        return self.data.val.inputs(slice(0, count), None, None).cpu()
 
 
 # --------------------------------------------------------------------------------------------------

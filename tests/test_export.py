@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -160,6 +162,19 @@ def test_without_a_registry_the_best_trial_is_retrained_and_exported(use, tmp_pa
     shared = json.loads((use.export / "metrics.json").read_text())
     retrained = json.loads((tmp_path / "exports" / "tiny" / "metrics.json").read_text())
     assert retrained["test_correct"] == shared["test_correct"]  # deterministic training: the same model
+
+
+def test_trial_recorded_without_its_split_hash_exports_the_split_it_was_judged_on(use, tmp_path):
+    """Trials from before the split was recorded: config.json names the split of the data the champion was built
+    for, which is the one the trial saw."""
+    storage = shutil.copy(use.env.storage.removeprefix("sqlite:///"), tmp_path / "optuna.db")
+    with contextlib.closing(sqlite3.connect(storage)) as db, db:
+        db.execute("DELETE FROM trial_user_attributes WHERE key = 'split_hash'")
+    env = use.env.replace(storage=f"sqlite:///{storage}", exports=tmp_path / "exports")
+    assert store.leading_best(env.load()).split_hash is None
+    assert env.run("export-best") == 0
+    config = json.loads((env.exports / "tiny" / "config.json").read_text())
+    assert config["split_hash"] == json.loads((use.export / "config.json").read_text())["split_hash"]
 
 
 def test_champion_from_another_optuna_storage_is_refused(use, tmp_path, capsys):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
-from pipeline import hparams, models
+from pipeline import hparams, models, paths
 from pipeline.errors import BadInput, ParamError
 
 
@@ -170,3 +173,12 @@ def test_a_model_that_cannot_fit_the_image_is_refused_naming_the_key():
                            (3, 256, 256))
     with pytest.raises(ParamError, match="input_size"):
         models.build_model({"model": "resnet18"}, 10, (3, 4, 4))
+
+
+def test_torchvision_is_imported_only_when_a_resnet_is_built():
+    """Importing it takes about a second, which every process that imports the trainer would pay."""
+    code = ("import sys; from pipeline import models; before = 'torchvision' in sys.modules; "
+            "models.build_model({'model': 'resnet18'}); print(before, 'torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=paths.PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["False", "True"], done.stderr

@@ -68,6 +68,9 @@ def test_checkpoint_of_other_params_is_refused(tiny, tmp_path):
     train.fit(dict(SMALL_CNN, epochs=1), tiny, checkpoint=checkpoint)
     with pytest.raises(BadInput, match="belongs to other parameters"):
         train.fit(dict(SMALL_CNN, epochs=1, lr=0.1), tiny, checkpoint=checkpoint)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short
+    with pytest.raises(BadInput, match="unreadable checkpoint"):
+        train.fit(dict(SMALL_CNN, epochs=1), tiny, checkpoint=checkpoint)
 
 
 def test_gradient_accumulation_matches_big_batch(tiny):
@@ -187,6 +190,23 @@ def test_bf16_reaches_fp32_accuracy_on_mnist_subset():
     bf16 = train.fit(dict(params, precision="bf16"), prepared, seed=0)
     assert fp32.best_val_accuracy > 0.9
     assert abs(bf16.best_val_accuracy - fp32.best_val_accuracy) <= 0.015
+
+
+def test_trained_model_gives_a_listener_cpu_copies_predictions_and_inputs(tiny):
+    result = train.fit(dict(SMALL_CNN, epochs=1), tiny, seed=1)
+    trained = train.TrainedModel(result.model, tiny, result.precision)
+    copy = trained.cpu_copy()
+    assert copy is not result.model and not copy.training
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in copy.parameters())
+    assert _same_weights(copy.state_dict(), _weights(result))
+    predicted = trained.val_predictions()
+    assert predicted.device.type == "cpu" and predicted.shape == (len(tiny.val),)
+    _, accuracy = train.evaluate(result.model, tiny.val, 512, result.precision)  # predict's batch size
+    assert int((predicted == tiny.val.labels.cpu()).sum()) / len(tiny.val) == accuracy
+    inputs = trained.example_inputs(3)
+    first_batch, _ = next(tiny.val.batches(3))
+    assert inputs.device.type == "cpu" and torch.equal(inputs, first_batch.cpu())  # normalised, in order
+    assert copy(inputs).shape == (3, 10)
 
 
 def test_auto_precision_follows_the_hardware(tiny):
