@@ -155,7 +155,12 @@ def derive_seed(*parts: int | str) -> int:
 def with_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
     """The spec with command-line overrides (trials, timeout_minutes, epochs, subsets) applied; None: the file's."""
     update = {k: v for k, v in overrides.items() if v is not None}
-    return spec.model_copy(update=update) if update else spec
+    if not update:
+        return spec
+    try:  # validated like the file itself: TRIALS=0 or EPOCHS=-1 is refused, not searched
+        return StudySpec.model_validate({**spec.model_dump(), **update})
+    except ValidationError as exc:
+        raise StudyError(f"studies/{spec.name}.toml with the command line's override: {_describe(exc)}") from None
 
 
 def dataset_ref(recorded: str | dict) -> str | sources.FolderSource:

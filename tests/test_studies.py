@@ -111,6 +111,8 @@ def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, cha
     err = " ".join(capsys.readouterr().err.split())  # undo line wrapping
     assert str(path) in err and message in err
     assert not (tmp_path / "optuna.db").exists()  # refused before the storage was even opened
+
+
 @pytest.mark.faults  # README: What survives what
 def test_unknown_study_lists_the_available_ones(capsys):
     assert main(["search", "--study", "nope"]) == 2
@@ -146,3 +148,32 @@ def test_families_can_compete_in_one_study(tmp_path):
     spec = studies.load(_write(tmp_path, text))
     params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
     assert params["model"] == "mlp"
+
+
+def test_command_line_overrides_replace_only_what_they_name(tmp_path):
+    """TRIALS=, TIMEOUT=, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (studies.with_overrides); unset ones keep the file's."""
+    spec = studies.load(_write(tmp_path, VALID))
+    assert studies.with_overrides(spec, trials=None, timeout_minutes=None, epochs=None) is spec
+    quick = studies.with_overrides(spec, trials=7, timeout_minutes=2.5, epochs=None, train_limit=256, val_limit=None)
+    assert (quick.trials, quick.timeout_minutes, quick.train_limit) == (7, 2.5, 256)
+    assert (quick.epochs, quick.val_limit, quick.space, quick.fixed) == (spec.epochs, None, spec.space, spec.fixed)
+    assert studies.with_overrides(spec, trials=50).fingerprint() == spec.fingerprint()  # a budget: resumable
+    assert (spec.trials, spec.train_limit) == (2, None)  # the loaded spec itself is unchanged
+
+
+@pytest.mark.parametrize("override", [{"trials": 0}, {"epochs": -1}, {"train_limit": -5}, {"timeout_minutes": 0}])
+def test_command_line_overrides_are_validated_like_the_file(tmp_path, override):
+    spec = studies.load(_write(tmp_path, VALID))
+    with pytest.raises(studies.StudyError) as refused:
+        studies.with_overrides(spec, **override)
+    key = next(iter(override))
+    assert f"{key} = {override[key]}" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_search_with_a_zero_trial_budget_exits_2_before_anything_is_created(tmp_path, capsys):
+    _write(tmp_path, VALID)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    assert main(["search", "--study", "trial", "--studies-dir", str(tmp_path), "--storage", storage,
+                 "--trials", "0", "--no-tracking"]) == 2
+    assert "trials = 0" in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()
