@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,39 @@ def empty_mlflow_store(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     tracking.connect(f"sqlite:///{path}")
     return path
+
+
+def mlflow_runs(uri: str, experiment: str = "tiny") -> list:
+    """Every MLflow run of `experiment` in the store or server at `uri` (none while it has no experiment)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return list(client.search_runs([found.experiment_id], max_results=1000)) if found else []
+
+
+def trial_runs(uri: str, experiment: str = "tiny") -> dict[int, object]:
+    """The trials' MLflow runs (the parent run's children), by trial number."""
+    return {int(r.data.tags["trial_number"]): r for r in mlflow_runs(uri, experiment) if "trial_number" in r.data.tags}
+
+
+# A store another process is creating or writing: looked at again a moment later.
+STORE_BUSY = (KeyError, optuna.exceptions.StorageInternalError, sqlite3.OperationalError)
+
+
+def wait_until(condition, what: str, timeout: float = 120, ignore: tuple[type[BaseException], ...] = STORE_BUSY,
+               interval: float = 0.2):
+    """Poll `condition()` until it returns something true, and return that; `ignore`d errors count as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = condition()
+        except ignore:
+            found = None
+        if found:
+            return found
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def mlflow_store_path(tmp_path: Path) -> Path:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-from conftest import StudyEnv, require_real_dataset
+from conftest import StudyEnv, require_real_dataset, wait_until
 from test_tracking import tracked_env, write_study  # noqa: F401  (tracked_env is a fixture)
 from ui_process import free_port, start_ui, stop_ui
 
@@ -37,17 +36,10 @@ def chromium():
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
 
 
-def wait_for(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = condition()
-        except Exception:  # the page is still rendering: elements come and go
-            found = None
-        if found:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"the MLflow UI never showed {what} within {timeout:.0f} s")
+def wait_for(condition, what: str):
+    """What `condition()` finds on the page, once it does; the page is still rendering while elements come
+    and go (any error: not yet)."""
+    return wait_until(condition, f"the MLflow UI to show {what}", timeout=60, ignore=(Exception,), interval=0.5)
 
 
 def walk_through_the_ui(env: StudyEnv, study: str, screenshots: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_study import study_toml
+from tiny_study import write_study
 
 from pipeline import events, replay, search, session, store, studies
 
@@ -41,9 +41,7 @@ class RecordingListener(events.Listener):
 
 def setup(tmp_path: Path, root: Path, trials: int = 3, epochs: int = 2):
     """(spec, study, prepared) for a tiny study in tmp_path."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(study_toml(trials=trials, epochs=epochs, **EVENTS_STUDY))
-    spec = studies.load(path)
+    spec = studies.load(write_study(tmp_path, trials=trials, epochs=epochs, **EVENTS_STUDY))
     study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/optuna.db"), log=lambda m: None)
     return spec, study, replay.study_data(spec, root, "cpu")
 

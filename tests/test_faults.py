@@ -20,9 +20,9 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import TINY_CLI, StudyEnv
-from mlflow import MlflowClient
+from conftest import TINY_CLI, StudyEnv, mlflow_runs, trial_runs, wait_until
 from PIL import Image
+from ui_process import free_port, wait_for_health
 
 from pipeline import store, tracking
 from pipeline.cli import main
@@ -38,24 +38,6 @@ def write_study(env: StudyEnv, trials: int = 3, epochs: int = 1, channels: list[
                            "precision": "fp32", "augment": 0.0},
                     space={"lr": {"type": "categorical", "choices": [1e-5, 3e-3]}, "dropout": None},
                     baseline=[{"lr": 1e-5}, {"lr": 3e-3}])
-
-
-def runs(uri: str) -> list:
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("tiny")
-    return list(client.search_runs([experiment.experiment_id], max_results=1000)) if experiment else []
-
-
-def wait_until(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except (KeyError, optuna.exceptions.StorageInternalError, sqlite3.OperationalError):
-            pass  # the database is being created or is busy
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def kill_mid_trial(find_victim) -> int:
@@ -103,16 +85,15 @@ def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(study_env, mlfl
     def running_and_tracked() -> int | None:
         trials = env.records()
         running = [t.number for t in trials if t.state == "RUNNING"]
-        tracked = {r.data.tags.get("trial_number") for r in runs(mlflow_store) if r.info.status == "RUNNING"}
-        mid_trial = any(t.state == "COMPLETE" for t in trials) and any(str(n) in tracked for n in running)
+        tracked = {n for n, r in trial_runs(mlflow_store).items() if r.info.status == "RUNNING"}
+        mid_trial = any(t.state == "COMPLETE" for t in trials) and any(n in tracked for n in running)
         return process.pid if mid_trial else None
 
     kill_mid_trial(running_and_tracked)
     process.wait()
     killed = next(t for t in env.records() if t.state == "RUNNING")
     finished_before = {t.number: t.values for t in env.records() if t.state == "COMPLETE"}
-    child = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
-    assert child[str(killed.number)].info.status == "RUNNING"  # as the kill left it
+    assert trial_runs(mlflow_store)[killed.number].info.status == "RUNNING"  # as the kill left it
 
     rerun = subprocess.run(env.command("search"), capture_output=True, text=True, timeout=600, env=fast_heartbeat)
     assert rerun.returncode == 0, rerun.stderr
@@ -123,10 +104,9 @@ def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(study_env, mlfl
     assert retried, "the killed trial's parameters were not run again"
     assert len([t for t in trials if t.finished]) >= 3
     assert {t.number: t.values for t in trials if t.number in finished_before} == finished_before
-    by_trial = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
-    assert by_trial[str(killed.number)].info.status == "FAILED"
-    assert by_trial[str(killed.number)].data.tags["fail_reason"] == "stale"
-    assert all(r.info.status != "RUNNING" for r in by_trial.values())
+    cut = trial_runs(mlflow_store)[killed.number]
+    assert cut.info.status == "FAILED" and cut.data.tags["fail_reason"] == "stale"
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(mlflow_store))
     assert integrity_ok(mlflow_store) and (storage == "journal" or integrity_ok(env.storage))
 
 
@@ -148,7 +128,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_truncated_checkpoint(tin
         process = subprocess.Popen(train_command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: checkpoint.is_file(), "the first checkpoint", timeout=120)
         time.sleep(rng.uniform(0.0, 1.5))
-        if process.poll() is None:
+        if process is not None and process.poll() is None:
             process.kill()
             kills += 1
         process.wait()
@@ -183,7 +163,7 @@ def test_two_searches_on_one_study_at_once_both_contribute_nothing_lost(study_en
     assert len({t.number for t in trials}) == len(trials)
     baseline_runs = [t for t in trials if t.baseline]
     assert len(baseline_runs) == 2  # each baseline queued once, not once per process
-    recorded = runs(mlflow_store)
+    recorded = mlflow_runs(mlflow_store)
     parents = [r for r in recorded if tracking.PARENT_TAG not in r.data.tags]
     assert len(parents) == 1
     children = [r for r in recorded if tracking.PARENT_TAG in r.data.tags]
@@ -216,9 +196,9 @@ def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(study_env, mlflow_
     assert full.state == "FAIL" and full.fail_reason == "disk_full"
     assert "File too large" in full.fail_detail
     assert trials[0].state == "COMPLETE" and trials[0].values == first.values
-    by_trial = {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}
-    assert by_trial["1"].info.status == "FAILED" and by_trial["1"].data.tags["fail_reason"] == "disk_full"
-    assert by_trial["0"].info.status == "FINISHED" and "model_uri" in by_trial["0"].data.tags
+    by_trial = trial_runs(mlflow_store)
+    assert by_trial[1].info.status == "FAILED" and by_trial[1].data.tags["fail_reason"] == "disk_full"
+    assert by_trial[0].info.status == "FINISHED" and "model_uri" in by_trial[0].data.tags
     assert integrity_ok(study_env.storage) and integrity_ok(mlflow_store)
 
     resumed = subprocess.run(study_env.command("search", "--trials", "3"), capture_output=True, text=True,
@@ -226,7 +206,7 @@ def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(study_env, mlflow_
     assert resumed.returncode == 0, resumed.stderr  # space is back: the study completes its budget
     assert len(study_env.records(states=store.FINISHED)) >= 3
     best = store.leading_best(study_env.load())
-    assert "model_uri" in {r.data.tags.get("trial_number"): r for r in runs(mlflow_store)}[str(best.number)].data.tags
+    assert "model_uri" in trial_runs(mlflow_store)[best.number].data.tags
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +256,7 @@ def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, ca
     }
     for name, image in good.items():
         image.save(tmp_path / name)
-    Image.new("1", (14_000, 14_000)).save(tmp_path / "bomb.png")  # 196 megapixels: Pillow's bomb guard refuses it
+    Image.new("1", (14_000, 14_000)).save(tmp_path / "bomb.png")  # 196 megapixels: over predict's cap
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not an image")
     truncated = (tmp_path / "gray.png").read_bytes()[:40]
@@ -288,8 +268,9 @@ def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, ca
     assert main(["predict", "--export", str(export_dir), *paths]) == 2
     out, err = capsys.readouterr()
     err = " ".join(err.split())
-    for name in bad:  # each named with what is wrong with it
-        assert f"{name}: cannot be decoded as an image" in err or f"{name}: 14000x14000 is 196 megapixels" in err
+    assert "bomb.png: 14000x14000 is 196 megapixels, over the cap" in err  # refused before it is decoded
+    for name in bad[1:]:  # each named with what is wrong with it
+        assert f"{name}: cannot be decoded as an image" in err
     table_rows = [line for line in out.splitlines() if line.startswith("│")]
     assert len(table_rows) == len(good)  # every readable picture classified
 
@@ -315,8 +296,6 @@ def test_corrupt_dataset_file_stops_the_search_before_training(study_env, capsys
 
 
 def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_env, tmp_path):
-    from ui_process import free_port, wait_for_health
-
     port = free_port()
     env = study_env.replace(tracking_uri=f"http://127.0.0.1:{port}")
     server_command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
@@ -331,30 +310,33 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_e
 
     write_study(env, trials=4, epochs=4)
     quick_failures = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
-    server = start_server()
-    process = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=quick_failures)
-    wait_until(lambda: any(t.state == "COMPLETE" for t in env.records()), "a finished trial")
-    os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-trial
-    server.wait()
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 1, err
-    err = " ".join(err.split())  # what the user reads, in this order:
-    assert "study stopped: 3 trials failed in a row" in err  # the reason comes first...
-    assert "MLflow could not record the end of this run" in err  # ...then the tracking warning
-    trials = env.records()
-    failed = [t for t in trials if t.state == "FAIL"]
-    assert len(failed) == 3 and all(t.fail_reason for t in failed)
-    assert trials[0].state == "COMPLETE"  # what finished before is intact
-
-    server = start_server()  # the same database: the server is back
+    server, process = start_server(), None
     try:
+        process = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=quick_failures)
+        wait_until(lambda: any(t.state == "COMPLETE" for t in env.records()), "a finished trial")
+        os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-trial
+        server.wait()
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 1, err
+        err = " ".join(err.split())  # what the user reads, in this order:
+        assert "study stopped: 3 trials failed in a row" in err  # the reason comes first...
+        assert "MLflow could not record the end of this run" in err  # ...then the tracking warning
+        trials = env.records()
+        failed = [t for t in trials if t.state == "FAIL"]
+        assert len(failed) == 3 and all(t.fail_reason for t in failed)
+        assert trials[0].state == "COMPLETE"  # what finished before is intact
+
+        server = start_server()  # the same database: the server is back
         rerun = subprocess.run(env.command("search"), capture_output=True, text=True, timeout=600,
                                env=quick_failures)
         assert rerun.returncode == 0, rerun.stderr
         assert len(env.records(states=store.FINISHED)) >= 4
-        statuses = [r.info.status for r in runs(env.tracking_uri)]
+        statuses = [r.info.status for r in mlflow_runs(env.tracking_uri)]
         assert "RUNNING" not in statuses  # the run cut off with the server was closed as FAILED
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        if process is not None and process.poll() is None:
+            process.kill()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)

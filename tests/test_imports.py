@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import write_tiny_dataset
 
@@ -93,14 +94,11 @@ def test_data_command_on_landed_files_imports_no_torch(tmp_path):
     root = tmp_path / "data"
     write_tiny_dataset(root)
     result = run_fresh(f'''
-from pathlib import Path
-from pipeline import cli, datasets
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from tiny_cli import register_tiny
+from pipeline import cli
 
-raw = Path({str(root)!r}) / "Tiny" / "raw"
-datasets.DATASETS["tiny"] = datasets.DatasetInfo(
-    name="tiny", folder="Tiny", sha256={{f: datasets.sha256_file(raw / f) for f in datasets.FILES}},
-    classes=tuple(f"class{{i}}" for i in range(10)),
-)
+register_tiny({str(root)!r})
 rc = cli.main(["data", "--dataset", "tiny", "--root", {str(root)!r}])
 ''')
     assert result["rc"] == 0, result["output"]

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 import postgres
 import pytest
 import requests
-from conftest import StudyEnv
+from conftest import StudyEnv, mlflow_runs, trial_runs, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from test_faults import kill_mid_trial, runs, wait_until, write_study
+from test_faults import kill_mid_trial, write_study
 from ui_process import free_port, wait_for_health
 
 from pipeline import store
@@ -69,7 +69,7 @@ def check_budget_exactly_run(env: StudyEnv, trials: int) -> list[store.TrialReco
     assert len(finished) == trials
     numbers = [t.number for t in records]
     assert len(numbers) == len(set(numbers))
-    all_runs = runs(mlflow_uri)
+    all_runs = mlflow_runs(mlflow_uri)
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1
@@ -89,7 +89,7 @@ def run_two_workers(env: StudyEnv, trials: int = 8) -> None:
     out, err = coordinator.communicate(timeout=600)
     assert coordinator.returncode == 0, out + err
     finished = check_budget_exactly_run(env, trials)
-    assert len([r for r in runs(env.tracking_uri) if "mlflow.parentRunId" in r.data.tags]) == trials  # one per trial
+    assert len([r for r in mlflow_runs(env.tracking_uri) if "mlflow.parentRunId" in r.data.tags]) == trials
     owners = {t.owner["pid"] for t in finished}
     assert len(owners) == 2 and coordinator.pid not in owners  # both worker processes ran trials
 
@@ -130,9 +130,8 @@ def test_kill_9_of_a_local_worker_mid_trial_is_swept_retried_and_the_budget_comp
     assert len(retried) == 1 and retried[0].finished and retried[0].sampled == killed.sampled
     assert retried[0].owner["pid"] != victim["pid"]  # the surviving worker ran it
     check_budget_exactly_run(env, 6)
-    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_store) if "trial_number" in r.data.tags}
-    assert by_trial[killed.number].info.status == "FAILED"
-    assert by_trial[killed.number].data.tags["fail_reason"] == "stale"
+    cut = trial_runs(mlflow_store)[killed.number]
+    assert cut.info.status == "FAILED" and cut.data.tags["fail_reason"] == "stale"
 
 
 def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retried(postgres_env):
@@ -171,9 +170,8 @@ def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retri
     retried = [t for t in env.load().trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retried) == 1 and retried[0].state in store.FINISHED and retried[0].params == killed.sampled
     check_budget_exactly_run(env, 5)
-    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(env.tracking_uri) if "trial_number" in r.data.tags}
-    assert by_trial[killed.number].info.status == "FAILED"
-    assert by_trial[killed.number].data.tags["fail_reason"] == "stale"
+    cut = trial_runs(env.tracking_uri)[killed.number]
+    assert cut.info.status == "FAILED" and cut.data.tags["fail_reason"] == "stale"
 
 
 def test_several_workers_need_a_positive_count(journal_env):
@@ -219,12 +217,12 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
     for number in interrupted:
         assert trials[number].state == "FAIL" and trials[number].fail_reason == "interrupted"
         assert any(t.state == "WAITING" and t.retry_of == number for t in trials)
-    by_trial = {int(r.data.tags["trial_number"]): r for r in runs(mlflow_store) if "trial_number" in r.data.tags}
+    by_trial = trial_runs(mlflow_store)
     assert all(by_trial[number].info.status == "FAILED" for number in interrupted)
     assert all(by_trial[number].data.tags["fail_reason"] == "interrupted" for number in interrupted)
-    parent = next(r for r in runs(mlflow_store) if "mlflow.parentRunId" not in r.data.tags)
+    parent = next(r for r in mlflow_runs(mlflow_store) if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "KILLED"
-    assert all(r.info.status != "RUNNING" for r in runs(mlflow_store))
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(mlflow_store))
 
     resumed = subprocess.run(env.command("search", "--workers", "2"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr

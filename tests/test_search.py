@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
-import time
+import sys
 
 import optuna
 import pytest
 import torch
-from mlflow import MlflowClient
+from conftest import TINY_CLI, mlflow_runs, wait_until
 
 from pipeline import store, studies, tracking
+from pipeline.cli import main
 
 BASELINE = {"lr": 3e-3, "dropout": 0.1}  # the tiny study's baseline (tests/tiny_study.py)
 
@@ -53,6 +55,22 @@ def test_studies_command_lists_progress_and_best(study_env, capsys):
     assert "0/2" in rows["other"] and "not started" in rows["other"]
 
 
+def test_two_workers_share_the_budget_and_their_events_reach_this_view(study_env, capsys):
+    """WORKERS=2: this process coordinates two worker processes (tests/tiny_cli.py) on the journal file."""
+    study_env.write_study(trials=3)
+    env = study_env.replace(storage=str(study_env.studies_dir / "optuna.journal"))
+    assert main(env.args("search", "--workers", "2"), worker_program=[sys.executable, str(TINY_CLI),
+                                                                      str(env.root)]) == 0
+    finished = env.records(states=store.FINISHED)
+    assert len(finished) == 3  # exactly the budget: a trial two workers raced for is recorded as surplus
+    assert all(r.finished or r.fail_reason == "surplus" for r in env.records())
+    owners = {t.owner["pid"] for t in finished}
+    assert os.getpid() not in owners and 1 <= len(owners) <= 2  # the workers trained, not the coordinator
+    out = capsys.readouterr().out
+    for trial in finished:  # each worker's trial_end event, drawn here once
+        assert len(re.findall(rf"^trial +{trial.number} {trial.state} .*\(worker [12]\)$", out, re.MULTILINE)) == 1
+
+
 def test_two_fresh_runs_same_seed_identical_params_and_values(study_env, tmp_path):
     study_env.write_study(trials=4)
     other = study_env.replace(storage=f"sqlite:///{tmp_path}/other.db")
@@ -77,6 +95,8 @@ def test_resume_continues_total_budget_and_reseeds(study_env):
     after = study_env.records()
     assert [r.number for r in after] == [0, 1, 2, 3] and all(r.finished for r in after)
     assert after[:2] == before  # the trials of the first run, as they were
+    # Reseeded from the finished count: the resumed sampler does not replay trial 1's suggestion.
+    assert after[2].sampled != after[1].sampled
     assert study_env.run("search") == 0  # budget already met: runs nothing more
     assert len(study_env.records()) == 4
 
@@ -176,7 +196,12 @@ def test_replay_identical_then_detects_an_altered_metric(study_env, capsys):
     assert study_env.run("replay", "--trial", "1") == 1
     out = " ".join(capsys.readouterr().out.split())
     assert "epoch 1 val_accuracy: recorded 0.123, replayed" in out
-    assert study_env.run("replay", "--trial", "9") == 2
+    assert study_env.run("replay", "--trial", "9") == 2  # no such trial
+    study_env.load().enqueue_trial(BASELINE)  # trial 2: queued, never run
+    capsys.readouterr()
+    assert study_env.run("replay", "--trial", "2") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trial 2 of study 'tiny' is not a finished trial with recorded metrics; finished trials: [0, 1]" in err
 
 
 @pytest.mark.faults  # README: What survives what
@@ -187,15 +212,16 @@ def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, 
     command = study_env.command("search")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until trial 0 has finished and trial 1 is running
-        time.sleep(0.3)
-        try:
-            trials = study_env.records()
-        except (KeyError, optuna.exceptions.StorageInternalError):
-            continue
-        if any(t.finished for t in trials) and any(t.state == "RUNNING" for t in trials):
-            break
+
+    def mid_study() -> bool:
+        trials = study_env.records()
+        return any(t.finished for t in trials) and any(t.state == "RUNNING" for t in trials)
+
+    try:
+        wait_until(mid_study, "trial 0 finished and trial 1 running")
+    except AssertionError:
+        process.kill()
+        raise
     process.send_signal(signal_number)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal_number, err
@@ -203,7 +229,7 @@ def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, 
     assert "Resume with: make search STUDY=tiny" in " ".join(err.split())
     interrupted = [t for t in study_env.records() if t.state == "FAIL"]
     assert len(interrupted) == 1 and interrupted[0].fail_reason == "interrupted"
-    runs = {r.data.tags.get("trial_number", "parent"): r for r in mlflow_runs(mlflow_store, "tiny")}
+    runs = {r.data.tags.get("trial_number", "parent"): r for r in mlflow_runs(mlflow_store)}
     cut = runs[str(interrupted[0].number)]
     assert cut.info.status == "FAILED" and cut.data.tags["fail_reason"] == "interrupted"
     assert runs["parent"].info.status == "KILLED"  # the study's run says the invocation was cut short
@@ -217,14 +243,9 @@ def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, 
     assert len(numbers) == len(set(numbers))
     retried = [t for t in finished if t.retry_of == interrupted[0].number]
     assert len(retried) == 1 and retried[0].sampled == interrupted[0].sampled
-    runs = mlflow_runs(mlflow_store, "tiny")
+    runs = mlflow_runs(mlflow_store)
     assert len(runs) == len(trials) + 1 and sum(tracking.PARENT_TAG not in r.data.tags for r in runs) == 1
     assert all(r.info.status != "RUNNING" for r in runs)
-
-
-def mlflow_runs(uri: str, experiment: str) -> list:
-    client = MlflowClient(uri)
-    return list(client.search_runs([client.get_experiment_by_name(experiment).experiment_id], max_results=1000))
 
 
 @pytest.mark.parametrize("sampler", ["random", "gp", "cmaes"])

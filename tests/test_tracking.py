@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +13,11 @@ import optuna
 import pytest
 import requests
 import torch
-from conftest import StudyEnv
+from conftest import StudyEnv, mlflow_runs, trial_runs
 from mlflow import MlflowClient
 from ui_process import free_port, start_ui, stop_ui, wait_for_health
 
-from pipeline import data, hparams, registry, store, tracking, train
+from pipeline import data, hparams, registry, server, store, tracking, train
 
 # Three baselines run first, in order: a normal trial, one that diverges (PRUNED), one that raises inside the
 # trainer (FAIL, see `tracked_env`); then sampled trials. fp32, so the registered fp32 model reproduces the score.
@@ -47,17 +45,11 @@ def tracked_env(study_env, mlflow_store, monkeypatch) -> StudyEnv:
     return study_env
 
 
-def runs_of(client: MlflowClient, experiment: str) -> tuple[list, list]:
-    """(parent runs, child runs) of an experiment."""
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    runs = client.search_runs([experiment_id], max_results=1000)
-    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
-    children = [r for r in runs if tracking.PARENT_TAG in r.data.tags]
-    return parents, children
-
-
-def by_trial(children: list) -> dict[int, object]:
-    return {int(r.data.tags["trial_number"]): r for r in children}
+def runs_of(uri: str) -> tuple[list, list]:
+    """(parent runs, child runs) of the tiny study's experiment."""
+    runs = mlflow_runs(uri)
+    return ([r for r in runs if tracking.PARENT_TAG not in r.data.tags],
+            [r for r in runs if tracking.PARENT_TAG in r.data.tags])
 
 
 def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and_params(tracked_env, mlflow_store):
@@ -66,7 +58,7 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
     assert env.run("search") == 0
     study, trials = env.load(), env.records()
     client = MlflowClient(mlflow_store)
-    parents, children = runs_of(client, "tiny")
+    parents, children = runs_of(mlflow_store)
     experiment = client.get_experiment_by_name("tiny")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
@@ -75,7 +67,8 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
     assert store.parent_run_id(study) == parent.info.run_id
     assert len(children) == len(trials)
     assert all(r.data.tags[tracking.PARENT_TAG] == parent.info.run_id for r in children)
-    runs = by_trial(children)
+    runs = trial_runs(mlflow_store)
+    assert sorted(runs) == [t.number for t in trials]
     prepared = data.prepare("tiny", env.root, "cpu", val_size=100)
     expected_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
     for trial in trials:
@@ -157,7 +150,7 @@ def test_resume_adds_children_under_the_same_parent(tracked_env, mlflow_store):
     assert tracked_env.run("search") == 0
     first_parent = store.parent_run_id(tracked_env.load())
     assert tracked_env.run("search", "--trials", "3") == 0
-    parents, children = runs_of(MlflowClient(mlflow_store), "tiny")
+    parents, children = runs_of(mlflow_store)
     assert [p.info.run_id for p in parents] == [first_parent] and parents[0].info.status == "FINISHED"
     assert len(children) == len(tracked_env.records()) == 4  # 2 finished + the failing baseline, then one more
     assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {first_parent}
@@ -188,9 +181,7 @@ def test_champion_alias_moves_only_to_a_better_model(tracked_env, mlflow_store):
 
 @pytest.mark.faults  # README: What survives what
 def test_unreachable_tracking_server_fails_fast_before_training(study_env, monkeypatch, capsys):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     env = study_env.replace(tracking_uri=f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
     write_study(env, trials=2)
@@ -238,7 +229,7 @@ def test_ui_for_a_study_never_tracked_exits_2(tracked_env, capsys):
 def test_search_tracks_to_make_server_over_http(study_env, tmp_path, monkeypatch):
     """`make server` + MLFLOW_TRACKING_URI=http://...: runs, artifacts (proxied) and the registry over HTTP."""
     port = free_port()
-    server = subprocess.Popen(  # `make server`, on loopback
+    make_server = subprocess.Popen(  # `make server`, on loopback
         [sys.executable, "-m", "pipeline", "server", "--host", "127.0.0.1", "--port", str(port), "--backend",
          f"sqlite:///{tmp_path}/server.db", "--artifacts", str(tmp_path / "server-artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -248,16 +239,13 @@ def test_search_tracks_to_make_server_over_http(study_env, tmp_path, monkeypatch
         monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
         write_study(env, trials=2)
         assert env.run("search") == 0
-        parents, children = runs_of(MlflowClient(env.tracking_uri), "tiny")
+        parents, children = runs_of(env.tracking_uri)
         assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"
         assert any((tmp_path / "server-artifacts").rglob("model.pt2"))  # the server stored the best model
         model = mlflow.pytorch.load_model("models:/tiny@champion")  # downloaded through the server
         assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
     finally:
-        server.send_signal(signal.SIGTERM)  # it stops its mlflow server with it
-        server.wait(timeout=30)
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", port)) != 0
+        stop_ui(make_server, port)  # SIGTERM stops its mlflow server with it: the port is free again
 
 
 def test_champion_matches_runs_logged_before_parameters_were_added():
@@ -273,3 +261,15 @@ def test_champion_matches_runs_logged_before_parameters_were_added():
     differs = registry.ChampionVersion("m", "1", "m", 0, "run", None, "models:/m/1",
                                        old_run | {"augment_policy": "natural"})
     assert not differs.matches(params, 7)  # logged with another value than the trial's
+
+
+def test_the_tracking_server_answers_mlflows_defaults_this_hosts_names_and_the_listed_ones(monkeypatch):
+    """`make server`'s Host allow-list (a real server refusing other names: tests/test_scale.py)."""
+    monkeypatch.setattr(server.socket, "gethostname", lambda: "trainbox")
+    monkeypatch.setattr(server.socket, "getfqdn", lambda: "trainbox.lab.example")
+    defaults = server.get_default_allowed_hosts()  # MLflow's own: localhost, private addresses
+    assert "localhost:*" in defaults and "10.*" in defaults
+    ours = ["trainbox", "trainbox.lab.example", "trainbox:*", "trainbox.lab.example:*"]
+    assert server.allowed_hosts(" mlflow.lab, ,10.0.0.7:5000").split(",") == [*defaults, *ours, "mlflow.lab",
+                                                                                 "10.0.0.7:5000"]
+    assert server.allowed_hosts(None).split(",") == [*defaults, *ours]

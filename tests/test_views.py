@@ -2,35 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import signal
 from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
+from tiny_study import write_study
 
-from pipeline import store, studies, views
+from pipeline import store, studies, views, workers
 from pipeline.events import TrialEnded, TrialStarted
 from pipeline.session import SearchOutcome
 from pipeline.train import EpochMetrics
 
-STUDY = """
-dataset = "mnist"
-model = "cnn"
-trials = 4
-pruner = "none"
-epochs = 3
-
-[space]
-lr = { type = "float", low = 1e-4, high = 1e-1, log = true }
-dropout = { type = "float", low = 0.0, high = 0.5 }
-"""
-
 
 @pytest.fixture
 def spec(tmp_path) -> studies.StudySpec:
-    path = tmp_path / "views.toml"
-    path.write_text(STUDY)
-    return studies.load(path)
+    """Study "views": 4 trials of 3 epochs (the tiny study on a registered dataset)."""
+    return studies.load(write_study(tmp_path, "views", dataset="mnist", trials=4, epochs=3))
 
 
 @pytest.fixture
@@ -116,6 +107,38 @@ def test_off_a_terminal_each_epoch_and_each_trial_is_one_plain_line(spec, out):
         "  trial 7 epoch 1: val_accuracy 0.7500 val_loss 0.6250 (1.5 s)",
         "  trial 7 epoch 2: val_accuracy 0.8125 val_loss 0.5000 (1.5 s)",
         "trial   7 COMPLETE 0.8125" + " " * 8 + "3.0 s  lr=0.001",
+    ]
+
+
+def test_workers_view_off_a_terminal_names_the_worker_of_each_line(spec, out):
+    """WORKERS=N: the coordinator's view of the events its workers send (workers.EventView's lines)."""
+    finished = [0]
+    view = views.WorkersView(spec, lambda: (finished[0], [0.8125] if finished[0] else None),
+                             SimpleNamespace(plans=workers.plan(2, 1, [])))
+    assert not view.live
+    ended = TrialEnded(5, "COMPLETE", [0.8125], 3.0, {"lr": 1e-3})
+    with view:
+        view.show(1, {"event": "trial_start", "number": 5})
+        view.show(1, {"event": "batch", "done": 3, "total": 10})
+        view.show(1, {"event": "epoch", "number": 5, "epoch": 1, "val_accuracy": 0.75, "val_loss": 0.625,
+                      "seconds": 1.5})
+        view.worker_line(2, "[bold]a library's own line[/]")  # printed as it is, not as markup
+        finished[0] = 1
+        view.show(1, {"event": "trial_end", **dataclasses.asdict(ended)})
+        assert view.bars.tasks[view.trials_task].completed == 1
+        assert view.bars.tasks[view.trials_task].description == "trials | best 0.8125"
+        view.show(2, {"event": "waiting"})
+        view.show(2, {"event": "waiting"})  # sent every second while it waits: drawn once
+        assert view.bars.tasks[view.tasks[2]].description == "worker 2: waiting for the last trials"
+        view.show(2, {"event": "warning", "text": "MLflow is slow"})
+        view.worker_ended(1, SimpleNamespace(returncode=-signal.SIGKILL, pid=4321), unexpected=True)
+        view.worker_ended(2, SimpleNamespace(returncode=0, pid=4322), unexpected=False)
+    assert out.getvalue().splitlines() == [
+        "  worker 1: trial 5 epoch 1: val_accuracy 0.7500 val_loss 0.6250 (1.5 s)",
+        "worker 2: [bold]a library's own line[/]",
+        "trial   5 COMPLETE 0.8125" + " " * 8 + "3.0 s  lr=0.001  (worker 1)",
+        "warning (worker 2): MLflow is slow",
+        "worker 1 (pid 4321) ended (SIGKILL); the others carry on and rerun its trial",
     ]
 
 

@@ -4,6 +4,8 @@ store a study goes to, and the rule that keeps two racing workers inside the tri
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 import optuna
 import pytest
@@ -78,3 +80,85 @@ def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == 0
     assert waiting[0].system_attrs["fixed_params"] == {"lr": 0.01}  # still runs if the running trial fails
+
+
+# --------------------------------------------------------------------------------------------------
+# Coordinating worker processes: what a worker's EventView sends is what the coordinator's view is shown
+
+# A stand-in worker: a real process that speaks through the real EventView, without training anything.
+# Worker 1 and 2 each run one trial; worker 3 dies without a word; with FAILS set, worker 1 stops the
+# study (too many failures) while worker 2 waits forever.
+FAKE_WORKER = '''
+import os, sys, time
+from types import SimpleNamespace
+from pipeline.events import TrialEnded, TrialStarted
+from pipeline.workers import EventView
+
+index = int(sys.argv[sys.argv.index("--worker") + 1])
+view = EventView()
+if os.environ.get("FAILS"):
+    if index == 2:
+        time.sleep(600)
+    view.ended(None, SimpleNamespace(stop_reason="failed", failure="3 trials failed in a row"))
+    sys.exit(1)
+if index == 3:
+    sys.exit(3)
+view.trial_started(TrialStarted(10 + index, {"lr": 0.1}, seed=1, parameter_count=10, data=None))
+print("a line of its own")
+view.batch_done(4, 4)
+view.trial_ended(TrialEnded(10 + index, "COMPLETE", [0.5], 1.0, {"lr": 0.1}))
+view.ended(None, SimpleNamespace(stop_reason="budget", ran=1))
+'''
+
+
+class RecordingWorkersView:
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def worker_ended(self, index, process, unexpected) -> None:
+        self.seen.append(("ended", index, process.returncode, unexpected))
+
+    def worker_line(self, index, text) -> None:
+        self.seen.append(("line", index, text))
+
+    def show(self, index, event) -> None:
+        self.seen.append(("event", index, event))
+
+
+def coordinate_fake_workers(count: int, monkeypatch, fails: bool = False):
+    if fails:
+        monkeypatch.setenv("FAILS", "1")
+    pool = workers.Workers([sys.executable, "-c", FAKE_WORKER], workers.plan(count, 1, []))
+    view = RecordingWorkersView()
+    return workers.coordinate(pool, view), view.seen
+
+
+def test_the_coordinator_relays_each_workers_events_lines_and_end(monkeypatch):
+    result, seen = coordinate_fake_workers(3, monkeypatch)
+    assert (result.ran, result.stop_reasons, result.failure, result.signal_number) == (2, {"budget"}, None, None)
+    for index in (1, 2):
+        number = 10 + index
+        assert [s for s in seen if s[1] == index] == [
+            ("event", index, {"event": "trial_start", "number": number}),
+            ("line", index, "a line of its own"),
+            ("event", index, {"event": "batch", "done": 4, "total": 4}),
+            ("event", index, {"event": "trial_end", "number": number, "state": "COMPLETE", "values": [0.5],
+                              "seconds": 1.0, "sampled": {"lr": 0.1}, "fail_reason": None, "fail_detail": None,
+                              "traceback": None}),
+            ("ended", index, 0, False),
+        ]
+    assert [s for s in seen if s[1] == 3] == [("ended", 3, 3, True)]  # died on its own: the user is told
+
+
+def test_a_worker_stopping_the_study_stops_the_others(monkeypatch):
+    result, seen = coordinate_fake_workers(2, monkeypatch, fails=True)
+    assert result.failure == "3 trials failed in a row" and result.ran == 0
+    ended = {s[1]: s[2:] for s in seen if s[0] == "ended"}
+    assert ended[2] == (-signal.SIGTERM, False)  # stopped by the coordinator, not a surprise to report
+    assert ended[1] in ((1, False), (-signal.SIGTERM, False))  # the SIGTERM may reach it before its exit

@@ -10,14 +10,22 @@ import sys
 from pathlib import Path
 
 from pipeline import datasets
-from pipeline.cli import main
 
-root = Path(sys.argv[1])
-raw = root / "Tiny" / "raw"
-if raw.is_dir():  # absent when the command works on the real datasets
-    datasets.DATASETS["tiny"] = datasets.DatasetInfo(
-        name="tiny", folder="Tiny", sha256={f: datasets.sha256_file(raw / f) for f in datasets.FILES},
-        classes=tuple(f"class{i}" for i in range(10)),
-    )
-# Worker processes (WORKERS=N) run through this script too, so they see the tiny dataset.
-sys.exit(main(sys.argv[2:], worker_program=[sys.executable, __file__, str(root)]))
+
+def register_tiny(root: Path) -> None:
+    """Register the "tiny" dataset whose IDX files are under `root` (nothing when they are not there: the
+    command works on the real datasets)."""
+    raw = Path(root) / "Tiny" / "raw"
+    if raw.is_dir():
+        datasets.DATASETS["tiny"] = datasets.DatasetInfo(
+            name="tiny", folder="Tiny", sha256={f: datasets.sha256_file(raw / f) for f in datasets.FILES},
+            classes=tuple(f"class{i}" for i in range(10)),
+        )
+
+
+if __name__ == "__main__":
+    from pipeline.cli import main
+
+    register_tiny(Path(sys.argv[1]))
+    # Worker processes (WORKERS=N) run through this script too, so they see the tiny dataset.
+    sys.exit(main(sys.argv[2:], worker_program=[sys.executable, __file__, sys.argv[1]]))

@@ -40,8 +40,9 @@ def wait_for_health(port: int, timeout: float = 90) -> None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
                 return
-        except requests.ConnectionError:
-            time.sleep(0.5)
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or still starting
+        time.sleep(0.5)
     raise AssertionError(f"the MLflow server on port {port} did not come up within {timeout:.0f} s")
 
 
