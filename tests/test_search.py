@@ -208,17 +208,20 @@ def test_replay_identical_then_detects_an_altered_metric(study_env, capsys):
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, signal_number):
     """A real process, a real SIGINT or SIGTERM after the first finished trial, then the same command again."""
-    study_env.write_study(trials=3, epochs=6)
+    study_env.write_study(trials=3, epochs=30)
     command = study_env.command("search")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
-    def mid_study() -> bool:
+    def mid_trial() -> bool:
+        """A trial finished and the next one well inside its epochs: the signal lands in a trial, not between
+        two (a trial of the tiny study ends within a second of its last epochs)."""
         trials = study_env.records()
-        return any(t.finished for t in trials) and any(t.state == "RUNNING" for t in trials)
+        return any(t.finished for t in trials) and any(t.state == "RUNNING" and 1 <= len(t.history) <= 20
+                                                       for t in trials)
 
     try:
-        wait_until(mid_study, "trial 0 finished and trial 1 running")
+        wait_until(mid_trial, "trial 0 finished and the next one mid-way", interval=0.05)
     except AssertionError:
         process.kill()
         raise
