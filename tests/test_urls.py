@@ -1,0 +1,19 @@
+"""Passwords in store URLs are masked wherever a URL is shown."""
+
+from pipeline.urls import hide_in, shown
+
+
+def test_shown_masks_database_and_server_passwords_and_keeps_the_rest():
+    assert shown("postgresql://pipeline:s3cr%40t@localhost:5432/optuna") == "postgresql://pipeline:***@localhost:5432/optuna"
+    assert shown("postgresql+psycopg://u:pw@h/db") == "postgresql+psycopg://u:***@h/db"
+    assert shown("http://user:pw@db-host:5000") == "http://user:***@db-host:5000"
+    for plain in ("sqlite:///studies/optuna.db", "studies/optuna.journal", "http://db-host:5000",
+                  "postgresql://u@h/db"):
+        assert shown(plain) == plain
+
+
+def test_hide_in_masks_the_password_inside_a_message_raw_and_decoded():
+    url = "postgresql://u:s3cr%40t@h/db"
+    message = f"cannot open {url}: password authentication failed (s3cr@t)"
+    hidden = hide_in(message, url)
+    assert "s3cr" not in hidden and "postgresql://u:***@h/db" in hidden
