@@ -16,15 +16,24 @@ TRIAL   ?=
 # Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>,
 # WORKERS=<worker processes on this host>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
-               $(if $(FRESH),--fresh) $(if $(STORAGE),--storage $(STORAGE)) $(if $(WORKERS),--workers $(WORKERS)) \
+               $(if $(call switch,FRESH),--fresh) $(if $(WORKERS),--workers $(WORKERS)) \
                $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) \
                $(if $(VAL_LIMIT),--val-limit $(VAL_LIMIT))
 PORT    ?= 5000
 EXPORT  ?= exports/$(or $(STUDY),cnn)
 IMAGES  ?=
 # TRACKING=off runs a search without MLflow (MLFLOW_TRACKING_URI picks another store)
-SEARCH_FLAGS += $(if $(filter off 0 no,$(TRACKING)),--no-tracking)
+SEARCH_FLAGS += $(if $(TRACKING),$(if $(call switch,TRACKING),,--no-tracking))
 PYTEST_ARGS ?=
+
+# Yes/no switches (FRESH, FORCE, TRACKING): 1, yes, true or on mean on; 0, no, false, off or nothing mean off;
+# anything else stops make with one line before anything runs.
+switch = $(if $(filter 1 yes true on,$($(1))),on,$(if $(filter-out 0 no false off,$($(1))),$(error $(1)=$($(1)): \
+         expected 1 or 0 (also yes/no, true/false, on/off))))
+
+# STORAGE reaches the program through its environment, not its command line: a URL keeps its & and ? without
+# quoting, and its password stays out of the process list.
+export STORAGE
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train search replay studies export-best predict server ui test test-faults test-scale test-browser lint format bench-data bench-trainer \
@@ -54,13 +63,13 @@ search: $(STAMP) ## run or resume a study: STUDY=cnn [WORKERS=4] [TRIALS=50] [TI
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
 
 replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12
-	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)" $(if $(STORAGE),--storage $(STORAGE))
+	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)"
 
 studies: $(STAMP) ## list the studies with trials done, best value and state
-	$(PY) -m pipeline studies $(if $(STORAGE),--storage $(STORAGE))
+	$(PY) -m pipeline studies
 
 export-best: $(STAMP) ## champion of STUDY -> exports/STUDY/, verified by a fresh process [FORCE=1]
-	$(PY) -m pipeline export-best --study "$(STUDY)" $(if $(FORCE),--force) $(if $(STORAGE),--storage $(STORAGE))
+	$(PY) -m pipeline export-best --study "$(STUDY)" $(if $(call switch,FORCE),--force)
 
 predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="a.png b.jpg"
 	$(PY) -m pipeline predict --export "$(EXPORT)" $(IMAGES)

@@ -11,6 +11,7 @@ name should answer without it.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import tomllib
@@ -264,12 +265,29 @@ def _add_serving_commands(commands: Any) -> None:
 WORKER_PROGRAM = [sys.executable, "-m", "pipeline"]
 
 
+DEVICE_FORMS = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What argparse's types cannot say: ranges and device names, checked before anything is opened."""
+    for flag in ("threads", "workers", "port"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise BadInput(f"--{flag} {value}: expected a whole number >= 1 ({flag.upper()}=... in make)")
+    if getattr(args, "port", None) is not None and args.port > 65535:
+        raise BadInput(f"--port {args.port}: expected a port number from 1 to 65535")
+    device = getattr(args, "device", None)
+    if device is not None and not DEVICE_FORMS.fullmatch(device):
+        raise BadInput(f"--device {device!r}: expected auto, cpu, mps, cuda or cuda:<index>, e.g. --device cuda:1")
+
+
 def main(argv: list[str] | None = None, worker_program: list[str] | None = None) -> int:
     global WORKER_PROGRAM
     WORKER_PROGRAM = worker_program or WORKER_PROGRAM
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_arguments(args)
         return args.run(args)
     except BadInput as exc:
         views.error(str(exc))

@@ -8,6 +8,8 @@ event lines to its coordinator); the trial-level work is search.py's, the MLflow
 
 from __future__ import annotations
 
+import os
+import shlex
 import socket
 import tempfile
 import time
@@ -19,7 +21,7 @@ from typing import Any, Protocol
 import optuna
 import torch
 
-from pipeline import data, hparams, paths, replay, search, store, train, workers
+from pipeline import data, hparams, paths, replay, search, store, train, urls, workers
 from pipeline.errors import BadInput
 from pipeline.events import Listener, Listeners
 from pipeline.sources import DEFAULT_VAL_SIZE
@@ -78,23 +80,24 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     """Run or resume the study until its budget is reached, the time is spent or a signal arrives."""
     if options.workers < 1:
         raise BadInput(f"WORKERS={options.workers}: expected a number of worker processes >= 1, e.g. WORKERS=4")
+    device = train.pick_device(options.device)
     tracking = Tracking.connect(spec, view) if options.tracking else Tracking.off()
     storage = store.open_storage(options.storage, spec.name, options.workers)
-    device = train.pick_device(options.device)
+    # The data first: a missing or corrupt dataset stops here, before a study or an MLflow run is made. Before
+    # any worker starts, too, so the data lands once; the coordinator of workers keeps it off the GPU.
+    prepared = replay.study_data(spec, options.root, device if options.workers == 1 else "cpu")
     salt = f"{socket.gethostname()}/worker{options.worker}" if options.worker is not None else ""
     study = store.open_study(spec, storage.backend, fresh=options.fresh, log=view.say,
                              on_create=lambda new_study: tracking.start(spec, new_study, contested=False),
                              sampler_salt=salt)
     tracking.start(spec, study)  # joins the parent run the study's creator opened (a no-op for the creator)
-    # Before any worker starts, so the data lands once; the coordinator of workers keeps it off the GPU.
-    prepared = replay.study_data(spec, options.root, device if options.workers == 1 else "cpu")
     if options.worker is None:
         view.header(_header(spec, study, prepared, device, options, storage.url))
     if options.workers > 1 and storage.url.startswith("sqlite:"):
         view.note(f"{options.workers} workers share the SQLite file {storage.url}: Optuna advises a journal file "
                   "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
     listener = Listeners(view, tracking.listener)
-    resume = f"make search STUDY={spec.name}" + (f" WORKERS={options.workers}" if options.workers > 1 else "")
+    resume = resume_command(spec, options, storage.url)
     outcome = SearchOutcome(study.study_name, 0, "budget", 0.0, workers=options.workers, resume_command=resume)
     started, status = time.monotonic(), "FINISHED"
     try:
@@ -115,6 +118,24 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     if options.worker is None:  # a worker's coordinator closes the study's MLflow side
         outcome.messages = tracking.finish(spec, study, status, warn=view.warning)
     return outcome
+
+
+def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
+    """The command that continues this study: the same store, workers and tracking as this run.
+
+    A store named by STORAGE or --storage is repeated (quoted, its password masked: the user's environment or
+    shell history has it); the default one needs no mention.
+    """
+    parts = ["make search", f"STUDY={spec.name}"]
+    if options.workers > 1:
+        parts.append(f"WORKERS={options.workers}")
+    if options.storage or os.environ.get("STORAGE"):
+        parts.append(f"STORAGE={shlex.quote(urls.shown(url))}")
+    if not options.tracking:
+        parts.append("TRACKING=off")
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        parts.insert(0, f"MLFLOW_TRACKING_URI={shlex.quote(urls.shown(os.environ['MLFLOW_TRACKING_URI']))}")
+    return " ".join(parts)
 
 
 def _status(study: optuna.Study) -> tuple[int, list[float] | None]:
@@ -290,7 +311,7 @@ def train_one(params: dict[str, Any], options: TrainOptions, view: TrainView) ->
     device = train.pick_device(options.device)
     prepared = data.prepare(options.dataset, options.root, device, val_size=options.val_size,
                             train_limit=options.train_limit, val_limit=options.val_limit)
-    view.header(f"[bold]{resolved['model']}[/] on {prepared.dataset} ({len(prepared.train):,} train / "
+    view.header(f"{resolved['model']} on {prepared.dataset} ({len(prepared.train):,} train / "
                 f"{len(prepared.val):,} val, {'x'.join(map(str, prepared.input_shape))} {prepared.mode}, split "
                 f"{prepared.split_hash}), {device}, precision {train.pick_precision(resolved['precision'], device)}, "
                 f"seed {options.seed}")

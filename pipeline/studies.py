@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -29,6 +30,10 @@ PRUNERS = ("hyperband", "median", "none")
 # Metrics a trial can be judged by: the last-epoch-free ones come from the best epoch.
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "parameter_count": "minimize",
            "flops_per_image": "minimize"}
+
+
+# FRESH=1 names a study's versions <name>-v2, -v3...: a study file may not be named like one.
+VERSION_SUFFIX = re.compile(r"-v(\d+)$")
 
 
 class StudyError(BadInput):
@@ -93,7 +98,7 @@ class StudySpec(_Strict):
     description: str = ""
     dataset: str | DatasetTable
     model: str
-    objectives: list[Objective] = [Objective()]
+    objectives: list[Objective] = Field([Objective()], min_length=1)
     trials: int = Field(20, ge=1)
     timeout_minutes: float = Field(30.0, gt=0)
     seed: int = Field(0, ge=0)
@@ -229,6 +234,10 @@ def _check(spec: StudySpec, path: Path) -> None:
 
     if spec.name != path.stem:
         fail("name", f"is {spec.name!r} but the file is {path.name}; make them the same")
+    if VERSION_SUFFIX.search(spec.name):
+        renamed = VERSION_SUFFIX.sub(r"-\1", spec.name)
+        fail("name", f"{spec.name!r} ends like a study version (FRESH=1 makes cnn-v2, version 2 of cnn); "
+                     f"rename the file, e.g. {renamed}.toml")
     builtin = [*datasets.DATASETS, *sources.CIFAR_DATASETS]  # the IDX registry may hold more (tests, users)
     if isinstance(spec.dataset, str) and spec.dataset not in builtin:
         fail("dataset", f"{spec.dataset!r} is not one of {', '.join(builtin)}; or give your own pictures "
@@ -295,6 +304,9 @@ def _check_search_param(key: str, param: Any, param_spec: Any, fail: Any, where:
         fail(f"space.{key}.low", f"= {param.low}: a log range must be > 0")
     if param.log and isinstance(param, FloatParam) and param.step is not None:
         fail(f"space.{key}.step", "cannot be combined with log = true")
+    if param.log and isinstance(param, IntParam) and param.step != 1:
+        fail(f"space.{key}.step", f"= {param.step} cannot be combined with log = true (Optuna samples a log range "
+                                  "in steps of 1); drop one of them")
     if param.step is not None and param.step <= 0:
         fail(f"space.{key}.step", f"= {param.step} must be > 0")
     for bound in ("low", "high"):

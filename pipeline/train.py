@@ -28,7 +28,7 @@ from pipeline import models, reproducibility
 from pipeline.augment import Augment, NaturalAugment, make_augment
 from pipeline.checkpoints import load_checkpoint, params_fingerprint, save_checkpoint
 from pipeline.data import FeatureSplit, PreparedData, ResidentImages
-from pipeline.errors import ParamError
+from pipeline.errors import BadInput, ParamError
 from pipeline.hparams import resolve_params
 from pipeline.schedule import Plateau, lr_factor, make_optimizer
 
@@ -112,7 +112,13 @@ class TrainedModel:
 def pick_device(requested: str | None = None) -> torch.device:
     """cuda, then mps, then cpu, unless one is requested."""
     if requested and requested != "auto":
-        return torch.device(requested)
+        device = torch.device(requested)
+        cuda_missing = not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+        missing = ((device.type == "cuda" and cuda_missing)
+                   or (device.type == "mps" and not torch.backends.mps.is_available()))
+        if missing:
+            raise BadInput(f"--device {requested}: this machine has no such device; use --device auto (or cpu)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

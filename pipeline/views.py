@@ -271,7 +271,7 @@ class TrainView:
         self.bars.__exit__(*exc)
 
     def header(self, text: str) -> None:
-        self.bars.console.print(text)
+        self.bars.console.print(f"[bold]{escape(text)}")
 
     def batch_done(self, done: int, total: int) -> None:
         self.bars.update(self.task, completed=done, total=total)

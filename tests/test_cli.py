@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -68,3 +69,59 @@ def test_train_command_with_a_study_trains_its_baseline(capsys):
     assert main(["train", "--study", "smoke", "--set", "epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "cnn on mnist (5,000 train / 1,000 val" in out and "best val accuracy" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# The make front door
+
+
+def _make(*args: str, **env: str) -> subprocess.CompletedProcess:
+    from pipeline.paths import PROJECT_ROOT
+
+    return subprocess.run(["make", "--no-print-directory", "-s", "-C", str(PROJECT_ROOT), *args],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("true", True), ("0", False), ("no", False),
+                                       ("off", False), ("false", False), ("", False)])
+def test_make_switches_mean_off_when_they_say_so(value, on):
+    planned = _make("-n", "search", "export-best", "STUDY=cnn", f"FRESH={value}", f"FORCE={value}")
+    assert planned.returncode == 0, planned.stderr
+    assert ("--fresh" in planned.stdout) == on and ("--force" in planned.stdout) == on
+
+
+def test_make_refuses_a_switch_it_cannot_read_with_one_line():
+    refused = _make("-n", "search", "STUDY=cnn", "FRESH=maybe")
+    assert refused.returncode == 2
+    assert "FRESH=maybe: expected 1 or 0" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_make_tracking_off_and_on():
+    assert "--no-tracking" in _make("-n", "search", "STUDY=cnn", "TRACKING=off").stdout
+    assert "--no-tracking" not in _make("-n", "search", "STUDY=cnn", "TRACKING=1").stdout
+
+
+def test_make_storage_with_shell_characters_reaches_the_program_whole(tmp_path):
+    """STORAGE travels in the environment: an `&` in it is not a shell's background operator."""
+    journal = tmp_path / "a&b" / "optuna.journal"
+    listed = _make("studies", f"STORAGE={journal}")
+    assert listed.returncode == 0, listed.stderr
+    assert journal.is_file()  # opened where STORAGE said, not at "…/a"
+    assert "--storage" not in _make("-n", "studies", f"STORAGE={journal}").stdout  # not on any command line
+
+
+def test_resume_command_names_the_store_and_tracking_it_needs(monkeypatch):
+    from pipeline import session, studies
+
+    spec = studies.load("smoke")
+    monkeypatch.delenv("STORAGE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = session.SearchOptions()
+    assert session.resume_command(spec, default, "sqlite:///studies/optuna.db") == "make search STUDY=smoke"
+    url = "postgresql://pipeline:s3cret@db-host/optuna?sslmode=require&x=1"
+    remote = session.SearchOptions(storage=url, workers=4, tracking=False)
+    command = session.resume_command(spec, remote, url)
+    assert command == ("make search STUDY=smoke WORKERS=4 "
+                       "STORAGE='postgresql://pipeline:***@db-host/optuna?sslmode=require&x=1' TRACKING=off")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://db-host:5000")
+    assert session.resume_command(spec, default, "x").startswith("MLFLOW_TRACKING_URI=http://db-host:5000 make search")

@@ -279,7 +279,8 @@ def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, ca
 # 6. a corrupt dataset file, found by the search before anything trains
 
 
-def test_corrupt_dataset_file_stops_the_search_before_training(study_env, capsys):
+def test_corrupt_dataset_file_stops_the_search_before_anything_is_made(study_env, mlflow_store, capsys):
+    """The data is checked before the study and its MLflow parent run exist: nothing is left half-made."""
     write_study(study_env)
     labels = study_env.root / "Tiny" / "raw" / "t10k-labels-idx1-ubyte"
     payload = bytearray(labels.read_bytes())
@@ -288,7 +289,8 @@ def test_corrupt_dataset_file_stops_the_search_before_training(study_env, capsys
     assert study_env.run("search") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert str(labels) in err and "SHA-256 mismatch, expected" in err and "make data" in err
-    assert all(t.state == "WAITING" for t in study_env.records())  # queued baselines only: nothing ran
+    assert optuna.get_all_study_summaries(store.make_storage(study_env.storage)) == []  # no study was created
+    assert mlflow_runs(mlflow_store) == []  # and no MLflow run
 
 
 # --------------------------------------------------------------------------------------------------

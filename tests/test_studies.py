@@ -97,6 +97,10 @@ BAD = [
      "space.batch_size: is also in [fixed]"),
     ("malformed TOML", ('trials = 2', 'trials = = 2'), "malformed TOML"),
     ("epochs inside fixed", ("[fixed]", "[fixed]\nepochs = 3"), "fixed.epochs: set 'epochs' at the top level"),
+    ("int range with log and step", ("low = 8, high = 32, step = 8", "low = 8, high = 32, step = 8, log = true"),
+     "space.cnn_width.step: = 8 cannot be combined with log = true"),
+    ("no objective", ('pruner = "median"', 'pruner = "median"\nobjectives = []'),
+     "objectives = []: List should have at least 1 item"),
 ]
 
 
@@ -177,3 +181,34 @@ def test_search_with_a_zero_trial_budget_exits_2_before_anything_is_created(tmp_
                  "--trials", "0", "--no-tracking"]) == 2
     assert "trials = 0" in capsys.readouterr().err
     assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.faults  # README: What survives what
+def test_a_study_file_named_like_a_version_is_refused(tmp_path, capsys):
+    """cnn-v2 is how FRESH=1 names version 2 of cnn: a file of that name would be mistaken for it."""
+    _write(tmp_path, VALID, name="trial-v2")
+    assert main(["search", "--study", "trial-v2", "--studies-dir", str(tmp_path),
+                 "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'trial-v2' ends like a study version" in err and "trial-2.toml" in err
+    assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.faults  # README: What survives what
+@pytest.mark.parametrize("flags, message", [
+    (["--threads", "-1"], "--threads -1: expected a whole number >= 1"),
+    (["--threads", "0"], "--threads 0: expected a whole number >= 1"),
+    (["--device", "foo"], "--device 'foo': expected auto, cpu, mps, cuda or cuda:<index>"),
+    (["--device", "cuda:7"], "--device cuda:7: this machine has no such device"),
+    (["--trials", "-3"], "trials = -3"),
+    (["--timeout", "-1"], "timeout_minutes = -1.0"),
+    (["--train-limit", "-5"], "train_limit = -5"),
+])
+def test_bad_command_line_values_exit_2_before_anything_opens(tmp_path, capsys, monkeypatch, flags, message):
+    _write(tmp_path, VALID)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    code = main(["search", "--study", "trial", "--studies-dir", str(tmp_path),
+                 "--storage", f"sqlite:///{tmp_path}/optuna.db", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in " ".join(err.split()) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
