@@ -36,6 +36,7 @@ WAIT_SECONDS = 1.0  # how often an idle worker looks again while others run the 
 MAX_CONSECUTIVE_FAILURES = 3
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")  # not timings
 SURPLUS = "surplus"
+DISK_FULL = "disk_full"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -46,8 +47,16 @@ class Interrupted(KeyboardInterrupt):
         self.signal_number = signal_number
 
 
-class TooManyFailures(Exception):
+class StudyStopped(Exception):
+    """The search cannot usefully go on; the message says why and what to do. Every trial is recorded."""
+
+
+class TooManyFailures(StudyStopped):
     """Three trials in a row failed: something is wrong beyond one bad configuration."""
+
+
+class DiskFull(StudyStopped):
+    """A write failed for lack of space (or a file-size limit): every later trial would fail the same way."""
 
 
 class SurplusTrial(Exception):
@@ -191,10 +200,33 @@ def _surplus(spec: StudySpec, trial: optuna.Trial) -> bool:
 
 def _record_failure(trial: optuna.Trial, exc: BaseException, context: str = "") -> None:
     """fail_reason (`disk_full` for a full disk or file-size limit), the detail and the traceback."""
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-    store.note(trial, fail_reason="disk_full" if full else type(exc).__name__,
-               fail_detail=(f"{context}: " if context else "") + str(exc)[:1000],
+    full = disk_full(exc)
+    detail = str(exc).splitlines()[0][:300] if full else str(exc)[:1000]  # a database's error quotes its SQL
+    store.note(trial, fail_reason=DISK_FULL if full else type(exc).__name__,
+               fail_detail=(f"{context}: " if context else "") + detail,
                traceback=traceback.format_exc()[-8000:])
+
+
+# What SQLite says (through its driver, SQLAlchemy and MLflow) when a write finds no room: SQLITE_FULL for a full
+# disk; a disk I/O error for a file-size limit or a failing disk, where going on would not help either.
+DISK_FULL_SIGNS = ("database or disk is full", "disk I/O error")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Is `exc` (or what caused it) a write that found no room?"""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return True
+        if any(sign in str(seen) for sign in DISK_FULL_SIGNS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _disk_full_message(what: str) -> str:
+    return (f"a disk write failed for lack of space (a full disk, a file-size limit or a failing disk): {what}. "
+            "Finished trials are saved; free some space and run the same command again to resume")
 
 
 def _parameter_count(params: dict[str, Any], data: PreparedData) -> int:
@@ -241,7 +273,15 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
                 time.sleep(WAIT_SECONDS)
                 optuna.storages.fail_stale_trials(study)  # a dead worker on another host (RDB heartbeat)
                 continue
-            ended = _one_trial(study, objective, listener)
+            try:
+                ended = _one_trial(study, objective, listener)
+            except Exception as exc:  # Optuna's own bookkeeping could not write the trial's end
+                if not disk_full(exc):
+                    raise
+                what = f"the Optuna storage could not record a trial ({type(exc).__name__})"
+                raise DiskFull(_disk_full_message(what)) from None
+            if ended is not None and ended.fail_reason == DISK_FULL:
+                raise DiskFull(_disk_full_message(f"trial {ended.number}: {ended.fail_detail}"))
             if ended is None:
                 continue  # a surplus trial: no training happened; the loop sees the budget in flight and waits
             ran += 1

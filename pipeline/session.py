@@ -110,7 +110,7 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
             outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
     except search.Interrupted as exc:
         outcome.stop_reason, outcome.signal_number, status = "interrupted", exc.signal_number, "KILLED"
-    except search.TooManyFailures as exc:
+    except search.StudyStopped as exc:
         outcome.stop_reason, outcome.failure, status = "failed", str(exc), "FAILED"
     outcome.seconds = time.monotonic() - started
     _standings(spec, study, outcome)

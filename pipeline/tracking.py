@@ -64,6 +64,8 @@ def quiet_mlflow() -> None:
     # MLflow announces the SQLite schema migrations at INFO level and draws a progress bar per download.
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # A database error is logged by MLflow with its traceback and SQL, then raised: we report it in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # A server that stops answering costs 2 + 4 + 8 s per call before the error surfaces, not MLflow's ~4 minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
