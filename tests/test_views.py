@@ -189,3 +189,14 @@ def test_search_result_without_a_best_trial_points_to_make_studies(spec, out):
     out.truncate()
     views.search_result(spec, outcome(stop_reason="interrupted"))  # the interrupt message said what to do
     assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("text", ["[/] a closing tag", "[red]red[/red] and [link=x]", "flowers [v2]"])
+def test_user_text_with_rich_markup_is_printed_as_written(out, text):
+    """A study's description or a folder's name is the user's text: brackets in it are not markup (a stray
+    `[/]` would raise rich's MarkupError)."""
+    views.SearchView().header(f"study: {text}")
+    with views.TrainView(epochs=1) as view:
+        view.header(f"cnn on {text}")
+    printed = out.getvalue()
+    assert f"study: {text}" in printed and f"cnn on {text}" in printed
