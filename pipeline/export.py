@@ -2,7 +2,8 @@
 
 An export holds everything needed to use the model with torch alone:
 
-    model.pt2            torch.export program (CPU, float32, any batch size)
+    model.pt2            torch.export program (CPU, float32, any batch size); loading one unpickles it, so it
+                         is code to trust like any program (predict.py does not load it)
     weights.pt           plain state dict: torch.load(..., weights_only=True)
     config.json          architecture params, input shape, per-channel mean/std, how pictures are prepared
                          (`preprocessing`), classes, dataset digest, provenance, versions
@@ -131,7 +132,12 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: 
     # A pretrained ResNet's input adapter needs the data's statistics.
     model = models.build_model(trial.params, len(prepared.classes), prepared.input_shape,
                                (prepared.mean, prepared.std))
-    model.load_state_dict(registry.load_state_dict(version.model_uri))
+    try:
+        model.load_state_dict(registry.load_state_dict(version.model_uri))
+    except RuntimeError as exc:  # the registry's files are anyone's: their weights may not fit
+        detail = " ".join(str(exc).split())[:300]
+        raise BadInput(f"{version.model_uri}: its weights do not fit the network trial {version.trial_number} "
+                       f"describes ({detail}); {registry.REGISTER_FIX}") from None
     return Champion(version.study_name, trial, definition, model.eval(),
                     f"registered model {spec.name!r} version {version.version} (alias champion)",
                     [r for r in (version.run_id, version.parent_run_id) if r], trial.split_hash or prepared.split_hash)
@@ -412,5 +418,8 @@ import torch
 model = torch.export.load("model.pt2").module()
 probabilities = model(x).softmax(1)   # x: {config['input']}
 ```
+`model.pt2` is a program: loading it unpickles parts of it, which can run code, so load it only from a source
+you trust, like any program. `make predict` does not load it: it rebuilds the network from `config.json` and
+reads `weights.pt` with `torch.load(..., weights_only=True)`, which builds tensors and nothing else.
 `{verify_command} re-checks the test accuracy with torch alone.
 """

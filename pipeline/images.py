@@ -1,11 +1,12 @@
 """One picture -> the uint8 array a model was trained on. Landing a folder and `make predict` both call
 `prepare_picture`, so the two cannot drift apart.
 
-Decoding is Pillow's: EXIF orientation applied, 16-bit and float images scaled to 8 bits, palette and
-transparent images composited over white, CMYK converted to RGB. Then the shorter side is resized to
-`image_size` and the centre cropped to a square. Digit datasets (MNIST, Fashion-MNIST) instead get
-their own preparation: light object on a dark background, cropped to the object and centred as those
-datasets were made.
+Decoding is Pillow's, for the formats a folder dataset's file names promise (FORMATS) and no other, with
+a pixel cap checked on the header before anything is decoded: EXIF orientation applied, 16-bit and float
+images scaled to 8 bits, palette and transparent images composited over white, CMYK converted to RGB.
+Then the shorter side is resized to `image_size` and the centre cropped to a square. Digit datasets
+(MNIST, Fashion-MNIST) instead get their own preparation: light object on a dark background, cropped
+to the object and centred as those datasets were made.
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.sources import DEFAULT_MAX_MEGAPIXELS, DIGITS
 
+# The formats a picture may come in: those of the file names a folder dataset takes (torchvision's IMG_EXTENSIONS:
+# .jpg .jpeg .png .ppm .pgm .bmp .tif .tiff .webp), as Pillow names them. Only these decoders are tried, whatever
+# a file is called, so a picture in any other format (GIF, ICO, PSD, ...) never reaches another parser.
+FORMATS = ("JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 GRAY_MODES = ("1", "L", "LA", "I", *SIXTEEN_BIT, "F")
 # Pillow refuses more than twice its own limit by itself; ours is the one that applies (checked first).
 Image.MAX_IMAGE_PIXELS = None
+DATASET_CAP_HINT = "a study may raise dataset.max_megapixels"  # what a refused picture's line suggests by default
 
 
 class PictureError(ValueError):
@@ -88,11 +94,11 @@ def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def check_size(image: Image.Image, max_megapixels: float, name: str) -> None:
+def check_size(image: Image.Image, max_megapixels: float, name: str, cap_hint: str = DATASET_CAP_HINT) -> None:
     pixels = image.width * image.height
     if pixels > max_megapixels * 1e6:
         raise PictureError(f"{name}: {image.width}x{image.height} is {pixels / 1e6:.0f} megapixels, over the cap "
-                           f"of {max_megapixels:g}; shrink it or remove it (a study may raise dataset.max_megapixels)")
+                           f"of {max_megapixels:g}; shrink it or remove it ({cap_hint})")
 
 
 def prepare_picture(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
@@ -104,18 +110,29 @@ def prepare_picture(image: Image.Image, preprocessing: Preprocessing) -> np.ndar
     return array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def open_picture(path, preprocessing: Preprocessing, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
-    """Read one picture file and prepare it; PictureError names the file and what is wrong."""
+def open_picture(path, preprocessing: Preprocessing, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                 cap_hint: str = DATASET_CAP_HINT) -> np.ndarray:
+    """Read one picture file (one of FORMATS) and prepare it; PictureError names the file and what is wrong.
+
+    The pixel cap is checked on the header's size, before anything is decoded. Any exception while decoding
+    and preparing is the file's: decoders and EXIF parsers raise all sorts (struct.error, TypeError, ...)
+    on crafted or damaged files, and one bad picture must not stop the others."""
     try:
-        with Image.open(path) as image:
-            check_size(image, max_megapixels, str(path))
+        with Image.open(path, formats=FORMATS) as image:
+            check_size(image, max_megapixels, str(path), cap_hint)
             image.load()
             return prepare_picture(image, preprocessing)
     except PictureError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise PictureError(f"{path}: cannot be decoded as an image in the formats read here "
+                           f"({', '.join(FORMATS)}); convert it to PNG or JPEG") from None
+    except Exception as exc:
         detail = " ".join(str(exc).split())  # one line, whatever the decoder wrote
-        raise PictureError(f"{path}: cannot be decoded as an image ({type(exc).__name__}: {detail})") from None
+        kind = type(exc).__qualname__
+        if type(exc).__module__ != "builtins":  # struct.error, not a bare "error"
+            kind = f"{type(exc).__module__}.{kind}"
+        raise PictureError(f"{path}: cannot be decoded as an image ({kind}: {detail})") from None
 
 
 def digit_picture(image: Image.Image, dataset: str) -> np.ndarray:

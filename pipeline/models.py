@@ -12,6 +12,7 @@ BatchNorm and dropout 0.5, and the two-block 32/64-channel CNN with a 128-unit h
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,7 @@ class ResNet18Classifier(nn.Module):
 
     def __init__(self, mode: str, num_classes: int, dropout: float,
                  input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE, input_size: int = 0,
-                 input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None):
+                 input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None, imagenet: bool = True):
         super().__init__()
         from torchvision.models import resnet18  # here: importing torchvision takes a second; only ResNets need it
 
@@ -221,7 +222,8 @@ class ResNet18Classifier(nn.Module):
             if input_size:
                 self.input = Resize(input_size)
         else:
-            backbone.load_state_dict(load_imagenet_resnet18())
+            if imagenet:
+                backbone.load_state_dict(load_imagenet_resnet18())
             if size <= SMALL_IMAGE:
                 backbone.conv1.stride = (1, 1)
             if input_stats is None:
@@ -278,17 +280,40 @@ def load_imagenet_resnet18() -> dict[str, torch.Tensor]:
 
 def build_model(params: dict[str, Any], num_classes: int = 10,
                 input_shape: tuple[int, int, int] = DEFAULT_INPUT_SHAPE,
-                input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> nn.Module:
+                input_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                imagenet: bool = True) -> nn.Module:
     """Build the network that `params` describes for images of `input_shape` (other keys in `params` are
     ignored here). `input_stats` (the data's mean and std per channel) lets a pretrained ResNet undo the
-    data's normalisation and apply ImageNet's."""
+    data's normalisation and apply ImageNet's. `imagenet=False` leaves a pretrained ResNet's backbone
+    untrained, for a caller that loads all the weights itself (no ImageNet weights file needed)."""
     p = model_params(params)
     input_shape = tuple(input_shape)
     if p["model"] == "mlp":
         return build_mlp(p, num_classes, input_shape)
     if p["model"] == "cnn":
         return build_cnn(p, num_classes, input_shape)
-    return ResNet18Classifier(p["resnet_mode"], num_classes, p["dropout"], input_shape, p["input_size"], input_stats)
+    return ResNet18Classifier(p["resnet_mode"], num_classes, p["dropout"], input_shape, p["input_size"], input_stats,
+                              imagenet)
+
+
+def read_state_dict(path: Path, name: str, fix: str) -> dict[str, torch.Tensor]:
+    """A plain state dict (names -> tensors) from a file that may come from anyone.
+
+    torch's weights-only unpickler builds tensors and plain containers and refuses everything else, so
+    nothing in the file can run code. `name` says what the file is in messages; `fix` what to do instead.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # torch's own message spans lines and suggests weights_only=False; keep only what it refused.
+        refused = re.search(r"WeightsUnpickler error: ([^.\n]*)", str(exc))
+        detail = refused.group(1) if refused else " ".join(str(exc).split())[:300]
+        raise BadInput(f"{name}: not a plain state dict of tensors, refused by torch's weights-only reader "
+                       f"({type(exc).__name__}: {detail}); {fix}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise BadInput(f"{name}: holds a {type(state).__name__}, not a state dict of named tensors; {fix}")
+    return state
 
 
 def parameter_groups(model: nn.Module, params: dict[str, Any], lr: float, weight_decay: float) -> list[dict]:

@@ -1,7 +1,10 @@
-"""`make predict`: classify picture files with an export, using torch alone and the export's own files.
+"""`make predict`: classify picture files with an export, reading only its data files.
 
-Each picture is prepared by `images.open_picture` as the export's config.json says (the function that
-landed the training images), then scored by model.pt2 with the export's per-channel mean and std.
+The network is rebuilt from config.json (`params`, classes, input shape, mean/std) and its weights read
+from weights.pt with torch's weights-only reader: nothing in an export, which may come from anyone, runs
+code here. model.pt2 is not loaded: a torch.export archive is unpickled when loaded, so it is a program,
+for deployments that trust its source. Each picture is prepared by `images.open_picture` as config.json
+says (the function that landed the training images) and scored with the export's per-channel mean and std.
 """
 
 from __future__ import annotations
@@ -13,12 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import verify_export
+from pipeline import hparams, models, verify_export
 from pipeline.errors import BadInput
 from pipeline.images import PictureError, Preprocessing, open_picture
 from pipeline.sources import DIGITS
 
 EVAL_BATCH = 1000
+# Pictures above this are refused from their header, before decoding: a 50 MP picture (the largest phone
+# cameras') decodes to 150 MB of RGB, while one of hundreds of megapixels would take gigabytes.
+MAX_MEGAPIXELS = 50
+CAP_HINT = f"predict reads pictures up to {MAX_MEGAPIXELS} megapixels"
+REEXPORT = "export it again with `make export-best STUDY=...`"
 
 
 @dataclass
@@ -36,22 +44,54 @@ def export_preprocessing(config: dict) -> Preprocessing:
     return Preprocessing(28, "gray", dataset if dataset in DIGITS else "photo")
 
 
+def _per_channel(value: float | list[float], channels: int) -> tuple[float, ...]:
+    """config.json's mean or std, one value per channel (exports before per-channel statistics hold one number)."""
+    values = tuple(float(v) for v in value) if isinstance(value, list) else (float(value),) * channels
+    if len(values) != channels:
+        raise ValueError(f"{len(values)} values for {channels} channels")
+    return values
+
+
+def load_export(export_dir: Path) -> tuple[torch.nn.Module, dict, Preprocessing]:
+    """The export's network (eval mode, CPU) rebuilt from config.json with weights.pt's weights; its config and
+    how its pictures are prepared."""
+    config_path, weights = export_dir / "config.json", export_dir / "weights.pt"
+    if not config_path.is_file() or not weights.is_file():
+        raise BadInput(f"{export_dir} is not an export that predict reads (no config.json / weights.pt); run "
+                       "`make export-best STUDY=...` first or point EXPORT= at one")
+    try:
+        config = json.loads(config_path.read_text())
+        preprocessing = export_preprocessing(config)
+        input_shape = tuple(config.get("input_shape") or preprocessing.shape)
+        classes = config["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError("classes must be a list of names")
+        stats = (_per_channel(config["mean"], input_shape[0]), _per_channel(config["std"], input_shape[0]))
+        model = models.build_model(hparams.resolve_params(config["params"]), len(classes), input_shape, stats,
+                                   imagenet=False)
+    except Exception as exc:  # a file from elsewhere: anything in it may be missing or malformed
+        detail = " ".join(str(exc).split())[:300]
+        raise BadInput(f"{config_path}: does not describe a network predict can build ({type(exc).__name__}: "
+                       f"{detail}); {REEXPORT}") from None
+    state = models.read_state_dict(weights, str(weights), REEXPORT)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise BadInput(f"{weights}: does not fit the network config.json describes ({detail}); {REEXPORT}") from None
+    return model.eval(), config, preprocessing
+
+
 def predict(export_dir: Path, paths: list[Path], top_k: int = 3) -> tuple[list[Prediction], list[str]]:
-    """Classify image files with an export; returns the predictions and one error line per unreadable file.
+    """Classify image files with an export; returns the predictions and one error line per unusable file.
 
     Each picture is prepared by `images.prepare_picture`, the function that landed the training images.
     """
-    config_path = export_dir / "config.json"
-    if not config_path.is_file() or not (export_dir / "model.pt2").is_file():
-        raise BadInput(f"{export_dir} is not an export (no config.json / model.pt2); run `make export-best "
-                       "STUDY=...` first or point EXPORT= at one")
-    config = json.loads(config_path.read_text())
-    preprocessing = export_preprocessing(config)
-    model = torch.export.load(str(export_dir / "model.pt2")).module()
+    model, config, preprocessing = load_export(export_dir)
     images, readable, errors = [], [], []
     for path in paths:
         try:
-            images.append(open_picture(path, preprocessing))
+            images.append(open_picture(path, preprocessing, MAX_MEGAPIXELS, CAP_HINT))
             readable.append(path)
         except PictureError as exc:
             errors.append(f"{exc}; skipped")

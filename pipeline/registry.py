@@ -10,18 +10,31 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
 
+from pipeline.errors import BadInput
 from pipeline.hparams import PARAM_SPECS
+from pipeline.models import read_state_dict
 
 CHAMPION = "champion"
+WEIGHTS_FILE = "weights.pt"  # a logged model's plain state dict, beside its program (MLflow's extra_files/)
+WEIGHTS_PATH = f"extra_files/{WEIGHTS_FILE}"
+REGISTER_FIX = ("register a model logged by `make search` as the champion, or pass --no-tracking to retrain the "
+                "study's best trial from its record")
 ALIAS_ATTEMPTS = 3  # searches on several hosts may move the champion alias at the same moment
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -131,8 +144,55 @@ def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:
 
 
 def load_state_dict(model_uri: str) -> dict[str, Any]:
-    """The weights of a logged model (a torch.export program) under the original module's names."""
-    return mlflow.pytorch.load_model(model_uri).state_dict()
+    """The weights of a logged model under the original module's names, read without running anything in it.
+
+    A registry may hold anyone's upload, so its files are data to check, never code: a model logged with its
+    plain `weights.pt` (tracking does) is read by torch's weights-only reader. One logged before holds only its
+    torch.export program, which is unpickled when loaded: MLflow loads it with its pickle switch off, after
+    checking that the archive holds tensors and plain data only. Anything else is refused with one line.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        weights = local / WEIGHTS_PATH
+        if weights.is_file():
+            return read_state_dict(weights, f"{model_uri} ({WEIGHTS_PATH})", REGISTER_FIX)
+        _check_program_only(local, model_uri)
+        try:
+            with _pickle_switch_off():
+                return mlflow.pytorch.load_model(str(local)).state_dict()
+        except Exception as exc:
+            detail = " ".join(str(exc).split(". ")[0].split())[:300]  # MLflow's first sentence says what it refused
+            raise BadInput(f"{model_uri}: refused ({type(exc).__name__}: {detail}); {REGISTER_FIX}") from None
+
+
+def _check_program_only(local: Path, model_uri: str) -> None:
+    """A downloaded model is a torch.export program in data/model.pt2 and nothing MLflow would import or unpickle
+    on its own: no pickled module (data/model.pth) and no code directory put on sys.path."""
+    try:
+        flavor = Model.load(str(local / MLMODEL_FILE_NAME)).flavors.get("pytorch") or {}
+    except Exception as exc:
+        raise BadInput(f"{model_uri}: its MLmodel file is unreadable ({type(exc).__name__}); {REGISTER_FIX}") from None
+    if (local / "data" / "model.pth").exists():
+        raise BadInput(f"{model_uri}: a pickled model (data/model.pth), which could run code when loaded, is never "
+                       f"loaded; {REGISTER_FIX}")
+    if flavor.get("code") or flavor.get("model_data") != "data" or not (local / "data" / "model.pt2").is_file():
+        raise BadInput(f"{model_uri}: not a torch.export model as tracking logs it (data/model.pt2, no code "
+                       f"directory); {REGISTER_FIX}")
+
+
+@contextlib.contextmanager
+def _pickle_switch_off() -> Iterator[None]:
+    """MLflow's pickle switch off for one load (MLflow allows pickle by default), then as it was."""
+    name = MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def log_test_metrics(client: MlflowClient, run_ids: list[str], metrics: dict[str, float]) -> None:

@@ -13,13 +13,16 @@ root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, Postgr
   image size: the UI's Dataset column), one batched metrics call per epoch (`step=epoch`), and the end
   status FINISHED / KILLED / FAILED for COMPLETE / PRUNED / FAIL.
 - Best model: only a trial that becomes the study's best logs its model (torch.export `pt2`, which
-  loads with torch alone), so disk grows with improvements, not with trials. The best trial's model
+  loads with torch alone, and its weights as a plain `weights.pt` that loads without unpickling code),
+  so disk grows with improvements, not with trials. The best trial's model
   is registered as model `<study file name>` with alias `champion` (registry.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 import json
 import logging
 import math
@@ -165,12 +168,13 @@ def dataset_input(data: PreparedData) -> DatasetInput:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
-def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
-    """Raise OSError (ENOSPC, EFBIG) now if a model this size cannot be written in these folders.
+def ensure_room(model: torch.nn.Module, directories: list[Path | None], copies: int = 2) -> None:
+    """Raise OSError (ENOSPC, EFBIG) now if `copies` files of a model this size cannot be written in these folders.
 
     torch's zip writer aborts the whole process (a C++ exception in a destructor) when a file write
-    fails, so a full disk must be found before it writes: a probe file of the model's size plus a
-    margin, written and removed with ordinary Python I/O, fails cleanly instead.
+    fails, so a full disk must be found before it writes: probe files of the model's size plus a
+    margin, written and removed with ordinary Python I/O, fail cleanly instead. A logged model is written
+    twice (its program and its plain weights), so by default two probes are held at once.
     """
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 11 // 10 + (1 << 20)
     chunk = bytes(1 << 20)
@@ -178,11 +182,13 @@ def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
         if directory is None:  # an `mlflow server` stores the artifacts: its disk, its errors
             continue
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory) as probe:
-            for _ in range(-(-size // len(chunk))):
-                probe.write(chunk)
-            probe.flush()
-            os.fsync(probe.fileno())
+        with contextlib.ExitStack() as probes:
+            for _ in range(copies):
+                probe = probes.enter_context(tempfile.TemporaryFile(dir=directory))
+                for _ in range(-(-size // len(chunk))):
+                    probe.write(chunk)
+                probe.flush()
+                os.fsync(probe.fileno())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,23 +332,30 @@ class StudyRun(Listener):
     # ---- the best model ----------------------------------------------------------------------------
 
     def new_best(self, number: int, value: float, model: TrainedModel) -> None:
-        """Log a new best trial's model (pt2) and its validation confusion matrix."""
+        """Log a new best trial's model (pt2, with its plain weights.pt) and its validation confusion matrix."""
         run_id, data = self.children[number], model.data
         cpu_model = model.cpu_copy()
         ensure_room(cpu_model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
         example = model.example_inputs(INPUT_EXAMPLE_IMAGES).numpy()
         with torch.no_grad():
             output = cpu_model(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(
-            cpu_model, name="model", run_id=run_id,
-            signature=mlflow.models.infer_signature(example, output), input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # skips MLflow's slow requirement probe
-            metadata={"dataset": data.dataset, "dataset_digest": data.checksum, "classes": list(data.classes),
-                      "mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
-                      "preprocessing": data.preprocessing.as_dict(), "study": self.study_name,
-                      "trial_number": number},
-        )
         with tempfile.TemporaryDirectory() as tmp:
+            # The plain state dict travels with the program (extra_files/weights.pt): export reads the weights
+            # from it with torch's weights-only reader instead of loading the program, which unpickles.
+            weights = Path(tmp) / registry.WEIGHTS_FILE
+            buffer = io.BytesIO()  # serialised in memory, written by Python: torch's writer aborts on a full disk
+            torch.save(cpu_model.state_dict(), buffer)
+            weights.write_bytes(buffer.getvalue())
+            info = mlflow.pytorch.log_model(
+                cpu_model, name="model", run_id=run_id, extra_files=[str(weights)],
+                signature=mlflow.models.infer_signature(example, output), input_example=example,
+                # Stated, which skips MLflow's slow requirement probe.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                metadata={"dataset": data.dataset, "dataset_digest": data.checksum, "classes": list(data.classes),
+                          "mean": list(data.mean), "std": list(data.std), "input_shape": list(data.input_shape),
+                          "preprocessing": data.preprocessing.as_dict(), "study": self.study_name,
+                          "trial_number": number},
+            )
             path = Path(tmp) / "confusion_matrix.png"
             plots.confusion_matrix(data.val.labels.cpu().numpy(), model.val_predictions().numpy(), data.classes,
                                    path, title=f"{self.study_name} trial {number}: validation")

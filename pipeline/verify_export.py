@@ -12,6 +12,8 @@ It loads `model.pt2` and `config.json` from its own folder, normalises the image
 did ((x / 255 - mean) / std in float32, per channel), classifies them in batches with a fixed thread
 count, and prints one JSON line: {"correct": ..., "total": ..., "accuracy": ...}. The export's
 metrics.json must match it exactly. Reading `.npy` files needs numpy (torch usually brings it along).
+Loading model.pt2 unpickles parts of it: it is a program, so run this on exports you trust (export-best
+runs it on the one it has just written).
 """
 
 from __future__ import annotations

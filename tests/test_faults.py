@@ -6,6 +6,7 @@ what survives. `make test-faults` runs these and the other scenarios marked `fau
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -24,7 +25,7 @@ from conftest import TINY_CLI, StudyEnv, mlflow_runs, trial_runs, wait_until
 from PIL import Image
 from ui_process import free_port, wait_for_health
 
-from pipeline import store, tracking
+from pipeline import models, store, tracking
 from pipeline.cli import main
 
 pytestmark = pytest.mark.faults
@@ -276,12 +277,10 @@ def test_locked_tracking_store_fails_fast_before_training(study_env, mlflow_stor
 def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, capsys, monkeypatch):
     export_dir = tmp_path / "export"
     export_dir.mkdir()
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10)).eval()
-    program = torch.export.export(model, (torch.zeros(2, 1, 28, 28),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-    torch.export.save(program, str(export_dir / "model.pt2"))
-    (export_dir / "config.json").write_text('{"dataset": "mnist", "mean": 0.13, "std": 0.31, '
-                                            '"classes": ["0","1","2","3","4","5","6","7","8","9"]}')
+    params = {"model": "mlp", "mlp_widths": [16]}
+    torch.save(models.build_model(params).state_dict(), export_dir / "weights.pt")
+    (export_dir / "config.json").write_text(json.dumps({"dataset": "mnist", "mean": 0.13, "std": 0.31, "params": params,
+                                                        "classes": [str(d) for d in range(10)]}))
     digit = np.zeros((28, 28), dtype=np.uint8)
     digit[5:23, 12:16] = 255
     good = {
