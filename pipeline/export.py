@@ -18,6 +18,9 @@ An export holds everything needed to use the model with torch alone:
 The directory is written under a temporary name; a fresh process then runs verify.py, and only if its
 test accuracy equals metrics.json exactly is the directory renamed into place. Otherwise the partial
 directory is removed and the export fails (exit 1). The test split is read here and nowhere else.
+
+What an export-best killed outright leaves (`.<study>.partial-<pid>`, `.<study>.replaced-<pid>`) is put right
+by the next export-best of that study, before anything else (`_tidy`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -40,6 +44,7 @@ import torch
 from pipeline import (
     data,
     datasets,
+    fileio,
     hparams,
     imagecache,
     models,
@@ -153,6 +158,7 @@ def export_best(spec: studies.StudySpec, storage_override: str | None = None, ro
     """`make export-best`: write the champion to `out_dir/<study>/`, verified by a fresh process, and log its
     test accuracy to its MLflow runs (with `client`: an MLflow client, whose registry is asked first)."""
     destination = out_dir / spec.name
+    _tidy(destination, log)
     if destination.exists() and not force:
         raise BadInput(f"{destination} already exists; pass FORCE=1 (make export-best) or --force to replace it")
     champion = find_champion(spec, store.open_storage(storage_override, spec.name), root, client, log)
@@ -178,19 +184,58 @@ def export_best(spec: studies.StudySpec, storage_override: str | None = None, ro
 
 
 def _move_into_place(partial: Path, destination: Path, force: bool) -> None:
-    """Rename the verified export into place; with `force`, the previous one goes only once the new one is there."""
+    """Rename the verified export into place; with `force`, the previous one goes only once the new one is there.
+
+    The new export is whole on disk before the first rename, so a swap cut short (a kill, a power loss) can be
+    finished by the next export-best (`_tidy`), and the renames are flushed to disk before this returns.
+    """
+    fileio.sync_tree(partial)
     if not destination.exists():
         try:
-            partial.rename(destination)
+            fileio.rename_durably(partial, destination)
             return
         except OSError:  # it appeared meanwhile (another export): treat it as existing
             pass
     if not force:
         raise BadInput(f"{destination} already exists; pass FORCE=1 (make export-best) or --force to replace it")
     previous = destination.parent / f".{destination.name}.replaced-{os.getpid()}"
-    destination.rename(previous)
-    partial.rename(destination)
+    os.rename(destination, previous)
+    try:
+        fileio.rename_durably(partial, destination)
+    except OSError:
+        if not destination.exists():  # another export did not take its place meanwhile: put it back
+            fileio.rename_durably(previous, destination)
+        raise
     shutil.rmtree(previous)
+
+
+def _tidy(destination: Path, log: Any) -> None:
+    """Put right what an export-best of this study that was killed outright left beside `destination`.
+
+    Killed while writing or verifying: a `.partial-<pid>`, removed. Killed between the swap's two renames: a
+    `.replaced-<pid>` (the previous export) and no export in place; the `.partial-<pid>` of the same process
+    was verified (the swap starts only then), so it is moved into place, or, if it is not there, the previous
+    export is restored. Killed after the renames: a `.replaced-<pid>`, removed. Leftovers of processes still
+    running (another export-best of the study) are left alone.
+    """
+    pattern = re.compile(rf"^\.{re.escape(destination.name)}\.(?P<kind>partial|replaced)-(?P<pid>\d+)$")
+    found = fileio.dead_leftovers(destination.parent, pattern)
+    for path in sorted(found, key=lambda p: ".partial-" in p.name):  # the .replaced- ones first
+        pid = path.name.rsplit("-", 1)[1]
+        partial = destination.parent / f".{destination.name}.partial-{pid}"
+        if ".replaced-" in path.name and not destination.exists():
+            if partial.is_dir():
+                fileio.rename_durably(partial, destination)
+                log(f"{destination}: finished replacing the export with the verified one that a killed export-best "
+                    f"(pid {pid}) left in {partial.name}")
+            else:
+                fileio.rename_durably(path, destination)
+                log(f"{destination}: restored the previous export from {path.name}, left by a killed export-best "
+                    f"(pid {pid})")
+                continue
+        if path.exists():
+            fileio.remove(path)
+            log(f"removed {path}, left by a killed export-best (pid {pid})")
 
 
 def write_export(champion: Champion, spec: studies.StudySpec, root: Path, directory: Path,

@@ -8,7 +8,9 @@ A cache folder holds
                     when the source has no split of its own and the pipeline carves one, seeded)
     manifest.json   classes, the source, its preprocessing, skipped files, per-class counts
 
-It is written under a temporary name and renamed into place, so a reader sees a whole cache or none.
+It is written under a temporary name and renamed into place (durably: `fileio.rename_durably`), so a reader
+sees a whole cache or none, after a kill or a power loss too; what a writer killed outright leaves
+(`.<digest>.partial-<pid>`) is removed by the next writer.
 `.npy` files load without pickle (`allow_pickle=False`) and map into memory, so a split larger than
 RAM can stream from disk.
 """
@@ -17,16 +19,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import fileio
 from pipeline.errors import DataError
 
 TRAIN, VAL, TEST, CARVE = 0, 1, 2, 3
 FORMAT_VERSION = 1
+PARTIAL_PATTERN = re.compile(r"^\..+\.partial-(?P<pid>\d+)$")  # CacheWriter's temporary folders
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ class CacheWriter:
 
     def __init__(self, root: Path, digest: str, count: int, shape: tuple[int, int, int]):
         self.final = cache_dir(root, digest)
+        for leftover in fileio.dead_leftovers(self.final.parent, PARTIAL_PATTERN):
+            fileio.remove(leftover)
         self.partial = self.final.parent / f".{digest}.partial-{os.getpid()}"
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
@@ -104,7 +111,7 @@ class CacheWriter:
         (self.partial / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n",
                                                    encoding="utf-8")
         try:
-            self.partial.rename(self.final)
+            fileio.rename_durably(self.partial, self.final)
         except OSError:  # another process landed the same digest meanwhile: theirs is identical
             shutil.rmtree(self.partial, ignore_errors=True)
         return self.final

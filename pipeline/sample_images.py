@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from pipeline import fileio
 from pipeline.errors import BadInput
 from pipeline.paths import DATA_ROOT
 
@@ -209,7 +210,7 @@ def _swap_in(partial: Path, out: Path, marker: dict) -> None:
     if out.exists():
         out.rename(old)
     try:
-        partial.rename(out)
+        fileio.rename_durably(partial, out)
     except OSError:
         if _read_marker(out) != marker:  # not another process writing the same tree at the same moment
             raise

@@ -6,7 +6,9 @@ One study file gives one Optuna study (`<name>`, or `<name>-v<N>` after FRESH=1)
 user attributes under the same keys as ever, written by `note` and read by `records`, nowhere else.
 
 This is the only module that touches Optuna's private API; each use sits behind a small function
-with its own test pinned to the Optuna version (tests/test_store.py).
+with its own test pinned to the Optuna version (tests/test_store.py). A damaged store stops a command with
+one line naming the file (BadInput); a journal's last line torn by a full disk or a power loss is cut off
+before anything is appended to it (`_JournalLock`).
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import paths, studies
+from pipeline import fileio, paths, sqlitecheck, studies
 from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.studies import StudyError, StudySpec
@@ -84,15 +88,24 @@ def _holds(url: str, name: str) -> bool:
     return bool(versions(make_storage(url), name))
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB URL (sqlite:///..., postgresql://...) with heartbeats, or a `.journal` file for local workers."""
+def _warn(message: str) -> None:
+    """Store repairs are reported on stderr: a worker's stdout carries its events."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_storage(url: str, log: Callable[[str], None] = _warn) -> optuna.storages.BaseStorage:
+    """An RDB URL (sqlite:///..., postgresql://...) with heartbeats, or a `.journal` file for local workers.
+
+    A damaged store (a SQLite file cut short or overwritten, a journal with a line that is not an entry) stops
+    here with BadInput naming the file; a journal's torn last line is mended (`log` says so)."""
     quiet_optuna()
     if url.endswith(".journal"):  # Optuna's journal file: safe for several processes on one host
         path = Path(url.removeprefix("journal://"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        return _open_journal(path, log)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        sqlitecheck.check(url, "Optuna storage")
     try:
         return open_store(lambda: optuna.storages.RDBStorage(
             url,
@@ -103,6 +116,107 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as exc:  # bad URL, unreachable server, locked or unwritable file
         raise BadInput(f"Optuna storage {url!r} cannot be opened: {str(exc).splitlines()[0]}; "
                        "check STORAGE (default: sqlite:///studies/optuna.db, or a path ending in .journal)") from None
+
+
+def _open_journal(path: Path, log: Callable[[str], None]) -> optuna.storages.JournalStorage:
+    lock = _JournalLock(path, log)
+    backend = optuna.storages.journal.JournalFileBackend(str(path), lock_obj=lock)
+    if _torn(path):  # mend it now rather than at the first append, so that the user hears of it at once
+        try:
+            lock.acquire()
+        except OSError as exc:  # no room to copy the file aside: nothing was changed
+            raise BadInput(f"Optuna journal {path}: its last line was cut off mid-write and could not be mended "
+                           f"({exc}); nothing was changed: free some disk space (or let this user write in "
+                           f"{path.parent}) and run again") from None
+        lock.release()
+    try:
+        return optuna.storages.JournalStorage(backend)
+    except ValueError:  # Optuna's reader met a line that is not an entry (json.JSONDecodeError is a ValueError)
+        raise BadInput(f"Optuna journal {path} is damaged ({_first_bad_line(path)}); nothing was changed: restore it "
+                       f"from a backup, or move it aside (mv {path} {path}.damaged) and run again to start a new, "
+                       "empty journal") from None
+
+
+class _JournalLock(optuna.storages.journal.JournalFileSymlinkLock):
+    """Optuna's own lock on the journal file (every append takes it), which first cuts off a torn last line.
+
+    A write cut short (a full disk, a power loss, a kill) leaves a last line without its newline. Optuna's reader
+    skips it, but the next append would be glued onto it, making a line no reader can parse: every later read of
+    the journal would fail, in every process. Only the lock's holder writes, so while it is held a last line
+    without its newline is a torn one, never another process's append in progress. The whole file is copied
+    aside (`<journal>.torn-<time>`) before the partial line is removed.
+    """
+
+    def __init__(self, path: Path, log: Callable[[str], None]):
+        super().__init__(str(path))
+        self._path, self._log = path, log
+
+    def acquire(self) -> bool:
+        super().acquire()
+        try:
+            _cut_torn_line(self._path, self._log)
+        except BaseException:
+            self.release()
+            raise
+        return True
+
+
+def _torn(path: Path) -> bool:
+    """Does the journal end in a line without its newline? (A quick look, without the lock.)"""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        return f.read(1) != b"\n"
+
+
+def _cut_torn_line(path: Path, log: Callable[[str], None]) -> None:
+    """Remove the journal's last line if it has no newline, after copying the whole file aside (under the lock)."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        whole = _whole_lines_length(f, size)
+        if whole == size:
+            return
+        aside = path.with_name(f"{path.name}.torn-{datetime.now():%Y%m%d-%H%M%S-%f}")
+        try:
+            shutil.copyfile(path, aside)
+            fileio.sync_tree(aside)
+        except BaseException:
+            aside.unlink(missing_ok=True)
+            raise
+        f.truncate(whole)
+        f.flush()
+        os.fsync(f.fileno())
+    log(f"{path}: its last line was cut off mid-write ({size - whole} bytes without a newline: a full disk, a power "
+        f"loss or a kill); Optuna skips such a line, but the next write would have been glued onto it, so it was "
+        f"removed (the whole file was copied to {aside.name} first)")
+
+
+def _whole_lines_length(f: BinaryIO, size: int, chunk: int = 1 << 16) -> int:
+    """The length of the file up to and including its last newline."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        f.seek(start)
+        found = f.read(end - start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
+def _first_bad_line(path: Path) -> str:
+    """Which line of a journal Optuna cannot read, and why, for the message."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                return f"line {number} has no newline"
+            try:
+                json.loads(line)
+            except ValueError:
+                return f"line {number} is not a journal entry: {line[:60]!r}"
+    return "Optuna could not read it"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import paths, plots, registry, reproducibility
+from pipeline import paths, plots, registry, reproducibility, sqlitecheck
 from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.events import Listener, TrialEnded, TrialStarted
@@ -108,6 +108,7 @@ def connect(uri: str | None = None) -> MlflowClient:
                            f"start it (make server) or {hint}") from None
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        sqlitecheck.check(uri, "MLflow tracking store")  # damaged: one line now, not a traceback mid-search
     mlflow.set_tracking_uri(uri)
 
     def open_() -> MlflowClient:
