@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline import datasets, hparams, paths, sources, studies, views
 from pipeline.errors import BadInput
+from pipeline.urls import shown
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -99,7 +100,7 @@ def _cmd_export_best(args: argparse.Namespace) -> int:
 
     client = tracking.connect() if args.tracking else None
     if client is not None:
-        views.say(f"tracking to MLflow at {tracking.tracking_uri()}")
+        views.say(f"tracking to MLflow at {shown(tracking.tracking_uri())}")
     started = time.perf_counter()
     try:
         destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=views.say)
