@@ -152,7 +152,7 @@ def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.
     # GPUs are shared out when the device is left to us; `--device cuda:1` keeps every worker on that GPU.
     gpus = workers.visible_gpus() if device.type == "cuda" and options.device in ("auto", "cuda") else []
     plans = workers.plan(options.workers, options.threads, gpus)
-    pool = workers.Workers(workers.worker_command(spec, url, options), plans)
+    pool = workers.Workers(workers.worker_command(spec, options), plans, workers.storage_environment(url))
     for p in plans:
         gpu = f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else ""
         view.say(f"worker {p.index}: pid {pool.processes[p.index].pid}, {gpu}"
