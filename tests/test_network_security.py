@@ -124,7 +124,7 @@ def test_a_worker_gets_the_coordinators_storage_in_its_environment_not_its_comma
     study_env.write_study()
     spec = studies.load("tiny", study_env.studies_dir)
     command = workers.worker_command(spec, session.SearchOptions(workers=2, worker_program=("python", "-m", "x")))
-    assert not leaks(" ".join(command)) and "--storage" not in command
+    assert "--storage" not in command
     # A stand-in worker with the real command's arguments: it reports the store a worker resolves, and its argv.
     show = "import sys; from pipeline import store; print(store.storage_url(None, 'tiny')); print(sys.argv)"
     pool = workers.Workers([sys.executable, "-c", show, *command[3:]], workers.plan(1, 1, []),
