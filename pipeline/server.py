@@ -102,7 +102,7 @@ def auth_environment(config: Path) -> dict[str, str]:
     parser = configparser.ConfigParser()
     try:
         if not parser.read(config):
-            raise BadInput(f"AUTH={config}: no such file; write the login settings there ({fix})")
+            raise BadInput(f"AUTH={config}: no such file, or unreadable; write the login settings there ({fix})")
     except configparser.Error as exc:
         raise BadInput(f"AUTH={config}: not an .ini file ({type(exc).__name__}); {fix}") from None
     settings = parser["mlflow"] if parser.has_section("mlflow") else {}
