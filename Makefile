@@ -74,12 +74,15 @@ export-best: $(STAMP) ## champion of STUDY -> exports/STUDY/, verified by a fres
 predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="a.png b.jpg"
 	$(PY) -m pipeline predict --export "$(EXPORT)" $(IMAGES)
 
-server: $(STAMP) ## MLflow tracking server for other hosts: [HOST=0.0.0.0] [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir] [ALLOWED_HOSTS=name,...]
-	$(PY) -m pipeline server --host $(or $(HOST),0.0.0.0) --port $(PORT) $(if $(BACKEND),--backend $(BACKEND)) \
+# BACKEND and STORAGE reach the command through its environment (make exports them), not its arguments: a
+# password in them stays out of the process list.
+server: $(STAMP) ## MLflow tracking server (127.0.0.1 unless HOST=0.0.0.0 with AUTH=server-auth.ini or INSECURE=1) [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir] [ALLOWED_HOSTS=name,...]
+	$(if $(BACKEND),MLFLOW_BACKEND_STORE_URI="$$BACKEND") $(PY) -m pipeline server --host $(or $(HOST),127.0.0.1) \
+		--port $(PORT) $(if $(AUTH),--auth $(AUTH)) $(if $(filter 1,$(INSECURE)),--insecure) \
 		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT=5001]
-	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY)) $(if $(STORAGE),--storage $(STORAGE))
+	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY))
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
 	$(PY) -m pytest -m "not browser and not faults and not scale" $(PYTEST_ARGS)

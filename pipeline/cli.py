@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline import datasets, hparams, paths, sources, studies, views
 from pipeline.errors import BadInput
+from pipeline.urls import shown
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -100,7 +101,7 @@ def _cmd_export_best(args: argparse.Namespace) -> int:
 
     client = tracking.connect() if args.tracking else None
     if client is not None:
-        views.say(f"tracking to MLflow at {tracking.tracking_uri()}")
+        views.say(f"tracking to MLflow at {shown(tracking.tracking_uri())}")
     started = time.perf_counter()
     try:
         destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=views.say)
@@ -138,7 +139,8 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     from pipeline import server
 
-    return server.tracking_server(args.host, args.port, args.backend, args.artifacts, args.allowed_hosts, views.say)
+    return server.tracking_server(args.host, args.port, args.backend, args.artifacts, args.allowed_hosts, args.auth,
+                                  args.insecure, views.say, views.note)
 
 
 STORAGE_HELP = ("Optuna storage: a URL (sqlite:///..., postgresql://...) or a .journal file (default: $STORAGE, else "
@@ -250,10 +252,16 @@ def _add_serving_commands(commands: Any) -> None:
     p.set_defaults(run=_cmd_ui)
 
     p = commands.add_parser("server", help="an MLflow tracking server that searches on other hosts can log to")
-    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only); any other needs --auth or --insecure")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--backend", default=None,
-                   help="database URI (default: $MLFLOW_TRACKING_URI or sqlite mlruns/mlflow.db), e.g. postgresql://...")
+    p.add_argument("--auth", type=Path, default=None, help="MLflow's basic-auth login with the settings of this .ini "
+                   "file (README: Running on many machines); clients log in with MLFLOW_TRACKING_USERNAME/PASSWORD")
+    p.add_argument("--insecure", action="store_true", help="listen on another address without a login: anyone who "
+                   "reaches the port can read, change and delete runs and models")
+    p.add_argument("--backend", default=None, help="database URI (default: $MLFLOW_BACKEND_STORE_URI, else "
+                   "$MLFLOW_TRACKING_URI or sqlite mlruns/mlflow.db), e.g. postgresql://...; a password in it is safer "
+                   "in $MLFLOW_BACKEND_STORE_URI than here, where the process list shows it")
     p.add_argument("--artifacts", type=Path, default=None, help="where the server keeps artifacts "
                    "(default: mlruns/artifacts, or beside the SQLite file)")
     p.add_argument("--allowed-hosts", default=None, help="more names clients may reach it by, comma-separated "

@@ -1,9 +1,19 @@
 """The MLflow server: `make ui` (the UI on 127.0.0.1, opened on a study's runs) and `make server` (a tracking
-server searches on other hosts log to). Both run `mlflow server` as a child that stops with us."""
+server searches on other hosts log to). Both run `mlflow server` as a child that stops with us.
+
+Whoever reaches an `mlflow server` without a login can read, change and delete every run and registered
+model, so it listens on 127.0.0.1 unless told otherwise, and another address needs MLflow's basic-auth
+login (--auth, an .ini file) or an explicit --insecure. The backend URL and the login's settings reach the
+server through its environment, never its command line (which every user of the host can read).
+"""
 
 from __future__ import annotations
 
+import configparser
+import importlib.util
+import ipaddress
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +27,14 @@ from pipeline import store, tracking
 from pipeline.concurrency import stop_with_parent
 from pipeline.errors import BadInput
 from pipeline.studies import StudySpec
+from pipeline.urls import shown
+
+# `mlflow server` reads these (its --backend-store-uri option, the basic-auth app's settings and Flask key).
+BACKEND_VARIABLE = "MLFLOW_BACKEND_STORE_URI"
+AUTH_CONFIG_VARIABLE = "MLFLOW_AUTH_CONFIG_PATH"
+AUTH_PASSWORD_VARIABLE = "MLFLOW_AUTH_ADMIN_PASSWORD"
+SECRET_KEY_VARIABLE = "MLFLOW_FLASK_SERVER_SECRET_KEY"
+AUTH_KEYS = ("database_uri", "admin_username", "default_permission")  # what MLflow's basic-auth app needs
 
 
 def ui(spec: StudySpec | None, storage_override: str | None, port: int, say: Callable[[str], None]) -> int:
@@ -28,29 +46,75 @@ def ui(spec: StudySpec | None, storage_override: str | None, port: int, say: Cal
         name = store.find_study(spec, store.open_storage(storage_override, spec.name).backend).study_name
         experiment_id = tracking.experiment_id(client, name)
         if experiment_id is None:
-            raise BadInput(f"study {name!r} has no MLflow experiment in {uri} yet; run `make search "
+            raise BadInput(f"study {name!r} has no MLflow experiment in {shown(uri)} yet; run `make search "
                            f"STUDY={spec.name}` with tracking on (the default) first")
         page = f"#/experiments/{experiment_id}/runs"
     if tracking.artifact_root(uri) is None:  # an `mlflow server` already serves its own UI
-        say(f"MLflow UI: {uri.rstrip('/')}/{page}")
+        say(f"MLflow UI: {shown(uri).rstrip('/')}/{page}")
         return 0
-    say(f"MLflow UI on {uri}: open http://127.0.0.1:{port}/{page}  (Ctrl-C stops it)")
+    say(f"MLflow UI on {shown(uri)}: open http://127.0.0.1:{port}/{page}  (Ctrl-C stops it)")
     return serve(uri, "127.0.0.1", port, tracking.artifact_root(uri), "make ui")
 
 
 def tracking_server(host: str, port: int, backend: str | None, artifacts: Path | None, allowed: str | None,
-                    say: Callable[[str], None]) -> int:
-    """An MLflow tracking server on `host:port` over the database `backend` (default: the tracking store)."""
-    backend = backend or tracking.tracking_uri()
+                    auth: Path | None, insecure: bool, say: Callable[[str], None],
+                    warn: Callable[[str], None]) -> int:
+    """An MLflow tracking server on `host:port` over the database `backend` (default: $MLFLOW_BACKEND_STORE_URI,
+    else the tracking store). Any address but loopback needs the basic-auth login `auth` or `insecure`."""
+    if not loopback(host) and auth is None and not insecure:
+        raise BadInput(f"--host {host} would let anyone who reaches port {port} read, change and delete runs and "
+                       "models: add AUTH=server-auth.ini (--auth, MLflow's login; README \"Running on many machines\") "
+                       "or INSECURE=1 (--insecure), or leave HOST unset to listen on 127.0.0.1 only")
+    login = auth_environment(auth) if auth is not None else {}
+    backend = backend or os.environ.get(BACKEND_VARIABLE) or tracking.tracking_uri()
     if tracking.artifact_root(backend) is None:
-        raise BadInput(f"--backend {backend}: expected a database URI (sqlite:///..., postgresql://...), "
+        raise BadInput(f"--backend {shown(backend)}: expected a database URI (sqlite:///..., postgresql://...), "
                        "not another server")
     tracking.connect(backend)  # creates the schema now, and fails here with one line if it cannot
     artifacts = artifacts or tracking.artifact_root(backend)
-    shown = "<this host>" if host == "0.0.0.0" else host
-    say(f"MLflow tracking server on {host}:{port} (backend {backend}, artifacts {artifacts}); "
-        f"point searches at it with MLFLOW_TRACKING_URI=http://{shown}:{port}  (Ctrl-C stops it)")
-    return serve(backend, host, port, artifacts, "make server", allowed_hosts(allowed))
+    if auth is None and not loopback(host):
+        warn(f"warning: no login (INSECURE=1): anyone who reaches {host}:{port} can read, change and delete every "
+             "run and registered model; use AUTH=server-auth.ini on a network you do not fully trust")
+    where = "<this host>" if host == "0.0.0.0" else host
+    credentials = " with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if auth is not None else ""
+    say(f"MLflow tracking server on {host}:{port} (backend {shown(backend)}, artifacts {artifacts}"
+        f"{', login ' + str(auth) if auth is not None else ''}); point searches at it with "
+        f"MLFLOW_TRACKING_URI=http://{where}:{port}{credentials}  (Ctrl-C stops it)")
+    return serve(backend, host, port, artifacts, "make server", allowed_hosts(allowed), login)
+
+
+def loopback(host: str) -> bool:
+    """Does `host` (an address or name to listen on) keep the server to this machine?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume the network
+
+
+def auth_environment(config: Path) -> dict[str, str]:
+    """The environment that turns on MLflow's basic-auth app with the settings in `config` (an .ini file with an
+    [mlflow] section: database_uri, admin_username, default_permission, and admin_password unless
+    $MLFLOW_AUTH_ADMIN_PASSWORD holds it). The Flask secret key is $MLFLOW_FLASK_SERVER_SECRET_KEY, or a fresh
+    random one: the server runs one worker, so no other process has to share it."""
+    fix = "see README \"Running on many machines\" for an example"
+    parser = configparser.ConfigParser()
+    try:
+        if not parser.read(config):
+            raise BadInput(f"AUTH={config}: no such file, or unreadable; write the login settings there ({fix})")
+    except configparser.Error as exc:
+        raise BadInput(f"AUTH={config}: not an .ini file ({type(exc).__name__}); {fix}") from None
+    settings = parser["mlflow"] if parser.has_section("mlflow") else {}
+    missing = [key for key in AUTH_KEYS if not settings.get(key)]
+    if not settings.get("admin_password") and not os.environ.get(AUTH_PASSWORD_VARIABLE):
+        missing.append(f"admin_password (or ${AUTH_PASSWORD_VARIABLE})")
+    if missing:
+        raise BadInput(f"AUTH={config}: expected an [mlflow] section with {', '.join(missing)}; {fix}")
+    if importlib.util.find_spec("flask_wtf") is None:
+        raise BadInput(f"AUTH={config}: MLflow's login needs Flask-WTF (the mlflow[auth] extra); run `make setup`")
+    return {AUTH_CONFIG_VARIABLE: str(config.resolve()),
+            SECRET_KEY_VARIABLE: os.environ.get(SECRET_KEY_VARIABLE) or secrets.token_hex(32)}
 
 
 def allowed_hosts(extra: str | None) -> str:
@@ -62,18 +126,25 @@ def allowed_hosts(extra: str | None) -> str:
     return ",".join([*get_default_allowed_hosts(), *names, *(f"{name}:*" for name in names), *listed])
 
 
-def serve(backend: str, host: str, port: int, artifacts: Path, target: str, allowed: str | None = None) -> int:
-    """Run `mlflow server` until Ctrl-C, SIGTERM or a closed terminal; artifacts are proxied by the server."""
+def serve(backend: str, host: str, port: int, artifacts: Path, target: str, allowed: str | None = None,
+          login: dict[str, str] | None = None) -> int:
+    """Run `mlflow server` until Ctrl-C, SIGTERM or a closed terminal; artifacts are proxied by the server.
+    `login`: the environment of MLflow's basic-auth app (`auth_environment`); without it, no login."""
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", port)) == 0:
             raise BadInput(f"port {port} is already in use; pick another with PORT=5001 ({target}) or --port")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--host", host,
-               "--port", str(port), "--workers", "1", "--artifacts-destination", str(artifacts)]
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+               "--artifacts-destination", str(artifacts)]
     if allowed:
         command += ["--allowed-hosts", allowed]
+    if login:
+        command += ["--app-name", "basic-auth"]
+    # The backend URL may hold a password: the environment keeps it out of the process list (MLflow hands it on
+    # to its uvicorn child the same way).
+    environment = dict(os.environ, **(login or {}), **{BACKEND_VARIABLE: backend})
     # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us (Ctrl-C,
     # SIGTERM, a closed terminal); if we are killed outright, the kernel tells the server (Linux).
-    server = subprocess.Popen(command, start_new_session=True, preexec_fn=stop_with_parent)
+    server = subprocess.Popen(command, env=environment, start_new_session=True, preexec_fn=stop_with_parent)
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, _raise_keyboard_interrupt)
     try:

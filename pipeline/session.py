@@ -26,6 +26,7 @@ from pipeline.errors import BadInput
 from pipeline.events import Listener, Listeners
 from pipeline.sources import DEFAULT_VAL_SIZE
 from pipeline.studies import StudySpec
+from pipeline.urls import hide_in, shown
 
 PARENT_SETTLE_SECONDS = 1.0
 TOP = 5  # trials in the end-of-search table
@@ -159,7 +160,7 @@ def _header(spec: StudySpec, study: optuna.Study, prepared: Any, device: torch.d
             f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({prepared.mode}, digest "
             f"{prepared.checksum}), {device}, sampler {spec.sampler}, "
             f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
-            + (f" | {options.workers} workers, storage {url}" if options.workers > 1 else ""))
+            + (f" | {options.workers} workers, storage {shown(url)}" if options.workers > 1 else ""))
 
 
 def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.device, options: SearchOptions,
@@ -172,7 +173,7 @@ def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.
     # GPUs are shared out when the device is left to us; `--device cuda:1` keeps every worker on that GPU.
     gpus = workers.visible_gpus() if device.type == "cuda" and options.device in ("auto", "cuda") else []
     plans = workers.plan(options.workers, options.threads, gpus)
-    pool = workers.Workers(workers.worker_command(spec, url, options), plans)
+    pool = workers.Workers(workers.worker_command(spec, options), plans, workers.storage_environment(url))
     for p in plans:
         gpu = f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else ""
         view.say(f"worker {p.index}: pid {pool.processes[p.index].pid}, {gpu}"
@@ -212,7 +213,7 @@ class Tracking:
 
         uri = tracking.tracking_uri()
         client = tracking.connect(uri)
-        view.say(f"tracking to MLflow at {uri}")
+        view.say(f"tracking to MLflow at {shown(uri)}")
         return cls(client)
 
     @classmethod
@@ -252,8 +253,9 @@ class Tracking:
         try:
             lines = self._finish(spec, study, status)
         except Exception as exc:
+            reason = hide_in(str(exc).splitlines()[0][:200], self.client.tracking_uri)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200]}); the trials are saved in Optuna and the next run "
+                      f"{reason}); the trials are saved in Optuna and the next run "
                       "brings MLflow up to date")
             return []
         return [*lines, f"MLflow: `make ui STUDY={spec.name}` shows the study's runs (experiment "

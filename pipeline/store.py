@@ -33,6 +33,7 @@ from pipeline import fileio, paths, sqlitecheck, studies
 from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.studies import StudyError, StudySpec
+from pipeline.urls import hide_in, shown
 
 # A RUNNING trial whose process stopped beating for GRACE_SECONDS is failed... (the environment variables
 # shorten both for the fault tests; a real trial's epochs are far longer).
@@ -114,7 +115,8 @@ def make_storage(url: str, log: Callable[[str], None] = _warn) -> optuna.storage
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
         ))
     except Exception as exc:  # bad URL, unreachable server, locked or unwritable file
-        raise BadInput(f"Optuna storage {url!r} cannot be opened: {str(exc).splitlines()[0]}; "
+        reason = hide_in(str(exc).splitlines()[0], url)  # a driver may quote the URL or its password
+        raise BadInput(f"Optuna storage {shown(url)!r} cannot be opened: {reason}; "
                        "check STORAGE (default: sqlite:///studies/optuna.db, or a path ending in .journal)") from None
 
 

@@ -46,6 +46,7 @@ from pipeline import paths, plots, registry, reproducibility, sqlitecheck
 from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.events import Listener, TrialEnded, TrialStarted
+from pipeline.urls import hide_in, shown
 
 if TYPE_CHECKING:  # annotations only: tracking never trains or predicts itself
     from pipeline.data import PreparedData
@@ -104,7 +105,7 @@ def connect(uri: str | None = None) -> MlflowClient:
         try:
             requests.get(f"{uri.rstrip('/')}/health", timeout=5, verify=verify)
         except requests.RequestException as exc:
-            raise BadInput(f"MLflow tracking server {uri} is unreachable ({type(exc).__name__}); "
+            raise BadInput(f"MLflow tracking server {shown(uri)} is unreachable ({type(exc).__name__}); "
                            f"start it (make server) or {hint}") from None
     elif uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +120,16 @@ def connect(uri: str | None = None) -> MlflowClient:
     try:
         return open_store(open_)
     except Exception as exc:  # unwritable or locked file, refused connection, wrong credentials
-        raise BadInput(f"MLflow tracking store {uri} cannot be opened: {str(exc).splitlines()[0][:300]}; "
-                       f"{hint}") from None
+        reason = hide_in(str(exc).splitlines()[0][:300], uri)  # a driver may quote the URL or its password
+        if _refused_login(exc):
+            hint = ("the server asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an "
+                    "account of its basic-auth user store")
+        raise BadInput(f"MLflow tracking store {shown(uri)} cannot be opened: {reason}; {hint}") from None
+
+
+def _refused_login(exc: Exception) -> bool:
+    """Did an `mlflow server` with a login turn the request away (no or wrong credentials)?"""
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() in (401, 403)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,13 +61,13 @@ def visible_gpus() -> list[str]:
 class Workers:
     """The running worker processes and the one queue their output lines arrive on."""
 
-    def __init__(self, command: list[str], plans: list[WorkerPlan]):
+    def __init__(self, command: list[str], plans: list[WorkerPlan], environment: dict[str, str] | None = None):
         self.plans = plans
         self.lines: queue.Queue[tuple[int, dict[str, Any] | str | None]] = queue.Queue()
         self.processes: dict[int, subprocess.Popen] = {}
         for p in plans:
-            env = dict(os.environ, OMP_NUM_THREADS=str(p.threads), MKL_NUM_THREADS=str(p.threads),
-                       PYTHONUNBUFFERED="1")
+            env = dict(os.environ, **(environment or {}), OMP_NUM_THREADS=str(p.threads),
+                       MKL_NUM_THREADS=str(p.threads), PYTHONUNBUFFERED="1")
             if p.gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = p.gpu
             # Its own session: a Ctrl-C reaches the coordinator, which passes one SIGINT on to each worker
@@ -113,17 +113,24 @@ class Workers:
 
 
 
-def worker_command(spec: StudySpec, url: str, options: SearchOptions) -> list[str]:
-    """The command line of one worker: this program, the same study, budget and storage (stated explicitly,
-    so every worker opens the very store the coordinator chose)."""
+def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:
+    """The command line of one worker: this program, the same study and budget (its storage comes in its
+    environment: `storage_environment`)."""
     command = [*options.worker_program, "search", "--study", spec.name, "--studies-dir", str(options.studies_dir),
-               "--storage", url, "--root", str(options.root), "--device", options.device,
+               "--root", str(options.root), "--device", options.device,
                "--trials", str(spec.trials), "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
                "--tracking" if options.tracking else "--no-tracking"]
     for flag, value in (("--train-limit", spec.train_limit), ("--val-limit", spec.val_limit)):
         if value is not None:
             command += [flag, str(value)]
     return command
+
+
+def storage_environment(url: str) -> dict[str, str]:
+    """How a worker learns the storage the coordinator chose: STORAGE in its environment, which replaces the
+    user's own STORAGE (so every worker opens that very store) and, unlike a command-line argument, is not shown
+    to every user of the host in the process list, password included."""
+    return {"STORAGE": url}
 
 
 # --------------------------------------------------------------------------------------------------

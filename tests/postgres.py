@@ -15,8 +15,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
+from psycopg import sql
 
 USER, PASSWORD = "pipeline", "scale-out-test"
 
@@ -28,14 +30,22 @@ class Server:
     run_as: list[str]  # prefix that runs a PostgreSQL binary as a non-root user (it refuses root)
     bin_dir: Path
 
-    def url(self, database: str) -> str:
-        return f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str, user: str = USER, password: str = PASSWORD) -> str:
+        return f"postgresql://{user}:{quote(password, safe='')}@127.0.0.1:{self.port}/{database}"
 
-    def create_database(self, name: str) -> str:
+    def create_database(self, name: str, owner: str = USER, password: str = PASSWORD) -> str:
+        """A new database owned by `owner` (USER, or a role made by `create_user` with `password`); its URL."""
         # autocommit: CREATE DATABASE cannot run inside a transaction
         with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
+            connection.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
+                                                                             sql.Identifier(owner)))
+        return self.url(name, owner, password)
+
+    def create_user(self, name: str, password: str) -> None:
+        """Another login role, with a password of the test's choosing."""
+        with psycopg.connect(self.url("postgres"), autocommit=True) as connection:
+            connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(name),
+                                                                                 sql.Literal(password)))
 
     def stop(self) -> None:
         subprocess.run([*self.run_as, str(self.bin_dir / "pg_ctl"), "stop", "-D", str(self.directory / "data"),

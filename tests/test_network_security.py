@@ -1,0 +1,285 @@
+"""The tracking server stays on this machine unless a login guards it, and no password leaks: not into output,
+messages, MLflow records, nor the process list (/proc/<pid>/cmdline, which every user of the host can read).
+
+The unmarked tests need no server; the `scale` ones start `make server`'s command, PostgreSQL and workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import postgres
+import pytest
+import requests
+from conftest import mlflow_runs
+from test_faults import write_study
+from ui_process import free_port, wait_for_health
+
+from pipeline import server, session, store, studies, tracking, workers
+from pipeline.cli import main
+from pipeline.errors import BadInput
+
+# A password that must never be seen; '@' makes its URL form (%40) differ from the password itself.
+SENTINEL = "S3ntinel@Leak-Check"
+SENTINEL_FORMS = ("S3ntinel", "Leak-Check")  # parts found in both its raw and its URL-encoded form
+ADMIN_SENTINEL = "Adm1nSentinel-Pass-77"  # the basic-auth admin's password
+
+
+def leaks(text: str) -> list[str]:
+    """The sentinel parts in `text`, wherever a console may have wrapped it."""
+    joined = "".join(text.split())
+    return [form for form in (*SENTINEL_FORMS, ADMIN_SENTINEL) if form in joined]
+
+
+def login_file(folder: Path) -> Path:
+    """The README's basic-auth settings: users kept in a SQLite file, the admin's password in the file."""
+    path = folder / "server-auth.ini"
+    path.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = sqlite:///{folder}/users.db\n"
+                    f"admin_username = admin\nadmin_password = {ADMIN_SENTINEL}\nauth_cache_ttl_seconds = 300\n")
+    return path
+
+
+def busy_port() -> socket.socket:
+    """A listening socket: a server the tests start in this process stops at the port check, after the
+    login gate and warnings have spoken."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
+# --------------------------------------------------------------------------------------------------
+# No server needed
+
+
+def test_loopback_addresses_are_told_from_network_ones():
+    assert all(server.loopback(host) for host in ("127.0.0.1", "127.0.1.1", "::1", "localhost"))
+    assert not any(server.loopback(host) for host in ("0.0.0.0", "::", "10.1.2.3", "192.168.0.7", "mlflow.lab"))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "mlflow.lab"])
+def test_a_network_address_without_a_login_is_refused_in_one_line_naming_both_fixes(host, mlflow_store, capsys):
+    with busy_port() as listener:
+        code = main(["server", "--host", host, "--port", str(listener.getsockname()[1])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err, err
+    assert f"--host {host} would let anyone who reaches port" in err
+    assert "AUTH=server-auth.ini" in err and "INSECURE=1" in err
+
+
+def test_insecure_warns_of_the_risk_and_a_login_needs_no_warning(mlflow_store, tmp_path, capsys):
+    with busy_port() as listener:
+        port = str(listener.getsockname()[1])
+        assert main(["server", "--host", "0.0.0.0", "--port", port, "--insecure"]) == 2  # got as far as the port
+        insecure = capsys.readouterr()
+        assert main(["server", "--host", "0.0.0.0", "--port", port, "--auth", str(login_file(tmp_path))]) == 2
+        with_login = capsys.readouterr()
+    assert "warning: no login (INSECURE=1): anyone who reaches 0.0.0.0:" in insecure.err
+    assert "can read, change and delete every run and registered model" in insecure.err
+    assert f"port {port} is already in use" in insecure.err
+    assert "warning" not in with_login.err and f"port {port} is already in use" in with_login.err
+
+
+def test_a_login_file_is_checked_before_the_server_starts(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    monkeypatch.delenv("MLFLOW_FLASK_SERVER_SECRET_KEY", raising=False)
+    with pytest.raises(BadInput, match="no such file"):
+        server.auth_environment(tmp_path / "absent.ini")
+    no_password = tmp_path / "no-password.ini"
+    no_password.write_text("[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///u.db\nadmin_username = a\n")
+    with pytest.raises(BadInput, match=r"expected an \[mlflow\] section with admin_password"):
+        server.auth_environment(no_password)
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", ADMIN_SENTINEL)  # the password may come from there instead
+    first, second = server.auth_environment(no_password), server.auth_environment(no_password)
+    assert first["MLFLOW_AUTH_CONFIG_PATH"] == str(no_password.resolve())
+    assert len(first["MLFLOW_FLASK_SERVER_SECRET_KEY"]) >= 32  # a fresh random key when none is given
+    assert first["MLFLOW_FLASK_SERVER_SECRET_KEY"] != second["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    assert not leaks(str(first))
+
+
+def test_store_and_tracking_errors_never_show_the_password(study_env, capsys):
+    """A wrong host or port: the drivers' messages, and ours around them, name the store without its password."""
+    wrong = f"postgresql://pipeline:{SENTINEL.replace('@', '%40')}@127.0.0.1:{free_port()}/optuna"
+    for action in (lambda: store.make_storage(wrong),
+                   lambda: tracking.connect(f"http://admin:{ADMIN_SENTINEL}@127.0.0.1:{free_port()}")):
+        with pytest.raises(BadInput) as raised:
+            action()
+        assert not leaks(str(raised.value)) and "***" in str(raised.value), raised.value
+    study_env.write_study()
+    assert study_env.replace(storage=wrong).run("search") == 2  # the same through the command line
+    out, err = capsys.readouterr()
+    assert "cannot be opened" in err and not leaks(out + err), err
+
+
+def test_a_worker_gets_the_coordinators_storage_in_its_environment_not_its_command_line(study_env, monkeypatch):
+    """Whatever STORAGE the user's environment holds, the worker opens the store the coordinator chose."""
+    monkeypatch.setenv("STORAGE", "sqlite:///somewhere/else.db")
+    chosen = f"postgresql://pipeline:{SENTINEL.replace('@', '%40')}@db-host/optuna"
+    study_env.write_study()
+    spec = studies.load("tiny", study_env.studies_dir)
+    command = workers.worker_command(spec, session.SearchOptions(workers=2, worker_program=("python", "-m", "x")))
+    assert "--storage" not in command
+    # A stand-in worker with the real command's arguments: it reports the store a worker resolves, and its argv.
+    show = "import sys; from pipeline import store; print(store.storage_url(None, 'tiny')); print(sys.argv)"
+    pool = workers.Workers([sys.executable, "-c", show, *command[3:]], workers.plan(1, 1, []),
+                           workers.storage_environment(chosen))
+    lines = [item for _, item in pool.events(poll_seconds=30) if isinstance(item, str)]
+    assert lines[0] == chosen, lines
+    assert not leaks(lines[1]) and "--study" in lines[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# A real server, PostgreSQL and workers
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a socket listening on `port` (IPv4 and IPv6), from the kernel's tables."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+                else:  # four little-endian 32-bit words
+                    words = bytes.fromhex(address)
+                    raw = b"".join(words[i:i + 4][::-1] for i in range(0, 16, 4))
+                    found.add(socket.inet_ntop(socket.AF_INET6, raw))
+    return found
+
+
+def own_network_address() -> str | None:
+    """An address of this host that is not loopback, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def stop(process: subprocess.Popen) -> str:
+    """SIGTERM, then what it printed."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    return process.communicate(timeout=60)[0] or ""
+
+
+@pytest.mark.scale
+def test_make_server_listens_on_loopback_only_by_default(mlflow_store):
+    """`make server` with no HOST: `python -m pipeline server --port P`."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "server", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_health(port)
+        assert listening_addresses(port) == {"127.0.0.1"}
+        elsewhere = own_network_address()
+        if elsewhere is not None:
+            with socket.socket() as s:
+                assert s.connect_ex((elsewhere, port)) != 0  # refused from the network side
+    finally:
+        output = stop(process)
+    assert f"MLflow tracking server on 127.0.0.1:{port}" in output
+
+
+def descendants_command_lines(roots: list[int]) -> dict[int, str]:
+    """pid -> command line of every living process under `roots` (the roots included)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # ended meanwhile
+    found: dict[int, str] = {}
+    for pid in parents:
+        ancestor = pid
+        while ancestor not in roots and ancestor in parents and ancestor > 1:
+            ancestor = parents[ancestor]
+        if ancestor in roots:
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def postgresql():
+    server_ = postgres.start(free_port())
+    yield server_
+    server_.stop()
+
+
+@pytest.mark.scale
+def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env, postgresql, tmp_path, monkeypatch):
+    """The README's many-hosts set-up on loopback: PostgreSQL with a sentinel password for both stores, `make
+    server` with MLflow's login (another sentinel for its admin), a 2-worker search logging in through MLflow's
+    variables. The sentinels are in no process's command line while it runs, no output, no MLflow record."""
+    postgresql.create_user("sentinel", SENTINEL)
+    optuna_url = postgresql.create_database("optuna_sentinel", "sentinel", SENTINEL)
+    backend_url = postgresql.create_database("mlflow_sentinel", "sentinel", SENTINEL)
+    port = free_port()
+    quiet = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="1000")
+    monkeypatch.delenv("STORAGE", raising=False)
+    server_process = subprocess.Popen(  # `make server BACKEND=... AUTH=...`: the URL through the environment
+        [sys.executable, "-m", "pipeline", "server", "--port", str(port), "--auth", str(login_file(tmp_path)),
+         "--artifacts", str(tmp_path / "artifacts")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(quiet, MLFLOW_BACKEND_STORE_URI=backend_url))
+    seen: dict[int, str] = {}
+    coordinator = None
+    try:
+        wait_for_health(port)
+        uri = f"http://127.0.0.1:{port}"
+        api = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(api, timeout=30).status_code == 401  # no login: refused
+        assert requests.get(api, auth=("admin", "wrong-password-123"), timeout=30).status_code == 401
+        assert requests.get(api, auth=("admin", ADMIN_SENTINEL), timeout=30).status_code == 200
+        with pytest.raises(BadInput, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
+            tracking.connect(uri)  # a search without the login stops before training, saying what to set
+
+        env = study_env.replace(storage=optuna_url, tracking_uri=uri)
+        write_study(env, trials=2, epochs=1)
+        command = env.command("search", "--workers", "2")
+        at = command.index("--storage")
+        del command[at:at + 2]  # STORAGE comes from the environment, as `make search` with STORAGE exported
+        coordinator = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(quiet, STORAGE=optuna_url, MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="admin",
+                     MLFLOW_TRACKING_PASSWORD=ADMIN_SENTINEL))
+        while coordinator.poll() is None:  # every command line under the server and the search, while they run
+            seen.update(descendants_command_lines([server_process.pid, coordinator.pid]))
+            time.sleep(0.5)
+        search_output = coordinator.communicate(timeout=60)[0]
+        assert coordinator.returncode == 0, search_output
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_SENTINEL)
+        runs = mlflow_runs(uri)
+    finally:
+        if coordinator is not None and coordinator.poll() is None:
+            coordinator.kill()
+        server_output = stop(server_process)
+
+    workers_seen = [line for line in seen.values() if line.split()[-2:-1] == ["--worker"]]
+    assert len(workers_seen) == 2, seen  # both workers were looked at while they ran
+    assert any("uvicorn" in line for line in seen.values()) and any("mlflow server" in line for line in seen.values())
+    assert {pid: line for pid, line in seen.items() if leaks(line)} == {}
+    assert not leaks(search_output) and not leaks(server_output)
+    assert "postgresql://sentinel:***@127.0.0.1" in search_output  # the workers' storage, shown masked
+
+    finished = [t for t in env.records() if t.finished]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(finished) == 2 and len(children) == 2  # the authenticated search logged its runs
+    for run in runs:  # parent and children: no param or tag holds a password
+        assert not leaks(repr(run.data.params) + repr(run.data.tags)), run.info.run_id
