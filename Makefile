@@ -26,7 +26,7 @@ IMAGES  ?=
 SEARCH_FLAGS += $(if $(TRACKING),$(if $(call switch,TRACKING),,--no-tracking))
 PYTEST_ARGS ?=
 
-# Yes/no switches (FRESH, FORCE, TRACKING): 1, yes, true or on mean on; 0, no, false, off or nothing mean off;
+# Yes/no switches (FRESH, FORCE, TRACKING, INSECURE): 1, yes, true or on mean on; 0, no, false, off or nothing mean off;
 # anything else stops make with one line before anything runs.
 switch = $(if $(filter 1 yes true on,$($(1))),on,$(if $(filter-out 0 no false off,$($(1))),$(error $(1)=$($(1)): \
          expected 1 or 0 (also yes/no, true/false, on/off))))
@@ -78,7 +78,7 @@ predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="
 # password in them stays out of the process list.
 server: $(STAMP) ## MLflow tracking server (127.0.0.1 unless HOST=0.0.0.0 with AUTH=server-auth.ini or INSECURE=1) [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir] [ALLOWED_HOSTS=name,...]
 	$(if $(BACKEND),MLFLOW_BACKEND_STORE_URI="$$BACKEND") $(PY) -m pipeline server --host $(or $(HOST),127.0.0.1) \
-		--port $(PORT) $(if $(AUTH),--auth $(AUTH)) $(if $(filter 1,$(INSECURE)),--insecure) \
+		--port $(PORT) $(if $(AUTH),--auth $(AUTH)) $(if $(call switch,INSECURE),--insecure) \
 		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT=5001]
