@@ -38,6 +38,7 @@ class TrialEnded:
     fail_reason: str | None = None
     fail_detail: str | None = None
     traceback: str | None = None
+    resumed_from_epoch: int = 0  # a retry that took over this many epochs from its first attempt's checkpoint
 
 
 class Listener:

@@ -103,7 +103,8 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
             outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
         else:
             with view.running(spec, lambda: _status(study)):
-                loop = search.run(spec, study, prepared, listener, threads=options.threads)
+                loop = search.run(spec, study, prepared, listener, threads=options.threads,
+                                  checkpoints=_checkpoint_folder(options, study))
             outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
     except search.Interrupted as exc:
         outcome.stop_reason, outcome.signal_number, status = "interrupted", exc.signal_number, "KILLED"
@@ -115,6 +116,11 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     if options.worker is None:  # a worker's coordinator closes the study's MLflow side
         outcome.messages = tracking.finish(spec, study, status, warn=view.warning)
     return outcome
+
+
+def _checkpoint_folder(options: SearchOptions, study: optuna.Study) -> Path:
+    """Where the study's trials keep their checkpoints: beside the study files, one folder per study version."""
+    return options.studies_dir / "checkpoints" / study.study_name
 
 
 def _status(study: optuna.Study) -> tuple[int, list[float] | None]:

@@ -139,6 +139,8 @@ class TrialRecord:
     baseline: bool = False  # queued from the study file's [[baseline]]
     retry_of: int | None = None  # queued again after this trial failed (interrupted, stale)
     retries: int = 0
+    first_attempt: int | None = None  # the trial these parameters first ran as: retries keep its seed and checkpoint
+    resumed_from_epoch: int = 0  # epochs a retry took over from its first attempt's checkpoint
 
     @property
     def finished(self) -> bool:
@@ -263,8 +265,19 @@ def requeue_if_queued(trial: optuna.Trial) -> None:
 
 
 def requeue(study: optuna.Study, failed: TrialRecord, **fields: Any) -> None:
-    """A failed (interrupted, stale) trial's parameters queued again, so the next free worker runs them first."""
-    queue_trial(study, failed.sampled, retry_of=failed.number, **fields)
+    """A failed (interrupted, stale) trial's parameters queued again, so the next free worker runs them first.
+    The retry carries the first attempt's number and seed: it trains with that seed
+    and resumes that attempt's checkpoint, so it ends as the uninterrupted trial would have."""
+    first = failed.first_attempt if failed.first_attempt is not None else failed.number
+    carried = {"first_attempt": first} if failed.seed is None else {"first_attempt": first, "seed": failed.seed}
+    queue_trial(study, failed.sampled, retry_of=failed.number, **carried, **fields)
+
+
+def first_attempt(trial: optuna.Trial) -> tuple[int, int | None]:
+    """(number, seed) of the trial whose parameters `trial` runs: a retry's first attempt, as `requeue` (or
+    Optuna's heartbeat retry, which copies the failed trial's record) queued it; else `trial` itself, no seed yet."""
+    queued = trial.user_attrs
+    return queued.get("first_attempt", trial.number), queued.get("seed")
 
 
 # --------------------------------------------------------------------------------------------------
