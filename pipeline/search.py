@@ -267,6 +267,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
     """
     stop = StopRequest()
     objective = Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints)
+    store.take_retries_first(study)
     started = time.monotonic()
     deadline = started + spec.timeout_minutes * 60
     ran, consecutive_failures = 0, 0
