@@ -60,7 +60,7 @@ class Listener:
         pass
 
     def interrupted(self, reason: str) -> None:
-        """Ctrl-C or SIGTERM cut the running trial short."""
+        """Ctrl-C, SIGTERM or SIGHUP cut the running trial short."""
 
     def waiting(self) -> None:
         """Other processes run the budget's last trials; this one waits in case one of them fails."""

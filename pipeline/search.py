@@ -7,8 +7,8 @@ listener (events.py); this module knows neither the console nor MLflow.
 
 Failure policy: a NaN/inf loss or an out-of-memory error prunes the trial with `fail_reason`
 `diverged`/`oom`; any other exception fails it (traceback kept) and the study goes on, unless three
-trials in a row fail. Ctrl-C or SIGTERM fails the running trial with reason `interrupted`, queues
-it again for the next run, and stops.
+trials in a row fail. Ctrl-C, SIGTERM or SIGHUP fails the running trial with reason `interrupted`, queues
+it again to run first, and stops.
 
 Each trial checkpoints at every epoch boundary. A trial that is interrupted, or whose process dies, is
 queued again with its seed and the number of its first attempt, and the retry resumes that attempt's
@@ -34,6 +34,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import hparams, models, store, studies, train
+from pipeline.concurrency import quiet_if_hung_up
 from pipeline.data import PreparedData
 from pipeline.events import Listener, TrialEnded, TrialStarted
 from pipeline.studies import StudySpec
@@ -42,10 +43,11 @@ WAIT_SECONDS = 1.0  # how often an idle worker looks again while others run the 
 MAX_CONSECUTIVE_FAILURES = 3
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")  # not timings
 SURPLUS = "surplus"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a terminal or SSH session gone
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM arrived during the search."""
+    """Ctrl-C, SIGTERM or SIGHUP (the terminal or SSH session went away) arrived during the search."""
 
     def __init__(self, signal_number: int):
         super().__init__(signal.Signals(signal_number).name)
@@ -61,7 +63,7 @@ class SurplusTrial(Exception):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM handling that only interrupts at safe points.
+    """SIGINT/SIGTERM/SIGHUP handling that only interrupts at safe points.
 
     The handler just records the signal; `check()` raises Interrupted where it is safe to stop: after
     any training batch or epoch, and between trials. Raising from inside Optuna's bookkeeping could
@@ -72,6 +74,8 @@ class StopRequest:
         self.signal_number: int | None = None
 
     def _handle(self, signal_number: int, _frame: Any) -> None:
+        if signal_number == signal.SIGHUP:
+            quiet_if_hung_up()
         if self.signal_number is not None:
             raise Interrupted(signal_number)
         self.signal_number = signal_number
@@ -82,7 +86,7 @@ class StopRequest:
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         try:
             yield self
         finally:

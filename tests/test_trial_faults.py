@@ -1,17 +1,23 @@
-"""A trial's work survives a kill: each trial checkpoints at every epoch, and the retry of a killed or
-interrupted trial resumes its checkpoint (bit for bit)."""
+"""A trial's work survives a kill: each trial checkpoints at every epoch, the retry of a killed or interrupted
+trial resumes its checkpoint (bit for bit) and runs before older queued trials, and SIGHUP stops a search or
+its workers the way SIGTERM does."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import termios
+import threading
 
 import optuna
 import pytest
 import torch
-from conftest import StudyEnv
+from conftest import StudyEnv, mlflow_runs, trial_runs, wait_until
 from optuna.trial import TrialState
 from test_faults import kill_mid_trial
 
@@ -162,3 +168,111 @@ def test_kill_9_mid_trial_then_rerun_resumes_the_checkpoint_bit_for_bit(study_en
     capsys.readouterr()
     assert study_env.run("replay", "--trial", str(retry.number)) == 0  # replay retrains it whole, from its seed
     assert "replayed identically" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGHUP: a stop like SIGTERM; the interrupted trial runs first next time
+
+
+@pytest.mark.faults
+def test_sighup_mid_trial_stops_requeues_and_the_retry_runs_before_the_queued_baseline(study_env, mlflow_store):
+    write_study(study_env, trials=2, epochs=EPOCHS, baselines=2)  # trials 0 and 1: the two baselines, queued
+    process = subprocess.Popen(study_env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+
+    def mid_trial() -> bool:
+        first = study_env.records()[:1]
+        return bool(first) and first[0].state == "RUNNING" and 1 <= len(first[0].history) <= EPOCHS // 2
+
+    try:
+        wait_until(mid_trial, "trial 0 in the middle of its epochs", interval=0.05)
+    except AssertionError:
+        process.kill()
+        raise
+    process.send_signal(signal.SIGHUP)  # what a dropped SSH session sends
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGHUP, err
+    err = " ".join(err.split())
+    assert "SIGHUP received" in err and "Resume with: make search STUDY=tiny" in err
+    interrupted, baseline, retry = study_env.records()
+    assert interrupted.state == "FAIL" and interrupted.fail_reason == "interrupted" and interrupted.history
+    assert baseline.state == "WAITING" and baseline.baseline  # the second baseline never started
+    assert retry.state == "WAITING" and retry.retry_of == 0 and retry.number == 2
+    assert saved_epochs(study_env, 0) >= len(interrupted.history)  # its checkpoint stays for the retry
+    cut = trial_runs(mlflow_store)[0]
+    assert cut.info.status == "FAILED" and cut.data.tags["fail_reason"] == "interrupted"
+    parent = next(r for r in mlflow_runs(mlflow_store) if "trial_number" not in r.data.tags)
+    assert parent.info.status == "KILLED"
+
+    rerun = subprocess.run(study_env.command("search"), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    _, baseline, retry = study_env.records()
+    assert retry.state == baseline.state == "COMPLETE"
+    assert retry.completed_at < baseline.completed_at  # queued later, run first
+    assert retry.resumed_from_epoch >= len(interrupted.history)
+    assert retry.history[:len(interrupted.history)] == interrupted.history
+    assert checkpoint_files(study_env) == []
+    assert all(r.info.status != "RUNNING" for r in mlflow_runs(mlflow_store))
+
+
+class Terminal:
+    """A real pseudo-terminal as a command's controlling terminal (the command leads its own session, as a
+    login shell's job would through its shell); what it writes is read as it comes. `hang_up()` closes it the
+    way a dropped SSH connection does: the kernel sends SIGHUP and the terminal fails every later write."""
+
+    def __init__(self, command: list[str]):
+        self.master, follower = os.openpty()
+        self.process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower,
+                                        start_new_session=True, preexec_fn=self._control)
+        os.close(follower)
+        self.output, self.open = bytearray(), True
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    @staticmethod
+    def _control() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    def _read(self) -> None:
+        while self.open:
+            if select.select([self.master], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:  # the command has closed its end
+                    return
+                self.output += chunk
+
+    def hang_up(self) -> None:
+        self.open = False
+        self.reader.join()
+        os.close(self.master)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("workers", [1, 2], ids=["search", "two-workers"])
+def test_terminal_hang_up_stops_the_search_and_every_worker_cleanly(study_env, tmp_path, workers):
+    """The terminal goes away mid-trial: the search (or the workers' coordinator, which passes SIGHUP on to the
+    workers in their own sessions) stops as for SIGTERM, although nothing can be written to the terminal."""
+    env = study_env.replace(storage=str(tmp_path / "optuna.journal")) if workers > 1 else study_env
+    write_study(env, trials=2, epochs=30)
+    terminal = Terminal(env.command("search", *(["--workers", str(workers)] if workers > 1 else [])))
+
+    def mid_trial() -> list[store.TrialRecord]:
+        assert terminal.process.poll() is None, terminal.output.decode(errors="replace")
+        running = [t for t in env.records() if t.state == "RUNNING" and 1 <= len(t.history) <= 15]
+        return running if len(running) == workers else []
+
+    try:
+        cut = wait_until(mid_trial, f"{workers} trial(s) in the middle of their epochs", interval=0.05)
+        terminal.hang_up()
+        assert terminal.process.wait(timeout=60) == 128 + signal.SIGHUP  # a clean stop, not a write error
+    finally:
+        terminal.process.kill()
+    trials = env.records()
+    assert not [t for t in trials if t.state == "RUNNING"]
+    for trial in cut:
+        assert trials[trial.number].state == "FAIL" and trials[trial.number].fail_reason == "interrupted"
+        assert [t.state for t in trials if t.retry_of == trial.number] == ["WAITING"]
+        assert saved_epochs(env, trial.number) >= len(trial.history)  # kept for the retry
+        with pytest.raises(ProcessLookupError):
+            os.kill(trial.owner["pid"], 0)  # no worker outlives the hang-up
