@@ -1,4 +1,5 @@
-"""Living with other processes: a database another process may be creating, children that die with us."""
+"""Living with other processes: a database another process may be creating, children that die with us, a
+terminal that hangs up."""
 
 from __future__ import annotations
 
@@ -39,3 +40,19 @@ def stop_with_parent() -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def quiet_if_hung_up() -> None:
+    """After SIGHUP: if the terminal is gone (an SSH session dropped), stdout and stderr go to /dev/null from now on.
+
+    Every write to a hung-up terminal fails (EIO), so the first progress line would end the process before it
+    has closed its trials and recorded the end of the run. An empty write tells a hung-up terminal (EIO) from a
+    live one, a pipe or a file (which take it); those are left as they are.
+    """
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)

@@ -38,6 +38,7 @@ class TrialEnded:
     fail_reason: str | None = None
     fail_detail: str | None = None
     traceback: str | None = None
+    resumed_from_epoch: int = 0  # a retry that took over this many epochs from its first attempt's checkpoint
 
 
 class Listener:
@@ -59,7 +60,7 @@ class Listener:
         pass
 
     def interrupted(self, reason: str) -> None:
-        """Ctrl-C or SIGTERM cut the running trial short."""
+        """Ctrl-C, SIGTERM or SIGHUP cut the running trial short."""
 
     def waiting(self) -> None:
         """Other processes run the budget's last trials; this one waits in case one of them fails."""

@@ -7,8 +7,13 @@ listener (events.py); this module knows neither the console nor MLflow.
 
 Failure policy: a NaN/inf loss or an out-of-memory error prunes the trial with `fail_reason`
 `diverged`/`oom`; any other exception fails it (traceback kept) and the study goes on, unless three
-trials in a row fail. Ctrl-C or SIGTERM fails the running trial with reason `interrupted`, queues
-it again for the next run, and stops.
+trials in a row fail. Ctrl-C, SIGTERM or SIGHUP fails the running trial with reason `interrupted`, queues
+it again to run first, and stops.
+
+Each trial checkpoints at every epoch boundary. A trial that is interrupted, or whose process dies, is
+queued again with its seed and the number of its first attempt, and the retry resumes that attempt's
+checkpoint: it ends exactly as the uninterrupted trial would have. A trial that ends for good (complete,
+pruned, failed) removes its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from pipeline import hparams, models, store, studies, train
+from pipeline.concurrency import quiet_if_hung_up
 from pipeline.data import PreparedData
 from pipeline.events import Listener, TrialEnded, TrialStarted
 from pipeline.studies import StudySpec
@@ -37,10 +44,11 @@ MAX_CONSECUTIVE_FAILURES = 3
 HISTORY_KEYS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")  # not timings
 SURPLUS = "surplus"
 DISK_FULL = "disk_full"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a terminal or SSH session gone
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM arrived during the search."""
+    """Ctrl-C, SIGTERM or SIGHUP (the terminal or SSH session went away) arrived during the search."""
 
     def __init__(self, signal_number: int):
         super().__init__(signal.Signals(signal_number).name)
@@ -64,7 +72,7 @@ class SurplusTrial(Exception):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM handling that only interrupts at safe points.
+    """SIGINT/SIGTERM/SIGHUP handling that only interrupts at safe points.
 
     The handler just records the signal; `check()` raises Interrupted where it is safe to stop: after
     any training batch or epoch, and between trials. Raising from inside Optuna's bookkeeping could
@@ -75,6 +83,8 @@ class StopRequest:
         self.signal_number: int | None = None
 
     def _handle(self, signal_number: int, _frame: Any) -> None:
+        if signal_number == signal.SIGHUP:
+            quiet_if_hung_up()
         if self.signal_number is not None:
             raise Interrupted(signal_number)
         self.signal_number = signal_number
@@ -85,7 +95,7 @@ class StopRequest:
 
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         try:
             yield self
         finally:
@@ -111,6 +121,7 @@ class Objective:
     threads: int | None = None
     stop: StopRequest = field(default_factory=StopRequest)
     running: int | None = None  # the number of the trial in progress, for the interrupt handler
+    checkpoints: Path | None = None  # the study's checkpoint folder; None: trials keep no checkpoints
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         if _surplus(self.spec, trial):
@@ -118,15 +129,29 @@ class Objective:
             raise SurplusTrial(f"trial {trial.number}: the study's {self.spec.trials} trials are all taken")
         self.running = trial.number
         params = studies.suggest(self.spec, trial)
-        seed = studies.derive_seed(self.spec.seed, trial.number)
-        store.note(trial, seed=seed, params=params, owner={"host": socket.gethostname(), "pid": os.getpid()},
+        first, seed = store.first_attempt(trial)  # a retry continues its first attempt: same seed, same checkpoint
+        seed = studies.derive_seed(self.spec.seed, trial.number) if seed is None else seed
+        store.note(trial, seed=seed, first_attempt=first, params=params,
+                   owner={"host": socket.gethostname(), "pid": os.getpid()},
                    split_hash=self.data.split_hash, dataset_digest=self.data.checksum)
+        checkpoint = checkpoint_path(self.checkpoints, first) if self.checkpoints is not None else None
+        try:
+            values = self._run(trial, params, seed, checkpoint)
+        except Exception:  # pruned or failed for good: no retry will resume it (an interrupt keeps it)
+            _remove(checkpoint)
+            raise
+        _remove(checkpoint)
+        return values
+
+    def _run(self, trial: optuna.Trial, params: dict[str, Any], seed: int,
+             checkpoint: Path | None) -> float | list[float]:
         started = TrialStarted(trial.number, hparams.resolve_params(params), seed,
                                _parameter_count(params, self.data), self.data)
         _failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
+        report, resumed = self._reporter(trial)
         try:
-            result = train.fit(params, self.data, callbacks=[self._reporter(trial)], seed=seed,
-                               threads=self.threads, on_batch=self._on_batch)
+            result = train.fit(params, self.data, callbacks=[report], seed=seed, checkpoint=checkpoint,
+                               threads=self.threads, on_batch=self._on_batch, on_resume=resumed)
         except train.Diverged as exc:
             store.note(trial, fail_reason="diverged", fail_detail=str(exc))
             raise optuna.TrialPruned(f"diverged: {exc}") from exc
@@ -157,22 +182,42 @@ class Objective:
         self.listener.batch_done(done, total)
 
     def _reporter(self, trial: optuna.Trial):
-        """The per-epoch callback: record the history, tell the listener, report to the pruner."""
+        """The per-epoch callback (record the history, tell the listener, report to the pruner), and the
+        one that records a resumed checkpoint's epochs the same way, so the record and the pruner see every
+        epoch of the trial."""
         history: list[dict[str, float]] = []
         single = len(self.spec.objectives) == 1
 
-        def report(metrics: train.EpochMetrics) -> None:
-            self.stop.check()
+        def record(metrics: train.EpochMetrics) -> None:
             history.append(history_record(metrics))
             store.note(trial, history=history)
             self.listener.epoch_ended(trial.number, metrics)
             if single:
                 trial.report(getattr(metrics, self.spec.metrics[0]), step=metrics.epoch)
-                if trial.should_prune():
-                    store.note(trial, fail_reason="pruned")
-                    raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
 
-        return report
+        def report(metrics: train.EpochMetrics) -> None:
+            self.stop.check()
+            record(metrics)
+            if single and trial.should_prune():
+                store.note(trial, fail_reason="pruned")
+                raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
+
+        def resumed(done: list[train.EpochMetrics]) -> None:
+            store.note(trial, resumed_from_epoch=len(done))
+            for metrics in done:
+                record(metrics)
+
+        return report, resumed
+
+
+def checkpoint_path(folder: Path, first_attempt: int) -> Path:
+    """Where the trial first run as number `first_attempt` (and each of its retries) keeps its checkpoint."""
+    return folder / f"trial-{first_attempt}.pt"
+
+
+def _remove(checkpoint: Path | None) -> None:
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
 
 
 def _failing_trial(trial: optuna.Trial, action, context: str) -> None:
@@ -250,20 +295,22 @@ class LoopOutcome:
 
 
 def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: Listener,
-        threads: int | None = None) -> LoopOutcome:
-    """Run trials until the study has `spec.trials` finished ones or the time budget is spent.
+        threads: int | None = None, checkpoints: Path | None = None) -> LoopOutcome:
+    """Run trials until the study has `spec.trials` finished ones or the time budget is spent; each trial
+    checkpoints into the folder `checkpoints` (when given).
 
-    Raises Interrupted (after closing and re-queueing the running trial) and TooManyFailures.
+    Raises Interrupted (after closing and re-queueing the running trial), TooManyFailures and DiskFull.
     """
     stop = StopRequest()
-    objective = Objective(spec, prepared, listener, threads, stop)
+    objective = Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints)
+    store.take_retries_first(study)
     started = time.monotonic()
     deadline = started + spec.timeout_minutes * 60
     ran, consecutive_failures = 0, 0
     with stop.installed():
         while store.finished_count(study) < spec.trials:
             stop.check()
-            for number in fail_dead_owners(study):
+            for number in fail_dead_owners(study, checkpoints):
                 listener.warning(f"trial {number} was left RUNNING by a process that died: failed and queued again")
             if time.monotonic() >= deadline:
                 return LoopOutcome(ran, "timeout", time.monotonic() - started)
@@ -325,14 +372,15 @@ def trial_ended(record: store.TrialRecord) -> TrialEnded:
     its process was killed."""
     reason = record.fail_reason or ("stale" if record.state == "FAIL" else None)
     return TrialEnded(record.number, record.state, record.values, record.seconds, record.sampled, reason,
-                      record.fail_detail, record.traceback)
+                      record.fail_detail, record.traceback, record.resumed_from_epoch)
 
 
-def fail_dead_owners(study: optuna.Study) -> list[int]:
+def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> list[int]:
     """Fail (and queue again) RUNNING trials whose process, on this host, no longer exists.
 
     The journal storage has no heartbeat, and on an RDB storage this spares the 90 s grace period when
-    the dead worker ran here. Another host's trials are left to the heartbeat. Returns the trials failed.
+    the dead worker ran here. Another host's trials are left to the heartbeat. A trial retried too often
+    already is not queued again, and its checkpoint (in `checkpoints`) is removed. Returns the trials failed.
     """
     host, failed = socket.gethostname(), []
     for record in store.records(study, (TrialState.RUNNING,)):
@@ -343,6 +391,9 @@ def fail_dead_owners(study: optuna.Study) -> list[int]:
             continue  # another worker swept it first
         if record.retries < store.MAX_RETRIES:
             store.requeue(study, record, retries=record.retries + 1)
+        elif checkpoints is not None:
+            first = record.first_attempt if record.first_attempt is not None else record.number
+            _remove(checkpoint_path(checkpoints, first))
         failed.append(record.number)
     return failed
 

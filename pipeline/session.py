@@ -107,7 +107,8 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
             outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
         else:
             with view.running(spec, lambda: _status(study)):
-                loop = search.run(spec, study, prepared, listener, threads=options.threads)
+                loop = search.run(spec, study, prepared, listener, threads=options.threads,
+                                  checkpoints=_checkpoint_folder(options, study))
             outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
     except search.Interrupted as exc:
         outcome.stop_reason, outcome.signal_number, status = "interrupted", exc.signal_number, "KILLED"
@@ -137,6 +138,11 @@ def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
     elif os.environ.get("MLFLOW_TRACKING_URI"):
         parts.insert(0, f"MLFLOW_TRACKING_URI={shlex.quote(urls.shown(os.environ['MLFLOW_TRACKING_URI']))}")
     return " ".join(parts)
+
+
+def _checkpoint_folder(options: SearchOptions, study: optuna.Study) -> Path:
+    """Where the study's trials keep their checkpoints: beside the study files, one folder per study version."""
+    return options.studies_dir / "checkpoints" / study.study_name
 
 
 def _status(study: optuna.Study) -> tuple[int, list[float] | None]:

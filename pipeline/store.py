@@ -255,6 +255,8 @@ class TrialRecord:
     baseline: bool = False  # queued from the study file's [[baseline]]
     retry_of: int | None = None  # queued again after this trial failed (interrupted, stale)
     retries: int = 0
+    first_attempt: int | None = None  # the trial these parameters first ran as: retries keep its seed and checkpoint
+    resumed_from_epoch: int = 0  # epochs a retry took over from its first attempt's checkpoint
 
     @property
     def finished(self) -> bool:
@@ -378,9 +380,48 @@ def requeue_if_queued(trial: optuna.Trial) -> None:
             user_attrs=frozen.user_attrs, system_attrs=frozen.system_attrs))
 
 
+def take_retries_first(study: optuna.Study) -> None:
+    """Make `study` (this process's handle on it) take queued retries before the rest of the queue.
+
+    Optuna takes the waiting trial with the lowest number first, and a retry is queued with a new, higher
+    number than the baselines queued when the study started. Here the waiting trials are tried in the order
+    retries first (ours: `retry_of`; Optuna's heartbeat retries: `failed_trial`), then by number; each one is
+    claimed exactly as Optuna claims it (WAITING -> RUNNING in the storage, which refuses a trial another
+    worker claimed first), so several workers never run the same trial.
+    """
+
+    def pop_waiting_trial_id() -> int | None:
+        waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        retry_first = sorted(waiting, key=lambda t: (not _is_retry(t), t.number))
+        for trial in retry_first:
+            try:
+                if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    return trial._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    study._pop_waiting_trial_id = pop_waiting_trial_id
+
+
+def _is_retry(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.user_attrs.get("retry_of") is not None or "failed_trial" in trial.system_attrs
+
+
 def requeue(study: optuna.Study, failed: TrialRecord, **fields: Any) -> None:
-    """A failed (interrupted, stale) trial's parameters queued again, so the next free worker runs them first."""
-    queue_trial(study, failed.sampled, retry_of=failed.number, **fields)
+    """A failed (interrupted, stale) trial's parameters queued again, so the next free worker runs them first
+    (`take_retries_first`). The retry carries the first attempt's number and seed: it trains with that seed
+    and resumes that attempt's checkpoint, so it ends as the uninterrupted trial would have."""
+    first = failed.first_attempt if failed.first_attempt is not None else failed.number
+    carried = {"first_attempt": first} if failed.seed is None else {"first_attempt": first, "seed": failed.seed}
+    queue_trial(study, failed.sampled, retry_of=failed.number, **carried, **fields)
+
+
+def first_attempt(trial: optuna.Trial) -> tuple[int, int | None]:
+    """(number, seed) of the trial whose parameters `trial` runs: a retry's first attempt, as `requeue` (or
+    Optuna's heartbeat retry, which copies the failed trial's record) queued it; else `trial` itself, no seed yet."""
+    queued = trial.user_attrs
+    return queued.get("first_attempt", trial.number), queued.get("seed")
 
 
 # --------------------------------------------------------------------------------------------------

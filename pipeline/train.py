@@ -371,11 +371,13 @@ def _stop_reason(p: dict[str, Any], progress: _Progress, metrics: EpochMetrics, 
 
 def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device | None = None,
         callbacks: Iterable[Callback] = (), seed: int = 0, checkpoint: Path | None = None,
-        threads: int | None = None, on_batch: Callable[[int, int], None] | None = None) -> TrainResult:
+        threads: int | None = None, on_batch: Callable[[int, int], None] | None = None,
+        on_resume: Callable[[list[EpochMetrics]], None] | None = None) -> TrainResult:
     """Train the model `params` describes on `data` and return the history and best-epoch model.
 
     `device` defaults to the data's device (they must agree). With `checkpoint`, progress is saved
-    atomically after every epoch and an existing matching checkpoint is resumed. `on_batch(done,
+    atomically after every epoch and an existing matching checkpoint is resumed: `on_resume(history)` is
+    then told the epochs it already holds (callbacks see only the epochs trained now). `on_batch(done,
     total)` is called after every batch (progress displays; it may raise to stop). Raises ParamError before training
     for bad params, Diverged on a non-finite loss, OutOfMemory when the device runs out of memory.
     """
@@ -397,6 +399,8 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
     if checkpoint is not None and Path(checkpoint).is_file():
         state = load_checkpoint(Path(checkpoint), fingerprint, run.model, run.optimizer, generator)
         progress = _Progress.from_checkpoint_state(state)
+        if on_resume is not None:
+            on_resume(list(progress.history))
     resumed_from = progress.epoch
     stop_reason = "completed"
     while progress.epoch < p["epochs"] and stop_reason == "completed":

@@ -72,7 +72,8 @@ def trial_line(trial: TrialEnded) -> str:
         if trial.state == "FAIL" and trial.fail_detail:
             value += f": {trial.fail_detail.splitlines()[0][:120]}"
     shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.sampled or {}).items())
-    return f"trial {trial.number:>3} {trial.state:<8} {value:<10} {trial.seconds:6.1f} s  {shown}"
+    resumed = f" (resumed from epoch {trial.resumed_from_epoch})" if trial.resumed_from_epoch else ""
+    return f"trial {trial.number:>3} {trial.state:<8} {value:<10} {trial.seconds:6.1f} s  {shown}{resumed}"
 
 
 def epoch_line(number: int, epoch: int, val_accuracy: float, val_loss: float, seconds: float) -> str:

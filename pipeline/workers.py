@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pipeline.concurrency import available_cores, stop_with_parent
+from pipeline.concurrency import available_cores, quiet_if_hung_up, stop_with_parent
 from pipeline.events import Listener, TrialEnded, TrialStarted
 
 if TYPE_CHECKING:
@@ -224,6 +224,8 @@ def coordinate(pool: Workers, view: WorkersView) -> Coordinated:
     result, received = Coordinated(), []
 
     def on_signal(signal_number: int, _frame: Any) -> None:
+        if signal_number == signal.SIGHUP:
+            quiet_if_hung_up()  # the terminal may be gone: the workers' lines must not stop this process
         received.append(signal_number)
         pool.signal_all(signal_number)
 

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning
 def test_optuna_version_is_the_one_the_private_calls_were_checked_against():
     assert optuna.__version__.startswith("5.0."), (
         f"Optuna is {optuna.__version__}: the private calls below were checked against Optuna 5.0; re-check "
-        "store.fail_trial and store.requeue_if_queued (and their tests here), then update this pin")
+        "store.fail_trial, store.requeue_if_queued and store.take_retries_first (and their tests here), then update "
+        "this pin")
 
 
 @pytest.fixture(params=["sqlite", "journal"])
@@ -79,6 +80,57 @@ def test_a_trial_not_from_the_queue_is_not_queued(url):
     fresh = study.ask()
     store.requeue_if_queued(fresh)
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+
+
+# --------------------------------------------------------------------------------------------------
+# take_retries_first: a requeued trial runs before the baselines queued when the study started
+
+
+def queue_baselines_then_a_retry(study: optuna.Study) -> None:
+    """Two baselines queued first (trials 0 and 1), a trial that ran and failed (2), its retry queued (3)."""
+    store.queue_trial(study, {"lr": 0.001}, baseline=True)
+    store.queue_trial(study, {"lr": 0.002}, baseline=True)
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.FAIL, params={"lr": 0.005}, user_attrs={"seed": 99},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}))
+    store.requeue(study, store.record(study, 2))
+
+
+def test_optuna_takes_the_lowest_numbered_waiting_trial_first(url):
+    """What makes take_retries_first necessary: Optuna alone runs the baselines before the retry."""
+    study = new_study(url)
+    queue_baselines_then_a_retry(study)
+    assert [study.ask().number for _ in range(3)] == [0, 1, 3]
+
+
+def test_with_take_retries_first_a_retry_runs_before_older_queued_trials(url):
+    study = new_study(url)
+    queue_baselines_then_a_retry(study)
+    store.take_retries_first(study)
+    retry = study.ask()
+    assert retry.number == 3
+    assert retry.suggest_float("lr", 1e-4, 1e-1, log=True) == 0.005  # the failed trial's parameters
+    assert store.first_attempt(retry) == (2, 99)  # it carries the failed trial's number and seed
+    assert [study.ask().number for _ in range(3)] == [0, 1, 4]  # then the queue in order, then new trials
+
+
+def test_optunas_heartbeat_retry_is_taken_first_too(url):
+    study = new_study(url)
+    store.queue_trial(study, {"lr": 0.001}, baseline=True)
+    study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={"failed_trial": 7}))
+    store.take_retries_first(study)
+    assert study.ask().number == 1
+
+
+def test_two_workers_taking_retries_first_never_take_the_same_trial(url):
+    study = new_study(url)
+    queue_baselines_then_a_retry(study)
+    workers = [optuna.load_study(study_name="s", storage=store.make_storage(url)) for _ in range(2)]
+    for worker in workers:
+        store.take_retries_first(worker)
+    taken = [worker.ask().number for worker in workers * 2]
+    assert taken == [3, 0, 1, 4]
+    assert len({t.number for t in study.get_trials(states=(TrialState.RUNNING,))}) == 4
 
 
 # --------------------------------------------------------------------------------------------------
