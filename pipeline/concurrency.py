@@ -21,6 +21,17 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def process_alive(pid: int) -> bool:
+    """Is process `pid` running on this host?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
 def open_store(open_: Callable[[], T], attempts: int = 3, pause_seconds: float = 1.0) -> T:
     """Call `open_`; when it fails the way a concurrent schema creation makes it fail, wait and try again."""
     for attempt in range(1, attempts + 1):

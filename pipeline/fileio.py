@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline.concurrency import process_alive
+
 # write_atomic's temporary names: .<name>.<pid>.<8 random characters from mkstemp>.tmp
 TEMP_PATTERN = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
 
@@ -79,17 +81,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def process_alive(pid: int) -> bool:
-    """Is process `pid` running on this host?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
 
 
 def dead_leftovers(folder: Path, pattern: re.Pattern[str]) -> list[Path]:

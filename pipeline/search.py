@@ -34,7 +34,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import hparams, models, store, studies, train
-from pipeline.concurrency import quiet_if_hung_up
+from pipeline.concurrency import process_alive, quiet_if_hung_up
 from pipeline.data import PreparedData
 from pipeline.events import Listener, TrialEnded, TrialStarted
 from pipeline.studies import StudySpec
@@ -385,7 +385,7 @@ def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> li
     host, failed = socket.gethostname(), []
     for record in store.records(study, (TrialState.RUNNING,)):
         owner = record.owner or {}
-        if owner.get("host") != host or owner.get("pid") in (None, os.getpid()) or _alive(owner["pid"]):
+        if owner.get("host") != host or owner.get("pid") in (None, os.getpid()) or process_alive(owner["pid"]):
             continue
         if not store.fail_trial(study, record.number, "stale"):
             continue  # another worker swept it first
@@ -397,12 +397,3 @@ def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> li
         failed.append(record.number)
     return failed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
