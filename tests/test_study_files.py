@@ -33,4 +33,4 @@ def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, mlflow_sto
     finished = store.records(optuna.load_study(study_name=name, storage=storage), store.FINISHED)
     assert len(finished) == 2
     assert finished[0].baseline is True  # the file's first baseline ran first
-    assert f"make search STUDY={name}` continues" in capsys.readouterr().out
+    assert f"make search STUDY={name} STORAGE={storage}` continues" in capsys.readouterr().out  # the same store
