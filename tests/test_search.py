@@ -229,7 +229,9 @@ def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, 
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal_number, err
     assert f"{signal.Signals(signal_number).name} received" in err  # what the user is told
-    assert "Resume with: make search STUDY=tiny" in " ".join(err.split())
+    told = " ".join(err.split())
+    assert "Resume with: MLFLOW_TRACKING_URI=" in told  # the same stores as this run
+    assert f"make search STUDY=tiny STORAGE={study_env.storage}" in told
     interrupted = [t for t in study_env.records() if t.state == "FAIL"]
     assert len(interrupted) == 1 and interrupted[0].fail_reason == "interrupted"
     runs = {r.data.tags.get("trial_number", "parent"): r for r in mlflow_runs(mlflow_store)}

@@ -193,7 +193,7 @@ def test_sighup_mid_trial_stops_requeues_and_the_retry_runs_before_the_queued_ba
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGHUP, err
     err = " ".join(err.split())
-    assert "SIGHUP received" in err and "Resume with: make search STUDY=tiny" in err
+    assert "SIGHUP received" in err and f"make search STUDY=tiny STORAGE={study_env.storage}" in err
     interrupted, baseline, retry = study_env.records()
     assert interrupted.state == "FAIL" and interrupted.fail_reason == "interrupted" and interrupted.history
     assert baseline.state == "WAITING" and baseline.baseline  # the second baseline never started
