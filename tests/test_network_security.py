@@ -271,7 +271,7 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
             coordinator.kill()
         server_output = stop(server_process)
 
-    workers_seen = [line for line in seen.values() if line.split()[-2:-1] == ["--worker"]]
+    workers_seen = [line for line in seen.values() if " --worker " in f" {line} "]
     assert len(workers_seen) == 2, seen  # both workers were looked at while they ran
     assert any("uvicorn" in line for line in seen.values()) and any("mlflow server" in line for line in seen.values())
     assert {pid: line for pid, line in seen.items() if leaks(line)} == {}

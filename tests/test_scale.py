@@ -179,7 +179,7 @@ def test_several_workers_need_a_positive_count(journal_env):
     done = subprocess.run(journal_env.command("search", "--workers", "0"), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
-    assert "WORKERS=0: expected a number of worker processes >= 1" in done.stderr
+    assert "--workers 0: expected a whole number >= 1" in done.stderr
     assert not os.path.exists(journal_env.storage)  # refused before anything was opened or recorded
 
 
