@@ -3,11 +3,13 @@ study environment the CLI tests search in (`study_env`); MLflow stores for the t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sqlite3
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,6 +240,20 @@ class StudyEnv:
     def records(self, name: str = "tiny", states=None) -> list[store.TrialRecord]:
         """What the storage holds of each trial of study `name`, in trial order."""
         return store.records(self.load(name), states)
+
+
+@contextlib.contextmanager
+def tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[StudyEnv, datasets.DatasetInfo]]:
+    """For a module's shared search: a study env under `base` with its own copy of the empty MLflow store and
+    the tiny dataset written and registered, MLFLOW_TRACKING_URI naming that store while the block runs."""
+    (base / "mlruns").mkdir()
+    shutil.copy(empty_mlflow_store, base / "mlruns" / "mlflow.db")
+    env = StudyEnv.under(base, base / "data", tracking_uri=f"sqlite:///{base}/mlruns/mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        info = write_tiny_dataset(env.root)
+        patch.setitem(datasets.DATASETS, info.name, info)
+        patch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
+        yield env, info
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, write_tiny_dataset
+from conftest import StudyEnv, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -52,13 +52,7 @@ class Searched:
 def searched(tmp_path_factory, empty_mlflow_store) -> Searched:
     """One tracked search and its export, shared by the tests below (they copy before they change it)."""
     base = tmp_path_factory.mktemp("searched")
-    (base / "mlruns").mkdir()
-    shutil.copy(empty_mlflow_store, base / "mlruns" / "mlflow.db")
-    env = StudyEnv.under(base, base / "data", tracking_uri=f"sqlite:///{base}/mlruns/mlflow.db")
-    with pytest.MonkeyPatch.context() as patch:
-        info = write_tiny_dataset(env.root)
-        patch.setitem(datasets.DATASETS, info.name, info)
-        patch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
+    with tracked_env(base, empty_mlflow_store) as (env, info):
         write_study(env)
         assert env.run("search") == 0
         assert env.run("export-best") == 0

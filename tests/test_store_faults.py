@@ -25,7 +25,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import StudyEnv, wait_until, write_tiny_dataset
+from conftest import StudyEnv, tracked_env, wait_until, write_tiny_dataset
 from ui_process import free_port
 
 from pipeline import datasets, fileio, server, store
@@ -66,13 +66,7 @@ class Searched:
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, empty_mlflow_store) -> Searched:
     base = tmp_path_factory.mktemp("searched")
-    (base / "mlruns").mkdir()
-    shutil.copy(empty_mlflow_store, base / "mlruns" / "mlflow.db")
-    env = StudyEnv.under(base, base / "data", tracking_uri=f"sqlite:///{base}/mlruns/mlflow.db")
-    with pytest.MonkeyPatch.context() as patch:
-        info = write_tiny_dataset(env.root)
-        patch.setitem(datasets.DATASETS, info.name, info)
-        patch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
+    with tracked_env(base, empty_mlflow_store) as (env, info):
         env.write_study(trials=1, sampler="random", pruner="none", fixed={"precision": "fp32"})
         assert env.run("search") == 0
     pristine = base / "pristine"

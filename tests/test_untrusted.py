@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, write_tiny_dataset
+from conftest import StudyEnv, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -342,13 +342,7 @@ class Exported:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, empty_mlflow_store) -> Exported:
     base = tmp_path_factory.mktemp("untrusted")
-    (base / "mlruns").mkdir()
-    shutil.copy(empty_mlflow_store, base / "mlruns" / "mlflow.db")
-    env = StudyEnv.under(base, base / "data", tracking_uri=f"sqlite:///{base}/mlruns/mlflow.db")
-    with pytest.MonkeyPatch.context() as patch:
-        info = write_tiny_dataset(env.root)
-        patch.setitem(datasets.DATASETS, info.name, info)
-        patch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
+    with tracked_env(base, empty_mlflow_store) as (env, info):
         env.write_study(trials=1, epochs=2, sampler="random", pruner="none", fixed=FIXED)
         assert env.run("search") == 0
         assert env.run("export-best") == 0
