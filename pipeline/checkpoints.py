@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 CHECKPOINT_VERSION = 1
 
 
+class ForeignCheckpoint(BadInput):
+    """A checkpoint this run cannot continue: unreadable, or made by other params, seed or data."""
+
+
 def params_fingerprint(p: dict[str, Any], seed: int, data: PreparedData) -> str:
     """What a checkpoint must match to be resumed: the resolved params, the seed and the data split."""
     identity = {"params": p, "seed": seed, "dataset": data.dataset, "split": data.split_hash}
@@ -56,9 +60,10 @@ def load_checkpoint(path: Path, fingerprint: str, model: nn.Module, optimizer: t
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BadInput(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from None
+        raise ForeignCheckpoint(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from None
     if payload.get("version") != CHECKPOINT_VERSION or payload.get("fingerprint") != fingerprint:
-        raise BadInput(f"{path}: checkpoint belongs to other parameters, seed or data; delete it to start over")
+        raise ForeignCheckpoint(f"{path}: checkpoint belongs to other parameters, seed or data; delete it to start "
+                                "over")
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     reproducibility.set_rng_state(payload["rng"])

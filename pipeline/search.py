@@ -34,6 +34,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import hparams, models, store, studies, train
+from pipeline.checkpoints import ForeignCheckpoint
 from pipeline.concurrency import process_alive, quiet_if_hung_up
 from pipeline.data import PreparedData
 from pipeline.events import Listener, TrialEnded, TrialStarted
@@ -150,8 +151,7 @@ class Objective:
         _failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
         report, resumed = self._reporter(trial)
         try:
-            result = train.fit(params, self.data, callbacks=[report], seed=seed, checkpoint=checkpoint,
-                               threads=self.threads, on_batch=self._on_batch, on_resume=resumed)
+            result = self._fit(trial, params, seed, checkpoint, report, resumed)
         except train.Diverged as exc:
             store.note(trial, fail_reason="diverged", fail_detail=str(exc))
             raise optuna.TrialPruned(f"diverged: {exc}") from exc
@@ -176,6 +176,21 @@ class Objective:
             _failing_trial(trial, lambda: self.listener.new_best(trial.number, values[0], model),
                            "the best model could not be logged to MLflow")
         return values[0] if len(values) == 1 else values
+
+    def _fit(self, trial: optuna.Trial, params: dict[str, Any], seed: int, checkpoint: Path | None, report,
+             resumed) -> train.TrainResult:
+        def fit() -> train.TrainResult:
+            return train.fit(params, self.data, callbacks=[report], seed=seed, checkpoint=checkpoint,
+                             threads=self.threads, on_batch=self._on_batch, on_resume=resumed)
+
+        try:
+            return fit()
+        except ForeignCheckpoint as exc:
+            # Left by something else (a damaged file, code that resolves the params differently): the trial's
+            # parameters still deserve a run, from the start. Nothing was trained yet: the check comes first.
+            self.listener.warning(f"trial {trial.number}: {exc}; it is removed and the trial trains from the start")
+            _remove(checkpoint)
+            return fit()
 
     def _on_batch(self, done: int, total: int) -> None:
         self.stop.check()

@@ -66,6 +66,21 @@ class FailsAndPrunes(events.Listener):
             raise optuna.TrialPruned("pruned at epoch 2")
 
 
+def test_a_checkpoint_the_trial_cannot_continue_is_replaced_and_the_trial_trains_from_the_start(study_env, capsys):
+    """A damaged file where the trial's checkpoint goes: the trial is not failed for it; it warns, removes the file
+    and trains from the start."""
+    write_study(study_env, trials=1, epochs=1)
+    folder = study_env.studies_dir / "checkpoints" / "tiny"
+    folder.mkdir(parents=True)
+    search.checkpoint_path(folder, 0).write_bytes(b"not a checkpoint")
+    assert study_env.run("search") == 0
+    (trial,) = study_env.records()
+    assert trial.state == "COMPLETE" and len(trial.history) == 1
+    told = " ".join(capsys.readouterr().err.split())
+    assert "trial 0:" in told and "unreadable checkpoint" in told and "trains from the start" in told
+    assert checkpoint_files(study_env) == []
+
+
 def test_complete_pruned_and_failed_trials_remove_their_checkpoints(study_env, tmp_path):
     write_study(study_env, trials=2, epochs=3)
     spec = studies.load("tiny", study_env.studies_dir)
