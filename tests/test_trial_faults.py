@@ -66,6 +66,7 @@ class FailsAndPrunes(events.Listener):
             raise optuna.TrialPruned("pruned at epoch 2")
 
 
+@pytest.mark.faults  # README: What survives what
 def test_a_checkpoint_the_trial_cannot_continue_is_replaced_and_the_trial_trains_from_the_start(study_env, capsys):
     """A damaged file where the trial's checkpoint goes: the trial is not failed for it; it warns, removes the file
     and trains from the start."""
