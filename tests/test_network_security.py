@@ -7,6 +7,7 @@ The unmarked tests need no server; the `scale` ones start `make server`'s comman
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -236,7 +237,7 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
          "--artifacts", str(tmp_path / "artifacts")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(quiet, MLFLOW_BACKEND_STORE_URI=backend_url))
-    seen: dict[int, str] = {}
+    seen: dict[int, set[str]] = {}  # pid -> every command line it was seen with (before and after its exec)
     coordinator = None
     try:
         wait_for_health(port)
@@ -258,8 +259,9 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
             env=dict(quiet, STORAGE=optuna_url, MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="admin",
                      MLFLOW_TRACKING_PASSWORD=ADMIN_SENTINEL))
         while coordinator.poll() is None:  # every command line under the server and the search, while they run
-            seen.update(descendants_command_lines([server_process.pid, coordinator.pid]))
-            time.sleep(0.5)
+            for pid, line in descendants_command_lines([server_process.pid, coordinator.pid]).items():
+                seen.setdefault(pid, set()).add(line)
+            time.sleep(0.05)  # a worker of this tiny study lives a few seconds: look often
         search_output = coordinator.communicate(timeout=60)[0]
         assert coordinator.returncode == 0, search_output
 
@@ -271,10 +273,12 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
             coordinator.kill()
         server_output = stop(server_process)
 
-    workers_seen = [line for line in seen.values() if " --worker " in f" {line} "]
-    assert len(workers_seen) == 2, seen  # both workers were looked at while they ran
-    assert any("uvicorn" in line for line in seen.values()) and any("mlflow server" in line for line in seen.values())
-    assert {pid: line for pid, line in seen.items() if leaks(line)} == {}
+    lines = [line for versions in seen.values() for line in versions]
+    worker_pids = [int(pid) for pid in re.findall(r"worker \d: pid (\d+)", search_output)]
+    looked_at = [pid for pid in worker_pids if any(" --worker " in f" {line} " for line in seen.get(pid, ()))]
+    assert len(worker_pids) == 2 and looked_at == worker_pids, "\n".join([*lines, search_output])  # seen running
+    assert any("uvicorn" in line for line in lines) and any("mlflow server" in line for line in lines)
+    assert [line for line in lines if leaks(line)] == []
     assert not leaks(search_output) and not leaks(server_output)
     assert "postgresql://sentinel:***@127.0.0.1" in search_output  # the workers' storage, shown masked
 
