@@ -216,6 +216,19 @@ def run_command(env: StudyEnv, command: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def each_refuses_the_damaged_store(env: StudyEnv, path: Path, what: str, commands: dict[str, list[str]],
+                                   capsys) -> None:
+    """Every command stops with one line naming the damaged file and the fix; the file is left as it was."""
+    before = sha256(path)
+    for name, command in commands.items():
+        code, err = run_command(env, command, capsys)
+        assert code == 2, (name, err)
+        line = one_error_line(err)
+        assert f"{what} {path} is damaged" in line, (name, line)
+        assert "restore it from a backup, or move it aside" in line
+    assert sha256(path) == before  # nothing repaired, moved or deleted
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("cut", CUTS)
 def test_a_truncated_optuna_db_gives_one_line_and_exit_2_in_every_command(use, tmp_path, monkeypatch, capsys, cut,
@@ -223,16 +236,9 @@ def test_a_truncated_optuna_db_gives_one_line_and_exit_2_in_every_command(use, t
     env = stores_copy(use, tmp_path, monkeypatch)
     path = tmp_path / "optuna.db"
     os.truncate(path, CUTS[cut](path.stat().st_size))
-    before = sha256(path)
     commands = {"search": ["search"], "replay": ["replay", "--trial", "0"], "export-best": ["export-best"],
                 "studies": ["studies"], "ui": ["ui", "--port", str(free_port())]}
-    for name, command in commands.items():
-        code, err = run_command(env, command, capsys)
-        assert code == 2, (name, err)
-        line = one_error_line(err)
-        assert f"Optuna storage {path} is damaged" in line, (name, line)
-        assert "restore it from a backup, or move it aside" in line
-    assert sha256(path) == before  # nothing repaired, moved or deleted
+    each_refuses_the_damaged_store(env, path, "Optuna storage", commands, capsys)
     assert not (tmp_path / "exports").exists()
 
 
@@ -243,16 +249,9 @@ def test_a_truncated_mlflow_db_gives_one_line_and_exit_2_in_every_command(use, t
     env = stores_copy(use, tmp_path, monkeypatch)
     path = tmp_path / "mlruns" / "mlflow.db"
     os.truncate(path, CUTS[cut](path.stat().st_size))
-    before = sha256(path)
     commands = {"search": ["search"], "export-best": ["export-best"], "ui": ["ui", "--port", str(free_port())],
                 "server": ["server", "--host", "127.0.0.1", "--port", str(free_port())]}
-    for name, command in commands.items():
-        code, err = run_command(env, command, capsys)
-        assert code == 2, (name, err)
-        line = one_error_line(err)
-        assert f"MLflow tracking store {path} is damaged" in line, (name, line)
-        assert "restore it from a backup, or move it aside" in line
-    assert sha256(path) == before
+    each_refuses_the_damaged_store(env, path, "MLflow tracking store", commands, capsys)
     assert len(env.records()) == 1  # the Optuna side untouched: no trial was started
 
 
