@@ -242,6 +242,23 @@ class StudyEnv:
         return store.records(self.load(name), states)
 
 
+@dataclass
+class TrackedSearch:
+    """A module's shared tracked search of the tiny study (exported, where the module exports, to env.exports)."""
+
+    env: StudyEnv
+    info: datasets.DatasetInfo  # the tiny dataset it ran on: register it again in each test
+
+    @property
+    def export(self) -> Path:
+        return self.env.exports / "tiny"
+
+    @property
+    def database(self) -> Path:
+        """Its MLflow store's SQLite file."""
+        return Path(self.env.tracking_uri.removeprefix("sqlite:///"))
+
+
 @contextlib.contextmanager
 def tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[StudyEnv, datasets.DatasetInfo]]:
     """For a module's shared search: a study env under `base` with its own copy of the empty MLflow store and

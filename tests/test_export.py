@@ -8,13 +8,12 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, tracked_env
+from conftest import StudyEnv, TrackedSearch, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -34,36 +33,22 @@ def write_study(env: StudyEnv, trials: int = 2, baseline_lr: float = 1e-2) -> No
                     baseline=[{"lr": baseline_lr}])
 
 
-@dataclass
-class Searched:
-    env: StudyEnv  # the study searched (tracked) and exported to env.exports / "tiny"
-    info: datasets.DatasetInfo
-
-    @property
-    def export(self) -> Path:
-        return self.env.exports / "tiny"
-
-    @property
-    def mlflow_uri(self) -> str:
-        return self.env.tracking_uri
-
-
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, empty_mlflow_store) -> Searched:
+def searched(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
     """One tracked search and its export, shared by the tests below (they copy before they change it)."""
     base = tmp_path_factory.mktemp("searched")
     with tracked_env(base, empty_mlflow_store) as (env, info):
         write_study(env)
         assert env.run("search") == 0
         assert env.run("export-best") == 0
-    return Searched(env, info)
+    return TrackedSearch(env, info)
 
 
 @pytest.fixture
-def use(searched, monkeypatch) -> Searched:
+def use(searched, monkeypatch) -> TrackedSearch:
     """The shared search in this test: its dataset registered, its MLflow store current."""
     monkeypatch.setitem(datasets.DATASETS, searched.info.name, searched.info)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", searched.mlflow_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", searched.env.tracking_uri)
     return searched
 
 
@@ -100,7 +85,7 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
 
     # The test figures went back to the champion's run and to the study's parent run.
-    client = MlflowClient(use.mlflow_uri)
+    client = MlflowClient(use.env.tracking_uri)
     champion = client.get_model_version_by_alias("tiny", "champion")
     run = client.get_run(champion.run_id)
     assert run.data.metrics["test_accuracy"] == metrics["test_accuracy"]

@@ -16,14 +16,13 @@ import struct
 import sys
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, tracked_env
+from conftest import StudyEnv, TrackedSearch, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -325,28 +324,14 @@ def test_predict_names_each_bad_picture_and_classifies_the_rest(small_export, tm
 FIXED = {"precision": "fp32", "optimizer": "adamw", "schedule": "none", "augment": 0.0}
 
 
-@dataclass
-class Exported:
-    env: StudyEnv  # the study searched (tracked) and exported to env.exports / "tiny"
-    info: datasets.DatasetInfo
-
-    @property
-    def export(self) -> Path:
-        return self.env.exports / "tiny"
-
-    @property
-    def database(self) -> Path:
-        return Path(self.env.tracking_uri.removeprefix("sqlite:///"))
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, empty_mlflow_store) -> Exported:
+def exported(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
     base = tmp_path_factory.mktemp("untrusted")
     with tracked_env(base, empty_mlflow_store) as (env, info):
         env.write_study(trials=1, epochs=2, sampler="random", pruner="none", fixed=FIXED)
         assert env.run("search") == 0
         assert env.run("export-best") == 0
-    return Exported(env, info)
+    return TrackedSearch(env, info)
 
 
 @pytest.fixture
