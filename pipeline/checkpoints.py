@@ -61,6 +61,8 @@ def load_checkpoint(path: Path, fingerprint: str, model: nn.Module, optimizer: t
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ForeignCheckpoint(f"{path}: unreadable checkpoint ({exc}); delete it to start over") from None
+    if not isinstance(payload, dict):  # a weights-only file of something else (a bare tensor, a list)
+        raise ForeignCheckpoint(f"{path}: not a checkpoint ({type(payload).__name__}); delete it to start over")
     if payload.get("version") != CHECKPOINT_VERSION or payload.get("fingerprint") != fingerprint:
         raise ForeignCheckpoint(f"{path}: checkpoint belongs to other parameters, seed or data; delete it to start "
                                 "over")

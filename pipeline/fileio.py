@@ -24,7 +24,7 @@ TEMP_PATTERN = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path` (durably)."""
+    """Write to a temporary name in the same folder, then rename it over `path` durably (flushed first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in dead_leftovers(path.parent, TEMP_PATTERN):
@@ -33,9 +33,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        rename_durably(Path(tmp), path)
+        rename_durably(Path(tmp), path)  # fsyncs the content before the rename, the folder after it
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

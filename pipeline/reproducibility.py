@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.concurrency import available_cores
+
 # cuBLAS reads this when the CUDA context starts; it must be set before any CUDA work.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -34,7 +36,7 @@ def make_deterministic(threads: int | None = None) -> int:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    threads = threads or int(os.environ.get("PIPELINE_THREADS", 0)) or os.cpu_count() or 1
+    threads = threads or int(os.environ.get("PIPELINE_THREADS", 0)) or available_cores()
     torch.set_num_threads(threads)
     return threads
 

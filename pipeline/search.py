@@ -132,9 +132,12 @@ class Objective:
         params = studies.suggest(self.spec, trial)
         first, seed = store.first_attempt(trial)  # a retry continues its first attempt: same seed, same checkpoint
         seed = studies.derive_seed(self.spec.seed, trial.number) if seed is None else seed
+        # history and resumed_from_epoch start afresh: Optuna's heartbeat retry copies the failed trial's record
+        # (on another host, without its checkpoint, this attempt starts over); a resume sets them again.
         store.note(trial, seed=seed, first_attempt=first, params=params,
                    owner={"host": socket.gethostname(), "pid": os.getpid()},
-                   split_hash=self.data.split_hash, dataset_digest=self.data.checksum)
+                   split_hash=self.data.split_hash, dataset_digest=self.data.checksum, history=[],
+                   resumed_from_epoch=0)
         checkpoint = checkpoint_path(self.checkpoints, first) if self.checkpoints is not None else None
         try:
             values = self._run(trial, params, seed, checkpoint)
@@ -292,7 +295,8 @@ def _disk_full_message(what: str) -> str:
 def _parameter_count(params: dict[str, Any], data: PreparedData) -> int:
     """Counted before training, so pruned and failed trials are tagged with their size too."""
     try:
-        model = models.build_model(hparams.resolve_params(params), len(data.classes), data.input_shape)
+        model = models.build_model(hparams.resolve_params(params), len(data.classes), data.input_shape,
+                                   imagenet=False)  # counting needs the architecture, not the ImageNet weights
         return models.count_parameters(model)
     except Exception:  # bad params or missing weights: fit() reports those properly
         return -1
@@ -306,7 +310,6 @@ def _parameter_count(params: dict[str, Any], data: PreparedData) -> int:
 class LoopOutcome:
     ran: int  # trials run by this invocation
     stop_reason: str  # "budget", "timeout"
-    elapsed_seconds: float
 
 
 def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: Listener,
@@ -319,8 +322,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
     stop = StopRequest()
     objective = Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints)
     store.take_retries_first(study)
-    started = time.monotonic()
-    deadline = started + spec.timeout_minutes * 60
+    deadline = time.monotonic() + spec.timeout_minutes * 60
     ran, consecutive_failures = 0, 0
     with stop.installed():
         while store.finished_count(study) < spec.trials:
@@ -328,7 +330,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
             for number in fail_dead_owners(study, checkpoints):
                 listener.warning(f"trial {number} was left RUNNING by a process that died: failed and queued again")
             if time.monotonic() >= deadline:
-                return LoopOutcome(ran, "timeout", time.monotonic() - started)
+                return LoopOutcome(ran, "timeout")
             if store.taken_count(study) >= spec.trials:
                 # Other workers hold the rest of the budget. Wait: if one of their trials fails, it is redone.
                 listener.waiting()
@@ -353,7 +355,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
                     f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row; last one, trial {ended.number}: "
                     f"{ended.fail_reason}: {ended.fail_detail or ''}\n{ended.traceback or ''}"
                 )
-    return LoopOutcome(ran, "budget", time.monotonic() - started)
+    return LoopOutcome(ran, "budget")
 
 
 def _one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> TrialEnded | None:

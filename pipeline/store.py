@@ -156,7 +156,8 @@ class _JournalLock(optuna.storages.journal.JournalFileSymlinkLock):
     def acquire(self) -> bool:
         super().acquire()
         try:
-            _cut_torn_line(self._path, self._log)
+            if _torn(self._path):  # every append takes this lock: one byte read, the scan only when torn
+                _cut_torn_line(self._path, self._log)
         except BaseException:
             self.release()
             raise

@@ -178,13 +178,13 @@ def dataset_input(data: PreparedData) -> DatasetInput:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
-def ensure_room(model: torch.nn.Module, directories: list[Path | None], copies: int = 2) -> None:
-    """Raise OSError (ENOSPC, EFBIG) now if `copies` files of a model this size cannot be written in these folders.
+def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
+    """Raise OSError (ENOSPC, EFBIG) now if two files of a model this size cannot be written in these folders.
 
     torch's zip writer aborts the whole process (a C++ exception in a destructor) when a file write
     fails, so a full disk must be found before it writes: probe files of the model's size plus a
     margin, written and removed with ordinary Python I/O, fail cleanly instead. A logged model is written
-    twice (its program and its plain weights), so by default two probes are held at once.
+    twice (its program and its plain weights), so two probes are held at once.
     """
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 11 // 10 + (1 << 20)
     chunk = bytes(1 << 20)
@@ -193,7 +193,7 @@ def ensure_room(model: torch.nn.Module, directories: list[Path | None], copies: 
             continue
         directory.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as probes:
-            for _ in range(copies):
+            for _ in range(2):
                 probe = probes.enter_context(tempfile.TemporaryFile(dir=directory))
                 for _ in range(-(-size // len(chunk))):
                     probe.write(chunk)

@@ -182,3 +182,20 @@ def test_torchvision_is_imported_only_when_a_resnet_is_built():
     done = subprocess.run([sys.executable, "-c", code], cwd=paths.PROJECT_ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.split() == ["False", "True"], done.stderr
+
+
+def test_a_pretrained_resnet_is_rebuilt_without_its_imagenet_weights_for_weights_that_replace_them(tmp_path,
+                                                                                                   monkeypatch):
+    """imagenet=False (predict, export of a registered champion, counting a trial's parameters): the same network,
+    and no ImageNet weights file needed on this machine."""
+    from types import SimpleNamespace
+
+    from pipeline import search
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    params = {"model": "resnet18", "resnet_mode": "finetune"}
+    model = models.build_model(params, imagenet=False)
+    scratch = models.build_model({"model": "resnet18", "resnet_mode": "scratch"})
+    assert models.count_parameters(model) > models.count_parameters(scratch) // 2
+    data = SimpleNamespace(classes=list(range(10)), input_shape=(1, 28, 28))
+    assert search._parameter_count(params, data) == models.count_parameters(model)  # was -1 without the weights

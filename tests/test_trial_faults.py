@@ -73,12 +73,12 @@ def test_a_checkpoint_the_trial_cannot_continue_is_replaced_and_the_trial_trains
     write_study(study_env, trials=1, epochs=1)
     folder = study_env.studies_dir / "checkpoints" / "tiny"
     folder.mkdir(parents=True)
-    search.checkpoint_path(folder, 0).write_bytes(b"not a checkpoint")
+    torch.save(torch.zeros(3), search.checkpoint_path(folder, 0))  # readable, but not a checkpoint
     assert study_env.run("search") == 0
     (trial,) = study_env.records()
     assert trial.state == "COMPLETE" and len(trial.history) == 1
     told = " ".join(capsys.readouterr().err.split())
-    assert "trial 0:" in told and "unreadable checkpoint" in told and "trains from the start" in told
+    assert "trial 0:" in told and "not a checkpoint (Tensor)" in told and "trains from the start" in told
     assert checkpoint_files(study_env) == []
 
 
@@ -125,6 +125,21 @@ def test_a_dead_processes_trial_is_requeued_with_its_seed_and_checkpoint_or_its_
         assert checkpoint.is_file()  # kept for the retry
     else:
         assert len(records) == 1 and not checkpoint.exists()  # not retried again: its work is dropped
+
+
+def test_a_retry_copied_by_optunas_heartbeat_starts_its_record_afresh(study_env):
+    """Optuna's heartbeat retry copies the failed trial's record; without its checkpoint (another host) the retry
+    trains from the start, and its record must say so, not repeat the old history and resume."""
+    write_study(study_env, trials=2, epochs=1, baselines=0)
+    assert study_env.run("search", "--trials", "1") == 0
+    (first,) = study_env.records()
+    copied = {"seed": first.seed, "first_attempt": 7, "history": [{"epoch": e} for e in range(1, 6)],
+              "resumed_from_epoch": 3}
+    store.queue_trial(study_env.load(), first.sampled, **copied)
+    assert study_env.run("search", "--trials", "2") == 0
+    retry = study_env.records()[1]
+    assert retry.state == "COMPLETE" and retry.resumed_from_epoch == 0
+    assert [h["epoch"] for h in retry.history] == [1]
 
 
 # --------------------------------------------------------------------------------------------------
