@@ -31,8 +31,9 @@ PYTEST_ARGS ?=
 switch = $(if $(filter 1 yes true on,$($(1))),on,$(if $(filter-out 0 no false off,$($(1))),$(error $(1)=$($(1)): \
          expected 1 or 0 (also yes/no, true/false, on/off))))
 
-# STORAGE reaches the program through its environment, not its command line: a URL keeps its & and ? without
-# quoting, and its password stays out of the process list.
+# STORAGE (like BACKEND) reaches the program through its environment, not its command line: a URL keeps its &
+# and ? without quoting, and its password stays out of the process list. Make puts command-line and environment
+# variables into a recipe's environment by itself; the export says so here, where the recipes rely on it.
 export STORAGE
 
 .DEFAULT_GOAL := help

@@ -97,8 +97,9 @@ def test_make_refuses_a_switch_it_cannot_read_with_one_line():
 
 
 def test_make_tracking_off_and_on():
-    assert "--no-tracking" in _make("-n", "search", "STUDY=cnn", "TRACKING=off").stdout
-    assert "--no-tracking" not in _make("-n", "search", "STUDY=cnn", "TRACKING=1").stdout
+    off, on = (_make("-n", "search", "STUDY=cnn", f"TRACKING={value}") for value in ("off", "1"))
+    assert off.returncode == 0 and on.returncode == 0, off.stderr + on.stderr
+    assert "--no-tracking" in off.stdout and "--no-tracking" not in on.stdout
 
 
 def test_make_storage_with_shell_characters_reaches_the_program_whole(tmp_path):
@@ -107,7 +108,9 @@ def test_make_storage_with_shell_characters_reaches_the_program_whole(tmp_path):
     listed = _make("studies", f"STORAGE={journal}")
     assert listed.returncode == 0, listed.stderr
     assert journal.is_file()  # opened where STORAGE said, not at "…/a"
-    assert "--storage" not in _make("-n", "studies", f"STORAGE={journal}").stdout  # not on any command line
+    planned = _make("-n", "studies", f"STORAGE={journal}")
+    assert planned.returncode == 0 and "pipeline studies" in planned.stdout
+    assert "--storage" not in planned.stdout and str(journal) not in planned.stdout  # on no command line
 
 
 def test_resume_command_names_the_store_and_tracking_it_needs(monkeypatch):

@@ -45,15 +45,8 @@ def kill_mid_trial(find_victim) -> int:
     """SIGKILL the process `find_victim()` names (the pid of a process in the middle of a trial, or None).
     It is frozen (SIGSTOP) while the check is made again, so its trial cannot finish between the check and
     the kill. Returns the pid killed."""
-    found: list[int | None] = []
-
-    def victim_found() -> bool:
-        found.append(find_victim())
-        return found[-1] is not None
-
     while True:
-        wait_until(victim_found, "a process in the middle of a trial")
-        pid = found[-1]
+        pid = wait_until(find_victim, "a process in the middle of a trial")
         os.kill(pid, signal.SIGSTOP)
         try:
             still = find_victim() == pid

@@ -174,15 +174,6 @@ def test_command_line_overrides_are_validated_like_the_file(tmp_path, override):
     assert f"{key} = {override[key]}" in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_search_with_a_zero_trial_budget_exits_2_before_anything_is_created(tmp_path, capsys):
-    _write(tmp_path, VALID)
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    assert main(["search", "--study", "trial", "--studies-dir", str(tmp_path), "--storage", storage,
-                 "--trials", "0", "--no-tracking"]) == 2
-    assert "trials = 0" in capsys.readouterr().err
-    assert not (tmp_path / "optuna.db").exists()
-
-
 @pytest.mark.faults  # README: What survives what
 def test_a_study_file_named_like_a_version_is_refused(tmp_path, capsys):
     """cnn-v2 is how FRESH=1 names version 2 of cnn: a file of that name would be mistaken for it."""
@@ -200,6 +191,7 @@ def test_a_study_file_named_like_a_version_is_refused(tmp_path, capsys):
     (["--threads", "0"], "--threads 0: expected a whole number >= 1"),
     (["--device", "foo"], "--device 'foo': expected auto, cpu, mps, cuda or cuda:<index>"),
     (["--device", "cuda:7"], "--device cuda:7: this machine has no such device"),
+    (["--trials", "0"], "trials = 0"),
     (["--trials", "-3"], "trials = -3"),
     (["--timeout", "-1"], "timeout_minutes = -1.0"),
     (["--train-limit", "-5"], "train_limit = -5"),

@@ -342,8 +342,10 @@ def registry_copy(exported, tmp_path, monkeypatch) -> StudyEnv:
     database = shutil.copy(exported.database, tmp_path / "mlflow.db")
     uri = f"sqlite:///{database}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return exported.env.replace(tracking_uri=uri, exports=tmp_path / "exports")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # mlflow.artifacts and register_model read the process-wide URI
+    yield exported.env.replace(tracking_uri=uri, exports=tmp_path / "exports")
+    mlflow.set_tracking_uri(previous)  # not left behind for later tests
 
 
 def champion_files(env: StudyEnv, into: Path) -> Path:
