@@ -13,6 +13,7 @@ MODEL   ?= cnn
 SET     ?=
 STUDY   ?=
 TRIAL   ?=
+REPEAT  ?=
 # Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>,
 # WORKERS=<worker processes on this host>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
@@ -63,8 +64,8 @@ train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0
 search: $(STAMP) ## run or resume a study: STUDY=cnn [WORKERS=4] [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url] [TRACKING=off]
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
 
-replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12
-	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)"
+replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12 [REPEAT=1: a champion-phase run]
+	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)" $(if $(REPEAT),--repeat "$(REPEAT)")
 
 studies: $(STAMP) ## list the studies with trials done, best value and state
 	$(PY) -m pipeline studies

@@ -90,8 +90,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     spec = _study(args)
     from pipeline import replay
 
-    outcome = replay.replay_trial(spec, args.storage, args.trial, args.root, args.device, args.threads)
-    views.replay_result(args.trial, outcome.epochs, outcome.differences)
+    outcome = replay.replay_trial(spec, args.storage, args.trial, args.root, args.device, args.threads, args.repeat)
+    views.replay_result(views.trial_name(args.trial, args.trial if args.repeat else None, args.repeat),
+                        outcome.epochs, outcome.differences)
     return 1 if outcome.differences else 0
 
 
@@ -215,6 +216,8 @@ def _add_study_commands(commands: Any) -> None:
     p = commands.add_parser("replay", help="retrain one finished trial and compare every recorded metric")
     _add_study_arguments(p, with_budget=False)
     p.add_argument("--trial", type=int, required=True)
+    p.add_argument("--repeat", type=int, default=0,
+                   help="a champion-phase run: this repeat of the trial's configuration (0: the trial itself)")
     p.set_defaults(run=_cmd_replay)
 
     p = commands.add_parser("studies", help="list the studies with trials done, best value and state")

@@ -2,7 +2,7 @@
 
 Listeners: the console view (views.py), a worker's event lines to its coordinator (workers.py) and
 MLflow (tracking.py). A listener overrides the events it cares about; the rest do nothing. An exception
-raised by `trial_started`, `epoch_ended` or `new_best` fails that trial (it is recorded with the
+raised by `trial_started`, `epoch_ended`, `new_best` or `confirmation_model` fails that trial (it is recorded with the
 traceback, the search goes on); `trial_ended` is told after the trial is safe in Optuna, and its
 errors only warn.
 """
@@ -24,6 +24,8 @@ class TrialStarted:
     seed: int
     parameter_count: int  # -1 when the model cannot be built (the trial then fails and says why)
     data: PreparedData
+    confirmation_of: int | None = None  # a champion-phase run: it trains this search trial's configuration again
+    repeat: int = 0  # ...with the seed of this repeat (champion.py)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class TrialEnded:
     fail_detail: str | None = None
     traceback: str | None = None
     resumed_from_epoch: int = 0  # a retry that took over this many epochs from its first attempt's checkpoint
+    confirmation_of: int | None = None  # as in TrialStarted
+    repeat: int = 0
 
 
 class Listener:
@@ -55,6 +59,9 @@ class Listener:
 
     def new_best(self, number: int, value: float, model: TrainedModel) -> None:
         """Trial `number` beats the study's best so far (its model is still in memory)."""
+
+    def confirmation_model(self, number: int, value: float, model: TrainedModel) -> None:
+        """Champion-phase run `number` completed (every one keeps its model: the champion's may be exported)."""
 
     def trial_ended(self, trial: TrialEnded) -> None:
         pass
@@ -90,6 +97,10 @@ class Listeners(Listener):
     def new_best(self, number: int, value: float, model: TrainedModel) -> None:
         for listener in self.listeners:
             listener.new_best(number, value, model)
+
+    def confirmation_model(self, number: int, value: float, model: TrainedModel) -> None:
+        for listener in self.listeners:
+            listener.confirmation_model(number, value, model)
 
     def trial_ended(self, trial: TrialEnded) -> None:
         for listener in self.listeners:

@@ -39,8 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
 
+from pipeline import (
+    champion as champion_phase,
+)
 from pipeline import (
     data,
     datasets,
@@ -85,6 +89,17 @@ class Champion:
     source: str  # one line: registry version, or retrained from the recorded trial
     run_ids: list[str]  # MLflow runs that get the test figures (champion run, parent run)
     split_hash: str  # the validation split it was judged on: recorded by the trial, or (older trials) rebuilt
+    confirmed: champion_phase.Candidate | None = None  # its configuration's runs over seeds (champion phase)
+
+    @property
+    def trial_number(self) -> int:
+        """The search trial whose configuration this is (a champion-phase run trains one again)."""
+        return self.trial.confirmation_of if self.trial.confirmation_of is not None else self.trial.number
+
+    def describe(self) -> str:
+        if self.trial.confirmation_of is None:
+            return f"trial {self.trial.number}"
+        return f"repeat {self.trial.repeat} of trial {self.trial.confirmation_of}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -102,8 +117,13 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
     if best is None:
         raise BadInput(f"study {study.study_name!r} has no finished trial to export; run `make search "
                        f"STUDY={spec.name}` until one completes")
+    what, confirmed = f"trial {best.number}", None
+    phase = _standings(spec, storage, study.study_name)
+    if phase is not None and phase[0].exported is not None:  # the champion phase's choice: its run nearest the mean
+        confirmed, best = phase[0].champion, store.record(phase[1], phase[0].exported.number)
+        what = f"repeat {best.repeat} of trial {best.confirmation_of} (the champion phase's choice)"
     definition = store.definition(study)
-    log(f"no registered champion for {spec.name!r}: retraining trial {best.number} of {study.study_name!r} "
+    log(f"no registered champion for {spec.name!r}: retraining {what} of {study.study_name!r} "
         "from its recorded params and seed")
     prepared = replay.recorded_data(definition, root, train.pick_device())
 
@@ -116,14 +136,30 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
         log(f"warning: the retrained validation accuracy {result.best_val_accuracy} differs from the recorded "
             f"{max(recorded)} (another device or thread count?)")
     return Champion(study.study_name, best, definition, train.export_ready_copy(result.model),
-                    f"trial {best.number} retrained from its recorded params and seed (no registry entry)", [],
-                    best.split_hash or prepared.split_hash)
+                    f"{what} retrained from its recorded params and seed (no registry entry)", [],
+                    best.split_hash or prepared.split_hash, confirmed)
+
+
+def _standings(spec: studies.StudySpec, storage: Storage,
+               study_name: str) -> tuple[champion_phase.Standings, optuna.Study] | None:
+    """The champion phase's table of study `study_name` and its companion study, when the study file has one."""
+    if spec.champion is None:
+        return None
+    study = store.load_study(storage.backend, study_name)
+    companion = champion_phase.find_companion(storage.backend, study_name)
+    return champion_phase.standings(spec, study, companion), companion
 
 
 def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: registry.ChampionVersion) -> Champion:
     """The registered champion's weights in the architecture its trial recorded, checked to be that trial's."""
     study = store.load_study(storage.backend, version.study_name)
-    trial = store.record(study, version.trial_number)
+    trial, confirmed = store.record(study, version.trial_number), None
+    if version.confirmation_number is not None:  # the champion phase's run of that trial's configuration
+        phase = _standings(spec, storage, version.study_name)
+        companion = champion_phase.find_companion(storage.backend, version.study_name)
+        trial = store.record(companion, version.confirmation_number) if companion is not None else None
+        if phase is not None:
+            confirmed = next((c for c in phase[0].candidates if c.trial.number == version.trial_number), None)
     if trial is None or trial.state != "COMPLETE":
         raise StudyError(f"trial {version.trial_number} of study {version.study_name!r} is not a complete trial")
     if not version.matches(hparams.resolve_params(trial.params), trial.seed):
@@ -146,7 +182,8 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: 
                        f"describes ({detail}); {registry.REGISTER_FIX}") from None
     return Champion(version.study_name, trial, definition, model.eval(),
                     f"registered model {spec.name!r} version {version.version} (alias champion)",
-                    [r for r in (version.run_id, version.parent_run_id) if r], trial.split_hash or prepared.split_hash)
+                    [r for r in (version.run_id, version.parent_run_id) if r], trial.split_hash or prepared.split_hash,
+                    confirmed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,7 +200,7 @@ def export_best(spec: studies.StudySpec, storage_override: str | None = None, ro
     if destination.exists() and not force:
         raise BadInput(f"{destination} already exists; pass FORCE=1 (make export-best) or --force to replace it")
     champion = find_champion(spec, store.open_storage(storage_override, spec.name), root, client, log)
-    log(f"exporting {champion.source}: trial {champion.trial.number} of {champion.study_name!r}")
+    log(f"exporting {champion.source}: {champion.describe()} of {champion.study_name!r}")
     threads = threads or torch.get_num_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{spec.name}.partial-{os.getpid()}"
@@ -246,7 +283,7 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
     dataset = studies.dataset_ref(champion.definition["dataset"])
     test, arrays = data.test_split(dataset, root, "cpu",
                                    val_size=champion.definition.get("val_size", DEFAULT_VAL_SIZE))
-    data.require_digest(champion.trial.dataset_digest, arrays.checksum, champion.trial.number,
+    data.require_digest(champion.trial.dataset_digest, arrays.checksum, champion.trial_number,
                         data.dataset_label(dataset),
                         "restore the pictures it was trained on, or search again and export that")
     example = test.inputs(slice(0, 4), None, None)
@@ -304,8 +341,9 @@ def _config(champion: Champion, spec: studies.StudySpec, dataset: data.DatasetRe
         "split_hash": champion.split_hash,
         "study": champion.study_name,
         "study_file": spec.name,
-        "trial_number": champion.trial.number,
+        "trial_number": champion.trial_number,
         "trial_seed": champion.trial.seed,
+        "repeat": champion.trial.repeat,  # 0: the search's own run; else the champion phase's run of the trial
         "source": champion.source,
         "git_commit": reproducibility.git_commit(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
@@ -324,6 +362,7 @@ def _metrics(champion: Champion, spec: studies.StudySpec, predicted: torch.Tenso
     return {
         "val_accuracy": max((h["val_accuracy"] for h in champion.trial.history), default=None),
         "objective": dict(zip(spec.metrics, champion.trial.values, strict=False)),
+        "val_over_seeds": _over_seeds(champion.confirmed),
         "test_accuracy": correct / len(labels),
         "test_correct": correct,
         "test_images": len(labels),
@@ -334,6 +373,15 @@ def _metrics(champion: Champion, spec: studies.StudySpec, predicted: torch.Tenso
         "cpu_throughput_images_per_s_batch256": throughput,
         "cpu_threads": threads,
     }
+
+
+def _over_seeds(confirmed: champion_phase.Candidate | None) -> dict[str, Any] | None:
+    """The configuration's validation figures over its seeds (the champion phase), for metrics.json."""
+    if confirmed is None:
+        return None
+    s = confirmed.summary
+    return {"runs": s.n, "mean": s.mean, "std": s.std, "ci95_low": s.ci_low, "ci95_high": s.ci_high,
+            "min": s.low, "max": s.high, "values": [r.value for r in confirmed.runs]}
 
 
 def _speed(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]:
@@ -394,6 +442,31 @@ def _looks(preprocessing: dict) -> str:
     return f"{size}x{size} {colour}, the shorter side resized to {size} and the centre cropped"
 
 
+def _which_run(champion: Champion, config: dict) -> str:
+    if champion.confirmed is None:
+        return f"This is {champion.describe()} (seed {config['trial_seed']})"
+    return (f"This is {champion.describe()} (seed {config['trial_seed']}): after the search, the champion phase "
+            f"trained the best configurations again over seeds and chose trial {champion.trial_number}'s by its "
+            "mean; these weights are its run closest to that mean, a typical run rather than the luckiest")
+
+
+def _seeds_row(champion: Champion, spec: studies.StudySpec) -> str:
+    """The configuration's validation mean and interval over seeds: a table row, or nothing without them."""
+    if champion.confirmed is None:
+        return ""
+    s = champion.confirmed.summary
+    spread = "" if s.std is None else f", 95% CI [{s.ci_low:.4f}, {s.ci_high:.4f}] (Student t), std {s.std:.4f}"
+    return (f"| {spec.metrics[0]} of the configuration over {s.n} seeds (validation) | mean {s.mean:.4f}{spread}, "
+            f"min {s.low:.4f}, max {s.high:.4f} |\n")
+
+
+def _how_chosen(champion: Champion, spec: studies.StudySpec) -> str:
+    if champion.confirmed is None:
+        return "Chosen by validation accuracy among the study's trials"
+    return (f"Chosen by its mean {spec.metrics[0]} over {champion.confirmed.summary.n} seeds among the "
+            "search's best configurations; the test split was used for nothing but the figure above")
+
+
 def model_card(spec: studies.StudySpec, champion: Champion, config: dict, metrics: dict, dataset: data.DatasetRef,
                cached: bool, given_val: bool) -> str:
     """`cached`: the test split is rows of the image cache; `given_val`: the dataset brought its own val/ split."""
@@ -431,14 +504,14 @@ Architecture and training parameters: `config.json` (`params`); how a picture be
 Optuna study `{champion.study_name}` (file `studies/{spec.name}.toml`): sampler {definition.get('sampler')}, pruner
 {definition.get('pruner')}, up to {definition.get('epochs')} epochs per trial, objective
 {', '.join(spec.metrics)}. Searched: {space}. Fixed: {fixed}.
-This is trial {champion.trial.number} (seed {config['trial_seed']}); source: {champion.source}.
+{_which_run(champion, config)}; source: {champion.source}.
 Training images: {trained_on} of the training split; validation: {validation}, used for every tuning decision.
 Test: {held_out}. Dataset digest {config['dataset_checksum']}.
 
 ## Figures
 | figure | value |
 |---|---|
-| validation accuracy (recorded during the search) | {metrics['val_accuracy']} |
+{_seeds_row(champion, spec)}| validation accuracy of these weights (recorded in training) | {metrics['val_accuracy']} |
 | **test accuracy** (untouched test split, measured at export) | **{test}** |
 | CPU latency, batch 1 (median of {LATENCY_RUNS}) | {metrics['cpu_latency_ms_batch1_median']:.3f} ms |
 | CPU throughput, batch {THROUGHPUT_BATCH} | {metrics['cpu_throughput_images_per_s_batch256']:,.0f} images/s |
@@ -456,7 +529,7 @@ CPU figures on {metrics['cpu_threads']} threads of the exporting machine. Per-cl
   Other pictures must be prepared the same way (`make predict` does) and may still score far lower.
 - The test accuracy is one sample of {metrics['test_images']:,} images; differences of a few tenths of a percent
   between models are within noise.
-- Chosen by validation accuracy among the study's trials; no calibration of the probabilities.
+- {_how_chosen(champion, spec)}; no calibration of the probabilities.
 
 ## Use
 ```python

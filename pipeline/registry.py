@@ -37,6 +37,8 @@ REGISTER_FIX = ("register a model logged by `make search` as the champion, or pa
                 "study's best trial from its record")
 ALIAS_ATTEMPTS = 3  # searches on several hosts may move the champion alias at the same moment
 PARENT_TAG = "mlflow.parentRunId"
+CONFIRMED = "mean_over_seeds"  # `selection` tag of a champion chosen by the champion phase
+CONFIRMATION_TAG = "confirmation_number"
 
 
 def param_value(value: Any) -> str:
@@ -61,8 +63,36 @@ class Candidate:
     model_uri: str
     metric: str
     direction: str
-    value: float
+    value: float  # the trial's value; a confirmed configuration's mean over its seeds
     evaluation_set: str
+    confirmation_number: int | None = None  # the champion phase's run whose model this is (champion.py)
+    repeat: int = 0
+    seeds: int = 1  # runs behind `value`
+
+    @property
+    def confirmed(self) -> bool:
+        return self.confirmation_number is not None
+
+    def describe(self) -> str:
+        if not self.confirmed:
+            return f"trial {self.trial_number}, {self.value:.4f}"
+        return f"trial {self.trial_number} repeat {self.repeat}, mean {self.value:.4f} over {self.seeds} seeds"
+
+
+def _stays(current: Any, c: Candidate) -> bool:
+    """Does the current champion stay rather than give way to candidate `c`?
+
+    A champion measured another way (objective, evaluation set) gives way. Within one study, the champion phase's
+    choice is final (it decided on more evidence than any single run), and a single run does not displace it.
+    Otherwise the better value wins: a champion-phase mean is compared with another study's mean.
+    """
+    comparable = current.tags.get("objective") == c.metric and current.tags.get("evaluation_set") == c.evaluation_set
+    if not comparable:
+        return False
+    current_confirmed = current.tags.get("selection") == CONFIRMED
+    if current.tags.get("study") == c.study_name and (current_confirmed or c.confirmed):
+        return not c.confirmed
+    return not _is_better(c.value, float(current.tags["objective_value"]), c.direction)
 
 
 def register_champion(client: MlflowClient, candidate: Candidate) -> str:
@@ -74,6 +104,9 @@ def register_champion(client: MlflowClient, candidate: Candidate) -> str:
     else:
         tags = {"study": c.study_name, "trial_number": str(c.trial_number), "objective": c.metric,
                 "direction": c.direction, "objective_value": repr(c.value), "evaluation_set": c.evaluation_set}
+        if c.confirmed:
+            tags |= {"selection": CONFIRMED, CONFIRMATION_TAG: str(c.confirmation_number), "repeat": str(c.repeat),
+                     "seeds": str(c.seeds)}
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own two lines; ours says more
             version = mlflow.register_model(c.model_uri, c.model_name, tags=tags)
     for attempt in range(ALIAS_ATTEMPTS):
@@ -82,12 +115,10 @@ def register_champion(client: MlflowClient, candidate: Candidate) -> str:
         except MlflowException:
             current = None
         if current is not None and current.version == version.version:
-            return (f"model {c.model_name!r} version {version.version} (trial {c.trial_number}) "
+            return (f"model {c.model_name!r} version {version.version} ({c.describe()}) "
                     f"is already the {CHAMPION}")
-        comparable = (current is not None and current.tags.get("objective") == c.metric
-                      and current.tags.get("evaluation_set") == c.evaluation_set)
-        if comparable and not _is_better(c.value, float(current.tags["objective_value"]), c.direction):
-            return (f"model {c.model_name!r} version {version.version} (trial {c.trial_number}, {c.value:.4f}) "
+        if current is not None and _stays(current, c):
+            return (f"model {c.model_name!r} version {version.version} ({c.describe()}) "
                     f"registered; {CHAMPION} stays on version {current.version} "
                     f"({float(current.tags['objective_value']):.4f})")
         try:
@@ -98,8 +129,7 @@ def register_champion(client: MlflowClient, candidate: Candidate) -> str:
                 raise
             time.sleep(0.5 + attempt)
             continue
-        return (f"model {c.model_name!r} version {version.version} (trial {c.trial_number}, {c.value:.4f}) "
-                f"is the {CHAMPION}")
+        return f"model {c.model_name!r} version {version.version} ({c.describe()}) is the {CHAMPION}"
     raise AssertionError("unreachable")
 
 
@@ -115,6 +145,7 @@ class ChampionVersion:
     parent_run_id: str | None
     model_uri: str
     run_params: dict[str, str]  # as logged by the trial's run: what the weights were trained with
+    confirmation_number: int | None = None  # the champion phase's run that trained it (champion.py), if any
 
     def matches(self, params: dict[str, Any], seed: int) -> bool:
         """Were these weights trained by a trial with these (resolved) params and seed?
@@ -138,9 +169,10 @@ def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:
     except MlflowException:  # no such registered model, or no alias yet
         return None
     run = client.get_run(version.run_id)
+    confirmation = version.tags.get(CONFIRMATION_TAG)
     return ChampionVersion(model_name, version.version, version.tags["study"], int(version.tags["trial_number"]),
                            version.run_id, run.data.tags.get(PARENT_TAG), f"models:/{model_name}/{version.version}",
-                           dict(run.data.params))
+                           dict(run.data.params), int(confirmation) if confirmation is not None else None)
 
 
 def load_state_dict(model_uri: str) -> dict[str, Any]:

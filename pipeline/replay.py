@@ -44,11 +44,12 @@ class ReplayOutcome:
 
 
 def replay_trial(spec: StudySpec, storage_override: str | None, trial_number: int, root: Path,
-                 device: str = "auto", threads: int | None = None) -> ReplayOutcome:
-    """`make replay`: retrain trial `trial_number` of the study's current version; list every metric that differs."""
+                 device: str = "auto", threads: int | None = None, repeat: int = 0) -> ReplayOutcome:
+    """`make replay`: retrain trial `trial_number` of the study's current version (with `repeat`, that champion-phase
+    run of its configuration); list every metric that differs."""
     storage = store.open_storage(storage_override, spec.name)
     study = store.find_study(spec, storage.backend)
-    record = _finished_trial(study, trial_number)
+    record = _confirmation_run(storage, study, trial_number, repeat) if repeat else _finished_trial(study, trial_number)
     prepared = study_data(spec, root, train.pick_device(device))
     data.require_digest(record.dataset_digest, prepared.checksum, trial_number, prepared.dataset,
                         "restore the pictures it was trained on to replay it")
@@ -62,6 +63,20 @@ def _finished_trial(study: optuna.Study, number: int) -> store.TrialRecord:
         raise StudyError(f"trial {number} of study {study.study_name!r} is not a finished trial with "
                          f"recorded metrics; finished trials: {finished or 'none'}")
     return record
+
+
+def _confirmation_run(storage: store.Storage, study: optuna.Study, number: int, repeat: int) -> store.TrialRecord:
+    """The completed champion-phase run `repeat` of trial `number`'s configuration."""
+    from pipeline import champion  # a replay of a search trial has no need of it
+
+    companion = champion.find_companion(storage.backend, study.study_name)
+    runs = store.records(companion, (optuna.trial.TrialState.COMPLETE,)) if companion is not None else []
+    found = next((r for r in runs if (r.confirmation_of, r.repeat) == (number, repeat)), None)
+    if found is None:
+        done = sorted(f"TRIAL={r.confirmation_of} REPEAT={r.repeat}" for r in runs)
+        raise StudyError(f"study {study.study_name!r} has no completed champion-phase run REPEAT={repeat} of trial "
+                         f"{number}; completed ones: {', '.join(done) or 'none'}")
+    return found
 
 
 def compare(record: store.TrialRecord, prepared: data.PreparedData, threads: int | None = None) -> ReplayOutcome:

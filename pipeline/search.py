@@ -123,11 +123,13 @@ class Objective:
     stop: StopRequest = field(default_factory=StopRequest)
     running: int | None = None  # the number of the trial in progress, for the interrupt handler
     checkpoints: Path | None = None  # the study's checkpoint folder; None: trials keep no checkpoints
+    confirming: bool = False  # the champion phase's runs (champion.py): queued ones only, no pruning, every model kept
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        if _surplus(self.spec, trial):
+        surplus = _surplus_confirmation(trial) if self.confirming else _surplus(self.spec, trial)
+        if surplus:
             store.note(trial, fail_reason=SURPLUS)
-            raise SurplusTrial(f"trial {trial.number}: the study's {self.spec.trials} trials are all taken")
+            raise SurplusTrial(f"trial {trial.number}: {surplus}")
         self.running = trial.number
         params = studies.suggest(self.spec, trial)
         first, seed = store.first_attempt(trial)  # a retry continues its first attempt: same seed, same checkpoint
@@ -150,7 +152,8 @@ class Objective:
     def _run(self, trial: optuna.Trial, params: dict[str, Any], seed: int,
              checkpoint: Path | None) -> float | list[float]:
         started = TrialStarted(trial.number, hparams.resolve_params(params), seed,
-                               _parameter_count(params, self.data), self.data)
+                               _parameter_count(params, self.data), self.data,
+                               trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0))
         _failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
         report, resumed = self._reporter(trial)
         try:
@@ -173,9 +176,12 @@ class Objective:
                    device=result.device, parameter_count=result.parameter_count,
                    flops_per_image=result.flops_per_image, stop_reason=result.stop_reason)
         values = studies.objective_values(self.spec, result)
-        if store.beats_best(trial.study, values[0]):
-            # Inside the trial, so that a model that cannot be saved (disk full) fails this trial, not the study.
-            model = train.TrainedModel(result.model, self.data, result.precision)
+        # Inside the trial, so that a model that cannot be saved (disk full) fails this trial, not the study.
+        model = train.TrainedModel(result.model, self.data, result.precision)
+        if self.confirming:
+            _failing_trial(trial, lambda: self.listener.confirmation_model(trial.number, values[0], model),
+                           "the model could not be logged to MLflow")
+        elif store.beats_best(trial.study, values[0]):
             _failing_trial(trial, lambda: self.listener.new_best(trial.number, values[0], model),
                            "the best model could not be logged to MLflow")
         return values[0] if len(values) == 1 else values
@@ -247,18 +253,32 @@ def _failing_trial(trial: optuna.Trial, action, context: str) -> None:
         raise
 
 
-def _surplus(spec: StudySpec, trial: optuna.Trial) -> bool:
-    """Is this new trial one too many? Workers check the budget before asking for a trial, but two may
-    ask at the same moment. Trial numbers are handed out in order by the storage, so the trial whose
+def _surplus_confirmation(trial: optuna.Trial) -> str:
+    """Why a champion-phase trial must not train (empty: it may). Only queued runs train: an empty queue makes
+    Optuna sample a new trial, which has no business there. Two processes finishing the same search at once
+    may both queue a missing run: the one that is already done or running elsewhere wins."""
+    key = trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat")
+    if key[0] is None:
+        return "not a queued champion-phase run"
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        if other.number != trial.number and (other.user_attrs.get("confirmation_of"),
+                                             other.user_attrs.get("repeat")) == key:
+            return f"repeat {key[1]} of trial {key[0]} is already trial {other.number}"
+    return ""
+
+
+def _surplus(spec: StudySpec, trial: optuna.Trial) -> str:
+    """Why this new trial is one too many (empty: it is not). Workers check the budget before asking for a
+    trial, but two may ask at the same moment. Trial numbers are handed out in order by the storage, so the trial whose
     earlier-numbered finished or running trials already fill the budget is the surplus one, and exactly
     one of two racing workers finds that. A surplus trial taken from the queue (a baseline, a retry) is
     queued again, so its parameters still run if a running trial fails."""
     others = trial.study.get_trials(deepcopy=False, states=(*store.FINISHED, TrialState.RUNNING))
     taken = sum(t.state in store.FINISHED or t.number < trial.number for t in others)
     if taken < spec.trials:
-        return False
+        return ""
     store.requeue_if_queued(trial)
-    return True
+    return f"the study's {spec.trials} trials are all taken"
 
 
 def _record_failure(trial: optuna.Trial, exc: BaseException, context: str = "") -> None:
@@ -337,28 +357,38 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
                 time.sleep(WAIT_SECONDS)
                 optuna.storages.fail_stale_trials(study)  # a dead worker on another host (RDB heartbeat)
                 continue
-            try:
-                ended = _one_trial(study, objective, listener)
-            except Exception as exc:  # Optuna's own bookkeeping could not write the trial's end
-                if not disk_full(exc):
-                    raise
-                what = f"the Optuna storage could not record a trial ({type(exc).__name__})"
-                raise DiskFull(_disk_full_message(what)) from None
-            if ended is not None and ended.fail_reason == DISK_FULL:
-                raise DiskFull(_disk_full_message(f"trial {ended.number}: {ended.fail_detail}"))
+            ended = next_trial(study, objective, listener)
             if ended is None:
                 continue  # a surplus trial: no training happened; the loop sees the budget in flight and waits
             ran += 1
-            consecutive_failures = consecutive_failures + 1 if ended.state == "FAIL" else 0
-            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-                raise TooManyFailures(
-                    f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row; last one, trial {ended.number}: "
-                    f"{ended.fail_reason}: {ended.fail_detail or ''}\n{ended.traceback or ''}"
-                )
+            consecutive_failures = failures_in_a_row(consecutive_failures, ended)
     return LoopOutcome(ran, "budget")
 
 
-def _one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> TrialEnded | None:
+def next_trial(study: optuna.Study, objective: Objective, listener: Listener) -> TrialEnded | None:
+    """`one_trial`, where a write that found no room stops the study (DiskFull): every later trial would fail."""
+    try:
+        ended = one_trial(study, objective, listener)
+    except Exception as exc:  # Optuna's own bookkeeping could not write the trial's end
+        if not disk_full(exc):
+            raise
+        what = f"the Optuna storage could not record a trial ({type(exc).__name__})"
+        raise DiskFull(_disk_full_message(what)) from None
+    if ended is not None and ended.fail_reason == DISK_FULL:
+        raise DiskFull(_disk_full_message(f"trial {ended.number}: {ended.fail_detail}"))
+    return ended
+
+
+def failures_in_a_row(before: int, ended: TrialEnded) -> int:
+    """The count of failed trials in a row after `ended`; TooManyFailures when it reaches the limit."""
+    count = before + 1 if ended.state == "FAIL" else 0
+    if count >= MAX_CONSECUTIVE_FAILURES:
+        raise TooManyFailures(f"{MAX_CONSECUTIVE_FAILURES} trials failed in a row; last one, trial {ended.number}: "
+                              f"{ended.fail_reason}: {ended.fail_detail or ''}\n{ended.traceback or ''}")
+    return count
+
+
+def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> TrialEnded | None:
     """Ask Optuna for one trial and run it; tell the listener how it ended (None: it was surplus)."""
     last: list[optuna.trial.FrozenTrial] = []
     try:
@@ -389,7 +419,8 @@ def trial_ended(record: store.TrialRecord) -> TrialEnded:
     its process was killed."""
     reason = record.fail_reason or ("stale" if record.state == "FAIL" else None)
     return TrialEnded(record.number, record.state, record.values, record.seconds, record.sampled, reason,
-                      record.fail_detail, record.traceback, record.resumed_from_epoch)
+                      record.fail_detail, record.traceback, record.resumed_from_epoch, record.confirmation_of,
+                      record.repeat)
 
 
 def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> list[int]:

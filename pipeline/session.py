@@ -21,9 +21,9 @@ from typing import Any, Protocol
 import optuna
 import torch
 
-from pipeline import data, hparams, paths, replay, search, store, train, urls, workers
+from pipeline import champion, data, hparams, paths, replay, search, store, train, urls, workers
 from pipeline.errors import BadInput
-from pipeline.events import Listener, Listeners
+from pipeline.events import Listener, Listeners, TrialEnded
 from pipeline.sources import DEFAULT_VAL_SIZE
 from pipeline.studies import StudySpec
 from pipeline.urls import hide_in, shown
@@ -60,6 +60,7 @@ class SearchOutcome:
     workers: int = 1
     resume_command: str = ""
     messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
+    champion: champion.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
 
 
 Status = Callable[[], tuple[int, list[float] | None]]  # (finished trials, best values so far)
@@ -72,7 +73,8 @@ class SearchView(Protocol):
     def say(self, message: str) -> None: ...
     def note(self, message: str) -> None: ...  # a warning the user should read
     def header(self, text: str) -> None: ...
-    def running(self, spec: StudySpec, status: Status) -> Any: ...  # context manager around the loop
+    def running(self, spec: StudySpec, status: Status, total: int | None = None,
+                what: str = "trials") -> Any: ...  # context manager around a loop of `total` trials (spec.trials)
     def workers_view(self, spec: StudySpec, status: Status, pool: workers.Workers) -> workers.WorkersView: ...
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None: ...
 
@@ -103,13 +105,16 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     started, status = time.monotonic(), "FINISHED"
     try:
         if options.workers > 1:
-            del prepared  # each worker loads its own copy; the coordinator need not hold one for the whole run
+            prepared = None  # each worker loads its own copy; the coordinator need not hold one for the whole run
             outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
         else:
             with view.running(spec, lambda: _status(study)):
                 loop = search.run(spec, study, prepared, listener, threads=options.threads,
                                   checkpoints=_checkpoint_folder(options, study))
             outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
+        if spec.champion is not None and options.worker is None:  # a coordinator runs the phase itself
+            prepared = prepared or replay.study_data(spec, options.root, device)
+            outcome.champion = _champion_phase(spec, study, storage.backend, prepared, options, view, tracking)
     except search.Interrupted as exc:
         outcome.stop_reason, outcome.signal_number, status = "interrupted", exc.signal_number, "KILLED"
     except search.StudyStopped as exc:
@@ -118,8 +123,19 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     _standings(spec, study, outcome)
     view.ended(spec, outcome)
     if options.worker is None:  # a worker's coordinator closes the study's MLflow side
-        outcome.messages = tracking.finish(spec, study, status, warn=view.warning)
+        outcome.messages = tracking.finish(spec, study, storage.backend, status, warn=view.warning)
     return outcome
+
+
+def _champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                    prepared: data.PreparedData, options: SearchOptions, view: SearchView,
+                    tracking: Tracking) -> champion.PhaseOutcome:
+    """The search's best configurations trained again over seeds (champion.py), in this process."""
+    phase = champion.Phase(spec, study, storage)
+    view.say(phase.announcement())
+    with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
+        return phase.run(prepared, Listeners(view, tracking.confirmations), threads=options.threads,
+                         checkpoints=_checkpoint_folder(options, phase.companion))
 
 
 def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
@@ -230,6 +246,11 @@ class Tracking:
     def listener(self) -> Listener:
         return self.run if self.run is not None else Listener()
 
+    @property
+    def confirmations(self) -> Listener:
+        """The champion phase's runs: child runs of the same parent, tagged as confirmations of their trial."""
+        return self.run.confirmations() if self.run is not None else Listener()
+
     def start(self, spec: StudySpec, study: optuna.Study, contested: bool = True) -> None:
         """Open (or reopen) the study's parent run; its id lives in the study so every invocation finds it.
 
@@ -251,13 +272,15 @@ class Tracking:
                 if final != self.run.parent_run_id:
                     self.run.adopt_parent(final)
 
-    def finish(self, spec: StudySpec, study: optuna.Study, status: str, warn: Callable[[str], None]) -> list[str]:
-        """End of an invocation: close runs of killed trials, refresh the parent's report, register the best
-        model. MLflow out of reach only warns: the trials are safe in Optuna and the next run catches up."""
+    def finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, status: str,
+               warn: Callable[[str], None]) -> list[str]:
+        """End of an invocation: close runs of killed trials, refresh the parent's report, register the champion
+        (the champion phase's, else the best trial). MLflow out of reach only warns: the trials are safe in Optuna
+        and the next run catches up."""
         if self.run is None:
             return []
         try:
-            lines = self._finish(spec, study, status)
+            lines = self._finish(spec, study, storage, status)
         except Exception as exc:
             reason = hide_in(str(exc).splitlines()[0][:200], self.client.tracking_uri)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
@@ -267,26 +290,38 @@ class Tracking:
         return [*lines, f"MLflow: `make ui STUDY={spec.name}` shows the study's runs (experiment "
                         f"{study.study_name!r})"]
 
-    def _finish(self, spec: StudySpec, study: optuna.Study, status: str) -> list[str]:
+    def _finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                status: str) -> list[str]:
         from pipeline import report  # matplotlib and Optuna's plots take half a second: only when tracking is on
 
         records = store.records(study)
-        ended = {r.number: search.trial_ended(r) for r in records if r.state in ("COMPLETE", "PRUNED", "FAIL")}
+        companion = champion.find_companion(storage, study.study_name) if spec.champion is not None else None
+        closed = self.run.close_orphans(_ended(records))
+        if companion is not None:
+            closed += self.run.confirmations().close_orphans(_ended(store.records(companion)))
         lines = []
-        closed = self.run.close_orphans(ended)
         if closed:
             lines.append(f"{closed} MLflow run(s) left RUNNING (a killed process, or MLflow out of reach) closed "
                          "with their trial's outcome")
         best = store.leading_best(study)
+        standings = champion.standings(spec, study, companion) if spec.champion is not None and best else None
         counts = {state: sum(r.state == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
         with tempfile.TemporaryDirectory() as tmp:
             skipped = report.write_report(spec, study, Path(tmp))
+            if standings is not None:
+                self.run.champion_standings(standings, Path(tmp))
             self.run.finish(Path(tmp), best.number if best else None, best.values[0] if best else None, counts,
                             status)
         lines.extend(f"report: {line}" for line in skipped)
-        if best is not None:
+        if standings is not None and standings.exported is not None:
+            lines.append(self.run.register_confirmed(standings, evaluation_set(spec)))
+        elif best is not None:
             lines.append(self.run.register_champion(best.number, best.values[0], evaluation_set(spec)))
         return lines
+
+
+def _ended(records: list[store.TrialRecord]) -> dict[int, TrialEnded]:
+    return {r.number: search.trial_ended(r) for r in records if r.state in ("COMPLETE", "PRUNED", "FAIL")}
 
 
 

@@ -258,6 +258,8 @@ class TrialRecord:
     retries: int = 0
     first_attempt: int | None = None  # the trial these parameters first ran as: retries keep its seed and checkpoint
     resumed_from_epoch: int = 0  # epochs a retry took over from its first attempt's checkpoint
+    confirmation_of: int | None = None  # a champion-phase run (champion.py): this search trial's params again...
+    repeat: int = 0  # ...with repeat `repeat`'s seed (0: the search's own trial)
 
     @property
     def finished(self) -> bool:
@@ -354,7 +356,8 @@ def best_values(study: optuna.Study) -> list[float] | None:
 
 
 def fail_trial(study: optuna.Study, number: int, reason: str) -> bool:
-    """Fail another process's RUNNING trial with `reason`; False when someone else finished or failed it first.
+    """Fail a trial this process does not run (another's RUNNING trial, or a WAITING one no one should run any
+    more) with `reason`; False when someone else finished or failed it first.
 
     Optuna has no public way to change a trial that this process is not running.
     """
@@ -413,8 +416,12 @@ def requeue(study: optuna.Study, failed: TrialRecord, **fields: Any) -> None:
     """A failed (interrupted, stale) trial's parameters queued again, so the next free worker runs them first
     (`take_retries_first`). The retry carries the first attempt's number and seed: it trains with that seed
     and resumes that attempt's checkpoint, so it ends as the uninterrupted trial would have."""
-    first = failed.first_attempt if failed.first_attempt is not None else failed.number
-    carried = {"first_attempt": first} if failed.seed is None else {"first_attempt": first, "seed": failed.seed}
+    carried: dict[str, Any] = {"first_attempt": failed.first_attempt if failed.first_attempt is not None
+                               else failed.number}
+    if failed.seed is not None:
+        carried["seed"] = failed.seed
+    if failed.confirmation_of is not None:  # a champion-phase run stays the same repeat of the same trial
+        carried |= {"confirmation_of": failed.confirmation_of, "repeat": failed.repeat}
     queue_trial(study, failed.sampled, retry_of=failed.number, **carried, **fields)
 
 

@@ -93,6 +93,15 @@ class DatasetTable(_Strict):
     max_megapixels: float = Field(sources.DEFAULT_MAX_MEGAPIXELS, gt=0)
 
 
+class ChampionTable(_Strict):
+    """`[champion]`: after the search, the best `top_k` distinct configurations are trained again until each has
+    `seeds` runs (the search's own run is one), within `minutes`; the champion is the best mean (champion.py)."""
+
+    top_k: int = Field(3, ge=1, le=20)
+    seeds: int = Field(3, ge=2, le=20)  # one run per candidate would be the search's own: nothing confirmed
+    minutes: float = Field(12.0, gt=0)
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -111,6 +120,7 @@ class StudySpec(_Strict):
     fixed: dict[str, Any] = {}
     space: dict[str, SearchParam] = {}
     baseline: list[dict[str, Any]] = []
+    champion: ChampionTable | None = None  # not part of the search definition: changing it adds runs, nothing else
 
     @model_validator(mode="after")
     def _fill_directions(self) -> StudySpec:
@@ -238,6 +248,9 @@ def _check(spec: StudySpec, path: Path) -> None:
         renamed = VERSION_SUFFIX.sub(r"-\1", spec.name)
         fail("name", f"{spec.name!r} ends like a study version (FRESH=1 makes cnn-v2, version 2 of cnn); "
                      f"rename the file, e.g. {renamed}.toml")
+    if ":" in spec.name:
+        fail("name", f"{spec.name!r} holds a ':', which names a study's champion phase in the store "
+                     f"(cnn:champion); rename the file without it")
     builtin = [*datasets.DATASETS, *sources.CIFAR_DATASETS]  # the IDX registry may hold more (tests, users)
     if isinstance(spec.dataset, str) and spec.dataset not in builtin:
         fail("dataset", f"{spec.dataset!r} is not one of {', '.join(builtin)}; or give your own pictures "
@@ -255,6 +268,9 @@ def _check(spec: StudySpec, path: Path) -> None:
         fail("sampler", f"{spec.sampler!r} is single-objective; use nsga2, tpe or random for several objectives")
     if len(spec.objectives) > 1 and spec.pruner != "none":
         fail("pruner", "Optuna cannot prune multi-objective studies; set pruner = \"none\"")
+    if spec.champion is not None and (len(spec.objectives) > 1 or spec.metrics[0] not in ("val_accuracy", "val_loss")):
+        fail("champion", "confirms a single validation objective (val_accuracy or val_loss) over seeds; remove "
+                         "[champion] or make that the study's only objective")
     if spec.dataset in sources.IDX_DATASETS and spec.val_size >= 60000:
         fail("val_size", f"{spec.val_size} leaves no training images; use fewer than 60000")
     if spec.dataset in sources.CIFAR_DATASETS and spec.val_size >= 50000:

@@ -21,6 +21,7 @@ root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, Postgr
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import io
 import json
@@ -49,12 +50,14 @@ from pipeline.events import Listener, TrialEnded, TrialStarted
 from pipeline.urls import hide_in, shown
 
 if TYPE_CHECKING:  # annotations only: tracking never trains or predicts itself
+    from pipeline.champion import Standings
     from pipeline.data import PreparedData
     from pipeline.train import EpochMetrics, TrainedModel
 
 DATASET_ATTEMPTS = 3  # workers may record the same dataset at the same moment
 PARENT_TAG = registry.PARENT_TAG
 RUN_NAME_TAG = "mlflow.runName"
+CONFIRMATION_TAG = registry.CONFIRMATION_TAG  # a champion-phase run's number in the companion study
 # MLflow 3's UI opens an experiment on its GenAI overview unless it is marked as model training.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_seconds",
@@ -217,7 +220,8 @@ class StudyRun(Listener):
         self.experiment_id = self._experiment(study_name)
         mlflow.set_experiment(experiment_id=self.experiment_id)  # logged models follow the fluent experiment
         self.parent_run_id = self._parent(parent_run_id, description)
-        self.children: dict[int, str] = {}
+        self.children: dict[int, str] = {}  # this process's open runs by trial number
+        self.number_tag = "trial_number"  # the tag a run's trial number is found by
         self._provenance: dict[str, str] | None = None
         self._dataset: DatasetInput | None = None
 
@@ -255,6 +259,13 @@ class StudyRun(Listener):
         self.client.delete_run(self.parent_run_id)
         self.parent_run_id = self._parent(run_id, "")
 
+    def confirmations(self) -> StudyRun:
+        """The same experiment and parent for the champion phase's runs (champion.py): their own open runs, by
+        the companion study's trial numbers, found by their `confirmation_number` tag."""
+        twin = copy.copy(self)
+        twin.children, twin.number_tag = {}, CONFIRMATION_TAG
+        return twin
+
     # ---- trials ------------------------------------------------------------------------------------
 
     def trial_started(self, trial: TrialStarted) -> None:
@@ -262,12 +273,16 @@ class StudyRun(Listener):
         if self._provenance is None:  # the same data for every trial of this process: described once
             self._provenance = provenance(trial.data)
             self._dataset = dataset_input(trial.data)
-        number = trial.number
+        number, of = trial.number, trial.confirmation_of
         tags = {PARENT_TAG: self.parent_run_id, RUN_NAME_TAG: f"trial-{number:04d}", "study": self.study_name,
-                "trial_number": str(number), "optuna_state": "RUNNING", "parameter_count": str(trial.parameter_count)}
-        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
+                self.number_tag: str(number), "optuna_state": "RUNNING", "parameter_count": str(trial.parameter_count)}
         logged = {k: registry.param_value(v) for k, v in trial.params.items()}
         logged |= {"trial_number": str(number), "trial_seed": str(trial.seed), **self._provenance}
+        if of is not None:  # a champion-phase run: trial `of`'s configuration, with repeat `repeat`'s seed
+            tags |= {RUN_NAME_TAG: f"trial-{of:04d}-repeat-{trial.repeat}", "role": "confirmation",
+                     "confirmation_of": str(of), "repeat": str(trial.repeat)}
+            logged |= {"trial_number": str(of), "repeat": str(trial.repeat), CONFIRMATION_TAG: str(number)}
+        run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(logged.items())])
         self._log_dataset(run_id)
         self.children[number] = run_id
@@ -325,7 +340,7 @@ class StudyRun(Listener):
         """
         closed = 0
         for run in self._children("attributes.status = 'RUNNING'"):
-            number = int(run.data.tags.get("trial_number", -1))
+            number = int(run.data.tags.get(self.number_tag, -1))
             if number in ended and number not in self.children:
                 self._close(run.info.run_id, ended[number])
                 closed += 1
@@ -336,13 +351,20 @@ class StudyRun(Listener):
         return list(self.client.search_runs([self.experiment_id], query, max_results=10000))
 
     def child_of_trial(self, number: int) -> Any | None:
-        runs = self._children(f"tags.trial_number = '{number}'")
+        runs = self._children(f"tags.{self.number_tag} = '{number}'")
         return max(runs, key=lambda r: r.info.start_time) if runs else None
 
     # ---- the best model ----------------------------------------------------------------------------
 
     def new_best(self, number: int, value: float, model: TrainedModel) -> None:
         """Log a new best trial's model (pt2, with its plain weights.pt) and its validation confusion matrix."""
+        self._log_model(number, model)
+        self.client.log_metric(self.parent_run_id, f"best_{self.metric}_so_far", value, step=number)
+
+    def confirmation_model(self, number: int, value: float, model: TrainedModel) -> None:
+        self._log_model(number, model)
+
+    def _log_model(self, number: int, model: TrainedModel) -> None:
         run_id, data = self.children[number], model.data
         cpu_model = model.cpu_copy()
         ensure_room(cpu_model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
@@ -371,7 +393,6 @@ class StudyRun(Listener):
                                    path, title=f"{self.study_name} trial {number}: validation")
             self.client.log_artifact(run_id, str(path))
         self.client.set_tag(run_id, "model_uri", info.model_uri)
-        self.client.log_metric(self.parent_run_id, f"best_{self.metric}_so_far", value, step=number)
 
     def register_champion(self, number: int, value: float, evaluation_set: str) -> str:
         """Offer trial `number`'s logged model for the champion (registry.register_champion)."""
@@ -382,6 +403,32 @@ class StudyRun(Listener):
         return registry.register_champion(self.client, registry.Candidate(
             self.model_name, self.study_name, number, run.info.run_id, model_uri, self.metric, self.direction,
             value, evaluation_set))
+
+    def register_confirmed(self, standings: Standings, evaluation_set: str) -> str:
+        """Offer the champion phase's choice for the champion: its run closest to the mean, valued at the mean."""
+        chosen, run = standings.champion, standings.exported
+        found = self.confirmations().child_of_trial(run.number)
+        model_uri = found.data.tags.get("model_uri") if found else None
+        if model_uri is None:
+            return (f"champion-phase run {run.number} has no logged model (it ran without tracking): nothing "
+                    "registered")
+        return registry.register_champion(self.client, registry.Candidate(
+            self.model_name, self.study_name, chosen.trial.number, found.info.run_id, model_uri, self.metric,
+            self.direction, chosen.summary.mean, evaluation_set, confirmation_number=run.number, repeat=run.repeat,
+            seeds=chosen.summary.n))
+
+    def champion_standings(self, standings: Standings, report_dir: Path) -> None:
+        """The phase's table (champion.md, champion.json) into the report folder; its figures on the parent run."""
+        (report_dir / "champion.md").write_text(standings.markdown())
+        (report_dir / "champion.json").write_text(json.dumps(standings.as_dict(), indent=2, default=str))
+        summary = standings.champion.summary if standings.champion else None
+        if summary is None or summary.ci_low is None:
+            return
+        metrics = {"champion_val_mean": summary.mean, "champion_val_ci_low": summary.ci_low,
+                   "champion_val_ci_high": summary.ci_high, "champion_val_std": summary.std}
+        timestamp = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()])
+        self.client.set_tag(self.parent_run_id, "champion_trial", str(standings.champion.trial.number))
 
     # ---- the end of an invocation ------------------------------------------------------------------
 

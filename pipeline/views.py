@@ -22,6 +22,7 @@ from rich.table import Table
 from pipeline.events import Listener, TrialEnded, TrialStarted
 
 if TYPE_CHECKING:
+    from pipeline.champion import Standings
     from pipeline.landing import Landed
     from pipeline.session import SearchOutcome, Status
     from pipeline.store import StudyState
@@ -63,6 +64,14 @@ def values_text(values: list[float] | None) -> str:
     return ", ".join(f"{v:.4f}" for v in values) if values else "-"
 
 
+def trial_name(number: int, confirmation_of: int | None = None, repeat: int = 0, width: int = 0) -> str:
+    """`trial 12`, or for a champion-phase run `trial 3 repeat 1` (trial 3's configuration, its repeat 1's seed);
+    the number right-aligned in `width` characters."""
+    if confirmation_of is None:
+        return f"trial {number:>{width}}"
+    return f"trial {confirmation_of:>{width}} repeat {repeat}"
+
+
 def trial_line(trial: TrialEnded) -> str:
     """One line per finished trial: number, state, value, duration, reason and key params."""
     if trial.state == "COMPLETE":
@@ -73,11 +82,16 @@ def trial_line(trial: TrialEnded) -> str:
             value += f": {trial.fail_detail.splitlines()[0][:120]}"
     shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.sampled or {}).items())
     resumed = f" (resumed from epoch {trial.resumed_from_epoch})" if trial.resumed_from_epoch else ""
-    return f"trial {trial.number:>3} {trial.state:<8} {value:<10} {trial.seconds:6.1f} s  {shown}{resumed}"
+    name = trial_name(trial.number, trial.confirmation_of, trial.repeat, width=3)
+    if trial.confirmation_of is not None:
+        shown = f"champion phase, run {trial.number}"
+    return f"{name} {trial.state:<8} {value:<10} {trial.seconds:6.1f} s  {shown}{resumed}"
 
 
-def epoch_line(number: int, epoch: int, val_accuracy: float, val_loss: float, seconds: float) -> str:
-    return f"trial {number} epoch {epoch}: val_accuracy {val_accuracy:.4f} val_loss {val_loss:.4f} ({seconds:.1f} s)"
+def epoch_line(name: str | int, epoch: int, val_accuracy: float, val_loss: float, seconds: float) -> str:
+    """`name`: a trial number, or a trial_name."""
+    name = f"trial {name}" if isinstance(name, int) else name
+    return f"{name} epoch {epoch}: val_accuracy {val_accuracy:.4f} val_loss {val_loss:.4f} ({seconds:.1f} s)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,6 +106,8 @@ class SearchView(Listener):
         self.live = console.is_terminal  # bars on a terminal, plain lines in CI and pipes
         self.bars: Progress | None = None
         self.status: Status = lambda: (0, None)
+        self.what = "trials"
+        self.names: dict[int, str] = {}  # running trials' names (champion-phase runs are named by their trial)
 
     def say(self, message: str) -> None:
         say(message)
@@ -103,10 +119,11 @@ class SearchView(Listener):
         console.print(f"[bold]{escape(text)}")
 
     @contextmanager
-    def running(self, spec: StudySpec, status: Status) -> Iterator[None]:
-        self.status, self.bars = status, progress(self.live)
+    def running(self, spec: StudySpec, status: Status, total: int | None = None,
+                what: str = "trials") -> Iterator[None]:
+        self.status, self.bars, self.what = status, progress(self.live), what
         finished, best = status()
-        self.trials_task = self.bars.add_task("trials", total=spec.trials, completed=finished)
+        self.trials_task = self.bars.add_task(what, total=spec.trials if total is None else total, completed=finished)
         self.epoch_task = self.bars.add_task("epoch", total=None)
         try:
             with self.bars:
@@ -117,27 +134,35 @@ class SearchView(Listener):
     def _best(self) -> str:
         return "best " + values_text(self.status()[1])
 
+    def _name(self, number: int) -> str:
+        return self.names.get(number, f"trial {number}")
+
     def trial_started(self, trial: TrialStarted) -> None:
+        name = trial_name(trial.number, trial.confirmation_of, trial.repeat)
+        self.names[trial.number] = name
         if self.bars is not None:
-            self.bars.update(self.trials_task, description=f"trial {trial.number} | {self._best()}")
+            self.bars.update(self.trials_task, description=f"{name} | {self._best()}")
             # The epoch bar shows the new trial at once, not the previous trial's last epoch.
-            self.bars.reset(self.epoch_task, description=f"trial {trial.number} epoch 1", total=None)
+            self.bars.reset(self.epoch_task, description=f"{name} epoch 1", total=None)
 
     def batch_done(self, done: int, total: int) -> None:
         if self.bars is not None and self.live:
             self.bars.update(self.epoch_task, completed=done, total=total)
 
     def epoch_ended(self, number: int, metrics: EpochMetrics) -> None:
+        name = self._name(number)
         if self.bars is not None:
-            self.bars.reset(self.epoch_task, description=f"trial {number} epoch {metrics.epoch + 1}", total=None)
+            self.bars.reset(self.epoch_task, description=f"{name} epoch {metrics.epoch + 1}", total=None)
         if not self.live:
-            console.print("  " + epoch_line(number, metrics.epoch, metrics.val_accuracy, metrics.val_loss,
+            console.print("  " + epoch_line(name, metrics.epoch, metrics.val_accuracy, metrics.val_loss,
                                             metrics.epoch_seconds))
 
     def trial_ended(self, trial: TrialEnded) -> None:
+        self.names.pop(trial.number, None)
         console.print(escape(trial_line(trial)))
         if self.bars is not None:
-            self.bars.update(self.trials_task, completed=self.status()[0], description=f"trials | {self._best()}")
+            self.bars.update(self.trials_task, completed=self.status()[0],
+                             description=f"{self.what} | {self._best()}")
 
     def waiting(self) -> None:  # another search on this study runs the budget's last trials
         if self.bars is not None:
@@ -178,6 +203,36 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
     if outcome.best is not None:
         console.print(f"best trial {outcome.best.number}: {values_text(outcome.best.values)} "
                       f"with {escape(str(outcome.best.params))}")
+    if outcome.champion is not None:
+        champion_table(outcome.champion.standings)
+        if outcome.champion.stop_reason == "time":
+            console.print(f"[yellow]the champion phase's {spec.champion.minutes:g} minutes would be exceeded by the "
+                          f"next run: {outcome.champion.standings.missing} runs left; `{outcome.resume_command}` "
+                          "trains them (or raise [champion] minutes)")
+
+
+def champion_table(standings: Standings) -> None:
+    """The champion phase's candidates: each one's runs, mean, spread and confidence interval; then the choice."""
+    from pipeline.champion import interval
+
+    table = Table(title=f"champion phase of {standings.study_name}: {standings.metric} over "
+                        f"{standings.seeds} seeds per candidate (95% CI: Student t)")
+    for column in ("trial", "mean", "std", "95% CI", "min-max", "MFLOPs", "runs (repeat 0 = the search's)"):
+        table.add_column(column, justify="left" if column.startswith("runs") else "right", overflow="fold")
+    for c in standings.candidates:  # in the search's order
+        s = c.summary
+        style = "bold green" if c is standings.champion else None
+        table.add_row(str(c.trial.number), f"{s.mean:.4f}", "-" if s.std is None else f"{s.std:.4f}",
+                      interval(s), f"{s.low:.4f}-{s.high:.4f}", f"{c.flops / 1e6:,.1f}" if c.flops else "-",
+                      " ".join(f"{r.value:.4f}" for r in c.runs), style=style)
+    console.print(table)
+    console.print(escape(standings.reason))
+    if standings.exported is not None:
+        from pipeline.champion import describe_run
+
+        exported = describe_run(standings.exported, standings.champion.trial.number)
+        console.print(f"exported weights: {escape(exported)}, the confirmation run "
+                      "closest to the mean")
 
 
 def search_result(spec: StudySpec, outcome: SearchOutcome) -> None:
@@ -351,12 +406,13 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def replay_result(trial: int, epochs: int, differences: list[str]) -> None:
+def replay_result(name: str, epochs: int, differences: list[str]) -> None:
+    """`name`: what was replayed (views.trial_name)."""
     if differences:
-        console.print(f"[red]trial {trial} replay differs[/] ({len(differences)} values):")
+        console.print(f"[red]{name} replay differs[/] ({len(differences)} values):")
         for line in differences:
             console.print(f"  {escape(line)}")
         return
-    console.print(f"[green]trial {trial} replayed identically[/]: {epochs} epochs, every recorded "
+    console.print(f"[green]{name} replayed identically[/]: {epochs} epochs, every recorded "
                   "metric equal bit for bit")
 

@@ -116,14 +116,16 @@ def test_tracking_off_gives_a_listener_that_does_nothing(tmp_path):
     tracking = session.Tracking.off()
     listener = tracking.listener
     assert type(listener) is events.Listener  # the base class: every event is a no-op
+    assert type(tracking.confirmations) is events.Listener
     ended = events.TrialEnded(0, "COMPLETE", [0.5])
     for call in (lambda: listener.trial_started(None), lambda: listener.batch_done(1, 2),
                  lambda: listener.epoch_ended(0, None), lambda: listener.new_best(0, 0.5, None),
-                 lambda: listener.trial_ended(ended), lambda: listener.interrupted("x"), listener.waiting,
+                 lambda: listener.confirmation_model(0, 0.5, None), lambda: listener.trial_ended(ended), lambda: listener.interrupted("x"), listener.waiting,
                  lambda: listener.warning("x")):
         assert call() is None
     spec = studies.load("smoke")
-    study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/o.db"), log=lambda m: None)
+    storage = store.make_storage(f"sqlite:///{tmp_path}/o.db")
+    study = store.open_study(spec, storage, log=lambda m: None)
     tracking.start(spec, study)
     assert tracking.run is None and store.parent_run_id(study) is None  # nothing reached MLflow
-    assert tracking.finish(spec, study, "FINISHED", warn=pytest.fail) == []
+    assert tracking.finish(spec, study, storage, "FINISHED", warn=pytest.fail) == []

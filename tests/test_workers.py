@@ -67,7 +67,7 @@ def test_of_two_trials_started_at_once_for_the_last_slot_the_later_number_is_sur
     first = study.ask()
     study.tell(first, 0.5)
     racing = [study.ask() for _ in range(3)]  # numbers 1, 2, 3: all RUNNING at once
-    assert [search._surplus(spec, t) for t in racing] == [False, False, True]
+    assert [bool(search._surplus(spec, t)) for t in racing] == [False, False, True]
 
 
 def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
