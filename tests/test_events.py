@@ -120,8 +120,8 @@ def test_tracking_off_gives_a_listener_that_does_nothing(tmp_path):
     ended = events.TrialEnded(0, "COMPLETE", [0.5])
     for call in (lambda: listener.trial_started(None), lambda: listener.batch_done(1, 2),
                  lambda: listener.epoch_ended(0, None), lambda: listener.new_best(0, 0.5, None),
-                 lambda: listener.confirmation_model(0, 0.5, None), lambda: listener.trial_ended(ended), lambda: listener.interrupted("x"), listener.waiting,
-                 lambda: listener.warning("x")):
+                 lambda: listener.confirmation_model(0, 0.5, None), lambda: listener.trial_ended(ended),
+                 lambda: listener.interrupted("x"), listener.waiting, lambda: listener.warning("x")):
         assert call() is None
     spec = studies.load("smoke")
     storage = store.make_storage(f"sqlite:///{tmp_path}/o.db")
