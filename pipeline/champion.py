@@ -330,6 +330,7 @@ class Phase:
                         break
                     listener.waiting()  # another process runs the last runs: their results join the table
                     time.sleep(search.WAIT_SECONDS)
+                    optuna.storages.fail_stale_trials(companion)  # that process died on another host (heartbeat)
                     continue
                 upcoming = min(waiting, key=lambda r: (r.retry_of is None, r.number))  # take_retries_first's order
                 if time.monotonic() + needs.get(upcoming.confirmation_of, 0.0) > deadline:

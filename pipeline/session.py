@@ -113,7 +113,8 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
                                   checkpoints=_checkpoint_folder(options, study))
             outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
         if spec.champion is not None and options.worker is None:  # a coordinator runs the phase itself
-            prepared = prepared or replay.study_data(spec, options.root, device)
+            if prepared is None:  # after workers: this process trains the phase's runs itself
+                prepared = replay.study_data(spec, options.root, device)
             outcome.champion = _champion_phase(spec, study, storage.backend, prepared, options, view, tracking)
     except search.Interrupted as exc:
         outcome.stop_reason, outcome.signal_number, status = "interrupted", exc.signal_number, "KILLED"

@@ -16,6 +16,9 @@ root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, Postgr
   loads with torch alone, and its weights as a plain `weights.pt` that loads without unpickling code),
   so disk grows with improvements, not with trials. The best trial's model
   is registered as model `<study file name>` with alias `champion` (registry.py).
+- Champion phase (champion.py): each run is a child run too, tagged `role=confirmation`, `confirmation_of`,
+  `repeat` (its number in the companion study under `confirmation_number`), and logs its model, since the
+  phase's choice may be any of them; the parent gets the phase's table and the champion's mean and interval.
 """
 
 from __future__ import annotations

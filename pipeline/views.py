@@ -190,8 +190,10 @@ class SearchView(Listener):
 
 def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
     """The end of a search: what ran, the top trials, the best one."""
-    console.print(f"{outcome.ran} trials run in {outcome.seconds / 60:.1f} min; {outcome.finished}/{spec.trials} "
-                  f"finished ({'budget reached' if outcome.stop_reason == 'budget' else 'time budget spent'})")
+    phase = f" and {outcome.champion.ran} champion-phase runs" if outcome.champion is not None else ""
+    ended = "budget reached" if outcome.stop_reason == "budget" else "time budget spent"
+    console.print(f"{outcome.ran} trials{phase} run in {outcome.seconds / 60:.1f} min; "
+                  f"{outcome.finished}/{spec.trials} finished ({ended})")
     if outcome.top:
         table = Table(title=f"top trials of {outcome.study_name} ({spec.metrics[0]})")
         for column, justify in (("trial", "right"), ("value", "right"), ("time", "right"), ("parameters", "left")):

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
+import sys
 from datetime import datetime
 
 import mlflow
 import pytest
-from conftest import StudyEnv
+from conftest import TINY_CLI, StudyEnv
 from optuna.trial import TrialState
 from test_faults import kill_mid_trial
 
 from pipeline import champion, registry, store, studies
+from pipeline.cli import main
 from pipeline.studies import StudyError
 
 # Two configurations of the same network (so the same FLOPs): A is steady, B (a far too high learning rate and
@@ -240,6 +243,18 @@ def test_kill_9_mid_phase_then_rerun_completes_it_with_nothing_repeated(study_en
     assert retry.resumed_from_epoch >= 1  # it took over the killed run's checkpoint
     assert outcomes(study_env) == outcomes(twin)  # the same seeds and values as the run never interrupted
     assert "trial" in rerun.stdout and "Champion: trial 0" in rerun.stdout
+
+
+def test_after_two_workers_search_the_coordinator_runs_the_phase_with_the_same_outcome(study_env, tmp_path):
+    twin = study_env.replace(studies_dir=tmp_path / "twin" / "studies", storage=f"sqlite:///{tmp_path}/twin.db")
+    for env in (study_env, twin):
+        write_lucky_study(env)
+    assert twin.run("search") == 0
+    env = study_env.replace(storage=str(study_env.studies_dir / "optuna.journal"))
+    assert main(env.args("search", "--workers", "2"),
+                worker_program=[sys.executable, str(TINY_CLI), str(env.root)]) == 0
+    assert {r.owner["pid"] for r in phase_runs(env, (TrialState.COMPLETE,))} == {os.getpid()}
+    assert outcomes(env) == outcomes(twin)  # each run's seed decides its value, whichever process trains it
 
 
 def test_a_study_without_a_champion_table_has_no_phase(study_env, capsys):
