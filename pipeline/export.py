@@ -118,9 +118,9 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
         raise BadInput(f"study {study.study_name!r} has no finished trial to export; run `make search "
                        f"STUDY={spec.name}` until one completes")
     what, confirmed = f"trial {best.number}", None
-    phase = _standings(spec, storage, study.study_name)
-    if phase is not None and phase[0].exported is not None:  # the champion phase's choice: its run nearest the mean
-        confirmed, best = phase[0].champion, store.record(phase[1], phase[0].exported.number)
+    table, companion = _phase(spec, storage, study)
+    if table is not None and table.exported is not None:  # the champion phase's choice: its run nearest the mean
+        confirmed, best = table.champion, store.record(companion, table.exported.number)
         what = f"repeat {best.repeat} of trial {best.confirmation_of} (the champion phase's choice)"
     definition = store.definition(study)
     log(f"no registered champion for {spec.name!r}: retraining {what} of {study.study_name!r} "
@@ -140,14 +140,12 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
                     best.split_hash or prepared.split_hash, confirmed)
 
 
-def _standings(spec: studies.StudySpec, storage: Storage,
-               study_name: str) -> tuple[champion_phase.Standings, optuna.Study] | None:
-    """The champion phase's table of study `study_name` and its companion study, when the study file has one."""
-    if spec.champion is None:
-        return None
-    study = store.load_study(storage.backend, study_name)
-    companion = champion_phase.find_companion(storage.backend, study_name)
-    return champion_phase.standings(spec, study, companion), companion
+def _phase(spec: studies.StudySpec, storage: Storage,
+           study: optuna.Study) -> tuple[champion_phase.Standings | None, optuna.Study | None]:
+    """The champion phase's table (when the study file has a [champion]) and its runs' companion study, if any."""
+    companion = champion_phase.find_companion(storage.backend, study.study_name)
+    table = champion_phase.standings(spec, study, companion) if spec.champion is not None else None
+    return table, companion
 
 
 def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: registry.ChampionVersion) -> Champion:
@@ -155,11 +153,10 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: 
     study = store.load_study(storage.backend, version.study_name)
     trial, confirmed = store.record(study, version.trial_number), None
     if version.confirmation_number is not None:  # the champion phase's run of that trial's configuration
-        phase = _standings(spec, storage, version.study_name)
-        companion = champion_phase.find_companion(storage.backend, version.study_name)
+        table, companion = _phase(spec, storage, study)
         trial = store.record(companion, version.confirmation_number) if companion is not None else None
-        if phase is not None:
-            confirmed = next((c for c in phase[0].candidates if c.trial.number == version.trial_number), None)
+        if table is not None:
+            confirmed = next((c for c in table.candidates if c.trial.number == version.trial_number), None)
     if trial is None or trial.state != "COMPLETE":
         raise StudyError(f"trial {version.trial_number} of study {version.study_name!r} is not a complete trial")
     if not version.matches(hparams.resolve_params(trial.params), trial.seed):

@@ -88,9 +88,8 @@ def trial_line(trial: TrialEnded) -> str:
     return f"{name} {trial.state:<8} {value:<10} {trial.seconds:6.1f} s  {shown}{resumed}"
 
 
-def epoch_line(name: str | int, epoch: int, val_accuracy: float, val_loss: float, seconds: float) -> str:
-    """`name`: a trial number, or a trial_name."""
-    name = f"trial {name}" if isinstance(name, int) else name
+def epoch_line(name: str, epoch: int, val_accuracy: float, val_loss: float, seconds: float) -> str:
+    """`name`: the trial's trial_name."""
     return f"{name} epoch {epoch}: val_accuracy {val_accuracy:.4f} val_loss {val_loss:.4f} ({seconds:.1f} s)"
 
 
@@ -293,8 +292,9 @@ class WorkersView:
             self.bars.reset(task, total=None,
                             description=f"worker {index}: trial {event['number']} epoch {event['epoch'] + 1}")
             if not self.live:
-                self.say(f"  worker {index}: " + epoch_line(event["number"], event["epoch"], event["val_accuracy"],
-                                                             event["val_loss"], event["seconds"]))
+                line = epoch_line(trial_name(event["number"]), event["epoch"], event["val_accuracy"],
+                                  event["val_loss"], event["seconds"])
+                self.say(f"  worker {index}: {line}")
         elif kind == "trial_end":
             self.say(escape(trial_line(TrialEnded(**{k: v for k, v in event.items() if k != "event"})))
                      + f"  (worker {index})")

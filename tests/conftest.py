@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from PIL import Image
 from tiny_study import write_study
 
 from pipeline import datasets, models, paths, sources, store
@@ -59,6 +60,15 @@ def write_tiny_dataset(root: Path, n_train: int = 600, n_test: int = 200, name: 
     for file_name, payload in files.items():
         (raw / file_name).write_bytes(payload)
     return info
+
+
+def tiny_test_pictures(root: Path, count: int, folder: Path) -> list[Path]:
+    """The first `count` test images of the tiny dataset under data root `root`, as PNG files in `folder`."""
+    images = datasets.read_idx(root / "Tiny" / "raw" / datasets.TEST_IMAGES)[:count]
+    paths = [folder / f"test{index}.png" for index in range(len(images))]
+    for path, image in zip(paths, images, strict=True):
+        Image.fromarray(image).save(path)
+    return paths
 
 
 @pytest.fixture

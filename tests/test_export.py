@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, TrackedSearch, tracked_env
+from conftest import StudyEnv, TrackedSearch, tiny_test_pictures, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -221,12 +221,7 @@ def test_predict_reads_exports_written_before_preprocessing_was_recorded(use, tm
     config.pop("preprocessing")
     config.update(mean=config["mean"][0], std=config["std"][0], input_shape=[1, 28, 28], dataset="mnist")
     (old / "config.json").write_text(json.dumps(config))
-    raw = use.env.root / "Tiny" / "raw"
-    images = datasets.read_idx(raw / datasets.TEST_IMAGES)[:20]
-    paths = []
-    for index, image in enumerate(images):
-        paths.append(tmp_path / f"test{index}.png")
-        Image.fromarray(image).save(paths[-1])
+    paths = tiny_test_pictures(use.env.root, 20, tmp_path)
 
     assert predict.export_preprocessing(config) == Preprocessing(28, "gray", "mnist")  # the old digit centring
     before, errors = predict.predict(old, paths)

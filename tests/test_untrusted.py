@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, TrackedSearch, tracked_env
+from conftest import StudyEnv, TrackedSearch, tiny_test_pictures, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -367,12 +367,7 @@ def make_champion(env: StudyEnv, directory: Path) -> str:
 @pytest.mark.faults  # README: What survives what
 def test_predict_on_a_real_export_gives_what_its_model_pt2_gives_and_runs_none_of_its_code(exported, tmp_path,
                                                                                         capsys):
-    raw = exported.env.root / "Tiny" / "raw"
-    images = datasets.read_idx(raw / datasets.TEST_IMAGES)[:40]
-    paths = []
-    for index, image in enumerate(images):
-        paths.append(tmp_path / f"test{index}.png")
-        Image.fromarray(image).save(paths[-1])
+    paths = tiny_test_pictures(exported.env.root, 40, tmp_path)
     config = json.loads((exported.export / "config.json").read_text())
     program = torch.export.load(str(exported.export / "model.pt2")).module()
     batch = torch.from_numpy(np.stack([open_picture(p, predict.export_preprocessing(config)) for p in paths]))
