@@ -38,7 +38,7 @@ switch = $(if $(filter 1 yes true on,$($(1))),on,$(if $(filter-out 0 no false of
 export STORAGE
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies export-best predict server ui test test-faults test-scale test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay studies export-best predict server ui dashboard test test-faults test-scale test-browser lint format bench-data bench-trainer \
         bench-tracking bench-workers clean sample-images
 
 help: ## list the targets
@@ -70,8 +70,8 @@ replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cn
 studies: $(STAMP) ## list the studies with trials done, best value and state
 	$(PY) -m pipeline studies
 
-export-best: $(STAMP) ## champion of STUDY -> exports/STUDY/, verified by a fresh process [FORCE=1]
-	$(PY) -m pipeline export-best --study "$(STUDY)" $(if $(call switch,FORCE),--force)
+export-best: $(STAMP) ## champion of STUDY -> exports/STUDY/, verified by a fresh process [FORCE=1] [TRIAL=n: that trial instead]
+	$(PY) -m pipeline export-best --study "$(STUDY)" $(if $(call switch,FORCE),--force) $(if $(TRIAL),--trial "$(TRIAL)")
 
 predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="a.png b.jpg"
 	$(PY) -m pipeline predict --export "$(EXPORT)" $(IMAGES)
@@ -85,6 +85,11 @@ server: $(STAMP) ## MLflow tracking server (127.0.0.1 unless HOST=0.0.0.0 with A
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT=5001]
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY))
+
+# PORT's default here is the dashboard's own 8080 (5000 is MLflow's); STORAGE reaches it through the environment.
+dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:8080, opened on STUDY's page [PORT=8081] [HOST=0.0.0.0 INSECURE=1]
+	$(PY) -m pipeline dashboard --study "$(STUDY)" --port $(if $(filter file,$(origin PORT)),8080,$(PORT)) \
+		--host $(or $(HOST),127.0.0.1) $(if $(call switch,INSECURE),--insecure)
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
 	$(PY) -m pytest -m "not browser and not faults and not scale" $(PYTEST_ARGS)

@@ -105,7 +105,8 @@ def _cmd_export_best(args: argparse.Namespace) -> int:
         views.say(f"tracking to MLflow at {shown(tracking.tracking_uri())}")
     started = time.perf_counter()
     try:
-        destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=views.say)
+        destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=views.say,
+                                         trial=args.trial)
     except export.ExportFailed as exc:
         views.failed(f"export failed, nothing written: {exc}")
         return 1
@@ -135,6 +136,13 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from pipeline import server
 
     return server.ui(spec, args.storage, args.port, views.say)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    spec = studies.load(args.study, args.studies_dir)
+    from pipeline import dashboard
+
+    return dashboard.dashboard(spec, args.storage, args.host, args.port, args.insecure, views.say, views.note)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -227,10 +235,12 @@ def _add_study_commands(commands: Any) -> None:
 
 
 def _add_serving_commands(commands: Any) -> None:
-    """export-best, predict, ui, server."""
+    """export-best, predict, ui, dashboard, server."""
     p = commands.add_parser("export-best", help="the study's champion -> exports/<study>/, verified by a fresh process")
     p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
     p.add_argument("--force", action="store_true", help="replace an existing export")
+    p.add_argument("--trial", type=int, default=None, help="export this complete trial instead of the champion, to "
+                   "exports/<study>-trial-<n>/ (retrained from its recorded params and seed)")
     p.add_argument("--out", type=Path, default=paths.EXPORTS_DIR,
                    help="parent folder of the export (default: exports/)")
     p.add_argument("--storage", default=None, help=STORAGE_HELP)
@@ -253,6 +263,17 @@ def _add_serving_commands(commands: Any) -> None:
     p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR,
                    help=argparse.SUPPRESS)
     p.set_defaults(run=_cmd_ui)
+
+    p = commands.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1, opened on a study's page")
+    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                   "only); any other needs --insecure")
+    p.add_argument("--insecure", action="store_true", help="listen on another address: the dashboard has no login, "
+                   "anyone who reaches the port can rename and delete studies and trials")
+    p.set_defaults(run=_cmd_dashboard)
 
     p = commands.add_parser("server", help="an MLflow tracking server that searches on other hosts can log to")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "

@@ -43,6 +43,7 @@ class TrialEnded:
     resumed_from_epoch: int = 0  # a retry that took over this many epochs from its first attempt's checkpoint
     confirmation_of: int | None = None  # as in TrialStarted
     repeat: int = 0
+    prune_reason: dict[str, Any] | None = None  # why it was pruned (pruning.PruneReason.as_dict)
 
 
 class Listener:

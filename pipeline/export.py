@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from pipeline import (
     hparams,
     imagecache,
     models,
+    pareto,
     paths,
     plots,
     registry,
@@ -63,6 +63,7 @@ from pipeline import (
     verify_export,
 )
 from pipeline.errors import BadInput
+from pipeline.latency import median_seconds
 from pipeline.sources import DEFAULT_VAL_SIZE, DIGITS, FolderSource
 from pipeline.store import Storage
 from pipeline.studies import StudyError
@@ -90,6 +91,7 @@ class Champion:
     run_ids: list[str]  # MLflow runs that get the test figures (champion run, parent run)
     split_hash: str  # the validation split it was judged on: recorded by the trial, or (older trials) rebuilt
     confirmed: champion_phase.Candidate | None = None  # its configuration's runs over seeds (champion phase)
+    how_chosen: str = ""  # one line for the model card: the study's rule, or the user's TRIAL=
 
     @property
     def trial_number(self) -> int:
@@ -107,24 +109,32 @@ class Champion:
 
 
 def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client: Any | None,
-                  log: Any = print) -> Champion:
-    """The registry's `champion` of the study's model, else the study's best trial retrained from its record."""
+                  log: Any = print, trial: int | None = None) -> Champion:
+    """The registry's `champion` of the study's model, else the study's champion (its best trial, the champion
+    phase's or the Pareto front's choice) retrained from its record; with `trial`, that complete trial retrained."""
     study = store.find_study(spec, storage.backend)  # StudyError (exit 2) when the study was never run
-    version = registry.champion(client, spec.name) if client is not None else None
-    if version is not None:
-        return _registered(spec, storage, root, version)
-    best = store.leading_best(study)
-    if best is None:
-        raise BadInput(f"study {study.study_name!r} has no finished trial to export; run `make search "
-                       f"STUDY={spec.name}` until one completes")
-    what, confirmed = f"trial {best.number}", None
-    table, companion = _phase(spec, storage, study)
-    if table is not None and table.exported is not None:  # the champion phase's choice: its run nearest the mean
-        confirmed, best = table.champion, store.record(companion, table.exported.number)
-        what = f"repeat {best.repeat} of trial {best.confirmation_of} (the champion phase's choice)"
+    how = ""
+    if trial is not None:
+        best, confirmed = _complete_trial(study, trial), None
+        what, why = f"trial {trial}", "TRIAL= asks for it"
+        how = f"Chosen by the user (`make export-best TRIAL={trial}`), not by the study's rule"
+    else:
+        version = registry.champion(client, spec.name) if client is not None else None
+        if version is not None:
+            return _registered(spec, storage, root, version)
+        best, confirmed = pareto.champion_trial(spec, study), None
+        if best is None:
+            raise BadInput(f"study {study.study_name!r} has no complete trial to export (or none its [champion] "
+                           f"accepts); run `make search STUDY={spec.name}` until one completes")
+        what, why = f"trial {best.number}", f"no registered champion for {spec.name!r}"
+        if spec.pareto_choice is not None:
+            how = f"Chosen from {pareto.choose(spec, study).reason}"
+        table, companion = _phase(spec, storage, study)
+        if table is not None and table.exported is not None:  # the champion phase's choice: its run nearest the mean
+            confirmed, best = table.champion, store.record(companion, table.exported.number)
+            what = f"repeat {best.repeat} of trial {best.confirmation_of} (the champion phase's choice)"
     definition = store.definition(study)
-    log(f"no registered champion for {spec.name!r}: retraining {what} of {study.study_name!r} "
-        "from its recorded params and seed")
+    log(f"{why}: retraining {what} of {study.study_name!r} from its recorded params and seed")
     prepared = replay.recorded_data(definition, root, train.pick_device())
 
     def progress(m: train.EpochMetrics) -> None:
@@ -136,15 +146,25 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
         log(f"warning: the retrained validation accuracy {result.best_val_accuracy} differs from the recorded "
             f"{max(recorded)} (another device or thread count?)")
     return Champion(study.study_name, best, definition, train.export_ready_copy(result.model),
-                    f"{what} retrained from its recorded params and seed (no registry entry)", [],
-                    best.split_hash or prepared.split_hash, confirmed)
+                    f"{what} retrained from its recorded params and seed ({why})", [],
+                    best.split_hash or prepared.split_hash, confirmed, how)
+
+
+def _complete_trial(study: optuna.Study, number: int) -> store.TrialRecord:
+    record = store.record(study, number)
+    if record is None or record.state != "COMPLETE":
+        done = [r.number for r in store.records(study, (optuna.trial.TrialState.COMPLETE,))]
+        shown = ", ".join(map(str, done[:30])) + (" ..." if len(done) > 30 else "") if done else "none"
+        raise BadInput(f"TRIAL={number}: study {study.study_name!r} has no complete trial {number}; complete trials: "
+                       f"{shown}")
+    return record
 
 
 def _phase(spec: studies.StudySpec, storage: Storage,
            study: optuna.Study) -> tuple[champion_phase.Standings | None, optuna.Study | None]:
     """The champion phase's table (when the study file has a [champion]) and its runs' companion study, if any."""
     companion = champion_phase.find_companion(storage.backend, study.study_name)
-    table = champion_phase.standings(spec, study, companion) if spec.champion is not None else None
+    table = champion_phase.standings(spec, study, companion) if spec.confirmation is not None else None
     return table, companion
 
 
@@ -189,18 +209,19 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: 
 
 def export_best(spec: studies.StudySpec, storage_override: str | None = None, root: Path = paths.DATA_ROOT,
                 client: Any | None = None, out_dir: Path = paths.EXPORTS_DIR, force: bool = False,
-                threads: int | None = None, log: Any = print) -> Path:
+                threads: int | None = None, log: Any = print, trial: int | None = None) -> Path:
     """`make export-best`: write the champion to `out_dir/<study>/`, verified by a fresh process, and log its
-    test accuracy to its MLflow runs (with `client`: an MLflow client, whose registry is asked first)."""
-    destination = out_dir / spec.name
+    test accuracy to its MLflow runs (with `client`: an MLflow client, whose registry is asked first). With
+    `trial` (TRIAL=n), that complete trial instead, to `out_dir/<study>-trial-<n>/`: the champion's export stays."""
+    destination = out_dir / (spec.name if trial is None else f"{spec.name}-trial-{trial}")
     _tidy(destination, log)
     if destination.exists() and not force:
         raise BadInput(f"{destination} already exists; pass FORCE=1 (make export-best) or --force to replace it")
-    champion = find_champion(spec, store.open_storage(storage_override, spec.name), root, client, log)
+    champion = find_champion(spec, store.open_storage(storage_override, spec.name), root, client, log, trial)
     log(f"exporting {champion.source}: {champion.describe()} of {champion.study_name!r}")
     threads = threads or torch.get_num_threads()
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f".{spec.name}.partial-{os.getpid()}"
+    partial = out_dir / f".{destination.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     try:
@@ -382,23 +403,16 @@ def _over_seeds(confirmed: champion_phase.Candidate | None) -> dict[str, Any] | 
 
 
 def _speed(model: torch.nn.Module, example: torch.Tensor) -> tuple[float, float]:
-    """Median seconds per image at batch 1, and images per second at batch 256, on the CPU."""
-    single = example[:1]
+    """Median seconds per image at batch 1, and images per second at batch 256, on the CPU's current threads."""
+    latency = median_seconds(model, example, LATENCY_RUNS, torch.get_num_threads())
     many = example[:1].expand(THROUGHPUT_BATCH, -1, -1, -1).contiguous()
     with torch.no_grad():
-        for _ in range(10):  # warm-up: first calls pick kernels
-            model(single)
-        timings = []
-        for _ in range(LATENCY_RUNS):
-            started = time.perf_counter()
-            model(single)
-            timings.append(time.perf_counter() - started)
         model(many)
         started = time.perf_counter()
         for _ in range(THROUGHPUT_RUNS):
             model(many)
         throughput = THROUGHPUT_BATCH * THROUGHPUT_RUNS / (time.perf_counter() - started)
-    return statistics.median(timings), throughput
+    return latency, throughput
 
 
 def verify(directory: Path, root: Path = paths.DATA_ROOT) -> dict[str, Any]:
@@ -458,6 +472,8 @@ def _seeds_row(champion: Champion, spec: studies.StudySpec) -> str:
 
 
 def _how_chosen(champion: Champion, spec: studies.StudySpec) -> str:
+    if champion.how_chosen:
+        return champion.how_chosen
     if champion.confirmed is None:
         return "Chosen by validation accuracy among the study's trials"
     return (f"Chosen by its mean {spec.metrics[0]} over {champion.confirmed.summary.n} seeds among the "

@@ -38,6 +38,7 @@ REGISTER_FIX = ("register a model logged by `make search` as the champion, or pa
 ALIAS_ATTEMPTS = 3  # searches on several hosts may move the champion alias at the same moment
 PARENT_TAG = "mlflow.parentRunId"
 CONFIRMED = "mean_over_seeds"  # `selection` tag of a champion chosen by the champion phase
+PARETO = "pareto_rule"  # `selection` tag of a multi-objective study's champion, picked from the front by its rule
 CONFIRMATION_TAG = "confirmation_number"
 
 
@@ -68,10 +69,16 @@ class Candidate:
     confirmation_number: int | None = None  # the champion phase's run whose model this is (champion.py)
     repeat: int = 0
     seeds: int = 1  # runs behind `value`
+    pareto_rule: str | None = None  # a multi-objective study's choice from its Pareto front (pareto.py)
 
     @property
     def confirmed(self) -> bool:
         return self.confirmation_number is not None
+
+    @property
+    def decided(self) -> bool:
+        """Chosen by a rule of its study (over seeds, or from the front) rather than as its single best value."""
+        return self.confirmed or self.pareto_rule is not None
 
     def describe(self) -> str:
         if not self.confirmed:
@@ -82,16 +89,18 @@ class Candidate:
 def _stays(current: Any, c: Candidate) -> bool:
     """Does the current champion stay rather than give way to candidate `c`?
 
-    A champion measured another way (objective, evaluation set) gives way. Within one study, the champion phase's
-    choice is final (it decided on more evidence than any single run), and a single run does not displace it.
+    A champion measured another way (objective, evaluation set) gives way. Within one study, a choice by the study's
+    rule is final: the champion phase's (it decided on more evidence than any single run) or a multi-objective
+    study's pick from its Pareto front (it decided on every objective, not the first one alone); a single run does
+    not displace it.
     Otherwise the better value wins: a champion-phase mean is compared with another study's mean.
     """
     comparable = current.tags.get("objective") == c.metric and current.tags.get("evaluation_set") == c.evaluation_set
     if not comparable:
         return False
-    current_confirmed = current.tags.get("selection") == CONFIRMED
-    if current.tags.get("study") == c.study_name and (current_confirmed or c.confirmed):
-        return not c.confirmed
+    current_decided = current.tags.get("selection") in (CONFIRMED, PARETO)
+    if current.tags.get("study") == c.study_name and (current_decided or c.decided):
+        return not c.decided
     return not _is_better(c.value, float(current.tags["objective_value"]), c.direction)
 
 
@@ -107,6 +116,8 @@ def register_champion(client: MlflowClient, candidate: Candidate) -> str:
         if c.confirmed:
             tags |= {"selection": CONFIRMED, CONFIRMATION_TAG: str(c.confirmation_number), "repeat": str(c.repeat),
                      "seeds": str(c.seeds)}
+        if c.pareto_rule is not None:
+            tags |= {"selection": PARETO, "pareto_rule": c.pareto_rule[:5000]}
         with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints its own two lines; ours says more
             version = mlflow.register_model(c.model_uri, c.model_name, tags=tags)
     for attempt in range(ALIAS_ATTEMPTS):

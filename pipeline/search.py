@@ -19,6 +19,7 @@ pruned, failed) removes its checkpoint.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import signal
 import socket
@@ -33,7 +34,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import hparams, models, store, studies, train
+from pipeline import hparams, latency, models, pareto, pruning, store, studies, train
 from pipeline.checkpoints import ForeignCheckpoint
 from pipeline.concurrency import process_alive, quiet_if_hung_up
 from pipeline.data import PreparedData
@@ -151,10 +152,17 @@ class Objective:
 
     def _run(self, trial: optuna.Trial, params: dict[str, Any], seed: int,
              checkpoint: Path | None) -> float | list[float]:
-        started = TrialStarted(trial.number, hparams.resolve_params(params), seed,
-                               _parameter_count(params, self.data), self.data,
+        count, flops = _size(params, self.data)
+        if count >= 0:  # a pruned or failed trial is still tagged with its size
+            store.note(trial, parameter_count=count, flops_per_image=flops)
+        started = TrialStarted(trial.number, hparams.resolve_params(params), seed, count, self.data,
                                trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0))
         _failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
+        # Size is known before training: a trial already outside a size constraint is not worth training.
+        missed = _constrain(trial, self.spec, {"parameter_count": count, "flops_per_image": flops})
+        if missed:
+            store.note(trial, fail_reason="infeasible", fail_detail=missed)
+            raise optuna.TrialPruned(f"infeasible before training: {missed}")
         report, resumed = self._reporter(trial)
         try:
             result = self._fit(trial, params, seed, checkpoint, report, resumed)
@@ -175,13 +183,20 @@ class Objective:
         store.note(trial, best_epoch=result.best_epoch, precision=result.precision, threads=result.threads,
                    device=result.device, parameter_count=result.parameter_count,
                    flops_per_image=result.flops_per_image, stop_reason=result.stop_reason)
-        values = studies.objective_values(self.spec, result)
-        # Inside the trial, so that a model that cannot be saved (disk full) fails this trial, not the study.
         model = train.TrainedModel(result.model, self.data, result.precision)
+        latency_ms = None
+        if self.spec.measures_latency:
+            latency_ms = latency.trial_latency_ms(model.cpu_copy(), self.data.input_shape)
+            store.note(trial, latency_ms=latency_ms, latency_threads=latency.LATENCY_THREADS)
+        metrics = studies.trial_metrics(result, latency_ms)
+        missed = _constrain(trial, self.spec, {k: v for k, v in metrics.items()
+                                                if k not in ("parameter_count", "flops_per_image")})
+        values = studies.objective_values(self.spec, metrics)
+        # Inside the trial, so that a model that cannot be saved (disk full) fails this trial, not the study.
         if self.confirming:
             _failing_trial(trial, lambda: self.listener.confirmation_model(trial.number, values[0], model),
                            "the model could not be logged to MLflow")
-        elif store.beats_best(trial.study, values[0]):
+        elif _worth_keeping(trial.study, values, feasible=not missed):
             _failing_trial(trial, lambda: self.listener.new_best(trial.number, values[0], model),
                            "the best model could not be logged to MLflow")
         return values[0] if len(values) == 1 else values
@@ -211,6 +226,8 @@ class Objective:
         epoch of the trial."""
         history: list[dict[str, float]] = []
         single = len(self.spec.objectives) == 1
+        metric = pruning.pruned_metric(self.spec.metrics)
+        several_pruned = not single and self.spec.pruner != "none" and not self.confirming
 
         def record(metrics: train.EpochMetrics) -> None:
             history.append(history_record(metrics))
@@ -222,9 +239,16 @@ class Objective:
         def report(metrics: train.EpochMetrics) -> None:
             self.stop.check()
             record(metrics)
+            reason = None
             if single and trial.should_prune():
-                store.note(trial, fail_reason="pruned")
-                raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
+                reason = pruning.explain(trial.study, trial, metrics.epoch, metric) or pruning.PruneReason(
+                    metrics.epoch, metric, getattr(metrics, metric), math.nan, self.spec.pruner)
+            elif several_pruned:
+                maximize = self.spec.directions[self.spec.metrics.index(metric)] == "maximize"
+                reason = pruning.median_from_histories(trial.study, history, metric, maximize)
+            if reason is not None:
+                store.note(trial, fail_reason="pruned", fail_detail=reason.line(), prune_reason=reason.as_dict())
+                raise optuna.TrialPruned(f"pruned at {reason.line()}")
 
         def resumed(done: list[train.EpochMetrics]) -> None:
             store.note(trial, resumed_from_epoch=len(done))
@@ -312,14 +336,36 @@ def _disk_full_message(what: str) -> str:
             "Finished trials are saved; free some space and run the same command again to resume")
 
 
-def _parameter_count(params: dict[str, Any], data: PreparedData) -> int:
-    """Counted before training, so pruned and failed trials are tagged with their size too."""
+def _worth_keeping(study: optuna.Study, values: list[float], feasible: bool) -> bool:
+    """Is this trial's model logged? One objective: a new best. Several: a feasible trial that no earlier one
+    dominates (every trial of the final Pareto front was such a trial when it ended, so any may be chosen)."""
+    if len(values) == 1:
+        return store.beats_best(study, values[0])
+    return feasible and pareto.joins_front(study, values)
+
+
+def _size(params: dict[str, Any], data: PreparedData) -> tuple[int, int]:
+    """Parameters and FLOPs per image, counted before training, so that pruned and failed trials are tagged with
+    their size and a size constraint is checked before any training; (-1, -1) when the params cannot build."""
     try:
         model = models.build_model(hparams.resolve_params(params), len(data.classes), data.input_shape,
                                    imagenet=False)  # counting needs the architecture, not the ImageNet weights
-        return models.count_parameters(model)
+        return models.count_parameters(model), models.flops_per_image(model, data.input_shape)
     except Exception:  # bad params or missing weights: fit() reports those properly
-        return -1
+        return -1, -1
+
+
+def _constrain(trial: optuna.Trial, spec: StudySpec, metrics: dict[str, float]) -> str:
+    """Give Optuna the study's constraints on these metrics (each set once: Optuna ignores a second value); return
+    which are missed ('' when none)."""
+    missed = []
+    for metric, bound in spec.constraints.items():
+        if metric in metrics and metrics[metric] >= 0:  # -1: not counted (the params do not build)
+            excess = bound.excess(metrics[metric])
+            trial.set_constraint(metric, excess)
+            if excess > 0:
+                missed.append(f"{metric} {metrics[metric]:g} is not {bound.describe()}")
+    return "; ".join(missed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +466,7 @@ def trial_ended(record: store.TrialRecord) -> TrialEnded:
     reason = record.fail_reason or ("stale" if record.state == "FAIL" else None)
     return TrialEnded(record.number, record.state, record.values, record.seconds, record.sampled, reason,
                       record.fail_detail, record.traceback, record.resumed_from_epoch, record.confirmation_of,
-                      record.repeat)
+                      record.repeat, record.prune_reason)
 
 
 def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import optuna
 import torch
 
-from pipeline import champion, data, hparams, paths, replay, search, store, train, urls, workers
+from pipeline import champion, data, hparams, pareto, paths, replay, search, store, train, urls, workers
 from pipeline.errors import BadInput
 from pipeline.events import Listener, Listeners, TrialEnded
 from pipeline.sources import DEFAULT_VAL_SIZE
@@ -55,8 +55,9 @@ class SearchOutcome:
     signal_number: int | None = None  # interrupted by this signal
     failure: str | None = None  # why the study stopped (failed)
     finished: int = 0  # finished trials of the study, all invocations
-    best: store.TrialRecord | None = None  # Optuna's best (the first of the Pareto front for several objectives)
-    top: list[store.TrialRecord] = field(default_factory=list)  # the best complete trials, best first (up to 5)
+    best: store.TrialRecord | None = None  # Optuna's best; for several objectives the [champion] rule's choice
+    top: list[store.TrialRecord] = field(default_factory=list)  # the best complete trials (up to 5), or the front
+    choice: str = ""  # several objectives: how the champion was picked from the front (pareto.Choice.reason)
     workers: int = 1
     resume_command: str = ""
     messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
@@ -112,7 +113,7 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
                 loop = search.run(spec, study, prepared, listener, threads=options.threads,
                                   checkpoints=_checkpoint_folder(options, study))
             outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
-        if spec.champion is not None and options.worker is None:  # a coordinator runs the phase itself
+        if spec.confirmation is not None and options.worker is None:  # a coordinator runs the phase itself
             if prepared is None:  # after workers: this process trains the phase's runs itself
                 prepared = replay.study_data(spec, options.root, device)
             outcome.champion = _champion_phase(spec, study, storage.backend, prepared, options, view, tracking)
@@ -169,6 +170,11 @@ def _status(study: optuna.Study) -> tuple[int, list[float] | None]:
 
 def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> None:
     outcome.finished = store.finished_count(study)
+    if len(spec.objectives) > 1:  # the front, most accurate first, and the trial the [champion] rule picks from it
+        choice = pareto.choose(spec, study)
+        outcome.best, outcome.choice = choice.trial, choice.reason
+        outcome.top = sorted(choice.front, key=lambda r: r.values[0], reverse=spec.directions[0] == "maximize")
+        return
     best = store.best_records(study)
     outcome.best = best[0] if best else None
     if len(spec.objectives) == 1:
@@ -296,7 +302,7 @@ class Tracking:
         from pipeline import report  # matplotlib and Optuna's plots take half a second: only when tracking is on
 
         records = store.records(study)
-        companion = champion.find_companion(storage, study.study_name) if spec.champion is not None else None
+        companion = champion.find_companion(storage, study.study_name) if spec.confirmation is not None else None
         closed = self.run.close_orphans(_ended(records))
         if companion is not None:
             closed += self.run.confirmations().close_orphans(_ended(store.records(companion)))
@@ -304,8 +310,8 @@ class Tracking:
         if closed:
             lines.append(f"{closed} MLflow run(s) left RUNNING (a killed process, or MLflow out of reach) closed "
                          "with their trial's outcome")
-        best = store.leading_best(study)
-        standings = champion.standings(spec, study, companion) if spec.champion is not None and best else None
+        best = pareto.champion_trial(spec, study)
+        standings = champion.standings(spec, study, companion) if spec.confirmation is not None and best else None
         counts = {state: sum(r.state == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
         with tempfile.TemporaryDirectory() as tmp:
             skipped = report.write_report(spec, study, Path(tmp))
@@ -317,7 +323,8 @@ class Tracking:
         if standings is not None and standings.exported is not None:
             lines.append(self.run.register_confirmed(standings, evaluation_set(spec)))
         elif best is not None:
-            lines.append(self.run.register_champion(best.number, best.values[0], evaluation_set(spec)))
+            rule = pareto.choose(spec, study).reason if spec.pareto_choice is not None else None
+            lines.append(self.run.register_champion(best.number, best.values[0], evaluation_set(spec), rule))
         return lines
 
 

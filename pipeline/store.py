@@ -236,6 +236,8 @@ class TrialRecord:
     sampled: dict[str, Any]  # Optuna's params: the searched values only
     seconds: float  # how long it ran (0 while running)
     completed_at: datetime | None
+    started_at: datetime | None = None
+    constraints: dict[str, float] = field(default_factory=dict)  # Optuna's: <= 0 met, > 0 by how much it is missed
     # ---- ours, written by `note` -------------------------------------------------------------------
     seed: int | None = None
     params: dict[str, Any] | None = None  # the full params it trained with: fixed and searched
@@ -260,13 +262,21 @@ class TrialRecord:
     resumed_from_epoch: int = 0  # epochs a retry took over from its first attempt's checkpoint
     confirmation_of: int | None = None  # a champion-phase run (champion.py): this search trial's params again...
     repeat: int = 0  # ...with repeat `repeat`'s seed (0: the search's own trial)
+    latency_ms: float | None = None  # CPU latency per image at batch 1 (latency.py), when the study reads it
+    latency_threads: int | None = None  # ...measured on this many threads
+    prune_reason: dict[str, Any] | None = None  # why it was pruned (pruning.PruneReason)
 
     @property
     def finished(self) -> bool:
         return self.state in ("COMPLETE", "PRUNED")
 
+    @property
+    def feasible(self) -> bool:
+        """Within every constraint of the study (a study without constraints: always)."""
+        return all(v <= 0 for v in self.constraints.values())
 
-OPTUNA_FIELDS = ("number", "state", "values", "sampled", "seconds", "completed_at")
+
+OPTUNA_FIELDS = ("number", "state", "values", "sampled", "seconds", "completed_at", "started_at", "constraints")
 RECORDED = tuple(f.name for f in dataclasses.fields(TrialRecord) if f.name not in OPTUNA_FIELDS)
 
 
@@ -274,7 +284,8 @@ def record_of(trial: optuna.trial.FrozenTrial) -> TrialRecord:
     ours = {k: v for k, v in trial.user_attrs.items() if k in RECORDED}
     return TrialRecord(number=trial.number, state=trial.state.name, values=trial.values, sampled=dict(trial.params),
                        seconds=trial.duration.total_seconds() if trial.duration else 0.0,
-                       completed_at=trial.datetime_complete, **ours)
+                       completed_at=trial.datetime_complete, started_at=trial.datetime_start,
+                       constraints=dict(trial.constraints), **ours)
 
 
 def note(trial: optuna.Trial, **fields: Any) -> None:
@@ -353,6 +364,19 @@ def best_values(study: optuna.Study) -> list[float] | None:
 
 # --------------------------------------------------------------------------------------------------
 # Optuna's private API, each use wrapped once (tests/test_store.py pins them to the Optuna version)
+
+
+RUNG_PREFIX = "completed_rung_"  # the system attribute Optuna's successive halving records a trial's rung value in
+
+
+def hyperband_bracket(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study,
+                      trial: optuna.trial.FrozenTrial) -> int:
+    """The Hyperband bracket a trial belongs to (pruning.py explains a prune with the bracket's other trials)."""
+    return pruner._get_bracket_id(study, trial)
+
+
+def hyperband_reduction_factor(pruner: optuna.pruners.HyperbandPruner) -> int:
+    return pruner._reduction_factor
 
 
 def fail_trial(study: optuna.Study, number: int, reason: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -29,7 +30,9 @@ SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
 PRUNERS = ("hyperband", "median", "none")
 # Metrics a trial can be judged by: the last-epoch-free ones come from the best epoch.
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "parameter_count": "minimize",
-           "flops_per_image": "minimize"}
+           "flops_per_image": "minimize", "latency_ms": "minimize"}
+# What a multi-objective study can prune on: Optuna's pruners take one value per epoch (search.py).
+PRUNED_ON = ("val_accuracy", "val_loss")
 
 
 # FRESH=1 names a study's versions <name>-v2, -v3...: a study file may not be named like one.
@@ -102,6 +105,38 @@ class ChampionTable(_Strict):
     minutes: float = Field(12.0, gt=0)
 
 
+class Bound(_Strict):
+    """`{ max = ... }`, `{ min = ... }` or both: the values a metric may take."""
+
+    min: float | None = None
+    max: float | None = None
+
+    def excess(self, value: float) -> float:
+        """How far `value` lies outside the bound (0 or less: inside), as Optuna's constraints want it."""
+        return max(self.min - value if self.min is not None else -math.inf,
+                   value - self.max if self.max is not None else -math.inf)
+
+    def describe(self) -> str:
+        parts = ([f">= {self.min:g}"] if self.min is not None else []) + ([f"<= {self.max:g}"] if self.max is not
+                                                                           None else [])
+        return " and ".join(parts)
+
+
+class ParetoTable(_Strict):
+    """`[champion]` of a multi-objective study: which trial of the Pareto front is the champion.
+
+    Among the front's trials within `limits` (metric -> bound) and within `within` (metric -> distance from the
+    front's best value of that metric, in its own units: 0.001 is 0.1 points of accuracy), the best by `prefer`.
+    "The most accurate with latency_ms at most 2": prefer = "val_accuracy", limits = { latency_ms = { max = 2 } }.
+    "The smallest within 0.1 points of the best accuracy": prefer = "parameter_count",
+    within = { val_accuracy = 0.001 }.
+    """
+
+    prefer: str
+    within: dict[str, float] = {}
+    limits: dict[str, Bound] = {}
+
+
 class StudySpec(_Strict):
     name: str
     description: str = ""
@@ -120,7 +155,9 @@ class StudySpec(_Strict):
     fixed: dict[str, Any] = {}
     space: dict[str, SearchParam] = {}
     baseline: list[dict[str, Any]] = []
-    champion: ChampionTable | None = None  # not part of the search definition: changing it adds runs, nothing else
+    # Neither is part of the search definition: a changed [champion] adds runs or picks another trial, nothing else.
+    champion: ChampionTable | ParetoTable | None = None
+    constraints: dict[str, Bound] = {}  # metric -> bound; a trial outside one is infeasible (Optuna's constraints)
 
     @model_validator(mode="after")
     def _fill_directions(self) -> StudySpec:
@@ -148,10 +185,30 @@ class StudySpec(_Strict):
     def metrics(self) -> list[str]:
         return [o.metric for o in self.objectives]
 
+    @property
+    def confirmation(self) -> ChampionTable | None:
+        """The champion phase over seeds (a single-objective study's [champion]), if declared."""
+        return self.champion if isinstance(self.champion, ChampionTable) else None
+
+    @property
+    def pareto_choice(self) -> ParetoTable | None:
+        """How a multi-objective study picks its champion from the Pareto front, if declared."""
+        return self.champion if isinstance(self.champion, ParetoTable) else None
+
+    @property
+    def measures_latency(self) -> bool:
+        """Does anything read a trial's latency_ms (an objective, a constraint, the champion's choice)?"""
+        choice = self.pareto_choice
+        used = {*self.metrics, *self.constraints, *((choice.prefer, *choice.within, *choice.limits) if choice else ())}
+        return "latency_ms" in used
+
     def search_definition(self) -> dict[str, Any]:
         """Everything that defines the search; budgets, description and baselines are left out."""
-        return self.model_dump(include={"dataset", "model", "objectives", "seed", "sampler", "pruner", "epochs",
-                                        "val_size", "train_limit", "val_limit", "fixed", "space"})
+        definition = self.model_dump(include={"dataset", "model", "objectives", "seed", "sampler", "pruner", "epochs",
+                                              "val_size", "train_limit", "val_limit", "fixed", "space"})
+        if self.constraints:  # only then: studies made before constraints existed keep their fingerprint
+            definition["constraints"] = {k: b.model_dump() for k, b in self.constraints.items()}
+        return definition
 
     def fingerprint(self) -> str:
         """Hash of the search definition: a study whose file changed it needs FRESH=1."""
@@ -266,11 +323,22 @@ def _check(spec: StudySpec, path: Path) -> None:
             fail(f"objectives[{i}].metric", f"{objective.metric!r} is not one of {', '.join(METRICS)}")
     if len(spec.objectives) > 1 and spec.sampler not in ("nsga2", "tpe", "random"):
         fail("sampler", f"{spec.sampler!r} is single-objective; use nsga2, tpe or random for several objectives")
-    if len(spec.objectives) > 1 and spec.pruner != "none":
-        fail("pruner", "Optuna cannot prune multi-objective studies; set pruner = \"none\"")
-    if spec.champion is not None and (len(spec.objectives) > 1 or spec.metrics[0] not in ("val_accuracy", "val_loss")):
-        fail("champion", "confirms a single validation objective (val_accuracy or val_loss) over seeds; remove "
-                         "[champion] or make that the study's only objective")
+    several = len(spec.objectives) > 1
+    if several and spec.pruner == "hyperband":
+        fail("pruner", "Hyperband's brackets need Optuna's single-objective reports; a multi-objective study prunes "
+                       "with \"median\" (on its accuracy objective) or \"none\"")
+    if several and spec.pruner != "none" and not set(spec.metrics) & set(PRUNED_ON):
+        fail("pruner", f"prunes on a validation objective ({' or '.join(PRUNED_ON)}), which this study does not "
+                       "have; add one or set pruner = \"none\"")
+    if len(set(spec.metrics)) < len(spec.metrics):
+        fail("objectives", f"{spec.metrics} names a metric twice; list each once")
+    for metric, bound in spec.constraints.items():
+        _check_bound("constraints", metric, bound, fail)
+    if spec.confirmation is not None and (several or spec.metrics[0] not in PRUNED_ON):
+        fail("champion", "with top_k/seeds/minutes confirms a single validation objective (val_accuracy or val_loss) "
+                         "over seeds; a multi-objective study's [champion] sets prefer (and within, limits) instead")
+    if spec.pareto_choice is not None:
+        _check_pareto_choice(spec, spec.pareto_choice, fail)
     if spec.dataset in sources.IDX_DATASETS and spec.val_size >= 60000:
         fail("val_size", f"{spec.val_size} leaves no training images; use fewer than 60000")
     if spec.dataset in sources.CIFAR_DATASETS and spec.val_size >= 50000:
@@ -305,6 +373,31 @@ def _check(spec: StudySpec, path: Path) -> None:
                     fail(f"space.{key}.when.{other}", f"{value!r} is not one of its choices {choices}")
     for i, baseline in enumerate(spec.baseline):
         _check_baseline(spec, i, baseline, fail)
+
+
+def _check_bound(table: str, metric: str, bound: Bound, fail: Any) -> None:
+    if metric not in METRICS:
+        fail(f"{table}.{metric}", f"is not a metric; use one of {', '.join(METRICS)}")
+    if bound.min is None and bound.max is None:
+        fail(f"{table}.{metric}", "sets no bound; write { max = ... } or { min = ... }")
+    if bound.min is not None and bound.max is not None and bound.min > bound.max:
+        fail(f"{table}.{metric}", f"min = {bound.min:g} is above max = {bound.max:g}; swap them")
+
+
+def _check_pareto_choice(spec: StudySpec, choice: ParetoTable, fail: Any) -> None:
+    """A multi-objective [champion]: `prefer`, `within` and `limits` name metrics the trials record."""
+    if len(spec.objectives) == 1:
+        fail("champion.prefer", "picks from a Pareto front, which a single-objective study does not have; use "
+                                "top_k/seeds/minutes (the champion over seeds) or remove [champion]")
+    if choice.prefer not in METRICS:
+        fail("champion.prefer", f"{choice.prefer!r} is not one of {', '.join(METRICS)}")
+    for metric, distance in choice.within.items():
+        if metric not in METRICS:
+            fail(f"champion.within.{metric}", f"is not a metric; use one of {', '.join(METRICS)}")
+        if not distance >= 0:
+            fail(f"champion.within.{metric}", f"= {distance:g}: a distance from the best must be >= 0")
+    for metric, bound in choice.limits.items():
+        _check_bound("champion.limits", metric, bound, fail)
 
 
 def _check_search_param(key: str, param: Any, param_spec: Any, fail: Any, where: str) -> None:
@@ -401,9 +494,15 @@ def enqueue_form(spec: StudySpec, baseline: dict[str, Any]) -> dict[str, Any]:
     return form
 
 
-def objective_values(spec: StudySpec, result: TrainResult) -> list[float]:
+def trial_metrics(result: TrainResult, latency_ms: float | None = None) -> dict[str, float]:
+    """Every metric a trained trial is judged by (objectives, constraints, the champion's choice): the validation
+    ones from its best epoch; latency_ms when it was measured."""
     best = result.history[result.best_epoch - 1]
-    source = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
-              "parameter_count": float(result.parameter_count), "flops_per_image": float(result.flops_per_image)}
-    return [source[metric] for metric in spec.metrics]
+    found = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss,
+             "parameter_count": float(result.parameter_count), "flops_per_image": float(result.flops_per_image)}
+    return found | ({"latency_ms": latency_ms} if latency_ms is not None else {})
+
+
+def objective_values(spec: StudySpec, metrics: dict[str, float]) -> list[float]:
+    return [metrics[metric] for metric in spec.metrics]
 

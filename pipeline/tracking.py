@@ -326,6 +326,8 @@ class StudyRun(Listener):
             tags["fail_reason"] = outcome.fail_reason
         if outcome.fail_detail:
             tags["fail_detail"] = outcome.fail_detail[:5000]
+        for key, value in (outcome.prune_reason or {}).items():  # why it was pruned, one tag per part
+            tags[f"prune_{key}"] = str(value)
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if outcome.traceback:
             self.client.log_text(run_id, outcome.traceback, "traceback.txt")
@@ -397,15 +399,16 @@ class StudyRun(Listener):
             self.client.log_artifact(run_id, str(path))
         self.client.set_tag(run_id, "model_uri", info.model_uri)
 
-    def register_champion(self, number: int, value: float, evaluation_set: str) -> str:
-        """Offer trial `number`'s logged model for the champion (registry.register_champion)."""
+    def register_champion(self, number: int, value: float, evaluation_set: str, rule: str | None = None) -> str:
+        """Offer trial `number`'s logged model for the champion (registry.register_champion); `rule`: the
+        multi-objective study's [champion] choice that picked it from the Pareto front."""
         run = self.child_of_trial(number)
         model_uri = run.data.tags.get("model_uri") if run else None
         if model_uri is None:
             return f"trial {number} has no logged model (it ran without tracking): nothing registered"
         return registry.register_champion(self.client, registry.Candidate(
             self.model_name, self.study_name, number, run.info.run_id, model_uri, self.metric, self.direction,
-            value, evaluation_set))
+            value, evaluation_set, pareto_rule=rule))
 
     def register_confirmed(self, standings: Standings, evaluation_set: str) -> str:
         """Offer the champion phase's choice for the champion: its run closest to the mean, valued at the mean."""

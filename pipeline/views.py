@@ -61,7 +61,10 @@ def short(value: object) -> str:
 
 
 def values_text(values: list[float] | None) -> str:
-    return ", ".join(f"{v:.4f}" for v in values) if values else "-"
+    """Objective values: counts (parameters, FLOPs) as whole numbers, the others to 4 decimals."""
+    if not values:
+        return "-"
+    return ", ".join(f"{v:,.0f}" if v == int(v) and abs(v) >= 1000 else f"{v:.4f}" for v in values)
 
 
 def trial_name(number: int, confirmation_of: int | None = None, repeat: int = 0, width: int = 0) -> str:
@@ -78,8 +81,8 @@ def trial_line(trial: TrialEnded) -> str:
         value = values_text(trial.values)
     else:
         value = trial.fail_reason or ""
-        if trial.state == "FAIL" and trial.fail_detail:
-            value += f": {trial.fail_detail.splitlines()[0][:120]}"
+        if trial.fail_detail and (trial.state == "FAIL" or trial.fail_reason in ("pruned", "infeasible")):
+            value += f": {trial.fail_detail.splitlines()[0][:160]}"  # a prune's reason: the epoch and the values
     shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.sampled or {}).items())
     resumed = f" (resumed from epoch {trial.resumed_from_epoch})" if trial.resumed_from_epoch else ""
     name = trial_name(trial.number, trial.confirmation_of, trial.repeat, width=3)
@@ -193,21 +196,26 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
     ended = "budget reached" if outcome.stop_reason == "budget" else "time budget spent"
     console.print(f"{outcome.ran} trials{phase} run in {outcome.seconds / 60:.1f} min; "
                   f"{outcome.finished}/{spec.trials} finished ({ended})")
+    several = len(spec.objectives) > 1
     if outcome.top:
-        table = Table(title=f"top trials of {outcome.study_name} ({spec.metrics[0]})")
+        title = (f"Pareto front of {outcome.study_name} ({', '.join(spec.metrics)})" if several else
+                 f"top trials of {outcome.study_name} ({spec.metrics[0]})")
+        table = Table(title=title)
         for column, justify in (("trial", "right"), ("value", "right"), ("time", "right"), ("parameters", "left")):
             table.add_column(column, justify=justify, overflow="fold")
         for record in outcome.top:
             shown = ", ".join(f"{k}={short(v)}" for k, v in record.sampled.items())
-            table.add_row(str(record.number), f"{record.values[0]:.4f}", f"{record.seconds:.0f} s", escape(shown))
+            table.add_row(str(record.number), values_text(record.values), f"{record.seconds:.0f} s", escape(shown))
         console.print(table)
-    if outcome.best is not None:
+    if outcome.choice:
+        console.print(f"champion: {escape(outcome.choice)}")
+    elif outcome.best is not None:
         console.print(f"best trial {outcome.best.number}: {values_text(outcome.best.values)} "
                       f"with {escape(str(outcome.best.params))}")
     if outcome.champion is not None:
         champion_table(outcome.champion.standings)
         if outcome.champion.stop_reason == "time":
-            console.print(f"[yellow]the champion phase's {spec.champion.minutes:g} minutes would be exceeded by the "
+            console.print(f"[yellow]the champion phase's {spec.confirmation.minutes:g} minutes would be exceeded by the "
                           f"next run: {outcome.champion.standings.missing} runs left; `{outcome.resume_command}` "
                           "trains them (or raise [champion] minutes)")
 

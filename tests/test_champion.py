@@ -270,7 +270,7 @@ def test_a_study_without_a_champion_table_has_no_phase(study_env, capsys):
     ({"champion": {"minutes": 0}}, "champion.minutes = 0"),
     ({"champion": {"runs": 3}}, "unknown key 'champion.runs'"),
     ({"champion": {"seeds": 3}, "objectives": [{"metric": "parameter_count"}]},
-     "champion: confirms a single validation objective"),
+     "champion: with top_k/seeds/minutes confirms a single validation objective"),
 ])
 def test_a_bad_champion_table_is_refused_in_one_line(tiny_dataset, tmp_path, overrides, expected):
     from tiny_study import write_study

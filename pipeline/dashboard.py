@@ -1,0 +1,85 @@
+"""`make dashboard`: optuna-dashboard over a study's Optuna storage, opened on the study's page.
+
+The dashboard has no login, and whoever reaches it can rename and delete studies, finish or fail trials and
+edit their notes, so it listens on 127.0.0.1 unless told otherwise; another address needs an explicit
+--insecure (as `make server` does). It runs in this process on the standard library's WSGI server, the one
+optuna-dashboard's own `run_server` uses, opened here so that a taken port is one line of bad input and the
+address is printed only once something listens on it. Its web pages ship inside the optuna-dashboard wheel:
+nothing is fetched from the network.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import socket
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna_dashboard
+
+from pipeline import store
+from pipeline.errors import BadInput
+from pipeline.server import loopback
+from pipeline.studies import StudySpec
+from pipeline.urls import shown
+
+
+def dashboard(spec: StudySpec, storage_override: str | None, host: str, port: int, insecure: bool,
+              say: Callable[[str], None], warn: Callable[[str], None]) -> int:
+    """Serve optuna-dashboard over the storage that holds `spec`'s study on `host:port` until Ctrl-C, SIGTERM
+    or a closed terminal (then 0). Any address but loopback needs `insecure`."""
+    if not loopback(host) and not insecure:
+        raise BadInput(f"--host {host} would let anyone who reaches port {port} rename and delete studies and "
+                       "trials (optuna-dashboard has no login): add INSECURE=1 (--insecure), or leave HOST unset to "
+                       "listen on 127.0.0.1 only")
+    storage = store.open_storage(storage_override, spec.name)
+    study = store.find_study(spec, storage.backend)
+    study_id = storage.backend.get_study_id_from_name(study.study_name)
+    server = _listen(host, port, optuna_dashboard.wsgi(storage.backend))
+    if not loopback(host):
+        warn(f"warning: no login (INSECURE=1): anyone who reaches {host}:{port} can rename and delete studies "
+             "and trials")
+    say(f"Optuna dashboard of study {study.study_name!r} in {shown(storage.url)}: open "
+        f"http://{_where(host)}:{port}/dashboard/studies/{study_id}  (Ctrl-C stops it)")
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _raise_keyboard_interrupt)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _listen(host: str, port: int, app: Callable) -> WSGIServer:
+    server_class = _IPv6Server if ":" in host else WSGIServer
+    try:
+        return make_server(host, port, app, server_class, _QuietHandler)
+    except OSError as exc:  # taken port, an address this host does not have, a name that does not resolve
+        reason = "already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise BadInput(f"cannot listen on {host}:{port}: {reason}; pick another with PORT=8081 (make dashboard) "
+                       "or --port, or another HOST") from None
+
+
+def _where(host: str) -> str:
+    """`host` as it goes in the address a user opens."""
+    if host in ("0.0.0.0", "::"):
+        return "<this host>"
+    return f"[{host}]" if ":" in host else host
+
+
+class _IPv6Server(WSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line per request on the terminal (the dashboard polls its API every few seconds); errors still show."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal_number)
