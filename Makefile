@@ -38,7 +38,7 @@ switch = $(if $(filter 1 yes true on,$($(1))),on,$(if $(filter-out 0 no false of
 export STORAGE
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay studies export-best predict server ui dashboard test test-faults test-scale test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay report studies export-best predict server ui dashboard test test-faults test-scale test-browser lint format bench-data bench-trainer \
         bench-tracking bench-workers clean sample-images
 
 help: ## list the targets
@@ -66,6 +66,9 @@ search: $(STAMP) ## run or resume a study: STUDY=cnn [WORKERS=4] [TRIALS=50] [TI
 
 replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12 [REPEAT=1: a champion-phase run]
 	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)" $(if $(REPEAT),--repeat "$(REPEAT)")
+
+report: $(STAMP) ## the study's report page -> reports/STUDY.html (one self-contained file; every search refreshes it)
+	$(PY) -m pipeline report --study "$(STUDY)"
 
 studies: $(STAMP) ## list the studies with trials done, best value and state
 	$(PY) -m pipeline studies

@@ -76,7 +76,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from pipeline import session, workers
 
     options = session.SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
-                                    args.root, args.studies_dir, args.tracking, tuple(args.worker_program))
+                                    args.root, args.studies_dir, args.tracking, tuple(args.worker_program),
+                                    args.reports_dir, args.exports_dir)
     view = workers.EventView() if args.worker is not None else views.SearchView()
     outcome = session.run_search(spec, options, view)
     if args.worker is None:
@@ -84,6 +85,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if outcome.stop_reason == "interrupted":
         return 128 + outcome.signal_number
     return 1 if outcome.stop_reason == "failed" else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    spec = studies.load(args.study, args.studies_dir)
+    from pipeline import reportpage, store
+
+    storage = store.open_storage(args.storage, spec.name)
+    study = store.find_study(spec, storage.backend)  # StudyError (exit 2) when the study was never run
+    page = reportpage.write(spec, study, storage.backend, args.reports_dir, args.exports_dir, args.studies_dir)
+    views.say(f"report of {study.study_name!r}: {page} ({page.stat().st_size / 1e6:.1f} MB, opens offline in any "
+              "browser)")
+    return 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -156,6 +169,12 @@ STORAGE_HELP = ("Optuna storage: a URL (sqlite:///..., postgresql://...) or a .j
                 "studies/optuna.db, or studies/optuna.journal for a study run with several workers)")
 
 
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reports-dir", type=Path, default=paths.REPORTS_DIR, help="where the report page goes "
+                   "(default: reports/)")
+    p.add_argument("--exports-dir", type=Path, default=paths.EXPORTS_DIR, help=argparse.SUPPRESS)
+
+
 def _add_study_arguments(p: argparse.ArgumentParser, with_budget: bool) -> None:
     p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
     p.add_argument("--storage", default=None, help=STORAGE_HELP)
@@ -219,7 +238,15 @@ def _add_study_commands(commands: Any) -> None:
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the coordinator
     p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
                    help="record trials in MLflow ($MLFLOW_TRACKING_URI, default sqlite mlruns/mlflow.db)")
+    _add_report_arguments(p)
     p.set_defaults(run=_cmd_search)
+
+    p = commands.add_parser("report", help="the study's report page -> reports/<study>.html (self-contained)")
+    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR, help=argparse.SUPPRESS)
+    _add_report_arguments(p)
+    p.set_defaults(run=_cmd_report)
 
     p = commands.add_parser("replay", help="retrain one finished trial and compare every recorded metric")
     _add_study_arguments(p, with_budget=False)

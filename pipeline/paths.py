@@ -13,6 +13,7 @@ DATA_ROOT = PROJECT_ROOT / "data"
 STUDIES_DIR = PROJECT_ROOT / "studies"
 EXPORTS_DIR = PROJECT_ROOT / "exports"
 MLRUNS_DIR = PROJECT_ROOT / "mlruns"
+REPORTS_DIR = PROJECT_ROOT / "reports"  # make report (and every make search): reports/<study>.html
 
 # Optuna: one SQLite file; several worker processes on one host share Optuna's journal file instead
 # (SQLite's locking is not meant for parallel writers, the journal file is).

@@ -53,7 +53,10 @@ def replay_trial(spec: StudySpec, storage_override: str | None, trial_number: in
     prepared = study_data(spec, root, train.pick_device(device))
     data.require_digest(record.dataset_digest, prepared.checksum, trial_number, prepared.dataset,
                         "restore the pictures it was trained on to replay it")
-    return compare(record, prepared, threads)
+    outcome = compare(record, prepared, threads)
+    store.record_replay(study, f"{trial_number}/repeat {repeat}" if repeat else str(trial_number),
+                        not outcome.differences, outcome.epochs, outcome.differences)
+    return outcome
 
 
 def _finished_trial(study: optuna.Study, number: int) -> store.TrialRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import socket
 import tempfile
 import time
@@ -44,6 +45,8 @@ class SearchOptions:
     studies_dir: Path = paths.STUDIES_DIR
     tracking: bool = True
     worker_program: tuple[str, ...] = ()  # how a worker runs this program (see workers.worker_command)
+    reports_dir: Path = paths.REPORTS_DIR  # the report page, refreshed at the end: reports/<study>.html
+    exports_dir: Path = paths.EXPORTS_DIR  # where the page looks for the champion's export
 
 
 @dataclass
@@ -124,9 +127,26 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     outcome.seconds = time.monotonic() - started
     _standings(spec, study, outcome)
     view.ended(spec, outcome)
-    if options.worker is None:  # a worker's coordinator closes the study's MLflow side
-        outcome.messages = tracking.finish(spec, study, storage.backend, status, warn=view.warning)
+    if options.worker is None:  # a worker's coordinator writes the page and closes the study's MLflow side
+        page = report_page(spec, study, storage.backend, options, view.warning)
+        outcome.messages = tracking.finish(spec, study, storage.backend, status, warn=view.warning, page=page)
+        if page is not None:
+            outcome.messages.append(f"report: {page}")
     return outcome
+
+
+def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, options: SearchOptions,
+                warn: Callable[[str], None]) -> Path | None:
+    """Refresh the study's report page (reportpage.py). A page that cannot be written only warns: every trial is
+    saved, and `make report` tries again."""
+    from pipeline import reportpage  # plotly and the templates: only at the end of a search
+
+    try:
+        return reportpage.write(spec, study, storage, options.reports_dir, options.exports_dir, options.studies_dir)
+    except Exception as exc:
+        warn(f"warning: the report page could not be written ({type(exc).__name__}: "
+             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); `make report STUDY={spec.name}` tries again")
+        return None
 
 
 def _champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
@@ -280,14 +300,14 @@ class Tracking:
                     self.run.adopt_parent(final)
 
     def finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, status: str,
-               warn: Callable[[str], None]) -> list[str]:
+               warn: Callable[[str], None], page: Path | None = None) -> list[str]:
         """End of an invocation: close runs of killed trials, refresh the parent's report, register the champion
         (the champion phase's, else the best trial). MLflow out of reach only warns: the trials are safe in Optuna
         and the next run catches up."""
         if self.run is None:
             return []
         try:
-            lines = self._finish(spec, study, storage, status)
+            lines = self._finish(spec, study, storage, status, page)
         except Exception as exc:
             reason = hide_in(str(exc).splitlines()[0][:200], self.client.tracking_uri)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
@@ -298,8 +318,8 @@ class Tracking:
                         f"{study.study_name!r})"]
 
     def _finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
-                status: str) -> list[str]:
-        from pipeline import report  # matplotlib and Optuna's plots take half a second: only when tracking is on
+                status: str, page: Path | None) -> list[str]:
+        from pipeline import report  # pandas' table: only when tracking is on
 
         records = store.records(study)
         companion = champion.find_companion(storage, study.study_name) if spec.confirmation is not None else None
@@ -314,12 +334,13 @@ class Tracking:
         standings = champion.standings(spec, study, companion) if spec.confirmation is not None and best else None
         counts = {state: sum(r.state == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
         with tempfile.TemporaryDirectory() as tmp:
-            skipped = report.write_report(spec, study, Path(tmp))
+            report.write_report(spec, study, Path(tmp))
+            if page is not None:
+                shutil.copyfile(page, Path(tmp) / "report.html")
             if standings is not None:
                 self.run.champion_standings(standings, Path(tmp))
             self.run.finish(Path(tmp), best.number if best else None, best.values[0] if best else None, counts,
                             status)
-        lines.extend(f"report: {line}" for line in skipped)
         if standings is not None and standings.exported is not None:
             lines.append(self.run.register_confirmed(standings, evaluation_set(spec)))
         elif best is not None:

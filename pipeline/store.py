@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -522,6 +522,21 @@ def parent_run_id(study: optuna.Study) -> str | None:
 
 def record_parent_run_id(study: optuna.Study, run_id: str) -> None:
     study.set_user_attr(PARENT_RUN_ATTR, run_id)
+
+
+REPLAYS_ATTR = "replays"
+
+
+def record_replay(study: optuna.Study, name: str, matched: bool, epochs: int, differences: list[str]) -> None:
+    """What `make replay` of trial `name` ("3", or "3/repeat 1") found, kept with the study for its report."""
+    replays = dict(study.user_attrs.get(REPLAYS_ATTR, {}))
+    replays[name] = {"matched": matched, "epochs": epochs, "differences": differences[:5],
+                     "when": datetime.now(UTC).isoformat(timespec="seconds")}
+    study.set_user_attr(REPLAYS_ATTR, replays)
+
+
+def replays(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    return study.user_attrs.get(REPLAYS_ATTR, {})
 
 
 def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: bool = False,

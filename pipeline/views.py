@@ -64,7 +64,7 @@ def values_text(values: list[float] | None) -> str:
     """Objective values: counts (parameters, FLOPs) as whole numbers, the others to 4 decimals."""
     if not values:
         return "-"
-    return ", ".join(f"{v:,.0f}" if v == int(v) and abs(v) >= 1000 else f"{v:.4f}" for v in values)
+    return ", ".join(f"{v:,.0f}" if v == int(v) and abs(v) >= 2 else f"{v:.4f}" for v in values)
 
 
 def trial_name(number: int, confirmation_of: int | None = None, repeat: int = 0, width: int = 0) -> str:
@@ -82,7 +82,7 @@ def trial_line(trial: TrialEnded) -> str:
     else:
         value = trial.fail_reason or ""
         if trial.fail_detail and (trial.state == "FAIL" or trial.fail_reason in ("pruned", "infeasible")):
-            value += f": {trial.fail_detail.splitlines()[0][:160]}"  # a prune's reason: the epoch and the values
+            value += f": {trial.fail_detail.splitlines()[0][:120]}"  # a prune's reason: the epoch and the values
     shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.sampled or {}).items())
     resumed = f" (resumed from epoch {trial.resumed_from_epoch})" if trial.resumed_from_epoch else ""
     name = trial_name(trial.number, trial.confirmation_of, trial.repeat, width=3)
@@ -215,8 +215,8 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
     if outcome.champion is not None:
         champion_table(outcome.champion.standings)
         if outcome.champion.stop_reason == "time":
-            console.print(f"[yellow]the champion phase's {spec.confirmation.minutes:g} minutes would be exceeded by the "
-                          f"next run: {outcome.champion.standings.missing} runs left; `{outcome.resume_command}` "
+            console.print(f"[yellow]the champion phase's {spec.confirmation.minutes:g} minutes would be exceeded by "
+                          f"the next run: {outcome.champion.standings.missing} runs left; `{outcome.resume_command}` "
                           "trains them (or raise [champion] minutes)")
 
 

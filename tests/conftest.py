@@ -233,7 +233,19 @@ class StudyEnv:
         common = [command, "--study", study, *stores, "--root", str(self.root)]
         if command == "export-best":
             return [*common, "--out", str(self.exports), *tracking, *args]
-        return [*common, "--threads", "1", *(tracking if command == "search" else []), *args]
+        if command == "report":
+            return [command, "--study", study, *stores, *self.report_args, *args]
+        if command == "search":
+            return [*common, "--threads", "1", *tracking, *self.report_args, *args]
+        return [*common, "--threads", "1", *args]
+
+    @property
+    def reports(self) -> Path:
+        return self.studies_dir.parent / "reports"
+
+    @property
+    def report_args(self) -> list[str]:
+        return ["--reports-dir", str(self.reports), "--exports-dir", str(self.exports)]
 
     def run(self, *args: str, study: str = "tiny") -> int:
         """The CLI in this process: `run("search", "--trials", "4")`; returns the exit code."""

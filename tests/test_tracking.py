@@ -115,8 +115,9 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
 
     # The parent's report.
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "best_params.json", "confusion_matrix.png", "optimization_history.png",
-            "parallel_coordinate.png", "intermediate_values.png"} <= artifacts
+    assert {"trials.csv", "best_params.json", "confusion_matrix.png", "report.html"} <= artifacts
+    logged_page = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.html"))
+    assert logged_page.read_bytes() == (env.reports / "tiny.html").read_bytes()  # the page the search wrote
     best = store.leading_best(study)
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(best.values[0])
     best_params = json.loads(Path(mlflow.artifacts.download_artifacts(
