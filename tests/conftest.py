@@ -305,6 +305,18 @@ def study_env(tiny_dataset, tmp_path, request) -> StudyEnv:
     return StudyEnv.under(tmp_path, tiny_dataset[1], tracking_uri)
 
 
+def study_refusal(directory: Path, **overrides) -> str:
+    """The one-line StudyError that loading the tiny study with `overrides` raises (asserted to be one line that
+    names the file)."""
+    from pipeline import studies
+
+    path = write_study(directory, **overrides)
+    with pytest.raises(studies.StudyError, match="tiny.toml") as raised:
+        studies.load(path)
+    assert "\n" not in str(raised.value)
+    return str(raised.value)
+
+
 def require_sample_images(spec) -> None:
     """The folder a shipped folder study reads: `make sample-images` writes the one the example names."""
     from pipeline import sample_images

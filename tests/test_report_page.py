@@ -52,7 +52,8 @@ def test_a_search_writes_the_report_page_with_every_section(study_env, capsys):
     assert f"<td class=\"num\">{pruned.number}</td><td>pruned</td>" in page
     assert f"{reason.compared_with:.4f}" in page and reason.rule in page
     for key in ("history", "parallel", "intermediate"):  # Optuna's figures, drawn
-        assert re.search(rf'<section id="{key}">\s*<h2>[^<]+</h2>\s*<div [^>]*>\s*<div id="[^"]+" class="plotly-graph-div"', page), key
+        drawn = rf'<section id="{key}">\s*<h2>[^<]+</h2>\s*<div [^>]*>\s*<div id="[^"]+" class="plotly-graph-div"'
+        assert re.search(drawn, page), key
     assert "Not exported yet" in page and "No replay yet" in page
 
     # Once exported and replayed, `make report` shows the test figures and the replay's verdict.
