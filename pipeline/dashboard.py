@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -20,9 +21,8 @@ import optuna_dashboard
 
 from pipeline import store
 from pipeline.errors import BadInput
-from pipeline.server import loopback
 from pipeline.studies import StudySpec
-from pipeline.urls import shown
+from pipeline.urls import loopback, shown
 
 
 def dashboard(spec: StudySpec, storage_override: str | None, host: str, port: int, insecure: bool,
@@ -44,13 +44,18 @@ def dashboard(spec: StudySpec, storage_override: str | None, host: str, port: in
         f"http://{_where(host)}:{port}/dashboard/studies/{study_id}  (Ctrl-C stops it)")
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, _raise_keyboard_interrupt)
+    # Requests are served on a thread of their own: a signal interrupts only this one, which waits. (On the main
+    # thread it could land inside a request, where wsgiref's catch-all handler would swallow it.)
+    serving = threading.Thread(target=server.serve_forever, name="optuna-dashboard", daemon=True)
+    serving.start()
     try:
-        server.serve_forever()
+        serving.join()
+        return 1  # serve_forever ends only on shutdown: it failed (the thread's traceback is on stderr)
     except KeyboardInterrupt:
-        pass
+        server.shutdown()  # lets the request in progress finish
+        return 0
     finally:
         server.server_close()
-    return 0
 
 
 def _listen(host: str, port: int, app: Callable) -> WSGIServer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import importlib.util
-import ipaddress
 import os
 import secrets
 import signal
@@ -27,7 +26,7 @@ from pipeline import store, tracking
 from pipeline.concurrency import stop_with_parent
 from pipeline.errors import BadInput
 from pipeline.studies import StudySpec
-from pipeline.urls import shown
+from pipeline.urls import loopback, shown
 
 # `mlflow server` reads these (its --backend-store-uri option, the basic-auth app's settings and Flask key).
 BACKEND_VARIABLE = "MLFLOW_BACKEND_STORE_URI"
@@ -81,16 +80,6 @@ def tracking_server(host: str, port: int, backend: str | None, artifacts: Path |
         f"{', login ' + str(auth) if auth is not None else ''}); point searches at it with "
         f"MLFLOW_TRACKING_URI=http://{where}:{port}{credentials}  (Ctrl-C stops it)")
     return serve(backend, host, port, artifacts, "make server", allowed_hosts(allowed), login)
-
-
-def loopback(host: str) -> bool:
-    """Does `host` (an address or name to listen on) keep the server to this machine?"""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: whatever it resolves to, assume the network
 
 
 def auth_environment(config: Path) -> dict[str, str]:

@@ -8,6 +8,7 @@ the host can read in /proc/<pid>/cmdline).
 
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
@@ -56,3 +57,13 @@ def _password(url: str) -> str | None:
         return urlsplit(url).password
     except ValueError:
         return None
+
+
+def loopback(host: str) -> bool:
+    """Does `host` (an address or name to listen on) keep the server to this machine?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume the network

@@ -33,6 +33,7 @@ def chromium():
     options = Options()
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for get_log("browser")
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
 
 

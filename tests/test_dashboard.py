@@ -18,7 +18,7 @@ import optuna
 import pytest
 import requests
 from conftest import TINY_CLI, StudyEnv, wait_until
-from test_browser import CHROMEDRIVER
+from test_browser import chromium
 from ui_process import free_port
 
 from pipeline import paths, store
@@ -174,21 +174,6 @@ def test_the_dashboard_serves_the_study_on_loopback_only_and_stops_on_sigterm(ra
 # In headless Chromium
 
 
-def chromium_with_console_log():
-    """test_browser.chromium(), and the page's console kept for `get_log("browser")`."""
-    if not Path(CHROMEDRIVER).exists():
-        pytest.skip("chromium-driver is not installed; `make test-browser` installs it")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-
-
 @pytest.mark.browser
 def test_the_printed_address_opens_the_study_in_chromium(study_env, tmp_path):
     from selenium.webdriver.common.by import By
@@ -202,7 +187,7 @@ def test_the_printed_address_opens_the_study_in_chromium(study_env, tmp_path):
     port = free_port()
     process, url = start_dashboard(study_env, port, tmp_path / "dashboard")
     assert listeners(port) == ["127.0.0.1"]
-    browser = chromium_with_console_log()
+    browser = chromium()
     console = []
     try:
         def page_showing(*markers: str) -> str | None:

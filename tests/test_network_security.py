@@ -22,7 +22,7 @@ from conftest import mlflow_runs
 from test_faults import write_study
 from ui_process import free_port, wait_for_health
 
-from pipeline import server, session, store, studies, tracking, workers
+from pipeline import server, session, store, studies, tracking, urls, workers
 from pipeline.cli import main
 from pipeline.errors import BadInput
 
@@ -60,8 +60,8 @@ def busy_port() -> socket.socket:
 
 
 def test_loopback_addresses_are_told_from_network_ones():
-    assert all(server.loopback(host) for host in ("127.0.0.1", "127.0.1.1", "::1", "localhost"))
-    assert not any(server.loopback(host) for host in ("0.0.0.0", "::", "10.1.2.3", "192.168.0.7", "mlflow.lab"))
+    assert all(urls.loopback(host) for host in ("127.0.0.1", "127.0.1.1", "::1", "localhost"))
+    assert not any(urls.loopback(host) for host in ("0.0.0.0", "::", "10.1.2.3", "192.168.0.7", "mlflow.lab"))
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "mlflow.lab"])

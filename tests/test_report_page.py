@@ -87,11 +87,11 @@ def test_make_report_of_a_study_never_run_is_one_line_exit_2(study_env, capsys):
 
 @pytest.mark.browser
 def test_the_report_page_opens_offline_in_chromium_without_errors_or_requests(study_env):
-    from test_dashboard import chromium_with_console_log
+    from test_browser import chromium
 
     study_env.write_study(**pareto_study())
     assert study_env.run("search") == 0
-    browser = chromium_with_console_log()
+    browser = chromium()
     try:
         browser.get((study_env.reports / "tiny.html").as_uri())
         from conftest import wait_until
