@@ -176,9 +176,9 @@ def _mflops(flops: int | None) -> str:
 
 
 def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
-    """The best `top_k` distinct configurations by their search score (the first to complete wins a tie)."""
+    """The best `top_k` distinct feasible configurations by their search score (the first to complete wins a tie)."""
     sign = -1.0 if spec.directions[0] == "maximize" else 1.0
-    complete = sorted(store.records(study, (TrialState.COMPLETE,)),
+    complete = sorted((r for r in store.records(study, (TrialState.COMPLETE,)) if r.feasible),
                       key=lambda r: (sign * r.values[0], r.completed_at, r.number))
     chosen, seen = [], set()
     for record in complete:

@@ -66,6 +66,7 @@ def choose(spec: StudySpec, study: optuna.Study) -> Choice:
     rule = spec.pareto_choice
     prefer = rule.prefer if rule is not None else spec.metrics[0]
     eligible = [r for r in on_front if all(metric_of(r, m) is not None for m in _read(spec))]
+    unmeasured = len(on_front) - len(eligible)  # e.g. trials from before the rule named latency_ms
     conditions = []
     if rule is not None:
         for metric, bound in rule.limits.items():
@@ -82,6 +83,8 @@ def choose(spec: StudySpec, study: optuna.Study) -> Choice:
     where = f" among those with {' and '.join(conditions)}" if conditions else ""
     reading = "highest" if METRICS[prefer] == "maximize" else "lowest"
     said = f"the Pareto front's {len(on_front)} trials: {reading} {prefer}{where}"
+    if unmeasured:
+        said += f" ({unmeasured} of them left out: they did not record {', '.join(sorted(_read(spec)))})"
     if not eligible:
         return Choice(None, f"{said}: none qualifies; loosen [champion] or search more", on_front, [])
     sign = -1.0 if METRICS[prefer] == "maximize" else 1.0

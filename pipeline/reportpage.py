@@ -90,7 +90,7 @@ def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
     from plotly.offline import get_plotlyjs
 
     records = store.records(study)
-    best = pareto.champion_trial(spec, study)
+    best, table = _chosen(spec, study, storage)
     study_file = studies.study_path(spec.name, studies_dir)
     return Page(
         spec=spec, study_name=study.study_name,
@@ -100,7 +100,7 @@ def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
         space=_space(spec), budget=_budget(records, best), levels=_levels(records),
         figures=_figures(spec, study, records), pruned=_pruned(records), top=_top(spec, records),
         pareto_rows=_front_rows(spec, study) if len(spec.objectives) > 1 else [],
-        champion=_champion(spec, study, storage, best, exports), provenance=_provenance(best),
+        champion=_champion(spec, study, best, table, exports), provenance=_provenance(best),
         replays=store.replays(study), plotly_js=get_plotlyjs(),
     )
 
@@ -265,15 +265,25 @@ def _short(value: Any) -> str:
 # The champion, provenance
 
 
-def _champion(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
-              best: store.TrialRecord | None, exports: Path) -> dict[str, Any]:
+def _chosen(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+            ) -> tuple[store.TrialRecord | None, champion.Standings | None]:
+    """The champion's search trial (the champion phase's choice over seeds when the study has one) and that phase's
+    table."""
+    best = pareto.champion_trial(spec, study)
+    if spec.confirmation is None or best is None:
+        return best, None
+    table = champion.standings(spec, study, champion.find_companion(storage, study.study_name))
+    return (table.champion.trial if table.champion is not None else best), table
+
+
+def _champion(spec: StudySpec, study: optuna.Study, best: store.TrialRecord | None,
+              table: champion.Standings | None, exports: Path) -> dict[str, Any]:
     found: dict[str, Any] = {"trial": best.number if best else None,
                              "values": _values(spec, best.values) if best else {},
                              "params": best.params if best else None, "rule": "", "phase": None, "export": None}
     if spec.pareto_choice is not None or len(spec.objectives) > 1:
         found["rule"] = pareto.choose(spec, study).reason
-    if spec.confirmation is not None and best is not None:
-        table = champion.standings(spec, study, champion.find_companion(storage, study.study_name))
+    if table is not None:
         found["phase"] = table.as_dict() | {"intervals": {c.trial.number: champion.interval(c.summary)
                                                           for c in table.candidates}}
     found["export"] = _export(exports / spec.name, study.study_name)

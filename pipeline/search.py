@@ -189,8 +189,9 @@ class Objective:
             latency_ms = latency.trial_latency_ms(model.cpu_copy(), self.data.input_shape)
             store.note(trial, latency_ms=latency_ms, latency_threads=latency.LATENCY_THREADS)
         metrics = studies.trial_metrics(result, latency_ms)
-        missed = _constrain(trial, self.spec, {k: v for k, v in metrics.items()
-                                                if k not in ("parameter_count", "flops_per_image")})
+        # The size constraints were set before training, unless the size could not be counted then.
+        measured = {k: v for k, v in metrics.items() if count < 0 or k not in ("parameter_count", "flops_per_image")}
+        missed = _constrain(trial, self.spec, measured)
         values = studies.objective_values(self.spec, metrics)
         # Inside the trial, so that a model that cannot be saved (disk full) fails this trial, not the study.
         if self.confirming:
@@ -225,8 +226,9 @@ class Objective:
         one that records a resumed checkpoint's epochs the same way, so the record and the pruner see every
         epoch of the trial."""
         history: list[dict[str, float]] = []
-        single = len(self.spec.objectives) == 1
         metric = pruning.pruned_metric(self.spec.metrics)
+        # Optuna's pruner takes one objective, and only a per-epoch one (a size has no epochs)
+        single = len(self.spec.objectives) == 1 and metric in studies.PRUNED_ON
         several_pruned = not single and self.spec.pruner != "none" and not self.confirming
 
         def record(metrics: train.EpochMetrics) -> None:
@@ -337,10 +339,10 @@ def _disk_full_message(what: str) -> str:
 
 
 def _worth_keeping(study: optuna.Study, values: list[float], feasible: bool) -> bool:
-    """Is this trial's model logged? One objective: a new best. Several: a feasible trial that no earlier one
-    dominates (every trial of the final Pareto front was such a trial when it ended, so any may be chosen)."""
+    """Is this trial's model logged? One objective: a feasible new best. Several: a feasible trial that no earlier
+    one dominates (every trial of the final Pareto front was such a trial when it ended, so any may be chosen)."""
     if len(values) == 1:
-        return store.beats_best(study, values[0])
+        return feasible and store.beats_best(study, values[0])
     return feasible and pareto.joins_front(study, values)
 
 

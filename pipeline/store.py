@@ -327,11 +327,10 @@ def taken_count(study: optuna.Study) -> int:
 
 
 def leading_best(study: optuna.Study) -> TrialRecord | None:
-    """The complete trial best on the study's first objective (the first completed on ties): the champion.
-
-    For one objective this is Optuna's best trial; for several it picks one point of the Pareto front.
+    """The complete feasible trial (within the study's [constraints]) best on the study's first objective (the
+    first completed on ties): the champion of a single-objective study, Optuna's best trial.
     """
-    complete = records(study, (TrialState.COMPLETE,))
+    complete = [r for r in records(study, (TrialState.COMPLETE,)) if r.feasible]
     if not complete:
         return None
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0

@@ -7,6 +7,7 @@ records) and these functions draw them with rich.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -64,7 +65,8 @@ def values_text(values: list[float] | None) -> str:
     """Objective values: counts (parameters, FLOPs) as whole numbers, the others to 4 decimals."""
     if not values:
         return "-"
-    return ", ".join(f"{v:,.0f}" if v == int(v) and abs(v) >= 2 else f"{v:.4f}" for v in values)
+    return ", ".join(f"{v:,.0f}" if math.isfinite(v) and v == int(v) and abs(v) >= 2 else f"{v:.4f}"
+                     for v in values)
 
 
 def trial_name(number: int, confirmation_of: int | None = None, repeat: int = 0, width: int = 0) -> str:

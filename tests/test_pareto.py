@@ -163,3 +163,15 @@ def test_constraints_change_the_fingerprint_only_when_declared(tiny_dataset, tmp
     assert "constraints" not in plain.search_definition()
     bounded = studies.load(write_study(tmp_path / "b", constraints={"latency_ms": {"max": 2.0}}))
     assert bounded.fingerprint() != plain.fingerprint() and bounded.measures_latency and not plain.measures_latency
+
+
+def test_a_single_objective_study_never_crowns_an_infeasible_trial(study_env, capsys):
+    """Every trial misses an impossible latency bound: each completes, none is feasible, so there is no champion."""
+    study_env.write_study(trials=2, constraints={"latency_ms": {"max": 1e-6}})
+    assert study_env.run("search") == 0
+    records = study_env.records()
+    assert [r.state for r in records] == ["COMPLETE", "COMPLETE"]
+    assert all(r.constraints["latency_ms"] == r.latency_ms - 1e-6 > 0 and not r.feasible for r in records)
+    capsys.readouterr()
+    assert study_env.run("export-best") == 2
+    assert "no complete trial to export" in capsys.readouterr().err
