@@ -150,7 +150,8 @@ def test_the_coordinator_relays_each_workers_events_lines_and_end(monkeypatch):
             ("event", index, {"event": "batch", "done": 4, "total": 4}),
             ("event", index, {"event": "trial_end", "number": number, "state": "COMPLETE", "values": [0.5],
                               "seconds": 1.0, "sampled": {"lr": 0.1}, "fail_reason": None, "fail_detail": None,
-                              "traceback": None, "resumed_from_epoch": 0, "confirmation_of": None, "repeat": 0}),
+                              "traceback": None, "resumed_from_epoch": 0, "confirmation_of": None, "repeat": 0,
+                              "prune_reason": None}),
             ("ended", index, 0, False),
         ]
     assert [s for s in seen if s[1] == 3] == [("ended", 3, 3, True)]  # died on its own: the user is told
