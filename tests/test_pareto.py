@@ -175,3 +175,5 @@ def test_a_single_objective_study_never_crowns_an_infeasible_trial(study_env, ca
     capsys.readouterr()
     assert study_env.run("export-best") == 2
     assert "no complete trial to export" in capsys.readouterr().err
+    page = (study_env.reports / "tiny.html").read_text()  # the report greys both out and names no champion
+    assert page.count('<tr class="infeasible"><td class="num">') == 2 and "No champion yet" in page
