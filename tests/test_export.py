@@ -174,7 +174,7 @@ def test_study_without_a_finished_trial_exits_2(study_env, mlflow_store, capsys)
     assert study_env.run("search") == 0
     assert [r.state for r in study_env.records()] == ["PRUNED"]
     assert study_env.run("export-best") == 2
-    assert "has no finished trial to export" in capsys.readouterr().err
+    assert "has no complete trial to export" in capsys.readouterr().err
     assert not study_env.exports.exists() or list(study_env.exports.iterdir()) == []
 
 
