@@ -121,7 +121,7 @@ def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, cha
 def test_unknown_study_lists_the_available_ones(capsys):
     assert main(["search", "--study", "nope"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "no study 'nope'" in err and "cifar10, cifar10-transfer, cnn, fashion-cnn" in err
+    assert "no study 'nope'" in err and "cifar10, cifar10-transfer, cnn, cnn-pareto, fashion-cnn" in err
 
 
 def test_fingerprint_ignores_budgets_but_not_the_space(tmp_path):
