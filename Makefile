@@ -119,7 +119,7 @@ bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's D
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/folder_throughput.py
 
-bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script
+bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script, and the CPU's FLOP ceiling
 	$(PY) benchmarks/trainer_vs_baseline.py
 
 bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without

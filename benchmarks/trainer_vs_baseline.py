@@ -9,6 +9,11 @@ resident data, augmentation on for the CNN (our affine also shifts and zooms, so
 once with `precision=auto` (bf16 + channels_last where the CPU has it) and once with `precision=fp32`,
 so the two levers (resident data, bf16) are seen apart. Both sides train the identical network built
 by `models.build_model`, on the same training subset and the same 5,000 validation images.
+
+Beside each of our figures, the CPU's ceiling: the epoch's FLOPs (3x the forward FLOPs per training image, for the
+forward and backward passes, plus one forward per validation image) at this CPU's measured matmul rate in the
+precision used (a 2048x2048 matmul, timed here on the same threads). ours/ceiling is how far the trainer is from
+what the arithmetic alone would take.
 """
 
 from __future__ import annotations
@@ -54,6 +59,29 @@ def reference_epoch(family: str, train_idx: torch.Tensor, val_idx: torch.Tensor,
     return time.perf_counter() - started
 
 
+MATMUL_SIZE = 2048
+MATMUL_RUNS = 10
+
+
+def matmul_rate(dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul in `dtype` on this process's CPU threads."""
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype)
+    for _ in range(3):  # warm-up: kernel choice, page faults
+        a @ b
+    started = time.perf_counter()
+    for _ in range(MATMUL_RUNS):
+        a @ b
+    return MATMUL_RUNS * 2 * MATMUL_SIZE**3 / (time.perf_counter() - started)
+
+
+def epoch_flops(family: str, prepared: data.PreparedData) -> float:
+    """Training FLOPs of one epoch: forward + backward (3 forwards) per training image, a forward per validation
+    image."""
+    forward = models.flops_per_image(models.build_model(hparams.CLASSIC[family]), prepared.input_shape)
+    return forward * (3 * len(prepared.train) + len(prepared.val))
+
+
 def our_epoch(family: str, prepared: data.PreparedData, precision: str, augment: float) -> tuple[float, str]:
     params = dict(hparams.CLASSIC[family], epochs=1, batch_size=BATCH, optimizer="adam", lr=LR, weight_decay=0.0,
                   schedule="none", augment=augment, precision=precision)
@@ -76,14 +104,21 @@ def main() -> None:
 
     print(f"MNIST, {len(prepared.train):,} train + {len(prepared.val):,} val images per epoch, batch {BATCH}, "
           f"Adam {LR}, CPU, {threads} threads, native bf16: {train.cpu_has_native_bf16()}")
-    print(f"{'model':30} {'reference s/epoch':>18} {'ours s/epoch':>13} {'ours/reference':>15}")
+    rates = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
+    print("matmul rate on these threads: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+    print(f"{'model':30} {'reference s/epoch':>18} {'ours s/epoch':>13} {'ours/reference':>15} "
+          f"{'ceiling s/epoch':>16} {'ours/ceiling':>13}")
     for family in args.models:
         rotate = family == "cnn"  # the reference CNN script rotates; the MLP one does not
+        flops = epoch_flops(family, prepared)
         reference = reference_epoch(family, train_idx, split.val_indices, prepared.mean, prepared.std, rotate)
         for precision in ("auto", "fp32"):
             ours, used = our_epoch(family, prepared, precision, augment=1.0 if rotate else 0.0)
+            ceiling = flops / rates["bf16" if used == "bf16" else "fp32"]
             label = f"{family}{' + rotation' if rotate else ''}, ours {used}"
-            print(f"{label:30} {reference:18.1f} {ours:13.1f} {ours / reference:15.2f}", flush=True)
+            print(f"{label:30} {reference:18.1f} {ours:13.1f} {ours / reference:15.2f} {ceiling:16.1f} "
+                  f"{ours / ceiling:13.2f}", flush=True)
+        print(f"  {family}: {flops / 1e12:.2f} TFLOP per epoch", flush=True)
 
 
 if __name__ == "__main__":
