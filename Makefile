@@ -15,11 +15,12 @@ STUDY   ?=
 TRIAL   ?=
 REPEAT  ?=
 # Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>,
-# WORKERS=<worker processes on this host>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset)
+# WORKERS=<worker processes on this host>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset),
+# BASELINES=off (queue none of the study file's [[baseline]] trials: the sampler starts cold)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
                $(if $(call switch,FRESH),--fresh) $(if $(WORKERS),--workers $(WORKERS)) \
                $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) \
-               $(if $(VAL_LIMIT),--val-limit $(VAL_LIMIT))
+               $(if $(VAL_LIMIT),--val-limit $(VAL_LIMIT)) $(if $(BASELINES),$(if $(call switch,BASELINES),,--no-baselines))
 PORT    ?= 5000
 EXPORT  ?= exports/$(or $(STUDY),cnn)
 IMAGES  ?=
@@ -27,7 +28,7 @@ IMAGES  ?=
 SEARCH_FLAGS += $(if $(TRACKING),$(if $(call switch,TRACKING),,--no-tracking))
 PYTEST_ARGS ?=
 
-# Yes/no switches (FRESH, FORCE, TRACKING, INSECURE): 1, yes, true or on mean on; 0, no, false, off or nothing mean off;
+# Yes/no switches (FRESH, FORCE, TRACKING, INSECURE, BASELINES): 1, yes, true or on mean on; 0, no, false, off or nothing mean off;
 # anything else stops make with one line before anything runs.
 switch = $(if $(filter 1 yes true on,$($(1))),on,$(if $(filter-out 0 no false off,$($(1))),$(error $(1)=$($(1)): \
          expected 1 or 0 (also yes/no, true/false, on/off))))

@@ -68,7 +68,8 @@ def _study(args: argparse.Namespace) -> studies.StudySpec:
     spec = studies.load(args.study, args.studies_dir)
     return studies.with_overrides(spec, trials=getattr(args, "trials", None),
                                   timeout_minutes=getattr(args, "timeout", None), epochs=args.epochs,
-                                  train_limit=args.train_limit, val_limit=args.val_limit)
+                                  train_limit=args.train_limit, val_limit=args.val_limit,
+                                  baseline=[] if getattr(args, "no_baselines", False) else None)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -233,6 +234,8 @@ def _add_study_commands(commands: Any) -> None:
     p = commands.add_parser("search", help="run or resume the Optuna study of studies/<STUDY>.toml")
     _add_study_arguments(p, with_budget=True)
     p.add_argument("--fresh", action="store_true", help="start a new version of the study (the old one is kept)")
+    p.add_argument("--no-baselines", action="store_true", help="queue none of the study file's [[baseline]] trials: "
+                   "the sampler starts cold (what a study of your own starts with; make bench-search measures it)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1); "
                    "GPUs are shared out round robin, CPU threads split between them")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the coordinator

@@ -120,6 +120,8 @@ def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:
                "--root", str(options.root), "--device", options.device,
                "--trials", str(spec.trials), "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
                "--tracking" if options.tracking else "--no-tracking"]
+    if not spec.baseline:  # BASELINES=off (or a file without any): a worker must not queue the file's
+        command.append("--no-baselines")
     for flag, value in (("--train-limit", spec.train_limit), ("--val-limit", spec.val_limit)):
         if value is not None:
             command += [flag, str(value)]

@@ -269,3 +269,18 @@ def test_multi_objective_study_with_nsga2(study_env):
     study = study_env.load()
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert all(len(t.values) == 2 for t in study_env.records()) and study.best_trials
+
+
+def test_no_baselines_starts_the_sampler_cold_and_workers_are_told(study_env, capsys):
+    """BASELINES=off: none of the file's [[baseline]] trials is queued, by this process or by a worker."""
+    from pipeline import session, studies, workers
+
+    path = study_env.write_study(trials=2, baseline=[{"lr": 3e-3, "dropout": 0.1}, {"lr": 5e-3, "dropout": 0.2}])
+    assert study_env.run("search", "--no-baselines") == 0
+    assert "baseline trial queued" not in capsys.readouterr().out
+    records = study_env.records()
+    assert len(records) == 2 and not any(r.baseline for r in records)
+    assert {r.sampled["lr"] for r in records}.isdisjoint({3e-3, 5e-3})
+    cold = studies.with_overrides(studies.load(path), baseline=[])
+    assert "--no-baselines" in workers.worker_command(cold, session.SearchOptions())
+    assert "--no-baselines" not in workers.worker_command(studies.load(path), session.SearchOptions())
