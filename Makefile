@@ -40,7 +40,7 @@ export STORAGE
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train search replay report studies export-best predict server ui dashboard test test-faults test-scale test-browser lint format bench-data bench-trainer \
-        bench-tracking bench-workers clean sample-images
+        bench-tracking bench-workers bench-search clean sample-images
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -125,6 +125,9 @@ bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference Da
 
 bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without
 	$(PY) benchmarks/tracking_overhead.py
+
+bench-search: $(STAMP) data ## cold start: the cnn study with BASELINES=off vs a plain Optuna script, MINUTES each (default 15)
+	$(PY) benchmarks/search_cold_start.py --minutes $(or $(MINUTES),15)
 
 bench-workers: $(STAMP) data ## trials/hour of a fixed small study with 1 worker vs WORKERS (default 2)
 	$(PY) benchmarks/workers_scaling.py --workers $(or $(WORKERS),2)

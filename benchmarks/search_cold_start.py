@@ -1,0 +1,157 @@
+"""Cold start: the shipped cnn study without its baselines vs a plain Optuna script, same wall time, one run each.
+
+    make bench-search MINUTES=15      (.venv/bin/python benchmarks/search_cold_start.py --minutes 15)
+
+Ours: `python -m pipeline search --study cnn --no-baselines` (the sampler starts cold, as a user's own study
+does), its [champion] phase left out (only the search is measured), on a fresh SQLite file, tracking off, with
+`timeout_minutes = MINUTES` (no trial starts after it).
+
+Theirs, the usual script: a CNN of the same family (2-3 blocks of 3x3 convolutions with BatchNorm and max-pooling,
+32 or 48 channels doubling, a global-average-pooled head), torchvision's MNIST through a `DataLoader` with
+per-sample transforms (RandomRotation(10), ToTensor, Normalize), Adam, 5 epochs a trial, TPE, Optuna's median
+pruner on the validation accuracy after every epoch, the same 55,000 / 5,000 split, `study.optimize(timeout=...)`
+for the same minutes, on the same threads.
+
+Printed side by side: minutes from the search's start to the first trial whose best validation accuracy reached
+99.3%, 99.5% and 99.6%, the best value, and trials finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+
+from pipeline import data, datasets, paths, reproducibility, store
+
+PROJECT = Path(__file__).resolve().parents[1]
+LEVELS = (0.993, 0.995, 0.996)
+EPOCHS = 5
+
+
+def cold_study_file(directory: Path, minutes: float) -> None:
+    """studies/cnn.toml with its time budget set to `minutes` and its [champion] table removed."""
+    text = (PROJECT / "studies" / "cnn.toml").read_text()
+    text = re.sub(r"^timeout_minutes = .*$", f"timeout_minutes = {minutes}", text, flags=re.MULTILINE)
+    text = re.sub(r"^\[champion\]\n(?:[^\[\n].*\n|\n)*", "", text, flags=re.MULTILINE)
+    (directory / "cnn.toml").write_text(text)
+
+
+def ours(minutes: float, threads: int) -> list[tuple[float, float]]:
+    """(minutes since the search's first trial started, best val_accuracy) of each finished trial, in order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        cold_study_file(folder, minutes)
+        storage = f"sqlite:///{folder}/optuna.db"
+        subprocess.run([sys.executable, "-m", "pipeline", "search", "--study", "cnn", "--studies-dir", str(folder),
+                        "--storage", storage, "--no-baselines", "--no-tracking", "--threads", str(threads),
+                        "--reports-dir", str(folder / "reports")], cwd=PROJECT, check=True,
+                       stdout=subprocess.DEVNULL)
+        records = store.records(optuna.load_study(study_name="cnn", storage=storage), store.FINISHED)
+    start = min(r.started_at for r in records)
+    return sorted(((r.completed_at - start).total_seconds() / 60, max(h["val_accuracy"] for h in r.history))
+                  for r in records if r.history)
+
+
+class PlainCNN(torch.nn.Module):
+    def __init__(self, blocks: int, width: int, dropout: float):
+        super().__init__()
+        layers, channels = [], 1
+        for block in range(blocks):
+            out = width * 2**block
+            layers += [torch.nn.Conv2d(channels, out, 3, padding=1), torch.nn.BatchNorm2d(out), torch.nn.ReLU(),
+                       torch.nn.MaxPool2d(2)]
+            channels = out
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(channels, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def theirs(minutes: float) -> list[tuple[float, float]]:
+    """The plain script, for `minutes` of wall time; the same (minutes, best val_accuracy) per finished trial."""
+    mean, std = (0.1307,), (0.3081,)
+    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    train_tf = transforms.Compose([transforms.RandomRotation(10), *normalise])
+    split = data.stratified_split(data.load_arrays("mnist").train_labels)
+
+    def mnist(transform: transforms.Compose, indices: torch.Tensor) -> Subset:
+        return Subset(tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=transform),
+                      indices.tolist())
+
+    train_set = mnist(train_tf, split.train_indices)
+    val_set = mnist(transforms.Compose(normalise), split.val_indices)
+    val_loader = DataLoader(val_set, batch_size=1000)
+
+    def objective(trial: optuna.Trial) -> float:
+        model = PlainCNN(trial.suggest_int("blocks", 2, 3), trial.suggest_categorical("width", [32, 48]),
+                         trial.suggest_float("dropout", 0.0, 0.4))
+        optimizer = torch.optim.Adam(model.parameters(), lr=trial.suggest_float("lr", 1e-4, 1e-2, log=True))
+        loader = DataLoader(train_set, batch_size=trial.suggest_categorical("batch_size", [64, 128]), shuffle=True)
+        best = 0.0
+        for epoch in range(EPOCHS):
+            model.train()
+            for x, y in loader:
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val_loader)
+            accuracy = correct / len(val_set)
+            best = max(best, accuracy)
+            trial.set_user_attr("best", best)
+            trial.report(accuracy, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return best
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0),
+                                pruner=optuna.pruners.MedianPruner())
+    started = datetime.now()
+    study.optimize(objective, timeout=minutes * 60)
+    return sorted(((t.datetime_complete - started).total_seconds() / 60, t.user_attrs["best"])
+                  for t in study.trials if t.datetime_complete is not None and "best" in t.user_attrs)
+
+
+def summary(finished: list[tuple[float, float]], minutes: float) -> list[str]:
+    """The columns: minutes to each level ('-' when not reached within the budget), best value, trials."""
+    within = [(m, v) for m, v in finished if m <= minutes + 5]  # a trial started before the deadline may end later
+    cells = [next((f"{m:.1f}" for m, v in within if v >= level), "-") for level in LEVELS]
+    return [*cells, f"{max((v for _, v in within), default=0.0):.4f}", str(len(within))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall time of each side")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = reproducibility.make_deterministic()
+    datasets.land("mnist")
+    started = time.perf_counter()
+    rows = {"ours (cnn study, BASELINES=off)": summary(ours(args.minutes, threads), args.minutes)}
+    torch.manual_seed(0)
+    rows["plain Optuna script"] = summary(theirs(args.minutes), args.minutes)
+    print(f"cold start, {args.minutes:g} minutes each, {threads} threads ({(time.perf_counter() - started) / 60:.0f} "
+          "minutes in all)")
+    header = [f"min to {level:.1%}" for level in LEVELS] + ["best val_accuracy", "trials"]
+    print(f"{'':34}" + "".join(f"{h:>18}" for h in header))
+    for name, cells in rows.items():
+        print(f"{name:34}" + "".join(f"{c:>18}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
