@@ -122,13 +122,14 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
         version = registry.champion(client, spec.name) if client is not None else None
         if version is not None:
             return _registered(spec, storage, root, version)
-        best, confirmed = pareto.champion_trial(spec, study), None
+        decision, confirmed = pareto.decide(spec, study), None
+        best = decision.trial
         if best is None:
             raise BadInput(f"study {study.study_name!r} has no complete trial to export (or none its [champion] "
                            f"accepts); run `make search STUDY={spec.name}` until one completes")
         what, why = f"trial {best.number}", f"no registered champion for {spec.name!r}"
         if spec.pareto_choice is not None:
-            how = f"Chosen from {pareto.choose(spec, study).reason}"
+            how = f"Chosen from {decision.reason}"
         table, companion = _phase(spec, storage, study)
         if table is not None and table.exported is not None:  # the champion phase's choice: its run nearest the mean
             confirmed, best = table.champion, store.record(companion, table.exported.number)

@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import store
-from pipeline.studies import METRICS, StudySpec
+from pipeline.studies import METRICS, PRUNED_ON, StudySpec
 
 
 def _signs(directions: Sequence[str]) -> list[float]:
@@ -44,7 +44,7 @@ def joins_front(study: optuna.Study, values: Sequence[float]) -> bool:
 
 def metric_of(record: store.TrialRecord, metric: str) -> float | None:
     """What a trial recorded of a metric: its best epoch's validation figures, its size, its latency."""
-    if metric in ("val_accuracy", "val_loss"):
+    if metric in PRUNED_ON:  # the per-epoch ones
         if record.best_epoch is None or not record.history:
             return None
         return record.history[record.best_epoch - 1][metric]
@@ -60,9 +60,9 @@ class Choice:
     eligible: list[store.TrialRecord]
 
 
-def choose(spec: StudySpec, study: optuna.Study) -> Choice:
-    """The champion of a multi-objective study: the [champion] rule applied to the front (module docstring)."""
-    on_front = front(store.records(study, (TrialState.COMPLETE,)), spec.directions)
+def choose(spec: StudySpec, records: list[store.TrialRecord]) -> Choice:
+    """The champion of a multi-objective study among `records`: the [champion] rule applied to their front."""
+    on_front = front(records, spec.directions)
     rule = spec.pareto_choice
     prefer = rule.prefer if rule is not None else spec.metrics[0]
     eligible = [r for r in on_front if all(metric_of(r, m) is not None for m in _read(spec))]
@@ -94,11 +94,12 @@ def choose(spec: StudySpec, study: optuna.Study) -> Choice:
     return Choice(chosen, f"{said} ({len(eligible)} qualify): trial {chosen.number}", on_front, eligible)
 
 
-def champion_trial(spec: StudySpec, study: optuna.Study) -> store.TrialRecord | None:
-    """The trial a search offers as its champion: the best one, or (several objectives) the front's choice."""
+def decide(spec: StudySpec, study: optuna.Study) -> Choice:
+    """The trial the study offers as its champion, and how: its best feasible trial (one objective; no reason
+    given), or the [champion] rule's pick from the front (several)."""
     if len(spec.objectives) == 1:
-        return store.leading_best(study)
-    return choose(spec, study).trial
+        return Choice(store.leading_best(study), "", [], [])
+    return choose(spec, store.records(study, (TrialState.COMPLETE,)))
 
 
 def _read(spec: StudySpec) -> set[str]:

@@ -68,9 +68,10 @@ class Page:
 
 def write(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
           directory: Path = paths.REPORTS_DIR, exports: Path = paths.EXPORTS_DIR,
-          studies_dir: Path = paths.STUDIES_DIR) -> Path:
-    """Write `directory/<study file>.html` (atomically: a reader never sees half a page); return its path."""
-    page = build(spec, study, storage, exports, studies_dir)
+          studies_dir: Path = paths.STUDIES_DIR, decision: pareto.Choice | None = None) -> Path:
+    """Write `directory/<study file>.html` (atomically: a reader never sees half a page); return its path.
+    `decision`: the study's champion as the search decided it (pareto.decide), else decided here."""
+    page = build(spec, study, storage, exports, studies_dir, decision or pareto.decide(spec, study))
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{spec.name}.html"
     fileio.write_atomic(path, render(page).encode())
@@ -87,11 +88,11 @@ def render(page: Page) -> str:
 
 
 def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, exports: Path,
-          studies_dir: Path) -> Page:
+          studies_dir: Path, decision: pareto.Choice) -> Page:
     from plotly.offline import get_plotlyjs
 
     records = store.records(study)
-    best, table = _chosen(spec, study, storage)
+    best, table = _chosen(spec, study, storage, decision)
     study_file = studies.study_path(spec.name, studies_dir)
     return Page(
         spec=spec, study_name=study.study_name,
@@ -100,8 +101,8 @@ def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
         fingerprint=study.user_attrs.get("fingerprint", spec.fingerprint()),
         space=_space(spec), budget=_budget(records, best), levels=_levels(records),
         figures=_figures(spec, study, records), pruned=_pruned(records), top=_top(spec, records),
-        pareto_rows=_front_rows(spec, study) if len(spec.objectives) > 1 else [],
-        champion=_champion(spec, study, best, table, exports), provenance=_provenance(best),
+        pareto_rows=_front_rows(spec, decision) if len(spec.objectives) > 1 else [],
+        champion=_champion(spec, study, best, decision.reason, table, exports), provenance=_provenance(best),
         replays=store.replays(study), plotly_js=get_plotlyjs(),
     )
 
@@ -250,8 +251,7 @@ def _top(spec: StudySpec, records: list[store.TrialRecord]) -> list[dict[str, An
              "feasible": r.feasible} for r in complete[:TOP_TRIALS]]
 
 
-def _front_rows(spec: StudySpec, study: optuna.Study) -> list[dict[str, Any]]:
-    choice = pareto.choose(spec, study)
+def _front_rows(spec: StudySpec, choice: pareto.Choice) -> list[dict[str, Any]]:
     chosen = choice.trial.number if choice.trial else None
     ordered = sorted(choice.front, key=lambda r: r.values[0], reverse=spec.directions[0] == "maximize")
     return [{"trial": r.number, "values": _values(spec, r.values), "chosen": r.number == chosen,
@@ -266,24 +266,23 @@ def _short(value: Any) -> str:
 # The champion, provenance
 
 
-def _chosen(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+def _chosen(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, decision: pareto.Choice,
             ) -> tuple[store.TrialRecord | None, champion.Standings | None]:
     """The champion's search trial (the champion phase's choice over seeds when the study has one) and that phase's
     table."""
-    best = pareto.champion_trial(spec, study)
+    best = decision.trial
     if spec.confirmation is None or best is None:
         return best, None
     table = champion.standings(spec, study, champion.find_companion(storage, study.study_name))
     return (table.champion.trial if table.champion is not None else best), table
 
 
-def _champion(spec: StudySpec, study: optuna.Study, best: store.TrialRecord | None,
+def _champion(spec: StudySpec, study: optuna.Study, best: store.TrialRecord | None, rule: str,
               table: champion.Standings | None, exports: Path) -> dict[str, Any]:
+    """`rule`: how a multi-objective study's champion was picked from its front ('' for one objective)."""
     found: dict[str, Any] = {"trial": best.number if best else None,
                              "values": _values(spec, best.values) if best else {},
-                             "params": best.params if best else None, "rule": "", "phase": None, "export": None}
-    if spec.pareto_choice is not None or len(spec.objectives) > 1:
-        found["rule"] = pareto.choose(spec, study).reason
+                             "params": best.params if best else None, "rule": rule, "phase": None, "export": None}
     if table is not None:
         found["phase"] = table.as_dict() | {"intervals": {c.trial.number: champion.interval(c.summary)
                                                           for c in table.candidates}}

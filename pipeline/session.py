@@ -58,13 +58,16 @@ class SearchOutcome:
     signal_number: int | None = None  # interrupted by this signal
     failure: str | None = None  # why the study stopped (failed)
     finished: int = 0  # finished trials of the study, all invocations
-    best: store.TrialRecord | None = None  # Optuna's best; for several objectives the [champion] rule's choice
+    decision: pareto.Choice | None = None  # the trial offered as champion, and (several objectives) why
     top: list[store.TrialRecord] = field(default_factory=list)  # the best complete trials (up to 5), or the front
-    choice: str = ""  # several objectives: how the champion was picked from the front (pareto.Choice.reason)
     workers: int = 1
     resume_command: str = ""
     messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
     champion: champion.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
+
+    @property
+    def best(self) -> store.TrialRecord | None:
+        return self.decision.trial if self.decision is not None else None
 
 
 Status = Callable[[], tuple[int, list[float] | None]]  # (finished trials, best values so far)
@@ -128,21 +131,23 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     _standings(spec, study, outcome)
     view.ended(spec, outcome)
     if options.worker is None:  # a worker's coordinator writes the page and closes the study's MLflow side
-        page = report_page(spec, study, storage.backend, options, view.warning)
-        outcome.messages = tracking.finish(spec, study, storage.backend, status, warn=view.warning, page=page)
+        page = report_page(spec, study, storage.backend, options, view.warning, outcome.decision)
+        outcome.messages = tracking.finish(spec, study, storage.backend, status, outcome.decision, warn=view.warning,
+                                           page=page)
         if page is not None:
             outcome.messages.append(f"report: {page}")
     return outcome
 
 
 def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, options: SearchOptions,
-                warn: Callable[[str], None]) -> Path | None:
+                warn: Callable[[str], None], decision: pareto.Choice) -> Path | None:
     """Refresh the study's report page (reportpage.py). A page that cannot be written only warns: every trial is
     saved, and `make report` tries again."""
     from pipeline import reportpage  # plotly and the templates: only at the end of a search
 
     try:
-        return reportpage.write(spec, study, storage, options.reports_dir, options.exports_dir, options.studies_dir)
+        return reportpage.write(spec, study, storage, options.reports_dir, options.exports_dir, options.studies_dir,
+                                decision)
     except Exception as exc:
         warn(f"warning: the report page could not be written ({type(exc).__name__}: "
              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); `make report STUDY={spec.name}` tries again")
@@ -189,17 +194,16 @@ def _status(study: optuna.Study) -> tuple[int, list[float] | None]:
 
 
 def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> None:
+    """The study's champion (decided once here, then shown, put on the page and registered) and its top trials:
+    the best five, or (several objectives) the front, most accurate first."""
     outcome.finished = store.finished_count(study)
-    if len(spec.objectives) > 1:  # the front, most accurate first, and the trial the [champion] rule picks from it
-        choice = pareto.choose(spec, study)
-        outcome.best, outcome.choice = choice.trial, choice.reason
-        outcome.top = sorted(choice.front, key=lambda r: r.values[0], reverse=spec.directions[0] == "maximize")
-        return
-    best = store.best_records(study)
-    outcome.best = best[0] if best else None
-    if len(spec.objectives) == 1:
+    outcome.decision = pareto.decide(spec, study)
+    reverse = spec.directions[0] == "maximize"
+    if len(spec.objectives) > 1:
+        outcome.top = sorted(outcome.decision.front, key=lambda r: r.values[0], reverse=reverse)
+    else:
         complete = store.records(study, (optuna.trial.TrialState.COMPLETE,))
-        outcome.top = sorted(complete, key=lambda r: r.values[0], reverse=spec.directions[0] == "maximize")[:TOP]
+        outcome.top = sorted(complete, key=lambda r: r.values[0], reverse=reverse)[:TOP]
 
 
 def _header(spec: StudySpec, study: optuna.Study, prepared: Any, device: torch.device, options: SearchOptions,
@@ -300,14 +304,14 @@ class Tracking:
                     self.run.adopt_parent(final)
 
     def finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, status: str,
-               warn: Callable[[str], None], page: Path | None = None) -> list[str]:
+               decision: pareto.Choice, warn: Callable[[str], None], page: Path | None = None) -> list[str]:
         """End of an invocation: close runs of killed trials, refresh the parent's report, register the champion
         (the champion phase's, else the best trial). MLflow out of reach only warns: the trials are safe in Optuna
         and the next run catches up."""
         if self.run is None:
             return []
         try:
-            lines = self._finish(spec, study, storage, status, page)
+            lines = self._finish(spec, study, storage, status, decision, page)
         except Exception as exc:
             reason = hide_in(str(exc).splitlines()[0][:200], self.client.tracking_uri)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
@@ -318,7 +322,7 @@ class Tracking:
                         f"{study.study_name!r})"]
 
     def _finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
-                status: str, page: Path | None) -> list[str]:
+                status: str, decision: pareto.Choice, page: Path | None) -> list[str]:
         from pipeline import report  # pandas' table: only when tracking is on
 
         records = store.records(study)
@@ -330,11 +334,11 @@ class Tracking:
         if closed:
             lines.append(f"{closed} MLflow run(s) left RUNNING (a killed process, or MLflow out of reach) closed "
                          "with their trial's outcome")
-        best = pareto.champion_trial(spec, study)
+        best = decision.trial
         standings = champion.standings(spec, study, companion) if spec.confirmation is not None and best else None
         counts = {state: sum(r.state == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
         with tempfile.TemporaryDirectory() as tmp:
-            report.write_report(spec, study, Path(tmp))
+            report.write_report(spec, study, best, Path(tmp))
             if page is not None:
                 shutil.copyfile(page, Path(tmp) / "report.html")
             if standings is not None:
@@ -344,7 +348,7 @@ class Tracking:
         if standings is not None and standings.exported is not None:
             lines.append(self.run.register_confirmed(standings, evaluation_set(spec)))
         elif best is not None:
-            rule = pareto.choose(spec, study).reason if spec.pareto_choice is not None else None
+            rule = decision.reason if spec.pareto_choice is not None else None
             lines.append(self.run.register_champion(best.number, best.values[0], evaluation_set(spec), rule))
         return lines
 

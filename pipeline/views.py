@@ -209,11 +209,11 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
             shown = ", ".join(f"{k}={short(v)}" for k, v in record.sampled.items())
             table.add_row(str(record.number), values_text(record.values), f"{record.seconds:.0f} s", escape(shown))
         console.print(table)
-    if outcome.choice:
-        console.print(f"champion: {escape(outcome.choice)}")
-    elif outcome.best is not None:
-        console.print(f"best trial {outcome.best.number}: {values_text(outcome.best.values)} "
-                      f"with {escape(str(outcome.best.params))}")
+    best = outcome.best
+    if outcome.decision is not None and outcome.decision.reason:
+        console.print(f"champion: {escape(outcome.decision.reason)}")
+    elif best is not None:
+        console.print(f"best trial {best.number}: {values_text(best.values)} with {escape(str(best.params))}")
     if outcome.champion is not None:
         champion_table(outcome.champion.standings)
         if outcome.champion.stop_reason == "time":

@@ -63,7 +63,7 @@ def test_a_multi_objective_study_measures_latency_keeps_constraints_and_picks_fr
                      and o.values != r.values for o in complete)
         assert (r in front) == (not beaten)
 
-    choice = pareto.choose(spec, study_env.load())
+    choice = pareto.decide(spec, study_env.load())
     best_accuracy = max(r.values[0] for r in front)
     eligible = [r for r in front if r.values[0] >= best_accuracy - 0.2]
     assert choice.trial is not None and choice.trial.parameter_count == min(r.parameter_count for r in eligible)
@@ -177,3 +177,34 @@ def test_a_single_objective_study_never_crowns_an_infeasible_trial(study_env, ca
     assert "no complete trial to export" in capsys.readouterr().err
     page = (study_env.reports / "tiny.html").read_text()  # the report greys both out and names no champion
     assert page.count('<tr class="infeasible"><td class="num">') == 2 and "No champion yet" in page
+
+
+def test_the_rule_applies_limits_then_within_then_prefer_and_names_trials_it_cannot_judge(tiny_dataset, tmp_path):
+    """pareto.choose on hand-made records (accuracy up, latency down): every one is on the front."""
+    from datetime import datetime
+
+    from tiny_study import write_study
+
+    from pipeline import store
+
+    def trial(number: int, accuracy: float, latency: float | None, count: int) -> store.TrialRecord:
+        return store.TrialRecord(number, "COMPLETE", [accuracy, float(count)], {}, 1.0, datetime.now(), best_epoch=1,
+                                 history=[{"val_accuracy": accuracy}], parameter_count=count, latency_ms=latency)
+
+    records = [trial(0, 0.99, 2.0, 900), trial(1, 0.985, 1.0, 500), trial(2, 0.98, 0.5, 300),
+               trial(3, 0.97, None, 100)]  # trial 3: from before latency_ms was measured
+
+    def rule(**champion) -> pareto.Choice:
+        spec = studies.load(write_study(tmp_path / str(len(list(tmp_path.iterdir()))), sampler="nsga2",
+                                        pruner="none", champion=champion, objectives=[
+                                            {"metric": "val_accuracy"}, {"metric": "parameter_count"}]))
+        return pareto.choose(spec, records)
+
+    assert [r.number for r in pareto.front(records, ["maximize", "minimize"])] == [0, 1, 2, 3]
+    fastest = rule(prefer="latency_ms")
+    assert fastest.trial.number == 2 and "1 of them left out: they did not record latency_ms" in fastest.reason
+    assert rule(prefer="val_accuracy", limits={"latency_ms": {"max": 1.5}}).trial.number == 1
+    assert rule(prefer="parameter_count", within={"val_accuracy": 0.006}).trial.number == 1
+    assert rule(prefer="parameter_count").trial.number == 3  # nothing to measure it against: it qualifies
+    none = rule(prefer="val_accuracy", limits={"latency_ms": {"max": 0.1}})
+    assert none.trial is None and "none qualifies" in none.reason

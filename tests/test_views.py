@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 from tiny_study import write_study
 
-from pipeline import store, studies, views, workers
+from pipeline import pareto, store, studies, views, workers
 from pipeline.events import TrialEnded, TrialStarted
 from pipeline.session import SearchOutcome
 from pipeline.train import EpochMetrics
@@ -149,8 +149,8 @@ def test_workers_view_off_a_terminal_names_the_worker_of_each_line(spec, out):
 def outcome(**changes) -> SearchOutcome:
     top = [record(2, 0.95, {"lr": 0.002, "dropout": 0.1}), record(0, 0.9, {"lr": 0.01, "dropout": 0.3}),
            record(3, 0.85, {"lr": 0.0005, "dropout": 0.25})]
-    fields = dict(study_name="views-v2", ran=4, stop_reason="budget", seconds=90.0, finished=4, best=top[0],
-                  top=top, resume_command="make search STUDY=views")
+    fields = dict(study_name="views-v2", ran=4, stop_reason="budget", seconds=90.0, finished=4,
+                  decision=pareto.Choice(top[0], "", [], []), top=top, resume_command="make search STUDY=views")
     return SearchOutcome(**{**fields, **changes})
 
 
@@ -169,7 +169,7 @@ def test_summary_lists_the_top_trials_in_order_and_the_best_one(spec, out):
 
 
 def test_summary_of_a_timed_out_search_without_complete_trials(spec, out):
-    views.summary(spec, outcome(stop_reason="timeout", finished=0, best=None, top=[]))
+    views.summary(spec, outcome(stop_reason="timeout", finished=0, decision=None, top=[]))
     text = out.getvalue()
     assert "(time budget spent)" in text and "top trials" not in text and "best trial" not in text
 
@@ -183,7 +183,7 @@ def test_search_result_gives_the_replay_command_of_the_best_trial(spec, out):
 
 
 def test_search_result_without_a_best_trial_points_to_make_studies(spec, out):
-    views.search_result(spec, outcome(best=None, top=[]))
+    views.search_result(spec, outcome(decision=None, top=[]))
     assert "`make studies`" in out.getvalue() and "make replay" not in out.getvalue()
     out.seek(0)
     out.truncate()
