@@ -152,14 +152,13 @@ class Objective:
 
     def _run(self, trial: optuna.Trial, params: dict[str, Any], seed: int,
              checkpoint: Path | None) -> float | list[float]:
-        count, flops = _size(params, self.data)
-        if count >= 0:  # a pruned or failed trial is still tagged with its size
-            store.note(trial, parameter_count=count, flops_per_image=flops)
-        started = TrialStarted(trial.number, hparams.resolve_params(params), seed, count, self.data,
-                               trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0))
+        size = _size(params, self.data, flops="flops_per_image" in self.spec.constraints)
+        store.note(trial, **size)  # a pruned or failed trial is still tagged with its size
+        started = TrialStarted(trial.number, hparams.resolve_params(params), seed, size.get("parameter_count", -1),
+                               self.data, trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0))
         _failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
         # Size is known before training: a trial already outside a size constraint is not worth training.
-        missed = _constrain(trial, self.spec, {"parameter_count": count, "flops_per_image": flops})
+        missed = _constrain(trial, self.spec, size)
         if missed:
             store.note(trial, fail_reason="infeasible", fail_detail=missed)
             raise optuna.TrialPruned(f"infeasible before training: {missed}")
@@ -189,9 +188,8 @@ class Objective:
             latency_ms = latency.trial_latency_ms(model.cpu_copy(), self.data.input_shape)
             store.note(trial, latency_ms=latency_ms, latency_threads=latency.LATENCY_THREADS)
         metrics = studies.trial_metrics(result, latency_ms)
-        # The size constraints were set before training, unless the size could not be counted then.
-        measured = {k: v for k, v in metrics.items() if count < 0 or k not in ("parameter_count", "flops_per_image")}
-        missed = _constrain(trial, self.spec, measured)
+        # Each constraint once (Optuna keeps the first value): what was not known before training.
+        missed = _constrain(trial, self.spec, {k: v for k, v in metrics.items() if k not in size})
         values = studies.objective_values(self.spec, metrics)
         # Inside the trial, so that a model that cannot be saved (disk full) fails this trial, not the study.
         if self.confirming:
@@ -346,23 +344,24 @@ def _worth_keeping(study: optuna.Study, values: list[float], feasible: bool) -> 
     return feasible and pareto.joins_front(study, values)
 
 
-def _size(params: dict[str, Any], data: PreparedData) -> tuple[int, int]:
-    """Parameters and FLOPs per image, counted before training, so that pruned and failed trials are tagged with
-    their size and a size constraint is checked before any training; (-1, -1) when the params cannot build."""
+def _size(params: dict[str, Any], data: PreparedData, flops: bool) -> dict[str, int]:
+    """`parameter_count` (and with `flops`, `flops_per_image`: a forward pass to count, so only when a constraint
+    needs it before training), so that pruned and failed trials are tagged with their size and a size constraint
+    is checked before any training; {} when the params cannot build."""
     try:
         model = models.build_model(hparams.resolve_params(params), len(data.classes), data.input_shape,
                                    imagenet=False)  # counting needs the architecture, not the ImageNet weights
-        return models.count_parameters(model), models.flops_per_image(model, data.input_shape)
+        counted = {"parameter_count": models.count_parameters(model)}
+        return counted | ({"flops_per_image": models.flops_per_image(model, data.input_shape)} if flops else {})
     except Exception:  # bad params or missing weights: fit() reports those properly
-        return -1, -1
+        return {}
 
 
 def _constrain(trial: optuna.Trial, spec: StudySpec, metrics: dict[str, float]) -> str:
-    """Give Optuna the study's constraints on these metrics (each set once: Optuna ignores a second value); return
-    which are missed ('' when none)."""
+    """Give Optuna the study's constraints on these metrics; return which are missed ('' when none)."""
     missed = []
     for metric, bound in spec.constraints.items():
-        if metric in metrics and metrics[metric] >= 0:  # -1: not counted (the params do not build)
+        if metric in metrics:
             excess = bound.excess(metrics[metric])
             trial.set_constraint(metric, excess)
             if excess > 0:

@@ -116,6 +116,8 @@ def test_a_single_objective_prune_records_what_the_pruner_compared(study_env, ml
     assert study_env.run("search") == 0
     records = study_env.records()
     assert records[2].state == "PRUNED" and records[2].fail_reason == "pruned"
+    # Its size, counted before training; its FLOPs are not (a forward pass, made only for a FLOPs constraint).
+    assert records[2].parameter_count > 0 and records[2].flops_per_image is None
     reason = pruning.PruneReason.from_dict(records[2].prune_reason)
     assert reason.compared_with == statistics.median(r.history[0]["val_accuracy"] for r in records[:2])
     assert reason.rule == "median of 2 complete trials at epoch 1"
@@ -208,3 +210,12 @@ def test_the_rule_applies_limits_then_within_then_prefer_and_names_trials_it_can
     assert rule(prefer="parameter_count").trial.number == 3  # nothing to measure it against: it qualifies
     none = rule(prefer="val_accuracy", limits={"latency_ms": {"max": 0.1}})
     assert none.trial is None and "none qualifies" in none.reason
+
+
+def test_a_flops_bound_is_checked_before_training(study_env):
+    study_env.write_study(trials=2, constraints={"flops_per_image": {"max": 10}})
+    assert study_env.run("search") == 0
+    records = study_env.records()
+    assert all(r.state == "PRUNED" and r.fail_reason == "infeasible" and not r.history for r in records)
+    assert all(r.constraints == {"flops_per_image": r.flops_per_image - 10} and r.flops_per_image > 10
+               for r in records)
