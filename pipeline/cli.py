@@ -170,6 +170,13 @@ STORAGE_HELP = ("Optuna storage: a URL (sqlite:///..., postgresql://...) or a .j
                 "studies/optuna.db, or studies/optuna.journal for a study run with several workers)")
 
 
+def _add_stored_study_arguments(p: argparse.ArgumentParser) -> None:
+    """A study file and the Optuna storage that holds its study: what every command reading a study takes."""
+    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
+    p.add_argument("--storage", default=None, help=STORAGE_HELP)
+    p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR, help=argparse.SUPPRESS)
+
+
 def _add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reports-dir", type=Path, default=paths.REPORTS_DIR, help="where the report page goes "
                    "(default: reports/)")
@@ -177,9 +184,7 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_study_arguments(p: argparse.ArgumentParser, with_budget: bool) -> None:
-    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
-    p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR, help=argparse.SUPPRESS)
+    _add_stored_study_arguments(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per trial (default: all cores)")
     p.add_argument("--root", type=Path, default=paths.DATA_ROOT, help="data folder (default: data/)")
@@ -245,9 +250,7 @@ def _add_study_commands(commands: Any) -> None:
     p.set_defaults(run=_cmd_search)
 
     p = commands.add_parser("report", help="the study's report page -> reports/<study>.html (self-contained)")
-    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
-    p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR, help=argparse.SUPPRESS)
+    _add_stored_study_arguments(p)
     _add_report_arguments(p)
     p.set_defaults(run=_cmd_report)
 
@@ -267,18 +270,15 @@ def _add_study_commands(commands: Any) -> None:
 def _add_serving_commands(commands: Any) -> None:
     """export-best, predict, ui, dashboard, server."""
     p = commands.add_parser("export-best", help="the study's champion -> exports/<study>/, verified by a fresh process")
-    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
+    _add_stored_study_arguments(p)
     p.add_argument("--force", action="store_true", help="replace an existing export")
     p.add_argument("--trial", type=int, default=None, help="export this complete trial instead of the champion, to "
                    "exports/<study>-trial-<n>/ (retrained from its recorded params and seed)")
     p.add_argument("--out", type=Path, default=paths.EXPORTS_DIR,
                    help="parent folder of the export (default: exports/)")
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
     p.add_argument("--root", type=Path, default=paths.DATA_ROOT, help="data folder (default: data/)")
     p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
                    help="take the champion from the MLflow registry and log the test accuracy back")
-    p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR,
-                   help=argparse.SUPPRESS)
     p.set_defaults(run=_cmd_export_best)
 
     p = commands.add_parser("predict", help="classify PNG/JPEG files with an export")
@@ -295,9 +295,7 @@ def _add_serving_commands(commands: Any) -> None:
     p.set_defaults(run=_cmd_ui)
 
     p = commands.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1, opened on a study's page")
-    p.add_argument("--study", required=True, help="a study file name in studies/, e.g. cnn")
-    p.add_argument("--storage", default=None, help=STORAGE_HELP)
-    p.add_argument("--studies-dir", type=Path, default=paths.STUDIES_DIR, help=argparse.SUPPRESS)
+    _add_stored_study_arguments(p)
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
                    "only); any other needs --insecure")

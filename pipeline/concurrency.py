@@ -53,6 +53,17 @@ def stop_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
+def stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) raise KeyboardInterrupt in the main thread, as Ctrl-C does, so a
+    server that serves until interrupted stops the same way whichever arrives."""
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, _raise_keyboard_interrupt)
+
+
+def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal_number)
+
+
 def quiet_if_hung_up() -> None:
     """After SIGHUP: if the terminal is gone (an SSH session dropped), stdout and stderr go to /dev/null from now on.
 

@@ -11,7 +11,6 @@ nothing is fetched from the network.
 from __future__ import annotations
 
 import errno
-import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import optuna_dashboard
 
 from pipeline import store
+from pipeline.concurrency import stop_signals_interrupt
 from pipeline.errors import BadInput
 from pipeline.studies import StudySpec
 from pipeline.urls import loopback, shown
@@ -42,8 +42,7 @@ def dashboard(spec: StudySpec, storage_override: str | None, host: str, port: in
              "and trials")
     say(f"Optuna dashboard of study {study.study_name!r} in {shown(storage.url)}: open "
         f"http://{_where(host)}:{port}/dashboard/studies/{study_id}  (Ctrl-C stops it)")
-    for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, _raise_keyboard_interrupt)
+    stop_signals_interrupt()
     # Requests are served on a thread of their own: a signal interrupts only this one, which waits. (On the main
     # thread it could land inside a request, where wsgiref's catch-all handler would swallow it.)
     serving = threading.Thread(target=server.serve_forever, name="optuna-dashboard", daemon=True)
@@ -84,7 +83,3 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass
-
-
-def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal_number)

@@ -13,13 +13,12 @@ data and the export's PNGs are inlined, so the page opens offline, from a file, 
 from __future__ import annotations
 
 import base64
-import html
 import importlib.metadata
 import json
 import platform
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,6 @@ class Page:
     provenance: dict[str, str]
     replays: dict[str, dict[str, Any]]
     plotly_js: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 def write(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
@@ -322,7 +320,3 @@ def _provenance(best: store.TrialRecord | None) -> dict[str, str]:
         found |= {"dataset digest": best.dataset_digest or "-", "split hash": best.split_hash or "-",
                   "champion trial ran on": f"{best.device}, {best.precision}, {best.threads} threads, seed {best.seed}"}
     return found
-
-
-def escape(text: str) -> str:
-    return html.escape(text)

@@ -23,7 +23,7 @@ from pathlib import Path
 from mlflow.server.security_utils import get_default_allowed_hosts
 
 from pipeline import store, tracking
-from pipeline.concurrency import stop_with_parent
+from pipeline.concurrency import stop_signals_interrupt, stop_with_parent
 from pipeline.errors import BadInput
 from pipeline.studies import StudySpec
 from pipeline.urls import loopback, shown
@@ -134,15 +134,10 @@ def serve(backend: str, host: str, port: int, artifacts: Path, target: str, allo
     # Its own process group: `mlflow server` runs uvicorn as a child, and both must stop with us (Ctrl-C,
     # SIGTERM, a closed terminal); if we are killed outright, the kernel tells the server (Linux).
     server = subprocess.Popen(command, env=environment, start_new_session=True, preexec_fn=stop_with_parent)
-    for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, _raise_keyboard_interrupt)
+    stop_signals_interrupt()
     try:
         return server.wait()
     except KeyboardInterrupt:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
         return 0
-
-
-def _raise_keyboard_interrupt(signal_number: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal_number)
