@@ -186,7 +186,7 @@ def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
         if key not in seen:
             seen.add(key)
             chosen.append(record)
-    return chosen[:spec.champion.top_k]
+    return chosen[:spec.confirmation.top_k]
 
 
 def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
@@ -195,7 +195,7 @@ def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
 
 def standings(spec: StudySpec, study: optuna.Study, companion: optuna.Study | None) -> Standings:
     """The table as the stores hold it now (also what export and the report read back)."""
-    seeds, direction = spec.champion.seeds, spec.directions[0]
+    seeds, direction = spec.confirmation.seeds, spec.directions[0]
     done: dict[tuple[int, int], store.TrialRecord] = {}
     for record in store.records(companion, (TrialState.COMPLETE,)) if companion is not None else []:
         done.setdefault((record.confirmation_of, record.repeat), record)  # the first if a run was done twice
@@ -255,7 +255,7 @@ class PhaseOutcome:
 def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecord, int]]:
     """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats."""
     found = candidates(spec, study)
-    return [(trial, repeat) for repeat in range(1, spec.champion.seeds) for trial in found]
+    return [(trial, repeat) for repeat in range(1, spec.confirmation.seeds) for trial in found]
 
 
 def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> int:
@@ -291,10 +291,9 @@ class Phase:
 
     def announcement(self) -> str:
         waiting = len(store.records(self.companion, (TrialState.WAITING,)))
-        champion = self.spec.champion
-        return (f"champion phase: the {len(self.wanted) // (champion.seeds - 1) if self.wanted else 0} best "
-                f"configurations, {champion.seeds} runs each (the search's own counts as one): {waiting} runs to "
-                f"train, {champion.minutes:g} min budget")
+        table, configurations = self.spec.confirmation, len({trial.number for trial, _ in self.wanted})
+        return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
+                f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
 
     def status(self) -> tuple[int, list[float] | None]:
         """Wanted runs done (for the progress bar)."""
@@ -316,7 +315,7 @@ class Phase:
                                      confirming=True)
         store.take_retries_first(companion)
         needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
-        deadline = time.monotonic() + spec.champion.minutes * 60
+        deadline = time.monotonic() + spec.confirmation.minutes * 60
         ran, failures, stop_reason = 0, 0, "done"
         with stop.installed():
             while True:
@@ -324,15 +323,14 @@ class Phase:
                 for number in search.fail_dead_owners(companion, checkpoints):
                     listener.warning(f"champion-phase run {number} was left RUNNING by a process that died: "
                                      "failed and queued again")
-                waiting = store.records(companion, (TrialState.WAITING,))
-                if not waiting:
+                upcoming = store.next_waiting(companion)  # the run Optuna will hand out next
+                if upcoming is None:
                     if not store.running_count(companion):
                         break
                     listener.waiting()  # another process runs the last runs: their results join the table
                     time.sleep(search.WAIT_SECONDS)
                     optuna.storages.fail_stale_trials(companion)  # that process died on another host (heartbeat)
                     continue
-                upcoming = min(waiting, key=lambda r: (r.retry_of is None, r.number))  # take_retries_first's order
                 if time.monotonic() + needs.get(upcoming.confirmation_of, 0.0) > deadline:
                     stop_reason = "time"
                     break

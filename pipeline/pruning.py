@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import store
+from pipeline.studies import PRUNED_ON
 
 MEDIAN_STARTUP_TRIALS = 2  # complete trials before the median rule prunes anything (as store.make_pruner's)
 
@@ -49,7 +50,7 @@ def pruned_metric(metrics: Sequence[str]) -> str | None:
     """The objective a study prunes on: its only one, or (several) val_accuracy, else val_loss."""
     if len(metrics) == 1:
         return metrics[0]
-    return next((m for m in ("val_accuracy", "val_loss") if m in metrics), None)
+    return next((m for m in PRUNED_ON if m in metrics), None)
 
 
 def _best_so_far(values: Sequence[float], maximize: bool) -> float:

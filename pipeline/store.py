@@ -419,8 +419,7 @@ def take_retries_first(study: optuna.Study) -> None:
 
     def pop_waiting_trial_id() -> int | None:
         waiting = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,))
-        retry_first = sorted(waiting, key=lambda t: (not _is_retry(t), t.number))
-        for trial in retry_first:
+        for trial in _retries_first(waiting):
             try:
                 if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
                     return trial._trial_id
@@ -429,6 +428,16 @@ def take_retries_first(study: optuna.Study) -> None:
         return None
 
     study._pop_waiting_trial_id = pop_waiting_trial_id
+
+
+def next_waiting(study: optuna.Study) -> TrialRecord | None:
+    """The queued trial a process with `take_retries_first` takes next, if any."""
+    waiting = _retries_first(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    return record_of(waiting[0]) if waiting else None
+
+
+def _retries_first(waiting: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return sorted(waiting, key=lambda t: (not _is_retry(t), t.number))
 
 
 def _is_retry(trial: optuna.trial.FrozenTrial) -> bool:

@@ -31,7 +31,7 @@ PRUNERS = ("hyperband", "median", "none")
 # Metrics a trial can be judged by: the last-epoch-free ones come from the best epoch.
 METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "parameter_count": "minimize",
            "flops_per_image": "minimize", "latency_ms": "minimize"}
-# What a multi-objective study can prune on: Optuna's pruners take one value per epoch (search.py).
+# The metrics a trial has every epoch: what a pruner can judge it on (search.py, pruning.py), in order of preference.
 PRUNED_ON = ("val_accuracy", "val_loss")
 
 
