@@ -140,16 +140,23 @@ class Standings:
                             "runs": [vars(r) for r in c.runs]} for c in self.candidates],
         }
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Each candidate's figures as text, in the search's order: what every view of the table (the console, the
+        markdown artifact, the report page) shows."""
+        return [{"rank": str(c.rank), "trial": str(c.trial.number), "runs": str(c.summary.n),
+                 "mean": f"{c.summary.mean:.4f}", "std": _maybe(c.summary.std), "interval": interval(c.summary),
+                 "min": f"{c.summary.low:.4f}", "max": f"{c.summary.high:.4f}", "mflops": _mflops(c.flops),
+                 "values": ", ".join(f"{r.repeat}: {r.value:.4f}" for r in c.runs), "champion": c is self.champion}
+                for c in self.candidates]
+
     def markdown(self) -> str:
         rows = [f"# Champion of {self.study_name}: {self.metric} over {self.seeds} seeds per candidate", "",
                 "| rank | trial | runs | mean | std | 95% CI | min | max | MFLOPs | values (repeat: value) |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
-        for c in self.candidates:
-            s = c.summary
-            values = ", ".join(f"{r.repeat}: {r.value:.4f}" for r in c.runs)
-            rows.append(f"| {c.rank} | {c.trial.number}{' (champion)' if c is self.champion else ''} | {s.n} | "
-                        f"{s.mean:.4f} | {_maybe(s.std)} | {interval(s)} | {s.low:.4f} | {s.high:.4f} | "
-                        f"{_mflops(c.flops)} | {values} |")
+        for r in self.rows():
+            rows.append(f"| {r['rank']} | {r['trial']}{' (champion)' if r['champion'] else ''} | {r['runs']} | "
+                        f"{r['mean']} | {r['std']} | {r['interval']} | {r['min']} | {r['max']} | {r['mflops']} | "
+                        f"{r['values']} |")
         rows += ["", self.reason]
         if self.exported is not None:
             rows.append(f"Exported weights: {describe_run(self.exported, self.champion.trial.number)}, the "

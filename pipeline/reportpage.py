@@ -282,8 +282,7 @@ def _champion(spec: StudySpec, study: optuna.Study, best: store.TrialRecord | No
                              "values": _values(spec, best.values) if best else {},
                              "params": best.params if best else None, "rule": rule, "phase": None, "export": None}
     if table is not None:
-        found["phase"] = table.as_dict() | {"intervals": {c.trial.number: champion.interval(c.summary)
-                                                          for c in table.candidates}}
+        found["phase"] = {"seeds": table.seeds, "reason": table.reason, "rows": table.rows()}
     found["export"] = _export(exports / spec.name, study.study_name)
     return found
 

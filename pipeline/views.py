@@ -224,18 +224,13 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
 
 def champion_table(standings: Standings) -> None:
     """The champion phase's candidates: each one's runs, mean, spread and confidence interval; then the choice."""
-    from pipeline.champion import interval
-
     table = Table(title=f"champion phase of {standings.study_name}: {standings.metric} over "
                         f"{standings.seeds} seeds per candidate (95% CI: Student t)")
-    for column in ("trial", "mean", "std", "95% CI", "min-max", "MFLOPs", "runs (repeat 0 = the search's)"):
+    for column in ("trial", "mean", "std", "95% CI", "min-max", "MFLOPs", "runs (repeat: value; 0 = the search's)"):
         table.add_column(column, justify="left" if column.startswith("runs") else "right", overflow="fold")
-    for c in standings.candidates:  # in the search's order
-        s = c.summary
-        style = "bold green" if c is standings.champion else None
-        table.add_row(str(c.trial.number), f"{s.mean:.4f}", "-" if s.std is None else f"{s.std:.4f}",
-                      interval(s), f"{s.low:.4f}-{s.high:.4f}", f"{c.flops / 1e6:,.1f}" if c.flops else "-",
-                      " ".join(f"{r.value:.4f}" for r in c.runs), style=style)
+    for r in standings.rows():  # in the search's order
+        table.add_row(r["trial"], r["mean"], r["std"], r["interval"], f"{r['min']}-{r['max']}", r["mflops"],
+                      r["values"], style="bold green" if r["champion"] else None)
     console.print(table)
     console.print(escape(standings.reason))
     if standings.exported is not None:

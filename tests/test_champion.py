@@ -124,6 +124,13 @@ def test_the_champion_is_the_best_mean_not_the_lucky_single_run_and_everything_i
     assert standings.exported.repeat == 1  # 1.0 and 1.0 are equally near 0.92: the lower repeat
     assert "champion phase of tiny" in out and "Champion: trial 0 has the best mean (0.9200 over 3 runs)" in out
 
+    # The report page: the phase's choice is the champion (not the search's lucky best), with the phase's table.
+    page = (study_env.reports / "tiny.html").read_text()
+    assert f"Trial <b>{steady.trial.number}</b>" in page and f"Trial <b>{best.number}</b>" not in page
+    assert (f'<tr class="chosen"><td class="num">2</td><td class="num">0</td><td class="num">3</td><td class="num">'
+            f'0.9200</td><td class="num">{steady.summary.std:.4f}</td><td class="num">[{steady.summary.ci_low:.4f}, '
+            f'{steady.summary.ci_high:.4f}]</td>') in page
+
     # MLflow: each run a child run tagged as a confirmation of its trial; the table and its figures on the parent.
     client = mlflow.MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("tiny").experiment_id
