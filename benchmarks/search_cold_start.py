@@ -29,12 +29,10 @@ from pathlib import Path
 
 import optuna
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms
+from reference_loop import correct_count, mnist_subsets, train_epoch
+from torch.utils.data import DataLoader
 
-from pipeline import data, datasets, paths, reproducibility, store
+from pipeline import data, datasets, reproducibility, store
 
 PROJECT = Path(__file__).resolve().parents[1]
 LEVELS = (0.993, 0.995, 0.996)
@@ -83,17 +81,8 @@ class PlainCNN(torch.nn.Module):
 
 def theirs(minutes: float) -> list[tuple[float, float]]:
     """The plain script, for `minutes` of wall time; the same (minutes, best val_accuracy) per finished trial."""
-    mean, std = (0.1307,), (0.3081,)
-    normalise = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    train_tf = transforms.Compose([transforms.RandomRotation(10), *normalise])
     split = data.stratified_split(data.load_arrays("mnist").train_labels)
-
-    def mnist(transform: transforms.Compose, indices: torch.Tensor) -> Subset:
-        return Subset(tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=transform),
-                      indices.tolist())
-
-    train_set = mnist(train_tf, split.train_indices)
-    val_set = mnist(transforms.Compose(normalise), split.val_indices)
+    train_set, val_set = mnist_subsets(split.train_indices, split.val_indices, (0.1307,), (0.3081,), rotate=True)
     val_loader = DataLoader(val_set, batch_size=1000)
 
     def objective(trial: optuna.Trial) -> float:
@@ -103,15 +92,8 @@ def theirs(minutes: float) -> list[tuple[float, float]]:
         loader = DataLoader(train_set, batch_size=trial.suggest_categorical("batch_size", [64, 128]), shuffle=True)
         best = 0.0
         for epoch in range(EPOCHS):
-            model.train()
-            for x, y in loader:
-                optimizer.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                optimizer.step()
-            model.eval()
-            with torch.no_grad():
-                correct = sum((model(x).argmax(1) == y).sum().item() for x, y in val_loader)
-            accuracy = correct / len(val_set)
+            train_epoch(model, optimizer, loader)
+            accuracy = correct_count(model, val_loader) / len(val_set)
             best = max(best, accuracy)
             trial.set_user_attr("best", best)
             trial.report(accuracy, epoch)

@@ -22,12 +22,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from torchvision import datasets as tv_datasets
-from torchvision import transforms
+from reference_loop import correct_count, mnist_subsets, train_epoch
+from torch.utils.data import DataLoader
 
-from pipeline import data, datasets, hparams, models, paths, reproducibility, train
+from pipeline import data, datasets, hparams, models, reproducibility, train
 
 BATCH = 64
 LR = 1e-3
@@ -35,27 +33,15 @@ LR = 1e-3
 
 def reference_epoch(family: str, train_idx: torch.Tensor, val_idx: torch.Tensor, mean: tuple[float, ...],
                     std: tuple[float, ...], rotate: bool) -> float:
-    steps = [transforms.RandomRotation(10)] if rotate else []
-    train_tf = transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
-    val_tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-    train_set = tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=train_tf)
-    val_set = tv_datasets.MNIST(paths.DATA_ROOT, train=True, download=False, transform=val_tf)
-    train_loader = DataLoader(Subset(train_set, train_idx.tolist()), batch_size=BATCH, shuffle=True)
-    val_loader = DataLoader(Subset(val_set, val_idx.tolist()), batch_size=1000)
+    train_set, val_set = mnist_subsets(train_idx, val_idx, mean, std, rotate)
+    train_loader = DataLoader(train_set, batch_size=BATCH, shuffle=True)
+    val_loader = DataLoader(val_set, batch_size=1000)
     torch.manual_seed(0)
     model = models.build_model(hparams.CLASSIC[family])
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     started = time.perf_counter()
-    model.train()
-    for x, y in train_loader:
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for x, y in val_loader:
-            correct += (model(x).argmax(1) == y).sum().item()
+    train_epoch(model, optimizer, train_loader)
+    correct_count(model, val_loader)
     return time.perf_counter() - started
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from datetime import datetime
@@ -15,7 +14,7 @@ import mlflow
 import pytest
 from conftest import TINY_CLI, StudyEnv, study_refusal
 from optuna.trial import TrialState
-from test_faults import kill_mid_trial
+from test_faults import kill_search_mid_trial
 
 from pipeline import champion, registry, store, studies
 from pipeline.cli import main
@@ -231,12 +230,7 @@ def test_kill_9_mid_phase_then_rerun_completes_it_with_nothing_repeated(study_en
         cut.update(running=running[0], complete={r.number for r in runs if r.state == "COMPLETE"})
         return process.pid
 
-    try:
-        kill_mid_trial(mid_phase_run)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_search_mid_trial(process, mid_phase_run)
 
     rerun = subprocess.run(study_env.command("search"), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr

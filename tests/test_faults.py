@@ -58,6 +58,17 @@ def kill_mid_trial(find_victim) -> int:
         os.kill(pid, signal.SIGCONT)
 
 
+def kill_search_mid_trial(process: subprocess.Popen, find_victim) -> None:
+    """`kill_mid_trial` on a search started by the test: the process is reaped whatever happens, and must have
+    died of that SIGKILL."""
+    try:
+        kill_mid_trial(find_victim)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
 def integrity_ok(url: str) -> bool:
     with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
         return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import StudyEnv, mlflow_runs, trial_runs, wait_until
 from optuna.trial import TrialState
-from test_faults import kill_mid_trial
+from test_faults import kill_search_mid_trial
 
 from pipeline import events, replay, search, store, studies
 
@@ -169,12 +169,7 @@ def test_kill_9_mid_trial_then_rerun_resumes_the_checkpoint_bit_for_bit(study_en
         cut.update(number=running[0].number, epochs=len(running[0].history))
         return process.pid
 
-    try:
-        kill_mid_trial(between_epochs)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
+    kill_search_mid_trial(process, between_epochs)
     killed = study_env.records()[cut["number"]]
     assert killed.state == "RUNNING" and len(killed.history) == cut["epochs"]
     assert checkpoint_files(study_env) == [f"tiny/trial-{killed.number}.pt"]
