@@ -102,6 +102,18 @@ def test_make_tracking_off_and_on():
     assert "--no-tracking" in off.stdout and "--no-tracking" not in on.stdout
 
 
+def test_make_baselines_trial_and_report_reach_their_commands():
+    cold, warm = (_make("-n", "search", "STUDY=cnn", f"BASELINES={value}") for value in ("off", "on"))
+    assert cold.returncode == 0 and warm.returncode == 0, cold.stderr + warm.stderr
+    assert "--no-baselines" in cold.stdout and "--no-baselines" not in warm.stdout
+    refused = _make("-n", "search", "STUDY=cnn", "BASELINES=cold")
+    assert refused.returncode == 2 and "BASELINES=cold: expected 1 or 0" in refused.stderr
+    one, champion = (_make("-n", "export-best", "STUDY=cnn", *trial) for trial in (["TRIAL=7"], []))
+    assert '--trial "7"' in one.stdout and "--trial" not in champion.stdout
+    report = _make("-n", "report", "STUDY=cnn")
+    assert report.returncode == 0 and 'pipeline report --study "cnn"' in report.stdout
+
+
 def test_make_storage_with_shell_characters_reaches_the_program_whole(tmp_path):
     """STORAGE travels in the environment: an `&` in it is not a shell's background operator."""
     journal = tmp_path / "a&b" / "optuna.journal"
