@@ -23,8 +23,10 @@ from pipeline.concurrency import process_alive
 TEMP_PATTERN = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename it over `path` durably (flushed first)."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write to a temporary name in the same folder, then rename it over `path` durably (flushed first). The file
+    gets `mode`, not the owner-only mode of a temporary file: what it holds (data, checkpoints, reports) is no
+    secret."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in dead_leftovers(path.parent, TEMP_PATTERN):
@@ -32,6 +34,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(data)
         rename_durably(Path(tmp), path)  # fsyncs the content before the rename, the folder after it
     except BaseException:

@@ -73,7 +73,6 @@ def write(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{spec.name}.html"
     fileio.write_atomic(path, render(page).encode())
-    path.chmod(0o644)  # a page to share, not a secret (the atomic writer makes its files 0600)
     return path
 
 

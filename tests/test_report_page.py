@@ -39,6 +39,7 @@ def test_a_search_writes_the_report_page_with_every_section(study_env, capsys):
     assert f"report: {study_env.reports / 'tiny.html'}" in capsys.readouterr().out
     page = page_of(study_env)
     assert_self_contained(page)
+    assert (study_env.reports / "tiny.html").stat().st_mode & 0o777 == 0o644  # a page to share
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
     assert 'id="pareto"' not in page  # one objective: no front
