@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tiny_study import write_study
 
-from pipeline import events, replay, search, session, store, studies
+from pipeline import events, pareto, replay, search, session, store, studies
 
 # A good trial first, then one that barely moves its weights: it cannot beat the first, so the
 # "no new best" case is always exercised.
@@ -128,4 +128,4 @@ def test_tracking_off_gives_a_listener_that_does_nothing(tmp_path):
     study = store.open_study(spec, storage, log=lambda m: None)
     tracking.start(spec, study)
     assert tracking.run is None and store.parent_run_id(study) is None  # nothing reached MLflow
-    assert tracking.finish(spec, study, storage, "FINISHED", warn=pytest.fail) == []
+    assert tracking.finish(spec, study, storage, "FINISHED", pareto.decide(spec, study), warn=pytest.fail) == []
