@@ -22,7 +22,7 @@ from pathlib import Path
 
 import optuna
 
-from pipeline import hparams, models, paths, replay, search, session, store, studies, tracking, train
+from pipeline import hparams, models, pareto, paths, replay, search, session, store, studies, tracking, train
 from pipeline.events import Listener, TrialEnded, TrialStarted
 
 TIMED_CALLS = ("trial_started", "epoch_ended", "trial_ended", "new_best")
@@ -44,7 +44,7 @@ def run_smoke(spec: studies.StudySpec, prepared, workdir: Path, tracked: bool) -
     wall = time.perf_counter() - started
     if tracked:
         finish_started = time.perf_counter()
-        tracker.finish(spec, study, "FINISHED", warn=print)
+        tracker.finish(spec, study, storage, "FINISHED", pareto.decide(spec, study), warn=print)
         calls["finish"].append(time.perf_counter() - finish_started)
     return wall, calls
 
@@ -102,7 +102,7 @@ def price_cnn_study(study: optuna.Study, costs: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cnn-study", default="cnn-v2", help="recorded study to price (default: cnn-v2)")
-    parser.add_argument("--storage", default=store.DEFAULT_STORAGE)
+    parser.add_argument("--storage", default=paths.DEFAULT_STORAGE)
     args = parser.parse_args()
 
     spec = studies.load("smoke")
