@@ -3,8 +3,9 @@
     make bench-search MINUTES=15      (.venv/bin/python benchmarks/search_cold_start.py --minutes 15)
 
 Ours: `python -m pipeline search --study cnn --no-baselines` (the sampler starts cold, as a user's own study
-does), its [champion] phase left out (only the search is measured), on a fresh SQLite file, tracking off, with
-`timeout_minutes = MINUTES` (no trial starts after it).
+does), its [champion] phase left out (only the search is measured), on a fresh journal file (where a new study
+goes by default) with the default WORKERS=auto, tracking off, with `timeout_minutes = MINUTES` (no trial starts
+after it).
 
 Theirs, the usual script: a CNN of the same family (2-3 blocks of 3x3 convolutions with BatchNorm and max-pooling,
 32 or 48 channels doubling, a global-average-pooled head), torchvision's MNIST through a `DataLoader` with
@@ -47,17 +48,17 @@ def cold_study_file(directory: Path, minutes: float) -> None:
     (directory / "cnn.toml").write_text(text)
 
 
-def ours(minutes: float, threads: int) -> list[tuple[float, float]]:
+def ours(minutes: float) -> list[tuple[float, float]]:
     """(minutes since the search's first trial started, best val_accuracy) of each finished trial, in order."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         cold_study_file(folder, minutes)
-        storage = f"sqlite:///{folder}/optuna.db"
+        storage = str(folder / "optuna.journal")  # where a new study of the default settings goes (WORKERS=auto)
         subprocess.run([sys.executable, "-m", "pipeline", "search", "--study", "cnn", "--studies-dir", str(folder),
-                        "--storage", storage, "--no-baselines", "--no-tracking", "--threads", str(threads),
-                        "--reports-dir", str(folder / "reports")], cwd=PROJECT, check=True,
-                       stdout=subprocess.DEVNULL)
-        records = store.records(optuna.load_study(study_name="cnn", storage=storage), store.FINISHED)
+                        "--storage", storage, "--no-baselines", "--no-tracking", "--reports-dir",
+                        str(folder / "reports")], cwd=PROJECT, check=True, stdout=subprocess.DEVNULL)
+        records = store.records(optuna.load_study(study_name="cnn", storage=store.make_storage(storage)),
+                                store.FINISHED)
     start = min(r.started_at for r in records)
     return sorted(((r.completed_at - start).total_seconds() / 60, max(h["val_accuracy"] for h in r.history))
                   for r in records if r.history)
@@ -124,7 +125,7 @@ def main() -> None:
     threads = reproducibility.make_deterministic()
     datasets.land("mnist")
     started = time.perf_counter()
-    rows = {"ours (cnn study, BASELINES=off)": summary(ours(args.minutes, threads), args.minutes)}
+    rows = {"ours (cnn study, BASELINES=off)": summary(ours(args.minutes), args.minutes)}
     torch.manual_seed(0)
     rows["plain Optuna script"] = summary(theirs(args.minutes), args.minutes)
     print(f"cold start, {args.minutes:g} minutes each, {threads} threads ({(time.perf_counter() - started) / 60:.0f} "

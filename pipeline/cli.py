@@ -241,8 +241,9 @@ def _add_study_commands(commands: Any) -> None:
     p.add_argument("--fresh", action="store_true", help="start a new version of the study (the old one is kept)")
     p.add_argument("--no-baselines", action="store_true", help="queue none of the study file's [[baseline]] trials: "
                    "the sampler starts cold (what a study of your own starts with; make bench-search measures it)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1); "
-                   "GPUs are shared out round robin, CPU threads split between them")
+    p.add_argument("--workers", type=_worker_count, default="auto", help="worker processes on this host, or auto "
+                   "(the default: one per GPU, else one 1-thread worker per CPU core up to 4, one for a study in a "
+                   "SQLite file); GPUs are shared out round robin, CPU threads split between them")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the coordinator
     p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
                    help="record trials in MLflow ($MLFLOW_TRACKING_URI, default sqlite mlruns/mlflow.db)")
@@ -328,11 +329,21 @@ WORKER_PROGRAM = (sys.executable, "-m", "pipeline")
 DEVICE_FORMS = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
+def _worker_count(text: str) -> int | str:
+    """--workers: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of worker processes or auto") from None
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """What argparse's types cannot say: ranges and device names, checked before anything is opened."""
     for flag in ("threads", "workers", "port"):
         value = getattr(args, flag, None)
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:
             raise BadInput(f"--{flag} {value}: expected a whole number >= 1 ({flag.upper()}=... in make)")
     if getattr(args, "port", None) is not None and args.port > 65535:
         raise BadInput(f"--port {args.port}: expected a port number from 1 to 65535")

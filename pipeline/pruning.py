@@ -72,11 +72,13 @@ def median_rule(values_at_epoch: Sequence[float], own: Sequence[float], epoch: i
 
 
 def median_from_histories(study: optuna.Study, history: Sequence[dict[str, float]], metric: str,
-                          maximize: bool) -> PruneReason | None:
+                          maximize: bool, first_epoch: int) -> PruneReason | None:
     """The median rule on recorded histories (multi-objective studies): the trial's `history` so far against the
-    complete trials' recorded histories at the same epoch."""
-    complete = store.records(study, (TrialState.COMPLETE,))
+    complete trials' recorded histories at the same epoch, from `first_epoch` on (store.first_pruned_epoch)."""
     epoch = len(history)
+    if epoch < first_epoch:
+        return None
+    complete = store.records(study, (TrialState.COMPLETE,))
     at_epoch = [r.history[epoch - 1][metric] for r in complete if len(r.history) >= epoch]
     return median_rule(at_epoch, [h[metric] for h in history], epoch, metric, maximize, len(complete))
 

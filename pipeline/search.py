@@ -245,7 +245,8 @@ class Objective:
                     metrics.epoch, metric, getattr(metrics, metric), math.nan, self.spec.pruner)
             elif several_pruned:
                 maximize = self.spec.directions[self.spec.metrics.index(metric)] == "maximize"
-                reason = pruning.median_from_histories(trial.study, history, metric, maximize)
+                first = store.first_pruned_epoch(self.spec.epochs)
+                reason = pruning.median_from_histories(trial.study, history, metric, maximize, first)
             if reason is not None:
                 store.note(trial, fail_reason="pruned", fail_detail=reason.line(), prune_reason=reason.as_dict())
                 raise optuna.TrialPruned(f"pruned at {reason.line()}")

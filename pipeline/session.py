@@ -8,6 +8,7 @@ event lines to its coordinator); the trial-level work is search.py's, the MLflow
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import shutil
@@ -37,7 +38,7 @@ TOP = 5  # trials in the end-of-search table
 class SearchOptions:
     storage: str | None = None  # Optuna storage URL or .journal file; None: STORAGE or the default
     fresh: bool = False
-    workers: int = 1
+    workers: int | str = 1  # worker processes on this host, or workers.AUTO (`run_search` decides how many)
     worker: int | None = None  # set in a worker process started by a coordinator
     device: str = "auto"
     threads: int | None = None
@@ -88,9 +89,8 @@ class SearchView(Protocol):
 
 def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> SearchOutcome:
     """Run or resume the study until its budget is reached, the time is spent or a signal arrives."""
-    if options.workers < 1:
-        raise BadInput(f"WORKERS={options.workers}: expected a number of worker processes >= 1, e.g. WORKERS=4")
     device = train.pick_device(options.device)
+    options, why_workers = _decide_workers(spec, options, device)
     tracking = Tracking.connect(spec, view) if options.tracking else Tracking.off()
     storage = store.open_storage(options.storage, spec.name, options.workers)
     # The data first: a missing or corrupt dataset stops here, before a study or an MLflow run is made. Before
@@ -103,6 +103,8 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     tracking.start(spec, study)  # joins the parent run the study's creator opened (a no-op for the creator)
     if options.worker is None:
         view.header(_header(spec, study, prepared, device, options, storage.url))
+        if why_workers:
+            view.note(why_workers)
     if options.workers > 1 and storage.url.startswith("sqlite:"):
         view.note(f"{options.workers} workers share the SQLite file {storage.url}: Optuna advises a journal file "
                   "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
@@ -163,6 +165,21 @@ def _champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storag
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
         return phase.run(prepared, Listeners(view, tracking.confirmations), threads=options.threads,
                          checkpoints=_checkpoint_folder(options, phase.companion))
+
+
+def _decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device) -> tuple[SearchOptions, str]:
+    """The options with a number of workers (WORKERS=auto decided here), and the line that says why ('' when the
+    user chose). A worker process is one worker."""
+    if options.worker is not None:
+        return dataclasses.replace(options, workers=1), ""
+    if options.workers != workers.AUTO:
+        if options.workers < 1:
+            raise BadInput(f"WORKERS={options.workers}: expected a number of worker processes >= 1 or auto, "
+                           "e.g. WORKERS=4")
+        return options, ""
+    url = store.storage_url(options.storage, spec.name, workers=2)  # where the study lives, or would with workers
+    count, why = workers.auto_count(device.type, url, options.threads, spec.trials)
+    return dataclasses.replace(options, workers=count), why
 
 
 def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import models, reproducibility
+from pipeline import allocator, models, reproducibility
 from pipeline.augment import Augment, NaturalAugment, make_augment
 from pipeline.checkpoints import load_checkpoint, params_fingerprint, save_checkpoint
 from pipeline.data import FeatureSplit, PreparedData, ResidentImages
@@ -389,6 +389,7 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
     if micro_batches == 0:
         raise ParamError(f"parameters: batch_size = {p['batch_size']} exceeds the {len(data.train)} training images")
     precision = pick_precision(p["precision"], device)
+    allocator.keep_freed_memory()
     threads = reproducibility.make_deterministic(threads)
     reproducibility.seed_everything(seed)
     run = _build(p, data, device, precision, micro_batches)

@@ -48,6 +48,36 @@ def plan(workers: int, threads: int | None, gpus: list[str]) -> list[WorkerPlan]
     return [WorkerPlan(i + 1, each, gpus[i % len(gpus)] if gpus else None) for i in range(workers)]
 
 
+AUTO = "auto"
+# WORKERS=auto on a CPU: at most this many workers, the cores split between them. Measured on 2 cores (make
+# bench-workers: two 1-thread workers ran 1.26-1.6x the trials an hour of one 2-thread process, because small
+# batches leave a second thread of one step idle much of the time); on more cores each worker gets several threads,
+# so every worker's copy of the data stays affordable.
+AUTO_CPU_WORKERS_MAX = 4
+
+
+def auto_count(device_type: str, storage_url: str, threads: int | None, trials: int) -> tuple[int, str]:
+    """WORKERS=auto: how many worker processes run the study on this host, and why (shown at the start).
+
+    A GPU each where there are GPUs; on a CPU one worker per core (each with `threads`, default 1), up to
+    AUTO_CPU_WORKERS_MAX; never more than the trial budget. A study in a SQLite file gets one process: Optuna
+    advises against several writers on one SQLite file, and that is where a study made before WORKERS=auto lives.
+    """
+    if device_type == "cuda":
+        count, why = max(1, len(visible_gpus())), "one per GPU"
+    elif device_type != "cpu":
+        count, why = 1, f"one process on {device_type}"
+    elif storage_url.startswith("sqlite:"):
+        count, why = 1, ("one process: the study lives in a SQLite file, which Optuna advises against sharing "
+                         "between processes (WORKERS=N chooses)")
+    else:
+        cores = available_cores()
+        count = max(1, min(AUTO_CPU_WORKERS_MAX, cores // (threads or 1)))
+        why = f"{cores} CPU cores, {max(1, cores // count) if threads is None else threads} thread(s) each"
+    count = max(1, min(count, trials))
+    return count, f"WORKERS=auto: {count} worker{'s' if count > 1 else ''} ({why})"
+
+
 def visible_gpus() -> list[str]:
     """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (empty without CUDA)."""
     import torch  # only asked when the search runs on CUDA, when torch is loaded already

@@ -235,8 +235,8 @@ class StudyEnv:
             return [*common, "--out", str(self.exports), *tracking, *args]
         if command == "report":
             return [command, "--study", study, *stores, *self.report_args, *args]
-        if command == "search":
-            return [*common, "--threads", "1", *tracking, *self.report_args, *args]
+        if command == "search":  # one process unless a test asks for workers (WORKERS=auto would pick the cores)
+            return [*common, "--threads", "1", "--workers", "1", *tracking, *self.report_args, *args]
         return [*common, "--threads", "1", *args]
 
     @property
