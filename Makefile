@@ -15,7 +15,7 @@ STUDY   ?=
 TRIAL   ?=
 REPEAT  ?=
 # Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>,
-# WORKERS=<worker processes on this host>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset),
+# WORKERS=<worker processes on this host, or auto: the default, one per core or GPU>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset),
 # BASELINES=off (queue none of the study file's [[baseline]] trials: the sampler starts cold)
 SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
                $(if $(call switch,FRESH),--fresh) $(if $(WORKERS),--workers $(WORKERS)) \
@@ -62,7 +62,7 @@ train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
 		$(if $(STUDY),--study $(STUDY)) $(foreach s,$(SET),--set $(s))
 
-search: $(STAMP) ## run or resume a study: STUDY=cnn [WORKERS=4] [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url] [TRACKING=off]
+search: $(STAMP) ## run or resume a study: STUDY=cnn [WORKERS=auto|4] [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url] [TRACKING=off]
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
 
 replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12 [REPEAT=1: a champion-phase run]
@@ -120,8 +120,8 @@ bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's D
 	$(PY) benchmarks/data_throughput.py
 	$(PY) benchmarks/folder_throughput.py
 
-bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script, and the CPU's FLOP ceiling
-	$(PY) benchmarks/trainer_vs_baseline.py
+bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script, and the CPU's FLOP ceiling [PROFILE=200: where a step's time goes]
+	$(PY) benchmarks/trainer_vs_baseline.py $(if $(PROFILE),--profile $(PROFILE))
 
 bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without
 	$(PY) benchmarks/tracking_overhead.py

@@ -22,3 +22,21 @@ def test_each_benchmark_loads_and_reads_its_arguments(script: Path, monkeypatch,
         runpy.run_path(str(script), run_name="__main__")
     assert exited.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_the_trainer_profile_splits_a_step_into_its_parts(tiny_dataset, monkeypatch, capsys):
+    """`make bench-trainer PROFILE=n`: every part of a bf16 step gets its ms and share; the shares make the whole."""
+    from pipeline import data
+
+    _, root = tiny_dataset
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
+    bench = runpy.run_path(str(PROJECT_ROOT / "benchmarks" / "trainer_vs_baseline.py"))
+    bench["profile_step"](data.prepare("tiny", root, val_size=100), 3)
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        name, numbers = line[:24].strip(), line[24:].split()
+        rows[name] = (float(numbers[0]), float(numbers[2].rstrip("%")) if len(numbers) > 2 else None)
+    assert set(rows) == {name for name, _ in bench["STEP_PARTS"]} | {"the rest", "all"}
+    assert rows["convolution forward"][0] > 0 and rows["convolution backward"][0] > 0 and rows["optimizer"][0] > 0
+    assert sum(share for _, share in rows.values() if share is not None) == pytest.approx(100, abs=0.5)
+    assert sum(ms for name, (ms, _) in rows.items() if name != "all") == pytest.approx(rows["all"][0], rel=0.02)

@@ -112,6 +112,8 @@ def test_make_baselines_trial_and_report_reach_their_commands():
     assert '--trial "7"' in one.stdout and "--trial" not in champion.stdout
     report = _make("-n", "report", "STUDY=cnn")
     assert report.returncode == 0 and 'pipeline report --study "cnn"' in report.stdout
+    profiled, plain = (_make("-n", "bench-trainer", *profile) for profile in (["PROFILE=50"], []))
+    assert "trainer_vs_baseline.py --profile 50" in profiled.stdout and "--profile" not in plain.stdout
 
 
 def test_make_storage_with_shell_characters_reaches_the_program_whole(tmp_path):

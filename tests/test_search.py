@@ -71,6 +71,26 @@ def test_two_workers_share_the_budget_and_their_events_reach_this_view(study_env
         assert len(re.findall(rf"^trial +{trial.number} {trial.state} .*\(worker [12]\)$", out, re.MULTILINE)) == 1
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="WORKERS=auto picks one process on one core")
+def test_workers_auto_runs_one_worker_per_core_on_a_journal_and_one_process_on_sqlite(study_env, capsys):
+    """The default, WORKERS=auto: one 1-thread worker per core (here up to 4) for a study on the journal file; the
+    same study file on SQLite runs in this process alone, and says why."""
+    study_env.write_study(trials=2)
+    env = study_env.replace(storage=str(study_env.studies_dir / "optuna.journal"))
+    program = [sys.executable, str(TINY_CLI), str(env.root)]
+    assert main(env.args("search", "--workers", "auto"), worker_program=program) == 0
+    out = capsys.readouterr().out
+    assert "WORKERS=auto: 2 workers (" in out and "worker 2: pid" in out
+    finished = env.records(states=store.FINISHED)
+    assert len(finished) == 2 and os.getpid() not in {t.owner["pid"] for t in finished}
+    assert {t.threads for t in finished} == {1}
+
+    assert main(study_env.args("search", "--workers", "auto"), worker_program=program) == 0
+    out = capsys.readouterr().out
+    assert "WORKERS=auto: 1 worker (one process: the study lives in a SQLite file" in out and "worker 1:" not in out
+    assert {t.owner["pid"] for t in study_env.records(states=store.FINISHED)} == {os.getpid()}
+
+
 def test_two_fresh_runs_same_seed_identical_params_and_values(study_env, tmp_path):
     study_env.write_study(trials=4)
     other = study_env.replace(storage=f"sqlite:///{tmp_path}/other.db")

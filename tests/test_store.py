@@ -4,6 +4,7 @@ stored, the champion's tie rule and which storage a command uses."""
 from __future__ import annotations
 
 import time
+import types
 
 import optuna
 import pytest
@@ -231,3 +232,30 @@ def test_storage_url_override_then_storage_variable_then_default(monkeypatch):
     monkeypatch.setenv("STORAGE", "sqlite:////elsewhere/optuna.db")
     assert store.storage_url(None, "cnn", workers=4) == "sqlite:////elsewhere/optuna.db"  # not the journal
     assert store.storage_url("postgresql://db/optuna", "cnn") == "postgresql://db/optuna"
+
+
+@pytest.mark.parametrize(("epochs", "first"), [(1, 1), (2, 1), (3, 2), (5, 3), (8, 4), (20, 10)])
+def test_pruners_judge_a_trial_from_half_way_through_its_epochs(epochs, first):
+    assert store.first_pruned_epoch(epochs) == first
+
+
+@pytest.mark.parametrize("pruner", ["hyperband", "median"])
+def test_a_poor_trial_is_not_pruned_before_half_way_and_is_there(pruner):
+    """The shipped set-up on a 5-epoch study: four trials at 0.99 every epoch, then one at 0.5 every epoch. Its
+    noisy early epochs are not judged; at epoch 3 it is below the rung's better half (the median) and stops."""
+    spec = types.SimpleNamespace(pruner=pruner, epochs=5)
+    study = optuna.create_study(direction="maximize", pruner=store.make_pruner(spec))
+
+    def run(value: float) -> int | None:
+        """The epoch it was pruned at, None when it completed."""
+        trial = study.ask()
+        for epoch in range(1, 6):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                return epoch
+        study.tell(trial, value)
+        return None
+
+    assert [run(0.99) for _ in range(4)] == [None] * 4
+    assert run(0.5) == 3

@@ -163,3 +163,15 @@ def test_a_worker_stopping_the_study_stops_the_others(monkeypatch):
     ended = {s[1]: s[2:] for s in seen if s[0] == "ended"}
     assert ended[2] == (-signal.SIGTERM, False)  # stopped by the coordinator, not a surprise to report
     assert ended[1] in ((1, False), (-signal.SIGTERM, False))  # the SIGTERM may reach it before its exit
+
+
+def test_auto_workers_take_the_cores_of_a_cpu_unless_the_study_lives_in_a_sqlite_file():
+    count, why = workers.auto_count("cpu", "/x/optuna.journal", None, trials=100)
+    assert count == max(1, min(workers.AUTO_CPU_WORKERS_MAX, CORES))
+    assert why.startswith(f"WORKERS=auto: {count} worker")
+    assert workers.auto_count("cpu", "postgresql://db.example/optuna", None, 100)[0] == count
+    one, why = workers.auto_count("cpu", "sqlite:///x/optuna.db", None, 100)
+    assert one == 1 and "SQLite" in why and "WORKERS=N" in why
+    assert workers.auto_count("cpu", "/x/optuna.journal", None, trials=1)[0] == 1  # never more than the budget
+    assert workers.auto_count("cpu", "/x/optuna.journal", CORES, 100)[0] == 1  # --threads of every core: one
+    assert workers.auto_count("mps", "/x/optuna.journal", None, 100)[0] == 1
