@@ -76,9 +76,9 @@ def our_epoch(family: str, prepared: data.PreparedData, precision: str, augment:
 
 
 # Where a training step's time goes: profiler op names (self time) by the part of the step they belong to.
-STEP_PARTS = (
-    ("convolution forward", ("mkldnn_convolution", "aten::convolution", "_convolution")),
+STEP_PARTS = (  # the first part whose key an op's name holds takes it: backward before forward
     ("convolution backward", ("convolution_backward",)),
+    ("convolution forward", ("mkldnn_convolution", "aten::convolution", "_convolution")),
     ("BatchNorm", ("batch_norm",)),
     ("ReLU", ("relu", "clamp_min", "threshold_backward")),
     ("max-pool", ("max_pool",)),
@@ -98,12 +98,14 @@ def profile_step(prepared: data.PreparedData, steps: int) -> None:
                                          lr=LR, weight_decay=0.0, schedule="none", augment=1.0, precision="auto"))
     device = torch.device("cpu")
     precision = train.pick_precision("auto", device)
+    steps = min(steps, len(prepared.train) // BATCH)
     run = train._build(params, prepared, device, precision, micro_batches=steps)
+    images, labels = prepared.train.images, prepared.train.labels
+    # An epoch of exactly `steps` batches, and one batch of evaluation: the profile is of training steps.
+    run.train_split = data.ResidentImages(images[:steps * BATCH], labels[:steps * BATCH], prepared.mean, prepared.std)
+    run.val_split = data.ResidentImages(images[:BATCH], labels[:BATCH], prepared.mean, prepared.std)
     generator = torch.Generator().manual_seed(0)
     train._train_epoch(run, train._Progress(), generator, None)  # warm-up: kernel choice, first allocations
-    train_split = run.train_split
-    run.val_split = data.ResidentImages(train_split.images[:BATCH], train_split.labels[:BATCH], prepared.mean,
-                                        prepared.std)  # the profile is of training steps: one batch of evaluation
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         train._train_epoch(run, train._Progress(), generator, None)
     events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]

@@ -492,14 +492,47 @@ def first_pruned_epoch(epochs: int) -> int:
     return max(1, math.ceil(epochs / 2))
 
 
+class QuorumHyperband(optuna.pruners.HyperbandPruner):
+    """Optuna's Hyperband, except that a rung prunes nothing until `quorum` trials of the bracket have reached it.
+
+    Optuna's rung keeps the best len // reduction_factor of the trials that reached it (at least one), so its
+    second and third arrivals go on only if they beat every one before them. In a study that opens with strong
+    [[baseline]] trials that pruned every sampled trial: in a 30-minute cnn run a sampled configuration that
+    ends at 99.56% elsewhere stood third at its rung, 0.46 points behind the baselines at epoch 3, and stopped.
+    With a quorum of 2 x reduction factor a rung halves only once it holds two halves.
+    """
+
+    def __init__(self, min_resource: int, max_resource: int, reduction_factor: int):
+        super().__init__(min_resource=min_resource, max_resource=max_resource, reduction_factor=reduction_factor)
+        self.quorum = 2 * reduction_factor
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        if not super().prune(study, trial):  # Optuna's rule; it also records the trial's value at its rung
+            return False
+        return rung_size(self, study, trial.number) >= self.quorum
+
+
+def rung_size(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study, number: int) -> int:
+    """How many trials of trial `number`'s bracket reached the last rung it was judged at (it included)."""
+    trials = study.get_trials(deepcopy=False)
+    own = next(t for t in trials if t.number == number)
+    rungs = [k for k in own.system_attrs if k.startswith(RUNG_PREFIX)]
+    if not rungs:
+        return 0
+    key = max(rungs, key=lambda k: int(k.removeprefix(RUNG_PREFIX)))
+    bracket = hyperband_bracket(pruner, study, own)
+    return sum(1 for t in trials if key in t.system_attrs and hyperband_bracket(pruner, study, t) == bracket)
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    """Hyperband: successive halving (keep the better half, reduction factor 2) from half-way through training:
-    a 5-epoch study has one rung, at epoch 3, and a 20-epoch one two brackets with rungs at 10. Halving rather than
-    keeping a third because a study of minutes-long trials has few trials per rung. Median: the median rule from
-    the same epoch, once two trials are complete."""
+    """Hyperband: successive halving (keep the better half, reduction factor 2) from half-way through training,
+    each rung judging once 4 trials reached it (`QuorumHyperband`): a 5-epoch study has one rung, at epoch 3, and
+    a 20-epoch one two brackets with rungs at 10. Halving rather than keeping a third because a study of
+    minutes-long trials has few trials per rung. Median: the median rule from the same epoch, once two trials are
+    complete."""
     first = first_pruned_epoch(spec.epochs)
     if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=spec.epochs, reduction_factor=2)
+        return QuorumHyperband(min_resource=first, max_resource=spec.epochs, reduction_factor=2)
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=first)
     return optuna.pruners.NopPruner()

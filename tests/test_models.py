@@ -206,7 +206,7 @@ def test_in_place_relus_give_the_very_outputs_and_gradients_of_out_of_place_ones
     """The CNN's ReLUs overwrite their input (a pass over memory less per layer); nothing its backward needs is lost:
     the same batch through a copy with out-of-place ReLUs gives bit-identical outputs and gradients, in bf16 too."""
     torch.manual_seed(0)
-    params = dict(hparams.CLASSIC["cnn"], batch_norm=True, head="flatten", transition_ratio=0.5)
+    params = dict(hparams.CLASSIC["cnn"], batch_norm=True, head="flatten", transition_ratio=0.5, dropout=0.0)
     model = models.build_model(params)
     relus = [m for m in model.modules() if isinstance(m, torch.nn.ReLU)]
     assert relus and all(m.inplace for m in relus)

@@ -259,3 +259,23 @@ def test_a_poor_trial_is_not_pruned_before_half_way_and_is_there(pruner):
 
     assert [run(0.99) for _ in range(4)] == [None] * 4
     assert run(0.5) == 3
+
+
+def test_a_hyperband_rung_prunes_nothing_until_four_trials_reached_it():
+    """Optuna's rung keeps the best len // 2 (at least one), so the 2nd and 3rd trials to reach it go on only if
+    they beat every earlier one: after two strong (baseline) trials that would prune every sampled one."""
+    spec = types.SimpleNamespace(pruner="hyperband", epochs=5)
+    study = optuna.create_study(direction="maximize", pruner=store.make_pruner(spec))
+    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner) and study.pruner.quorum == 4
+
+    def reach_rung(value: float) -> tuple[bool, int]:
+        trial = study.ask()
+        for epoch in (1, 2, 3):
+            trial.report(value, epoch)
+        pruned = trial.should_prune()
+        study.tell(trial, state=TrialState.PRUNED) if pruned else study.tell(trial, value)
+        return pruned, store.rung_size(study.pruner, study, trial.number)
+
+    assert [reach_rung(v) for v in (0.995, 0.994, 0.990)] == [(False, 1), (False, 2), (False, 3)]
+    assert reach_rung(0.980) == (True, 4)  # the rung is 4 strong: the worst half stops
+    assert reach_rung(0.999) == (False, 5)
