@@ -104,7 +104,7 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     if options.worker is None:
         view.header(_header(spec, study, prepared, device, options, storage.url))
         if why_workers:
-            view.note(why_workers)
+            view.say(why_workers)
     if options.workers > 1 and storage.url.startswith("sqlite:"):
         view.note(f"{options.workers} workers share the SQLite file {storage.url}: Optuna advises a journal file "
                   "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
