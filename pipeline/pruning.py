@@ -24,8 +24,6 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline import store
 from pipeline.studies import PRUNED_ON
 
-MEDIAN_STARTUP_TRIALS = 2  # complete trials before the median rule prunes anything (as store.make_pruner's)
-
 
 @dataclass(frozen=True)
 class PruneReason:
@@ -61,7 +59,7 @@ def median_rule(values_at_epoch: Sequence[float], own: Sequence[float], epoch: i
                 complete_trials: int) -> PruneReason | None:
     """The median rule: prune when the trial's best value so far (`own`, epochs 1..epoch) is worse than the median
     of the complete trials' values at this epoch. None: it goes on."""
-    if complete_trials < MEDIAN_STARTUP_TRIALS or not values_at_epoch or not own:
+    if complete_trials < store.MEDIAN_STARTUP_TRIALS or not values_at_epoch or not own:
         return None
     best, median = _best_so_far(own, maximize), statistics.median(values_at_epoch)
     worse = best < median if maximize else best > median
@@ -101,16 +99,13 @@ def _rung(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study, trials: l
           epoch: int, metric: str, maximize: bool) -> PruneReason | None:
     """Successive halving within the trial's Hyperband bracket: at each rung a trial goes on only if its value is
     among the best 1/reduction_factor of the bracket's trials that reached that rung."""
-    rungs = sorted(int(k.rsplit("_", 1)[1]) for k in frozen.system_attrs if k.startswith(store.RUNG_PREFIX))
-    if not rungs:
+    rung = store.last_rung(pruner, study, trials, frozen)  # the rung it failed at: the last it was judged at
+    if rung is None:
         return None
-    key = f"{store.RUNG_PREFIX}{rungs[-1]}"  # the rung it failed at: the last it was judged at
-    bracket = store.hyperband_bracket(pruner, study, frozen)
-    competing = sorted(t.system_attrs[key] for t in trials
-                       if key in t.system_attrs and store.hyperband_bracket(pruner, study, t) == bracket)
+    competing = sorted(rung.values)
     factor = store.hyperband_reduction_factor(pruner)
     kept = max(len(competing) // factor, 1)
     needed = competing[-kept] if maximize else competing[kept - 1]
-    return PruneReason(epoch, metric, frozen.system_attrs[key], needed,
-                       f"Hyperband bracket {bracket} rung {rungs[-1]}: the best {kept} of {len(competing)} trials "
-                       "there go on")
+    return PruneReason(epoch, metric, frozen.system_attrs[f"{store.RUNG_PREFIX}{rung.number}"], needed,
+                       f"Hyperband bracket {rung.bracket} rung {rung.number}: the best {kept} of {len(competing)} "
+                       "trials there go on")

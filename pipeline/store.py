@@ -509,19 +509,34 @@ class QuorumHyperband(optuna.pruners.HyperbandPruner):
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         if not super().prune(study, trial):  # Optuna's rule; it also records the trial's value at its rung
             return False
-        return rung_size(self, study, trial.number) >= self.quorum
+        trials = study.get_trials(deepcopy=False)
+        judged = last_rung(self, study, trials, next(t for t in trials if t.number == trial.number))
+        return judged is not None and len(judged.values) >= self.quorum
 
 
-def rung_size(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study, number: int) -> int:
-    """How many trials of trial `number`'s bracket reached the last rung it was judged at (it included)."""
-    trials = study.get_trials(deepcopy=False)
-    own = next(t for t in trials if t.number == number)
-    rungs = [k for k in own.system_attrs if k.startswith(RUNG_PREFIX)]
+@dataclass(frozen=True)
+class Rung:
+    """The last Hyperband rung a trial was judged at: its number, the trial's bracket, and the values of the
+    bracket's trials that reached it (the trial's own among them)."""
+
+    number: int
+    bracket: int
+    values: list[float]
+
+
+def last_rung(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study, trials: list[optuna.trial.FrozenTrial],
+              trial: optuna.trial.FrozenTrial) -> Rung | None:
+    """The last rung `trial` (as stored now) was judged at; None when it reached none."""
+    rungs = [int(k.removeprefix(RUNG_PREFIX)) for k in trial.system_attrs if k.startswith(RUNG_PREFIX)]
     if not rungs:
-        return 0
-    key = max(rungs, key=lambda k: int(k.removeprefix(RUNG_PREFIX)))
-    bracket = hyperband_bracket(pruner, study, own)
-    return sum(1 for t in trials if key in t.system_attrs and hyperband_bracket(pruner, study, t) == bracket)
+        return None
+    key, bracket = f"{RUNG_PREFIX}{max(rungs)}", hyperband_bracket(pruner, study, trial)
+    values = [t.system_attrs[key] for t in trials
+              if key in t.system_attrs and hyperband_bracket(pruner, study, t) == bracket]
+    return Rung(max(rungs), bracket, values)
+
+
+MEDIAN_STARTUP_TRIALS = 2  # complete trials before the median rule prunes anything (here and in pruning.py)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -534,7 +549,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "hyperband":
         return QuorumHyperband(min_resource=first, max_resource=spec.epochs, reduction_factor=2)
     if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=first)
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=first)
     return optuna.pruners.NopPruner()
 
 

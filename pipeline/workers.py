@@ -44,8 +44,13 @@ class WorkerPlan:
 def plan(workers: int, threads: int | None, gpus: list[str]) -> list[WorkerPlan]:
     """GPUs round robin (worker i gets gpus[i % len]); CPU threads split so the workers together use each
     core once (at least one thread each), unless `threads` says how many each gets."""
-    each = threads or max(1, available_cores() // workers)
+    each = threads_each(workers, threads)
     return [WorkerPlan(i + 1, each, gpus[i % len(gpus)] if gpus else None) for i in range(workers)]
+
+
+def threads_each(workers: int, threads: int | None) -> int:
+    """Torch CPU threads per worker: `threads` when given, else the cores split evenly (at least one)."""
+    return threads or max(1, available_cores() // workers)
 
 
 AUTO = "auto"
@@ -72,8 +77,8 @@ def auto_count(device_type: str, storage_url: str, threads: int | None, trials: 
                          "between processes (WORKERS=N chooses)")
     else:
         cores = available_cores()
-        count = max(1, min(AUTO_CPU_WORKERS_MAX, cores // (threads or 1)))
-        why = f"{cores} CPU cores, {max(1, cores // count) if threads is None else threads} thread(s) each"
+        count = max(1, min(AUTO_CPU_WORKERS_MAX, cores // (threads or 1), trials))
+        why = f"{cores} CPU cores, {threads_each(count, threads)} thread(s) each"
     count = max(1, min(count, trials))
     return count, f"WORKERS=auto: {count} worker{'s' if count > 1 else ''} ({why})"
 

@@ -274,7 +274,8 @@ def test_a_hyperband_rung_prunes_nothing_until_four_trials_reached_it():
             trial.report(value, epoch)
         pruned = trial.should_prune()
         study.tell(trial, state=TrialState.PRUNED) if pruned else study.tell(trial, value)
-        return pruned, store.rung_size(study.pruner, study, trial.number)
+        trials = study.get_trials(deepcopy=False)
+        return pruned, len(store.last_rung(study.pruner, study, trials, trials[trial.number]).values)
 
     assert [reach_rung(v) for v in (0.995, 0.994, 0.990)] == [(False, 1), (False, 2), (False, 3)]
     assert reach_rung(0.980) == (True, 4)  # the rung is 4 strong: the worst half stops

@@ -172,6 +172,7 @@ def test_auto_workers_take_the_cores_of_a_cpu_unless_the_study_lives_in_a_sqlite
     assert workers.auto_count("cpu", "postgresql://db.example/optuna", None, 100)[0] == count
     one, why = workers.auto_count("cpu", "sqlite:///x/optuna.db", None, 100)
     assert one == 1 and "SQLite" in why and "WORKERS=N" in why
-    assert workers.auto_count("cpu", "/x/optuna.journal", None, trials=1)[0] == 1  # never more than the budget
+    one, why = workers.auto_count("cpu", "/x/optuna.journal", None, trials=1)  # never more than the budget...
+    assert one == 1 and f"{CORES} thread(s) each" in why  # ...and the one worker gets every core, as plan() gives
     assert workers.auto_count("cpu", "/x/optuna.journal", CORES, 100)[0] == 1  # --threads of every core: one
     assert workers.auto_count("mps", "/x/optuna.journal", None, 100)[0] == 1
