@@ -68,10 +68,14 @@ def epoch_flops(family: str, prepared: data.PreparedData) -> float:
     return forward * (3 * len(prepared.train) + len(prepared.val))
 
 
+def our_params(family: str, precision: str, augment: float) -> dict:
+    """Our trainer's side of the comparison: the classic network, one epoch, batch 64, plain Adam, no schedule."""
+    return dict(hparams.CLASSIC[family], epochs=1, batch_size=BATCH, optimizer="adam", lr=LR, weight_decay=0.0,
+                schedule="none", augment=augment, precision=precision)
+
+
 def our_epoch(family: str, prepared: data.PreparedData, precision: str, augment: float) -> tuple[float, str]:
-    params = dict(hparams.CLASSIC[family], epochs=1, batch_size=BATCH, optimizer="adam", lr=LR, weight_decay=0.0,
-                  schedule="none", augment=augment, precision=precision)
-    result = train.fit(params, prepared, seed=0)
+    result = train.fit(our_params(family, precision, augment), prepared, seed=0)
     return result.history[0].epoch_seconds, result.precision
 
 
@@ -94,8 +98,7 @@ def profile_step(prepared: data.PreparedData, steps: int) -> None:
     milliseconds per step, its share, and the rest (casts, copies, allocation, Python, autograd bookkeeping)."""
     from torch.profiler import ProfilerActivity, profile
 
-    params = hparams.resolve_params(dict(hparams.CLASSIC["cnn"], epochs=1, batch_size=BATCH, optimizer="adam",
-                                         lr=LR, weight_decay=0.0, schedule="none", augment=1.0, precision="auto"))
+    params = hparams.resolve_params(our_params("cnn", "auto", augment=1.0))
     device = torch.device("cpu")
     precision = train.pick_precision("auto", device)
     steps = min(steps, len(prepared.train) // BATCH)
