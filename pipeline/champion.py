@@ -182,6 +182,15 @@ def _mflops(flops: int | None) -> str:
     return "-" if not flops else f"{flops / 1e6:,.1f}"
 
 
+def _flops_apart(fewer: int, more: int) -> str:
+    """`58.31 M vs 58.35 M`: two FLOP counts with the fewest decimals that still tell them apart."""
+    for decimals in (1, 2, 3):
+        shown = [f"{flops / 1e6:,.{decimals}f} M" for flops in (fewer, more)]
+        if shown[0] != shown[1]:
+            return " vs ".join(shown)
+    return f"{fewer:,} vs {more:,}"
+
+
 def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
     """The best `top_k` distinct feasible configurations by their search score (the first to complete wins a tie)."""
     sign = -1.0 if spec.directions[0] == "maximize" else 1.0
@@ -235,8 +244,8 @@ def choose(found: list[Candidate], direction: str, seeds: int) -> tuple[Candidat
         return leader, f"Champion: {best}."
     return cheapest, (f"Champion: trial {cheapest.trial.number} ({cheapest.summary.mean:.4f}): {best}, but trial "
                       f"{cheapest.trial.number} is within one standard error of it ({error:.4f}), a tie within the "
-                      f"noise, and needs fewer FLOPs per image ({_mflops(cheapest.flops)} M vs "
-                      f"{_mflops(leader.flops)} M): the cheaper model wins the tie.")
+                      f"noise, and needs fewer FLOPs per image ({_flops_apart(cheapest.flops, leader.flops)}): the "
+                      "cheaper model wins the tie.")
 
 
 def closest_to_mean(candidate: Candidate) -> Run | None:

@@ -246,9 +246,15 @@ def search_result(spec: StudySpec, outcome: SearchOutcome) -> None:
     for line in outcome.messages:
         say(line)
     if outcome.stop_reason in ("budget", "timeout"):
-        replay = f"make replay STUDY={spec.name} TRIAL={outcome.best.number}" if outcome.best else "make studies"
+        chosen = outcome.champion.standings.champion if outcome.champion is not None else None
+        if chosen is not None:  # the phase's champion is what gets exported: that is the trial worth re-checking
+            replay, what = f"make replay STUDY={spec.name} TRIAL={chosen.trial.number}", "the champion"
+        elif outcome.best is not None:
+            replay, what = f"make replay STUDY={spec.name} TRIAL={outcome.best.number}", "the best trial"
+        else:
+            replay, what = "make studies", "the study's trials"
         console.print(f"next: `{outcome.resume_command}` continues the study (raise TRIALS= / TIMEOUT= for more); "
-                      f"`{replay}` re-checks the best trial bit for bit")
+                      f"`{replay}` re-checks {what} bit for bit")
 
 
 class WorkersView:

@@ -85,6 +85,14 @@ def test_the_best_mean_wins_a_cheaper_model_within_one_standard_error_wins_the_t
     chosen, reason = champion.choose([lucky, leader, close], "maximize", seeds=3)
     assert chosen is close
     assert "within one standard error" in reason and "fewer FLOPs" in reason and "trial 1 has the best mean" in reason
+    assert "(0.5 M vs 2.0 M)" in reason
+
+    # Counts that round alike at one decimal are shown with the decimals that tell them apart.
+    near_copy = candidate(6, [0.993, 0.992, 0.991], flops=1_995_000, rank=3)
+    reason = champion.choose([leader, near_copy], "maximize", seeds=3)[1]
+    assert "(1.995 M vs 2.000 M)" in reason
+    twin = candidate(7, [0.993, 0.992, 0.991], flops=1_999_900, rank=3)
+    assert "(1,999,900 vs 2,000,000)" in champion.choose([leader, twin], "maximize", seeds=3)[1]
 
     unproven = candidate(3, [0.9999], flops=100, rank=4)  # one run: not a candidate until its repeats ran
     assert champion.choose([unproven, leader], "maximize", seeds=3)[0] is leader
@@ -122,6 +130,8 @@ def test_the_champion_is_the_best_mean_not_the_lucky_single_run_and_everything_i
     assert standings.champion is steady and steady.trial.number == 0
     assert standings.exported.repeat == 1  # 1.0 and 1.0 are equally near 0.92: the lower repeat
     assert "champion phase of tiny" in out and "Champion: trial 0 has the best mean (0.9200 over 3 runs)" in out
+    # What to re-check next is the champion, the trial that gets exported, not the search's lucky best.
+    assert "`make replay STUDY=tiny TRIAL=0` re-checks the champion bit for bit" in " ".join(out.split())
 
     # The report page: the phase's choice is the champion (not the search's lucky best), with the phase's table.
     page = (study_env.reports / "tiny.html").read_text()
