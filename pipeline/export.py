@@ -68,7 +68,6 @@ from pipeline.sources import DEFAULT_VAL_SIZE, DIGITS, FolderSource
 from pipeline.store import Storage
 from pipeline.studies import StudyError
 
-EVAL_BATCH = 1000
 LATENCY_RUNS = 200
 THROUGHPUT_BATCH = 256
 THROUGHPUT_RUNS = 10
@@ -313,7 +312,7 @@ def write_export(champion: Champion, spec: studies.StudySpec, root: Path, direct
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     exported = torch.export.load(str(directory / "model.pt2")).module()  # score exactly what was written
-    scores = verify_export.logits(exported, test.images, config["mean"], config["std"], EVAL_BATCH)
+    scores = verify_export.logits(exported, test.images, config["mean"], config["std"], verify_export.EVAL_BATCH)
     predicted = scores.argmax(1)
     metrics = _metrics(champion, spec, predicted, test.labels, config, _speed(exported, example), threads)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -366,7 +365,7 @@ def _config(champion: Champion, spec: studies.StudySpec, dataset: data.DatasetRe
         "source": champion.source,
         "git_commit": reproducibility.git_commit(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
-        "evaluation": {"threads": threads, "batch_size": EVAL_BATCH},
+        "evaluation": {"threads": threads, "batch_size": verify_export.EVAL_BATCH},
     }
 
 

@@ -21,7 +21,6 @@ from pipeline.errors import BadInput
 from pipeline.images import PictureError, Preprocessing, open_picture
 from pipeline.sources import DIGITS
 
-EVAL_BATCH = 1000
 # Pictures above this are refused from their header, before decoding: a 50 MP picture (the largest phone
 # cameras') decodes to 150 MB of RGB, while one of hundreds of megapixels would take gigabytes.
 MAX_MEGAPIXELS = 50
@@ -98,7 +97,8 @@ def predict(export_dir: Path, paths: list[Path], top_k: int = 3) -> tuple[list[P
     if not images:
         return [], errors
     batch = torch.from_numpy(np.stack(images))
-    probabilities = verify_export.logits(model, batch, config["mean"], config["std"], EVAL_BATCH).softmax(1)
+    scores = verify_export.logits(model, batch, config["mean"], config["std"], verify_export.EVAL_BATCH)
+    probabilities = scores.softmax(1)
     values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
     predictions = [Prediction(path, [(config["classes"][i], float(v)) for v, i in zip(vs, ix, strict=True)])
                    for path, vs, ix in zip(readable, values.tolist(), indices.tolist(), strict=True)]

@@ -27,6 +27,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
+def prepare(url: str, what: str) -> None:
+    """Before a store at `url` is opened: a SQLite file's folder exists, and a damaged file stops here (`check`).
+    Other URLs pass untouched."""
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check(url, what)
+
+
 def check(url: str, what: str) -> None:
     """Raise BadInput naming the file when the SQLite store at `url` is damaged. `what` names the store in the
     message ("Optuna storage"). Another URL, a missing or empty file (a new store), or one locked by a writer

@@ -85,7 +85,8 @@ def open_storage(override: str | None = None, study: str | None = None, workers:
 
 def _holds(url: str, name: str) -> bool:
     """Does the store at `url` (a default file, which may not exist yet) hold any version of study `name`?"""
-    if not Path(url.removeprefix("sqlite:///")).is_file():
+    path = sqlitecheck.sqlite_path(url) if url.startswith("sqlite:") else Path(url)  # else the journal file
+    if path is None or not path.is_file():
         return False
     return bool(versions(make_storage(url), name))
 
@@ -105,9 +106,7 @@ def make_storage(url: str, log: Callable[[str], None] = _warn) -> optuna.storage
         path = Path(url.removeprefix("journal://"))
         path.parent.mkdir(parents=True, exist_ok=True)
         return _open_journal(path, log)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        sqlitecheck.check(url, "Optuna storage")
+    sqlitecheck.prepare(url, "Optuna storage")
     try:
         return open_store(lambda: optuna.storages.RDBStorage(
             url,

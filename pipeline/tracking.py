@@ -93,8 +93,8 @@ def artifact_root(uri: str) -> Path | None:
     and wherever the server decides (None) for an `mlflow server`."""
     if uri.startswith(("http://", "https://", "databricks")):
         return None
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+    if (database := sqlitecheck.sqlite_path(uri)) is not None:
+        return database.parent / "artifacts"
     return paths.DEFAULT_ARTIFACT_ROOT
 
 
@@ -113,9 +113,8 @@ def connect(uri: str | None = None) -> MlflowClient:
         except requests.RequestException as exc:
             raise BadInput(f"MLflow tracking server {shown(uri)} is unreachable ({type(exc).__name__}); "
                            f"start it (make server) or {hint}") from None
-    elif uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        sqlitecheck.check(uri, "MLflow tracking store")  # damaged: one line now, not a traceback mid-search
+    else:
+        sqlitecheck.prepare(uri, "MLflow tracking store")  # damaged: one line now, not a traceback mid-search
     mlflow.set_tracking_uri(uri)
 
     def open_() -> MlflowClient:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 IDX_DTYPES = {0x08: torch.uint8}
+EVAL_BATCH = 1000  # images per forward pass when an export is scored (export-best, predict)
 
 
 def read_idx(path: Path) -> torch.Tensor:

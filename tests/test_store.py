@@ -10,7 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import paths, store
+from pipeline import paths, store, tracking
 
 # Asking trials by hand on a storage with heartbeats makes Optuna say heartbeats belong to optimize().
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
@@ -232,6 +232,17 @@ def test_storage_url_override_then_storage_variable_then_default(monkeypatch):
     monkeypatch.setenv("STORAGE", "sqlite:////elsewhere/optuna.db")
     assert store.storage_url(None, "cnn", workers=4) == "sqlite:////elsewhere/optuna.db"  # not the journal
     assert store.storage_url("postgresql://db/optuna", "cnn") == "postgresql://db/optuna"
+
+
+def test_a_sqlite_url_with_options_opens_its_file_in_a_folder_made_for_it(tmp_path):
+    """The file of a `sqlite:///` URL is read the way SQLAlchemy reads it: query options are not part of its path."""
+    url = f"sqlite:///{tmp_path}/new/optuna.db?timeout=30"
+    storage = store.make_storage(url)
+    optuna.create_study(storage=storage, study_name="opts")
+    assert (tmp_path / "new" / "optuna.db").is_file() and not list((tmp_path / "new").glob("*timeout*"))
+    assert store._holds(url, "opts") and not store._holds(url, "other")
+    assert tracking.artifact_root(f"sqlite:///{tmp_path}/runs/mlflow.db?timeout=30") == tmp_path / "runs" / "artifacts"
+    assert tracking.artifact_root("sqlite://") == paths.DEFAULT_ARTIFACT_ROOT  # in memory: no file to sit beside
 
 
 @pytest.mark.parametrize(("epochs", "first"), [(1, 1), (2, 1), (3, 2), (5, 3), (8, 4), (20, 10)])
