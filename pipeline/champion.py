@@ -330,6 +330,7 @@ class Phase:
         objective = search.Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints,
                                      confirming=True)
         store.take_retries_first(companion)
+        search.sweep_checkpoints(companion, checkpoints, listener)
         needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
         deadline = time.monotonic() + spec.confirmation.minutes * 60
         ran, failures, stop_reason = 0, 0, "done"

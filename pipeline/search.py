@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import signal
 import socket
 import time
@@ -264,6 +265,35 @@ def checkpoint_path(folder: Path, first_attempt: int) -> Path:
     return folder / f"trial-{first_attempt}.pt"
 
 
+def sweep_checkpoints(study: optuna.Study, folder: Path | None, listener: Listener) -> list[Path]:
+    """Remove the checkpoints in `folder` that no trial will resume (the listener is told), and return them.
+
+    A checkpoint is resumed by a RUNNING or WAITING attempt of the trial that wrote it first. The others are
+    left by a retry that ended without training (surplus to the budget) or a trial another host's heartbeat
+    failed for good. The folder is listed before the trials: a trial writes its checkpoint only while it runs,
+    so one written meanwhile is never taken for an orphan.
+    """
+    try:
+        names = sorted(os.listdir(folder)) if folder is not None else []
+    except FileNotFoundError:
+        return []
+    found = {int(match["first"]): folder / name for name in names if (match := _CHECKPOINT_NAME.fullmatch(name))}
+    if not found:
+        return []
+    live = {r.first_attempt if r.first_attempt is not None else r.number
+            for r in store.records(study, (TrialState.RUNNING, TrialState.WAITING))}
+    orphans = [path for first, path in sorted(found.items()) if first not in live]
+    for path in orphans:
+        _remove(path)
+    if orphans:
+        listener.warning(f"removed {len(orphans)} checkpoint(s) no trial will resume: "
+                         f"{', '.join(path.name for path in orphans)}")
+    return orphans
+
+
+_CHECKPOINT_NAME = re.compile(r"trial-(?P<first>\d+)\.pt")  # checkpoint_path's names
+
+
 def _remove(checkpoint: Path | None) -> None:
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
@@ -390,6 +420,7 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
     stop = StopRequest()
     objective = Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints)
     store.take_retries_first(study)
+    sweep_checkpoints(study, checkpoints, listener)
     deadline = time.monotonic() + spec.timeout_minutes * 60
     ran, consecutive_failures = 0, 0
     with stop.installed():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TINY_CLI, mlflow_runs, wait_until
 
-from pipeline import store, studies, tracking
+from pipeline import events, search, store, studies, tracking
 from pipeline.cli import main
 
 BASELINE = {"lr": 3e-3, "dropout": 0.1}  # the tiny study's baseline (tests/tiny_study.py)
@@ -119,6 +119,45 @@ def test_resume_continues_total_budget_and_reseeds(study_env):
     assert after[2].sampled != after[1].sampled
     assert study_env.run("search") == 0  # budget already met: runs nothing more
     assert len(study_env.records()) == 4
+
+
+def test_checkpoints_no_trial_will_resume_are_swept_the_others_kept(tmp_path):
+    study = optuna.create_study(storage=store.make_storage(f"sqlite:///{tmp_path}/s.db"), direction="maximize")
+    study.tell(study.ask(), 0.5)  # trial 0 completed: nothing resumes its checkpoint
+    study.ask()  # trial 1 running: it resumes its own
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # trial 2 interrupted...
+    store.requeue(study, store.record(study, 2))  # ...and queued again: the retry (trial 3) resumes trial 2's
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("trial-0.pt", "trial-1.pt", "trial-2.pt", "trial-9.pt", "trial-0.pt.tmp", "notes.txt"):
+        (folder / name).write_bytes(b"kept unless an orphan")
+
+    class Told(events.Listener):
+        def __init__(self):
+            self.warnings = []
+
+        def warning(self, message):
+            self.warnings.append(message)
+
+    told = Told()
+    removed = search.sweep_checkpoints(study, folder, told)
+    assert [p.name for p in removed] == ["trial-0.pt", "trial-9.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "trial-0.pt.tmp", "trial-1.pt", "trial-2.pt"]
+    assert told.warnings == ["removed 2 checkpoint(s) no trial will resume: trial-0.pt, trial-9.pt"]
+    assert search.sweep_checkpoints(study, folder, told) == [] and len(told.warnings) == 1  # nothing more to say
+    assert search.sweep_checkpoints(study, tmp_path / "none", told) == []  # no folder yet: nothing to do
+
+
+def test_a_search_sweeps_its_orphan_checkpoints_when_it_starts(study_env, capsys):
+    study_env.write_study(trials=1)
+    assert study_env.run("search") == 0
+    orphan = study_env.studies_dir / "checkpoints" / "tiny" / "trial-0.pt"  # as a surplus retry leaves it
+    orphan.write_bytes(b"left behind")
+    study_env.write_study(trials=2)
+    capsys.readouterr()
+    assert study_env.run("search") == 0
+    assert not orphan.exists()
+    assert "removed 1 checkpoint(s) no trial will resume: trial-0.pt" in capsys.readouterr().err
 
 
 @pytest.mark.faults  # README: What survives what
