@@ -311,13 +311,17 @@ def _failing_trial(trial: optuna.Trial, action, context: str) -> None:
 def _surplus_confirmation(trial: optuna.Trial) -> str:
     """Why a champion-phase trial must not train (empty: it may). Only queued runs train: an empty queue makes
     Optuna sample a new trial, which has no business there. Two processes finishing the same search at once
-    may both queue a missing run: the one that is already done or running elsewhere wins."""
+    may both queue a missing run: the copy already done, or running since earlier, wins."""
     key = trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat")
     if key[0] is None:
         return "not a queued champion-phase run"
     for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if other.number != trial.number and (other.user_attrs.get("confirmation_of"),
-                                             other.user_attrs.get("repeat")) == key:
+        same = other.number != trial.number and (other.user_attrs.get("confirmation_of"),
+                                                 other.user_attrs.get("repeat")) == key
+        # Of two running copies the one that started first trains (the lower number if at the same moment):
+        # each sees the other running, and exactly one of them must stand down.
+        if same and (other.state == TrialState.COMPLETE
+                     or (other.datetime_start, other.number) < (trial.datetime_start, trial.number)):
             return f"repeat {key[1]} of trial {key[0]} is already trial {other.number}"
     return ""
 

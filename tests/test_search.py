@@ -148,6 +148,20 @@ def test_checkpoints_no_trial_will_resume_are_swept_the_others_kept(tmp_path):
     assert search.sweep_checkpoints(study, tmp_path / "none", told) == []  # no folder yet: nothing to do
 
 
+def test_of_two_copies_of_a_champion_phase_run_running_at_once_exactly_one_trains(tmp_path):
+    """Two processes finishing a search together may both queue the phase's missing run, and take both copies
+    at the same moment: each then sees the other running. The one that started first trains."""
+    companion = optuna.create_study(storage=store.make_storage(f"sqlite:///{tmp_path}/s.db"), direction="maximize")
+    for _ in range(2):
+        store.queue_trial(companion, {}, confirmation_of=3, repeat=1)
+    first, second = companion.ask(), companion.ask()  # both RUNNING now; `first` started earlier (or numbered lower)
+    assert search._surplus_confirmation(first) == ""
+    assert search._surplus_confirmation(second) == f"repeat 1 of trial 3 is already trial {first.number}"
+    companion.tell(first, 0.99)
+    store.queue_trial(companion, {}, confirmation_of=3, repeat=1)
+    assert "already trial" in search._surplus_confirmation(companion.ask())  # a copy of a finished run: surplus
+
+
 def test_a_search_sweeps_its_orphan_checkpoints_when_it_starts(study_env, capsys):
     study_env.write_study(trials=1)
     assert study_env.run("search") == 0
