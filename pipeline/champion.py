@@ -182,8 +182,11 @@ def _mflops(flops: int | None) -> str:
     return "-" if not flops else f"{flops / 1e6:,.1f}"
 
 
-def _flops_apart(fewer: int, more: int) -> str:
-    """`58.31 M vs 58.35 M`: two FLOP counts with the fewest decimals that still tell them apart."""
+def _flops_apart(fewer: int, more: int | None) -> str:
+    """`58.31 M vs 58.35 M`: two FLOP counts with the fewest decimals that still tell them apart (`-`: a count
+    the trial did not record)."""
+    if not fewer or not more:
+        return f"{_mflops(fewer)} M vs {_mflops(more)} M"
     for decimals in (1, 2, 3):
         shown = [f"{flops / 1e6:,.{decimals}f} M" for flops in (fewer, more)]
         if shown[0] != shown[1]:

@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -268,10 +269,14 @@ def checkpoint_path(folder: Path, first_attempt: int) -> Path:
 def sweep_checkpoints(study: optuna.Study, folder: Path | None, listener: Listener) -> list[Path]:
     """Remove the checkpoints in `folder` that no trial will resume (the listener is told), and return them.
 
-    A checkpoint is resumed by a RUNNING or WAITING attempt of the trial that wrote it first. The others are
-    left by a retry that ended without training (surplus to the budget) or a trial another host's heartbeat
-    failed for good. The folder is listed before the trials: a trial writes its checkpoint only while it runs,
-    so one written meanwhile is never taken for an orphan.
+    A checkpoint is resumed by a RUNNING or WAITING attempt of the trial that wrote it first. An orphan is one
+    whose trial is in this study and has neither: a queued run the champion phase no longer wants, a trial
+    another host's heartbeat failed for good. Not swept:
+    - a trial that failed within the last SWEEP_GRACE: a failed attempt is queued again only after it is marked
+      FAIL (by a worker, Optuna's heartbeat, or a Ctrl-C whose MLflow call may take seconds);
+    - a number this study has no trial for: the file is not this study's to judge.
+    The folder is listed before the trials: a trial writes its checkpoint only while it runs, so one written
+    meanwhile is never taken for an orphan.
     """
     try:
         names = sorted(os.listdir(folder)) if folder is not None else []
@@ -280,9 +285,15 @@ def sweep_checkpoints(study: optuna.Study, folder: Path | None, listener: Listen
     found = {int(match["first"]): folder / name for name in names if (match := _CHECKPOINT_NAME.fullmatch(name))}
     if not found:
         return []
-    live = {r.first_attempt if r.first_attempt is not None else r.number
-            for r in store.records(study, (TrialState.RUNNING, TrialState.WAITING))}
-    orphans = [path for first, path in sorted(found.items()) if first not in live]
+    recently = datetime.now() - SWEEP_GRACE  # Optuna's stamps are local time in every storage
+    live, known = set(), set()
+    for trial in study.get_trials(deepcopy=False):
+        first = trial.user_attrs.get("first_attempt", trial.number)
+        known.add(first)
+        if trial.state in (TrialState.RUNNING, TrialState.WAITING) or (
+                trial.state == TrialState.FAIL and (trial.datetime_complete or datetime.now()) > recently):
+            live.add(first)
+    orphans = [path for first, path in sorted(found.items()) if first in known and first not in live]
     for path in orphans:
         _remove(path)
     if orphans:
@@ -292,6 +303,7 @@ def sweep_checkpoints(study: optuna.Study, folder: Path | None, listener: Listen
 
 
 _CHECKPOINT_NAME = re.compile(r"trial-(?P<first>\d+)\.pt")  # checkpoint_path's names
+SWEEP_GRACE = timedelta(hours=1)  # a failed trial's checkpoint is kept this long for its retry to be queued
 
 
 def _remove(checkpoint: Path | None) -> None:
@@ -311,7 +323,9 @@ def _failing_trial(trial: optuna.Trial, action, context: str) -> None:
 def _surplus_confirmation(trial: optuna.Trial) -> str:
     """Why a champion-phase trial must not train (empty: it may). Only queued runs train: an empty queue makes
     Optuna sample a new trial, which has no business there. Two processes finishing the same search at once
-    may both queue a missing run: the copy already done, or running since earlier, wins."""
+    may both queue a missing run: the copy already done, or running since earlier, wins. (Two copies started on
+    hosts whose clocks disagree, or one not yet visible when the other checks, may both train: a waste of time,
+    not of results, since the table keeps the first that completed.)"""
     key = trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat")
     if key[0] is None:
         return "not a queued champion-phase run"

@@ -13,6 +13,7 @@ import sqlite3
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from pipeline.errors import BadInput
 
@@ -23,7 +24,10 @@ def sqlite_path(url: str) -> Path | None:
     """The file a `sqlite:///...` URL names; None for other URLs and in-memory databases."""
     if not url.startswith("sqlite:"):
         return None
-    database = make_url(url).database
+    try:
+        database = make_url(url).database
+    except ArgumentError:  # not a URL SQLAlchemy reads: opening the store reports it in one line
+        return None
     return Path(database) if database and database != ":memory:" else None
 
 

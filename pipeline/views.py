@@ -246,9 +246,11 @@ def search_result(spec: StudySpec, outcome: SearchOutcome) -> None:
     for line in outcome.messages:
         say(line)
     if outcome.stop_reason in ("budget", "timeout"):
-        chosen = outcome.champion.standings.champion if outcome.champion is not None else None
-        if chosen is not None:  # the phase's champion is what gets exported: that is the trial worth re-checking
-            replay, what = f"make replay STUDY={spec.name} TRIAL={chosen.trial.number}", "the champion"
+        standings = outcome.champion.standings if outcome.champion is not None else None
+        if standings is not None and standings.exported is not None:  # what gets exported is worth re-checking
+            run = standings.exported
+            replay = f"make replay STUDY={spec.name} TRIAL={standings.champion.trial.number} REPEAT={run.repeat}"
+            what = "the champion's exported run"
         elif outcome.best is not None:
             replay, what = f"make replay STUDY={spec.name} TRIAL={outcome.best.number}", "the best trial"
         else:

@@ -93,6 +93,8 @@ def test_the_best_mean_wins_a_cheaper_model_within_one_standard_error_wins_the_t
     assert "(1.995 M vs 2.000 M)" in reason
     twin = candidate(7, [0.993, 0.992, 0.991], flops=1_999_900, rank=3)
     assert "(1,999,900 vs 2,000,000)" in champion.choose([leader, twin], "maximize", seeds=3)[1]
+    uncounted = candidate(8, [0.990, 0.994, 0.998], flops=None, rank=2)  # a trial that recorded no FLOPs
+    assert "(0.5 M vs - M)" in champion.choose([uncounted, close], "maximize", seeds=3)[1]
 
     unproven = candidate(3, [0.9999], flops=100, rank=4)  # one run: not a candidate until its repeats ran
     assert champion.choose([unproven, leader], "maximize", seeds=3)[0] is leader
@@ -130,8 +132,9 @@ def test_the_champion_is_the_best_mean_not_the_lucky_single_run_and_everything_i
     assert standings.champion is steady and steady.trial.number == 0
     assert standings.exported.repeat == 1  # 1.0 and 1.0 are equally near 0.92: the lower repeat
     assert "champion phase of tiny" in out and "Champion: trial 0 has the best mean (0.9200 over 3 runs)" in out
-    # What to re-check next is the champion, the trial that gets exported, not the search's lucky best.
-    assert "`make replay STUDY=tiny TRIAL=0` re-checks the champion bit for bit" in " ".join(out.split())
+    # What to re-check next is the champion's exported run, not the search's lucky best.
+    assert "`make replay STUDY=tiny TRIAL=0 REPEAT=1` re-checks the champion's exported run bit for bit" in " ".join(
+        out.split())
 
     # The report page: the phase's choice is the champion (not the search's lucky best), with the phase's table.
     page = (study_env.reports / "tiny.html").read_text()

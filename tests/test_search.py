@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from datetime import timedelta
 
 import optuna
 import pytest
@@ -121,15 +122,16 @@ def test_resume_continues_total_budget_and_reseeds(study_env):
     assert len(study_env.records()) == 4
 
 
-def test_checkpoints_no_trial_will_resume_are_swept_the_others_kept(tmp_path):
+def test_checkpoints_no_trial_will_resume_are_swept_the_others_kept(tmp_path, monkeypatch):
     study = optuna.create_study(storage=store.make_storage(f"sqlite:///{tmp_path}/s.db"), direction="maximize")
     study.tell(study.ask(), 0.5)  # trial 0 completed: nothing resumes its checkpoint
     study.ask()  # trial 1 running: it resumes its own
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # trial 2 interrupted...
-    store.requeue(study, store.record(study, 2))  # ...and queued again: the retry (trial 3) resumes trial 2's
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)  # trial 3 failed just now, nothing queued yet
+    store.requeue(study, store.record(study, 2))  # ...trial 2 queued again: the retry (trial 4) resumes trial 2's
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    for name in ("trial-0.pt", "trial-1.pt", "trial-2.pt", "trial-9.pt", "trial-0.pt.tmp", "notes.txt"):
+    for name in ("trial-0.pt", "trial-1.pt", "trial-2.pt", "trial-3.pt", "trial-9.pt", "trial-0.pt.tmp", "notes.txt"):
         (folder / name).write_bytes(b"kept unless an orphan")
 
     class Told(events.Listener):
@@ -141,10 +143,14 @@ def test_checkpoints_no_trial_will_resume_are_swept_the_others_kept(tmp_path):
 
     told = Told()
     removed = search.sweep_checkpoints(study, folder, told)
-    assert [p.name for p in removed] == ["trial-0.pt", "trial-9.pt"]
-    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "trial-0.pt.tmp", "trial-1.pt", "trial-2.pt"]
-    assert told.warnings == ["removed 2 checkpoint(s) no trial will resume: trial-0.pt, trial-9.pt"]
+    assert [p.name for p in removed] == ["trial-0.pt"]
+    # trial 3 failed a moment ago: its retry may be on its way to the queue. trial-9: no trial of this study.
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "trial-0.pt.tmp", "trial-1.pt", "trial-2.pt",
+                                                         "trial-3.pt", "trial-9.pt"]
+    assert told.warnings == ["removed 1 checkpoint(s) no trial will resume: trial-0.pt"]
     assert search.sweep_checkpoints(study, folder, told) == [] and len(told.warnings) == 1  # nothing more to say
+    monkeypatch.setattr(search, "SWEEP_GRACE", timedelta(0))  # as if trial 3 had failed long ago, with no retry
+    assert [p.name for p in search.sweep_checkpoints(study, folder, told)] == ["trial-3.pt"]
     assert search.sweep_checkpoints(study, tmp_path / "none", told) == []  # no folder yet: nothing to do
 
 
@@ -165,7 +171,7 @@ def test_of_two_copies_of_a_champion_phase_run_running_at_once_exactly_one_train
 def test_a_search_sweeps_its_orphan_checkpoints_when_it_starts(study_env, capsys):
     study_env.write_study(trials=1)
     assert study_env.run("search") == 0
-    orphan = study_env.studies_dir / "checkpoints" / "tiny" / "trial-0.pt"  # as a surplus retry leaves it
+    orphan = study_env.studies_dir / "checkpoints" / "tiny" / "trial-0.pt"  # as a run nobody resumes leaves it
     orphan.write_bytes(b"left behind")
     study_env.write_study(trials=2)
     capsys.readouterr()

@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline import paths, store, tracking
+from pipeline.errors import BadInput
 
 # Asking trials by hand on a storage with heartbeats makes Optuna say heartbeats belong to optimize().
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
@@ -243,6 +244,10 @@ def test_a_sqlite_url_with_options_opens_its_file_in_a_folder_made_for_it(tmp_pa
     assert store._holds(url, "opts") and not store._holds(url, "other")
     assert tracking.artifact_root(f"sqlite:///{tmp_path}/runs/mlflow.db?timeout=30") == tmp_path / "runs" / "artifacts"
     assert tracking.artifact_root("sqlite://") == paths.DEFAULT_ARTIFACT_ROOT  # in memory: no file to sit beside
+    # A URL SQLAlchemy cannot read is the store's to refuse, in one line.
+    assert tracking.artifact_root("sqlite:/x.db") == paths.DEFAULT_ARTIFACT_ROOT
+    with pytest.raises(BadInput, match="Optuna storage"):
+        store.make_storage("sqlite:/x.db")
 
 
 @pytest.mark.parametrize(("epochs", "first"), [(1, 1), (2, 1), (3, 2), (5, 3), (8, 4), (20, 10)])
