@@ -285,13 +285,13 @@ def sweep_checkpoints(study: optuna.Study, folder: Path | None, listener: Listen
     found = {int(match["first"]): folder / name for name in names if (match := _CHECKPOINT_NAME.fullmatch(name))}
     if not found:
         return []
-    recently = datetime.now() - SWEEP_GRACE  # Optuna's stamps are local time in every storage
+    now = datetime.now()  # Optuna's stamps are local time in every storage
     live, known = set(), set()
     for trial in study.get_trials(deepcopy=False):
-        first = trial.user_attrs.get("first_attempt", trial.number)
+        first, _ = store.first_attempt(trial)
         known.add(first)
         if trial.state in (TrialState.RUNNING, TrialState.WAITING) or (
-                trial.state == TrialState.FAIL and (trial.datetime_complete or datetime.now()) > recently):
+                trial.state == TrialState.FAIL and now - (trial.datetime_complete or now) < SWEEP_GRACE):
             live.add(first)
     orphans = [path for first, path in sorted(found.items()) if first in known and first not in live]
     for path in orphans:

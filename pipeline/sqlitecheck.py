@@ -4,7 +4,7 @@ command with one line naming it, instead of a traceback from somewhere inside a 
 A file cut short (a full disk, a copy that stopped, power loss without a journal) may still open, and even
 answer its first queries: SQLite notices only when it reads a missing page. Its header, though, says how many
 pages the file has, and SQLite itself reports that count: a file shorter than that is truncated. The check only
-reads; nothing is repaired, moved or deleted.
+reads (`prepare` makes a missing folder for a new file, nothing more); nothing is repaired, moved or deleted.
 """
 
 from __future__ import annotations
@@ -32,20 +32,14 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def prepare(url: str, what: str) -> None:
-    """Before a store at `url` is opened: a SQLite file's folder exists, and a damaged file stops here (`check`).
-    Other URLs pass untouched."""
+    """Before a store at `url` is opened: a SQLite file's folder exists, and a damaged file raises BadInput naming
+    it (`what` names the store: "Optuna storage"). Another URL, a missing or empty file (a new store), or one locked
+    by a writer pass: the store's own open deals with them."""
     path = sqlite_path(url)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        check(url, what)
-
-
-def check(url: str, what: str) -> None:
-    """Raise BadInput naming the file when the SQLite store at `url` is damaged. `what` names the store in the
-    message ("Optuna storage"). Another URL, a missing or empty file (a new store), or one locked by a writer
-    pass: the store's own open deals with them."""
-    path = sqlite_path(url)
-    if path is None or not path.is_file() or path.stat().st_size == 0:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.stat().st_size == 0:
         return
     problem = _damage(path)
     if problem is not None:

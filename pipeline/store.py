@@ -457,7 +457,7 @@ def requeue(study: optuna.Study, failed: TrialRecord, **fields: Any) -> None:
     queue_trial(study, failed.sampled, retry_of=failed.number, **carried, **fields)
 
 
-def first_attempt(trial: optuna.Trial) -> tuple[int, int | None]:
+def first_attempt(trial: optuna.Trial | optuna.trial.FrozenTrial) -> tuple[int, int | None]:
     """(number, seed) of the trial whose parameters `trial` runs: a retry's first attempt, as `requeue` (or
     Optuna's heartbeat retry, which copies the failed trial's record) queued it; else `trial` itself, no seed yet."""
     queued = trial.user_attrs
