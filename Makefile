@@ -40,7 +40,7 @@ export STORAGE
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train search replay report studies export-best predict server ui dashboard test test-faults test-scale test-browser lint format bench-data bench-trainer \
-        bench-tracking bench-workers bench-search clean sample-images
+        bench-fusion bench-tracking bench-workers bench-search clean sample-images
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -122,6 +122,9 @@ bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's D
 
 bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script, and the CPU's FLOP ceiling [PROFILE=200: where a step's time goes]
 	$(PY) benchmarks/trainer_vs_baseline.py $(if $(PROFILE),--profile $(PROFILE))
+
+bench-fusion: $(STAMP) data ## ms per trainer step with BatchNorm + ReLU as torch's ops vs one fused C++ kernel (needs g++)
+	$(PY) benchmarks/fused_bn_relu.py
 
 bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without
 	$(PY) benchmarks/tracking_overhead.py
