@@ -123,7 +123,7 @@ bench-data: $(STAMP) data ## images/s of our resident batches vs torchvision's D
 bench-trainer: $(STAMP) data ## seconds/epoch of our trainer vs the reference DataLoader script, and the CPU's FLOP ceiling [PROFILE=200: where a step's time goes]
 	$(PY) benchmarks/trainer_vs_baseline.py $(if $(PROFILE),--profile $(PROFILE))
 
-bench-fusion: $(STAMP) data ## ms per trainer step with BatchNorm + ReLU as torch's ops vs one fused C++ kernel (needs g++)
+bench-fusion: $(STAMP) data ## ms per trainer step with BatchNorm + ReLU as torch's ops vs one fused C++ kernel (needs g++; ninja comes with the dev extras)
 	$(PY) benchmarks/fused_bn_relu.py
 
 bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without
