@@ -25,15 +25,16 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils import cpp_extension
+from trainer_vs_baseline import BATCH, step_run
 
-from pipeline import allocator, data, datasets, hparams, reproducibility, train
+from pipeline import allocator, data, datasets, reproducibility, train
 
-BATCH = 64
 KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "bn_relu.cpp"
 LAYER_SHAPES = ((BATCH, 32, 28, 28), (BATCH, 64, 14, 14))  # the classic CNN's activations before each pool
 
@@ -87,13 +88,23 @@ def with_fused_pairs(model: nn.Sequential, fused_class: type[nn.Module]) -> nn.S
     return nn.Sequential(*out)
 
 
-def median_ms(function, runs: int) -> float:
+def median_ms(function: Callable[[], object], runs: int) -> float:
     times = []
     for _ in range(runs):
         started = time.perf_counter()
         function()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
+
+
+def alternating_medians(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Each timer's median over `rounds` rounds (a timer returns the milliseconds it measured), interleaved and
+    each going first in half of them, so a drift of the machine's speed falls on both sides alike."""
+    measured: dict[str, list[float]] = {name: [] for name in timers}
+    for round_ in range(rounds):
+        for name in sorted(timers, reverse=round_ % 2 == 1):
+            measured[name].append(timers[name]())
+    return {name: statistics.median(times) for name, times in measured.items()}
 
 
 def compare_layers(fused_class: type[nn.Module]) -> None:
@@ -124,44 +135,33 @@ def layer_row(shape: tuple[int, int, int, int], fused_class: type[nn.Module]) ->
 
     diffs = [diff(y_fused, y_torch), diff(ours.grad, theirs.grad), diff(norms[1].weight.grad, norms[0].weight.grad),
              diff(norms[1].bias.grad, norms[0].bias.grad)]
-    steps = {"torch": lambda: torch.relu_(norms[0](theirs)).backward(grad), "fused": lambda: fused(ours).backward(grad)}
-    rounds: dict[str, list[float]] = {"torch": [], "fused": []}
-    for round_ in range(6):
-        for name in sorted(steps, reverse=round_ % 2 == 1):  # each goes first in half the rounds
-            rounds[name].append(median_ms(steps[name], 40))
-    native, fused_ms = statistics.median(rounds["torch"]), statistics.median(rounds["fused"])
+    ms = alternating_medians({"torch": lambda: median_ms(lambda: torch.relu_(norms[0](theirs)).backward(grad), 40),
+                              "fused": lambda: median_ms(lambda: fused(ours).backward(grad), 40)}, rounds=6)
+    native, fused_ms = ms["torch"], ms["fused"]
     label = "x".join(map(str, shape))
     return (f"{label:24} {diffs[0]:>15} {diffs[1]:>9} {diffs[2]:>9} {diffs[3]:>9} {native:9.2f} {fused_ms:9.2f} "
             f"{fused_ms / native:12.2f}")
 
 
 def compare_steps(prepared: data.PreparedData, fused_class: type[nn.Module], steps: int, rounds: int) -> None:
-    params = hparams.resolve_params(dict(hparams.CLASSIC["cnn"], epochs=1, batch_size=BATCH, optimizer="adam",
-                                         lr=1e-3, weight_decay=0.0, schedule="none", augment=1.0, precision="auto"))
-    device = torch.device("cpu")
-    precision = train.pick_precision("auto", device)
-    images, labels = prepared.train.images, prepared.train.labels
-    runs = {}
-    for name in ("torch", "fused"):
-        run = train._build(params, prepared, device, precision, micro_batches=steps)
-        if name == "fused":
-            run.model = run.network = run.forward = with_fused_pairs(run.model, fused_class)
-        # An epoch of exactly `steps` batches and one batch of evaluation: the timing is of training steps.
-        run.train_split = data.ResidentImages(images[:steps * BATCH], labels[:steps * BATCH], prepared.mean,
-                                              prepared.std)
-        run.val_split = data.ResidentImages(images[:BATCH], labels[:BATCH], prepared.mean, prepared.std)
-        runs[name] = run
-    per_step = {name: [] for name in runs}
-    for round_ in range(rounds + 1):  # the first round warms up: kernel choice, first allocations
-        for name in sorted(runs, reverse=round_ % 2 == 1):  # each goes first in half the rounds
-            run = runs[name]
-            metrics = train._train_epoch(run, train._Progress(), torch.Generator().manual_seed(round_), None)
-            if round_:
-                per_step[name].append(BATCH / metrics.images_per_second * 1000)
-    native, fused = (statistics.median(per_step[name]) for name in ("torch", "fused"))
+    runs = {"torch": step_run(prepared, steps), "fused": step_run(prepared, steps)}
+    fused_run = runs["fused"]
+    fused_run.model = fused_run.network = fused_run.forward = with_fused_pairs(fused_run.model, fused_class)
+
+    def timer(run: train._Run) -> Callable[[], float]:
+        def ms_per_step() -> float:
+            metrics = train._train_epoch(run, train._Progress(), torch.Generator().manual_seed(0), None)
+            return BATCH / metrics.images_per_second * 1000
+        return ms_per_step
+
+    timers = {name: timer(run) for name, run in runs.items()}
+    for ms_per_step in timers.values():  # warm-up: kernel choice, first allocations
+        ms_per_step()
+    ms = alternating_medians(timers, rounds)
+    native, fused = ms["torch"], ms["fused"]
     epoch_steps = len(prepared.train) // BATCH
-    print(f"trainer step, classic CNN, batch {BATCH}, {precision}, augmentation: median of {rounds} rounds of "
-          f"{steps} steps")
+    print(f"trainer step, classic CNN, batch {BATCH}, {fused_run.precision}, augmentation: median of {rounds} rounds "
+          f"of {steps} steps")
     print(f"  torch's ops {native:.2f} ms/step, fused BN+ReLU {fused:.2f} ms/step, fused/torch {fused / native:.3f}; "
           f"an epoch of {epoch_steps} steps: {(native - fused) * epoch_steps / 1000:+.1f} s saved")
 

@@ -93,20 +93,26 @@ STEP_PARTS = (  # the first part whose key an op's name holds takes it: backward
 )
 
 
+def step_run(prepared: data.PreparedData, steps: int) -> train._Run:
+    """Our trainer's run of the classic CNN (batch 64, precision auto, augmentation on) over an epoch of exactly
+    `steps` batches and one batch of evaluation: `train._train_epoch` on it times training steps."""
+    params = hparams.resolve_params(our_params("cnn", "auto", augment=1.0))
+    device = torch.device("cpu")
+    run = train._build(params, prepared, device, train.pick_precision("auto", device), micro_batches=steps)
+    images, labels = prepared.train.images, prepared.train.labels
+    run.train_split = data.ResidentImages(images[:steps * BATCH], labels[:steps * BATCH], prepared.mean, prepared.std)
+    run.val_split = data.ResidentImages(images[:BATCH], labels[:BATCH], prepared.mean, prepared.std)
+    return run
+
+
 def profile_step(prepared: data.PreparedData, steps: int) -> None:
     """torch.profiler over `steps` of our bf16 training steps (classic CNN, batch 64, augmentation on): each part's
     milliseconds per step, its share, and the rest (casts, copies, allocation, Python, autograd bookkeeping)."""
     from torch.profiler import ProfilerActivity, profile
 
-    params = hparams.resolve_params(our_params("cnn", "auto", augment=1.0))
-    device = torch.device("cpu")
-    precision = train.pick_precision("auto", device)
     steps = min(steps, len(prepared.train) // BATCH)
-    run = train._build(params, prepared, device, precision, micro_batches=steps)
-    images, labels = prepared.train.images, prepared.train.labels
-    # An epoch of exactly `steps` batches, and one batch of evaluation: the profile is of training steps.
-    run.train_split = data.ResidentImages(images[:steps * BATCH], labels[:steps * BATCH], prepared.mean, prepared.std)
-    run.val_split = data.ResidentImages(images[:BATCH], labels[:BATCH], prepared.mean, prepared.std)
+    run = step_run(prepared, steps)
+    precision = run.precision
     generator = torch.Generator().manual_seed(0)
     train._train_epoch(run, train._Progress(), generator, None)  # warm-up: kernel choice, first allocations
     with profile(activities=[ProfilerActivity.CPU]) as profiler:

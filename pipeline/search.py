@@ -279,7 +279,7 @@ def sweep_checkpoints(study: optuna.Study, folder: Path | None, listener: Listen
     meanwhile is never taken for an orphan.
     """
     try:
-        names = sorted(os.listdir(folder)) if folder is not None else []
+        names = os.listdir(folder) if folder is not None else []
     except FileNotFoundError:
         return []
     found = {int(match["first"]): folder / name for name in names if (match := _CHECKPOINT_NAME.fullmatch(name))}

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tiny_study import write_study
 
-from pipeline import datasets, models, paths, sources, store
+from pipeline import datasets, events, models, paths, sources, store
 from pipeline.cli import main
 from pipeline.errors import DataError
 
@@ -342,3 +342,25 @@ def refusal(action) -> str:
     message = str(raised.value)
     assert "\n" not in message
     return message
+
+
+class RecordingListener(events.Listener):
+    """What a search told its listener, in order: (event name, its details...)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def trial_started(self, trial: events.TrialStarted) -> None:
+        self.events.append(("trial_started", trial.number))
+
+    def epoch_ended(self, number, metrics) -> None:
+        self.events.append(("epoch_ended", number, metrics.epoch))
+
+    def new_best(self, number, value, model) -> None:
+        self.events.append(("new_best", number, value))
+
+    def trial_ended(self, trial: events.TrialEnded) -> None:
+        self.events.append(("trial_ended", trial.number, trial.state, trial.values, trial.fail_reason))
+
+    def warning(self, message: str) -> None:
+        self.events.append(("warning", message))

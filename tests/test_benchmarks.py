@@ -40,3 +40,56 @@ def test_the_trainer_profile_splits_a_step_into_its_parts(tiny_dataset, monkeypa
     assert rows["convolution forward"][0] > 0 and rows["convolution backward"][0] > 0 and rows["optimizer"][0] > 0
     assert sum(share for _, share in rows.values() if share is not None) == pytest.approx(100, abs=0.5)
     assert sum(ms for name, (ms, _) in rows.items() if name != "all") == pytest.approx(rows["all"][0], rel=0.02)
+
+
+def test_the_fused_batchnorm_relu_kernel_computes_what_torchs_ops_compute(monkeypatch):
+    """`make bench-fusion` times a C++ kernel against BatchNorm2d + ReLU: its figures mean something only if the
+    kernel computes the same thing: outputs and gradients within bf16 rounding, the same running statistics,
+    NaN kept, torch's own ops in evaluation, and the network's parameters untouched by the swap."""
+    import torch
+    from torch import nn
+
+    from pipeline import hparams, models
+
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
+    bench = runpy.run_path(str(PROJECT_ROOT / "benchmarks" / "fused_bn_relu.py"))
+    fused_class = bench["fused_bn_relu_class"](bench["build_kernel"]())
+
+    torch.manual_seed(0)
+    shape = (4, 16, 6, 6)
+    norms = [nn.BatchNorm2d(16) for _ in range(2)]
+    nn.init.uniform_(norms[0].weight, 0.5, 1.5)
+    nn.init.uniform_(norms[0].bias, -0.2, 0.2)
+    norms[1].load_state_dict(norms[0].state_dict())
+    x = (torch.randn(shape) * 2 + 0.5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    theirs, ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = fused_class(norms[1])
+    y_torch, y_fused = torch.relu(norms[0](theirs)), fused(ours)
+    y_torch.backward(grad)
+    y_fused.backward(grad)
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+    assert (y_fused == 0).any() and (y_fused > 0).any()  # ReLU cut some values and passed others
+    assert relative(y_fused, y_torch) <= 2**-7 and relative(ours.grad, theirs.grad) <= 2**-6  # a bf16 step or two
+    assert relative(norms[1].weight.grad, norms[0].weight.grad) < 1e-3
+    assert relative(norms[1].bias.grad, norms[0].bias.grad) < 1e-3
+    torch.testing.assert_close(norms[1].running_mean, norms[0].running_mean)
+    torch.testing.assert_close(norms[1].running_var, norms[0].running_var)
+    assert norms[1].num_batches_tracked == norms[0].num_batches_tracked == 1
+
+    fused.eval()
+    norms[0].eval()
+    assert torch.equal(fused(x), torch.relu(norms[0](x)))  # evaluation: torch's ops, the running statistics
+    fused.train()
+    poisoned = x.clone()
+    poisoned[0, 3, 0, 0] = float("nan")
+    assert fused(poisoned)[:, 3].isnan().all()  # a diverged step stays visible, as torch's ReLU keeps NaN
+
+    model = models.build_model(hparams.CLASSIC["cnn"])
+    swapped = bench["with_fused_pairs"](model, fused_class)
+    assert sum(isinstance(m, fused_class) for m in swapped) == 4
+    assert sum(isinstance(m, nn.ReLU) for m in swapped) == 1  # the head's, which no BatchNorm precedes
+    assert [id(p) for p in swapped.parameters()] == [id(p) for p in model.parameters()]

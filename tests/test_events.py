@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import RecordingListener
 from tiny_study import write_study
 
 from pipeline import events, pareto, replay, search, session, store, studies
@@ -17,26 +18,6 @@ EVENTS_STUDY = {
     "space": {"lr": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}, "dropout": None},
     "baseline": [{"lr": 3e-3}, {"lr": 1e-6}],
 }
-
-
-class RecordingListener(events.Listener):
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-
-    def trial_started(self, trial: events.TrialStarted) -> None:
-        self.events.append(("trial_started", trial.number))
-
-    def epoch_ended(self, number, metrics) -> None:
-        self.events.append(("epoch_ended", number, metrics.epoch))
-
-    def new_best(self, number, value, model) -> None:
-        self.events.append(("new_best", number, value))
-
-    def trial_ended(self, trial: events.TrialEnded) -> None:
-        self.events.append(("trial_ended", trial.number, trial.state, trial.values, trial.fail_reason))
-
-    def warning(self, message: str) -> None:
-        self.events.append(("warning", message))
 
 
 def setup(tmp_path: Path, root: Path, trials: int = 3, epochs: int = 2):

@@ -14,9 +14,9 @@ from datetime import timedelta
 import optuna
 import pytest
 import torch
-from conftest import TINY_CLI, mlflow_runs, wait_until
+from conftest import TINY_CLI, RecordingListener, mlflow_runs, wait_until
 
-from pipeline import events, search, store, studies, tracking
+from pipeline import search, store, studies, tracking
 from pipeline.cli import main
 
 BASELINE = {"lr": 3e-3, "dropout": 0.1}  # the tiny study's baseline (tests/tiny_study.py)
@@ -134,21 +134,14 @@ def test_checkpoints_no_trial_will_resume_are_swept_the_others_kept(tmp_path, mo
     for name in ("trial-0.pt", "trial-1.pt", "trial-2.pt", "trial-3.pt", "trial-9.pt", "trial-0.pt.tmp", "notes.txt"):
         (folder / name).write_bytes(b"kept unless an orphan")
 
-    class Told(events.Listener):
-        def __init__(self):
-            self.warnings = []
-
-        def warning(self, message):
-            self.warnings.append(message)
-
-    told = Told()
+    told = RecordingListener()
     removed = search.sweep_checkpoints(study, folder, told)
     assert [p.name for p in removed] == ["trial-0.pt"]
     # trial 3 failed a moment ago: its retry may be on its way to the queue. trial-9: no trial of this study.
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "trial-0.pt.tmp", "trial-1.pt", "trial-2.pt",
                                                          "trial-3.pt", "trial-9.pt"]
-    assert told.warnings == ["removed 1 checkpoint(s) no trial will resume: trial-0.pt"]
-    assert search.sweep_checkpoints(study, folder, told) == [] and len(told.warnings) == 1  # nothing more to say
+    assert told.events == [("warning", "removed 1 checkpoint(s) no trial will resume: trial-0.pt")]
+    assert search.sweep_checkpoints(study, folder, told) == [] and len(told.events) == 1  # nothing more to say
     monkeypatch.setattr(search, "SWEEP_GRACE", timedelta(0))  # as if trial 3 had failed long ago, with no retry
     assert [p.name for p in search.sweep_checkpoints(study, folder, told)] == ["trial-3.pt"]
     assert search.sweep_checkpoints(study, tmp_path / "none", told) == []  # no folder yet: nothing to do
