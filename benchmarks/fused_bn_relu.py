@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,28 +115,51 @@ def compare_layers(fused_class: type[nn.Module]) -> None:
         print(layer_row(shape, fused_class))
 
 
+@dataclass
+class PairRun:
+    """One forward + backward of the same bf16 input through torch's BatchNorm2d + ReLU and through the fused
+    module, from the same initial state (affine weights drawn away from 1 and 0, so they matter)."""
+
+    norm: nn.BatchNorm2d  # torch's side
+    fused: nn.Module  # wraps a copy of `norm` as it was
+    x: torch.Tensor
+    grad: torch.Tensor  # the gradient both outputs were given
+    theirs: torch.Tensor  # the input torch's side saw; .grad its gradient
+    ours: torch.Tensor
+    y_torch: torch.Tensor
+    y_fused: torch.Tensor
+
+    @classmethod
+    def run(cls, shape: tuple[int, int, int, int], fused_class: type[nn.Module]) -> PairRun:
+        torch.manual_seed(0)
+        norm, copy = nn.BatchNorm2d(shape[1]), nn.BatchNorm2d(shape[1])
+        nn.init.uniform_(norm.weight, 0.5, 1.5)
+        nn.init.uniform_(norm.bias, -0.2, 0.2)
+        copy.load_state_dict(norm.state_dict())
+        x = (torch.randn(shape) * 2 + 0.5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        theirs, ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fused = fused_class(copy)
+        y_torch, y_fused = torch.relu(norm(theirs)), fused(ours)
+        y_torch.backward(grad)
+        y_fused.backward(grad)
+        return cls(norm, fused, x, grad, theirs, ours, y_torch, y_fused)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest difference of `a` from `b`, relative to `b`'s largest value."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
 def layer_row(shape: tuple[int, int, int, int], fused_class: type[nn.Module]) -> str:
     """One layer pair: how far the fused outputs and gradients are from torch's (relative to the largest value),
     and the median milliseconds of a forward + backward of each, interleaved."""
-    torch.manual_seed(0)
-    norms = [nn.BatchNorm2d(shape[1]) for _ in range(2)]
-    nn.init.uniform_(norms[0].weight, 0.5, 1.5)
-    nn.init.uniform_(norms[0].bias, -0.2, 0.2)
-    norms[1].load_state_dict(norms[0].state_dict())
-    x = (torch.randn(shape) * 2 + 0.5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
-    fused = fused_class(norms[1])
-    y_torch, y_fused = torch.relu(norms[0](theirs)), fused(ours)
-    y_torch.backward(grad)
-    y_fused.backward(grad)
-
-    def diff(a: torch.Tensor, b: torch.Tensor) -> str:
-        return f"{((a.float() - b.float()).abs().max() / b.float().abs().max()).item():.1e}"
-
-    diffs = [diff(y_fused, y_torch), diff(ours.grad, theirs.grad), diff(norms[1].weight.grad, norms[0].weight.grad),
-             diff(norms[1].bias.grad, norms[0].bias.grad)]
-    ms = alternating_medians({"torch": lambda: median_ms(lambda: torch.relu_(norms[0](theirs)).backward(grad), 40),
+    pair = PairRun.run(shape, fused_class)
+    norm, fused, theirs, ours, grad = pair.norm, pair.fused, pair.theirs, pair.ours, pair.grad
+    diffs = [f"{relative_difference(a, b):.1e}" for a, b in (
+        (pair.y_fused, pair.y_torch), (ours.grad, theirs.grad), (fused.norm.weight.grad, norm.weight.grad),
+        (fused.norm.bias.grad, norm.bias.grad))]
+    ms = alternating_medians({"torch": lambda: median_ms(lambda: torch.relu_(norm(theirs)).backward(grad), 40),
                               "fused": lambda: median_ms(lambda: fused(ours).backward(grad), 40)}, rounds=6)
     native, fused_ms = ms["torch"], ms["fused"]
     label = "x".join(map(str, shape))

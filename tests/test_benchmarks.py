@@ -55,34 +55,21 @@ def test_the_fused_batchnorm_relu_kernel_computes_what_torchs_ops_compute(monkey
     bench = runpy.run_path(str(PROJECT_ROOT / "benchmarks" / "fused_bn_relu.py"))
     fused_class = bench["fused_bn_relu_class"](bench["build_kernel"]())
 
-    torch.manual_seed(0)
-    shape = (4, 16, 6, 6)
-    norms = [nn.BatchNorm2d(16) for _ in range(2)]
-    nn.init.uniform_(norms[0].weight, 0.5, 1.5)
-    nn.init.uniform_(norms[0].bias, -0.2, 0.2)
-    norms[1].load_state_dict(norms[0].state_dict())
-    x = (torch.randn(shape) * 2 + 0.5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    theirs, ours = x.clone().requires_grad_(), x.clone().requires_grad_()
-    fused = fused_class(norms[1])
-    y_torch, y_fused = torch.relu(norms[0](theirs)), fused(ours)
-    y_torch.backward(grad)
-    y_fused.backward(grad)
+    pair = bench["PairRun"].run((4, 16, 6, 6), fused_class)
+    relative, norm, fused = bench["relative_difference"], pair.norm, pair.fused
+    assert (pair.y_fused == 0).any() and (pair.y_fused > 0).any()  # ReLU cut some values and passed others
+    assert relative(pair.y_fused, pair.y_torch) <= 2**-7  # a bf16 step
+    assert relative(pair.ours.grad, pair.theirs.grad) <= 2**-6
+    assert relative(fused.norm.weight.grad, norm.weight.grad) < 1e-3
+    assert relative(fused.norm.bias.grad, norm.bias.grad) < 1e-3
+    torch.testing.assert_close(fused.norm.running_mean, norm.running_mean)
+    torch.testing.assert_close(fused.norm.running_var, norm.running_var)
+    assert fused.norm.num_batches_tracked == norm.num_batches_tracked == 1
 
-    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-    assert (y_fused == 0).any() and (y_fused > 0).any()  # ReLU cut some values and passed others
-    assert relative(y_fused, y_torch) <= 2**-7 and relative(ours.grad, theirs.grad) <= 2**-6  # a bf16 step or two
-    assert relative(norms[1].weight.grad, norms[0].weight.grad) < 1e-3
-    assert relative(norms[1].bias.grad, norms[0].bias.grad) < 1e-3
-    torch.testing.assert_close(norms[1].running_mean, norms[0].running_mean)
-    torch.testing.assert_close(norms[1].running_var, norms[0].running_var)
-    assert norms[1].num_batches_tracked == norms[0].num_batches_tracked == 1
-
+    x = pair.x
     fused.eval()
-    norms[0].eval()
-    assert torch.equal(fused(x), torch.relu(norms[0](x)))  # evaluation: torch's ops, the running statistics
+    norm.eval()
+    assert torch.equal(fused(x), torch.relu(norm(x)))  # evaluation: torch's ops, the running statistics
     fused.train()
     poisoned = x.clone()
     poisoned[0, 3, 0, 0] = float("nan")
