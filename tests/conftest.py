@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
+import signal
 import sqlite3
 import sys
 import time
@@ -162,6 +164,22 @@ def wait_until(condition, what: str, timeout: float = 120, ignore: tuple[type[Ba
             return found
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def freeze_mid_trial(find_victim) -> int:
+    """Freeze (SIGSTOP) the process `find_victim()` names (the pid of a process in the middle of a trial, or
+    None) and return its pid once the check, made again while it is frozen, still names it: its trial cannot
+    move on between the check and what the caller sends it next. The caller sends SIGCONT or SIGKILL."""
+    while True:
+        pid = wait_until(find_victim, "a process in the middle of a trial", interval=0.05)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            still = find_victim() == pid
+        except Exception:  # frozen while holding a database lock: let it go on and look again
+            still = False
+        if still:
+            return pid
+        os.kill(pid, signal.SIGCONT)
 
 
 def mlflow_store_path(tmp_path: Path) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import TINY_CLI, StudyEnv, mlflow_runs, trial_runs, wait_until
+from conftest import TINY_CLI, StudyEnv, freeze_mid_trial, mlflow_runs, trial_runs, wait_until
 from PIL import Image
 from ui_process import free_port, wait_for_health
 
@@ -42,20 +42,10 @@ def write_study(env: StudyEnv, trials: int = 3, epochs: int = 1, channels: list[
 
 
 def kill_mid_trial(find_victim) -> int:
-    """SIGKILL the process `find_victim()` names (the pid of a process in the middle of a trial, or None).
-    It is frozen (SIGSTOP) while the check is made again, so its trial cannot finish between the check and
-    the kill. Returns the pid killed."""
-    while True:
-        pid = wait_until(find_victim, "a process in the middle of a trial")
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            still = find_victim() == pid
-        except Exception:  # frozen while holding a database lock: let it go on and look again
-            still = False
-        if still:
-            os.kill(pid, signal.SIGKILL)  # no handler runs, nothing is closed
-            return pid
-        os.kill(pid, signal.SIGCONT)
+    """SIGKILL the process `find_victim()` names, frozen mid-trial (`freeze_mid_trial`). Returns the pid killed."""
+    pid = freeze_mid_trial(find_victim)
+    os.kill(pid, signal.SIGKILL)  # no handler runs, nothing is closed
+    return pid
 
 
 def kill_search_mid_trial(process: subprocess.Popen, find_victim) -> None:

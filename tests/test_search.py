@@ -14,7 +14,7 @@ from datetime import timedelta
 import optuna
 import pytest
 import torch
-from conftest import TINY_CLI, RecordingListener, mlflow_runs, wait_until
+from conftest import TINY_CLI, RecordingListener, freeze_mid_trial, mlflow_runs
 
 from pipeline import search, store, studies, tracking
 from pipeline.cli import main
@@ -285,19 +285,21 @@ def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, 
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
-    def mid_trial() -> bool:
-        """A trial finished and the next one well inside its epochs: the signal lands in a trial, not between
-        two (a trial of the tiny study ends within a second of its last epochs)."""
+    def mid_trial() -> int | None:
+        """The search's pid while a trial has finished and the next one is well inside its epochs, with at
+        least one ahead: the signal lands in a trial, not between two."""
         trials = study_env.records()
-        return any(t.finished for t in trials) and any(t.state == "RUNNING" and 1 <= len(t.history) <= 20
-                                                       for t in trials)
+        inside = any(t.finished for t in trials) and any(t.state == "RUNNING" and 1 <= len(t.history) <= 28
+                                                        for t in trials)
+        return process.pid if inside else None
 
     try:
-        wait_until(mid_trial, "trial 0 finished and the next one mid-way", interval=0.05)
+        freeze_mid_trial(mid_trial)
     except AssertionError:
         process.kill()
         raise
-    process.send_signal(signal_number)
+    process.send_signal(signal_number)  # taken when the search goes on
+    process.send_signal(signal.SIGCONT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal_number, err
     assert f"{signal.Signals(signal_number).name} received" in err  # what the user is told

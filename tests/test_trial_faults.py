@@ -17,13 +17,14 @@ import threading
 import optuna
 import pytest
 import torch
-from conftest import StudyEnv, mlflow_runs, trial_runs, wait_until
+from conftest import StudyEnv, freeze_mid_trial, mlflow_runs, trial_runs, wait_until
 from optuna.trial import TrialState
 from test_faults import kill_search_mid_trial
 
 from pipeline import events, replay, search, store, studies
 
 EPOCHS = 12
+LONG = 30  # epochs of a trial that a test stops part-way: a tiny epoch takes well under 0.1 s
 
 
 def write_study(env: StudyEnv, trials: int = 2, epochs: int = EPOCHS, baselines: int = 1) -> None:
@@ -202,20 +203,24 @@ def test_kill_9_mid_trial_then_rerun_resumes_the_checkpoint_bit_for_bit(study_en
 
 @pytest.mark.faults
 def test_sighup_mid_trial_stops_requeues_and_the_retry_runs_before_the_queued_baseline(study_env, mlflow_store):
-    write_study(study_env, trials=2, epochs=EPOCHS, baselines=2)  # trials 0 and 1: the two baselines, queued
+    write_study(study_env, trials=2, epochs=LONG, baselines=2)  # trials 0 and 1: the two baselines, queued
     process = subprocess.Popen(study_env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
 
-    def mid_trial() -> bool:
+    def mid_trial() -> int | None:
+        """The search's pid while trial 0 runs with an epoch behind it and at least one ahead (so it stops at
+        a batch, never by finishing)."""
         first = study_env.records()[:1]
-        return bool(first) and first[0].state == "RUNNING" and 1 <= len(first[0].history) <= EPOCHS // 2
+        running = bool(first) and first[0].state == "RUNNING" and 1 <= len(first[0].history) <= LONG - 2
+        return process.pid if running else None
 
     try:
-        wait_until(mid_trial, "trial 0 in the middle of its epochs", interval=0.05)
+        freeze_mid_trial(mid_trial)
     except AssertionError:
         process.kill()
         raise
-    process.send_signal(signal.SIGHUP)  # what a dropped SSH session sends
+    process.send_signal(signal.SIGHUP)  # what a dropped SSH session sends, taken when the search goes on
+    process.send_signal(signal.SIGCONT)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGHUP, err
     err = " ".join(err.split())
@@ -280,12 +285,12 @@ def test_terminal_hang_up_stops_the_search_and_every_worker_cleanly(study_env, t
     """The terminal goes away mid-trial: the search (or the workers' coordinator, which passes SIGHUP on to the
     workers in their own sessions) stops as for SIGTERM, although nothing can be written to the terminal."""
     env = study_env.replace(storage=str(tmp_path / "optuna.journal")) if workers > 1 else study_env
-    write_study(env, trials=2, epochs=30)
+    write_study(env, trials=2, epochs=LONG)
     terminal = Terminal(env.command("search", *(["--workers", str(workers)] if workers > 1 else [])))
 
     def mid_trial() -> list[store.TrialRecord]:
         assert terminal.process.poll() is None, terminal.output.decode(errors="replace")
-        running = [t for t in env.records() if t.state == "RUNNING" and 1 <= len(t.history) <= 15]
+        running = [t for t in env.records() if t.state == "RUNNING" and 1 <= len(t.history) <= LONG // 2]
         return running if len(running) == workers else []
 
     try:
