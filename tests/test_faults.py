@@ -348,9 +348,15 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_e
     try:
         process = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env=quick_failures)
-        wait_until(lambda: any(t.state == "COMPLETE" for t in env.records()), "a finished trial")
+        def one_finished() -> int | None:
+            """The search's pid while trial 0 has finished and no other trial has."""
+            finished = [t.state for t in env.records() if t.finished]
+            return process.pid if finished == ["COMPLETE"] else None
+
+        freeze_mid_trial(one_finished)  # so trial 1 cannot end before the server does
         os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-trial
         server.wait()
+        process.send_signal(signal.SIGCONT)
         out, err = process.communicate(timeout=600)
         assert process.returncode == 1, err
         err = " ".join(err.split())  # what the user reads, in this order:
