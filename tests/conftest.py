@@ -166,13 +166,27 @@ def wait_until(condition, what: str, timeout: float = 120, ignore: tuple[type[Ba
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP process `pid` and wait until every thread of it has stopped: the stop takes effect a moment after
+    the signal is sent, and a thread in a system call stops only when it returns."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = [status.read_text().split("State:", 1)[1].split()[0]
+                  for status in Path(f"/proc/{pid}/task").glob("*/status")]
+        return all(state in ("T", "Z") for state in states)  # stopped, or exited (and not yet reaped)
+
+    wait_until(stopped, f"process {pid} to stop", timeout=30, ignore=(FileNotFoundError, ProcessLookupError),
+               interval=0.001)
+
+
 def freeze_mid_trial(find_victim) -> int:
     """Freeze (SIGSTOP) the process `find_victim()` names (the pid of a process in the middle of a trial, or
     None) and return its pid once the check, made again while it is frozen, still names it: its trial cannot
     move on between the check and what the caller sends it next. The caller sends SIGCONT or SIGKILL."""
     while True:
         pid = wait_until(find_victim, "a process in the middle of a trial", interval=0.05)
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         try:
             still = find_victim() == pid
         except Exception:  # frozen while holding a database lock: let it go on and look again

@@ -342,7 +342,7 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_e
         wait_for_health(port)
         return server
 
-    write_study(env, trials=4, epochs=4)
+    write_study(env, trials=4, epochs=20)  # trial 1 runs long enough to be caught before it ends
     quick_failures = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     server, process = start_server(), None
     try:

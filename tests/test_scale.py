@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import postgres
 import pytest
 import requests
-from conftest import StudyEnv, mlflow_runs, trial_runs, wait_until
+from conftest import StudyEnv, freeze, mlflow_runs, trial_runs, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from test_faults import kill_mid_trial, write_study
@@ -183,6 +183,21 @@ def test_several_workers_need_a_positive_count(journal_env):
     assert not os.path.exists(journal_env.storage)  # refused before anything was opened or recorded
 
 
+def signal_arrived(pid: int, number: int) -> bool:
+    """Has signal `number` reached process `pid`, which may be frozen? From /proc: it is pending for the process
+    or for one of its threads, or the main thread is inside its handler (the kernel blocks a signal for the
+    thread running its handler; nothing else in a search blocks SIGINT). A process frozen on its way into the
+    handler has taken the signal already: Python acts on it when the process goes on."""
+    bit, mask = 1 << (number - 1), 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        text = status.read_text()
+        for field in re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", text, re.MULTILINE):
+            mask |= int(field, 16)
+        if status.parent.name == str(pid):
+            mask |= int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", text, re.MULTILINE)[1], 16)
+    return bool(mask & bit)
+
+
 def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, mlflow_store):
     env = journal_env
     write_study(env, trials=4, epochs=30)  # long trials: both workers are mid-trial most of the time
@@ -198,13 +213,14 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
         wait_until(lambda: len(mid_trial()) == 2, "two workers in the middle of a trial")
         interrupted = mid_trial()
         for pid in interrupted.values():
-            os.kill(pid, signal.SIGSTOP)
+            freeze(pid)
         if mid_trial() == interrupted:
             break
         for pid in interrupted.values():
             os.kill(pid, signal.SIGCONT)
     coordinator.send_signal(signal.SIGINT)  # what Ctrl-C does to the command: it passes it on to the workers
-    time.sleep(1)
+    wait_until(lambda: all(signal_arrived(pid, signal.SIGINT) for pid in interrupted.values()),
+               "the SIGINT passed on to both frozen workers", ignore=())
     for pid in interrupted.values():
         os.kill(pid, signal.SIGCONT)  # each finds the signal waiting for it
     output, _ = coordinator.communicate(timeout=120)

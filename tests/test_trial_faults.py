@@ -151,7 +151,7 @@ def test_a_retry_copied_by_optunas_heartbeat_starts_its_record_afresh(study_env)
 def test_kill_9_mid_trial_then_rerun_resumes_the_checkpoint_bit_for_bit(study_env, tmp_path, capsys):
     twin = study_env.replace(studies_dir=tmp_path / "twin" / "studies", storage=f"sqlite:///{tmp_path}/twin.db")
     for env in (study_env, twin):
-        write_study(env)
+        write_study(env, epochs=LONG)
     assert twin.run("search") == 0  # the same study, never interrupted
     assert checkpoint_files(twin) == []
 
@@ -162,7 +162,7 @@ def test_kill_9_mid_trial_then_rerun_resumes_the_checkpoint_bit_for_bit(study_en
         """A trial whose record shows as many epochs as its checkpoint holds: 1 <= k < the last, no write
         under way (the kill_mid_trial check runs again while the process is frozen)."""
         running = [t for t in study_env.records() if t.state == "RUNNING"]
-        if not running or not 1 <= len(running[0].history) <= EPOCHS - 2 or any(
+        if not running or not 1 <= len(running[0].history) <= LONG - 2 or any(
                 name.endswith(".tmp") for name in checkpoint_files(study_env)):
             return None
         if saved_epochs(study_env, running[0].number) != len(running[0].history):
@@ -185,7 +185,7 @@ def test_kill_9_mid_trial_then_rerun_resumes_the_checkpoint_bit_for_bit(study_en
     assert f"(resumed from epoch {cut['epochs']})" in rerun.stdout
     uninterrupted = twin.records()[killed.number]
     assert (uninterrupted.sampled, uninterrupted.seed) == (retry.sampled, retry.seed)
-    assert retry.history == uninterrupted.history and len(retry.history) == EPOCHS  # every epoch, bit for bit
+    assert retry.history == uninterrupted.history and len(retry.history) == LONG  # every epoch, bit for bit
     assert retry.values == uninterrupted.values
     reported = study_env.load().trials[retry.number].intermediate_values  # the resumed epochs told to Optuna too
     assert reported == twin.load().trials[killed.number].intermediate_values
@@ -285,12 +285,12 @@ def test_terminal_hang_up_stops_the_search_and_every_worker_cleanly(study_env, t
     """The terminal goes away mid-trial: the search (or the workers' coordinator, which passes SIGHUP on to the
     workers in their own sessions) stops as for SIGTERM, although nothing can be written to the terminal."""
     env = study_env.replace(storage=str(tmp_path / "optuna.journal")) if workers > 1 else study_env
-    write_study(env, trials=2, epochs=LONG)
+    write_study(env, trials=4, epochs=LONG)  # several chances to find every worker mid-trial at once
     terminal = Terminal(env.command("search", *(["--workers", str(workers)] if workers > 1 else [])))
 
     def mid_trial() -> list[store.TrialRecord]:
         assert terminal.process.poll() is None, terminal.output.decode(errors="replace")
-        running = [t for t in env.records() if t.state == "RUNNING" and 1 <= len(t.history) <= LONG // 2]
+        running = [t for t in env.records() if t.state == "RUNNING" and 1 <= len(t.history) <= LONG - 5]
         return running if len(running) == workers else []
 
     try:
