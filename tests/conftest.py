@@ -168,7 +168,8 @@ def wait_until(condition, what: str, timeout: float = 120, ignore: tuple[type[Ba
 
 def freeze(pid: int) -> None:
     """SIGSTOP process `pid` and wait until every thread of it has stopped: the stop takes effect a moment after
-    the signal is sent, and a thread in a system call stops only when it returns."""
+    the signal is sent, and a thread in a system call stops only when it returns. A process that does not stop
+    is let go on (SIGCONT) before the error is raised, so no test leaves one frozen."""
     os.kill(pid, signal.SIGSTOP)
 
     def stopped() -> bool:
@@ -176,24 +177,38 @@ def freeze(pid: int) -> None:
                   for status in Path(f"/proc/{pid}/task").glob("*/status")]
         return all(state in ("T", "Z") for state in states)  # stopped, or exited (and not yet reaped)
 
-    wait_until(stopped, f"process {pid} to stop", timeout=30, ignore=(FileNotFoundError, ProcessLookupError),
-               interval=0.001)
+    try:
+        wait_until(stopped, f"process {pid} to stop", timeout=30, ignore=(FileNotFoundError, ProcessLookupError),
+                   interval=0.005)
+    except BaseException:
+        thaw(pid)
+        raise
+
+
+def thaw(pid: int) -> None:
+    """SIGCONT process `pid`, if it is still there."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
 
 
 def freeze_mid_trial(find_victim) -> int:
-    """Freeze (SIGSTOP) the process `find_victim()` names (the pid of a process in the middle of a trial, or
-    None) and return its pid once the check, made again while it is frozen, still names it: its trial cannot
-    move on between the check and what the caller sends it next. The caller sends SIGCONT or SIGKILL."""
+    """Freeze (SIGSTOP) the process `find_victim()` names (the pid of a process in the state the caller looks
+    for, such as the middle of a trial, or None) and return its pid once the check, made again while it is
+    frozen, still names it: it cannot move on between the check and what the caller sends it next. The caller
+    sends SIGCONT or SIGKILL; on an error the process is let go on."""
     while True:
-        pid = wait_until(find_victim, "a process in the middle of a trial", interval=0.05)
+        pid = wait_until(find_victim, "a process in the state looked for", interval=0.05)
         freeze(pid)
         try:
             still = find_victim() == pid
         except Exception:  # frozen while holding a database lock: let it go on and look again
             still = False
+        except BaseException:
+            thaw(pid)
+            raise
         if still:
             return pid
-        os.kill(pid, signal.SIGCONT)
+        thaw(pid)
 
 
 def mlflow_store_path(tmp_path: Path) -> Path:

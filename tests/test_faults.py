@@ -354,7 +354,7 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_e
             return process.pid if finished == ["COMPLETE"] else None
 
         freeze_mid_trial(one_finished)  # so trial 1 cannot end before the server does
-        os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-trial
+        os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-search
         server.wait()
         process.send_signal(signal.SIGCONT)
         out, err = process.communicate(timeout=600)

@@ -16,7 +16,7 @@ from pathlib import Path
 import postgres
 import pytest
 import requests
-from conftest import StudyEnv, freeze, mlflow_runs, trial_runs, wait_until
+from conftest import StudyEnv, freeze, mlflow_runs, thaw, trial_runs, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from test_faults import kill_mid_trial, write_study
@@ -183,19 +183,14 @@ def test_several_workers_need_a_positive_count(journal_env):
     assert not os.path.exists(journal_env.storage)  # refused before anything was opened or recorded
 
 
-def signal_arrived(pid: int, number: int) -> bool:
-    """Has signal `number` reached process `pid`, which may be frozen? From /proc: it is pending for the process
-    or for one of its threads, or the main thread is inside its handler (the kernel blocks a signal for the
-    thread running its handler; nothing else in a search blocks SIGINT). A process frozen on its way into the
-    handler has taken the signal already: Python acts on it when the process goes on."""
-    bit, mask = 1 << (number - 1), 0
+def signal_pending(pid: int, number: int) -> bool:
+    """Is signal `number` waiting for process `pid` (frozen: a stopped process takes no signal)? From /proc: sent
+    to the process (ShdPnd) or handed to one of its threads (SigPnd)."""
+    mask = 0
     for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        text = status.read_text()
-        for field in re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", text, re.MULTILINE):
+        for field in re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status.read_text(), re.MULTILINE):
             mask |= int(field, 16)
-        if status.parent.name == str(pid):
-            mask |= int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", text, re.MULTILINE)[1], 16)
-    return bool(mask & bit)
+    return bool(mask >> (number - 1) & 1)
 
 
 def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, mlflow_store):
@@ -209,20 +204,27 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
         return {t.number: t.user_attrs["owner"]["pid"] for t in env.load().get_trials(deepcopy=False)
                 if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 25}
 
-    while True:  # both workers frozen while it is checked, so no trial ends between the check and the signal
-        wait_until(lambda: len(mid_trial()) == 2, "two workers in the middle of a trial")
-        interrupted = mid_trial()
-        for pid in interrupted.values():
-            freeze(pid)
-        if mid_trial() == interrupted:
-            break
-        for pid in interrupted.values():
-            os.kill(pid, signal.SIGCONT)
-    coordinator.send_signal(signal.SIGINT)  # what Ctrl-C does to the command: it passes it on to the workers
-    wait_until(lambda: all(signal_arrived(pid, signal.SIGINT) for pid in interrupted.values()),
-               "the SIGINT passed on to both frozen workers", ignore=())
-    for pid in interrupted.values():
-        os.kill(pid, signal.SIGCONT)  # each finds the signal waiting for it
+    frozen: list[int] = []
+    try:
+        while True:  # both workers frozen while it is checked, so no trial ends between the check and the signal
+            wait_until(lambda: len(mid_trial()) == 2, "two workers in the middle of a trial")
+            interrupted = mid_trial()
+            for pid in interrupted.values():
+                freeze(pid)
+                frozen.append(pid)
+            if mid_trial() == interrupted:
+                break
+            while frozen:
+                thaw(frozen.pop())
+        coordinator.send_signal(signal.SIGINT)  # what Ctrl-C does to the command: it passes it on to the workers
+        wait_until(lambda: all(signal_pending(pid, signal.SIGINT) for pid in interrupted.values()),
+                   "the SIGINT passed on to both frozen workers", ignore=())
+    except BaseException:
+        coordinator.kill()
+        raise
+    finally:
+        for pid in frozen:
+            thaw(pid)  # each finds the signal waiting for it
     output, _ = coordinator.communicate(timeout=120)
     assert coordinator.returncode == 128 + signal.SIGINT, output
     assert "SIGINT received" in output

@@ -286,8 +286,8 @@ def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, 
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def mid_trial() -> int | None:
-        """The search's pid while a trial has finished and the next one is well inside its epochs, with at
-        least one ahead: the signal lands in a trial, not between two."""
+        """The search's pid while a trial has finished and the next one has an epoch behind it and at least
+        two ahead: the signal lands in a trial, not between two."""
         trials = study_env.records()
         inside = any(t.finished for t in trials) and any(t.state == "RUNNING" and 1 <= len(t.history) <= 28
                                                         for t in trials)

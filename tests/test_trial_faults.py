@@ -290,7 +290,7 @@ def test_terminal_hang_up_stops_the_search_and_every_worker_cleanly(study_env, t
 
     def mid_trial() -> list[store.TrialRecord]:
         assert terminal.process.poll() is None, terminal.output.decode(errors="replace")
-        running = [t for t in env.records() if t.state == "RUNNING" and 1 <= len(t.history) <= LONG - 5]
+        running = [t for t in env.records() if t.state == "RUNNING" and 1 <= len(t.history) <= LONG // 2]
         return running if len(running) == workers else []
 
     try:
