@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -166,19 +168,21 @@ def wait_until(condition, what: str, timeout: float = 120, ignore: tuple[type[Ba
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def thread_status(pid: int, field: str) -> list[str]:
+    """The value of line `field` of /proc's status (State, SigPnd...) for each thread of process `pid`."""
+    return [re.search(rf"^{field}:\s*(\S+)", status.read_text(), re.MULTILINE)[1]
+            for status in Path(f"/proc/{pid}/task").glob("*/status")]
+
+
 def freeze(pid: int) -> None:
     """SIGSTOP process `pid` and wait until every thread of it has stopped: the stop takes effect a moment after
     the signal is sent, and a thread in a system call stops only when it returns. A process that does not stop
     is let go on (SIGCONT) before the error is raised, so no test leaves one frozen."""
     os.kill(pid, signal.SIGSTOP)
-
-    def stopped() -> bool:
-        states = [status.read_text().split("State:", 1)[1].split()[0]
-                  for status in Path(f"/proc/{pid}/task").glob("*/status")]
-        return all(state in ("T", "Z") for state in states)  # stopped, or exited (and not yet reaped)
-
     try:
-        wait_until(stopped, f"process {pid} to stop", timeout=30, ignore=(FileNotFoundError, ProcessLookupError),
+        # T: stopped; Z: exited, not yet reaped (a reaped process has no threads left, which counts as stopped)
+        wait_until(lambda: all(state in ("T", "Z") for state in thread_status(pid, "State")),
+                   f"process {pid} to stop", timeout=30, ignore=(FileNotFoundError, ProcessLookupError),
                    interval=0.005)
     except BaseException:
         thaw(pid)
@@ -191,24 +195,54 @@ def thaw(pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
-def freeze_mid_trial(find_victim) -> int:
-    """Freeze (SIGSTOP) the process `find_victim()` names (the pid of a process in the state the caller looks
-    for, such as the middle of a trial, or None) and return its pid once the check, made again while it is
-    frozen, still names it: it cannot move on between the check and what the caller sends it next. The caller
-    sends SIGCONT or SIGKILL; on an error the process is let go on."""
+def freeze_when(find_victims) -> tuple[int, ...]:
+    """Freeze (SIGSTOP) the processes `find_victims()` names (the pids of processes in the state the caller looks
+    for, such as the middle of a trial; an empty tuple while there are none) and return them once the check,
+    made again while they are frozen, names the same ones: none can move on between the check and what the
+    caller sends them next. The caller sends SIGCONT or SIGKILL; on an error they are let go on."""
     while True:
-        pid = wait_until(find_victim, "a process in the state looked for", interval=0.05)
-        freeze(pid)
+        pids = wait_until(find_victims, "processes in the state looked for", interval=0.05)
+        frozen: list[int] = []
         try:
-            still = find_victim() == pid
-        except Exception:  # frozen while holding a database lock: let it go on and look again
-            still = False
+            for pid in pids:
+                freeze(pid)
+                frozen.append(pid)
+            try:
+                still = find_victims() == pids
+            except Exception:  # frozen while holding a database lock: let them go on and look again
+                still = False
         except BaseException:
-            thaw(pid)
+            for pid in frozen:
+                thaw(pid)
             raise
         if still:
-            return pid
-        thaw(pid)
+            return pids
+        for pid in frozen:
+            thaw(pid)
+
+
+def freeze_mid_trial(find_victim) -> int:
+    """`freeze_when` for one process: `find_victim()` returns its pid, or None while it is not in the state
+    looked for."""
+
+    def victims() -> tuple[int, ...]:
+        pid = find_victim()
+        return (pid,) if pid else ()
+
+    (pid,) = freeze_when(victims)
+    return pid
+
+
+def signal_search_mid_trial(process: subprocess.Popen, find_victim, signal_number: int) -> None:
+    """Send `signal_number` to a search the test started, frozen where `find_victim()` looks for it
+    (`freeze_mid_trial`): it takes the signal when it goes on. A search not found there is killed."""
+    try:
+        freeze_mid_trial(find_victim)
+    except BaseException:
+        process.kill()
+        raise
+    process.send_signal(signal_number)
+    thaw(process.pid)
 
 
 def mlflow_store_path(tmp_path: Path) -> Path:

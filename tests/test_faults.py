@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import TINY_CLI, StudyEnv, freeze_mid_trial, mlflow_runs, trial_runs, wait_until
+from conftest import TINY_CLI, StudyEnv, freeze_mid_trial, mlflow_runs, thaw, trial_runs, wait_until
 from PIL import Image
 from ui_process import free_port, wait_for_health
 
@@ -348,6 +348,7 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_e
     try:
         process = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True, env=quick_failures)
+
         def one_finished() -> int | None:
             """The search's pid while trial 0 has finished and no other trial has."""
             finished = [t.state for t in env.records() if t.finished]
@@ -356,7 +357,7 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_e
         freeze_mid_trial(one_finished)  # so trial 1 cannot end before the server does
         os.killpg(server.pid, signal.SIGKILL)  # the tracking server is gone, mid-search
         server.wait()
-        process.send_signal(signal.SIGCONT)
+        thaw(process.pid)
         out, err = process.communicate(timeout=600)
         assert process.returncode == 1, err
         err = " ".join(err.split())  # what the user reads, in this order:

@@ -11,12 +11,11 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import postgres
 import pytest
 import requests
-from conftest import StudyEnv, freeze, mlflow_runs, thaw, trial_runs, wait_until
+from conftest import StudyEnv, freeze_when, mlflow_runs, thaw, thread_status, trial_runs, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from test_faults import kill_mid_trial, write_study
@@ -184,13 +183,10 @@ def test_several_workers_need_a_positive_count(journal_env):
 
 
 def signal_pending(pid: int, number: int) -> bool:
-    """Is signal `number` waiting for process `pid` (frozen: a stopped process takes no signal)? From /proc: sent
-    to the process (ShdPnd) or handed to one of its threads (SigPnd)."""
-    mask = 0
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        for field in re.findall(r"^(?:SigPnd|ShdPnd):\s*([0-9a-f]+)$", status.read_text(), re.MULTILINE):
-            mask |= int(field, 16)
-    return bool(mask >> (number - 1) & 1)
+    """Is signal `number` waiting for process `pid` (frozen: a stopped process takes no signal)? Sent to the
+    process (ShdPnd) or handed to one of its threads (SigPnd)."""
+    return any(int(mask, 16) >> (number - 1) & 1
+               for field in ("SigPnd", "ShdPnd") for mask in thread_status(pid, field))
 
 
 def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, mlflow_store):
@@ -204,20 +200,19 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
         return {t.number: t.user_attrs["owner"]["pid"] for t in env.load().get_trials(deepcopy=False)
                 if t.state == TrialState.RUNNING and 0 < len(t.intermediate_values) < 25}
 
-    frozen: list[int] = []
+    interrupted: dict[int, int] = {}
+
+    def both_mid_trial() -> tuple[int, ...]:
+        """The two workers' pids while each is mid-trial; `interrupted` holds what the last check saw."""
+        interrupted.clear()
+        interrupted.update(mid_trial())
+        return tuple(interrupted.values()) if len(interrupted) == 2 else ()
+
+    frozen: tuple[int, ...] = ()
     try:
-        while True:  # both workers frozen while it is checked, so no trial ends between the check and the signal
-            wait_until(lambda: len(mid_trial()) == 2, "two workers in the middle of a trial")
-            interrupted = mid_trial()
-            for pid in interrupted.values():
-                freeze(pid)
-                frozen.append(pid)
-            if mid_trial() == interrupted:
-                break
-            while frozen:
-                thaw(frozen.pop())
+        frozen = freeze_when(both_mid_trial)  # no trial ends between the check and the signal
         coordinator.send_signal(signal.SIGINT)  # what Ctrl-C does to the command: it passes it on to the workers
-        wait_until(lambda: all(signal_pending(pid, signal.SIGINT) for pid in interrupted.values()),
+        wait_until(lambda: all(signal_pending(pid, signal.SIGINT) for pid in frozen),
                    "the SIGINT passed on to both frozen workers", ignore=())
     except BaseException:
         coordinator.kill()

@@ -14,7 +14,7 @@ from datetime import timedelta
 import optuna
 import pytest
 import torch
-from conftest import TINY_CLI, RecordingListener, freeze_mid_trial, mlflow_runs
+from conftest import TINY_CLI, RecordingListener, mlflow_runs, signal_search_mid_trial
 
 from pipeline import search, store, studies, tracking
 from pipeline.cli import main
@@ -293,13 +293,7 @@ def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, 
                                                         for t in trials)
         return process.pid if inside else None
 
-    try:
-        freeze_mid_trial(mid_trial)
-    except AssertionError:
-        process.kill()
-        raise
-    process.send_signal(signal_number)  # taken when the search goes on
-    process.send_signal(signal.SIGCONT)
+    signal_search_mid_trial(process, mid_trial, signal_number)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal_number, err
     assert f"{signal.Signals(signal_number).name} received" in err  # what the user is told

@@ -17,7 +17,7 @@ import threading
 import optuna
 import pytest
 import torch
-from conftest import StudyEnv, freeze_mid_trial, mlflow_runs, trial_runs, wait_until
+from conftest import StudyEnv, mlflow_runs, signal_search_mid_trial, trial_runs, wait_until
 from optuna.trial import TrialState
 from test_faults import kill_search_mid_trial
 
@@ -214,13 +214,7 @@ def test_sighup_mid_trial_stops_requeues_and_the_retry_runs_before_the_queued_ba
         running = bool(first) and first[0].state == "RUNNING" and 1 <= len(first[0].history) <= LONG - 2
         return process.pid if running else None
 
-    try:
-        freeze_mid_trial(mid_trial)
-    except AssertionError:
-        process.kill()
-        raise
-    process.send_signal(signal.SIGHUP)  # what a dropped SSH session sends, taken when the search goes on
-    process.send_signal(signal.SIGCONT)
+    signal_search_mid_trial(process, mid_trial, signal.SIGHUP)  # what a dropped SSH session sends
     out, err = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGHUP, err
     err = " ".join(err.split())
