@@ -33,13 +33,22 @@ PYTEST_ARGS ?=
 switch = $(if $(filter 1 yes true on,$($(1))),on,$(if $(filter-out 0 no false off,$($(1))),$(error $(1)=$($(1)): \
          expected 1 or 0 (also yes/no, true/false, on/off))))
 
+# PRECISION=fp32 (or bf16) says what a study's precision "auto" means on this machine, for every command; unset,
+# the machine chooses (bf16 where the CPU or GPU runs it natively). It reaches the program as PIPELINE_PRECISION.
+ifdef PRECISION
+export PIPELINE_PRECISION := $(PRECISION)
+endif
+# The fast suite as a CPU without AVX-512 runs it: oneDNN, MKL and torch's own kernels held to AVX2, and fp32, the
+# precision such a CPU trains in (make test-portable).
+AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 PIPELINE_PRECISION=fp32
+
 # STORAGE (like BACKEND) reaches the program through its environment, not its command line: a URL keeps its &
 # and ? without quoting, and its password stays out of the process list. Make puts command-line and environment
 # variables into a recipe's environment by itself; the export says so here, where the recipes rely on it.
 export STORAGE
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay report studies export-best predict server ui dashboard test test-faults test-scale test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search replay report studies export-best predict server ui dashboard test test-portable test-faults test-scale test-browser lint format bench-data bench-trainer \
         bench-fusion bench-tracking bench-workers bench-search clean sample-images
 
 help: ## list the targets
@@ -97,6 +106,9 @@ dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:8080, opened on STUD
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
 	$(PY) -m pytest -m "not browser and not faults and not scale" $(PYTEST_ARGS)
+
+test-portable: $(STAMP) ## the fast suite as a CPU without AVX-512 runs it (AVX2 kernels, fp32): what it asserts holds on both
+	$(AVX2_ONLY) $(PY) -m pytest -m "not browser and not faults and not scale" $(PYTEST_ARGS)
 
 test-faults: $(STAMP) ## the fault suite: kill -9, signals, full disk, concurrent runs, bad input (README: What survives what)
 	$(PY) -m pytest -m "faults" $(PYTEST_ARGS)

@@ -350,6 +350,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     device = getattr(args, "device", None)
     if device is not None and not DEVICE_FORMS.fullmatch(device):
         raise BadInput(f"--device {device!r}: expected auto, cpu, mps, cuda or cuda:<index>, e.g. --device cuda:1")
+    hparams.machine_precision()  # a misspelt PIPELINE_PRECISION stops here, not inside the first trial
 
 
 def main(argv: list[str] | None = None, worker_program: list[str] | None = None) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import ParamError
+from pipeline.errors import BadInput, ParamError
 from pipeline.sources import AUGMENT_POLICIES
 
 
@@ -120,6 +121,24 @@ def resolve(specs: dict[str, Spec], params: dict[str, Any], where: str = "parame
 
 
 # --------------------------------------------------------------------------------------------------
+# Precision
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# What "auto" means can be set for the whole machine: PIPELINE_PRECISION=fp32 trains as a CPU without native bf16
+# would (`make test-portable`, or a user comparing the two), bf16 as one with it. A study's own fixed value wins.
+PRECISION_VARIABLE = "PIPELINE_PRECISION"
+
+
+def machine_precision() -> str:
+    """The machine-wide setting for "auto" (PIPELINE_PRECISION), checked: auto, fp32 or bf16."""
+    chosen = os.environ.get(PRECISION_VARIABLE, "").strip().lower() or "auto"
+    if chosen not in PRECISIONS:
+        raise BadInput(f"{PRECISION_VARIABLE}={os.environ[PRECISION_VARIABLE]!r}: expected one of "
+                       f"{', '.join(PRECISIONS)}; unset it to let the machine choose")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
 # The architecture (models.py builds it)
 
 FAMILIES = ("mlp", "cnn", "resnet18")
@@ -193,7 +212,7 @@ TRAIN_SPECS = {
     "augment_policy": Choice("auto", AUGMENT_POLICIES, "digits: affine, never flips; natural: crop, flip, jitter; "
                              "auto: digits for MNIST-like data, natural otherwise"),
     "unfreeze_epoch": Int(0, 0, 10_000, help="ResNet fine-tuning: epochs that train the head alone first"),
-    "precision": Choice("auto", ("auto", "fp32", "bf16"), "auto: bf16 where the hardware has it"),
+    "precision": Choice("auto", PRECISIONS, "auto: bf16 where the hardware has it (PIPELINE_PRECISION sets it)"),
     "compile": Bool(False, "torch.compile the model (worth it on CUDA)"),
     "eval_batch_size": Int(1000, 1, 65_536),
 }

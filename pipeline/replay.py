@@ -92,7 +92,7 @@ def compare(record: store.TrialRecord, prepared: data.PreparedData, threads: int
         return len(replayed) >= len(recorded)  # a pruned trial stopped early: stop at the same epoch
 
     # Float sums depend on the thread count: by default, use the one the trial ran with.
-    train.fit(record.params, prepared, callbacks=[collect], seed=record.seed, threads=threads or record.threads)
+    train.fit(as_trained(record), prepared, callbacks=[collect], seed=record.seed, threads=threads or record.threads)
     differences = []
     for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
         for key in HISTORY_KEYS:
@@ -106,4 +106,10 @@ def compare(record: store.TrialRecord, prepared: data.PreparedData, threads: int
 def retrain(record: store.TrialRecord, prepared: data.PreparedData,
             on_epoch: Any = lambda metrics: None) -> train.TrainResult:
     """Train the trial's model again from its recorded params and seed (on the thread count it ran with)."""
-    return train.fit(record.params, prepared, callbacks=[on_epoch], seed=record.seed, threads=record.threads)
+    return train.fit(as_trained(record), prepared, callbacks=[on_epoch], seed=record.seed, threads=record.threads)
+
+
+def as_trained(record: store.TrialRecord) -> dict[str, Any]:
+    """The trial's params with the precision it trained in: "auto" may mean another one on this machine (or under
+    PIPELINE_PRECISION), and bf16 and fp32 round differently."""
+    return record.params | {"precision": record.precision} if record.precision else record.params

@@ -29,7 +29,7 @@ from pipeline.augment import Augment, NaturalAugment, make_augment
 from pipeline.checkpoints import load_checkpoint, params_fingerprint, save_checkpoint
 from pipeline.data import FeatureSplit, PreparedData, ResidentImages
 from pipeline.errors import BadInput, ParamError
-from pipeline.hparams import resolve_params
+from pipeline.hparams import machine_precision, resolve_params
 from pipeline.schedule import Plateau, lr_factor, make_optimizer
 
 
@@ -134,6 +134,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def pick_precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        requested = machine_precision()  # PIPELINE_PRECISION: what "auto" means on this machine
     if requested != "auto":
         return requested
     if device.type == "cuda":  # GPU-only: Ampere and newer have bf16

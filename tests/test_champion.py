@@ -22,7 +22,9 @@ from pipeline.studies import StudyError
 
 # Two configurations of the same network (so the same FLOPs): A is steady, B (a far too high learning rate and
 # heavy dropout) lands either near 0.6 or at 1.0. With study seed 30, B's search run is the study's best single
-# run (1.00 against A's 0.76), and over three seeds A is the better configuration (0.92 against 0.73).
+# run (1.00), and over three seeds A is the better configuration (a mean near 0.92 against B's near 0.73). The
+# exact values depend on the arithmetic (bf16 or fp32, AVX-512 or AVX2 kernels): the tests assert the order, and
+# take every figure they check from the stores.
 STEADY, LUCKY = {"lr": 0.03, "dropout": 0.0}, {"lr": 0.3, "dropout": 0.5}
 
 
@@ -128,20 +130,22 @@ def test_the_champion_is_the_best_mean_not_the_lucky_single_run_and_everything_i
 
     standings = table(study_env)
     lucky, steady = standings.candidates  # in the search's order: the lucky run first
-    assert [r.value for r in steady.runs] == [0.76, 1.0, 1.0] and [r.value for r in lucky.runs] == [1.0, 0.6, 0.6]
+    assert lucky.runs[0].value == 1.0 > steady.runs[0].value  # the lucky configuration owns the best single run...
+    assert steady.summary.mean > lucky.summary.mean  # ...and the steady one the best mean over three seeds
     assert standings.champion is steady and steady.trial.number == 0
-    assert standings.exported.repeat == 1  # 1.0 and 1.0 are equally near 0.92: the lower repeat
-    assert "champion phase of tiny" in out and "Champion: trial 0 has the best mean (0.9200 over 3 runs)" in out
+    mean, exported = steady.summary.mean, standings.exported
+    assert exported.repeat == min((1, 2), key=lambda repeat: (abs(steady.runs[repeat].value - mean), repeat))
+    assert "champion phase of tiny" in out and f"Champion: trial 0 has the best mean ({mean:.4f} over 3 runs)" in out
     # What to re-check next is the champion's exported run, not the search's lucky best.
-    assert "`make replay STUDY=tiny TRIAL=0 REPEAT=1` re-checks the champion's exported run bit for bit" in " ".join(
-        out.split())
+    assert (f"`make replay STUDY=tiny TRIAL=0 REPEAT={exported.repeat}` re-checks the champion's exported run bit for "
+            "bit") in " ".join(out.split())
 
     # The report page: the phase's choice is the champion (not the search's lucky best), with the phase's table.
     page = (study_env.reports / "tiny.html").read_text()
     assert f"Trial <b>{steady.trial.number}</b>" in page and f"Trial <b>{best.number}</b>" not in page
     assert (f'<tr class="chosen"><td class="num">2</td><td class="num">0</td><td class="num">3</td><td class="num">'
-            f'0.9200</td><td class="num">{steady.summary.std:.4f}</td><td class="num">[{steady.summary.ci_low:.4f}, '
-            f'{steady.summary.ci_high:.4f}]</td>') in page
+            f'{mean:.4f}</td><td class="num">{steady.summary.std:.4f}</td><td class="num">'
+            f'[{steady.summary.ci_low:.4f}, {steady.summary.ci_high:.4f}]</td>') in page
 
     # MLflow: each run a child run tagged as a confirmation of its trial; the table and its figures on the parent.
     client = mlflow.MlflowClient(mlflow_store)
@@ -151,31 +155,31 @@ def test_the_champion_is_the_best_mean_not_the_lucky_single_run_and_everything_i
         ("0", "1"), ("0", "2"), ("1", "1"), ("1", "2")]
     assert all(r.info.status == "FINISHED" and "model_uri" in r.data.tags for r in confirmations)
     (parent,) = client.search_runs([experiment], "tags.role = 'study'")
-    assert parent.data.metrics["champion_val_mean"] == pytest.approx(0.92)
+    assert parent.data.metrics["champion_val_mean"] == pytest.approx(mean)
     assert (parent.data.metrics["champion_val_ci_low"], parent.data.metrics["champion_val_ci_high"]) == \
         pytest.approx((steady.summary.ci_low, steady.summary.ci_high))
     artifact = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/champion.json")
     assert json.loads(artifact)["champion_trial"] == 0
     written = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/champion.md")
-    assert f"| 0 (champion) | 3 | 0.9200 | {steady.summary.std:.4f} | [{steady.summary.ci_low:.4f}, " in written
+    assert f"| 0 (champion) | 3 | {mean:.4f} | {steady.summary.std:.4f} | [{steady.summary.ci_low:.4f}, " in written
     # The registry's champion: the chosen configuration, by its run closest to the mean.
     version = registry.champion(client, "tiny")
-    assert (version.trial_number, version.confirmation_number) == (0, standings.exported.number)
+    assert (version.trial_number, version.confirmation_number) == (0, exported.number)
 
     # Export: those weights, the mean and interval over seeds beside the single test figure.
     assert study_env.run("export-best") == 0
     metrics = json.loads((study_env.exports / "tiny" / "metrics.json").read_text())
     config = json.loads((study_env.exports / "tiny" / "config.json").read_text())
-    assert (config["trial_number"], config["repeat"]) == (0, 1)
-    assert config["trial_seed"] == studies.derive_seed(30, 0, 1)
-    assert metrics["val_over_seeds"]["mean"] == pytest.approx(0.92) and metrics["val_over_seeds"]["runs"] == 3
+    assert (config["trial_number"], config["repeat"]) == (0, exported.repeat)
+    assert config["trial_seed"] == studies.derive_seed(30, 0, exported.repeat)
+    assert metrics["val_over_seeds"]["mean"] == pytest.approx(mean) and metrics["val_over_seeds"]["runs"] == 3
     card = (study_env.exports / "tiny" / "model_card.md").read_text()
-    assert f"mean 0.9200, 95% CI [{steady.summary.ci_low:.4f}, {steady.summary.ci_high:.4f}]" in card
-    assert "repeat 1 of trial 0" in card
+    assert f"mean {mean:.4f}, 95% CI [{steady.summary.ci_low:.4f}, {steady.summary.ci_high:.4f}]" in card
+    assert f"repeat {exported.repeat} of trial 0" in card
 
     capsys.readouterr()
-    assert study_env.run("replay", "--trial", "0", "--repeat", "1") == 0  # a confirmation run replays bit for bit
-    assert "trial 0 repeat 1 replayed identically" in capsys.readouterr().out
+    assert study_env.run("replay", "--trial", "0", "--repeat", str(exported.repeat)) == 0  # replays bit for bit
+    assert f"trial 0 repeat {exported.repeat} replayed identically" in capsys.readouterr().out
 
 
 def test_two_fresh_runs_give_the_same_table_and_untracked_export_takes_the_same_run(study_env, tmp_path):

@@ -276,6 +276,18 @@ def test_replay_identical_then_detects_an_altered_metric(study_env, capsys):
     assert "trial 2 of study 'tiny' is not a finished trial with recorded metrics; finished trials: [0, 1]" in err
 
 
+def test_replay_trains_in_the_precision_the_trial_recorded_whatever_the_machine_setting_says(study_env, monkeypatch,
+                                                                                            capsys):
+    monkeypatch.setenv("PIPELINE_PRECISION", "fp32")
+    study_env.write_study(trials=1, epochs=2)
+    assert study_env.run("search") == 0
+    assert study_env.records()[0].precision == "fp32"
+    monkeypatch.setenv("PIPELINE_PRECISION", "bf16")  # "auto" now means bf16: the replay still trains in fp32
+    capsys.readouterr()
+    assert study_env.run("replay", "--trial", "0") == 0
+    assert "replayed identically" in capsys.readouterr().out
+
+
 @pytest.mark.faults  # README: What survives what
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_trial_then_resume_completes_budget(study_env, mlflow_store, signal_number):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline import data, hparams, train
+from pipeline.cli import main
 from pipeline.errors import BadInput, ParamError
 
 SMALL_CNN = {"model": "cnn", "cnn_channels": [8, 16], "pool": "every", "head_units": 32, "dropout": 0.2,
@@ -212,13 +213,29 @@ def test_trained_model_gives_a_listener_cpu_copies_predictions_and_inputs(tiny):
     assert copy(inputs).shape == (3, 10)
 
 
-def test_auto_precision_follows_the_hardware(tiny):
+def test_auto_precision_follows_the_hardware(tiny, monkeypatch):
+    monkeypatch.delenv("PIPELINE_PRECISION", raising=False)  # the machine chooses (make test-portable sets fp32)
     result = train.fit(dict(SMALL_CNN, epochs=1), tiny)
     assert result.precision == ("bf16" if train.cpu_has_native_bf16() else "fp32")
     assert result.device == "cpu" and result.threads >= 1
     # The model that trained is the one counted: its parameters, and the FLOPs of a forward pass.
     assert result.parameter_count == sum(p.numel() for p in result.model.parameters())
     assert result.flops_per_image > result.parameter_count  # convolutions reuse each weight over the map
+
+
+@pytest.mark.parametrize("setting", ["fp32", "bf16", " FP32 "])
+def test_the_machine_precision_setting_decides_auto_and_a_study_fixed_value_wins(setting, monkeypatch):
+    monkeypatch.setenv("PIPELINE_PRECISION", setting)
+    cpu = torch.device("cpu")
+    assert train.pick_precision("auto", cpu) == setting.strip().lower()
+    assert train.pick_precision("fp32", cpu) == "fp32" and train.pick_precision("bf16", cpu) == "bf16"
+
+
+def test_a_misspelt_machine_precision_stops_the_command_with_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("PIPELINE_PRECISION", "fp16")
+    assert main(["train", "--model", "mlp", "--dataset", "mnist"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "PIPELINE_PRECISION='fp16': expected one of auto, fp32, bf16; unset it to let the machine choose" in err
 
 
 # --------------------------------------------------------------------------------------------------
