@@ -20,6 +20,8 @@ from pipeline import champion, registry, store, studies
 from pipeline.cli import main
 from pipeline.studies import StudyError
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 # Two configurations of the same network (so the same FLOPs): A is steady, B (a far too high learning rate and
 # heavy dropout) lands either near 0.6 or at 1.0. With study seed 30, B's search run is the study's best single
 # run (1.00), and over three seeds A is the better configuration (a mean near 0.92 against B's near 0.73). The
@@ -130,7 +132,7 @@ def test_the_champion_is_the_best_mean_not_the_lucky_single_run_and_everything_i
 
     standings = table(study_env)
     lucky, steady = standings.candidates  # in the search's order: the lucky run first
-    assert lucky.runs[0].value == 1.0 > steady.runs[0].value  # the lucky configuration owns the best single run...
+    assert lucky.runs[0].value > steady.runs[0].value  # the lucky configuration owns the best single run...
     assert steady.summary.mean > lucky.summary.mean  # ...and the steady one the best mean over three seeds
     assert standings.champion is steady and steady.trial.number == 0
     mean, exported = steady.summary.mean, standings.exported

@@ -20,6 +20,8 @@ from conftest import refusal
 from pipeline import cifar, data, imagecache
 from pipeline.cli import main
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 
 def test_the_pickles_are_in_the_original_format(tiny_cifar):
     payload = tiny_cifar.members["data_batch_1"]

@@ -10,6 +10,8 @@ from tiny_study import write_study
 
 from pipeline import events, pareto, replay, search, session, store, studies
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 # A good trial first, then one that barely moves its weights: it cannot beat the first, so the
 # "no new best" case is always exercised.
 EVENTS_STUDY = {

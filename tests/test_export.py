@@ -21,6 +21,8 @@ from pipeline import data, datasets, export, hparams, imagecache, models, plots,
 from pipeline.cli import main
 from pipeline.images import Preprocessing, open_picture, prepare_picture
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 FIXED = {"precision": "fp32", "optimizer": "adamw", "schedule": "none", "augment": 0.0}  # the fp32 model reproduces
 NOT_SEARCHED = {"dropout": None}
 

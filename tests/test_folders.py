@@ -25,6 +25,8 @@ from pipeline.concurrency import available_cores
 from pipeline.images import Preprocessing, open_picture
 from pipeline.sources import FolderSource
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 SIZE = 16  # every test lands at 16x16
 COLOURS = {"cat": (200, 60, 40), "dog": (40, 90, 200), "bird": (230, 220, 60), "fish": (30, 160, 90)}
 

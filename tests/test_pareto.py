@@ -11,6 +11,8 @@ from conftest import study_refusal
 
 from pipeline import hparams, models, pareto, pruning, studies
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 CHANNELS = ([4, 8], [8, 16], [16, 32])
 
 

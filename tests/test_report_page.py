@@ -12,6 +12,8 @@ from test_pareto import pareto_study
 
 from pipeline import paths, pruning
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 SECTIONS = ("searched", "budget", "history", "importances", "parallel", "intermediate", "top", "champion",
             "provenance")
 

@@ -19,6 +19,8 @@ from conftest import TINY_CLI, RecordingListener, mlflow_runs, signal_search_mid
 from pipeline import search, store, studies, tracking
 from pipeline.cli import main
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 BASELINE = {"lr": 3e-3, "dropout": 0.1}  # the tiny study's baseline (tests/tiny_study.py)
 
 

@@ -19,6 +19,8 @@ from ui_process import free_port, start_ui, stop_ui, wait_for_health
 
 from pipeline import data, hparams, registry, server, store, tracking, train
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 # Three baselines run first, in order: a normal trial, one that diverges (PRUNED), one that raises inside the
 # trainer (FAIL, see `tracked_env`); then sampled trials. fp32, so the registered fp32 model reproduces the score.
 FAILING_LR = 0.07

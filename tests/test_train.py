@@ -12,6 +12,8 @@ from pipeline import data, hparams, train
 from pipeline.cli import main
 from pipeline.errors import BadInput, ParamError
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 SMALL_CNN = {"model": "cnn", "cnn_channels": [8, 16], "pool": "every", "head_units": 32, "dropout": 0.2,
              "conv_dropout": 0.1, "batch_size": 50, "augment": 1.0}
 

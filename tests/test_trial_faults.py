@@ -23,6 +23,8 @@ from test_faults import kill_search_mid_trial
 
 from pipeline import events, replay, search, store, studies
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 EPOCHS = 12
 LONG = 30  # epochs of a trial that a test stops part-way: a tiny epoch takes well under 0.1 s
 

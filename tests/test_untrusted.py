@@ -31,6 +31,8 @@ from pipeline.cli import main
 from pipeline.hparams import CLASSIC
 from pipeline.images import FORMATS, PictureError, Preprocessing, open_picture
 
+pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
 MNIST_LIKE = Preprocessing(28, "gray", "mnist")
 TINY_MLP = {"model": "mlp", "mlp_widths": [16]}
 
