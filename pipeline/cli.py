@@ -39,6 +39,9 @@ def parse_assignment(text: str) -> tuple[str, object]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:  # arrays nested thousands deep: no parameter takes them
+        raise BadInput(f"--set {key.strip()}=...: the value is nested too deeply to read; expected a number, a "
+                       "word or a flat list, e.g. --set cnn_channels=[32,64]") from None
     return key.strip(), value
 
 

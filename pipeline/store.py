@@ -282,6 +282,9 @@ RECORDED = tuple(f.name for f in dataclasses.fields(TrialRecord) if f.name not i
 
 def record_of(trial: optuna.trial.FrozenTrial) -> TrialRecord:
     ours = {k: v for k, v in trial.user_attrs.items() if k in RECORDED}
+    epochs = _epoch_records(trial)
+    if epochs:  # recorded one epoch at a time (older stores hold the whole list under "history")
+        ours["history"] = epochs
     return TrialRecord(number=trial.number, state=trial.state.name, values=trial.values, sampled=dict(trial.params),
                        seconds=trial.duration.total_seconds() if trial.duration else 0.0,
                        completed_at=trial.datetime_complete, started_at=trial.datetime_start,
@@ -294,6 +297,24 @@ def note(trial: optuna.Trial, **fields: Any) -> None:
         if key not in RECORDED:
             raise KeyError(f"{key!r} is not a TrialRecord field")
         trial.set_user_attr(key, value)
+
+
+# Each epoch is its own user attribute, written once: rewriting the whole history every epoch made an append-only
+# journal grow with the square of the epochs (every worker, `make studies` and the dashboard replay it on open).
+# An entry names the trial that wrote it, because Optuna's heartbeat retry copies a failed trial's attributes
+# into the new trial, whose own history starts afresh.
+EPOCH_PREFIX = "epoch:"
+
+
+def note_epoch(trial: optuna.Trial, epoch: int, metrics: dict[str, float]) -> None:
+    """Record epoch `epoch` (from 1) of the running trial's history."""
+    trial.set_user_attr(f"{EPOCH_PREFIX}{epoch:05d}", {"trial": trial.number, **metrics})
+
+
+def _epoch_records(trial: optuna.trial.FrozenTrial) -> list[dict[str, float]]:
+    keys = sorted(k for k, v in trial.user_attrs.items()
+                  if k.startswith(EPOCH_PREFIX) and isinstance(v, dict) and v.get("trial") == trial.number)
+    return [{k: v for k, v in trial.user_attrs[key].items() if k != "trial"} for key in keys]
 
 
 def queue_trial(study: optuna.Study, params: dict[str, Any], **fields: Any) -> None:

@@ -37,6 +37,8 @@ PRUNED_ON = ("val_accuracy", "val_loss")
 
 # FRESH=1 names a study's versions <name>-v2, -v3...: a study file may not be named like one.
 VERSION_SUFFIX = re.compile(r"-v(\d+)$")
+# A study file nests a few levels ([space] -> a parameter -> its choices -> a list choice); far deeper is no study.
+MAX_NESTING = 32
 
 
 class StudyError(BadInput):
@@ -261,9 +263,18 @@ def load(name_or_path: str | Path, directory: Path = STUDIES_DIR) -> StudySpec:
         names = ", ".join(available(path.parent)) or "none"
         raise StudyError(f"no study {path.stem!r} ({path} does not exist); available studies: {names}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8 whatever the locale says
+    except UnicodeDecodeError as exc:
+        raise StudyError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise StudyError(f"{path}: malformed TOML: {exc}; fix the syntax") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise StudyError(f"{path}: arrays or inline tables nested too deeply to parse (far more than "
+                         f"{MAX_NESTING} levels); a study file needs a few, flatten them") from None
+    too_deep = _nested_too_deeply(raw)
+    if too_deep:
+        raise StudyError(f"{path}: {too_deep}: nested more than {MAX_NESTING} levels deep; a study file needs a "
+                         "few, flatten it")
     raw.setdefault("name", path.stem)
     try:
         spec = StudySpec.model_validate(raw)
@@ -274,6 +285,21 @@ def load(name_or_path: str | Path, directory: Path = STUDIES_DIR) -> StudySpec:
     except ParamError as exc:
         raise StudyError(str(exc)) from None
     return spec
+
+
+def _nested_too_deeply(raw: dict) -> str | None:
+    """The key of a value nested deeper than MAX_NESTING, or None. Dotted keys (`a.b.c = 1`) nest tables without
+    recursion in the parser; this check does not recurse either, and after it nothing recurses that deep."""
+    pending: list[tuple[object, str, int]] = [(raw, "", 0)]
+    while pending:
+        value, key, depth = pending.pop()
+        if depth > MAX_NESTING:
+            return key if len(key) <= 60 else key[:60] + "..."
+        if isinstance(value, dict):
+            pending.extend((item, f"{key}.{name}" if key else str(name), depth + 1) for name, item in value.items())
+        elif isinstance(value, list):
+            pending.extend((item, f"{key}[{index}]", depth + 1) for index, item in enumerate(value))
+    return None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -31,6 +31,12 @@ def _train(root, *extra):
     return main(["train", "--dataset", "tiny", "--root", str(root), "--val-size", "100", *extra])
 
 
+def test_a_set_value_nested_too_deeply_to_parse_exits_2_with_one_line(capsys):
+    assert main(["train", "--model", "mlp", "--set", "lr=" + "[" * 5000 + "]" * 5000]) == 2
+    err = capsys.readouterr().err
+    assert "--set lr=...: the value is nested too deeply to read" in err and "Traceback" not in err
+
+
 def test_train_command_prints_epochs_and_final_table(tiny_dataset, capsys):
     _, root = tiny_dataset
     assert _train(root, "--model", "mlp", "--set", "epochs=2", "--set", "batch_size=50") == 0

