@@ -91,10 +91,11 @@ predict: $(STAMP) ## classify images with an export: EXPORT=exports/cnn IMAGES="
 
 # BACKEND and STORAGE reach the command through its environment (make exports them), not its arguments: a
 # password in them stays out of the process list.
-server: $(STAMP) ## MLflow tracking server (127.0.0.1 unless HOST=0.0.0.0 with AUTH=server-auth.ini or INSECURE=1) [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir] [ALLOWED_HOSTS=name,...]
+server: $(STAMP) ## MLflow tracking server (127.0.0.1 unless HOST=0.0.0.0 with AUTH=server-auth.ini or INSECURE=1) [PORT=5000] [BACKEND=postgresql://...] [ARTIFACTS=dir] [ALLOWED_HOSTS=name,...] [TLS_CERT=server.crt TLS_KEY=server.key]
 	$(if $(BACKEND),MLFLOW_BACKEND_STORE_URI="$$BACKEND") $(PY) -m pipeline server --host $(or $(HOST),127.0.0.1) \
 		--port $(PORT) $(if $(AUTH),--auth $(AUTH)) $(if $(call switch,INSECURE),--insecure) \
-		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS))
+		$(if $(ARTIFACTS),--artifacts $(ARTIFACTS)) $(if $(ALLOWED_HOSTS),--allowed-hosts $(ALLOWED_HOSTS)) \
+		$(if $(TLS_CERT),--tls-cert $(TLS_CERT)) $(if $(TLS_KEY),--tls-key $(TLS_KEY))
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000, opened on STUDY's runs [PORT=5001]
 	$(PY) -m pipeline ui --port $(PORT) $(if $(STUDY),--study $(STUDY))
@@ -105,11 +106,11 @@ dashboard: $(STAMP) ## optuna-dashboard on http://127.0.0.1:8080, opened on STUD
 		--host $(or $(HOST),127.0.0.1) $(if $(call switch,INSECURE),--insecure)
 
 test: $(STAMP) ## run the fast test suite (tiny subsets, CPU)
-	$(PY) -m pytest -m "not browser and not faults and not scale" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not browser and not faults and not scale and not soak" $(PYTEST_ARGS)
 
 # PORTABLE=all runs the whole fast suite that way (about as long as `make test` on a CPU without AVX-512).
 test-portable: $(STAMP) ## the fast tests of trained values as a CPU without AVX-512 runs them (AVX2 kernels, fp32) [PORTABLE=all]
-	$(AVX2_ONLY) $(PY) -m pytest -m "$(if $(filter all,$(PORTABLE)),,trained_values and )not browser and not faults and not scale" \
+	$(AVX2_ONLY) $(PY) -m pytest -m "$(if $(filter all,$(PORTABLE)),,trained_values and )not browser and not faults and not scale and not soak" \
 		$(PYTEST_ARGS)
 
 test-faults: $(STAMP) ## the fault suite: kill -9, signals, full disk, concurrent runs, bad input (README: What survives what)
@@ -122,6 +123,14 @@ test-scale: $(STAMP) ## worker processes, PostgreSQL 15 and an MLflow server on 
 test-browser: $(STAMP) ## drive the MLflow UI in headless Chromium (installs chromium + chromium-driver if missing)
 	@command -v chromedriver >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 	$(PY) -m pytest -m "browser" $(PYTEST_ARGS)
+
+# Not in `make test`: minutes. SOAK_WORKERS, SOAK_TRIALS (each storage's budget), SOAK_MINUTES (how long the chaos
+# goes on at most) and SOAK_KILLS (how many kills at most) reach the test through its environment.
+.PHONY: soak
+soak: $(STAMP) ## chaos soak: SOAK_WORKERS=4 workers run SOAK_TRIALS=150 trials on the journal and on PostgreSQL while workers, the MLflow server and the coordinator are kill -9ed [SOAK_MINUTES=4 SOAK_KILLS=30]
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; }
+	SOAK_WORKERS=$(or $(SOAK_WORKERS),4) SOAK_TRIALS=$(or $(SOAK_TRIALS),150) SOAK_MINUTES=$(or $(SOAK_MINUTES),4) \
+		SOAK_KILLS=$(or $(SOAK_KILLS),30) $(PY) -m pytest -m soak -s $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff over the package, tests and benchmarks
 	$(VENV)/bin/ruff check pipeline tests benchmarks

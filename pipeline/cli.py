@@ -166,7 +166,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from pipeline import server
 
     return server.tracking_server(args.host, args.port, args.backend, args.artifacts, args.allowed_hosts, args.auth,
-                                  args.insecure, views.say, views.note)
+                                  args.insecure, views.say, views.note, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 STORAGE_HELP = ("Optuna storage: a URL (sqlite:///..., postgresql://...) or a .journal file (default: $STORAGE, else "
@@ -322,6 +322,10 @@ def _add_serving_commands(commands: Any) -> None:
                    "(default: mlruns/artifacts, or beside the SQLite file)")
     p.add_argument("--allowed-hosts", default=None, help="more names clients may reach it by, comma-separated "
                    "(localhost, private IP addresses and this host's names are always allowed), e.g. mlflow.lab")
+    p.add_argument("--tls-cert", type=Path, default=None, help="serve HTTPS only, with this PEM certificate (and "
+                   "--tls-key), so logins do not cross the network in clear text (README: Running on many machines)")
+    p.add_argument("--tls-key", type=Path, default=None,
+                   help="the certificate's PEM private key, unencrypted (chmod 600)")
     p.set_defaults(run=_cmd_server)
 
 

@@ -8,7 +8,8 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -30,6 +31,43 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # it exists, owned by another user
         return True
     return True
+
+
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # Linux: a new random id at every boot
+
+
+def process_identity(pid: int | None = None) -> dict[str, Any]:
+    """What tells process `pid` (default: this one) apart from a later process given the same pid: the host's
+    boot id and the process's start time. Recorded beside a pid, it lets `same_process` see a reused pid (after a
+    reboot, or a container restart, where pids count from 1 again). Empty where /proc cannot tell (not Linux)."""
+    pid = os.getpid() if pid is None else pid
+    boot, started = _boot_id(), _started(pid)
+    return {"boot_id": boot, "started": started} if boot is not None and started is not None else {}
+
+
+def same_process(pid: int, identity: dict[str, Any]) -> bool:
+    """Is the process that had `identity` (`process_identity(pid)` when it ran) still running as `pid` on this host?
+    Without an identity (recorded before one was, or where /proc cannot tell) the pid alone decides."""
+    if not identity.get("boot_id") or identity.get("started") is None:
+        return process_alive(pid)
+    return process_identity(pid) == {"boot_id": identity["boot_id"], "started": identity["started"]}
+
+
+def _boot_id() -> str | None:
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/<pid>/stat field 22); None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name in parentheses, may hold blanks and ")": count the fields after its last ")".
+    return int(stat.rsplit(")", 1)[1].split()[22 - 3])
 
 
 def open_store(open_: Callable[[], T], attempts: int = 3, pause_seconds: float = 1.0) -> T:

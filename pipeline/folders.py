@@ -6,6 +6,10 @@ Layouts (torchvision's ImageFolder: one subfolder per class, its name is the cla
     flowers/train/<class>/..., flowers/test/<class>/...   the splits as given (val/ optional, else carved)
     flowers/labels.csv with `path,label` rows             csv = "labels.csv" (paths relative to the CSV)
 
+Every picture must resolve inside the dataset folder: a dataset from elsewhere could otherwise pull any file the
+user can read (their own photos) into the cache, an export's mistakes grid and the report, through a linked
+class folder or picture, or a CSV row like `../../Pictures/me.jpg`. `follow_links = true` lets links leave it.
+
 The dataset digest covers every image's relative path, label and bytes, plus the preprocessing (size,
 channels) and the carved test share, so a changed picture gives a new digest and a new cache. Files are
 hashed once: an index beside the caches remembers each file's hash by its size and modification time.
@@ -20,6 +24,8 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import os
+import re
 import sys
 import time
 from collections import Counter
@@ -37,11 +43,14 @@ from pipeline.concurrency import available_cores
 from pipeline.datasets import sha256_file
 from pipeline.errors import DataError
 from pipeline.fileio import write_atomic
-from pipeline.images import Preprocessing, decode_files, is_gray_mode
+from pipeline.images import FORMATS, Preprocessing, decode_files, is_gray_mode
 from pipeline.sources import FolderSource
 
 SPLIT_FOLDERS = {"train": imagecache.TRAIN, "val": imagecache.VAL, "test": imagecache.TEST}
 DECODE_CHUNK = 64  # pictures per task sent to a decoding process
+FOLLOW_LINKS_HINT = "or set follow_links = true in [dataset] if you trust where its links lead"
+# In names printed to the terminal: a folder or file name may hold an ESC, which starts an escape sequence there.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -89,8 +98,29 @@ def _class_folders(directory: Path) -> list[str]:
     return [c for c in classes if not c.startswith(".")]  # .ipynb_checkpoints and the like are no class
 
 
-def list_folder(root: Path) -> Listing:
-    """Every picture under `root` in the ImageFolder layout (with or without train/val/test splits)."""
+def _printable(name: str) -> str:
+    return _CONTROL_CHARACTERS.sub("", name)
+
+
+def _require_inside(root: Path, files: list[Path]) -> None:
+    """Refuse the first of `files` (found under `root`) whose real path lies outside `root`'s: through a linked class
+    folder or a linked picture. Each folder is resolved once and each file only when it is a link itself: resolving
+    every path takes far longer than listing it (rglob does not descend into linked folders below a class folder)."""
+    real_root = root.resolve()
+    real_folders: dict[Path, Path] = {}
+    for file in files:
+        if file.parent not in real_folders:
+            real_folders[file.parent] = file.parent.resolve()
+        real = file.resolve() if file.is_symlink() else real_folders[file.parent] / file.name
+        if not real.is_relative_to(real_root):
+            raise DataError(f"dataset.path: {file} leads to {real}, outside the dataset folder {real_root}; a dataset "
+                            f"reads only pictures inside its folder: copy the picture in instead of linking it, "
+                            f"{FOLLOW_LINKS_HINT}")
+
+
+def list_folder(root: Path, follow_links: bool = False) -> Listing:
+    """Every picture under `root` in the ImageFolder layout (with or without train/val/test splits); unless
+    `follow_links`, DataError for one that resolves outside `root`."""
     given = (root / "train").is_dir() and (root / "test").is_dir()
     top = _class_folders(root)
     if not given and top and set(top) <= set(SPLIT_FOLDERS):
@@ -118,6 +148,8 @@ def list_folder(root: Path) -> Listing:
             class_dir = directory / name
             found = sorted(p for p in class_dir.rglob("*") if p.is_file()) if class_dir.is_dir() else []
             images = [p for p in found if _is_image(p)]
+            if not follow_links:
+                _require_inside(root, images)
             skipped += [str(p.relative_to(root)) for p in found if not _is_image(p)]
             if not images and code != imagecache.VAL:
                 raise DataError(f"dataset.path: class folder {class_dir} has no pictures "
@@ -129,10 +161,12 @@ def list_folder(root: Path) -> Listing:
     return Listing(root, tuple(classes), files, relative, labels, split, skipped)
 
 
-def list_csv(root: Path, csv_name: str) -> Listing:
-    """Pictures named in a `path,label` CSV (paths relative to the CSV); classes sorted by name."""
+def list_csv(root: Path, csv_name: str, follow_links: bool = False) -> Listing:
+    """Pictures named in a `path,label` CSV (paths relative to the CSV); classes sorted by name. DataError for a row
+    naming a picture outside `root` (the dataset folder), or, unless `follow_links`, a link that leads out of it."""
     table = Path(csv_name).expanduser()
     table = table if table.is_absolute() else root / table
+    inside, real_root = Path(os.path.abspath(root)), root.resolve()
     if not table.is_file():
         raise DataError(f"dataset.csv: {table} does not exist; give a CSV file with `path,label` columns")
     with open(table, newline="", encoding="utf-8-sig") as f:
@@ -146,15 +180,23 @@ def list_csv(root: Path, csv_name: str) -> Listing:
             if not path or not label:
                 raise DataError(f"dataset.csv: {table} line {reader.line_num} needs both a path and a label, found "
                                 f"path={path!r} label={label!r}; fix or remove the row")
-            rows.append((path, label))
-    classes = sorted({label for _, label in rows})
+            named = Path(os.path.abspath(table.parent / path))  # `..` and absolute paths taken as written
+            if not named.is_relative_to(inside):
+                raise DataError(f"dataset.csv: {table} line {reader.line_num} names {path!r}, outside the dataset "
+                                f"folder {inside}; list only pictures inside it, by paths relative to the CSV")
+            file = named.resolve()
+            if not follow_links and not file.is_relative_to(real_root):
+                raise DataError(f"dataset.csv: {table} line {reader.line_num} names {path!r}, which leads to {file}, "
+                                f"outside the dataset folder {real_root}; copy the picture in instead of linking it, "
+                                f"{FOLLOW_LINKS_HINT}")
+            rows.append((path, label, file))
+    classes = sorted({label for _, label, _ in rows})
     if len(classes) < 2:
         raise DataError(f"dataset.csv: {table} names {len(classes)} class(es); a classifier needs at least two")
     rows.sort()
     label_of = {name: i for i, name in enumerate(classes)}
     files, relative, skipped, labels = [], [], [], []
-    for path, label in rows:
-        file = (table.parent / path).resolve()
+    for path, label, file in rows:
         if not file.is_file():
             raise DataError(f"dataset.csv: {table} lists {path!r}, which does not exist; fix the row or remove it")
         if not _is_image(file):
@@ -211,7 +253,7 @@ def _resolve_channels(listing: Listing, channels: str) -> str:
         return channels
     for file in listing.files:
         try:
-            with Image.open(file) as image:
+            with Image.open(file, formats=FORMATS) as image:  # only the decoders that will decode it read its header
                 if not is_gray_mode(image.mode):
                     return "rgb"
         except Exception:  # unreadable: the decoder reports it
@@ -280,7 +322,7 @@ def decode_into_cache(listing: Listing, source: FolderSource, key: str, data_roo
             f"{channels} in {seconds:.1f} s ({count / max(seconds, 1e-9):,.0f} images/s, {workers} "
             f"process{'es' if workers > 1 else ''})")
         for line in errors:
-            log(f"skipped (skip_unreadable = true): {line}")
+            log(f"skipped (skip_unreadable = true): {_printable(line)}")
         manifest = {
             "source": str(listing.root), "classes": list(listing.classes), "preprocessing": preprocessing.as_dict(),
             "folder": asdict(source), "skipped_non_images": listing.skipped, "skipped_unreadable": errors,
@@ -296,15 +338,17 @@ def land_folder(source: FolderSource, project_root: Path, data_root: Path,
                 log: Callable[[str], None] = _stderr) -> imagecache.CachedImages:
     """The folder's cache, decoding it first when its digest has none yet."""
     root = resolve_root(source, project_root)
-    listing = list_csv(root, source.csv) if source.csv else list_folder(root)
+    # FolderSource gains `follow_links` with the study file's key; until a study can set it, links stay refused.
+    follow_links = source.follow_links
+    listing = list_csv(root, source.csv, follow_links) if source.csv else list_folder(root, follow_links)
     if listing.skipped:
-        shown = ", ".join(sorted({Path(s).name for s in listing.skipped})[:5])
+        shown = ", ".join(sorted({_printable(Path(s).name) for s in listing.skipped})[:5])
         log(f"{root}: {len(listing.skipped)} non-image file(s) skipped ({shown})")
     key = digest(listing, file_hashes(listing, Path(data_root) / "cache"), source)
     cached = imagecache.open_cache(imagecache.cache_dir(data_root, key))
     if cached is None:
         counts = Counter(listing.labels)
         log(f"{root}: {len(listing.files):,} pictures in {len(listing.classes)} classes: "
-            + ", ".join(f"{name} {counts[i]:,}" for i, name in enumerate(listing.classes)))
+            + ", ".join(f"{_printable(name)} {counts[i]:,}" for i, name in enumerate(listing.classes)))
         cached = imagecache.open_cache(decode_into_cache(listing, source, key, data_root, log))
     return cached

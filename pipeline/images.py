@@ -7,14 +7,18 @@ images scaled to 8 bits, palette and transparent images composited over white, C
 Then the shorter side is resized to `image_size` and the centre cropped to a square. Digit datasets
 (MNIST, Fashion-MNIST) instead get their own preparation: light object on a dark background, cropped
 to the object and centred as those datasets were made.
+
+No step copies a whole picture into wider numbers (16-bit and float pictures are scaled a band of rows at
+a time): decoding one takes a small multiple of its decoded bytes, which the pixel cap bounds.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from pipeline.sources import DEFAULT_MAX_MEGAPIXELS, DIGITS
 
@@ -27,6 +31,7 @@ GRAY_MODES = ("1", "L", "LA", "I", *SIXTEEN_BIT, "F")
 # Pillow refuses more than twice its own limit by itself; ours is the one that applies (checked first).
 Image.MAX_IMAGE_PIXELS = None
 DATASET_CAP_HINT = "a study may raise dataset.max_megapixels"  # what a refused picture's line suggests by default
+BAND_PIXELS = 1 << 20  # pixels scaled at a time from a 16/32-bit picture: its float64 copy is 8 MB, not 8 bytes a pixel
 
 
 class PictureError(ValueError):
@@ -53,34 +58,54 @@ def is_gray_mode(mode: str) -> bool:
     return mode in GRAY_MODES
 
 
+def _bands(image: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(top row, its pixels) for each band of rows of `image`, BAND_PIXELS at most: one band at a time is
+    copied out, never the whole picture."""
+    rows = max(1, BAND_PIXELS // image.width)
+    for top in range(0, image.height, rows):
+        yield top, np.asarray(image.crop((0, top, image.width, min(top + rows, image.height))))
+
+
 def _eight_bit(image: Image.Image) -> Image.Image:
     """16-bit / 32-bit integer and float gray images scaled to 0-255 (Pillow's own conversion clips).
 
     A 16-bit mode's range is 0-65535 whatever its pixels hold, so a dark 16-bit picture stays dark. Mode "I"
     (32-bit integers) and "F" (floats) say nothing of their range: values up to 255 (floats: up to 1) are
-    taken as that range, larger ones as 16-bit."""
+    taken as that range, larger ones as 16-bit. Scaled band by band, so that the work takes a few megabytes
+    beside the decoded picture and its 8-bit result; integers with integer math (v * 255 / 65535 is v / 257,
+    never halfway between two integers, so (v + 128) // 257 is its rounding), floats as float64 as before."""
     if image.mode not in ("I", *SIXTEEN_BIT, "F"):
         return image
-    pixels = np.asarray(image, dtype=np.float64)
     if image.mode in SIXTEEN_BIT:
-        top = 65535.0
+        top = 65535
     elif image.mode == "I":
-        top = 65535.0 if pixels.max(initial=0) > 255 else 255.0
-    else:
-        top = 1.0 if pixels.max(initial=0) <= 1.0 else 255.0
-    return Image.fromarray(np.clip(np.round(pixels * 255.0 / top), 0, 255).astype(np.uint8), mode="L")
+        top = 65535 if any(band.max(initial=0) > 255 for _, band in _bands(image)) else 255
+    else:  # any NaN makes its band's maximum NaN, which is not <= 1: 255, as a maximum over the whole picture was
+        top = 1 if all(band.max(initial=0) <= 1.0 for _, band in _bands(image)) else 255
+    result = Image.new("L", image.size)
+    for row, band in _bands(image):
+        if image.mode == "F":
+            scaled = np.clip(np.round(band.astype(np.float64) * 255.0 / top), 0, 255)
+        elif top == 65535:
+            scaled = np.clip((band.astype(np.int64) + 128) // 257, 0, 255)
+        else:
+            scaled = np.clip(band, 0, 255)
+        result.paste(Image.fromarray(scaled.astype(np.uint8)), (0, row))
+    return result
 
 
 def to_mode(image: Image.Image, channels: str) -> Image.Image:
     """An 8-bit "RGB" or "L" image, transparency composited over white, orientation from EXIF applied."""
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # exif_transpose copies even an upright picture
+        image = ImageOps.exif_transpose(image)
     image = _eight_bit(image)
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB" if channels == "rgb" else "L")
+    mode = "RGB" if channels == "rgb" else "L"
+    return image if image.mode == mode else image.convert(mode)  # convert() to the same mode is a copy
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
@@ -144,9 +169,9 @@ def digit_picture(image: Image.Image, dataset: str) -> np.ndarray:
     scaled to fit 28x28 and centred.
     """
     gray = to_mode(image, "gray")
-    pixels = np.asarray(gray, dtype=np.float32)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if border.mean() > 127:
+    pixels = np.asarray(gray)  # uint8: a float copy of a big picture would take 4 or 8 times its bytes
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]).astype(np.int64)
+    if border.sum() > 127 * border.size:  # a mean above 127, in integers
         gray = ImageOps.invert(gray)
     if gray.size == (28, 28):
         return np.asarray(gray, dtype=np.uint8)

@@ -2,18 +2,41 @@
 
 Figures are drawn on `matplotlib.figure.Figure` objects directly, never through pyplot: no backend
 is chosen or needed (saving a PNG renders with Agg), and no figure outlives the function that drew it.
+Class names come from folder names and exports, anyone's: they are drawn as they are (`_literal_text`), less
+their control characters (`_drawable`).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
 ANNOTATED_CLASSES = 30  # beyond this many classes (CIFAR-100) the cells are too small for their counts
 MAX_FIGURE_INCHES = 24.0  # 2400 px at 100 dpi
+# Drawn as missing glyphs, with a warning that carries the character itself (an ESC, say) to the terminal.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _literal_text(draw):
+    """Run `draw` with every text drawn as written: `$` starts no mathtext (a class named "price_$5_to_$10" would
+    raise) and no user's matplotlibrc sends labels through LaTeX. Set for the whole drawing, saving included:
+    tick labels are made while the figure renders, and they take these settings when they are made."""
+    @functools.wraps(draw)
+    def drawn(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return draw(*args, **kwargs)
+    return drawn
+
+
+def _drawable(classes: Sequence[str]) -> list[str]:
+    """Class names as labels: without control characters (newlines included: a label is one line)."""
+    return [_CONTROL_CHARACTERS.sub("", name) for name in classes]
 
 
 def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
@@ -23,10 +46,12 @@ def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int
     return counts
 
 
+@_literal_text
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[str], path: Path,
                      title: str) -> np.ndarray:
     """Write the confusion matrix (counts, rows = true class) as a PNG; return the counts."""
     counts = confusion_counts(labels, predicted, len(classes))
+    classes = _drawable(classes)
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     many = len(classes) > ANNOTATED_CLASSES
     size = min(max(5.0, 0.55 * len(classes) + 2), MAX_FIGURE_INCHES)
@@ -55,12 +80,14 @@ def _displayable(image: np.ndarray) -> np.ndarray:
     return image
 
 
+@_literal_text
 def mistakes_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray,
                   classes: Sequence[str], path: Path, title: str, limit: int = 36) -> int:
     """Write a grid of the most confident mistakes (true -> predicted, confidence) as a PNG; return how many.
 
     `images` are uint8 [N, H, W] or [N, C, H, W] with one (gray) or three (RGB) channels.
     """
+    classes = _drawable(classes)
     wrong = np.flatnonzero(labels != predicted)
     worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
     columns = 6

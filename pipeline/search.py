@@ -22,6 +22,7 @@ import errno
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import time
@@ -38,10 +39,11 @@ from optuna.trial import TrialState
 
 from pipeline import hparams, latency, models, pareto, pruning, store, studies, train
 from pipeline.checkpoints import ForeignCheckpoint
-from pipeline.concurrency import process_alive, quiet_if_hung_up
+from pipeline.concurrency import process_identity, quiet_if_hung_up, same_process
 from pipeline.data import PreparedData
 from pipeline.events import Listener, TrialEnded, TrialStarted
 from pipeline.studies import StudySpec
+from pipeline.urls import masked_text
 
 WAIT_SECONDS = 1.0  # how often an idle worker looks again while others run the budget's last trials
 MAX_CONSECUTIVE_FAILURES = 3
@@ -140,10 +142,12 @@ class Objective:
         # history and resumed_from_epoch start afresh: Optuna's heartbeat retry copies the failed trial's record
         # (on another host, without its checkpoint, this attempt starts over); a resume sets them again.
         store.note(trial, seed=seed, first_attempt=first, params=params,
-                   owner={"host": socket.gethostname(), "pid": os.getpid()},
+                   owner={"host": socket.gethostname(), "pid": os.getpid(), **process_identity()},
                    split_hash=self.data.split_hash, dataset_digest=self.data.checksum, history=[],
                    resumed_from_epoch=0)
         checkpoint = checkpoint_path(self.checkpoints, first) if self.checkpoints is not None else None
+        if checkpoint is not None:
+            _adopt_unkeyed(checkpoint)
         try:
             values = self._run(trial, params, seed, checkpoint)
         except Exception:  # pruned or failed for good: no retry will resume it (an interrupt keeps it)
@@ -233,7 +237,7 @@ class Objective:
 
         def record(metrics: train.EpochMetrics) -> None:
             history.append(history_record(metrics))
-            store.note(trial, history=history)
+            store.note_epoch(trial, len(history), history[-1])
             self.listener.epoch_ended(trial.number, metrics)
             if single:
                 trial.report(getattr(metrics, self.spec.metrics[0]), step=metrics.epoch)
@@ -259,6 +263,26 @@ class Objective:
                 record(metrics)
 
         return report, resumed
+
+
+def checkpoint_folder(studies_dir: Path, storage_url: str, study_name: str) -> Path:
+    """Where the trials of study `study_name` in the store at `storage_url` keep their checkpoints.
+
+    Keyed by the store as well as the study: two stores may hold studies of one name (a local file and PostgreSQL,
+    a test's store), and each sweeps only its own folder. The default stores keep studies/checkpoints/<study>/."""
+    key = store.storage_key(storage_url)
+    return studies_dir / "checkpoints" / study_name if key is None else studies_dir / "checkpoints" / key / study_name
+
+
+def _adopt_unkeyed(checkpoint: Path) -> None:
+    """A trial of another store resumes the checkpoint the version before keyed folders left in
+    studies/checkpoints/<study>/: a copy, since that folder may be another store's; the fingerprint check refuses
+    the copy if another store's trial wrote it (and it is removed, the original kept)."""
+    folder = checkpoint.parent
+    unkeyed = folder.parent.parent / folder.name / checkpoint.name
+    if folder.parent.name.startswith(store.STORE_PREFIX) and not checkpoint.exists() and unkeyed.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(unkeyed, checkpoint)
 
 
 def checkpoint_path(folder: Path, first_attempt: int) -> Path:
@@ -357,10 +381,13 @@ def _surplus(spec: StudySpec, trial: optuna.Trial) -> str:
 def _record_failure(trial: optuna.Trial, exc: BaseException, context: str = "") -> None:
     """fail_reason (`disk_full` for a full disk or file-size limit), the detail and the traceback."""
     full = disk_full(exc)
-    detail = str(exc).splitlines()[0][:300] if full else str(exc)[:1000]  # a database's error quotes its SQL
+    # Masked before it is cut: a URL cut short of its "@" would keep its password. Everything shown of a failure
+    # (the trial line, the study's stop message, MLflow's tag, trials.csv, the dashboard) is read from here.
+    text = masked_text(str(exc))
+    detail = text.splitlines()[0][:300] if full else text[:1000]  # a database's error quotes its SQL
     store.note(trial, fail_reason=DISK_FULL if full else type(exc).__name__,
                fail_detail=(f"{context}: " if context else "") + detail,
-               traceback=traceback.format_exc()[-8000:])
+               traceback=masked_text(traceback.format_exc())[-8000:])
 
 
 # What SQLite says (through its driver, SQLAlchemy and MLflow) when a write finds no room: SQLITE_FULL for a full
@@ -494,7 +521,7 @@ def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> 
         try:
             listener.interrupted("interrupted")
         except Exception as exc:
-            listener.warning(f"the interrupted trial's MLflow run could not be closed ({exc})")
+            listener.warning(f"the interrupted trial's MLflow run could not be closed ({masked_text(str(exc))})")
         if objective.running is not None:
             store.requeue(study, store.record(study, objective.running))
         raise
@@ -507,7 +534,7 @@ def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> 
         listener.trial_ended(ended)
     except Exception as exc:  # the trial is safe in Optuna; MLflow is told at the end of the run
         listener.warning(f"the end of trial {ended.number} could not be recorded in MLflow "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the search goes on")
+                         f"({type(exc).__name__}: {masked_text(str(exc)).splitlines()[0][:200]}); the search goes on")
     return ended
 
 
@@ -520,17 +547,26 @@ def trial_ended(record: store.TrialRecord) -> TrialEnded:
                       record.repeat, record.prune_reason)
 
 
+def _owner_running(owner: dict[str, Any]) -> bool:
+    if "started" not in owner and owner["pid"] == os.getpid():
+        return True  # an owner recorded by pid alone: the pid cannot tell this process from an earlier one
+    return same_process(owner["pid"], owner)
+
+
 def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> list[int]:
     """Fail (and queue again) RUNNING trials whose process, on this host, no longer exists.
 
     The journal storage has no heartbeat, and on an RDB storage this spares the 90 s grace period when
     the dead worker ran here. Another host's trials are left to the heartbeat. A trial retried too often
     already is not queued again, and its checkpoint (in `checkpoints`) is removed. Returns the trials failed.
+    A process is known by its pid, boot id and start time (`process_identity`): after a reboot or a container
+    restart a new process, this one included, may have a dead owner's pid. An owner recorded with its pid alone
+    (before the rest was) is judged by the pid, and never taken for this process.
     """
     host, failed = socket.gethostname(), []
     for record in store.records(study, (TrialState.RUNNING,)):
         owner = record.owner or {}
-        if owner.get("host") != host or owner.get("pid") in (None, os.getpid()) or process_alive(owner["pid"]):
+        if owner.get("host") != host or owner.get("pid") is None or _owner_running(owner):
             continue
         if not store.fail_trial(study, record.number, "stale"):
             continue  # another worker swept it first

@@ -119,12 +119,13 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
         else:
             with view.running(spec, lambda: _status(study)):
                 loop = search.run(spec, study, prepared, listener, threads=options.threads,
-                                  checkpoints=_checkpoint_folder(options, study))
+                                  checkpoints=search.checkpoint_folder(options.studies_dir, storage.url,
+                                                                       study.study_name))
             outcome.ran, outcome.stop_reason = loop.ran, loop.stop_reason
         if spec.confirmation is not None and options.worker is None:  # a coordinator runs the phase itself
             if prepared is None:  # after workers: this process trains the phase's runs itself
                 prepared = replay.study_data(spec, options.root, device)
-            outcome.champion = _champion_phase(spec, study, storage.backend, prepared, options, view, tracking)
+            outcome.champion = _champion_phase(spec, study, storage, prepared, options, view, tracking)
     except search.Interrupted as exc:
         outcome.stop_reason, outcome.signal_number, status = "interrupted", exc.signal_number, "KILLED"
     except search.StudyStopped as exc:
@@ -151,20 +152,22 @@ def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.B
         return reportpage.write(spec, study, storage, options.reports_dir, options.exports_dir, options.studies_dir,
                                 decision)
     except Exception as exc:
-        warn(f"warning: the report page could not be written ({type(exc).__name__}: "
-             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); `make report STUDY={spec.name}` tries again")
+        reason = urls.masked_text(str(exc)).splitlines()[0][:200] if str(exc) else ""
+        warn(f"warning: the report page could not be written ({type(exc).__name__}: {reason}); "
+             f"`make report STUDY={spec.name}` tries again")
         return None
 
 
-def _champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+def _champion_phase(spec: StudySpec, study: optuna.Study, storage: store.Storage,
                     prepared: data.PreparedData, options: SearchOptions, view: SearchView,
                     tracking: Tracking) -> champion.PhaseOutcome:
     """The search's best configurations trained again over seeds (champion.py), in this process."""
-    phase = champion.Phase(spec, study, storage)
+    phase = champion.Phase(spec, study, storage.backend)
     view.say(phase.announcement())
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
         return phase.run(prepared, Listeners(view, tracking.confirmations), threads=options.threads,
-                         checkpoints=_checkpoint_folder(options, phase.companion))
+                         checkpoints=search.checkpoint_folder(options.studies_dir, storage.url,
+                                                              phase.companion.study_name))
 
 
 def _decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device) -> tuple[SearchOptions, str]:
@@ -200,11 +203,6 @@ def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
     return " ".join(parts)
 
 
-def _checkpoint_folder(options: SearchOptions, study: optuna.Study) -> Path:
-    """Where the study's trials keep their checkpoints: beside the study files, one folder per study version."""
-    return options.studies_dir / "checkpoints" / study.study_name
-
-
 def _status(study: optuna.Study) -> tuple[int, list[float] | None]:
     """What a progress view shows of the study: finished trials and the best values so far."""
     return store.finished_count(study), store.best_values(study)
@@ -226,8 +224,10 @@ def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> 
 def _header(spec: StudySpec, study: optuna.Study, prepared: Any, device: torch.device, options: SearchOptions,
             url: str) -> str:
     shape = "x".join(map(str, prepared.input_shape))
+    # With workers, each says where its data went on its own line ("worker N: data ...").
+    placement = prepared.placement if options.workers == 1 else "placed by each worker, below"
     return (f"{study.study_name}: {spec.description or spec.name} | {prepared.dataset} "
-            f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({prepared.mode}, digest "
+            f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({placement}, digest "
             f"{prepared.checksum}), {device}, sampler {spec.sampler}, "
             f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
             + (f" | {options.workers} workers, storage {shown(url)}" if options.workers > 1 else ""))
@@ -330,7 +330,7 @@ class Tracking:
         try:
             lines = self._finish(spec, study, storage, status, decision, page)
         except Exception as exc:
-            reason = hide_in(str(exc).splitlines()[0][:200], self.client.tracking_uri)
+            reason = hide_in(urls.masked_text(str(exc)).splitlines()[0][:200], self.client.tracking_uri)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
                       f"{reason}); the trials are saved in Optuna and the next run "
                       "brings MLflow up to date")
@@ -405,7 +405,7 @@ def train_one(params: dict[str, Any], options: TrainOptions, view: TrainView) ->
     prepared = data.prepare(options.dataset, options.root, device, val_size=options.val_size,
                             train_limit=options.train_limit, val_limit=options.val_limit)
     view.header(f"{resolved['model']} on {prepared.dataset} ({len(prepared.train):,} train / "
-                f"{len(prepared.val):,} val, {'x'.join(map(str, prepared.input_shape))} {prepared.mode}, split "
+                f"{len(prepared.val):,} val, {'x'.join(map(str, prepared.input_shape))} {prepared.placement}, split "
                 f"{prepared.split_hash}), {device}, precision {train.pick_precision(resolved['precision'], device)}, "
                 f"seed {options.seed}")
     return train.fit(params, prepared, device, callbacks=[view.epoch_ended], seed=options.seed,

@@ -30,6 +30,7 @@ class FolderSource:
     val_fraction: float = 0.1  # carved from the training pictures when there is no val/ split
     skip_unreadable: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    follow_links: bool = False  # pictures may resolve outside `path` through links (a dataset you trust)
 
     @property
     def name(self) -> str:

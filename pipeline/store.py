@@ -14,6 +14,7 @@ before anything is appended to it (`_JournalLock`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from typing import Any, BinaryIO
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import fileio, paths, sqlitecheck, studies
+from pipeline import fileio, paths, sqlitecheck, studies, urls
 from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.studies import StudyError, StudySpec
@@ -81,6 +82,24 @@ def open_storage(override: str | None = None, study: str | None = None, workers:
     """The storage `storage_url` chooses, opened."""
     url = storage_url(override, study, workers)
     return Storage(url, make_storage(url))
+
+
+STORE_PREFIX = "store-"  # checkpoint folders of stores other than the default ones: studies/checkpoints/store-<key>/
+
+
+def storage_key(url: str) -> str | None:
+    """A short name for the store at `url`, the same however its path is spelt and whatever its password; None for
+    the default stores (studies/optuna.db and studies/optuna.journal), whose checkpoints keep the folders they had
+    before stores were told apart."""
+    path = sqlitecheck.sqlite_path(url) if url.startswith("sqlite:") else None if "://" in url else Path(url)
+    if path is not None:
+        identity = f"{'sqlite' if url.startswith('sqlite:') else 'journal'}:{path.expanduser().resolve()}"
+        defaults = (f"sqlite:{sqlitecheck.sqlite_path(paths.DEFAULT_STORAGE)}", f"journal:{paths.DEFAULT_JOURNAL}")
+        if identity in defaults:
+            return None
+    else:
+        identity = urls.shown(url)
+    return STORE_PREFIX + hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
 def _holds(url: str, name: str) -> bool:
@@ -241,7 +260,7 @@ class TrialRecord:
     # ---- ours, written by `note` -------------------------------------------------------------------
     seed: int | None = None
     params: dict[str, Any] | None = None  # the full params it trained with: fixed and searched
-    owner: dict[str, Any] | None = None  # {"host", "pid"} of the process running it, for the stale sweep
+    owner: dict[str, Any] | None = None  # {"host", "pid", "boot_id", "started"} of its process, for the stale sweep
     split_hash: str | None = None  # the validation split it was judged on
     dataset_digest: str | None = None  # the pictures themselves
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: HISTORY_KEYS

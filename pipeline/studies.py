@@ -96,6 +96,7 @@ class DatasetTable(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     skip_unreadable: bool = False
     max_megapixels: float = Field(sources.DEFAULT_MAX_MEGAPIXELS, gt=0)
+    follow_links: bool = False
 
 
 class ChampionTable(_Strict):
@@ -208,6 +209,8 @@ class StudySpec(_Strict):
         """Everything that defines the search; budgets, description and baselines are left out."""
         definition = self.model_dump(include={"dataset", "model", "objectives", "seed", "sampler", "pruner", "epochs",
                                               "val_size", "train_limit", "val_limit", "fixed", "space"})
+        if isinstance(self.dataset, DatasetTable) and not self.dataset.follow_links:
+            del definition["dataset"]["follow_links"]  # only when set: folder studies made before it keep theirs
         if self.constraints:  # only then: studies made before constraints existed keep their fingerprint
             definition["constraints"] = {k: b.model_dump() for k, b in self.constraints.items()}
         return definition

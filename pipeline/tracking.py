@@ -50,7 +50,7 @@ from pipeline import paths, plots, registry, reproducibility, sqlitecheck
 from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.events import Listener, TrialEnded, TrialStarted
-from pipeline.urls import hide_in, shown
+from pipeline.urls import hide_in, masked_text, shown
 
 if TYPE_CHECKING:  # annotations only: tracking never trains or predicts itself
     from pipeline.champion import Standings
@@ -324,12 +324,12 @@ class StudyRun(Listener):
         if outcome.fail_reason:
             tags["fail_reason"] = outcome.fail_reason
         if outcome.fail_detail:
-            tags["fail_detail"] = outcome.fail_detail[:5000]
+            tags["fail_detail"] = masked_text(outcome.fail_detail)[:5000]  # records made before masking too
         for key, value in (outcome.prune_reason or {}).items():  # why it was pruned, one tag per part
             tags[f"prune_{key}"] = str(value)
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if outcome.traceback:
-            self.client.log_text(run_id, outcome.traceback, "traceback.txt")
+            self.client.log_text(run_id, masked_text(outcome.traceback), "traceback.txt")
         if outcome.state == "COMPLETE" and outcome.values:
             self.client.log_metric(run_id, f"objective_{self.metric}", outcome.values[0])
         self.client.set_terminated(run_id, RUN_STATUS.get(outcome.state, "FAILED"))

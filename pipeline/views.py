@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.events import Listener, TrialEnded, TrialStarted
+from pipeline.urls import masked_text
 
 if TYPE_CHECKING:
     from pipeline.champion import Standings
@@ -33,23 +36,39 @@ if TYPE_CHECKING:
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+# Control characters but tab and newline: ESC starts the terminal's escape sequences (colours, titles, hyperlinks,
+# moving the cursor), C1's CSI (0x9b) on some terminals too; rich passes them through.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` without control characters: what a terminal shows, never interprets. Anything printed that comes
+    from data (class names, file names, messages that quote them) goes through it, or through `literal`."""
+    return _CONTROL_CHARACTERS.sub("", text)
+
+
+def literal(text: str) -> str:
+    """`printable(text)` inside rich markup: its own markup escaped (a class named `[/]` would raise, one named
+    `[link=...]` would become a hyperlink). Where nothing else is markup, rich.text.Text(printable(text)) is exact
+    (escape doubles a trailing backslash, for the tag that may follow)."""
+    return escape(printable(text))
 
 
 def say(message: str) -> None:
-    console.print(escape(message))
+    console.print(literal(message))
 
 
 def note(message: str) -> None:
     """A warning: yellow, on stderr."""
-    err_console.print(f"[yellow]{escape(message)}")
+    err_console.print(f"[yellow]{literal(message)}")
 
 
 def error(message: str) -> None:
-    err_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    err_console.print(f"[red]error:[/] {literal(message)}", soft_wrap=True)
 
 
 def failed(message: str) -> None:
-    err_console.print(f"[red]{escape(message)}")
+    err_console.print(f"[red]{literal(message)}")
 
 
 def progress(live: bool) -> Progress:
@@ -84,7 +103,8 @@ def trial_line(trial: TrialEnded) -> str:
     else:
         value = trial.fail_reason or ""
         if trial.fail_detail and (trial.state == "FAIL" or trial.fail_reason in ("pruned", "infeasible")):
-            value += f": {trial.fail_detail.splitlines()[0][:120]}"  # a prune's reason: the epoch and the values
+            # a prune's reason (the epoch and the values); masked, for records made before failures were masked
+            value += f": {masked_text(trial.fail_detail).splitlines()[0][:120]}"
     shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.sampled or {}).items())
     resumed = f" (resumed from epoch {trial.resumed_from_epoch})" if trial.resumed_from_epoch else ""
     name = trial_name(trial.number, trial.confirmation_of, trial.repeat, width=3)
@@ -117,10 +137,10 @@ class SearchView(Listener):
         say(message)
 
     def note(self, message: str) -> None:
-        err_console.print(f"[yellow]note:[/] {escape(message)}")
+        err_console.print(f"[yellow]note:[/] {literal(message)}")
 
     def header(self, text: str) -> None:
-        console.print(f"[bold]{escape(text)}")
+        console.print(f"[bold]{literal(text)}")
 
     @contextmanager
     def running(self, spec: StudySpec, status: Status, total: int | None = None,
@@ -163,7 +183,7 @@ class SearchView(Listener):
 
     def trial_ended(self, trial: TrialEnded) -> None:
         self.names.pop(trial.number, None)
-        console.print(escape(trial_line(trial)))
+        console.print(literal(trial_line(trial)))
         if self.bars is not None:
             self.bars.update(self.trials_task, completed=self.status()[0],
                              description=f"{self.what} | {self._best()}")
@@ -174,7 +194,7 @@ class SearchView(Listener):
                              description=f"waiting for other processes' last trials | {self._best()}")
 
     def warning(self, message: str) -> None:
-        err_console.print(escape(message))
+        err_console.print(literal(message))
 
     def workers_view(self, spec: StudySpec, status: Status, pool: Workers) -> WorkersView:
         return WorkersView(spec, status, pool)
@@ -187,7 +207,7 @@ class SearchView(Listener):
                               f"recorded as FAIL (interrupted) and queued again; finished trials are saved. "
                               f"Resume with: {outcome.resume_command}")
         elif outcome.stop_reason == "failed":
-            err_console.print(f"[red]study stopped:[/] {escape(outcome.failure or '')}")
+            err_console.print(f"[red]study stopped:[/] {literal(outcome.failure or '')}")
         else:
             summary(spec, outcome)
 
@@ -207,13 +227,13 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
             table.add_column(column, justify=justify, overflow="fold")
         for record in outcome.top:
             shown = ", ".join(f"{k}={short(v)}" for k, v in record.sampled.items())
-            table.add_row(str(record.number), values_text(record.values), f"{record.seconds:.0f} s", escape(shown))
+            table.add_row(str(record.number), values_text(record.values), f"{record.seconds:.0f} s", literal(shown))
         console.print(table)
     best = outcome.best
     if outcome.decision is not None and outcome.decision.reason:
-        console.print(f"champion: {escape(outcome.decision.reason)}")
+        console.print(f"champion: {literal(outcome.decision.reason)}")
     elif best is not None:
-        console.print(f"best trial {best.number}: {values_text(best.values)} with {escape(str(best.params))}")
+        console.print(f"best trial {best.number}: {values_text(best.values)} with {literal(str(best.params))}")
     if outcome.champion is not None:
         champion_table(outcome.champion.standings)
         if outcome.champion.stop_reason == "time":
@@ -232,12 +252,12 @@ def champion_table(standings: Standings) -> None:
         table.add_row(r["trial"], r["mean"], r["std"], r["interval"], f"{r['min']}-{r['max']}", r["mflops"],
                       r["values"], style="bold green" if r["champion"] else None)
     console.print(table)
-    console.print(escape(standings.reason))
+    console.print(literal(standings.reason))
     if standings.exported is not None:
         from pipeline.champion import describe_run
 
         exported = describe_run(standings.exported, standings.champion.trial.number)
-        console.print(f"exported weights: {escape(exported)}, the confirmation run "
+        console.print(f"exported weights: {literal(exported)}, the confirmation run "
                       "closest to the mean")
 
 
@@ -284,7 +304,7 @@ class WorkersView:
         self.bars.console.print(text)
 
     def worker_line(self, index: int, text: str) -> None:
-        self.say(f"[dim]worker {index}:[/] {escape(text)}")
+        self.say(f"[dim]worker {index}:[/] {literal(text)}")
 
     def worker_ended(self, index: int, process: subprocess.Popen, unexpected: bool) -> None:
         code = process.returncode
@@ -309,7 +329,7 @@ class WorkersView:
                                   event["val_loss"], event["seconds"])
                 self.say(f"  worker {index}: {line}")
         elif kind == "trial_end":
-            self.say(escape(trial_line(TrialEnded(**{k: v for k, v in event.items() if k != "event"})))
+            self.say(literal(trial_line(TrialEnded(**{k: v for k, v in event.items() if k != "event"})))
                      + f"  (worker {index})")
             finished, best = self.status()
             self.bars.update(self.trials_task, completed=finished, description=f"trials | best {values_text(best)}")
@@ -318,7 +338,7 @@ class WorkersView:
             self.bars.update(task, description=f"worker {index}: waiting for the last trials", total=1,
                              completed=1)  # its own part is done
         elif kind == "warning":
-            self.say(f"[yellow]warning (worker {index}):[/] {escape(event['text'])}")
+            self.say(f"[yellow]warning (worker {index}):[/] {literal(event['text'])}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +362,7 @@ class TrainView:
         self.bars.__exit__(*exc)
 
     def header(self, text: str) -> None:
-        self.bars.console.print(f"[bold]{escape(text)}")
+        self.bars.console.print(f"[bold]{literal(text)}")
 
     def batch_done(self, done: int, total: int) -> None:
         self.bars.update(self.task, completed=done, total=total)
@@ -390,13 +410,15 @@ def studies_table(states: list[StudyState]) -> None:
 def predictions(export: Any, found: list[Any], errors: list[str]) -> None:
     if found:
         width = len(found[0].top)
-        table = Table(title=f"predictions of {export}")
+        table = Table(title=f"predictions of {literal(str(export))}")
         table.add_column("image", overflow="fold")
         table.add_column("predicted")
         for rank in range(1, width + 1):
             table.add_column(f"top {rank}", justify="right")
         for p in found:
-            table.add_row(escape(str(p.path)), p.top[0][0], *(f"{name} {prob:.3f}" for name, prob in p.top))
+            # Text, not markup: the export's class names are shown exactly as they are, whatever they hold
+            table.add_row(Text(printable(str(p.path))), Text(printable(p.top[0][0])),
+                          *(Text(f"{printable(name)} {prob:.3f}") for name, prob in p.top))
         console.print(table)
     for line in errors:
         error(line)
@@ -405,7 +427,7 @@ def predictions(export: Any, found: list[Any], errors: list[str]) -> None:
 def exported(destination: Path, seconds: float) -> None:
     metrics = json.loads((destination / "metrics.json").read_text())
     console.print(
-        f"[green]{escape(str(destination))}[/]: test accuracy {metrics['test_accuracy']:.4f} "
+        f"[green]{literal(str(destination))}[/]: test accuracy {metrics['test_accuracy']:.4f} "
         f"({metrics['test_correct']:,}/{metrics['test_images']:,}, verified by a fresh process), validation "
         f"{metrics['val_accuracy']}, {metrics['parameter_count']:,} parameters, "
         f"{metrics['cpu_latency_ms_batch1_median']:.2f} ms/image at batch 1, "
@@ -426,7 +448,7 @@ def replay_result(name: str, epochs: int, differences: list[str]) -> None:
     if differences:
         console.print(f"[red]{name} replay differs[/] ({len(differences)} values):")
         for line in differences:
-            console.print(f"  {escape(line)}")
+            console.print(f"  {literal(line)}")
         return
     console.print(f"[green]{name} replayed identically[/]: {epochs} epochs, every recorded "
                   "metric equal bit for bit")

@@ -15,6 +15,7 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.concurrency import available_cores, quiet_if_hung_up, stop_with_parent
 from pipeline.events import Listener, TrialEnded, TrialStarted
+from pipeline.urls import masked_text
 
 if TYPE_CHECKING:
     from pipeline.session import SearchOptions, SearchOutcome
@@ -97,31 +99,35 @@ class Workers:
     """The running worker processes and the one queue their output lines arrive on."""
 
     def __init__(self, command: list[str], plans: list[WorkerPlan], environment: dict[str, str] | None = None):
+        from pipeline.data import HOST_WORKERS_ENV  # here: data imports torch, which this module leaves to its callers
+
         self.plans = plans
         self.lines: queue.Queue[tuple[int, dict[str, Any] | str | None]] = queue.Queue()
         self.processes: dict[int, subprocess.Popen] = {}
         for p in plans:
             env = dict(os.environ, **(environment or {}), OMP_NUM_THREADS=str(p.threads),
                        MKL_NUM_THREADS=str(p.threads), PYTHONUNBUFFERED="1")
+            # Each worker decides alone whether its data stays resident, a copy in each: it must know how many
+            # copies this host's memory holds (data.memory_budget divides it among them).
+            env[HOST_WORKERS_ENV] = str(len(plans))
             if p.gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = p.gpu
             # Its own session: a Ctrl-C reaches the coordinator, which passes one SIGINT on to each worker
             # (a terminal would signal them all at once, and a second signal means "stop now").
             process = subprocess.Popen([*command, "--threads", str(p.threads), "--worker", str(p.index)], env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                        start_new_session=True, preexec_fn=stop_with_parent)
             self.processes[p.index] = process
             threading.Thread(target=self._read, args=(p.index, process), daemon=True).start()
 
     def _read(self, index: int, process: subprocess.Popen) -> None:
         assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            if line.startswith(EVENT_PREFIX):
-                self.lines.put((index, json.loads(line.removeprefix(EVENT_PREFIX))))
-            elif line.strip():
-                self.lines.put((index, line))
-        self.lines.put((index, None))  # its output ended: it has exited or is about to
+        try:
+            for line in process.stdout:
+                for item in parse_line(line.rstrip("\n")):
+                    self.lines.put((index, item))
+        finally:  # whatever happens here, the coordinator must learn that this worker's output ended
+            self.lines.put((index, None))  # it has exited or is about to
 
     def events(self, poll_seconds: float = 0.5) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
         """(worker, event dict | text line | None when it ended), until every worker has ended;
@@ -146,6 +152,22 @@ class Workers:
     def exit_codes(self) -> dict[int, int | None]:
         return {index: p.poll() for index, p in self.processes.items()}
 
+
+def parse_line(line: str) -> list[dict[str, Any] | str]:
+    """What one line of a worker's output holds: an event, text (shown with any URL's password masked), or both.
+
+    The worker's stderr shares the pipe, so a library's warning may be glued to the end of an event line: the
+    event is kept and the rest shown as text. A line that holds no whole event (cut short, garbled) is text too.
+    """
+    if line.startswith(EVENT_PREFIX):
+        try:
+            event, end = json.JSONDecoder().raw_decode(line, len(EVENT_PREFIX))
+        except json.JSONDecodeError:
+            event, end = None, 0
+        if isinstance(event, dict) and "event" in event:
+            rest = line[end:]
+            return [event, masked_text(rest.strip())] if rest.strip() else [event]
+    return [masked_text(line)] if line.strip() else []
 
 
 def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:
@@ -176,7 +198,10 @@ def storage_environment(url: str) -> dict[str, str]:
 
 def emit(event: str, **fields: Any) -> None:
     """In a worker: one event line for the coordinator."""
-    print(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str), flush=True)
+    # One write, not print's two (the text, then its newline): a warning on stderr, which shares the pipe, cannot
+    # then land between an event and its line's end (whole only up to the pipe's atomic size, PIPE_BUF).
+    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+    sys.stdout.flush()
 
 
 class EventView(Listener):

@@ -30,6 +30,32 @@ from pipeline.errors import DataError
 
 TINY_CLI = Path(__file__).parent / "tiny_cli.py"
 
+# What the suite may change in the checkout: tools' own folders, and data/, the datasets' download folder that
+# `make data`, searches and the tests share by design (every file landed there is verified by its checksum).
+NOT_WATCHED = {".git", ".venv", "data", ".pytest_cache", ".ruff_cache", "__pycache__", ".gpu"}
+
+
+def checkout_files() -> dict[str, tuple[int, int]]:
+    """Every file of the checkout outside NOT_WATCHED, with its size and modification time."""
+    found = {}
+    for folder, subfolders, files in os.walk(paths.PROJECT_ROOT):
+        subfolders[:] = [d for d in subfolders if d not in NOT_WATCHED and not d.endswith(".egg-info")]
+        for name in files:
+            stat = os.lstat(os.path.join(folder, name))
+            found[os.path.relpath(os.path.join(folder, name), paths.PROJECT_ROOT)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_as_it_was():
+    """Tests write only under their own temporary folders: a file of the checkout (a user's report, checkpoint,
+    store or export among them) made, changed or removed while the suite ran fails the run at its end."""
+    before = checkout_files()
+    yield
+    after = checkout_files()
+    changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    assert changed == [], f"the suite changed the checkout: {', '.join(changed[:20])}"
+
 
 def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Learnable 28x28 uint8 digits-alike: class c is a bright 6x6 square at a class-specific spot, plus noise."""
@@ -319,6 +345,12 @@ class StudyEnv:
         if command == "search":  # one process unless a test asks for workers (WORKERS=auto would pick the cores)
             return [*common, "--threads", "1", "--workers", "1", *tracking, *self.report_args, *args]
         return [*common, "--threads", "1", *args]
+
+    def checkpoints(self, name: str = "tiny") -> Path:
+        """The folder where study `name` of this env's store keeps its trials' checkpoints."""
+        from pipeline import search
+
+        return search.checkpoint_folder(self.studies_dir, self.storage, name)
 
     @property
     def reports(self) -> Path:

@@ -170,6 +170,43 @@ def test_the_dashboard_serves_the_study_on_loopback_only_and_stops_on_sigterm(ra
         stop_dashboard(process, port)
 
 
+def test_a_page_of_another_site_can_neither_read_nor_change_the_studies(ran_study, tmp_path):
+    """DNS rebinding: a page of rebind.attacker.example whose name now resolves to 127.0.0.1 sends its requests
+    with that name in Host; a page of any other site sends its own Origin with the changes it asks for."""
+    port = free_port()
+    process, _ = start_dashboard(ran_study, port, tmp_path / "dashboard")
+    api = f"http://127.0.0.1:{port}/api/studies"
+    storage = store.make_storage(ran_study.storage)
+    study_id = storage.get_study_id_from_name("tiny")
+    try:
+        rebound = {"Host": f"rebind.attacker.example:{port}"}
+        listing = requests.get(api, headers=rebound, timeout=30)
+        assert listing.status_code == 403 and "tiny" not in listing.text, listing.text
+        assert "DNS rebinding" in listing.text
+        assert requests.delete(f"{api}/{study_id}", headers=rebound, timeout=30).status_code == 403
+        other_port = {"Host": f"127.0.0.1:{port + 1}"}  # the port is part of the address too
+        assert requests.get(api, headers=other_port, timeout=30).status_code == 403
+        cross_site = {"Origin": "http://rebind.attacker.example"}  # the Host a page of that site sends: ours
+        assert requests.delete(f"{api}/{study_id}", headers=cross_site, timeout=30).status_code == 403
+        assert requests.post(f"{api}/{study_id}/rename", json={"study_name": "gone"}, headers=cross_site,
+                             timeout=30).status_code == 403
+        assert [s.study_name for s in storage.get_all_studies()] == ["tiny"]
+        assert len(storage.get_all_trials(study_id)) == 3
+
+        # The dashboard's own pages, by any of this machine's names for itself, still read and change them.
+        for name in ("127.0.0.1", "localhost"):
+            own = {"Host": f"{name}:{port}"}
+            assert [s["study_name"] for s in requests.get(api, headers=own, timeout=30).json()["study_summaries"]] \
+                == ["tiny"]
+            note = requests.put(f"{api}/{study_id}/note", json={"version": 1 + (name == "localhost"),
+                                                                 "body": f"from {name}"},
+                                headers={**own, "Origin": f"http://{name}:{port}"}, timeout=30)
+            assert note.status_code == 204, note.text
+        assert "from localhost" in str(storage.get_study_system_attrs(study_id))
+    finally:
+        stop_dashboard(process, port)
+
+
 # --------------------------------------------------------------------------------------------------
 # In headless Chromium
 

@@ -7,7 +7,7 @@ import torch
 
 from pipeline import data, datasets
 from pipeline.augment import Augment, NaturalAugment, make_augment
-from pipeline.errors import DataError
+from pipeline.errors import BadInput, DataError
 
 
 def _indexed_images(n: int) -> torch.Tensor:
@@ -169,3 +169,49 @@ def test_natural_jitter_is_brightness_then_contrast_then_saturation():
     gray = (x * weights).sum(1, keepdim=True)
     x = gray + (x - gray) * s.view(-1, 1, 1, 1)
     assert torch.allclose(out, x.clamp(0, 1), atol=1e-5)
+
+
+def test_a_worker_shares_the_memory_budget_with_the_others_and_says_where_its_data_went(tiny_dataset, monkeypatch):
+    """HOST_WORKERS_ENV (a coordinator sets it for its workers) divides the budget and makes prepare say the
+    placement, which the coordinator shows as the worker's line."""
+    _, root = tiny_dataset
+    monkeypatch.setenv(data.HOST_WORKERS_ENV, "3")
+    logged = []
+    prepared = data.prepare("tiny", root, val_size=100, log=logged.append)
+    assert prepared.mode == "resident"  # 470 kB: far below a third of half of any memory this runs in
+    assert prepared.placement.endswith(", shared by 3 workers)") and logged == [f"data {prepared.placement}"]
+    assert data.MemoryBudget(available=6_000, source="available", processes=3).bytes == 1_000  # half, a third each
+    alone = data.prepare("tiny", root, val_size=100, log=logged.append, processes=1)  # the caller says how many
+    assert "shared by" not in alone.placement and len(logged) == 1  # and nothing more is said
+
+
+@pytest.mark.parametrize("value", ["two", "0", "-1", ""])
+def test_a_bad_host_workers_value_is_refused_in_one_line(tiny_dataset, monkeypatch, value):
+    _, root = tiny_dataset
+    monkeypatch.setenv(data.HOST_WORKERS_ENV, value)
+    with pytest.raises(BadInput) as raised:
+        data.prepare("tiny", root, val_size=100)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"{data.HOST_WORKERS_ENV}={value!r}: expected")
+
+
+def test_cgroup_files_of_both_versions_read_as_the_kernel_writes_them(tmp_path):
+    """This host may mount only one version with its memory controller (tests/test_memory_budget.py makes a real
+    group there); the other's files, as the kernel writes them, are read here: limit, usage less the page cache."""
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    for folder, files in ((v2, {"memory.max": "1073741824\n", "memory.current": "600000000\n",
+                                "memory.stat": "anon 300000000\nfile 290000000\nshmem 50000000\n"
+                                               "active_file 100000000\ninactive_file 150000000\n"}),
+                          (v1, {"memory.limit_in_bytes": "1073741824\n", "memory.usage_in_bytes": "600000000\n",
+                                "memory.stat": "cache 250000000\nactive_file 1\ninactive_file 1\n"
+                                               "total_active_file 100000000\ntotal_inactive_file 150000000\n"})):
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    for folder, version in ((v2, "cgroup2"), (v1, "cgroup")):
+        cgroup = data._read_cgroup(folder, *data._CGROUP_FILES[version])
+        assert (cgroup.limit, cgroup.used, cgroup.headroom) == (1073741824, 350_000_000, 1073741824 - 350_000_000)
+    (v2 / "memory.max").write_text("max\n")  # no limit here (a limit above may still bind)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert data._read_cgroup(v2, *data._CGROUP_FILES["cgroup2"]) is None
+    assert data._read_cgroup(v1, *data._CGROUP_FILES["cgroup"]) is None

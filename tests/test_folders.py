@@ -453,6 +453,95 @@ def test_class_names_with_spaces_and_accents_work(pictures):
 
 
 # --------------------------------------------------------------------------------------------------
+# C. A dataset from elsewhere: it reads only pictures inside its folder, and its names are printed as they are
+
+
+def private_photo(tmp_path: Path) -> Path:
+    """One of the user's own pictures, beside the dataset folder (pics/): what a crafted dataset would pull in."""
+    (tmp_path / "private").mkdir(exist_ok=True)
+    path = tmp_path / "private" / "me.png"
+    Image.new("RGB", (24, 20), (250, 200, 180)).save(path)
+    return path
+
+
+def test_a_linked_class_folder_or_picture_leading_outside_is_refused(pictures, tmp_path):
+    photo = private_photo(tmp_path)
+    pictures.add("cat", 3)
+    pictures.add("dog", 3)
+    (pictures.folder / "friends").symlink_to(photo.parent, target_is_directory=True)
+    message = refusal(pictures.land)
+    assert message.startswith(f"dataset.path: {pictures.folder / 'friends' / 'me.png'} leads to {photo.resolve()}, "
+                              f"outside the dataset folder {pictures.folder.resolve()}")
+    assert "follow_links = true" in message
+    assert pictures.caches() == set()  # refused while listing: nothing decoded
+    assert "friends/me.png" in folders.list_folder(pictures.folder, follow_links=True).relative  # asked for: read
+
+    (pictures.folder / "friends").unlink()
+    (pictures.folder / "cat" / "selfie.png").symlink_to(photo)
+    message = refusal(pictures.land)
+    assert message.startswith(f"dataset.path: {pictures.folder / 'cat' / 'selfie.png'} leads to {photo.resolve()}")
+    assert pictures.caches() == set()
+    assert "cat/selfie.png" in folders.list_folder(pictures.folder, follow_links=True).relative
+
+
+def test_links_that_stay_inside_the_folder_and_a_linked_folder_itself_are_read(pictures, tmp_path):
+    cats = pictures.add("cat", 3)
+    pictures.add("dog", 3)
+    (pictures.folder / "dog" / "alias.png").symlink_to(cats[0])  # the same picture, in another class
+    assert "dog/alias.png" in pictures.land().manifest["files"]
+
+    linked = tmp_path / "on-another-disk"  # the user's own link to their dataset
+    linked.symlink_to(pictures.folder, target_is_directory=True)
+    cached = folders.land_folder(FolderSource(str(linked), image_size=SIZE), tmp_path, pictures.data_root)
+    assert len(cached.labels) == 7
+
+
+def test_csv_rows_naming_pictures_outside_the_folder_are_refused(pictures, tmp_path):
+    photo = private_photo(tmp_path)
+    pictures.add("img", 4)
+    table = pictures.folder / "labels.csv"
+    for row in ("../private/me.png", str(photo), "img/../../private/me.png"):
+        table.write_text(f"path,label\nimg/000.png,a\nimg/001.png,b\n{row},a\n")
+        message = refusal(lambda: pictures.land(csv="labels.csv"))
+        assert message.startswith(f"dataset.csv: {table} line 4 names {row!r}, outside the dataset folder "
+                                  f"{pictures.folder}"), row
+
+    (pictures.folder / "img" / "selfie.png").symlink_to(photo)
+    table.write_text("path,label\nimg/000.png,a\nimg/001.png,b\nimg/selfie.png,a\n")
+    message = refusal(lambda: pictures.land(csv="labels.csv"))
+    assert message.startswith(f"dataset.csv: {table} line 4 names 'img/selfie.png', which leads to {photo.resolve()}")
+    assert "follow_links = true" in message
+    assert pictures.caches() == set()
+    assert photo.resolve() in folders.list_csv(pictures.folder, "labels.csv", follow_links=True).files
+
+    (pictures.folder / "lists").mkdir()  # a CSV one folder down names the pictures by ../, inside the folder
+    (pictures.folder / "lists" / "labels.csv").write_text("path,label\n../img/000.png,a\n../img/001.png,b\n")
+    assert pictures.land(csv="lists/labels.csv").classes == ("a", "b")
+
+
+def test_channels_auto_reads_the_headers_of_the_formats_it_decodes_only(pictures):
+    pictures.add("cat", 4, mode="L")
+    pictures.add("dog", 4, mode="L")
+    poster = pictures.folder / "dog" / "poster.png"  # a colour picture in a format no dataset reads
+    Image.new("RGB", (24, 20), (200, 30, 30)).save(poster, format="SGI")
+    cached = pictures.land(skip_unreadable=True)
+    assert cached.images.shape[1] == 1 and cached.manifest["preprocessing"]["channels"] == "gray"
+    (skipped,) = pictures.logged("skipped (skip_unreadable = true)")
+    assert f"{poster}: cannot be decoded as an image in the formats read here" in skipped
+
+
+def test_names_are_logged_without_their_control_characters(pictures):
+    pictures.add("\x1b]0;owned\x07cat", 3)  # ESC ] ... BEL sets the terminal's title
+    pictures.add("dog", 3)
+    (pictures.folder / "dog" / "\x1b[2Jnotes.txt").write_text("ESC [2J clears the screen")
+    cached = pictures.land()
+    assert cached.classes == ("\x1b]0;owned\x07cat", "dog")  # the names themselves are kept
+    assert pictures.logged("6 pictures in 2 classes: ]0;ownedcat 3, dog 3")
+    assert pictures.logged("1 non-image file(s) skipped ([2Jnotes.txt)")
+    assert not [line for line in pictures.lines if "\x1b" in line or "\x07" in line]
+
+
+# --------------------------------------------------------------------------------------------------
 # B through the CLI: exit code 2, one line, nothing already recorded lost
 
 def write_folder_study(env: StudyEnv, folder: Path) -> None:
@@ -474,6 +563,14 @@ def _add_huge(folder: Path) -> None:
     Image.new("1", (12_000, 9_000)).save(folder / "dog" / "huge.png")
 
 
+def _link_outside(folder: Path) -> None:
+    """A class folder that is a link to pictures outside the dataset folder."""
+    elsewhere = folder.parent / "elsewhere"
+    shutil.rmtree(elsewhere, ignore_errors=True)
+    shutil.copytree(folder / "dog", elsewhere)
+    (folder / "fish").symlink_to(elsewhere, target_is_directory=True)
+
+
 def _split_without_test(folder: Path) -> None:
     (folder / "train").mkdir()
     (folder / "val").mkdir()
@@ -489,6 +586,7 @@ BREAKAGES = [
     ("truncated jpeg", lambda f: _truncated_jpeg(f / "cat"), "broken.jpg: cannot be decoded as an image"),
     ("huge picture", _add_huge, "huge.png: 12000x9000 is 108 megapixels"),
     ("train and val, no test", _split_without_test, "no test/"),
+    ("linked class folder", _link_outside, "outside the dataset folder"),
 ]
 
 

@@ -6,6 +6,9 @@ landing a folder and `make predict` share.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +194,46 @@ def test_text_file_with_an_image_name_is_refused(tmp_path):
     fake.write_text("not a picture\nat all\n")
     with pytest.raises(PictureError, match="notes.png: cannot be decoded as an image"):
         open_picture(fake, RGB16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory: what decoding one picture may take
+
+
+# Run in a process of its own: its address space is capped at what it has mapped after the imports plus the
+# budget, so the decoding's peak, not just its end state, must fit.
+DECODE_UNDER_A_LIMIT = """
+import re, resource, sys
+import numpy as np
+from pipeline.images import Preprocessing, open_picture
+
+def mapped():
+    with open("/proc/self/status") as status:
+        return int(re.search(r"^VmSize:\\s*(\\d+) kB", status.read(), re.MULTILINE)[1]) * 1024
+
+path, budget, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+limit = mapped() + budget
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+np.save(out, open_picture(path, Preprocessing(16, "gray")))
+"""
+
+
+def test_decoding_a_big_16_bit_png_takes_a_few_times_its_decoded_bytes(tmp_path):
+    """6000x6000 16-bit: 72 MB decoded (from a ~100 KB file). Scaled through float64 copies of the whole picture
+    it took over a gigabyte; band by band it fits in four times its decoded bytes."""
+    side = 6000
+    gradient = (np.arange(side, dtype=np.uint32) * 65535 // (side - 1)).astype(np.uint16)  # 0 left, 65535 right
+    path = _save(Image.fromarray(np.broadcast_to(gradient, (side, side)).copy()), tmp_path / "deep.png")
+    assert _mode(path) == "I;16" and path.stat().st_size < 1_000_000
+    decoded_bytes = side * side * 2
+
+    out = tmp_path / "picture.npy"
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # no thread buffers mapped later
+    child = subprocess.run([sys.executable, "-c", DECODE_UNDER_A_LIMIT, str(path), str(4 * decoded_bytes), str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert child.returncode == 0, child.stderr[-2000:]
+    picture = np.load(out)
+    assert picture.shape == (1, 16, 16)
+    assert (picture[0] == picture[0, 0]).all()  # every row the same gradient
+    row = picture[0, 0].astype(int)
+    assert (np.diff(row) > 0).all() and row[0] < 20 and row[-1] > 235  # scaled, not clipped to white

@@ -1,11 +1,15 @@
 """The tracking server stays on this machine unless a login guards it, and no password leaks: not into output,
-messages, MLflow records, nor the process list (/proc/<pid>/cmdline, which every user of the host can read).
+messages, MLflow records, nor the process list (/proc/<pid>/cmdline, which every user of the host can read), nor
+the network (HTTPS with a certificate and key the test makes).
 
 The unmarked tests need no server; the `scale` ones start `make server`'s command, PostgreSQL and workers.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import ipaddress
 import os
 import re
 import signal
@@ -18,7 +22,7 @@ from pathlib import Path
 import postgres
 import pytest
 import requests
-from conftest import mlflow_runs
+from conftest import mlflow_runs, wait_until
 from test_faults import write_study
 from ui_process import free_port, wait_for_health
 
@@ -44,6 +48,34 @@ def login_file(folder: Path) -> Path:
     path.write_text(f"[mlflow]\ndefault_permission = EDIT\ndatabase_uri = sqlite:///{folder}/users.db\n"
                     f"admin_username = admin\nadmin_password = {ADMIN_SENTINEL}\nauth_cache_ttl_seconds = 300\n")
     return path
+
+
+def self_signed(folder: Path, name: str = "server", passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and localhost signed by its own key, and that key: PEM files in `folder`
+    (the key encrypted with `passphrase`, if given)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256()))
+    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
+                  else serialization.NoEncryption())
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    return cert_path, key_path
 
 
 def busy_port() -> socket.socket:
@@ -74,17 +106,53 @@ def test_a_network_address_without_a_login_is_refused_in_one_line_naming_both_fi
     assert "AUTH=server-auth.ini" in err and "INSECURE=1" in err
 
 
-def test_insecure_warns_of_the_risk_and_a_login_needs_no_warning(mlflow_store, tmp_path, capsys):
+def test_insecure_warns_of_the_risk_a_login_over_http_of_clear_text_and_a_login_over_https_not(mlflow_store,
+                                                                                               tmp_path, capsys):
     with busy_port() as listener:
-        port = str(listener.getsockname()[1])
-        assert main(["server", "--host", "0.0.0.0", "--port", port, "--insecure"]) == 2  # got as far as the port
+        port = listener.getsockname()[1]
+        assert main(["server", "--host", "0.0.0.0", "--port", str(port), "--insecure"]) == 2  # got to the port
         insecure = capsys.readouterr()
-        assert main(["server", "--host", "0.0.0.0", "--port", port, "--auth", str(login_file(tmp_path))]) == 2
+        assert main(["server", "--host", "0.0.0.0", "--port", str(port), "--auth", str(login_file(tmp_path))]) == 2
         with_login = capsys.readouterr()
+        cert, key = self_signed(tmp_path)
+        said: list[str] = []
+        with pytest.raises(BadInput, match=f"port {port} is already in use"):
+            server.tracking_server("0.0.0.0", port, None, None, None, login_file(tmp_path), False, said.append,
+                                   said.append, tls_cert=cert, tls_key=key)
     assert "warning: no login (INSECURE=1): anyone who reaches 0.0.0.0:" in insecure.err
     assert "can read, change and delete every run and registered model" in insecure.err
     assert f"port {port} is already in use" in insecure.err
-    assert "warning" not in with_login.err and f"port {port} is already in use" in with_login.err
+    assert "warning: no TLS: the login's passwords cross the network" in with_login.err
+    assert "TLS_CERT=" in with_login.err and f"port {port} is already in use" in with_login.err
+    assert not [line for line in said if "warning" in line], said
+    assert f"MLFLOW_TRACKING_URI=https://<this host>:{port}" in said[0]
+    assert f"MLFLOW_TRACKING_SERVER_CERT_PATH=<a copy of {cert}>" in said[0]
+
+
+def test_a_certificate_and_its_key_are_checked_before_the_server_starts(mlflow_store, tmp_path):
+    """Each in one line naming the file: a certificate or key alone, a file that is not one, a missing file, the
+    key of another certificate, and a key under a passphrase (uvicorn would ask for it on the terminal)."""
+    cert, key = self_signed(tmp_path)
+    other_cert, other_key = self_signed(tmp_path, "other")
+    _, encrypted_key = self_signed(tmp_path, "encrypted", passphrase=b"a passphrase")
+
+    def refusal(tls_cert: Path | None, tls_key: Path | None) -> str:
+        with busy_port() as listener, pytest.raises(BadInput) as raised:
+            server.tracking_server("127.0.0.1", listener.getsockname()[1], None, None, None, None, False, print,
+                                   print, tls_cert=tls_cert, tls_key=tls_key)
+        assert "\n" not in str(raised.value)
+        return str(raised.value)
+
+    assert "TLS_KEY (--tls-key) is missing" in refusal(cert, None)
+    assert "TLS_CERT (--tls-cert) is missing" in refusal(None, key)
+    assert f"TLS_CERT={key}: expected a PEM certificate" in refusal(key, key)
+    assert f"TLS_CERT={tmp_path / 'absent.crt'}: No such file" in refusal(tmp_path / "absent.crt", key)
+    assert f"TLS_KEY={cert}: expected a PEM private key" in refusal(cert, cert)
+    assert f"TLS_KEY={other_key} is not the private key of TLS_CERT={cert}" in refusal(cert, other_key)
+    assert f"TLS_KEY={encrypted_key}: the key is encrypted" in refusal(cert, encrypted_key)
+    assert "is already in use" in refusal(other_cert, other_key)  # a good pair gets as far as the port
+    with busy_port() as listener:  # the same through the command (make server TLS_CERT=...)
+        assert main(["server", "--port", str(listener.getsockname()[1]), "--tls-cert", str(cert)]) == 2
 
 
 def test_a_login_file_is_checked_before_the_server_starts(tmp_path, monkeypatch):
@@ -126,12 +194,14 @@ def test_a_worker_gets_the_coordinators_storage_in_its_environment_not_its_comma
     spec = studies.load("tiny", study_env.studies_dir)
     command = workers.worker_command(spec, session.SearchOptions(workers=2, worker_program=("python", "-m", "x")))
     assert "--storage" not in command
-    # A stand-in worker with the real command's arguments: it reports the store a worker resolves, and its argv.
-    show = "import sys; from pipeline import store; print(store.storage_url(None, 'tiny')); print(sys.argv)"
+    # A stand-in worker with the real command's arguments: it reports the store a worker resolves (by its digest:
+    # a worker's text lines are shown with passwords masked), and its argv.
+    show = ("import hashlib, sys; from pipeline import store; "
+            "print(hashlib.sha256(store.storage_url(None, 'tiny').encode()).hexdigest()); print(sys.argv)")
     pool = workers.Workers([sys.executable, "-c", show, *command[3:]], workers.plan(1, 1, []),
                            workers.storage_environment(chosen))
     lines = [item for _, item in pool.events(poll_seconds=30) if isinstance(item, str)]
-    assert lines[0] == chosen, lines
+    assert lines[0] == hashlib.sha256(chosen.encode()).hexdigest(), lines
     assert not leaks(lines[1]) and "--study" in lines[1]
 
 
@@ -287,3 +357,61 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
     assert len(finished) == 2 and len(children) == 2  # the authenticated search logged its runs
     for run in runs:  # parent and children: no param or tag holds a password
         assert not leaks(repr(run.data.params) + repr(run.data.tags)), run.info.run_id
+
+
+TRAINER_PASSWORD = "Tra1ner-Sentinel-Pass-31"  # the non-admin account the searches log in with
+
+
+@pytest.mark.scale
+def test_a_search_logs_its_runs_over_https_as_a_non_admin_and_plain_http_is_refused(study_env, mlflow_store,
+                                                                                      tmp_path):
+    """The README's many-hosts recipe on loopback with SQLite: `make server AUTH=... TLS_CERT=... TLS_KEY=...` with a
+    self-signed certificate, an account for the searches made by the admin over HTTPS, a search that trusts the
+    certificate through MLFLOW_TRACKING_SERVER_CERT_PATH and logs in as that account."""
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    quiet = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="1000")
+    server_process = subprocess.Popen(  # `make server AUTH=... ARTIFACTS=... TLS_CERT=... TLS_KEY=...`
+        [sys.executable, "-m", "pipeline", "server", "--port", str(port), "--auth", str(login_file(tmp_path)),
+         "--artifacts", str(tmp_path / "artifacts"), "--tls-cert", str(cert), "--tls-key", str(key)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=quiet)
+    uri = f"https://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            assert server_process.poll() is None, f"the server exited with {server_process.returncode}"
+            return requests.get(f"{uri}/health", verify=str(cert), timeout=5).ok
+
+        wait_until(healthy, "the server to answer over HTTPS", timeout=90,
+                   ignore=(requests.ConnectionError, requests.Timeout))
+        with pytest.raises(requests.ConnectionError):  # plain HTTP on that port: the TLS handshake fails
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=30)
+        with pytest.raises(requests.exceptions.SSLError):  # no system authority vouches for the certificate
+            requests.get(f"{uri}/health", timeout=30)
+        trainer = {"username": "trainer", "password": TRAINER_PASSWORD}
+        created = requests.post(f"{uri}/api/2.0/mlflow/users/create", json=trainer, auth=("admin", ADMIN_SENTINEL),
+                                verify=str(cert), timeout=30)
+        assert created.ok, created.text
+
+        env = study_env.replace(tracking_uri=uri)
+        write_study(env, trials=2, epochs=1)
+        login = dict(quiet, MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="trainer",
+                     MLFLOW_TRACKING_PASSWORD=TRAINER_PASSWORD)
+        untrusted = subprocess.run(env.command("search"), capture_output=True, text=True, env=login, timeout=300)
+        assert untrusted.returncode == 2 and "SSLError" in untrusted.stderr, untrusted.stderr  # before training
+        search = subprocess.run(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=dict(login, MLFLOW_TRACKING_SERVER_CERT_PATH=str(cert)), timeout=600)
+        assert search.returncode == 0, search.stdout
+        runs = mlflow_runs(mlflow_store)  # the server's backend store, read directly
+        granted = requests.get(f"{uri}/api/3.0/mlflow/users/current/permissions", auth=("trainer", TRAINER_PASSWORD),
+                               verify=str(cert), timeout=30).json()
+    finally:
+        server_output = stop(server_process)
+    assert f"MLFLOW_TRACKING_URI=https://127.0.0.1:{port}" in server_output, server_output
+    finished = [t for t in env.records() if t.finished]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(finished) == 2 and len(children) == 2, server_output  # the search over HTTPS logged its runs
+    # The trainer account made the study's experiment and registered model (MLflow grants their maker MANAGE).
+    made = {(p["resource_type"], p["resource_pattern"], p["permission"]) for p in granted["permissions"]}
+    assert not granted["is_admin"], granted
+    assert {("experiment", runs[0].info.experiment_id, "MANAGE"), ("registered_model", "tiny", "MANAGE")} <= made, made
+    assert not leaks(search.stdout + server_output) and TRAINER_PASSWORD not in search.stdout + server_output

@@ -166,7 +166,7 @@ def test_of_two_copies_of_a_champion_phase_run_running_at_once_exactly_one_train
 def test_a_search_sweeps_its_orphan_checkpoints_when_it_starts(study_env, capsys):
     study_env.write_study(trials=1)
     assert study_env.run("search") == 0
-    orphan = study_env.studies_dir / "checkpoints" / "tiny" / "trial-0.pt"  # as a run nobody resumes leaves it
+    orphan = study_env.checkpoints() / "trial-0.pt"  # as a run nobody resumes leaves it
     orphan.write_bytes(b"left behind")
     study_env.write_study(trials=2)
     capsys.readouterr()
@@ -276,6 +276,19 @@ def test_replay_identical_then_detects_an_altered_metric(study_env, capsys):
     assert study_env.run("replay", "--trial", "2") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "trial 2 of study 'tiny' is not a finished trial with recorded metrics; finished trials: [0, 1]" in err
+
+
+def test_each_epoch_is_one_short_journal_append_so_the_journal_grows_with_the_epochs_not_their_square(study_env):
+    journal = study_env.studies_dir.parent / "o.journal"
+    env = study_env.replace(storage=str(journal))
+    env.write_study(trials=1, epochs=40)
+    assert env.run("search") == 0
+    epoch_lines = [line for line in journal.read_text().splitlines() if '"val_accuracy":' in line]
+    assert len(epoch_lines) == 40  # one append an epoch...
+    assert max(map(len, epoch_lines)) < 2 * min(map(len, epoch_lines))  # ...holding that epoch alone
+    (trial,) = env.records()
+    assert [h["epoch"] for h in trial.history] == list(range(1, 41))
+    assert env.run("replay", "--trial", "0") == 0  # the record reads back whole: it replays
 
 
 def test_replay_trains_in_the_precision_the_trial_recorded_whatever_the_machine_setting_says(study_env, monkeypatch,

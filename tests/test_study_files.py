@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import optuna
 import pytest
 from conftest import require_real_dataset, require_sample_images
 
-from pipeline import sources, store, studies
+from pipeline import paths, sources, store, studies
 from pipeline.cli import main
 
 pytestmark = pytest.mark.data
@@ -27,8 +29,15 @@ def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, mlflow_sto
     else:
         require_sample_images(spec)
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    code = main(["search", "--study", name, "--storage", storage, "--trials", "2", "--epochs", "1",
-                 "--train-limit", "256", "--val-limit", "128", "--timeout", "5", *root])
+    # The file as shipped, in a folder of the test's own: its checkpoints, report and exports go there, not
+    # into the checkout (where they would replace the user's report and sweep the user's checkpoints).
+    studies_dir = tmp_path / "studies"
+    studies_dir.mkdir()
+    shutil.copy(paths.STUDIES_DIR / f"{name}.toml", studies_dir)
+    code = main(["search", "--study", name, "--storage", storage, "--studies-dir", str(studies_dir),
+                 "--reports-dir", str(tmp_path / "reports"), "--exports-dir", str(tmp_path / "exports"),
+                 "--trials", "2", "--epochs", "1", "--train-limit", "256", "--val-limit", "128", "--timeout", "5",
+                 *root])
     assert code == 0, capsys.readouterr().err
     finished = store.records(optuna.load_study(study_name=name, storage=storage), store.FINISHED)
     assert len(finished) == 2

@@ -13,6 +13,9 @@ import subprocess
 import sys
 import termios
 import threading
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -21,7 +24,7 @@ from conftest import StudyEnv, mlflow_runs, signal_search_mid_trial, trial_runs,
 from optuna.trial import TrialState
 from test_faults import kill_search_mid_trial
 
-from pipeline import events, replay, search, store, studies
+from pipeline import events, paths, replay, search, store, studies
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -37,14 +40,14 @@ def write_study(env: StudyEnv, trials: int = 2, epochs: int = EPOCHS, baselines:
 
 
 def checkpoint_files(env: StudyEnv) -> list[str]:
-    """Every file under the env's checkpoint folders, temporary ones included."""
-    folder = env.studies_dir / "checkpoints"
+    """Every file under the checkpoint folders of the env's store, temporary ones included."""
+    folder = env.checkpoints().parent
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
 
 
 def saved_epochs(env: StudyEnv, number: int) -> int | None:
     """Epochs in trial `number`'s checkpoint (a file this test's own search wrote), None without one."""
-    path = search.checkpoint_path(env.studies_dir / "checkpoints" / "tiny", number)
+    path = search.checkpoint_path(env.checkpoints(), number)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
     except FileNotFoundError:
@@ -74,7 +77,7 @@ def test_a_checkpoint_the_trial_cannot_continue_is_replaced_and_the_trial_trains
     """A damaged file where the trial's checkpoint goes: the trial is not failed for it; it warns, removes the file
     and trains from the start."""
     write_study(study_env, trials=1, epochs=1)
-    folder = study_env.studies_dir / "checkpoints" / "tiny"
+    folder = study_env.checkpoints()
     folder.mkdir(parents=True)
     torch.save(torch.zeros(3), search.checkpoint_path(folder, 0))  # readable, but not a checkpoint
     assert study_env.run("search") == 0
@@ -83,6 +86,36 @@ def test_a_checkpoint_the_trial_cannot_continue_is_replaced_and_the_trial_trains
     told = " ".join(capsys.readouterr().err.split())
     assert "trial 0:" in told and "not a checkpoint (Tensor)" in told and "trains from the start" in told
     assert checkpoint_files(study_env) == []
+
+
+def test_two_stores_holding_a_study_of_one_name_sweep_only_their_own_checkpoints(study_env, tmp_path, capsys):
+    """A test's store (or PostgreSQL) beside the local file, each with a study `tiny`: the search on one sweeps its
+    own orphan, never the other's checkpoint of a trial with the same number."""
+    other = study_env.replace(storage=f"sqlite:///{tmp_path}/other.db")
+    write_study(study_env, trials=1, epochs=1)
+    assert study_env.run("search") == 0  # trial 0 of this store is finished
+    theirs = search.checkpoint_path(other.checkpoints(), 0)  # the other store's trial 0, interrupted
+    ours = search.checkpoint_path(study_env.checkpoints(), 0)  # ours: an orphan
+    for path in (theirs, ours):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"epochs of work")
+    assert theirs.parent != ours.parent
+    write_study(study_env, trials=2, epochs=1)
+    assert study_env.run("search") == 0
+    assert theirs.read_bytes() == b"epochs of work" and not ours.exists()
+    assert "removed 1 checkpoint(s) no trial will resume: trial-0.pt" in capsys.readouterr().err
+
+
+def test_a_checkpoint_the_version_before_keyed_folders_left_is_copied_for_the_trial_that_resumes_it(tmp_path):
+    postgres = search.checkpoint_folder(tmp_path, "postgresql://u:pw@db-host/optuna", "cnn")
+    unkeyed = tmp_path / "checkpoints" / "cnn" / "trial-3.pt"  # where every store's trial 3 of `cnn` kept it
+    unkeyed.parent.mkdir(parents=True)
+    unkeyed.write_bytes(b"three epochs")
+    search._adopt_unkeyed(search.checkpoint_path(postgres, 3))
+    assert search.checkpoint_path(postgres, 3).read_bytes() == b"three epochs" and unkeyed.exists()
+    assert postgres == search.checkpoint_folder(tmp_path, "postgresql://u:another-pw@db-host/optuna", "cnn")
+    assert search.checkpoint_folder(tmp_path, paths.DEFAULT_STORAGE, "cnn") == unkeyed.parent  # as before
+    assert search.checkpoint_folder(tmp_path, str(paths.DEFAULT_JOURNAL), "cnn") == unkeyed.parent
 
 
 def test_complete_pruned_and_failed_trials_remove_their_checkpoints(study_env, tmp_path):
@@ -130,6 +163,46 @@ def test_a_dead_processes_trial_is_requeued_with_its_seed_and_checkpoint_or_its_
         assert len(records) == 1 and not checkpoint.exists()  # not retried again: its work is dropped
 
 
+def identity(pid: int) -> dict:
+    """Process `pid`'s boot id and start time, read from /proc here (not by the code under test)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+            "started": int(stat.rsplit(")", 1)[1].split()[22 - 3])}  # field 22, counted after the name's ")"
+
+
+def test_a_trials_owner_is_recorded_with_its_boot_id_and_start_time(study_env):
+    write_study(study_env, trials=1, epochs=1, baselines=0)
+    assert study_env.run("search") == 0
+    (trial,) = study_env.records()
+    assert trial.owner == {"host": socket.gethostname(), "pid": os.getpid(), **identity(os.getpid())}
+
+
+def test_a_trial_whose_owners_pid_now_names_another_process_is_failed_and_pid_only_owners_work_as_before(tmp_path):
+    """After a container restart (pids count from 1 again) or a reboot, a dead worker's pid may name a live process,
+    this one included: its boot id and start time tell them apart. Owners recorded by pid alone (before the rest
+    was) are judged by the pid, as they always were."""
+    host = socket.gethostname()
+    me, first = {"host": host, "pid": os.getpid(), **identity(os.getpid())}, {"host": host, "pid": 1, **identity(1)}
+    owners = {
+        "this process": (me, "RUNNING"),
+        "process 1": (first, "RUNNING"),  # of this host or container: running
+        "this pid, before a container restart": ({**me, "started": me["started"] - 1}, "FAIL"),
+        "process 1, before a container restart": ({**first, "started": first["started"] + 1}, "FAIL"),
+        "this pid and start time, before a reboot": ({**me, "boot_id": str(uuid.uuid4())}, "FAIL"),
+        "this pid, recorded by pid alone": ({"host": host, "pid": os.getpid()}, "RUNNING"),
+        "process 1, recorded by pid alone": ({"host": host, "pid": 1}, "RUNNING"),
+        "a dead pid, recorded by pid alone": ({"host": host, "pid": dead_pid()}, "FAIL"),
+    }
+    study = optuna.create_study(storage=store.make_storage(f"sqlite:///{tmp_path}/o.db"))
+    for owner, _ in owners.values():
+        study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING, user_attrs={"owner": owner}))
+
+    failed = search.fail_dead_owners(study)
+    states = {what: store.record(study, number).state for number, what in enumerate(owners)}
+    assert states == {what: state for what, (_, state) in owners.items()}
+    assert failed == [number for number, (_, state) in enumerate(owners.values()) if state == "FAIL"]
+
+
 def test_a_retry_copied_by_optunas_heartbeat_starts_its_record_afresh(study_env):
     """Optuna's heartbeat retry copies the failed trial's record; without its checkpoint (another host) the retry
     trains from the start, and its record must say so, not repeat the old history and resume."""
@@ -143,6 +216,47 @@ def test_a_retry_copied_by_optunas_heartbeat_starts_its_record_afresh(study_env)
     retry = study_env.records()[1]
     assert retry.state == "COMPLETE" and retry.resumed_from_epoch == 0
     assert [h["epoch"] for h in retry.history] == [1]
+
+
+SENTINEL = "S3NTINEL-pw"
+
+
+def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials_csv(study_env, mlflow_store, tmp_path,
+                                                                                      monkeypatch, capfd):
+    """MLflow quotes the tracking URL it was given, login included, in its errors ("API request to
+    http://admin:secret@host/... failed"). The study's parent run is opened, then the server (a URL with a login;
+    nothing listens there) is out of reach: every trial fails to open its MLflow run and three in a row stop the
+    study. The error is kept and shown everywhere with the password masked."""
+    from mlflow import MlflowClient
+
+    from pipeline import report, tracking, views
+
+    write_study(study_env, trials=4, epochs=1, baselines=0)
+    spec = studies.load("tiny", study_env.studies_dir)
+    study = store.open_study(spec, store.make_storage(study_env.storage), log=lambda line: None)
+    run = tracking.StudyRun(tracking.connect(mlflow_store), study.study_name, spec.name, spec.metrics[0],
+                            spec.directions[0], None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{SENTINEL}@127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not after MLflow's back-off
+    run.client = MlflowClient(tracking.tracking_uri())
+    view = views.SearchView()
+    with pytest.raises(search.TooManyFailures) as stopped:
+        search.run(spec, study, replay.study_data(spec, study_env.root, "cpu"), events.Listeners(view, run), threads=1)
+    view.ended(spec, SimpleNamespace(stop_reason="failed", failure=str(stopped.value)))  # what the CLI shows
+    (study_env.reports / "table").mkdir(parents=True)
+    report.write_report(spec, study, None, study_env.reports / "table")
+    table = (study_env.reports / "table" / "trials.csv").read_text()
+
+    out, err = capfd.readouterr()
+    shown = "".join((out + err).split())  # a console may fold a long line anywhere
+    assert SENTINEL not in str([(t.user_attrs, t.system_attrs) for t in study.get_trials()])
+    assert SENTINEL not in shown
+    assert SENTINEL not in table
+    failed = study_env.records()
+    assert [t.state for t in failed] == ["FAIL"] * 3
+    masked = "http://admin:***@127.0.0.1:9/api/2.0/mlflow/runs/create"  # the error itself is kept
+    assert all(masked in t.fail_detail and masked in t.traceback for t in failed)
+    assert masked in shown and "3trialsfailedinarow" in shown and masked in table
 
 
 # --------------------------------------------------------------------------------------------------

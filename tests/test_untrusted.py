@@ -8,6 +8,7 @@ never appears, that the command refuses with one line naming the file, and that 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -26,7 +27,7 @@ from conftest import StudyEnv, TrackedSearch, tiny_test_pictures, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import datasets, models, predict, registry, verify_export
+from pipeline import datasets, models, plots, predict, registry, verify_export, views
 from pipeline.cli import main
 from pipeline.hparams import CLASSIC
 from pipeline.images import FORMATS, PictureError, Preprocessing, open_picture
@@ -199,6 +200,90 @@ def test_predict_refuses_an_export_it_cannot_rebuild_in_one_line(small_export, t
     Image.fromarray(digit(1)).save(picture)
     assert main(["predict", "--export", str(small_export), str(picture)]) == 2
     assert expected in one_line(capsys.readouterr().err)
+
+
+# --------------------------------------------------------------------------------------------------
+# Class names are anyone's: drawn and printed as they are, never interpreted
+
+# Ten names, one per class of the tiny dataset: mathtext that does not parse, rich markup that would raise, make a
+# hyperlink or a style, terminal escape sequences (a colour, a window title, C1's clear screen), a trailing backslash.
+NAMED_LIKE_CODE = ("price_$5_to_$10", "[/]", "[link=https://example.com]x[/link]", "\x1b[31mred", "[bold]b",
+                   "\x1b]0;title\x07", "slash\\", "\x9b2J", "$x^2$", "plain")
+SHOWN_AS = {"price_$5_to_$10", "[/]", "[link=https://example.com]x[/link]", "[31mred", "[bold]b", "]0;title",
+            "slash\\", "2J", "$x^2$", "plain"}  # the same, control characters dropped
+CONTROL = ("\x1b", "\x07", "\x9b")
+
+
+def shown_classes(out: str) -> list[str]:
+    """The class names in predict's table: the predicted column and each `name probability` top-k cell."""
+    names = []
+    for row in (line for line in out.splitlines() if line.startswith("│")):
+        predicted, *top = [cell.strip() for cell in row.split("│")[2:-1]]
+        names += [predicted, *(cell.rsplit(" ", 1)[0] for cell in top)]
+    return names
+
+
+def test_figures_draw_class_names_as_they_are(tmp_path, recwarn):
+    labels = np.arange(20) % 10
+    predicted = (labels + np.arange(20) // 10) % 10  # the second ten all wrong
+    images = np.random.default_rng(0).integers(0, 256, size=(20, 1, 12, 12), dtype=np.uint8)
+    counts = plots.confusion_matrix(labels, predicted, NAMED_LIKE_CODE, tmp_path / "confusion.png", "$ [/]")
+    assert counts.trace() == 10
+    assert plots.mistakes_grid(images, labels, predicted, np.linspace(0, 1, 20), NAMED_LIKE_CODE,
+                               tmp_path / "mistakes.png", "$ [/]") == 10
+    for figure in ("confusion.png", "mistakes.png"):
+        with Image.open(tmp_path / figure) as image:
+            assert image.format == "PNG" and image.width > 100
+    # A missing glyph's warning would carry the control character itself to the terminal.
+    assert not [str(w.message) for w in recwarn if any(c in str(w.message) for c in CONTROL)]
+
+
+def test_predict_prints_class_names_as_they_are(small_export, tmp_path, capsys, monkeypatch):
+    _edit_config(classes=list(NAMED_LIKE_CODE))(small_export)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row
+    names = write_digits(tmp_path)
+
+    found, errors = predict.predict(small_export, [Path(n) for n in names], top_k=10)
+    assert not errors and {name for name, _ in found[0].top} == set(NAMED_LIKE_CODE)
+    views.predictions(small_export, found, errors)
+    out = capsys.readouterr().out
+    assert not any(c in out for c in CONTROL)
+    assert len(shown_classes(out)) == 11 * len(names) and set(shown_classes(out)) == SHOWN_AS  # all ten, each as is
+
+    assert main(["predict", "--export", str(small_export), *names]) == 0  # the command's own table
+    out = capsys.readouterr().out
+    assert not any(c in out for c in CONTROL) and set(shown_classes(out)) <= SHOWN_AS
+
+
+def test_a_tracked_search_and_its_export_draw_class_names_as_they_are(study_env, mlflow_store, tiny_dataset, tmp_path,
+                                                                     monkeypatch, capsys):
+    """The confusion matrix drawn at each new best (tracking) and the export's figures: a name with two `$` was
+    parsed as mathtext and raised, failing every new best and then export-best."""
+    info, root = tiny_dataset
+    monkeypatch.setitem(datasets.DATASETS, info.name, dataclasses.replace(info, classes=NAMED_LIKE_CODE))
+    study_env.write_study(trials=1, epochs=1, sampler="random", pruner="none", fixed=FIXED, baseline=None)
+    assert study_env.run("search") == 0
+    (record,) = study_env.records()
+    assert record.state == "COMPLETE"
+    run = MlflowClient(mlflow_store).search_runs(
+        [MlflowClient(mlflow_store).get_experiment_by_name("tiny").experiment_id], "tags.trial_number = '0'")[0]
+    assert "confusion_matrix.png" in {a.path for a in MlflowClient(mlflow_store).list_artifacts(run.info.run_id)}
+
+    assert study_env.run("export-best") == 0
+    export = study_env.exports / "tiny"
+    assert json.loads((export / "config.json").read_text())["classes"] == list(NAMED_LIKE_CODE)
+    for figure in ("confusion_matrix.png", "misclassified.png"):
+        with Image.open(export / figure) as image:
+            assert image.format == "PNG" and image.width > 100
+
+    paths = tiny_test_pictures(root, 5, tmp_path)
+    monkeypatch.setenv("COLUMNS", "400")
+    capsys.readouterr()
+    assert main(["predict", "--export", str(export), *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in CONTROL) and set(shown_classes(out)) <= SHOWN_AS
+    assert len(shown_classes(out)) == 4 * len(paths)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Passwords in store URLs are masked wherever a URL is shown."""
 
-from pipeline.urls import hide_in, shown
+from pipeline.urls import hide_in, masked_text, shown
 
 
 def test_shown_masks_database_and_server_passwords_and_keeps_the_rest():
@@ -17,3 +17,14 @@ def test_hide_in_masks_the_password_inside_a_message_raw_and_decoded():
     message = f"cannot open {url}: password authentication failed (s3cr@t)"
     hidden = hide_in(message, url)
     assert "s3cr" not in hidden and "postgresql://u:***@h/db" in hidden
+
+
+def test_masked_text_masks_every_urls_password_anywhere_in_a_text_and_leaves_the_rest():
+    text = ("API request to http://admin:S3NTINEL-pw@127.0.0.1:9/api/2.0/mlflow/runs/create failed\n"
+            "  File x.py: connect('postgresql+psycopg://u:p@ss@db-host:5432/optuna') and postgresql://v:s3cr%40t@h/db")
+    masked = masked_text(text)
+    assert masked == ("API request to http://admin:***@127.0.0.1:9/api/2.0/mlflow/runs/create failed\n"
+                      "  File x.py: connect('postgresql+psycopg://u:***@db-host:5432/optuna') and "
+                      "postgresql://v:***@h/db")
+    for plain in ("http://db-host:5000/a@b", "postgresql://u@h/db", "http://h:5000 mail: a@b", "sqlite:///x@y.db"):
+        assert masked_text(plain) == plain

@@ -3,8 +3,10 @@ store a study goes to, and the rule that keeps two racing workers inside the tri
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
+import subprocess
 import sys
 
 import optuna
@@ -176,3 +178,60 @@ def test_auto_workers_take_the_cores_of_a_cpu_unless_the_study_lives_in_a_sqlite
     assert one == 1 and f"{CORES} thread(s) each" in why  # ...and the one worker gets every core, as plan() gives
     assert workers.auto_count("cpu", "/x/optuna.journal", CORES, 100)[0] == 1  # --threads of every core: one
     assert workers.auto_count("mps", "/x/optuna.journal", None, 100)[0] == 1
+
+
+# A worker whose stderr (the same pipe as its stdout) glues a library's warning to an event line, then prints an
+# event line cut short, then ends normally.
+GLUED_WORKER = '''
+import sys
+from pipeline.workers import EVENT_PREFIX, emit
+sys.stdout.write(EVENT_PREFIX + '{"event": "batch", "done": 1, "total": 2}')
+sys.stdout.flush()
+sys.stderr.write("UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted\\n")
+sys.stderr.flush()
+print()
+print(EVENT_PREFIX + '{"event": "batch", "done": 2, "to')
+emit("done", ran=1, stop_reason="budget")
+'''
+
+# A real coordinator in a process of its own (it installs signal handlers, which only a main thread may), printing
+# what its view is shown, one Python literal a line.
+COORDINATOR = '''
+import sys
+from pipeline import workers
+
+class PrintingView:
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        pass
+    def worker_ended(self, index, process, unexpected):
+        print(repr(("ended", index, process.returncode, unexpected)), flush=True)
+    def worker_line(self, index, text):
+        print(repr(("line", index, text)), flush=True)
+    def show(self, index, event):
+        print(repr(("event", index, event)), flush=True)
+
+pool = workers.Workers([sys.executable, "-c", sys.argv[1]], workers.plan(1, 1, []))
+result = workers.coordinate(pool, PrintingView())
+print(repr(("ran", result.ran, sorted(result.stop_reasons))), flush=True)
+'''
+
+
+def test_the_coordinator_ends_and_shows_the_text_of_a_malformed_event_line():
+    """A line that is not a whole event must not stop the coordinator reading (it used to wait forever for the
+    worker's end): the event glued to a warning is kept, the rest is shown as text, and the worker's end is seen."""
+    try:
+        done = subprocess.run([sys.executable, "-c", COORDINATOR, GLUED_WORKER], capture_output=True, text=True,
+                              timeout=120)  # bounded: the old coordinator never returned
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the coordinator did not end; it showed: {exc.stdout or ''}") from None
+    assert done.returncode == 0, done.stderr
+    seen = [ast.literal_eval(line) for line in done.stdout.splitlines()]
+    assert seen == [
+        ("event", 1, {"event": "batch", "done": 1, "total": 2}),
+        ("line", 1, "UserWarning: from a library, password http://admin:***@db-host:5000 quoted"),
+        ("line", 1, workers.EVENT_PREFIX + '{"event": "batch", "done": 2, "to'),
+        ("ended", 1, 0, False),
+        ("ran", 1, ["budget"]),
+    ]
