@@ -251,12 +251,13 @@ def _set_recorded_val_accuracy(storage: str, number: int, value: float) -> None:
     """Edit a recorded metric in the real database, as corruption or tampering would."""
     db = sqlite3.connect(storage.removeprefix("sqlite:///"))
     trial_id = db.execute("SELECT trial_id FROM trials WHERE number = ?", (number,)).fetchone()[0]
-    (raw,) = db.execute("SELECT value_json FROM trial_user_attributes WHERE trial_id = ? AND key = 'history'",
-                        (trial_id,)).fetchone()
-    history = json.loads(raw)
-    history[0]["val_accuracy"] = value
-    db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = 'history'",
-               (json.dumps(history), trial_id))
+    first_epoch = f"{store.EPOCH_PREFIX}00001"  # each epoch is a record of its own (store.note_epoch)
+    (raw,) = db.execute("SELECT value_json FROM trial_user_attributes WHERE trial_id = ? AND key = ?",
+                        (trial_id, first_epoch)).fetchone()
+    epoch = json.loads(raw)
+    epoch["val_accuracy"] = value
+    db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = ?",
+               (json.dumps(epoch), trial_id, first_epoch))
     db.commit()
     db.close()
 
