@@ -127,9 +127,9 @@ test-browser: $(STAMP) ## drive the MLflow UI in headless Chromium (installs chr
 # Not in `make test`: minutes. SOAK_WORKERS, SOAK_TRIALS (each storage's budget), SOAK_MINUTES (how long the chaos
 # goes on at most) and SOAK_KILLS (how many kills at most) reach the test through its environment.
 .PHONY: soak
-soak: $(STAMP) ## chaos soak: SOAK_WORKERS=4 workers run SOAK_TRIALS=150 trials on the journal and on PostgreSQL while workers, the MLflow server and the coordinator are kill -9ed [SOAK_MINUTES=4 SOAK_KILLS=30]
+soak: $(STAMP) ## chaos soak: SOAK_WORKERS=4 workers run SOAK_TRIALS=200 trials on the journal and on PostgreSQL while workers, the MLflow server and the coordinator are kill -9ed [SOAK_MINUTES=4 SOAK_KILLS=30]
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; }
-	SOAK_WORKERS=$(or $(SOAK_WORKERS),4) SOAK_TRIALS=$(or $(SOAK_TRIALS),150) SOAK_MINUTES=$(or $(SOAK_MINUTES),4) \
+	SOAK_WORKERS=$(or $(SOAK_WORKERS),4) SOAK_TRIALS=$(or $(SOAK_TRIALS),200) SOAK_MINUTES=$(or $(SOAK_MINUTES),4) \
 		SOAK_KILLS=$(or $(SOAK_KILLS),30) $(PY) -m pytest -m soak -s $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff over the package, tests and benchmarks

@@ -82,16 +82,21 @@ class StopRequest:
 
     The handler just records the signal; `check()` raises Interrupted where it is safe to stop: after
     any training batch or epoch, and between trials. Raising from inside Optuna's bookkeeping could
-    leave a trial half-told. A second signal raises at once, for a user who insists.
+    leave a trial half-told. A second signal raises at once, for a user who insists; not the same signal again
+    once this process's parent has died: a worker's coordinator killed outright sends it SIGTERM through
+    PR_SET_PDEATHSIG once per thread of the coordinator's that exits, which is no user insisting.
     """
 
     def __init__(self) -> None:
         self.signal_number: int | None = None
+        self.parent = os.getppid()
 
     def _handle(self, signal_number: int, _frame: Any) -> None:
         if signal_number == signal.SIGHUP:
             quiet_if_hung_up()
         if self.signal_number is not None:
+            if signal_number == self.signal_number and os.getppid() != self.parent:
+                return  # the parent's death, told again: stop at the next safe point, as asked the first time
             raise Interrupted(signal_number)
         self.signal_number = signal_number
 

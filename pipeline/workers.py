@@ -200,8 +200,14 @@ def emit(event: str, **fields: Any) -> None:
     """In a worker: one event line for the coordinator."""
     # One write, not print's two (the text, then its newline): a warning on stderr, which shares the pipe, cannot
     # then land between an event and its line's end (whole only up to the pipe's atomic size, PIPE_BUF).
-    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The coordinator is gone (killed outright; its death signal stops this worker at the next safe point).
+        # Nobody reads these lines any more: they go nowhere, so that failing and queuing the trial again is not
+        # cut short by a write that raises.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class EventView(Listener):

@@ -235,3 +235,42 @@ def test_the_coordinator_ends_and_shows_the_text_of_a_malformed_event_line():
         ("ended", 1, 0, False),
         ("ran", 1, ["budget"]),
     ]
+
+
+@pytest.mark.faults  # README: What survives what
+def test_a_coordinator_killed_outright_leaves_each_interrupted_trial_queued_again(study_env):
+    """kill -9 of the coordinator while its four workers are mid-trial: each worker gets its parent's death signal
+    (once per thread of the coordinator that exits) and a pipe nobody reads; every trial it ran is failed as
+    interrupted and queued again, none lost to a second signal or a broken pipe (found by `make soak`)."""
+    from conftest import wait_until
+
+    env = study_env.replace(storage=str(study_env.studies_dir.parent / "optuna.journal"))
+    env.write_study(trials=8, epochs=40, sampler="random", pruner="none", fixed={"augment": 0.0})
+    coordinator = subprocess.Popen(env.command("search", "--workers", "4"), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def all_mid_trial() -> tuple[int, ...]:
+        running = [t for t in env.load().get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
+        owners = tuple((t.user_attrs.get("owner") or {}).get("pid") for t in running
+                       if 1 <= len(t.intermediate_values) < 30)
+        return owners if len(owners) == 4 and None not in owners else ()
+
+    try:
+        pids = wait_until(all_mid_trial, "four workers mid-trial", timeout=300)
+    finally:
+        coordinator.kill()
+        coordinator.wait()
+
+    def gone(pid: int) -> bool:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(pid) for pid in pids), "the workers to stop", timeout=120)
+    records = env.records()
+    failed = [r for r in records if r.state == "FAIL"]
+    assert [(r.number, r.fail_reason) for r in failed] == [(r.number, "interrupted") for r in failed] and failed
+    assert not [r for r in records if r.state == "RUNNING"]
+    queued_again = {r.retry_of for r in records if r.state == "WAITING"}
+    assert queued_again == {r.number for r in failed}  # each one's parameters run again, from its checkpoint
