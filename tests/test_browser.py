@@ -96,7 +96,11 @@ def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(tr
 def test_ui_on_the_real_smoke_study(tmp_path, mlflow_store):
     """The smoke study as a new user runs it (real MNIST subset), in its own stores."""
     require_real_dataset("mnist")
-    stores = StudyEnv(paths.STUDIES_DIR, f"sqlite:///{tmp_path}/optuna.db", paths.DATA_ROOT, tmp_path / "exports",
+    studies_dir = tmp_path / "studies"  # the shipped file in a folder of the test's own: its report stays there
+    studies_dir.mkdir()
+    shutil.copy(paths.STUDIES_DIR / "smoke.toml", studies_dir)
+    stores = StudyEnv(studies_dir, f"sqlite:///{tmp_path}/optuna.db", paths.DATA_ROOT, tmp_path / "exports",
                       mlflow_store)
-    assert main(["search", "--study", "smoke", "--storage", stores.storage]) == 0
+    assert main(["search", "--study", "smoke", "--storage", stores.storage, "--studies-dir", str(studies_dir),
+                 *stores.report_args]) == 0
     walk_through_the_ui(stores, "smoke", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))
