@@ -25,7 +25,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections import Counter
@@ -45,12 +44,11 @@ from pipeline.errors import DataError
 from pipeline.fileio import write_atomic
 from pipeline.images import FORMATS, Preprocessing, decode_files, is_gray_mode
 from pipeline.sources import FolderSource
+from pipeline.text import printable
 
 SPLIT_FOLDERS = {"train": imagecache.TRAIN, "val": imagecache.VAL, "test": imagecache.TEST}
 DECODE_CHUNK = 64  # pictures per task sent to a decoding process
 FOLLOW_LINKS_HINT = "or set follow_links = true in [dataset] if you trust where its links lead"
-# In names printed to the terminal: a folder or file name may hold an ESC, which starts an escape sequence there.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -96,10 +94,6 @@ def _class_folders(directory: Path) -> list[str]:
     except FileNotFoundError:
         classes = []
     return [c for c in classes if not c.startswith(".")]  # .ipynb_checkpoints and the like are no class
-
-
-def _printable(name: str) -> str:
-    return _CONTROL_CHARACTERS.sub("", name)
 
 
 def _require_inside(root: Path, files: list[Path]) -> None:
@@ -322,7 +316,7 @@ def decode_into_cache(listing: Listing, source: FolderSource, key: str, data_roo
             f"{channels} in {seconds:.1f} s ({count / max(seconds, 1e-9):,.0f} images/s, {workers} "
             f"process{'es' if workers > 1 else ''})")
         for line in errors:
-            log(f"skipped (skip_unreadable = true): {_printable(line)}")
+            log(f"skipped (skip_unreadable = true): {printable(line)}")
         manifest = {
             "source": str(listing.root), "classes": list(listing.classes), "preprocessing": preprocessing.as_dict(),
             "folder": asdict(source), "skipped_non_images": listing.skipped, "skipped_unreadable": errors,
@@ -338,17 +332,16 @@ def land_folder(source: FolderSource, project_root: Path, data_root: Path,
                 log: Callable[[str], None] = _stderr) -> imagecache.CachedImages:
     """The folder's cache, decoding it first when its digest has none yet."""
     root = resolve_root(source, project_root)
-    # FolderSource gains `follow_links` with the study file's key; until a study can set it, links stay refused.
-    follow_links = source.follow_links
-    listing = list_csv(root, source.csv, follow_links) if source.csv else list_folder(root, follow_links)
+    listing = (list_csv(root, source.csv, source.follow_links) if source.csv
+               else list_folder(root, source.follow_links))
     if listing.skipped:
-        shown = ", ".join(sorted({_printable(Path(s).name) for s in listing.skipped})[:5])
+        shown = ", ".join(sorted({printable(Path(s).name, one_line=True) for s in listing.skipped})[:5])
         log(f"{root}: {len(listing.skipped)} non-image file(s) skipped ({shown})")
     key = digest(listing, file_hashes(listing, Path(data_root) / "cache"), source)
     cached = imagecache.open_cache(imagecache.cache_dir(data_root, key))
     if cached is None:
         counts = Counter(listing.labels)
         log(f"{root}: {len(listing.files):,} pictures in {len(listing.classes)} classes: "
-            + ", ".join(f"{_printable(name)} {counts[i]:,}" for i, name in enumerate(listing.classes)))
+            + ", ".join(f"{printable(name, one_line=True)} {counts[i]:,}" for i, name in enumerate(listing.classes)))
         cached = imagecache.open_cache(decode_into_cache(listing, source, key, data_root, log))
     return cached

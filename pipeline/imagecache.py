@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline import fileio
 from pipeline.errors import DataError
+from pipeline.text import byte_size
 
 TRAIN, VAL, TEST, CARVE = 0, 1, 2, 3
 FORMAT_VERSION = 1
@@ -235,7 +236,7 @@ class CacheWriter:
             folder = self.final.parent
             free = shutil.disk_usage(_existing(folder)).free
             raise DataError(f"{folder}: no room for the image cache on the disk mounted at {_mount_point(folder)} "
-                            f"({exc.strerror}): it needs {_megabytes(self.size)}, {_megabytes(free)} are free; "
+                            f"({exc.strerror}): it needs {byte_size(self.size)}, {byte_size(free)} are free; "
                             "free space there or pass --root to keep the data on a disk with room, then run "
                             "again") from None
 
@@ -272,7 +273,3 @@ def _mount_point(path: Path) -> Path:
     while not os.path.ismount(path):
         path = path.parent
     return path
-
-
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:,.1f} MB"

@@ -9,7 +9,6 @@ their control characters (`_drawable`).
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.text import printable
+
 ANNOTATED_CLASSES = 30  # beyond this many classes (CIFAR-100) the cells are too small for their counts
 MAX_FIGURE_INCHES = 24.0  # 2400 px at 100 dpi
-# Drawn as missing glyphs, with a warning that carries the character itself (an ESC, say) to the terminal.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _literal_text(draw):
@@ -35,8 +34,9 @@ def _literal_text(draw):
 
 
 def _drawable(classes: Sequence[str]) -> list[str]:
-    """Class names as labels: without control characters (newlines included: a label is one line)."""
-    return [_CONTROL_CHARACTERS.sub("", name) for name in classes]
+    """Class names as labels, one line each: a control character is drawn as a missing glyph, with a warning that
+    carries the character itself (an ESC, say) to the terminal."""
+    return [printable(name, one_line=True) for name in classes]
 
 
 def confusion_counts(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

@@ -43,7 +43,7 @@ from pipeline.concurrency import process_identity, quiet_if_hung_up, same_proces
 from pipeline.data import PreparedData
 from pipeline.events import Listener, TrialEnded, TrialStarted
 from pipeline.studies import StudySpec
-from pipeline.urls import masked_text
+from pipeline.text import masked_text
 
 WAIT_SECONDS = 1.0  # how often an idle worker looks again while others run the budget's last trials
 MAX_CONSECUTIVE_FAILURES = 3
@@ -526,7 +526,7 @@ def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> 
         try:
             listener.interrupted("interrupted")
         except Exception as exc:
-            listener.warning(f"the interrupted trial's MLflow run could not be closed ({masked_text(str(exc))})")
+            listener.warning(f"the interrupted trial's MLflow run could not be closed ({exc})")
         if objective.running is not None:
             store.requeue(study, store.record(study, objective.running))
         raise
@@ -539,7 +539,7 @@ def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> 
         listener.trial_ended(ended)
     except Exception as exc:  # the trial is safe in Optuna; MLflow is told at the end of the run
         listener.warning(f"the end of trial {ended.number} could not be recorded in MLflow "
-                         f"({type(exc).__name__}: {masked_text(str(exc)).splitlines()[0][:200]}); the search goes on")
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the search goes on")
     return ended
 
 

@@ -152,9 +152,8 @@ def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.B
         return reportpage.write(spec, study, storage, options.reports_dir, options.exports_dir, options.studies_dir,
                                 decision)
     except Exception as exc:
-        reason = urls.masked_text(str(exc)).splitlines()[0][:200] if str(exc) else ""
-        warn(f"warning: the report page could not be written ({type(exc).__name__}: {reason}); "
-             f"`make report STUDY={spec.name}` tries again")
+        warn(f"warning: the report page could not be written ({type(exc).__name__}: "
+             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); `make report STUDY={spec.name}` tries again")
         return None
 
 
@@ -330,7 +329,7 @@ class Tracking:
         try:
             lines = self._finish(spec, study, storage, status, decision, page)
         except Exception as exc:
-            reason = hide_in(urls.masked_text(str(exc)).splitlines()[0][:200], self.client.tracking_uri)
+            reason = hide_in(str(exc).splitlines()[0][:200], self.client.tracking_uri)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
                       f"{reason}); the trials are saved in Optuna and the next run "
                       "brings MLflow up to date")

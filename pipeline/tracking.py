@@ -50,7 +50,8 @@ from pipeline import paths, plots, registry, reproducibility, sqlitecheck
 from pipeline.concurrency import open_store
 from pipeline.errors import BadInput
 from pipeline.events import Listener, TrialEnded, TrialStarted
-from pipeline.urls import hide_in, masked_text, shown
+from pipeline.text import masked_text
+from pipeline.urls import hide_in, shown
 
 if TYPE_CHECKING:  # annotations only: tracking never trains or predicts itself
     from pipeline.champion import Standings

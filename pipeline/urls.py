@@ -2,7 +2,7 @@
 
 Database URLs (postgresql://user:secret@host/db) and server URLs (http://user:secret@host:5000) may
 carry a password. Everything the pipeline prints or records goes through `shown`, and any text that may
-quote a URL (an exception's message, a traceback) through `masked_text`; the URL itself is handed to child
+quote a URL (an exception's message, a traceback) through `text.masked_text`; the URL itself is handed to child
 processes through their environment, never their command line (which every user of the host can read in
 /proc/<pid>/cmdline).
 """
@@ -10,17 +10,12 @@ processes through their environment, never their command line (which every user 
 from __future__ import annotations
 
 import ipaddress
-import re
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-HIDDEN = "***"
-
-# scheme://user:password@ anywhere in a text. The password runs to the last "@" before a "/" or a blank, as
-# urlsplit reads it, so a password with a bare "@" is masked whole; a user name cannot hold ":" or "@".
-_CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):[^\s/]*@")
+from pipeline.text import HIDDEN, masked_text
 
 
 def shown(url: str | None) -> str:
@@ -47,7 +42,9 @@ def _shown_http(url: str) -> str:
 
 
 def hide_in(text: str, *urls: str | None) -> str:
-    """`text` (an exception's message, say) with every given URL's password masked wherever it appears."""
+    """`text` (an exception's message, say) with every URL's password masked (`masked_text`), and every given URL's
+    password wherever it appears, even outside a URL."""
+    text = masked_text(text)
     for url in urls:
         if url and "://" in url:
             secret = _password(url)
@@ -56,14 +53,6 @@ def hide_in(text: str, *urls: str | None) -> str:
                 for form in {secret, unquote(secret)}:  # as written in the URL, and decoded
                     text = text.replace(form, HIDDEN)
     return text
-
-
-def masked_text(text: str) -> str:
-    """`text` (an exception's message, a traceback, a worker's output line) with the password of every URL in it
-    replaced by ***: `scheme://user:secret@host` becomes `scheme://user:***@host`. Libraries quote the URL they
-    were given in their errors (MLflow: "API request to http://user:secret@host/... failed"), whichever URL it is,
-    so every stored or printed error text goes through here."""
-    return _CREDENTIALS.sub(rf"\g<head>:{HIDDEN}@", text)
 
 
 def _password(url: str) -> str | None:

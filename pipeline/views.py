@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.events import Listener, TrialEnded, TrialStarted
-from pipeline.urls import masked_text
+from pipeline.text import printable
 
 if TYPE_CHECKING:
     from pipeline.champion import Standings
@@ -36,21 +35,13 @@ if TYPE_CHECKING:
 
 console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-# Control characters but tab and newline: ESC starts the terminal's escape sequences (colours, titles, hyperlinks,
-# moving the cursor), C1's CSI (0x9b) on some terminals too; rich passes them through.
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """`text` without control characters: what a terminal shows, never interprets. Anything printed that comes
-    from data (class names, file names, messages that quote them) goes through it, or through `literal`."""
-    return _CONTROL_CHARACTERS.sub("", text)
 
 
 def literal(text: str) -> str:
-    """`printable(text)` inside rich markup: its own markup escaped (a class named `[/]` would raise, one named
-    `[link=...]` would become a hyperlink). Where nothing else is markup, rich.text.Text(printable(text)) is exact
-    (escape doubles a trailing backslash, for the tag that may follow)."""
+    """`text.printable(text)` (no control characters, no URL's password) inside rich markup: its own markup escaped
+    (a class named `[/]` would raise, one named `[link=...]` would become a hyperlink). Where nothing else is
+    markup, rich.text.Text(printable(text)) is exact (escape doubles a trailing backslash, for the tag that may
+    follow)."""
     return escape(printable(text))
 
 
@@ -103,8 +94,7 @@ def trial_line(trial: TrialEnded) -> str:
     else:
         value = trial.fail_reason or ""
         if trial.fail_detail and (trial.state == "FAIL" or trial.fail_reason in ("pruned", "infeasible")):
-            # a prune's reason (the epoch and the values); masked, for records made before failures were masked
-            value += f": {masked_text(trial.fail_detail).splitlines()[0][:120]}"
+            value += f": {trial.fail_detail.splitlines()[0][:120]}"  # a prune's reason: the epoch and the values
     shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.sampled or {}).items())
     resumed = f" (resumed from epoch {trial.resumed_from_epoch})" if trial.resumed_from_epoch else ""
     name = trial_name(trial.number, trial.confirmation_of, trial.repeat, width=3)

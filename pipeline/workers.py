@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.concurrency import available_cores, quiet_if_hung_up, stop_with_parent
 from pipeline.events import Listener, TrialEnded, TrialStarted
-from pipeline.urls import masked_text
+from pipeline.memory import HOST_WORKERS_ENV
 
 if TYPE_CHECKING:
     from pipeline.session import SearchOptions, SearchOutcome
@@ -99,8 +99,6 @@ class Workers:
     """The running worker processes and the one queue their output lines arrive on."""
 
     def __init__(self, command: list[str], plans: list[WorkerPlan], environment: dict[str, str] | None = None):
-        from pipeline.data import HOST_WORKERS_ENV  # here: data imports torch, which this module leaves to its callers
-
         self.plans = plans
         self.lines: queue.Queue[tuple[int, dict[str, Any] | str | None]] = queue.Queue()
         self.processes: dict[int, subprocess.Popen] = {}
@@ -108,7 +106,7 @@ class Workers:
             env = dict(os.environ, **(environment or {}), OMP_NUM_THREADS=str(p.threads),
                        MKL_NUM_THREADS=str(p.threads), PYTHONUNBUFFERED="1")
             # Each worker decides alone whether its data stays resident, a copy in each: it must know how many
-            # copies this host's memory holds (data.memory_budget divides it among them).
+            # copies this host's memory holds (memory.memory_budget divides it among them).
             env[HOST_WORKERS_ENV] = str(len(plans))
             if p.gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = p.gpu
@@ -154,7 +152,7 @@ class Workers:
 
 
 def parse_line(line: str) -> list[dict[str, Any] | str]:
-    """What one line of a worker's output holds: an event, text (shown with any URL's password masked), or both.
+    """What one line of a worker's output holds: an event, text, or both.
 
     The worker's stderr shares the pipe, so a library's warning may be glued to the end of an event line: the
     event is kept and the rest shown as text. A line that holds no whole event (cut short, garbled) is text too.
@@ -166,8 +164,8 @@ def parse_line(line: str) -> list[dict[str, Any] | str]:
             event, end = None, 0
         if isinstance(event, dict) and "event" in event:
             rest = line[end:]
-            return [event, masked_text(rest.strip())] if rest.strip() else [event]
-    return [masked_text(line)] if line.strip() else []
+            return [event, rest.strip()] if rest.strip() else [event]
+    return [line] if line.strip() else []
 
 
 def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:

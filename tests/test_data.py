@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import data, datasets
+from pipeline import data, datasets, memory
 from pipeline.augment import Augment, NaturalAugment, make_augment
 from pipeline.errors import BadInput, DataError
 
@@ -175,12 +175,12 @@ def test_a_worker_shares_the_memory_budget_with_the_others_and_says_where_its_da
     """HOST_WORKERS_ENV (a coordinator sets it for its workers) divides the budget and makes prepare say the
     placement, which the coordinator shows as the worker's line."""
     _, root = tiny_dataset
-    monkeypatch.setenv(data.HOST_WORKERS_ENV, "3")
+    monkeypatch.setenv(memory.HOST_WORKERS_ENV, "3")
     logged = []
     prepared = data.prepare("tiny", root, val_size=100, log=logged.append)
     assert prepared.mode == "resident"  # 470 kB: far below a third of half of any memory this runs in
     assert prepared.placement.endswith(", shared by 3 workers)") and logged == [f"data {prepared.placement}"]
-    assert data.MemoryBudget(available=6_000, source="available", processes=3).bytes == 1_000  # half, a third each
+    assert memory.MemoryBudget(available=6_000, source="available", processes=3).bytes == 1_000  # half, a third each
     alone = data.prepare("tiny", root, val_size=100, log=logged.append, processes=1)  # the caller says how many
     assert "shared by" not in alone.placement and len(logged) == 1  # and nothing more is said
 
@@ -188,11 +188,11 @@ def test_a_worker_shares_the_memory_budget_with_the_others_and_says_where_its_da
 @pytest.mark.parametrize("value", ["two", "0", "-1", ""])
 def test_a_bad_host_workers_value_is_refused_in_one_line(tiny_dataset, monkeypatch, value):
     _, root = tiny_dataset
-    monkeypatch.setenv(data.HOST_WORKERS_ENV, value)
+    monkeypatch.setenv(memory.HOST_WORKERS_ENV, value)
     with pytest.raises(BadInput) as raised:
         data.prepare("tiny", root, val_size=100)
     message = str(raised.value)
-    assert "\n" not in message and message.startswith(f"{data.HOST_WORKERS_ENV}={value!r}: expected")
+    assert "\n" not in message and message.startswith(f"{memory.HOST_WORKERS_ENV}={value!r}: expected")
 
 
 def test_cgroup_files_of_both_versions_read_as_the_kernel_writes_them(tmp_path):
@@ -209,9 +209,9 @@ def test_cgroup_files_of_both_versions_read_as_the_kernel_writes_them(tmp_path):
         for name, text in files.items():
             (folder / name).write_text(text)
     for folder, version in ((v2, "cgroup2"), (v1, "cgroup")):
-        cgroup = data._read_cgroup(folder, *data._CGROUP_FILES[version])
+        cgroup = memory._read_cgroup(folder, *memory._CGROUP_FILES[version])
         assert (cgroup.limit, cgroup.used, cgroup.headroom) == (1073741824, 350_000_000, 1073741824 - 350_000_000)
     (v2 / "memory.max").write_text("max\n")  # no limit here (a limit above may still bind)
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    assert data._read_cgroup(v2, *data._CGROUP_FILES["cgroup2"]) is None
-    assert data._read_cgroup(v1, *data._CGROUP_FILES["cgroup"]) is None
+    assert memory._read_cgroup(v2, *memory._CGROUP_FILES["cgroup2"]) is None
+    assert memory._read_cgroup(v1, *memory._CGROUP_FILES["cgroup"]) is None

@@ -23,7 +23,7 @@ import pytest
 from conftest import StudyEnv
 from PIL import Image
 
-from pipeline import data, store
+from pipeline import data, memory, store
 from pipeline.sources import FolderSource
 
 MB = 1_000_000
@@ -67,12 +67,7 @@ class MemoryGroup:
 def _hierarchy() -> tuple[Path, str] | None:
     """Where a child memory cgroup can be made: the cgroup2 mount when its memory controller is on for children,
     else the v1 memory hierarchy's mount; None when neither is there."""
-    found = {}
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        fstype, options = fields[fields.index("-") + 1], fields[fields.index("-") + 3]
-        if fstype == "cgroup2" or (fstype == "cgroup" and "memory" in options.split(",")):
-            found.setdefault(fstype, Path(fields[4]))
+    found = {version: mount_point for version, (_, mount_point) in memory.cgroup_mounts().items()}
     v2 = found.get("cgroup2")
     if v2 is not None and "memory" in (v2 / "cgroup.subtree_control").read_text().split():
         return v2, "cgroup2"
@@ -105,20 +100,16 @@ def memory_group() -> Iterator[MemoryGroup]:
         path.rmdir()
 
 
-def _mem_available() -> int:
-    return int(re.search(r"^MemAvailable:\s+(\d+) kB$", Path("/proc/meminfo").read_text(), re.MULTILINE)[1]) * 1024
-
-
 # --------------------------------------------------------------------------------------------------
 # The arithmetic, on the real files of a child group
 
 PROBE = """
 import json, os, sys
-from pipeline import data
+from pipeline import memory
 
 def seen():
-    cgroups = data.memory_cgroups()
-    budget = data.memory_budget(2)
+    cgroups = memory.memory_cgroups()
+    budget = memory.memory_budget(2)
     rss_anon = int(open("/proc/self/status").read().split("RssAnon:")[1].split()[0]) * 1024
     return {"available": budget.available, "bytes": budget.bytes, "source": budget.source, "rss_anon": rss_anon,
             "cgroups": [[str(c.path), c.limit, c.used] for c in cgroups]}
@@ -140,7 +131,7 @@ print(json.dumps({"first": first, "with_ballast": with_ballast, "with_page_cache
 
 def test_the_budget_is_half_of_what_the_cgroup_leaves_divided_among_the_workers(memory_group, tmp_path):
     limit = 1_500_000_000  # torch's import alone takes about 300 MB; the probe adds 200 MB of its own
-    if _mem_available() < 3 * limit:
+    if memory._mem_available()[0] < 3 * limit:
         pytest.skip("the host must have more memory available than the group's limit, for the limit to bind")
     kind = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
     if kind == "tmpfs":
@@ -156,7 +147,7 @@ def test_the_budget_is_half_of_what_the_cgroup_leaves_divided_among_the_workers(
     # The group binds (the host has more available); the budget is RAM_SHARE of its headroom, halved for 2 workers.
     assert first["source"] == f"left under the memory limit of cgroup {memory_group.path}"
     assert abs(first["available"] - (group_limit - used)) < 5 * MB  # read a moment apart
-    assert first["bytes"] == int(first["available"] * data.RAM_SHARE) // 2
+    assert first["bytes"] == int(first["available"] * memory.RAM_SHARE) // 2
     # What this process holds is charged to the group, so it is not available.
     assert first["rss_anon"] - 5 * MB <= used < group_limit
     # Memory written since is no longer available; page cache (which the kernel drops before it kills) still is.
@@ -166,7 +157,7 @@ def test_the_budget_is_half_of_what_the_cgroup_leaves_divided_among_the_workers(
 
 def test_a_process_alone_with_plenty_of_memory_keeps_its_split_resident_and_says_why(tiny_dataset, monkeypatch):
     """As before: one process, a split far below half the memory available, resident; the reason is the budget."""
-    monkeypatch.delenv(data.HOST_WORKERS_ENV, raising=False)
+    monkeypatch.delenv(memory.HOST_WORKERS_ENV, raising=False)
     _, root = tiny_dataset
     logged = []
     prepared = data.prepare("tiny", root, val_size=100, log=logged.append)
@@ -198,7 +189,7 @@ def _pictures(folder: Path) -> None:
 
 @pytest.mark.faults  # README: What survives what
 def test_two_workers_under_a_memory_limit_stream_and_finish_the_budget_unkilled(memory_group, study_env, tmp_path):
-    if _mem_available() < 2 * LIMIT:
+    if memory._mem_available()[0] < 2 * LIMIT:
         pytest.skip("the host must have more memory available than the group's limit, for the limit to bind")
     folder = tmp_path / "pictures"
     try:

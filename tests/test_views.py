@@ -200,3 +200,14 @@ def test_user_text_with_rich_markup_is_printed_as_written(out, text):
         view.header(f"cnn on {text}")
     printed = out.getvalue()
     assert f"study: {text}" in printed and f"cnn on {text}" in printed
+
+
+def test_whatever_is_printed_loses_its_control_characters_and_the_passwords_of_its_urls(capsys):
+    """A worker's warning or an error may quote a URL with its password, a name may hold an ESC: every line printed
+    goes through views.literal, which shows neither, and prints markup-like text as it is."""
+    views.say("warning: \x1b]0;title\x07http://admin:S3NTINEL-pw@db-host:5000 refused [/]")
+    views.SearchView().warning("MLflow: postgresql://u:S3NTINEL-pw@db/x")
+    captured = capsys.readouterr()
+    assert "S3NTINEL" not in captured.out + captured.err and "\x1b" not in captured.out
+    assert "warning: ]0;titlehttp://admin:***@db-host:5000 refused [/]" in captured.out
+    assert "postgresql://u:***@db/x" in captured.err
