@@ -65,7 +65,7 @@ data: $(STAMP) ## land + verify MNIST and Fashion-MNIST under data/ (DATASET=mni
 	$(PY) -m pipeline data --dataset $(DATASET) --source $(SOURCE)
 
 sample-images: $(STAMP) ## write data/sample-images/: 1,000 drawn shapes in 5 class folders (studies/folder-example.toml)
-	$(PY) -m pipeline.sample_images
+	$(PY) -m pipeline.data.sample_images
 
 train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0.01 epochs=3" (or STUDY=cnn)
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
@@ -132,8 +132,10 @@ soak: $(STAMP) ## chaos soak: SOAK_WORKERS=4 workers run SOAK_TRIALS=200 trials 
 	SOAK_WORKERS=$(or $(SOAK_WORKERS),4) SOAK_TRIALS=$(or $(SOAK_TRIALS),200) SOAK_MINUTES=$(or $(SOAK_MINUTES),4) \
 		SOAK_KILLS=$(or $(SOAK_KILLS),30) $(PY) -m pytest -m soak -s $(PYTEST_ARGS)
 
-lint: $(STAMP) ## ruff over the package, tests and benchmarks
+lint: $(STAMP) ## ruff over the package, tests and benchmarks; the packages' layering (import-linter); mypy over pipeline/
 	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: $(STAMP) ## ruff format + autofix
 	$(VENV)/bin/ruff check --fix pipeline tests benchmarks

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from pipeline import data, datasets, paths
-from pipeline.augment import Augment
+from pipeline.data import datasets, loading
+from pipeline.data.augment import Augment
+from pipeline.spec import paths
 
 BATCH = 64
 
@@ -53,8 +54,8 @@ def main() -> None:
         dataset = tv_class(paths.DATA_ROOT, train=True, download=False, transform=transform)
         return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=args.workers)
 
-    arrays = data.load_arrays(args.dataset)
-    ours = data.ResidentImages(arrays.train_images, arrays.train_labels, mean, std, "cpu")
+    arrays = loading.load_arrays(args.dataset)
+    ours = loading.ResidentImages(arrays.train_images, arrays.train_labels, mean, std, "cpu")
 
     def resident(augment):
         generator = torch.Generator().manual_seed(0)

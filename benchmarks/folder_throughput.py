@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from pipeline import data, folders, imagecache, sample_images
-from pipeline.augment import make_augment
-from pipeline.paths import DATA_ROOT, PROJECT_ROOT
-from pipeline.sources import FolderSource
+from pipeline.data import folders, imagecache, loading, sample_images
+from pipeline.data.augment import make_augment
+from pipeline.spec.paths import DATA_ROOT, PROJECT_ROOT
+from pipeline.spec.sources import FolderSource
 
 BATCH = 64
 SIZE = 32
@@ -73,7 +73,7 @@ def main() -> None:
     sample_images.write(TREE, args.per_class, seed=1, sizes=SIZES, jpeg_only=True)
     source = FolderSource(path=str(TREE), image_size=SIZE)
     landing = cold_landing(source)
-    prepared = data.prepare(source, DATA_ROOT, "cpu", val_size=None, log=lambda message: None)
+    prepared = loading.prepare(source, DATA_ROOT, "cpu", val_size=None, log=lambda message: None)
     count = args.per_class * len(sample_images.CLASSES)
 
     transform = transforms.Compose([transforms.Resize(SIZE), transforms.CenterCrop(SIZE),

@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils import cpp_extension
 from trainer_vs_baseline import BATCH, step_run
 
-from pipeline import allocator, data, datasets, reproducibility, train
+from pipeline.data import datasets, loading
+from pipeline.training import allocator, reproducibility, train
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "bn_relu.cpp"
 LAYER_SHAPES = ((BATCH, 32, 28, 28), (BATCH, 64, 14, 14))  # the classic CNN's activations before each pool
@@ -167,7 +168,7 @@ def layer_row(shape: tuple[int, int, int, int], fused_class: type[nn.Module]) ->
             f"{fused_ms / native:12.2f}")
 
 
-def compare_steps(prepared: data.PreparedData, fused_class: type[nn.Module], steps: int, rounds: int) -> None:
+def compare_steps(prepared: loading.PreparedData, fused_class: type[nn.Module], steps: int, rounds: int) -> None:
     runs = {"torch": step_run(prepared, steps), "fused": step_run(prepared, steps)}
     fused_run = runs["fused"]
     fused_run.model = fused_run.network = fused_run.forward = with_fused_pairs(fused_run.model, fused_class)
@@ -206,7 +207,7 @@ def main() -> None:
         print("trainer step: skipped, this CPU has no native bf16 (the trainer's step would run in fp32)")
         return
     datasets.land("mnist")
-    compare_steps(data.prepare("mnist"), fused_class, args.steps, args.rounds)
+    compare_steps(loading.prepare("mnist"), fused_class, args.steps, args.rounds)
 
 
 if __name__ == "__main__":

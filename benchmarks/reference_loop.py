@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from pipeline import paths
+from pipeline.spec import paths
 
 
 def train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader) -> None:

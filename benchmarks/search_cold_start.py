@@ -33,7 +33,9 @@ import torch
 from reference_loop import correct_count, mnist_subsets, train_epoch
 from torch.utils.data import DataLoader
 
-from pipeline import data, datasets, reproducibility, store
+from pipeline import store
+from pipeline.data import datasets, loading
+from pipeline.training import reproducibility
 
 PROJECT = Path(__file__).resolve().parents[1]
 LEVELS = (0.993, 0.995, 0.996)
@@ -82,7 +84,7 @@ class PlainCNN(torch.nn.Module):
 
 def theirs(minutes: float) -> list[tuple[float, float]]:
     """The plain script, for `minutes` of wall time; the same (minutes, best val_accuracy) per finished trial."""
-    split = data.stratified_split(data.load_arrays("mnist").train_labels)
+    split = loading.stratified_split(loading.load_arrays("mnist").train_labels)
     train_set, val_set = mnist_subsets(split.train_indices, split.val_indices, (0.1307,), (0.3081,), rotate=True)
     val_loader = DataLoader(val_set, batch_size=1000)
 

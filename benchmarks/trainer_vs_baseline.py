@@ -25,7 +25,9 @@ import torch
 from reference_loop import correct_count, mnist_subsets, train_epoch
 from torch.utils.data import DataLoader
 
-from pipeline import data, datasets, hparams, models, reproducibility, train
+from pipeline.data import datasets, loading
+from pipeline.spec import hparams
+from pipeline.training import models, reproducibility, train
 
 BATCH = 64
 LR = 1e-3
@@ -61,7 +63,7 @@ def matmul_rate(dtype: torch.dtype) -> float:
     return MATMUL_RUNS * 2 * MATMUL_SIZE**3 / (time.perf_counter() - started)
 
 
-def epoch_flops(family: str, prepared: data.PreparedData) -> float:
+def epoch_flops(family: str, prepared: loading.PreparedData) -> float:
     """Training FLOPs of one epoch: forward + backward (3 forwards) per training image, a forward per validation
     image."""
     forward = models.flops_per_image(models.build_model(hparams.CLASSIC[family]), prepared.input_shape)
@@ -74,7 +76,7 @@ def our_params(family: str, precision: str, augment: float) -> dict:
                 schedule="none", augment=augment, precision=precision)
 
 
-def our_epoch(family: str, prepared: data.PreparedData, precision: str, augment: float) -> tuple[float, str]:
+def our_epoch(family: str, prepared: loading.PreparedData, precision: str, augment: float) -> tuple[float, str]:
     result = train.fit(our_params(family, precision, augment), prepared, seed=0)
     return result.history[0].epoch_seconds, result.precision
 
@@ -93,19 +95,20 @@ STEP_PARTS = (  # the first part whose key an op's name holds takes it: backward
 )
 
 
-def step_run(prepared: data.PreparedData, steps: int) -> train._Run:
+def step_run(prepared: loading.PreparedData, steps: int) -> train._Run:
     """Our trainer's run of the classic CNN (batch 64, precision auto, augmentation on) over an epoch of exactly
     `steps` batches and one batch of evaluation: `train._train_epoch` on it times training steps."""
     params = hparams.resolve_params(our_params("cnn", "auto", augment=1.0))
     device = torch.device("cpu")
     run = train._build(params, prepared, device, train.pick_precision("auto", device), micro_batches=steps)
     images, labels = prepared.train.images, prepared.train.labels
-    run.train_split = data.ResidentImages(images[:steps * BATCH], labels[:steps * BATCH], prepared.mean, prepared.std)
-    run.val_split = data.ResidentImages(images[:BATCH], labels[:BATCH], prepared.mean, prepared.std)
+    run.train_split = loading.ResidentImages(images[:steps * BATCH], labels[:steps * BATCH], prepared.mean,
+                                             prepared.std)
+    run.val_split = loading.ResidentImages(images[:BATCH], labels[:BATCH], prepared.mean, prepared.std)
     return run
 
 
-def profile_step(prepared: data.PreparedData, steps: int) -> None:
+def profile_step(prepared: loading.PreparedData, steps: int) -> None:
     """torch.profiler over `steps` of our bf16 training steps (classic CNN, batch 64, augmentation on): each part's
     milliseconds per step, its share, and the rest (casts, copies, allocation, Python, autograd bookkeeping)."""
     from torch.profiler import ProfilerActivity, profile
@@ -140,12 +143,12 @@ def main() -> None:
 
     datasets.land("mnist")
     limit = args.train_images if args.train_images < 55000 else None
-    prepared = data.prepare("mnist", train_limit=limit)
+    prepared = loading.prepare("mnist", train_limit=limit)
     if args.profile:
         profile_step(prepared, args.profile)
         return
-    split = data.stratified_split(data.load_arrays("mnist").train_labels)
-    train_idx = data.seeded_subset(split.train_indices, limit, data.DEFAULT_SPLIT_SEED + 1)
+    split = loading.stratified_split(loading.load_arrays("mnist").train_labels)
+    train_idx = loading.seeded_subset(split.train_indices, limit, loading.DEFAULT_SPLIT_SEED + 1)
 
     print(f"MNIST, {len(prepared.train):,} train + {len(prepared.val):,} val images per epoch, batch {BATCH}, "
           f"Adam {LR}, CPU, {threads} threads, native bf16: {train.cpu_has_native_bf16()}")

@@ -18,13 +18,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pipeline import datasets, hparams, paths, sources, studies, views
-from pipeline.errors import BadInput
-from pipeline.urls import shown
+from pipeline.console import views
+from pipeline.data import datasets
+from pipeline.infra.urls import shown
+from pipeline.spec import hparams, paths, sources, studies
+from pipeline.spec.errors import BadInput
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from pipeline import landing
+    from pipeline.data import landing
 
     views.landed(landing.land(args.dataset, args.root, args.source, log=views.note))
     return 0
@@ -46,7 +48,8 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipeline import session, store
+    from pipeline import store
+    from pipeline.commands import session
 
     # A study's first baseline trial (on the study's dataset and subset), or the family's classic.
     if args.study:
@@ -77,7 +80,8 @@ def _study(args: argparse.Namespace) -> studies.StudySpec:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     spec = _study(args)  # a bad study file stops here, before torch is loaded
-    from pipeline import session, workers
+    from pipeline.commands import session
+    from pipeline.search import workers
 
     options = session.SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
                                     args.root, args.studies_dir, args.tracking, tuple(args.worker_program),
@@ -93,7 +97,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir)
-    from pipeline import reportpage, store
+    from pipeline import store
+    from pipeline.reports import reportpage
 
     storage = store.open_storage(args.storage, spec.name)
     study = store.find_study(spec, storage.backend)  # StudyError (exit 2) when the study was never run
@@ -105,7 +110,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     spec = _study(args)
-    from pipeline import replay
+    from pipeline.commands import replay
 
     outcome = replay.replay_trial(spec, args.storage, args.trial, args.root, args.device, args.threads, args.repeat)
     views.replay_result(views.trial_name(args.trial, args.trial if args.repeat else None, args.repeat),
@@ -115,11 +120,12 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 def _cmd_export_best(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir)
-    from pipeline import export, tracking
+    from pipeline.commands import export
+    from pipeline.tracking import study_run
 
-    client = tracking.connect() if args.tracking else None
+    client = study_run.connect() if args.tracking else None
     if client is not None:
-        views.say(f"tracking to MLflow at {shown(tracking.tracking_uri())}")
+        views.say(f"tracking to MLflow at {shown(study_run.tracking_uri())}")
     started = time.perf_counter()
     try:
         destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=views.say,
@@ -134,7 +140,7 @@ def _cmd_export_best(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     if not args.images:
         raise BadInput("predict: no images given; pass IMAGES=\"a.png b.png\" (make predict) or file paths")
-    from pipeline import predict
+    from pipeline.commands import predict
 
     found, errors = predict.predict(args.export, args.images)
     views.predictions(args.export, found, errors)
@@ -150,20 +156,20 @@ def _cmd_studies(args: argparse.Namespace) -> int:
 
 def _cmd_ui(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir) if args.study else None
-    from pipeline import server
+    from pipeline.commands import server
 
     return server.ui(spec, args.storage, args.port, views.say)
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir)
-    from pipeline import dashboard
+    from pipeline.commands import dashboard
 
     return dashboard.dashboard(spec, args.storage, args.host, args.port, args.insecure, views.say, views.note)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from pipeline import server
+    from pipeline.commands import server
 
     return server.tracking_server(args.host, args.port, args.backend, args.artifacts, args.allowed_hosts, args.auth,
                                   args.insecure, views.say, views.note, tls_cert=args.tls_cert, tls_key=args.tls_key)

@@ -24,15 +24,20 @@ import torch
 from PIL import Image
 from tiny_study import write_study
 
-from pipeline import datasets, events, models, paths, sources, store
+from pipeline import store
 from pipeline.cli import main
-from pipeline.errors import DataError
+from pipeline.data import datasets
+from pipeline.search import events
+from pipeline.spec import paths, sources
+from pipeline.spec.errors import DataError
+from pipeline.training import models
 
 TINY_CLI = Path(__file__).parent / "tiny_cli.py"
 
 # What the suite may change in the checkout: tools' own folders, and data/, the datasets' download folder that
 # `make data`, searches and the tests share by design (every file landed there is verified by its checksum).
-NOT_WATCHED = {".git", ".venv", "data", ".pytest_cache", ".ruff_cache", "__pycache__", ".gpu"}
+NOT_WATCHED = {".git", ".venv", "data", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".import_linter_cache",
+               "__pycache__", ".gpu"}
 
 
 def checkout_files() -> dict[str, tuple[int, int]]:
@@ -117,7 +122,7 @@ def require_real_dataset(name: str) -> None:
     CIFAR has no offline source: it is used when its archive or batches are already under data/.
     """
     if name in sources.CIFAR_DATASETS:
-        from pipeline import cifar
+        from pipeline.data import cifar
 
         spec = cifar.info(name)
         if not ((paths.DATA_ROOT / spec.folder).is_dir() or (paths.DATA_ROOT / spec.archive).is_file()):
@@ -154,10 +159,10 @@ def imagenet_weights(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def empty_mlflow_store(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its schema made once (migrations take seconds); tests copy it."""
-    from pipeline import tracking
+    from pipeline.tracking import study_run
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    tracking.connect(f"sqlite:///{path}")
+    study_run.connect(f"sqlite:///{path}")
     return path
 
 
@@ -348,9 +353,9 @@ class StudyEnv:
 
     def checkpoints(self, name: str = "tiny") -> Path:
         """The folder where study `name` of this env's store keeps its trials' checkpoints."""
-        from pipeline import search
+        from pipeline.search import loop
 
-        return search.checkpoint_folder(self.studies_dir, self.storage, name)
+        return loop.checkpoint_folder(self.studies_dir, self.storage, name)
 
     @property
     def reports(self) -> Path:
@@ -421,7 +426,7 @@ def study_env(tiny_dataset, tmp_path, request) -> StudyEnv:
 def study_refusal(directory: Path, **overrides) -> str:
     """The one-line StudyError that loading the tiny study with `overrides` raises (asserted to be one line that
     names the file)."""
-    from pipeline import studies
+    from pipeline.spec import studies
 
     path = write_study(directory, **overrides)
     with pytest.raises(studies.StudyError, match="tiny.toml") as raised:
@@ -432,7 +437,7 @@ def study_refusal(directory: Path, **overrides) -> str:
 
 def require_sample_images(spec) -> None:
     """The folder a shipped folder study reads: `make sample-images` writes the one the example names."""
-    from pipeline import sample_images
+    from pipeline.data import sample_images
 
     if Path(spec.dataset.path) != Path("data/sample-images"):
         pytest.skip(f"{spec.name}: its folder {spec.dataset.path} is not one the project can make")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.paths import PROJECT_ROOT
+from pipeline.spec.paths import PROJECT_ROOT
 
 BENCHMARKS = sorted(p for p in (PROJECT_ROOT / "benchmarks").glob("*.py") if p.stem != "reference_loop")
 
@@ -26,12 +26,12 @@ def test_each_benchmark_loads_and_reads_its_arguments(script: Path, monkeypatch,
 
 def test_the_trainer_profile_splits_a_step_into_its_parts(tiny_dataset, monkeypatch, capsys):
     """`make bench-trainer PROFILE=n`: every part of a bf16 step gets its ms and share; the shares make the whole."""
-    from pipeline import data
+    from pipeline.data import loading
 
     _, root = tiny_dataset
     monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
     bench = runpy.run_path(str(PROJECT_ROOT / "benchmarks" / "trainer_vs_baseline.py"))
-    bench["profile_step"](data.prepare("tiny", root, val_size=100), 3)
+    bench["profile_step"](loading.prepare("tiny", root, val_size=100), 3)
     rows = {}
     for line in capsys.readouterr().out.splitlines()[1:]:
         name, numbers = line[:24].strip(), line[24:].split()
@@ -49,7 +49,8 @@ def test_the_fused_batchnorm_relu_kernel_computes_what_torchs_ops_compute(monkey
     import torch
     from torch import nn
 
-    from pipeline import hparams, models
+    from pipeline.spec import hparams
+    from pipeline.training import models
 
     monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
     bench = runpy.run_path(str(PROJECT_ROOT / "benchmarks" / "fused_bn_relu.py"))

@@ -15,8 +15,8 @@ from conftest import StudyEnv, require_real_dataset, wait_until
 from test_tracking import tracked_env, write_study  # noqa: F401  (tracked_env is a fixture)
 from ui_process import free_port, start_ui, stop_ui
 
-from pipeline import paths
 from pipeline.cli import main
+from pipeline.spec import paths
 
 pytestmark = pytest.mark.browser
 

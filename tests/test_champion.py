@@ -16,9 +16,12 @@ from conftest import TINY_CLI, StudyEnv, study_refusal
 from optuna.trial import TrialState
 from test_faults import kill_search_mid_trial
 
-from pipeline import champion, registry, store, studies
+from pipeline import store
 from pipeline.cli import main
-from pipeline.studies import StudyError
+from pipeline.search import champion
+from pipeline.spec import studies
+from pipeline.spec.studies import StudyError
+from pipeline.tracking import registry
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 

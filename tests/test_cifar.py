@@ -17,8 +17,8 @@ import pytest
 from cifar_archive import ARCHIVE, FOLDER, NAMES, PER_BATCH, TEST_IMAGES, batch_pickle
 from conftest import refusal
 
-from pipeline import cifar, data, imagecache
 from pipeline.cli import main
+from pipeline.data import cifar, imagecache, loading
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -173,7 +173,7 @@ def test_a_batch_with_the_wrong_contents_is_refused_by_name(tiny_cifar, record, 
 
 
 def test_prepare_uses_cifars_own_test_split(tiny_cifar):
-    prepared = data.prepare("cifar10", tiny_cifar.root, "cpu", val_size=50, log=lambda line: None)
+    prepared = loading.prepare("cifar10", tiny_cifar.root, "cpu", val_size=50, log=lambda line: None)
     assert (len(prepared.train), len(prepared.val), prepared.test_count) == (250, 50, TEST_IMAGES)
     assert prepared.input_shape == (3, 32, 32) and prepared.classes == tuple(NAMES)
     assert prepared.default_augment_policy == "natural" and len(prepared.mean) == 3

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline.cli import main, parse_assignment
-from pipeline.errors import BadInput
+from pipeline.spec.errors import BadInput
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_train_command_with_a_study_trains_its_baseline(capsys):
 
 
 def _make(*args: str, **env: str) -> subprocess.CompletedProcess:
-    from pipeline.paths import PROJECT_ROOT
+    from pipeline.spec.paths import PROJECT_ROOT
 
     return subprocess.run(["make", "--no-print-directory", "-s", "-C", str(PROJECT_ROOT), *args],
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
@@ -134,7 +134,8 @@ def test_make_storage_with_shell_characters_reaches_the_program_whole(tmp_path):
 
 
 def test_resume_command_names_the_store_and_tracking_it_needs(monkeypatch):
-    from pipeline import session, studies
+    from pipeline.commands import session
+    from pipeline.spec import studies
 
     spec = studies.load("smoke")
     monkeypatch.delenv("STORAGE", raising=False)

@@ -21,8 +21,9 @@ from conftest import TINY_CLI, StudyEnv, wait_until
 from test_browser import chromium
 from ui_process import free_port
 
-from pipeline import paths, store
+from pipeline import store
 from pipeline.cli import main
+from pipeline.spec import paths
 
 
 def dashboard_args(env: StudyEnv, *args: str) -> list[str]:

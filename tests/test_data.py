@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import data, datasets, memory
-from pipeline.augment import Augment, NaturalAugment, make_augment
-from pipeline.errors import BadInput, DataError
+from pipeline.data import datasets, loading
+from pipeline.data.augment import Augment, NaturalAugment, make_augment
+from pipeline.infra import memory
+from pipeline.spec.errors import BadInput, DataError
 
 
 def _indexed_images(n: int) -> torch.Tensor:
@@ -26,7 +27,7 @@ def _decode_indices(batch: torch.Tensor, mean: float, std: float) -> torch.Tenso
 
 def test_every_training_index_exactly_once_per_epoch():
     n = 1000
-    split = data.ResidentImages(_indexed_images(n), torch.zeros(n, dtype=torch.int64), mean=0.1, std=0.3)
+    split = loading.ResidentImages(_indexed_images(n), torch.zeros(n, dtype=torch.int64), mean=0.1, std=0.3)
     generator = torch.Generator().manual_seed(3)
     epochs = []
     for _ in range(2):
@@ -40,7 +41,7 @@ def test_every_training_index_exactly_once_per_epoch():
 def test_same_seed_same_batches_bit_for_bit():
     images = torch.randint(0, 256, (300, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (300,))
-    split = data.ResidentImages(images, labels, mean=0.13, std=0.31)
+    split = loading.ResidentImages(images, labels, mean=0.13, std=0.31)
     augment = Augment()
 
     def run(seed):
@@ -54,7 +55,7 @@ def test_same_seed_same_batches_bit_for_bit():
 
 def test_unshuffled_batches_keep_order_and_last_partial_batch():
     n = 70
-    split = data.ResidentImages(_indexed_images(n), torch.arange(n) % 10, mean=0.0, std=1.0)
+    split = loading.ResidentImages(_indexed_images(n), torch.arange(n) % 10, mean=0.0, std=1.0)
     batches = list(split.batches(32))
     assert [len(y) for _, y in batches] == [32, 32, 6]
     assert torch.equal(torch.cat([_decode_indices(x, 0.0, 1.0) for x, _ in batches]), torch.arange(n))
@@ -63,7 +64,7 @@ def test_unshuffled_batches_keep_order_and_last_partial_batch():
 
 def test_batches_are_normalised_float():
     images = torch.full((10, 28, 28), 255, dtype=torch.uint8)
-    split = data.ResidentImages(images, torch.zeros(10, dtype=torch.int64), mean=0.5, std=0.25)
+    split = loading.ResidentImages(images, torch.zeros(10, dtype=torch.int64), mean=0.5, std=0.25)
     x, _ = next(split.batches(10))
     assert x.dtype == torch.float32 and x.shape == (10, 1, 28, 28)
     assert torch.allclose(x, torch.full_like(x, 2.0))
@@ -91,18 +92,18 @@ def test_augmentation_strength_zero_is_off_and_scales_linearly():
 
 def test_stratified_split_sizes_proportions_and_hash():
     labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
-    split = data.stratified_split(labels, val_size=100, seed=0)
+    split = loading.stratified_split(labels, val_size=100, seed=0)
     assert len(split.val_indices) == 100 and len(split.train_indices) == 900
     assert torch.bincount(labels[split.val_indices]).tolist() == [60, 30, 10]
     assert set(split.val_indices.tolist()).isdisjoint(split.train_indices.tolist())
-    again = data.stratified_split(labels, val_size=100, seed=0)
+    again = loading.stratified_split(labels, val_size=100, seed=0)
     assert again.hash == split.hash and torch.equal(again.val_indices, split.val_indices)
-    assert data.stratified_split(labels, val_size=100, seed=1).hash != split.hash
+    assert loading.stratified_split(labels, val_size=100, seed=1).hash != split.hash
 
 
 def test_stratified_split_quotas_add_up_with_remainders():
     labels = torch.tensor([0] * 7 + [1] * 7 + [2] * 7)
-    split = data.stratified_split(labels, val_size=10, seed=0)
+    split = loading.stratified_split(labels, val_size=10, seed=0)
     counts = torch.bincount(labels[split.val_indices]).tolist()
     assert sum(counts) == 10 and max(counts) - min(counts) <= 1
 @pytest.mark.faults  # README: What survives what
@@ -111,19 +112,19 @@ def test_prepare_refuses_a_corrupt_file_naming_it(tiny_dataset):
     path = info.raw_dir(root) / datasets.TRAIN_LABELS
     path.write_bytes(path.read_bytes()[:-1] + b"\x09")
     with pytest.raises(DataError, match="SHA-256 mismatch") as err:
-        data.prepare("tiny", root, val_size=100)
+        loading.prepare("tiny", root, val_size=100)
     assert str(path) in str(err.value)
 
 
 def test_prepare_tiny_dataset(tiny_dataset):
     info, root = tiny_dataset
-    prepared = data.prepare("tiny", root, val_size=100, train_limit=200)
+    prepared = loading.prepare("tiny", root, val_size=100, train_limit=200)
     assert len(prepared.train) == 200 and len(prepared.val) == 100
     assert prepared.classes == info.classes and prepared.checksum == info.checksum
-    full = data.prepare("tiny", root, val_size=100)
+    full = loading.prepare("tiny", root, val_size=100)
     assert len(full.train) == 500
     assert full.split_hash != prepared.split_hash  # a subset is recorded as a different split
-    assert data.prepare("tiny", root, val_size=100).split_hash == full.split_hash
+    assert loading.prepare("tiny", root, val_size=100).split_hash == full.split_hash
 
 
 def test_natural_augment_flips_only_left_right_and_crops_within_the_padding():
@@ -177,11 +178,11 @@ def test_a_worker_shares_the_memory_budget_with_the_others_and_says_where_its_da
     _, root = tiny_dataset
     monkeypatch.setenv(memory.HOST_WORKERS_ENV, "3")
     logged = []
-    prepared = data.prepare("tiny", root, val_size=100, log=logged.append)
+    prepared = loading.prepare("tiny", root, val_size=100, log=logged.append)
     assert prepared.mode == "resident"  # 470 kB: far below a third of half of any memory this runs in
     assert prepared.placement.endswith(", shared by 3 workers)") and logged == [f"data {prepared.placement}"]
     assert memory.MemoryBudget(available=6_000, source="available", processes=3).bytes == 1_000  # half, a third each
-    alone = data.prepare("tiny", root, val_size=100, log=logged.append, processes=1)  # the caller says how many
+    alone = loading.prepare("tiny", root, val_size=100, log=logged.append, processes=1)  # the caller says how many
     assert "shared by" not in alone.placement and len(logged) == 1  # and nothing more is said
 
 
@@ -190,7 +191,7 @@ def test_a_bad_host_workers_value_is_refused_in_one_line(tiny_dataset, monkeypat
     _, root = tiny_dataset
     monkeypatch.setenv(memory.HOST_WORKERS_ENV, value)
     with pytest.raises(BadInput) as raised:
-        data.prepare("tiny", root, val_size=100)
+        loading.prepare("tiny", root, val_size=100)
     message = str(raised.value)
     assert "\n" not in message and message.startswith(f"{memory.HOST_WORKERS_ENV}={value!r}: expected")
 

@@ -14,9 +14,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline import datasets
 from pipeline.cli import main
-from pipeline.errors import DataError
+from pipeline.data import datasets
+from pipeline.spec.errors import DataError
 
 
 def test_idx_round_trip_and_header_shape(tmp_path):

@@ -8,7 +8,10 @@ import pytest
 from conftest import RecordingListener
 from tiny_study import write_study
 
-from pipeline import events, pareto, replay, search, session, store, studies
+from pipeline import store
+from pipeline.commands import replay, session
+from pipeline.search import events, loop, pareto
+from pipeline.spec import studies
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -32,7 +35,7 @@ def setup(tmp_path: Path, root: Path, trials: int = 3, epochs: int = 2):
 def test_each_trial_is_told_in_order_and_new_best_only_when_it_improves(tiny_dataset, tmp_path):
     spec, study, prepared = setup(tmp_path, tiny_dataset[1])
     listener = RecordingListener()
-    outcome = search.run(spec, study, prepared, listener, threads=1)
+    outcome = loop.run(spec, study, prepared, listener, threads=1)
     assert outcome.ran == 3 and outcome.stop_reason == "budget"
 
     recorded = {r.number: r for r in store.records(study)}
@@ -64,7 +67,7 @@ def test_a_listener_failing_at_trial_start_fails_only_that_trial(tiny_dataset, t
                 raise RuntimeError("the MLflow run could not be opened")
 
     listener = FailsFirstStart()
-    outcome = search.run(spec, study, prepared, listener, threads=1)
+    outcome = loop.run(spec, study, prepared, listener, threads=1)
     assert outcome.ran == 3  # the failed trial, then the two the budget asks for
     failed, *rest = store.records(study)
     assert failed.number == 0 and failed.state == "FAIL" and failed.fail_reason == "RuntimeError"
@@ -84,7 +87,7 @@ def test_a_listener_failing_at_trial_end_only_warns(tiny_dataset, tmp_path):
             raise ConnectionError("MLflow is out of reach\nsecond line")
 
     listener = FailsAtEnd()
-    outcome = search.run(spec, study, prepared, listener, threads=1)
+    outcome = loop.run(spec, study, prepared, listener, threads=1)
     assert outcome.ran == 1 and outcome.stop_reason == "budget"
     (only,) = store.records(study, store.FINISHED)  # the second baseline is still queued
     assert only.state == "COMPLETE" and only.fail_reason is None

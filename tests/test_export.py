@@ -17,9 +17,14 @@ from conftest import StudyEnv, TrackedSearch, tiny_test_pictures, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import data, datasets, export, hparams, imagecache, models, plots, predict, store, verify_export
+from pipeline import store
 from pipeline.cli import main
-from pipeline.images import Preprocessing, open_picture, prepare_picture
+from pipeline.commands import export, predict, verify_export
+from pipeline.data import datasets, imagecache, loading
+from pipeline.data.images import Preprocessing, open_picture, prepare_picture
+from pipeline.reports import plots
+from pipeline.spec import hparams
+from pipeline.training import models
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -64,7 +69,7 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     metrics = json.loads((directory / "metrics.json").read_text())
     best = store.leading_best(use.env.load())
     assert config["trial_number"] == best.number and config["trial_seed"] == best.seed
-    assert config["split_hash"] == best.split_hash == data.prepare(
+    assert config["split_hash"] == best.split_hash == loading.prepare(
         "tiny", use.env.root, "cpu", val_size=100).split_hash  # the split the trial was judged on
     assert config["source"].startswith("registered model 'tiny'")
     assert config["classes"] == [f"class{i}" for i in range(10)] and config["input_shape"] == [1, 28, 28]

@@ -25,8 +25,10 @@ from conftest import TINY_CLI, StudyEnv, freeze_mid_trial, mlflow_runs, thaw, tr
 from PIL import Image
 from ui_process import free_port, wait_for_health
 
-from pipeline import models, store, tracking
+from pipeline import store
 from pipeline.cli import main
+from pipeline.tracking import study_run
+from pipeline.training import models
 
 pytestmark = pytest.mark.faults
 
@@ -169,11 +171,11 @@ def test_two_searches_on_one_study_at_once_both_contribute_nothing_lost(study_en
     baseline_runs = [t for t in trials if t.baseline]
     assert len(baseline_runs) == 2  # each baseline queued once, not once per process
     recorded = mlflow_runs(mlflow_store)
-    parents = [r for r in recorded if tracking.PARENT_TAG not in r.data.tags]
+    parents = [r for r in recorded if study_run.PARENT_TAG not in r.data.tags]
     assert len(parents) == 1
-    children = [r for r in recorded if tracking.PARENT_TAG in r.data.tags]
+    children = [r for r in recorded if study_run.PARENT_TAG in r.data.tags]
     assert len(children) == len([t for t in trials if t.state != "WAITING"])
-    assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {parents[0].info.run_id}
+    assert {r.data.tags[study_run.PARENT_TAG] for r in children} == {parents[0].info.run_id}
 
 
 # --------------------------------------------------------------------------------------------------

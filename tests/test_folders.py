@@ -19,11 +19,11 @@ import torch
 from conftest import StudyEnv, refusal
 from PIL import Image
 
-from pipeline import data, folders, imagecache
-from pipeline.augment import NaturalAugment
-from pipeline.concurrency import available_cores
-from pipeline.images import Preprocessing, open_picture
-from pipeline.sources import FolderSource
+from pipeline.data import folders, imagecache, loading
+from pipeline.data.augment import NaturalAugment
+from pipeline.data.images import Preprocessing, open_picture
+from pipeline.infra.concurrency import available_cores
+from pipeline.spec.sources import FolderSource
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -64,8 +64,8 @@ class Pictures:
         return folders.land_folder(self.source(**options), self.folder.parent, data_root or self.data_root,
                                    self.lines.append)
 
-    def prepare(self, resident_bytes: int | None = None, split_seed: int = 0, **options) -> data.PreparedData:
-        return data.prepare(self.source(**options), self.data_root, "cpu", val_size=None, split_seed=split_seed,
+    def prepare(self, resident_bytes: int | None = None, split_seed: int = 0, **options) -> loading.PreparedData:
+        return loading.prepare(self.source(**options), self.data_root, "cpu", val_size=None, split_seed=split_seed,
                             resident_bytes=resident_bytes, log=self.lines.append)
 
     def caches(self) -> set[str]:
@@ -208,7 +208,7 @@ def test_carved_splits_are_stratified_disjoint_and_seeded(pictures):
         pictures.add(label, 10)
     options = {"test_fraction": 0.2, "val_fraction": 0.25}
     prepared = pictures.prepare(resident_bytes=1, **options)  # streamed: the split rows are visible
-    arrays = data.load_arrays(pictures.source(**options), pictures.data_root, pictures.lines.append)
+    arrays = loading.load_arrays(pictures.source(**options), pictures.data_root, pictures.lines.append)
     train, val, test = prepared.train.rows, prepared.val.rows, arrays.test_rows
     assert (len(train), len(val), len(test)) == (18, 6, 6)
     assert torch.bincount(arrays.labels[test]).tolist() == [2, 2, 2]
@@ -219,7 +219,7 @@ def test_carved_splits_are_stratified_disjoint_and_seeded(pictures):
     assert again.split_hash == prepared.split_hash and torch.equal(again.val.rows, val)
     other = pictures.prepare(resident_bytes=1, split_seed=1, **options)
     assert other.split_hash != prepared.split_hash and not torch.equal(other.val.rows, val)
-    assert torch.equal(data.load_arrays(pictures.source(**options), pictures.data_root).test_rows, test)
+    assert torch.equal(loading.load_arrays(pictures.source(**options), pictures.data_root).test_rows, test)
 
 
 def test_each_test_fraction_gets_its_own_test_split(pictures):

@@ -22,9 +22,9 @@ import pytest
 from conftest import StudyEnv
 from PIL import Image
 
-from pipeline import imagecache
-from pipeline.errors import DataError
-from pipeline.text import byte_size
+from pipeline.data import imagecache
+from pipeline.infra.text import byte_size
+from pipeline.spec.errors import DataError
 
 PROJECT = Path(__file__).resolve().parents[1]
 DIGEST = "0123456789abcdef"
@@ -55,8 +55,8 @@ def run_python(script: str, *args: str, prefix: tuple[str, ...] = ()) -> subproc
 OPEN_SCRIPT = """
     import sys
     from pathlib import Path
-    from pipeline import imagecache
-    from pipeline.errors import DataError
+    from pipeline.data import imagecache
+    from pipeline.spec.errors import DataError
 
     def limit_memory(headroom):
         import resource

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import PictureError, Preprocessing, open_picture
+from pipeline.data.images import PictureError, Preprocessing, open_picture
 
 RGB16 = Preprocessing(16, "rgb")
 GRAY16 = Preprocessing(16, "gray")
@@ -205,7 +205,7 @@ def test_text_file_with_an_image_name_is_refused(tmp_path):
 DECODE_UNDER_A_LIMIT = """
 import re, resource, sys
 import numpy as np
-from pipeline.images import Preprocessing, open_picture
+from pipeline.data.images import Preprocessing, open_picture
 
 def mapped():
     with open("/proc/self/status") as status:

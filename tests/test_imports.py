@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import write_tiny_dataset
 
-from pipeline import paths
+from pipeline.spec import paths
 
 # Runs first in the fresh interpreter: notes who imports torch first, so a regression names the culprit.
 WATCH = '''
@@ -58,7 +58,7 @@ def assert_no_torch(result: dict) -> None:
 
 def test_loading_every_study_file_imports_no_torch():
     result = run_fresh('''
-from pipeline import studies
+from pipeline.spec import studies
 names = studies.available()
 assert "cnn" in names, names
 studies.load("cnn")

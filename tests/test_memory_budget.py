@@ -23,8 +23,10 @@ import pytest
 from conftest import StudyEnv
 from PIL import Image
 
-from pipeline import data, memory, store
-from pipeline.sources import FolderSource
+from pipeline import store
+from pipeline.data import loading
+from pipeline.infra import memory
+from pipeline.spec.sources import FolderSource
 
 MB = 1_000_000
 
@@ -105,7 +107,7 @@ def memory_group() -> Iterator[MemoryGroup]:
 
 PROBE = """
 import json, os, sys
-from pipeline import memory
+from pipeline.infra import memory
 
 def seen():
     cgroups = memory.memory_cgroups()
@@ -160,7 +162,7 @@ def test_a_process_alone_with_plenty_of_memory_keeps_its_split_resident_and_says
     monkeypatch.delenv(memory.HOST_WORKERS_ENV, raising=False)
     _, root = tiny_dataset
     logged = []
-    prepared = data.prepare("tiny", root, val_size=100, log=logged.append)
+    prepared = loading.prepare("tiny", root, val_size=100, log=logged.append)
     assert prepared.mode == "resident" and not prepared.train.streamed
     assert re.fullmatch(r"resident \(the split's 470\.4 kB fits in [\d.]+ [GM]B: 50% of the [\d.]+ [GM]B "
                         r"(available|left under the memory limit of cgroup \S+)\)", prepared.placement)
@@ -202,7 +204,7 @@ def test_two_workers_under_a_memory_limit_stream_and_finish_the_budget_unkilled(
 def _two_workers_under_the_limit(memory_group: MemoryGroup, study_env: StudyEnv, folder: Path) -> None:
     _pictures(folder)
     # Landed here, outside the group, as `make data` or an earlier search would: the limit is on the search.
-    data.prepare(FolderSource(str(folder), image_size=512), study_env.root, val_size=None, resident_bytes=1)
+    loading.prepare(FolderSource(str(folder), image_size=512), study_env.root, val_size=None, resident_bytes=1)
 
     # A one-epoch MLP on 3x512x512 inputs: little compute per byte, small batches (a float batch is 3 MB an image).
     study_env.write_study(

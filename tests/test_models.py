@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import hparams, models, paths
-from pipeline.errors import BadInput, ParamError
+from pipeline.spec import hparams, paths
+from pipeline.spec.errors import BadInput, ParamError
+from pipeline.training import models
 
 
 def _forward_backward(model: nn.Module) -> torch.Tensor:
@@ -178,7 +179,7 @@ def test_a_model_that_cannot_fit_the_image_is_refused_naming_the_key():
 
 def test_torchvision_is_imported_only_when_a_resnet_is_built():
     """Importing it takes about a second, which every process that imports the trainer would pay."""
-    code = ("import sys; from pipeline import models; before = 'torchvision' in sys.modules; "
+    code = ("import sys; from pipeline.training import models; before = 'torchvision' in sys.modules; "
             "models.build_model({'model': 'resnet18'}); print(before, 'torchvision' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], cwd=paths.PROJECT_ROOT, capture_output=True, text=True,
                           timeout=120)
@@ -191,7 +192,7 @@ def test_a_pretrained_resnet_is_rebuilt_without_its_imagenet_weights_for_weights
     and no ImageNet weights file needed on this machine."""
     from types import SimpleNamespace
 
-    from pipeline import search
+    from pipeline.search import loop
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     params = {"model": "resnet18", "resnet_mode": "finetune"}
@@ -199,7 +200,7 @@ def test_a_pretrained_resnet_is_rebuilt_without_its_imagenet_weights_for_weights
     scratch = models.build_model({"model": "resnet18", "resnet_mode": "scratch"})
     assert models.count_parameters(model) > models.count_parameters(scratch) // 2
     data = SimpleNamespace(classes=list(range(10)), input_shape=(1, 28, 28))
-    assert search._size(params, data, flops=False) == {"parameter_count": models.count_parameters(model)}  # not {}
+    assert loop._size(params, data, flops=False) == {"parameter_count": models.count_parameters(model)}  # not {}
 
 
 def test_in_place_relus_give_the_very_outputs_and_gradients_of_out_of_place_ones():

@@ -26,9 +26,14 @@ from conftest import mlflow_runs, wait_until
 from test_faults import write_study
 from ui_process import free_port, wait_for_health
 
-from pipeline import server, session, store, studies, tracking, urls, workers
+from pipeline import store
 from pipeline.cli import main
-from pipeline.errors import BadInput
+from pipeline.commands import server, session
+from pipeline.infra import urls
+from pipeline.search import workers
+from pipeline.spec import studies
+from pipeline.spec.errors import BadInput
+from pipeline.tracking import study_run
 
 # A password that must never be seen; '@' makes its URL form (%40) differ from the password itself.
 SENTINEL = "S3ntinel@Leak-Check"
@@ -176,7 +181,7 @@ def test_store_and_tracking_errors_never_show_the_password(study_env, capsys):
     """A wrong host or port: the drivers' messages, and ours around them, name the store without its password."""
     wrong = f"postgresql://pipeline:{SENTINEL.replace('@', '%40')}@127.0.0.1:{free_port()}/optuna"
     for action in (lambda: store.make_storage(wrong),
-                   lambda: tracking.connect(f"http://admin:{ADMIN_SENTINEL}@127.0.0.1:{free_port()}")):
+                   lambda: study_run.connect(f"http://admin:{ADMIN_SENTINEL}@127.0.0.1:{free_port()}")):
         with pytest.raises(BadInput) as raised:
             action()
         assert not leaks(str(raised.value)) and "***" in str(raised.value), raised.value
@@ -317,7 +322,7 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
         assert requests.get(api, auth=("admin", "wrong-password-123"), timeout=30).status_code == 401
         assert requests.get(api, auth=("admin", ADMIN_SENTINEL), timeout=30).status_code == 200
         with pytest.raises(BadInput, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
-            tracking.connect(uri)  # a search without the login stops before training, saying what to set
+            study_run.connect(uri)  # a search without the login stops before training, saying what to set
 
         env = study_env.replace(storage=optuna_url, tracking_uri=uri)
         write_study(env, trials=2, epochs=1)
@@ -337,7 +342,7 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
 
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_SENTINEL)
-        runs = mlflow_runs(uri)
+        recorded = mlflow_runs(uri)
     finally:
         if coordinator is not None and coordinator.poll() is None:
             coordinator.kill()
@@ -353,9 +358,9 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
     assert "postgresql://sentinel:***@127.0.0.1" in search_output  # the workers' storage, shown masked
 
     finished = [t for t in env.records() if t.finished]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in recorded if "mlflow.parentRunId" in r.data.tags]
     assert len(finished) == 2 and len(children) == 2  # the authenticated search logged its runs
-    for run in runs:  # parent and children: no param or tag holds a password
+    for run in recorded:  # parent and children: no param or tag holds a password
         assert not leaks(repr(run.data.params) + repr(run.data.tags)), run.info.run_id
 
 

@@ -9,7 +9,9 @@ import statistics
 import pytest
 from conftest import study_refusal
 
-from pipeline import hparams, models, pareto, pruning, studies
+from pipeline.search import pareto, pruning
+from pipeline.spec import hparams, studies
+from pipeline.training import models
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 

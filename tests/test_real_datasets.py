@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import require_real_dataset
 
-from pipeline import datasets, paths
+from pipeline.data import datasets
+from pipeline.spec import paths
 
 pytestmark = pytest.mark.data
 

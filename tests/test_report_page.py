@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_pareto import pareto_study
 
-from pipeline import pruning
+from pipeline.search import pruning
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 

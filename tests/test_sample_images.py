@@ -7,8 +7,8 @@ import hashlib
 import pytest
 from PIL import Image
 
-from pipeline import sample_images
-from pipeline.errors import BadInput
+from pipeline.data import sample_images
+from pipeline.spec.errors import BadInput
 
 
 def _tree(root):

@@ -41,7 +41,8 @@ from test_network_security import descendants_command_lines
 from test_scale import postgresql  # noqa: F401  (the module's PostgreSQL server, a fixture)
 from ui_process import free_port, wait_for_health
 
-from pipeline import registry, store, tracking
+from pipeline import store
+from pipeline.tracking import registry, study_run
 
 pytestmark = pytest.mark.soak
 
@@ -423,7 +424,7 @@ def mlflow_problems(client: MlflowClient, study: optuna.Study, trials: list[stor
     runs = all_runs(client, client.get_experiment_by_name(study.study_name).experiment_id)
     children: dict[int, list] = {}
     for run in runs:
-        if tracking.PARENT_TAG in run.data.tags:
+        if study_run.PARENT_TAG in run.data.tags:
             children.setdefault(int(run.data.tags["trial_number"]), []).append(run)
     problems = []
     for t in trials:
@@ -432,7 +433,7 @@ def mlflow_problems(client: MlflowClient, study: optuna.Study, trials: list[stor
             problems.append(f"trial {t.number} ({t.state}): {len(runs_of)} child runs")
             continue
         problems += [f"trial {t.number} ({t.state}): its run is {r.info.status}" for r in runs_of
-                     if r.info.status != tracking.RUN_STATUS.get(t.state, "FAILED")]
+                     if r.info.status != study_run.RUN_STATUS.get(t.state, "FAILED")]
         for key in ("val_loss", "val_accuracy", "train_loss") if t.finished else ():
             points = sorted((m.step, m.value) for m in client.get_metric_history(runs_of[0].info.run_id, key))
             expected = [(epoch + 1, row[key]) for epoch, row in enumerate(t.history)]
@@ -510,7 +511,7 @@ def check_and_report(soak: Soak, storage: str, databases: dict[str, str]) -> Non
     finished = [t for t in trials if t.finished]
     client = MlflowClient(soak.server.uri)
     runs, run_problems = mlflow_problems(client, study, trials)
-    parents = [r for r in runs if tracking.PARENT_TAG not in r.data.tags]
+    parents = [r for r in runs if study_run.PARENT_TAG not in r.data.tags]
     retries = retry_figures(soak.kills, study, trials)
     cut = {number for kill in soak.kills for number in kill.cut}
     other_failures = Counter(t.fail_reason or "stale (heartbeat)" for t in trials

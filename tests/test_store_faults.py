@@ -28,9 +28,12 @@ import pytest
 from conftest import StudyEnv, tracked_env, wait_until, write_tiny_dataset
 from ui_process import free_port
 
-from pipeline import datasets, fileio, server, store
+from pipeline import store
 from pipeline.cli import main
-from pipeline.errors import BadInput
+from pipeline.commands import server
+from pipeline.data import datasets
+from pipeline.infra import fileio
+from pipeline.spec.errors import BadInput
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -390,7 +393,7 @@ def test_an_export_killed_mid_swap_is_finished_by_the_next_export(use, tmp_path,
     killed = run_python("""
         import os, re, signal, sys
         from pathlib import Path
-        from pipeline import export
+        from pipeline.commands import export
         destination, kill_after = Path(sys.argv[1]), sys.argv[2]
         partial = destination.parent / f".tiny.partial-{os.getpid()}"  # written and verified
         partial.mkdir()
@@ -426,7 +429,7 @@ def test_a_writer_killed_mid_write_leaves_a_temporary_file_the_next_write_in_tha
     killed = run_python("""
         import os, signal, sys
         from pathlib import Path
-        from pipeline import fileio
+        from pipeline.infra import fileio
         os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed with the bytes written, not yet renamed
         fileio.write_atomic(Path(sys.argv[1]) / "trial-3.ckpt", b"x" * 1_000_000)
     """, str(folder))

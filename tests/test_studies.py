@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from optuna.trial import FixedTrial
 
-from pipeline import hparams, studies
 from pipeline.cli import main
+from pipeline.spec import hparams, space, studies
 
 VALID = """
 dataset = "mnist"
@@ -43,7 +43,7 @@ def test_every_shipped_study_loads_and_samples_valid_params(name):
     spec = studies.load(name)
     assert spec.name == name and spec.trials >= 1
     for baseline in spec.baseline:  # each baseline is a complete point of its space
-        params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, baseline)))
+        params = space.suggest(spec, FixedTrial(space.enqueue_form(spec, baseline)))
         hparams.resolve_params(params)
 
 
@@ -54,9 +54,9 @@ def test_required_studies_are_shipped():
 
 def test_conditional_parameter_only_when_its_condition_holds(tmp_path):
     spec = studies.load(_write(tmp_path, VALID))
-    with_sgd = studies.suggest(spec, FixedTrial({"lr": 0.002, "optimizer": "sgd", "momentum": 0.9, "cnn_width": 16}))
+    with_sgd = space.suggest(spec, FixedTrial({"lr": 0.002, "optimizer": "sgd", "momentum": 0.9, "cnn_width": 16}))
     assert with_sgd["momentum"] == 0.9 and with_sgd["cnn_channels"] == [8, 16] and with_sgd["epochs"] == 1
-    with_adamw = studies.suggest(spec, FixedTrial({"lr": 0.002, "optimizer": "adamw", "cnn_width": 16}))
+    with_adamw = space.suggest(spec, FixedTrial({"lr": 0.002, "optimizer": "adamw", "cnn_width": 16}))
     assert "momentum" not in with_adamw
 
 
@@ -65,7 +65,7 @@ def test_list_valued_choices_round_trip(tmp_path):
         "[space]", '[space]\ncnn_channels = { type = "categorical", choices = [[8, 16], [16, 32]] }').replace(
         "[[baseline]]", "[[baseline]]\ncnn_channels = [16, 32]")
     spec = studies.load(_write(tmp_path, text))
-    params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+    params = space.suggest(spec, FixedTrial(space.enqueue_form(spec, spec.baseline[0])))
     assert params["cnn_channels"] == [16, 32]
 
 
@@ -166,7 +166,7 @@ def test_families_can_compete_in_one_study(tmp_path):
     text = VALID.replace("[space]", '[space]\nmodel = { type = "categorical", choices = ["cnn", "mlp"] }').replace(
         "[[baseline]]", '[[baseline]]\nmodel = "mlp"')
     spec = studies.load(_write(tmp_path, text))
-    params = studies.suggest(spec, FixedTrial(studies.enqueue_form(spec, spec.baseline[0])))
+    params = space.suggest(spec, FixedTrial(space.enqueue_form(spec, spec.baseline[0])))
     assert params["model"] == "mlp"
 
 

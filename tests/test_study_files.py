@@ -8,8 +8,9 @@ import optuna
 import pytest
 from conftest import require_real_dataset, require_sample_images
 
-from pipeline import paths, sources, store, studies
+from pipeline import store
 from pipeline.cli import main
+from pipeline.spec import paths, sources, studies
 
 pytestmark = pytest.mark.data
 

@@ -17,7 +17,12 @@ from conftest import StudyEnv, mlflow_runs, trial_runs
 from mlflow import MlflowClient
 from ui_process import free_port, start_ui, stop_ui, wait_for_health
 
-from pipeline import data, hparams, registry, server, store, tracking, train
+from pipeline import store
+from pipeline.commands import server
+from pipeline.data import loading
+from pipeline.spec import hparams
+from pipeline.tracking import registry, study_run
+from pipeline.training import train
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -50,8 +55,8 @@ def tracked_env(study_env, mlflow_store, monkeypatch) -> StudyEnv:
 def runs_of(uri: str) -> tuple[list, list]:
     """(parent runs, child runs) of the tiny study's experiment."""
     runs = mlflow_runs(uri)
-    return ([r for r in runs if tracking.PARENT_TAG not in r.data.tags],
-            [r for r in runs if tracking.PARENT_TAG in r.data.tags])
+    return ([r for r in runs if study_run.PARENT_TAG not in r.data.tags],
+            [r for r in runs if study_run.PARENT_TAG in r.data.tags])
 
 
 def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and_params(tracked_env, mlflow_store):
@@ -68,10 +73,10 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
     parent = parents[0]
     assert store.parent_run_id(study) == parent.info.run_id
     assert len(children) == len(trials)
-    assert all(r.data.tags[tracking.PARENT_TAG] == parent.info.run_id for r in children)
+    assert all(r.data.tags[study_run.PARENT_TAG] == parent.info.run_id for r in children)
     runs = trial_runs(mlflow_store)
     assert sorted(runs) == [t.number for t in trials]
-    prepared = data.prepare("tiny", env.root, "cpu", val_size=100)
+    prepared = loading.prepare("tiny", env.root, "cpu", val_size=100)
     expected_status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
     for trial in trials:
         run = runs[trial.number]
@@ -104,7 +109,7 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
         logged = client.get_metric_history(runs[trial.number].info.run_id, "val_accuracy")
         assert [m.step for m in logged] == [h["epoch"] for h in trial.history]
         assert [m.value for m in logged] == pytest.approx([h["val_accuracy"] for h in trial.history])
-        for key in tracking.EPOCH_METRICS:
+        for key in study_run.EPOCH_METRICS:
             assert len(client.get_metric_history(runs[trial.number].info.run_id, key)) == len(trial.history)
 
     # Models only for trials that were the best so far when they completed.
@@ -141,7 +146,7 @@ def test_champion_alias_loads_and_scores_as_the_trial_reported(tracked_env, mlfl
     assert info.metadata["classes"][0] == "class0" and len(info.metadata["mean"]) == 1 and info.metadata["mean"][0] > 0
     assert info.metadata["input_shape"] == [1, 28, 28] and info.metadata["preprocessing"]["image_size"] == 28
     model = mlflow.pytorch.load_model("models:/tiny@champion")  # a torch.export program: no project code needed
-    prepared = data.prepare("tiny", tracked_env.root, "cpu", val_size=100)
+    prepared = loading.prepare("tiny", tracked_env.root, "cpu", val_size=100)
     correct = 0
     for images, labels in prepared.val.batches(64):
         correct += (model(images).argmax(1) == labels).sum().item()
@@ -156,7 +161,7 @@ def test_resume_adds_children_under_the_same_parent(tracked_env, mlflow_store):
     parents, children = runs_of(mlflow_store)
     assert [p.info.run_id for p in parents] == [first_parent] and parents[0].info.status == "FINISHED"
     assert len(children) == len(tracked_env.records()) == 4  # 2 finished + the failing baseline, then one more
-    assert {r.data.tags[tracking.PARENT_TAG] for r in children} == {first_parent}
+    assert {r.data.tags[study_run.PARENT_TAG] for r in children} == {first_parent}
 
 
 def test_champion_alias_moves_only_to_a_better_model(tracked_env, mlflow_store):

@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
-from pipeline import data, hparams, train
 from pipeline.cli import main
-from pipeline.errors import BadInput, ParamError
+from pipeline.data import loading
+from pipeline.spec import hparams
+from pipeline.spec.errors import BadInput, ParamError
+from pipeline.training import train
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -21,7 +23,7 @@ SMALL_CNN = {"model": "cnn", "cnn_channels": [8, 16], "pool": "every", "head_uni
 @pytest.fixture
 def tiny(tiny_dataset):
     _, root = tiny_dataset
-    return data.prepare("tiny", root, val_size=100)
+    return loading.prepare("tiny", root, val_size=100)
 
 
 def _metrics(result: train.TrainResult) -> list[tuple]:
@@ -190,7 +192,7 @@ def test_bf16_reaches_fp32_accuracy_on_mnist_subset():
     from conftest import require_real_dataset
 
     require_real_dataset("mnist")
-    prepared = data.prepare("mnist", train_limit=5000, val_limit=1000)
+    prepared = loading.prepare("mnist", train_limit=5000, val_limit=1000)
     params = dict(hparams.CLASSIC["cnn"], epochs=1)
     fp32 = train.fit(dict(params, precision="fp32"), prepared, seed=0)
     bf16 = train.fit(dict(params, precision="bf16"), prepared, seed=0)
@@ -313,7 +315,9 @@ def test_natural_policy_trains_and_is_deterministic(tiny):
 
 PAGE_FAULTS_OF_EVALUATION = """
 import resource, sys, torch
-from pipeline import allocator, hparams, models
+from pipeline.training import allocator
+from pipeline.spec import hparams
+from pipeline.training import models
 if sys.argv[1] == "keep":
     assert allocator.keep_freed_memory()
 torch.set_num_threads(1)

@@ -27,10 +27,15 @@ from conftest import StudyEnv, TrackedSearch, tiny_test_pictures, tracked_env
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import datasets, models, plots, predict, registry, verify_export, views
 from pipeline.cli import main
-from pipeline.hparams import CLASSIC
-from pipeline.images import FORMATS, PictureError, Preprocessing, open_picture
+from pipeline.commands import predict, verify_export
+from pipeline.console import views
+from pipeline.data import datasets
+from pipeline.data.images import FORMATS, PictureError, Preprocessing, open_picture
+from pipeline.reports import plots
+from pipeline.spec.hparams import CLASSIC
+from pipeline.tracking import registry
+from pipeline.training import models
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 

@@ -1,6 +1,6 @@
 """Passwords in store URLs are masked wherever a URL is shown."""
 
-from pipeline.urls import hide_in, masked_text, shown
+from pipeline.infra.urls import hide_in, masked_text, shown
 
 
 def test_shown_masks_database_and_server_passwords_and_keeps_the_rest():

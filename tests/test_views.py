@@ -12,10 +12,13 @@ import pytest
 from rich.console import Console
 from tiny_study import write_study
 
-from pipeline import pareto, store, studies, views, workers
-from pipeline.events import TrialEnded, TrialStarted
-from pipeline.session import SearchOutcome
-from pipeline.train import EpochMetrics
+from pipeline import store
+from pipeline.commands.session import SearchOutcome
+from pipeline.console import views
+from pipeline.search import pareto, workers
+from pipeline.search.events import TrialEnded, TrialStarted
+from pipeline.spec import studies
+from pipeline.training.train import EpochMetrics
 
 
 @pytest.fixture

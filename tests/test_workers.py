@@ -13,7 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import paths, search, store, studies, workers
+from pipeline import store
+from pipeline.search import loop, workers
+from pipeline.spec import paths, studies
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -69,7 +71,7 @@ def test_of_two_trials_started_at_once_for_the_last_slot_the_later_number_is_sur
     first = study.ask()
     study.tell(first, 0.5)
     racing = [study.ask() for _ in range(3)]  # numbers 1, 2, 3: all RUNNING at once
-    assert [bool(search._surplus(spec, t)) for t in racing] == [False, False, True]
+    assert [bool(loop._surplus(spec, t)) for t in racing] == [False, False, True]
 
 
 def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
@@ -78,7 +80,7 @@ def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
     study.ask()  # the budget's only trial, running
     study.enqueue_trial({"lr": 0.01}, user_attrs={"retry_of": 0})
     queued = study.ask()  # takes the queued parameters
-    assert search._surplus(spec, queued)
+    assert loop._surplus(spec, queued)
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == 0
     assert waiting[0].system_attrs["fixed_params"] == {"lr": 0.01}  # still runs if the running trial fails
@@ -93,8 +95,8 @@ def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
 FAKE_WORKER = '''
 import os, sys, time
 from types import SimpleNamespace
-from pipeline.events import TrialEnded, TrialStarted
-from pipeline.workers import EventView
+from pipeline.search.events import TrialEnded, TrialStarted
+from pipeline.search.workers import EventView
 
 index = int(sys.argv[sys.argv.index("--worker") + 1])
 view = EventView()
@@ -184,7 +186,7 @@ def test_auto_workers_take_the_cores_of_a_cpu_unless_the_study_lives_in_a_sqlite
 # event line cut short, then ends normally.
 GLUED_WORKER = '''
 import sys
-from pipeline.workers import EVENT_PREFIX, emit
+from pipeline.search.workers import EVENT_PREFIX, emit
 sys.stdout.write(EVENT_PREFIX + '{"event": "batch", "done": 1, "total": 2}')
 sys.stdout.flush()
 sys.stderr.write("UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted\\n")
@@ -198,7 +200,7 @@ emit("done", ran=1, stop_reason="budget")
 # what its view is shown, one Python literal a line.
 COORDINATOR = '''
 import sys
-from pipeline import workers
+from pipeline.search import workers
 
 class PrintingView:
     def __enter__(self):

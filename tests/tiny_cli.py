@@ -9,7 +9,7 @@ checksums are taken from the files, as a user registering their own data would r
 import sys
 from pathlib import Path
 
-from pipeline import datasets
+from pipeline.data import datasets
 
 
 def register_tiny(root: Path) -> None:

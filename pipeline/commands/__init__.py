@@ -1,0 +1,2 @@
+"""One module per command: each joins the packages below it into one use case."""
+

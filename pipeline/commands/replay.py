@@ -1,0 +1,118 @@
+"""Retrain a recorded trial from its params and seed: `make replay` compares every recorded metric, and
+export retrains a champion that has no registered model.
+
+One recipe turns a study's recorded definition into the data its trials saw (`recorded_data`), so a
+search, a replay and an export all prepare the very same split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from pipeline import store
+from pipeline.data import loading
+from pipeline.search.loop import HISTORY_KEYS, history_record
+from pipeline.spec import studies
+from pipeline.spec.sources import DEFAULT_VAL_SIZE
+from pipeline.spec.studies import StudyError, StudySpec
+from pipeline.training import train
+
+
+def recorded_data(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu",
+                  resident_bytes: int | None = None) -> loading.PreparedData:
+    """The data of a study's trials, from its search definition (as recorded, or a study file's).
+
+    Older records lack `val_size`: they were made with the default. A folder's is None (its val_fraction decides).
+    """
+    return loading.prepare(studies.dataset_ref(definition["dataset"]), root, device,
+                        val_size=definition.get("val_size", DEFAULT_VAL_SIZE),
+                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
+                        resident_bytes=resident_bytes)
+
+
+def study_data(spec: StudySpec, root: Path, device: torch.device | str) -> loading.PreparedData:
+    return recorded_data(spec.search_definition(), root, device)
+
+
+@dataclass
+class ReplayOutcome:
+    trial_number: int
+    epochs: int
+    differences: list[str]
+
+
+def replay_trial(spec: StudySpec, storage_override: str | None, trial_number: int, root: Path,
+                 device: str = "auto", threads: int | None = None, repeat: int = 0) -> ReplayOutcome:
+    """`make replay`: retrain trial `trial_number` of the study's current version (with `repeat`, that champion-phase
+    run of its configuration); list every metric that differs."""
+    storage = store.open_storage(storage_override, spec.name)
+    study = store.find_study(spec, storage.backend)
+    record = _confirmation_run(storage, study, trial_number, repeat) if repeat else _finished_trial(study, trial_number)
+    prepared = study_data(spec, root, train.pick_device(device))
+    loading.require_digest(record.dataset_digest, prepared.checksum, trial_number, prepared.dataset,
+                        "restore the pictures it was trained on to replay it")
+    outcome = compare(record, prepared, threads)
+    store.record_replay(study, f"{trial_number}/repeat {repeat}" if repeat else str(trial_number),
+                        not outcome.differences, outcome.epochs, outcome.differences)
+    return outcome
+
+
+def _finished_trial(study: optuna.Study, number: int) -> store.TrialRecord:
+    record = store.record(study, number)
+    if record is None or not record.finished or not record.history:
+        finished = [r.number for r in store.records(study, store.FINISHED)]
+        raise StudyError(f"trial {number} of study {study.study_name!r} is not a finished trial with "
+                         f"recorded metrics; finished trials: {finished or 'none'}")
+    return record
+
+
+def _confirmation_run(storage: store.Storage, study: optuna.Study, number: int, repeat: int) -> store.TrialRecord:
+    """The completed champion-phase run `repeat` of trial `number`'s configuration."""
+    from pipeline.search import champion
+
+    companion = champion.find_companion(storage.backend, study.study_name)
+    runs = store.records(companion, (optuna.trial.TrialState.COMPLETE,)) if companion is not None else []
+    found = next((r for r in runs if (r.confirmation_of, r.repeat) == (number, repeat)), None)
+    if found is None:
+        done = sorted(f"TRIAL={r.confirmation_of} REPEAT={r.repeat}" for r in runs)
+        raise StudyError(f"study {study.study_name!r} has no completed champion-phase run REPEAT={repeat} of trial "
+                         f"{number}; completed ones: {', '.join(done) or 'none'}")
+    return found
+
+
+def compare(record: store.TrialRecord, prepared: loading.PreparedData, threads: int | None = None) -> ReplayOutcome:
+    """Retrain the trial and compare its per-epoch history with the recorded one, value by value."""
+    recorded = record.history
+    replayed: list[dict[str, float]] = []
+
+    def collect(metrics: train.EpochMetrics) -> bool:
+        replayed.append(history_record(metrics))
+        return len(replayed) >= len(recorded)  # a pruned trial stopped early: stop at the same epoch
+
+    # Float sums depend on the thread count: by default, use the one the trial ran with.
+    train.fit(as_trained(record), prepared, callbacks=[collect], seed=record.seed, threads=threads or record.threads)
+    differences = []
+    for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
+        for key in HISTORY_KEYS:
+            if old.get(key) != new.get(key):
+                differences.append(f"epoch {epoch} {key}: recorded {old.get(key)!r}, replayed {new.get(key)!r}")
+    if len(recorded) != len(replayed):
+        differences.append(f"epochs: recorded {len(recorded)}, replayed {len(replayed)}")
+    return ReplayOutcome(record.number, len(replayed), differences)
+
+
+def retrain(record: store.TrialRecord, prepared: loading.PreparedData,
+            on_epoch: Any = lambda metrics: None) -> train.TrainResult:
+    """Train the trial's model again from its recorded params and seed (on the thread count it ran with)."""
+    return train.fit(as_trained(record), prepared, callbacks=[on_epoch], seed=record.seed, threads=record.threads)
+
+
+def as_trained(record: store.TrialRecord) -> dict[str, Any]:
+    """The trial's params with the precision it trained in: "auto" may mean another one on this machine (or under
+    PIPELINE_PRECISION), and bf16 and fp32 round differently."""
+    return record.params | {"precision": record.precision} if record.precision else record.params

@@ -1,0 +1,2 @@
+"""Everything the commands print: progress, tables, the workers' lines."""
+

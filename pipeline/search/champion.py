@@ -1,0 +1,370 @@
+"""The champion phase: the search's best configurations trained again over seeds; the champion is the best mean.
+
+One run's validation score is partly its seed's luck, and the search's best trial is the luckiest of many, so its
+score overstates what its configuration delivers. A study with a `[champion]` table (studies.ChampionTable) ends
+with this phase: the `top_k` best distinct configurations (by their search score) are trained again, with seeds
+derived from (study seed, trial number, repeat), on the full epoch budget and without pruning, until each has
+`seeds` runs (the search's own run counts as one).
+
+The runs are trials of a companion Optuna study, `<study>:champion` in the same storage, queued with their
+params and seed: they are recorded (params, seed, per-epoch history, provenance), checkpointed, resumed after a
+kill and replayed (`make replay STUDY=x TRIAL=n REPEAT=r`) like the search's trials. Each invocation queues only
+the runs that are missing, so an interrupted phase continues, a finished one is not run again, and a larger
+`[champion]` only adds runs.
+
+The choice: the best mean among the candidates that have all their runs. A candidate within one standard error
+of that mean (the one-standard-error rule: too close to tell apart with this many seeds) that costs fewer FLOPs
+per image wins instead. The exported weights are those of the champion's confirmation run closest to its mean:
+never the search's own run, which was picked for its luck.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline import store
+from pipeline.data.loading import PreparedData
+from pipeline.search import loop
+from pipeline.search.events import Listener
+from pipeline.spec import studies
+from pipeline.spec.studies import StudySpec
+
+COMPANION = ":champion"  # the companion study's name: `<study>:champion` (study files may not hold a ':')
+CONFIDENCE = 0.95
+UNPLANNED = "unplanned"  # a queued run whose configuration is no longer a candidate: dropped, not trained
+
+
+def companion_name(study_name: str) -> str:
+    return study_name + COMPANION
+
+
+def open_companion(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
+    """The study's champion-phase runs, created on first use. Every run is queued, so the sampler never samples."""
+    return optuna.create_study(study_name=companion_name(study_name), storage=storage, load_if_exists=True,
+                               direction=spec.directions[0], sampler=optuna.samplers.RandomSampler(seed=0),
+                               pruner=optuna.pruners.NopPruner())
+
+
+def find_companion(storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=companion_name(study_name), storage=storage)
+    except KeyError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics of one candidate's runs
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean, sample standard deviation and a Student-t confidence interval of the mean (None below 2 runs)."""
+
+    n: int
+    mean: float
+    std: float | None
+    ci_low: float | None
+    ci_high: float | None
+    low: float
+    high: float
+
+    @property
+    def standard_error(self) -> float | None:
+        return self.std / math.sqrt(self.n) if self.std is not None else None
+
+
+def summarize(values: list[float], confidence: float = CONFIDENCE) -> Summary:
+    from scipy.stats import t  # a second to import: only when a phase is summed up
+
+    n, mean = len(values), statistics.fmean(values)
+    if n < 2:
+        return Summary(n, mean, None, None, None, min(values), max(values))
+    std = statistics.stdev(values)
+    half = float(t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half, min(values), max(values))
+
+
+# --------------------------------------------------------------------------------------------------
+# Candidates, their runs, the choice
+
+
+@dataclass(frozen=True)
+class Run:
+    repeat: int  # 0: the search's own trial
+    number: int  # its trial's number: in the search's study (repeat 0) or in the companion
+    seed: int | None
+    value: float
+
+
+@dataclass
+class Candidate:
+    trial: store.TrialRecord  # its search trial
+    rank: int  # by the search's score: 1 is the search's best
+    runs: list[Run]
+    summary: Summary
+
+    @property
+    def flops(self) -> int | None:
+        return self.trial.flops_per_image
+
+
+@dataclass
+class Standings:
+    """The phase's table: each candidate's runs and statistics, the champion and the run whose weights are exported."""
+
+    study_name: str
+    metric: str
+    direction: str
+    seeds: int
+    candidates: list[Candidate]
+    champion: Candidate | None = None
+    exported: Run | None = None
+    reason: str = ""  # how the champion was chosen, or why there is none yet
+    missing: int = 0  # planned runs not done yet
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study_name, "metric": self.metric, "direction": self.direction, "seeds": self.seeds,
+            "confidence": CONFIDENCE, "missing_runs": self.missing, "reason": self.reason,
+            "champion_trial": self.champion.trial.number if self.champion else None,
+            "exported": vars(self.exported) if self.exported else None,
+            "candidates": [{"trial": c.trial.number, "rank": c.rank, "flops_per_image": c.flops,
+                            "params": c.trial.sampled, **vars(c.summary),
+                            "runs": [vars(r) for r in c.runs]} for c in self.candidates],
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Each candidate's figures as text, in the search's order: what every view of the table (the console, the
+        markdown artifact, the report page) shows."""
+        return [{"rank": str(c.rank), "trial": str(c.trial.number), "runs": str(c.summary.n),
+                 "mean": f"{c.summary.mean:.4f}", "std": _maybe(c.summary.std), "interval": interval(c.summary),
+                 "min": f"{c.summary.low:.4f}", "max": f"{c.summary.high:.4f}", "mflops": _mflops(c.flops),
+                 "values": ", ".join(f"{r.repeat}: {r.value:.4f}" for r in c.runs), "champion": c is self.champion}
+                for c in self.candidates]
+
+    def markdown(self) -> str:
+        rows = [f"# Champion of {self.study_name}: {self.metric} over {self.seeds} seeds per candidate", "",
+                "| rank | trial | runs | mean | std | 95% CI | min | max | MFLOPs | values (repeat: value) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows():
+            rows.append(f"| {r['rank']} | {r['trial']}{' (champion)' if r['champion'] else ''} | {r['runs']} | "
+                        f"{r['mean']} | {r['std']} | {r['interval']} | {r['min']} | {r['max']} | {r['mflops']} | "
+                        f"{r['values']} |")
+        rows += ["", self.reason]
+        if self.exported is not None:
+            rows.append(f"Exported weights: {describe_run(self.exported, self.champion.trial.number)}, the "
+                        "confirmation run closest to the mean.")
+        return "\n".join(rows) + "\n"
+
+
+def interval(summary: Summary) -> str:
+    if summary.ci_low is None:
+        return "-"
+    return f"[{summary.ci_low:.4f}, {summary.ci_high:.4f}]"
+
+
+def describe_run(run: Run, of: int) -> str:
+    return f"repeat {run.repeat} of trial {of} (seed {run.seed}, {run.value:.4f}; champion-phase run {run.number})"
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _mflops(flops: int | None) -> str:
+    return "-" if not flops else f"{flops / 1e6:,.1f}"
+
+
+def _flops_apart(fewer: int, more: int | None) -> str:
+    """`58.31 M vs 58.35 M`: two FLOP counts with the fewest decimals that still tell them apart (`-`: a count
+    the trial did not record)."""
+    if not fewer or not more:
+        return f"{_mflops(fewer)} M vs {_mflops(more)} M"
+    for decimals in (1, 2, 3):
+        shown = [f"{flops / 1e6:,.{decimals}f} M" for flops in (fewer, more)]
+        if shown[0] != shown[1]:
+            return " vs ".join(shown)
+    return f"{fewer:,} vs {more:,}"
+
+
+def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
+    """The best `top_k` distinct feasible configurations by their search score (the first to complete wins a tie)."""
+    sign = -1.0 if spec.directions[0] == "maximize" else 1.0
+    complete = sorted((r for r in store.records(study, (TrialState.COMPLETE,)) if r.feasible),
+                      key=lambda r: (sign * r.values[0], r.completed_at, r.number))
+    chosen, seen = [], set()
+    for record in complete:
+        key = json.dumps(record.params if record.params is not None else record.sampled, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(record)
+    return chosen[:spec.confirmation.top_k]
+
+
+def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
+    return studies.derive_seed(spec.seed, trial_number, repeat)
+
+
+def standings(spec: StudySpec, study: optuna.Study, companion: optuna.Study | None) -> Standings:
+    """The table as the stores hold it now (also what export and the report read back)."""
+    seeds, direction = spec.confirmation.seeds, spec.directions[0]
+    done: dict[tuple[int, int], store.TrialRecord] = {}
+    for record in store.records(companion, (TrialState.COMPLETE,)) if companion is not None else []:
+        done.setdefault((record.confirmation_of, record.repeat), record)  # the first if a run was done twice
+    table = Standings(study.study_name, spec.metrics[0], direction, seeds, [])
+    for rank, trial in enumerate(candidates(spec, study), start=1):
+        runs = [Run(0, trial.number, trial.seed, trial.values[0])]
+        for repeat in range(1, seeds):
+            if (found := done.get((trial.number, repeat))) is not None:
+                runs.append(Run(repeat, found.number, found.seed, found.values[0]))
+        table.candidates.append(Candidate(trial, rank, runs, summarize([r.value for r in runs])))
+        table.missing += seeds - len(runs)
+    table.champion, table.reason = choose(table.candidates, direction, seeds)
+    if table.champion is not None:
+        table.exported = closest_to_mean(table.champion)
+    return table
+
+
+def choose(found: list[Candidate], direction: str, seeds: int) -> tuple[Candidate | None, str]:
+    """The best mean among candidates with all `seeds` runs, or a cheaper one within one standard error of it."""
+    complete = [c for c in found if c.summary.n >= seeds]
+    if not complete:
+        return None, "no candidate has all its runs yet: `make search` again completes the phase"
+    sign = 1.0 if direction == "maximize" else -1.0
+    leader = max(complete, key=lambda c: (sign * c.summary.mean, -c.rank))
+    error = leader.summary.standard_error or 0.0
+    tied = [c for c in complete if sign * (leader.summary.mean - c.summary.mean) <= error * (1 + 1e-9)]
+    cheapest = min(tied, key=lambda c: (c.flops or math.inf, -sign * c.summary.mean, c.rank))
+    best = f"trial {leader.trial.number} has the best mean ({leader.summary.mean:.4f} over {leader.summary.n} runs)"
+    if cheapest is leader or cheapest.flops == leader.flops:
+        return leader, f"Champion: {best}."
+    return cheapest, (f"Champion: trial {cheapest.trial.number} ({cheapest.summary.mean:.4f}): {best}, but trial "
+                      f"{cheapest.trial.number} is within one standard error of it ({error:.4f}), a tie within the "
+                      f"noise, and needs fewer FLOPs per image ({_flops_apart(cheapest.flops, leader.flops)}): the "
+                      "cheaper model wins the tie.")
+
+
+def closest_to_mean(candidate: Candidate) -> Run | None:
+    """The confirmation run whose value is nearest the mean (the lower repeat on a tie): a typical run's weights."""
+    confirmations = [r for r in candidate.runs if r.repeat > 0]
+    if not confirmations:
+        return None
+    return min(confirmations, key=lambda r: (abs(r.value - candidate.summary.mean), r.repeat))
+
+
+# --------------------------------------------------------------------------------------------------
+# The phase
+
+
+@dataclass
+class PhaseOutcome:
+    ran: int  # runs trained by this invocation
+    stop_reason: str  # "done", or "time" (the phase's minutes would be exceeded: the rest waits for the next run)
+    standings: Standings
+    notes: list[str] = field(default_factory=list)
+
+
+def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecord, int]]:
+    """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats."""
+    found = candidates(spec, study)
+    return [(trial, repeat) for repeat in range(1, spec.confirmation.seeds) for trial in found]
+
+
+def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> int:
+    """Queue the wanted runs that are neither done nor queued nor running; drop queued runs no longer wanted.
+
+    A run that failed for good (an exception, not a kill) is queued again: this is a new invocation.
+    """
+    keys = {(trial.number, repeat) for trial, repeat in wanted}
+    present = set()
+    for record in store.records(companion):
+        key = (record.confirmation_of, record.repeat)
+        if record.state == "WAITING" and key not in keys:
+            store.fail_trial(companion, record.number, UNPLANNED)
+        elif record.state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
+            present.add(key)
+    queued = 0
+    for trial, repeat in wanted:
+        if (trial.number, repeat) not in present:
+            store.queue_trial(companion, trial.sampled, confirmation_of=trial.number, repeat=repeat,
+                              seed=repeat_seed(spec, trial.number, repeat))
+            queued += 1
+    return queued
+
+
+class Phase:
+    """One invocation's champion phase: what it wants, then `run` to train what is missing."""
+
+    def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage):
+        self.spec, self.study = spec, study
+        self.companion = open_companion(spec, storage, study.study_name)
+        self.wanted = planned(spec, study)
+        self.queued = queue_missing(spec, self.companion, self.wanted)
+
+    def announcement(self) -> str:
+        waiting = len(store.records(self.companion, (TrialState.WAITING,)))
+        table, configurations = self.spec.confirmation, len({trial.number for trial, _ in self.wanted})
+        return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
+                f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
+
+    def status(self) -> tuple[int, list[float] | None]:
+        """Wanted runs done (for the progress bar)."""
+        keys = {(trial.number, repeat) for trial, repeat in self.wanted}
+        done = {(r.confirmation_of, r.repeat) for r in store.records(self.companion, (TrialState.COMPLETE,))}
+        return len(keys & done), None
+
+    def run(self, prepared: PreparedData, listener: Listener, threads: int | None = None,
+            checkpoints: Path | None = None) -> PhaseOutcome:
+        """Train the missing runs within the phase's minutes and return the standings.
+
+        A run starts only when its configuration's search trial took no longer than the time left. Raises
+        search.Interrupted (the running run is queued again and resumes its checkpoint next time),
+        TooManyFailures and DiskFull like the search.
+        """
+        spec, companion = self.spec, self.companion
+        stop = loop.StopRequest()
+        objective = loop.Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints,
+                                     confirming=True)
+        store.take_retries_first(companion)
+        loop.sweep_checkpoints(companion, checkpoints, listener)
+        needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
+        deadline = time.monotonic() + spec.confirmation.minutes * 60
+        ran, failures, stop_reason = 0, 0, "done"
+        with stop.installed():
+            while True:
+                stop.check()
+                for number in loop.fail_dead_owners(companion, checkpoints):
+                    listener.warning(f"champion-phase run {number} was left RUNNING by a process that died: "
+                                     "failed and queued again")
+                upcoming = store.next_waiting(companion)  # the run Optuna will hand out next
+                if upcoming is None:
+                    if not store.running_count(companion):
+                        break
+                    listener.waiting()  # another process runs the last runs: their results join the table
+                    time.sleep(loop.WAIT_SECONDS)
+                    optuna.storages.fail_stale_trials(companion)  # that process died on another host (heartbeat)
+                    continue
+                if time.monotonic() + needs.get(upcoming.confirmation_of, 0.0) > deadline:
+                    stop_reason = "time"
+                    break
+                ended = loop.next_trial(companion, objective, listener)
+                if ended is not None:
+                    ran += 1
+                    failures = loop.failures_in_a_row(failures, ended)
+        return PhaseOutcome(ran, stop_reason, standings(spec, self.study, companion))
+
+
+def _duration(trial: store.TrialRecord, epochs: int) -> float:
+    """How long a run of this configuration takes: its search trial's time, for every epoch (a resumed trial's
+    time covers only the epochs it trained itself)."""
+    trained = epochs - trial.resumed_from_epoch
+    return trial.seconds * epochs / trained if trained > 0 else trial.seconds

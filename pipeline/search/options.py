@@ -1,0 +1,70 @@
+"""What a search is asked for (`SearchOptions`), what it gives back (`SearchOutcome`) and what it shows
+(`SearchView`): the contract between `make search`'s command, its console view and its worker processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline import store
+from pipeline.search import champion, pareto
+from pipeline.spec import paths
+from pipeline.spec.studies import StudySpec
+
+if TYPE_CHECKING:
+    from pipeline.search import workers
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    storage: str | None = None  # Optuna storage URL or .journal file; None: STORAGE or the default
+    fresh: bool = False
+    workers: int | str = 1  # worker processes on this host, or workers.AUTO (`run_search` decides how many)
+    worker: int | None = None  # set in a worker process started by a coordinator
+    device: str = "auto"
+    threads: int | None = None
+    root: Path = paths.DATA_ROOT
+    studies_dir: Path = paths.STUDIES_DIR
+    tracking: bool = True
+    worker_program: tuple[str, ...] = ()  # how a worker runs this program (see workers.worker_command)
+    reports_dir: Path = paths.REPORTS_DIR  # the report page, refreshed at the end: reports/<study>.html
+    exports_dir: Path = paths.EXPORTS_DIR  # where the page looks for the champion's export
+
+
+@dataclass
+class SearchOutcome:
+    study_name: str
+    ran: int  # trials this invocation ran
+    stop_reason: str  # budget, timeout, interrupted, failed
+    seconds: float
+    signal_number: int | None = None  # interrupted by this signal
+    failure: str | None = None  # why the study stopped (failed)
+    finished: int = 0  # finished trials of the study, all invocations
+    decision: pareto.Choice | None = None  # the trial offered as champion, and (several objectives) why
+    top: list[store.TrialRecord] = field(default_factory=list)  # the best complete trials (up to 5), or the front
+    workers: int = 1
+    resume_command: str = ""
+    messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
+    champion: champion.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
+
+    @property
+    def best(self) -> store.TrialRecord | None:
+        return self.decision.trial if self.decision is not None else None
+
+
+Status = Callable[[], tuple[int, list[float] | None]]  # (finished trials, best values so far)
+
+
+class SearchView(Protocol):
+    """What the session shows, besides the search's events (a SearchView is also an events.Listener):
+    views.SearchView draws it, workers.EventView sends it to a coordinator."""
+
+    def say(self, message: str) -> None: ...
+    def note(self, message: str) -> None: ...  # a warning the user should read
+    def header(self, text: str) -> None: ...
+    def running(self, spec: StudySpec, status: Status, total: int | None = None,
+                what: str = "trials") -> Any: ...  # context manager around a loop of `total` trials (spec.trials)
+    def workers_view(self, spec: StudySpec, status: Status, pool: workers.Workers) -> workers.WorkersView: ...
+    def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None: ...

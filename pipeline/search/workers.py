@@ -1,0 +1,323 @@
+"""Several search workers on one host: start them, share out GPUs and CPU threads, relay their events.
+
+A worker is an ordinary search process (`search ... --worker`) on the shared Optuna storage; instead
+of drawing its own progress view it prints one JSON event per line on stdout (`EventView`), and the
+coordinating process (`coordinate`) hands them to one view of the whole study. Which trial each
+worker runs is decided by Optuna's storage alone; nothing here schedules trials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pipeline.infra.concurrency import available_cores, quiet_if_hung_up, stop_with_parent
+from pipeline.infra.memory import HOST_WORKERS_ENV
+from pipeline.search.events import Listener, TrialEnded, TrialStarted
+
+if TYPE_CHECKING:
+    from pipeline.search.options import SearchOptions, SearchOutcome
+    from pipeline.spec.studies import StudySpec
+    from pipeline.training.train import EpochMetrics
+
+BATCH_EVENT_SECONDS = 0.25  # a few progress updates a second is plenty
+
+EVENT_PREFIX = "@event "  # marks a worker's event lines; anything else it prints is passed on as text
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    index: int  # 1-based, as shown to the user
+    threads: int  # torch CPU threads of this worker
+    gpu: str | None  # its CUDA_VISIBLE_DEVICES entry; None without CUDA
+
+
+def plan(workers: int, threads: int | None, gpus: list[str]) -> list[WorkerPlan]:
+    """GPUs round robin (worker i gets gpus[i % len]); CPU threads split so the workers together use each
+    core once (at least one thread each), unless `threads` says how many each gets."""
+    each = threads_each(workers, threads)
+    return [WorkerPlan(i + 1, each, gpus[i % len(gpus)] if gpus else None) for i in range(workers)]
+
+
+def threads_each(workers: int, threads: int | None) -> int:
+    """Torch CPU threads per worker: `threads` when given, else the cores split evenly (at least one)."""
+    return threads or max(1, available_cores() // workers)
+
+
+AUTO = "auto"
+# WORKERS=auto on a CPU: at most this many workers, the cores split between them. Measured on 2 cores (make
+# bench-workers: two 1-thread workers ran 1.26-1.6x the trials an hour of one 2-thread process, because small
+# batches leave a second thread of one step idle much of the time); on more cores each worker gets several threads,
+# so every worker's copy of the data stays affordable.
+AUTO_CPU_WORKERS_MAX = 4
+
+
+def auto_count(device_type: str, storage_url: str, threads: int | None, trials: int) -> tuple[int, str]:
+    """WORKERS=auto: how many worker processes run the study on this host, and why (shown at the start).
+
+    A GPU each where there are GPUs; on a CPU one worker per core (each with `threads`, default 1), up to
+    AUTO_CPU_WORKERS_MAX; never more than the trial budget. A study in a SQLite file gets one process: Optuna
+    advises against several writers on one SQLite file, and that is where a study made before WORKERS=auto lives.
+    """
+    if device_type == "cuda":
+        count, why = max(1, len(visible_gpus())), "one per GPU"
+    elif device_type != "cpu":
+        count, why = 1, f"one process on {device_type}"
+    elif storage_url.startswith("sqlite:"):
+        count, why = 1, ("one process: the study lives in a SQLite file, which Optuna advises against sharing "
+                         "between processes (WORKERS=N chooses)")
+    else:
+        cores = available_cores()
+        count = max(1, min(AUTO_CPU_WORKERS_MAX, cores // (threads or 1), trials))
+        why = f"{cores} CPU cores, {threads_each(count, threads)} thread(s) each"
+    count = max(1, min(count, trials))
+    return count, f"WORKERS=auto: {count} worker{'s' if count > 1 else ''} ({why})"
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (empty without CUDA)."""
+    import torch  # only asked when the search runs on CUDA, when torch is loaded already
+
+    if not torch.cuda.is_available():
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed or [str(i) for i in range(torch.cuda.device_count())]
+
+
+class Workers:
+    """The running worker processes and the one queue their output lines arrive on."""
+
+    def __init__(self, command: list[str], plans: list[WorkerPlan], environment: dict[str, str] | None = None):
+        self.plans = plans
+        self.lines: queue.Queue[tuple[int, dict[str, Any] | str | None]] = queue.Queue()
+        self.processes: dict[int, subprocess.Popen] = {}
+        for p in plans:
+            env = dict(os.environ, **(environment or {}), OMP_NUM_THREADS=str(p.threads),
+                       MKL_NUM_THREADS=str(p.threads), PYTHONUNBUFFERED="1")
+            # Each worker decides alone whether its data stays resident, a copy in each: it must know how many
+            # copies this host's memory holds (memory.memory_budget divides it among them).
+            env[HOST_WORKERS_ENV] = str(len(plans))
+            if p.gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = p.gpu
+            # Its own session: a Ctrl-C reaches the coordinator, which passes one SIGINT on to each worker
+            # (a terminal would signal them all at once, and a second signal means "stop now").
+            process = subprocess.Popen([*command, "--threads", str(p.threads), "--worker", str(p.index)], env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                       start_new_session=True, preexec_fn=stop_with_parent)
+            self.processes[p.index] = process
+            threading.Thread(target=self._read, args=(p.index, process), daemon=True).start()
+
+    def _read(self, index: int, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        try:
+            for line in process.stdout:
+                for item in parse_line(line.rstrip("\n")):
+                    self.lines.put((index, item))
+        finally:  # whatever happens here, the coordinator must learn that this worker's output ended
+            self.lines.put((index, None))  # it has exited or is about to
+
+    def events(self, poll_seconds: float = 0.5) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
+        """(worker, event dict | text line | None when it ended), until every worker has ended;
+        (0, None) every `poll_seconds` when nothing arrived, so the caller can refresh its view."""
+        open_ = set(self.processes)
+        while open_:
+            try:
+                index, item = self.lines.get(timeout=poll_seconds)
+            except queue.Empty:
+                yield 0, None
+                continue
+            if item is None:
+                open_.discard(index)
+                self.processes[index].wait()
+            yield index, item
+
+    def signal_all(self, signal_number: int) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal_number)
+
+    def exit_codes(self) -> dict[int, int | None]:
+        return {index: p.poll() for index, p in self.processes.items()}
+
+
+def parse_line(line: str) -> list[dict[str, Any] | str]:
+    """What one line of a worker's output holds: an event, text, or both.
+
+    The worker's stderr shares the pipe, so a library's warning may be glued to the end of an event line: the
+    event is kept and the rest shown as text. A line that holds no whole event (cut short, garbled) is text too.
+    """
+    if line.startswith(EVENT_PREFIX):
+        try:
+            event, end = json.JSONDecoder().raw_decode(line, len(EVENT_PREFIX))
+        except json.JSONDecodeError:
+            event, end = None, 0
+        if isinstance(event, dict) and "event" in event:
+            rest = line[end:]
+            return [event, rest.strip()] if rest.strip() else [event]
+    return [line] if line.strip() else []
+
+
+def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:
+    """The command line of one worker: this program, the same study and budget (its storage comes in its
+    environment: `storage_environment`)."""
+    command = [*options.worker_program, "search", "--study", spec.name, "--studies-dir", str(options.studies_dir),
+               "--root", str(options.root), "--device", options.device,
+               "--trials", str(spec.trials), "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
+               "--tracking" if options.tracking else "--no-tracking"]
+    if not spec.baseline:  # BASELINES=off (or a file without any): a worker must not queue the file's
+        command.append("--no-baselines")
+    for flag, value in (("--train-limit", spec.train_limit), ("--val-limit", spec.val_limit)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def storage_environment(url: str) -> dict[str, str]:
+    """How a worker learns the storage the coordinator chose: STORAGE in its environment, which replaces the
+    user's own STORAGE (so every worker opens that very store) and, unlike a command-line argument, is not shown
+    to every user of the host in the process list, password included."""
+    return {"STORAGE": url}
+
+
+# --------------------------------------------------------------------------------------------------
+# In a worker: events out
+
+
+def emit(event: str, **fields: Any) -> None:
+    """In a worker: one event line for the coordinator."""
+    # One write, not print's two (the text, then its newline): a warning on stderr, which shares the pipe, cannot
+    # then land between an event and its line's end (whole only up to the pipe's atomic size, PIPE_BUF).
+    try:
+        sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The coordinator is gone (killed outright; its death signal stops this worker at the next safe point).
+        # Nobody reads these lines any more: they go nowhere, so that failing and queuing the trial again is not
+        # cut short by a write that raises.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class EventView(Listener):
+    """A worker's view of its search: every event as a line for the coordinator, nothing on the console."""
+
+    def __init__(self) -> None:
+        self.last_batch = 0.0
+
+    def trial_started(self, trial: TrialStarted) -> None:
+        emit("trial_start", number=trial.number)
+
+    def batch_done(self, done: int, total: int) -> None:
+        if time.monotonic() - self.last_batch > BATCH_EVENT_SECONDS or done == total:
+            self.last_batch = time.monotonic()
+            emit("batch", done=done, total=total)
+
+    def epoch_ended(self, number: int, metrics: EpochMetrics) -> None:
+        emit("epoch", number=number, epoch=metrics.epoch, val_accuracy=metrics.val_accuracy,
+             val_loss=metrics.val_loss, seconds=metrics.epoch_seconds)
+
+    def trial_ended(self, trial: TrialEnded) -> None:
+        emit("trial_end", **dataclasses.asdict(trial))
+
+    def waiting(self) -> None:
+        emit("waiting")
+
+    def warning(self, message: str) -> None:
+        emit("warning", text=message)
+
+    def say(self, message: str) -> None:
+        pass  # the coordinator speaks for the study
+
+    def note(self, message: str) -> None:
+        emit("warning", text=message)
+
+    def header(self, text: str) -> None:
+        pass
+
+    def running(self, spec: StudySpec, status: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def workers_view(self, spec: StudySpec, status: Any, pool: Workers) -> WorkersView:
+        raise AssertionError("a worker does not start workers")
+
+    def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
+        if outcome.stop_reason == "failed":
+            emit("too_many_failures", text=outcome.failure)
+        elif outcome.stop_reason != "interrupted":
+            emit("done", ran=outcome.ran, stop_reason=outcome.stop_reason)
+
+
+# --------------------------------------------------------------------------------------------------
+# In the coordinator: events in
+
+
+class WorkersView(Protocol):
+    """What the coordinator shows (views.WorkersView draws it)."""
+
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> Any: ...
+    def worker_ended(self, index: int, process: subprocess.Popen, unexpected: bool) -> None: ...
+    def worker_line(self, index: int, text: str) -> None: ...
+    def show(self, index: int, event: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Coordinated:
+    """What the workers reported between them."""
+
+    ran: int = 0
+    stop_reasons: set[str] = field(default_factory=set)
+    failure: str | None = None  # a worker's TooManyFailures message
+    signal_number: int | None = None  # the first stop signal this process received
+
+
+def coordinate(pool: Workers, view: WorkersView) -> Coordinated:
+    """Relay every worker's events to `view` until they have all ended.
+
+    Ctrl-C (or SIGTERM/SIGHUP) is passed on to every worker, which fails and re-queues its running trial and
+    stops; a second one makes them stop at once. A worker's TooManyFailures stops the others too.
+    """
+    result, received = Coordinated(), []
+
+    def on_signal(signal_number: int, _frame: Any) -> None:
+        if signal_number == signal.SIGHUP:
+            quiet_if_hung_up()  # the terminal may be gone: the workers' lines must not stop this process
+        received.append(signal_number)
+        pool.signal_all(signal_number)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with view:
+            for index, item in pool.events():
+                if index == 0:
+                    continue  # nothing arrived for a moment
+                if item is None:
+                    code = pool.processes[index].returncode
+                    view.worker_ended(index, pool.processes[index],
+                                      unexpected=bool(code) and not received and result.failure is None)
+                elif isinstance(item, str):  # a worker's own line (an error message, a library's warning)
+                    view.worker_line(index, item)
+                elif item["event"] == "too_many_failures":
+                    if result.failure is None:
+                        result.failure = item["text"]
+                        pool.signal_all(signal.SIGTERM)  # the study stops: the other workers stop too
+                elif item["event"] == "done":
+                    result.ran += item["ran"]
+                    result.stop_reasons.add(item["stop_reason"])
+                else:
+                    view.show(index, item)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    result.signal_number = received[0] if received else None
+    return result

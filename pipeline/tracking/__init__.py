@@ -1,0 +1,1 @@
+"""MLflow only: a study's runs as a listener of trial events, the model registry, the trials table."""

@@ -1,0 +1,2 @@
+"""Torch only, no Optuna or MLflow: the trainer, models, schedules, checkpoints, reproducibility, latency."""
+
