@@ -1,10 +1,9 @@
 """Several search workers on one host: start them, share out GPUs and CPU threads, relay their events.
 
-A worker is an ordinary search process (`search ... --worker`) on the shared Optuna storage; instead
-of drawing its own progress view it prints one event per line on stdout (`EventView`, the lines written and read by
-events.to_line and events.from_line), and the coordinating process (`coordinate`) hands them to one view of the
-whole study. Which trial each
-worker runs is decided by Optuna's storage alone; nothing here schedules trials.
+A worker is an ordinary search process (`search ... --worker`) on the shared Optuna storage; instead of drawing its
+own progress view it prints one event per line on stdout (`EventView`; events.to_line writes the line,
+events.from_line reads it back), and the coordinating process (`coordinate`) hands them to one view of the whole
+study. Which trial each worker runs is decided by Optuna's storage alone; nothing here schedules trials.
 """
 
 from __future__ import annotations
