@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pipeline.console import views
+from pipeline.console import lines, search_view, tables, train_view
 from pipeline.data import datasets
 from pipeline.infra.urls import shown
 from pipeline.spec import hparams, paths, sources, studies
@@ -28,7 +28,7 @@ from pipeline.spec.errors import BadInput
 def _cmd_data(args: argparse.Namespace) -> int:
     from pipeline.data import landing
 
-    views.landed(landing.land(args.dataset, args.root, args.source, log=views.note))
+    tables.landed(landing.land(args.dataset, args.root, args.source, log=lines.note))
     return 0
 
 
@@ -63,7 +63,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options = session.TrainOptions(args.dataset, args.root, args.device, args.seed, args.threads, args.val_size,
                                        args.train_limit, args.val_limit, args.checkpoint)
     params.update(parse_assignment(item) for item in args.set)
-    with views.TrainView(hparams.resolve_params(params)["epochs"]) as view:
+    with train_view.TrainView(hparams.resolve_params(params)["epochs"]) as view:
         result = session.train_one(params, options, view)
     view.result(result)
     return 0
@@ -86,10 +86,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
     options = session.SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
                                     args.root, args.studies_dir, args.tracking, tuple(args.worker_program),
                                     args.reports_dir, args.exports_dir)
-    view = workers.EventView() if args.worker is not None else views.SearchView()
+    view = workers.EventView() if args.worker is not None else search_view.SearchView()
     outcome = session.run_search(spec, options, view)
     if args.worker is None:
-        views.search_result(spec, outcome)
+        tables.search_result(spec, outcome)
     if outcome.stop_reason == "interrupted":
         return 128 + outcome.signal_number
     return 1 if outcome.stop_reason == "failed" else 0
@@ -103,7 +103,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     storage = store.open_storage(args.storage, spec.name)
     study = store.find_study(spec, storage.backend)  # StudyError (exit 2) when the study was never run
     page = reportpage.write(spec, study, storage.backend, args.reports_dir, args.exports_dir, args.studies_dir)
-    views.say(f"report of {study.study_name!r}: {page} ({page.stat().st_size / 1e6:.1f} MB, opens offline in any "
+    lines.say(f"report of {study.study_name!r}: {page} ({page.stat().st_size / 1e6:.1f} MB, opens offline in any "
               "browser)")
     return 0
 
@@ -113,7 +113,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     from pipeline.commands import replay
 
     outcome = replay.replay_trial(spec, args.storage, args.trial, args.root, args.device, args.threads, args.repeat)
-    views.replay_result(views.trial_name(args.trial, args.trial if args.repeat else None, args.repeat),
+    tables.replay_result(lines.trial_name(args.trial, args.trial if args.repeat else None, args.repeat),
                         outcome.epochs, outcome.differences)
     return 1 if outcome.differences else 0
 
@@ -125,15 +125,15 @@ def _cmd_export_best(args: argparse.Namespace) -> int:
 
     client = study_run.connect() if args.tracking else None
     if client is not None:
-        views.say(f"tracking to MLflow at {shown(study_run.tracking_uri())}")
+        lines.say(f"tracking to MLflow at {shown(study_run.tracking_uri())}")
     started = time.perf_counter()
     try:
-        destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=views.say,
+        destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=lines.say,
                                          trial=args.trial)
     except export.ExportFailed as exc:
-        views.failed(f"export failed, nothing written: {exc}")
+        lines.failed(f"export failed, nothing written: {exc}")
         return 1
-    views.exported(destination, time.perf_counter() - started)
+    tables.exported(destination, time.perf_counter() - started)
     return 0
 
 
@@ -143,14 +143,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.commands import predict
 
     found, errors = predict.predict(args.export, args.images)
-    views.predictions(args.export, found, errors)
+    tables.predictions(args.export, found, errors)
     return 2 if errors else 0
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
     from pipeline import store
 
-    views.studies_table(store.study_states(args.studies_dir, args.storage))
+    tables.studies_table(store.study_states(args.studies_dir, args.storage))
     return 0
 
 
@@ -158,21 +158,21 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir) if args.study else None
     from pipeline.commands import server
 
-    return server.ui(spec, args.storage, args.port, views.say)
+    return server.ui(spec, args.storage, args.port, lines.say)
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir)
     from pipeline.commands import dashboard
 
-    return dashboard.dashboard(spec, args.storage, args.host, args.port, args.insecure, views.say, views.note)
+    return dashboard.dashboard(spec, args.storage, args.host, args.port, args.insecure, lines.say, lines.note)
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
     from pipeline.commands import server
 
     return server.tracking_server(args.host, args.port, args.backend, args.artifacts, args.allowed_hosts, args.auth,
-                                  args.insecure, views.say, views.note, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                                  args.insecure, lines.say, lines.note, tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
 STORAGE_HELP = ("Optuna storage: a URL (sqlite:///..., postgresql://...) or a .journal file (default: $STORAGE, else "
@@ -374,10 +374,10 @@ def main(argv: list[str] | None = None, worker_program: list[str] | None = None)
         check_arguments(args)
         return args.run(args)
     except BadInput as exc:
-        views.error(str(exc))
+        lines.error(str(exc))
         return 2
     except KeyboardInterrupt:
-        views.note("interrupted")
+        lines.note("interrupted")
         return 130
 
 

@@ -232,7 +232,7 @@ def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials
     study. The error is kept and shown everywhere with the password masked."""
     from mlflow import MlflowClient
 
-    from pipeline.console import views
+    from pipeline.console import search_view
     from pipeline.tracking import report, study_run
 
     write_study(study_env, trials=4, epochs=1, baselines=0)
@@ -243,7 +243,7 @@ def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{SENTINEL}@127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not after MLflow's back-off
     run.client = MlflowClient(study_run.tracking_uri())
-    view = views.SearchView()
+    view = search_view.SearchView()
     with pytest.raises(loop.TooManyFailures) as stopped:
         loop.run(spec, study, replay.study_data(spec, study_env.root, "cpu"), events.Listeners(view, run), threads=1)
     view.ended(spec, SimpleNamespace(stop_reason="failed", failure=str(stopped.value)))  # what the CLI shows

@@ -29,7 +29,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.commands import predict, verify_export
-from pipeline.console import views
+from pipeline.console import tables
 from pipeline.data import datasets
 from pipeline.data.images import FORMATS, PictureError, Preprocessing, open_picture
 from pipeline.reports import plots
@@ -251,7 +251,7 @@ def test_predict_prints_class_names_as_they_are(small_export, tmp_path, capsys, 
 
     found, errors = predict.predict(small_export, [Path(n) for n in names], top_k=10)
     assert not errors and {name for name, _ in found[0].top} == set(NAMED_LIKE_CODE)
-    views.predictions(small_export, found, errors)
+    tables.predictions(small_export, found, errors)
     out = capsys.readouterr().out
     assert not any(c in out for c in CONTROL)
     assert len(shown_classes(out)) == 11 * len(names) and set(shown_classes(out)) == SHOWN_AS  # all ten, each as is

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import signal
 from datetime import datetime
@@ -14,9 +13,9 @@ from tiny_study import write_study
 
 from pipeline import store
 from pipeline.commands.session import SearchOutcome
-from pipeline.console import views
+from pipeline.console import lines, search_view, tables, train_view, workers_view
 from pipeline.search import pareto, workers
-from pipeline.search.events import TrialEnded, TrialStarted
+from pipeline.search.events import BatchDone, EpochEnded, TrialEnded, TrialStarted, Waiting, Warned
 from pipeline.spec import studies
 from pipeline.training.train import EpochMetrics
 
@@ -31,7 +30,7 @@ def spec(tmp_path) -> studies.StudySpec:
 def out(monkeypatch) -> io.StringIO:
     """What views print to the console (not a terminal: no colours, no live bars)."""
     text = io.StringIO()
-    monkeypatch.setattr(views, "console", Console(file=text, force_terminal=False, width=200, highlight=False,
+    monkeypatch.setattr(lines, "console", Console(file=text, force_terminal=False, width=200, highlight=False,
                                                   soft_wrap=True))
     return text
 
@@ -55,12 +54,12 @@ def record(number: int, value: float, sampled: dict) -> store.TrialRecord:
 
 
 def test_trial_line_complete_shows_value_duration_and_sampled_params():
-    line = views.trial_line(TrialEnded(3, "COMPLETE", [0.91234], 12.34, {"lr": 0.00123456, "layers": 2}))
+    line = lines.trial_line(TrialEnded(3, "COMPLETE", [0.91234], 12.34, {"lr": 0.00123456, "layers": 2}))
     assert line == "trial   3 COMPLETE 0.9123" + " " * 7 + "12.3 s  lr=0.00123, layers=2"
 
 
 def test_trial_line_pruned_shows_the_reason():
-    line = views.trial_line(TrialEnded(4, "PRUNED", None, 2.0, {"lr": 0.5}, fail_reason="diverged",
+    line = lines.trial_line(TrialEnded(4, "PRUNED", None, 2.0, {"lr": 0.5}, fail_reason="diverged",
                                        fail_detail="loss became nan at epoch 1, step 3"))
     assert line.startswith("trial   4 PRUNED   diverged") and "lr=0.5" in line
     assert "loss became" not in line  # the detail is for failures
@@ -68,7 +67,7 @@ def test_trial_line_pruned_shows_the_reason():
 
 def test_trial_line_fail_shows_reason_and_the_first_line_of_the_detail_cut_at_120():
     detail = "x" * 150 + "\nsecond line of the message"
-    line = views.trial_line(TrialEnded(5, "FAIL", None, 1.0, {}, fail_reason="RuntimeError", fail_detail=detail,
+    line = lines.trial_line(TrialEnded(5, "FAIL", None, 1.0, {}, fail_reason="RuntimeError", fail_detail=detail,
                                        traceback="Traceback (most recent call last): ..."))
     assert line.startswith("trial   5 FAIL     RuntimeError: " + "x" * 120 + " ")
     assert "x" * 121 not in line and "second line" not in line and "Traceback" not in line
@@ -79,7 +78,7 @@ def test_trial_line_fail_shows_reason_and_the_first_line_of_the_detail_cut_at_12
 
 
 def test_the_epoch_bar_shows_a_new_trial_as_soon_as_it_starts(spec, out):
-    view = views.SearchView()
+    view = search_view.SearchView()
     view.live = True  # bars, as on a terminal
     with view.running(spec, status=lambda: (0, None)):
         view.trial_started(started(0))
@@ -98,7 +97,7 @@ def test_the_epoch_bar_shows_a_new_trial_as_soon_as_it_starts(spec, out):
 
 
 def test_off_a_terminal_each_epoch_and_each_trial_is_one_plain_line(spec, out):
-    view = views.SearchView()
+    view = search_view.SearchView()
     assert not view.live
     with view.running(spec, status=lambda: (1, [0.8125])):
         view.trial_started(started(7))
@@ -114,26 +113,25 @@ def test_off_a_terminal_each_epoch_and_each_trial_is_one_plain_line(spec, out):
 
 
 def test_workers_view_off_a_terminal_names_the_worker_of_each_line(spec, out):
-    """WORKERS=N: the coordinator's view of the events its workers send (workers.EventView's lines)."""
+    """WORKERS=N: the coordinator's view of the events its workers send (workers.EventView's lines, read back)."""
     finished = [0]
-    view = views.WorkersView(spec, lambda: (finished[0], [0.8125] if finished[0] else None),
-                             SimpleNamespace(plans=workers.plan(2, 1, [])))
+    view = workers_view.WorkersView(spec, lambda: (finished[0], [0.8125] if finished[0] else None),
+                                    SimpleNamespace(plans=workers.plan(2, 1, [])))
     assert not view.live
     ended = TrialEnded(5, "COMPLETE", [0.8125], 3.0, {"lr": 1e-3})
     with view:
-        view.show(1, {"event": "trial_start", "number": 5})
-        view.show(1, {"event": "batch", "done": 3, "total": 10})
-        view.show(1, {"event": "epoch", "number": 5, "epoch": 1, "val_accuracy": 0.75, "val_loss": 0.625,
-                      "seconds": 1.5})
+        view.show(1, started(5))
+        view.show(1, BatchDone(3, 10))
+        view.show(1, EpochEnded(5, epoch=1, val_accuracy=0.75, val_loss=0.625, seconds=1.5))
         view.worker_line(2, "[bold]a library's own line[/]")  # printed as it is, not as markup
         finished[0] = 1
-        view.show(1, {"event": "trial_end", **dataclasses.asdict(ended)})
+        view.show(1, ended)
         assert view.bars.tasks[view.trials_task].completed == 1
         assert view.bars.tasks[view.trials_task].description == "trials | best 0.8125"
-        view.show(2, {"event": "waiting"})
-        view.show(2, {"event": "waiting"})  # sent every second while it waits: drawn once
+        view.show(2, Waiting())
+        view.show(2, Waiting())  # sent every second while it waits: drawn once
         assert view.bars.tasks[view.tasks[2]].description == "worker 2: waiting for the last trials"
-        view.show(2, {"event": "warning", "text": "MLflow is slow"})
+        view.show(2, Warned("MLflow is slow"))
         view.worker_ended(1, SimpleNamespace(returncode=-signal.SIGKILL, pid=4321), unexpected=True)
         view.worker_ended(2, SimpleNamespace(returncode=0, pid=4322), unexpected=False)
     assert out.getvalue().splitlines() == [
@@ -158,7 +156,7 @@ def outcome(**changes) -> SearchOutcome:
 
 
 def test_summary_lists_the_top_trials_in_order_and_the_best_one(spec, out):
-    views.summary(spec, outcome())
+    tables.summary(spec, outcome())
     text = out.getvalue()
     assert "4 trials run in 1.5 min; 4/4 finished (budget reached)" in text
     assert "top trials of views-v2 (val_accuracy)" in text
@@ -172,13 +170,13 @@ def test_summary_lists_the_top_trials_in_order_and_the_best_one(spec, out):
 
 
 def test_summary_of_a_timed_out_search_without_complete_trials(spec, out):
-    views.summary(spec, outcome(stop_reason="timeout", finished=0, decision=None, top=[]))
+    tables.summary(spec, outcome(stop_reason="timeout", finished=0, decision=None, top=[]))
     text = out.getvalue()
     assert "(time budget spent)" in text and "top trials" not in text and "best trial" not in text
 
 
 def test_search_result_gives_the_replay_command_of_the_best_trial(spec, out):
-    views.search_result(spec, outcome(messages=["MLflow: see the runs"]))
+    tables.search_result(spec, outcome(messages=["MLflow: see the runs"]))
     text = " ".join(out.getvalue().split())
     assert text.startswith("MLflow: see the runs")
     assert "`make search STUDY=views` continues the study" in text
@@ -186,11 +184,11 @@ def test_search_result_gives_the_replay_command_of_the_best_trial(spec, out):
 
 
 def test_search_result_without_a_best_trial_points_to_make_studies(spec, out):
-    views.search_result(spec, outcome(decision=None, top=[]))
+    tables.search_result(spec, outcome(decision=None, top=[]))
     assert "`make studies`" in out.getvalue() and "make replay" not in out.getvalue()
     out.seek(0)
     out.truncate()
-    views.search_result(spec, outcome(stop_reason="interrupted"))  # the interrupt message said what to do
+    tables.search_result(spec, outcome(stop_reason="interrupted"))  # the interrupt message said what to do
     assert out.getvalue() == ""
 
 
@@ -198,8 +196,8 @@ def test_search_result_without_a_best_trial_points_to_make_studies(spec, out):
 def test_user_text_with_rich_markup_is_printed_as_written(out, text):
     """A study's description or a folder's name is the user's text: brackets in it are not markup (a stray
     `[/]` would raise rich's MarkupError)."""
-    views.SearchView().header(f"study: {text}")
-    with views.TrainView(epochs=1) as view:
+    search_view.SearchView().header(f"study: {text}")
+    with train_view.TrainView(epochs=1) as view:
         view.header(f"cnn on {text}")
     printed = out.getvalue()
     assert f"study: {text}" in printed and f"cnn on {text}" in printed
@@ -207,9 +205,9 @@ def test_user_text_with_rich_markup_is_printed_as_written(out, text):
 
 def test_whatever_is_printed_loses_its_control_characters_and_the_passwords_of_its_urls(capsys):
     """A worker's warning or an error may quote a URL with its password, a name may hold an ESC: every line printed
-    goes through views.literal, which shows neither, and prints markup-like text as it is."""
-    views.say("warning: \x1b]0;title\x07http://admin:S3NTINEL-pw@db-host:5000 refused [/]")
-    views.SearchView().warning("MLflow: postgresql://u:S3NTINEL-pw@db/x")
+    goes through lines.literal, which shows neither, and prints markup-like text as it is."""
+    lines.say("warning: \x1b]0;title\x07http://admin:S3NTINEL-pw@db-host:5000 refused [/]")
+    search_view.SearchView().warning("MLflow: postgresql://u:S3NTINEL-pw@db/x")
     captured = capsys.readouterr()
     assert "S3NTINEL" not in captured.out + captured.err and "\x1b" not in captured.out
     assert "warning: ]0;titlehttp://admin:***@db-host:5000 refused [/]" in captured.out

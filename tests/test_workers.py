@@ -3,7 +3,6 @@ store a study goes to, and the rule that keeps two racing workers inside the tri
 
 from __future__ import annotations
 
-import ast
 import os
 import signal
 import subprocess
@@ -14,7 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline import store
-from pipeline.search import loop, workers
+from pipeline.search import events, loop, workers
+from pipeline.search.events import BatchDone, EpochEnded, TrialEnded, TrialStarted, Waiting, Warned, WorkerDone
 from pipeline.spec import paths, studies
 
 CORES = len(os.sched_getaffinity(0))
@@ -149,13 +149,10 @@ def test_the_coordinator_relays_each_workers_events_lines_and_end(monkeypatch):
     for index in (1, 2):
         number = 10 + index
         assert [s for s in seen if s[1] == index] == [
-            ("event", index, {"event": "trial_start", "number": number}),
+            ("event", index, TrialStarted(number, {"lr": 0.1}, seed=1, parameter_count=10, data=None)),
             ("line", index, "a line of its own"),
-            ("event", index, {"event": "batch", "done": 4, "total": 4}),
-            ("event", index, {"event": "trial_end", "number": number, "state": "COMPLETE", "values": [0.5],
-                              "seconds": 1.0, "sampled": {"lr": 0.1}, "fail_reason": None, "fail_detail": None,
-                              "traceback": None, "resumed_from_epoch": 0, "confirmation_of": None, "repeat": 0,
-                              "prune_reason": None}),
+            ("event", index, BatchDone(4, 4)),
+            ("event", index, TrialEnded(number, "COMPLETE", [0.5], 1.0, {"lr": 0.1})),
             ("ended", index, 0, False),
         ]
     assert [s for s in seen if s[1] == 3] == [("ended", 3, 3, True)]  # died on its own: the user is told
@@ -184,20 +181,22 @@ def test_auto_workers_take_the_cores_of_a_cpu_unless_the_study_lives_in_a_sqlite
 
 # A worker whose stderr (the same pipe as its stdout) glues a library's warning to an event line, then prints an
 # event line cut short, then ends normally.
-GLUED_WORKER = '''
+CUT_SHORT = events.to_line(BatchDone(2, 4))[:-5]
+GLUED_WORKER = f'''
 import sys
-from pipeline.search.workers import EVENT_PREFIX, emit
-sys.stdout.write(EVENT_PREFIX + '{"event": "batch", "done": 1, "total": 2}')
+from pipeline.search.events import BatchDone, WorkerDone, to_line
+from pipeline.search.workers import send
+sys.stdout.write(to_line(BatchDone(1, 2)))
 sys.stdout.flush()
 sys.stderr.write("UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted\\n")
 sys.stderr.flush()
 print()
-print(EVENT_PREFIX + '{"event": "batch", "done": 2, "to')
-emit("done", ran=1, stop_reason="budget")
+print({CUT_SHORT!r})
+send(WorkerDone(1, "budget"))
 '''
 
 # A real coordinator in a process of its own (it installs signal handlers, which only a main thread may), printing
-# what its view is shown, one Python literal a line.
+# what its view is shown, one repr a line.
 COORDINATOR = '''
 import sys
 from pipeline.search import workers
@@ -229,15 +228,87 @@ def test_the_coordinator_ends_and_shows_the_text_of_a_malformed_event_line():
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"the coordinator did not end; it showed: {exc.stdout or ''}") from None
     assert done.returncode == 0, done.stderr
-    seen = [ast.literal_eval(line) for line in done.stdout.splitlines()]
-    assert seen == [
-        ("event", 1, {"event": "batch", "done": 1, "total": 2}),
+    assert done.stdout.splitlines() == [repr(shown) for shown in [
+        ("event", 1, BatchDone(1, 2)),
         # as the worker wrote it: the view masks the password as it prints (tests/test_views.py)
         ("line", 1, "UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted"),
-        ("line", 1, workers.EVENT_PREFIX + '{"event": "batch", "done": 2, "to'),
+        ("line", 1, CUT_SHORT),
         ("ended", 1, 0, False),
         ("ran", 1, ["budget"]),
-    ]
+    ]]
+
+
+# --------------------------------------------------------------------------------------------------
+# The event lines: written by events.to_line in a worker, read by events.from_line in its coordinator
+
+EVERY_EVENT = [
+    TrialStarted(3, {"model": "cnn", "lr": 0.001}, seed=7, parameter_count=1234, data=None, confirmation_of=1,
+                 repeat=2),
+    BatchDone(3, 10),
+    EpochEnded(3, epoch=2, val_accuracy=0.75, val_loss=0.625, seconds=1.5),
+    TrialEnded(3, "PRUNED", None, 2.0, {"lr": 0.5}, fail_reason="pruned", fail_detail="epoch 2: 0.1 < 0.5",
+               prune_reason={"epoch": 2, "kind": "median"}),
+    Waiting(),
+    Warned("MLflow is slow:\nsecond line"),
+    events.StudyFailed("3 trials failed in a row"),
+    WorkerDone(4, "timeout"),
+]
+
+
+@pytest.mark.parametrize("event", EVERY_EVENT, ids=lambda e: type(e).__name__)
+def test_each_event_comes_back_as_it_was_sent_from_one_line(event):
+    line = events.to_line(event)
+    assert "\n" not in line and line.startswith(events.EVENT_PREFIX)
+    assert events.from_line(line) == [event]
+    assert events.from_line(line + " glued text ") == [event, "glued text"]
+
+
+def test_the_prepared_data_of_a_started_trial_stays_in_the_worker():
+    sent = TrialStarted(3, {"lr": 0.001}, seed=7, parameter_count=1234, data=object())  # stands for the tensors
+    line = events.to_line(sent)
+    assert "data" not in line
+    assert events.from_line(line) == [TrialStarted(3, {"lr": 0.001}, seed=7, parameter_count=1234, data=None)]
+
+
+@pytest.mark.parametrize("line", [
+    events.EVENT_PREFIX + '{"event": "BatchDone", "done": 1}',  # a field missing
+    events.EVENT_PREFIX + '{"event": "BatchDone", "done": 1, "total": 2, "more": 3}',  # a field unknown
+    events.EVENT_PREFIX + '{"event": "Nothing"}',  # no such event
+    events.EVENT_PREFIX + '{"event": ["BatchDone"]}',
+    events.EVENT_PREFIX + '["BatchDone"]',
+    events.EVENT_PREFIX + '{"event": "BatchDone", "do',  # cut short
+    "a worker's own line, not an event",
+])
+def test_a_line_that_holds_no_whole_event_is_text(line):
+    assert events.from_line(line) == [line]
+
+
+def test_an_empty_line_holds_nothing():
+    assert events.from_line("") == [] and events.from_line("  ") == []
+
+
+def test_a_worker_whose_coordinator_is_gone_sends_into_nothing(monkeypatch):
+    """The coordinator killed outright: the worker's next event finds a broken pipe, which it must not raise (it
+    is failing and queuing its trial again); the events after that go to /dev/null."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+
+    class GonePipe:
+        def write(self, text: str) -> int:
+            return os.write(write_end, text.encode())  # BrokenPipeError: nobody reads
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return write_end
+
+    monkeypatch.setattr(sys, "stdout", GonePipe())
+    try:
+        workers.send(Waiting())
+        workers.send(Waiting())  # the pipe's end now writes to /dev/null
+    finally:
+        os.close(write_end)
 
 
 @pytest.mark.faults  # README: What survives what

@@ -1,20 +1,27 @@
 """What happens during a search, as events: the search loop tells its listeners, and knows none of them.
 
-Listeners: the console view (views.py), a worker's event lines to its coordinator (workers.py) and
-MLflow (tracking.py). A listener overrides the events it cares about; the rest do nothing. An exception
+Listeners: the console view (console/search_view.py), a worker's event lines to its coordinator (workers.py) and
+MLflow (tracking/study_run.py). A listener overrides the events it cares about; the rest do nothing. An exception
 raised by `trial_started`, `epoch_ended`, `new_best` or `confirmation_model` fails that trial (it is recorded with the
 traceback, the search goes on); `trial_ended` is told after the trial is safe in Optuna, and its
 errors only warn.
+
+A worker tells its coordinator what happens as these events too, one line each (`to_line`, read back by
+`from_line`): the trial events above and the few below that only a worker sends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:  # annotations only: this module imports neither torch nor Optuna
     from pipeline.data.loading import PreparedData
     from pipeline.training.train import EpochMetrics, TrainedModel
+
+SENT = "sent"  # a field's metadata key: False for a field that stays in its process, never on a worker's line
 
 
 @dataclass(frozen=True)
@@ -23,7 +30,8 @@ class TrialStarted:
     params: dict[str, Any]  # resolved: every model and training key
     seed: int
     parameter_count: int  # -1 when the model cannot be built (the trial then fails and says why)
-    data: PreparedData
+    # The prepared tensors stay in their process: a TrialStarted read from a worker's line has None here.
+    data: PreparedData = field(metadata={SENT: False})
     confirmation_of: int | None = None  # a champion-phase run: it trains this search trial's configuration again
     repeat: int = 0  # ...with the seed of this repeat (champion.py)
 
@@ -118,3 +126,106 @@ class Listeners(Listener):
     def warning(self, message: str) -> None:
         for listener in self.listeners:
             listener.warning(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# A worker's events for its coordinator: besides TrialStarted and TrialEnded, what only a worker sends
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """The running trial's epoch has trained `done` of its `total` batches."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    """Trial `number` ended an epoch: what the console shows of its EpochMetrics."""
+
+    number: int
+    epoch: int
+    val_accuracy: float
+    val_loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Other processes run the budget's last trials; the worker waits (told again every second while it waits)."""
+
+
+@dataclass(frozen=True)
+class Warned:
+    """A warning (or a note) the user should read."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class StudyFailed:
+    """Too many trials failed in a row: the worker stopped the study, the coordinator stops the other workers."""
+
+    failure: str | None
+
+
+@dataclass(frozen=True)
+class WorkerDone:
+    """The worker's search ended on its budget or its time (neither interrupted nor failed)."""
+
+    ran: int  # trials it ran
+    stop_reason: str
+
+
+Shown: TypeAlias = TrialStarted | BatchDone | EpochEnded | TrialEnded | Waiting | Warned  # what the coordinator draws
+WorkerEvent: TypeAlias = Shown | StudyFailed | WorkerDone
+
+# Each event's type by its name on the wire.
+EVENT_TYPES: dict[str, type[WorkerEvent]] = {
+    kind.__name__: kind for kind in (TrialStarted, BatchDone, EpochEnded, TrialEnded, Waiting, Warned, StudyFailed,
+                                     WorkerDone)
+}
+
+EVENT_PREFIX = "@event "  # marks a worker's event lines; anything else it prints is passed on as text
+
+
+def to_line(event: WorkerEvent) -> str:
+    """`event` as one line of a worker's output (without its newline): EVENT_PREFIX, then its type's name and its
+    fields as a JSON object (which holds no line break: JSON escapes those in strings)."""
+    fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.metadata.get(SENT, True)}
+    return EVENT_PREFIX + json.dumps({"event": type(event).__name__, **fields}, default=str)
+
+
+def from_line(line: str) -> list[WorkerEvent | str]:
+    """What one line of a worker's output holds: an event, text, or both (the event first).
+
+    The worker's stderr shares the pipe, so a library's warning may be glued to the end of an event line: the
+    event is kept and the rest shown as text. A line that holds no whole event (cut short, garbled) is text too.
+    """
+    if line.startswith(EVENT_PREFIX):
+        try:
+            fields, end = json.JSONDecoder().raw_decode(line, len(EVENT_PREFIX))
+        except json.JSONDecodeError:
+            fields, end = None, 0
+        event = _event(fields)
+        if event is not None:
+            rest = line[end:].strip()
+            return [event, rest] if rest else [event]
+    return [line] if line.strip() else []
+
+
+def _event(fields: object) -> WorkerEvent | None:
+    """The event that an event line's JSON object describes; None when it describes none."""
+    if not isinstance(fields, dict):
+        return None
+    name = fields.pop("event", None)
+    kind = EVENT_TYPES.get(name) if isinstance(name, str) else None
+    if kind is None:
+        return None
+    # The fields that stay in the worker's process (see SENT) are None in the coordinator's.
+    kept: dict[str, Any] = {f.name: None for f in dataclasses.fields(kind) if not f.metadata.get(SENT, True)}
+    try:
+        return kind(**kept, **fields)
+    except TypeError:  # fields missing or unknown
+        return None

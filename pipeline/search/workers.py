@@ -1,16 +1,14 @@
 """Several search workers on one host: start them, share out GPUs and CPU threads, relay their events.
 
-A worker is an ordinary search process (`search ... --worker`) on the shared Optuna storage; instead
-of drawing its own progress view it prints one JSON event per line on stdout (`EventView`), and the
-coordinating process (`coordinate`) hands them to one view of the whole study. Which trial each
-worker runs is decided by Optuna's storage alone; nothing here schedules trials.
+A worker is an ordinary search process (`search ... --worker`) on the shared Optuna storage; instead of drawing its
+own progress view it prints one event per line on stdout (`EventView`; events.to_line writes the line,
+events.from_line reads it back), and the coordinating process (`coordinate`) hands them to one view of the whole
+study. Which trial each worker runs is decided by Optuna's storage alone; nothing here schedules trials.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import os
 import queue
 import signal
@@ -24,16 +22,28 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.infra.concurrency import available_cores, quiet_if_hung_up, stop_with_parent
 from pipeline.infra.memory import HOST_WORKERS_ENV
-from pipeline.search.events import Listener, TrialEnded, TrialStarted
+from pipeline.search.events import (
+    BatchDone,
+    EpochEnded,
+    Listener,
+    Shown,
+    StudyFailed,
+    TrialEnded,
+    TrialStarted,
+    Waiting,
+    Warned,
+    WorkerDone,
+    WorkerEvent,
+    from_line,
+    to_line,
+)
 
 if TYPE_CHECKING:
-    from pipeline.search.options import SearchOptions, SearchOutcome
+    from pipeline.search.options import SearchOptions, SearchOutcome, Status
     from pipeline.spec.studies import StudySpec
     from pipeline.training.train import EpochMetrics
 
 BATCH_EVENT_SECONDS = 0.25  # a few progress updates a second is plenty
-
-EVENT_PREFIX = "@event "  # marks a worker's event lines; anything else it prints is passed on as text
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class Workers:
 
     def __init__(self, command: list[str], plans: list[WorkerPlan], environment: dict[str, str] | None = None):
         self.plans = plans
-        self.lines: queue.Queue[tuple[int, dict[str, Any] | str | None]] = queue.Queue()
+        self.lines: queue.Queue[tuple[int, WorkerEvent | str | None]] = queue.Queue()
         self.processes: dict[int, subprocess.Popen] = {}
         for p in plans:
             env = dict(os.environ, **(environment or {}), OMP_NUM_THREADS=str(p.threads),
@@ -122,13 +132,13 @@ class Workers:
         assert process.stdout is not None
         try:
             for line in process.stdout:
-                for item in parse_line(line.rstrip("\n")):
+                for item in from_line(line.rstrip("\n")):
                     self.lines.put((index, item))
         finally:  # whatever happens here, the coordinator must learn that this worker's output ended
             self.lines.put((index, None))  # it has exited or is about to
 
-    def events(self, poll_seconds: float = 0.5) -> Iterator[tuple[int, dict[str, Any] | str | None]]:
-        """(worker, event dict | text line | None when it ended), until every worker has ended;
+    def events(self, poll_seconds: float = 0.5) -> Iterator[tuple[int, WorkerEvent | str | None]]:
+        """(worker, event | text line | None when it ended), until every worker has ended;
         (0, None) every `poll_seconds` when nothing arrived, so the caller can refresh its view."""
         open_ = set(self.processes)
         while open_:
@@ -149,23 +159,6 @@ class Workers:
 
     def exit_codes(self) -> dict[int, int | None]:
         return {index: p.poll() for index, p in self.processes.items()}
-
-
-def parse_line(line: str) -> list[dict[str, Any] | str]:
-    """What one line of a worker's output holds: an event, text, or both.
-
-    The worker's stderr shares the pipe, so a library's warning may be glued to the end of an event line: the
-    event is kept and the rest shown as text. A line that holds no whole event (cut short, garbled) is text too.
-    """
-    if line.startswith(EVENT_PREFIX):
-        try:
-            event, end = json.JSONDecoder().raw_decode(line, len(EVENT_PREFIX))
-        except json.JSONDecodeError:
-            event, end = None, 0
-        if isinstance(event, dict) and "event" in event:
-            rest = line[end:]
-            return [event, rest.strip()] if rest.strip() else [event]
-    return [line] if line.strip() else []
 
 
 def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:
@@ -194,12 +187,12 @@ def storage_environment(url: str) -> dict[str, str]:
 # In a worker: events out
 
 
-def emit(event: str, **fields: Any) -> None:
+def send(event: WorkerEvent) -> None:
     """In a worker: one event line for the coordinator."""
     # One write, not print's two (the text, then its newline): a warning on stderr, which shares the pipe, cannot
     # then land between an event and its line's end (whole only up to the pipe's atomic size, PIPE_BUF).
     try:
-        sys.stdout.write(EVENT_PREFIX + json.dumps({"event": event, **fields}, default=str) + "\n")
+        sys.stdout.write(to_line(event) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
         # The coordinator is gone (killed outright; its death signal stops this worker at the next safe point).
@@ -215,46 +208,46 @@ class EventView(Listener):
         self.last_batch = 0.0
 
     def trial_started(self, trial: TrialStarted) -> None:
-        emit("trial_start", number=trial.number)
+        send(trial)
 
     def batch_done(self, done: int, total: int) -> None:
         if time.monotonic() - self.last_batch > BATCH_EVENT_SECONDS or done == total:
             self.last_batch = time.monotonic()
-            emit("batch", done=done, total=total)
+            send(BatchDone(done, total))
 
     def epoch_ended(self, number: int, metrics: EpochMetrics) -> None:
-        emit("epoch", number=number, epoch=metrics.epoch, val_accuracy=metrics.val_accuracy,
-             val_loss=metrics.val_loss, seconds=metrics.epoch_seconds)
+        send(EpochEnded(number, metrics.epoch, metrics.val_accuracy, metrics.val_loss, metrics.epoch_seconds))
 
     def trial_ended(self, trial: TrialEnded) -> None:
-        emit("trial_end", **dataclasses.asdict(trial))
+        send(trial)
 
     def waiting(self) -> None:
-        emit("waiting")
+        send(Waiting())
 
     def warning(self, message: str) -> None:
-        emit("warning", text=message)
+        send(Warned(message))
 
     def say(self, message: str) -> None:
         pass  # the coordinator speaks for the study
 
     def note(self, message: str) -> None:
-        emit("warning", text=message)
+        send(Warned(message))
 
     def header(self, text: str) -> None:
         pass
 
-    def running(self, spec: StudySpec, status: Any) -> contextlib.AbstractContextManager:
+    def running(self, spec: StudySpec, status: Status, total: int | None = None,
+                what: str = "trials") -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
-    def workers_view(self, spec: StudySpec, status: Any, pool: Workers) -> WorkersView:
+    def workers_view(self, spec: StudySpec, status: Status, pool: Workers) -> WorkersView:
         raise AssertionError("a worker does not start workers")
 
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
         if outcome.stop_reason == "failed":
-            emit("too_many_failures", text=outcome.failure)
+            send(StudyFailed(outcome.failure))
         elif outcome.stop_reason != "interrupted":
-            emit("done", ran=outcome.ran, stop_reason=outcome.stop_reason)
+            send(WorkerDone(outcome.ran, outcome.stop_reason))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,13 +255,13 @@ class EventView(Listener):
 
 
 class WorkersView(Protocol):
-    """What the coordinator shows (views.WorkersView draws it)."""
+    """What the coordinator shows (console/workers_view.py draws it)."""
 
     def __enter__(self) -> Any: ...
     def __exit__(self, *exc: Any) -> Any: ...
     def worker_ended(self, index: int, process: subprocess.Popen, unexpected: bool) -> None: ...
     def worker_line(self, index: int, text: str) -> None: ...
-    def show(self, index: int, event: dict[str, Any]) -> None: ...
+    def show(self, index: int, event: Shown) -> None: ...
 
 
 @dataclass
@@ -301,21 +294,22 @@ def coordinate(pool: Workers, view: WorkersView) -> Coordinated:
             for index, item in pool.events():
                 if index == 0:
                     continue  # nothing arrived for a moment
-                if item is None:
-                    code = pool.processes[index].returncode
-                    view.worker_ended(index, pool.processes[index],
-                                      unexpected=bool(code) and not received and result.failure is None)
-                elif isinstance(item, str):  # a worker's own line (an error message, a library's warning)
-                    view.worker_line(index, item)
-                elif item["event"] == "too_many_failures":
-                    if result.failure is None:
-                        result.failure = item["text"]
-                        pool.signal_all(signal.SIGTERM)  # the study stops: the other workers stop too
-                elif item["event"] == "done":
-                    result.ran += item["ran"]
-                    result.stop_reasons.add(item["stop_reason"])
-                else:
-                    view.show(index, item)
+                match item:
+                    case None:
+                        code = pool.processes[index].returncode
+                        view.worker_ended(index, pool.processes[index],
+                                          unexpected=bool(code) and not received and result.failure is None)
+                    case str():  # a worker's own line (an error message, a library's warning)
+                        view.worker_line(index, item)
+                    case StudyFailed(failure=failure):
+                        if result.failure is None:
+                            result.failure = failure
+                            pool.signal_all(signal.SIGTERM)  # the study stops: the other workers stop too
+                    case WorkerDone(ran=ran, stop_reason=stop_reason):
+                        result.ran += ran
+                        result.stop_reasons.add(stop_reason)
+                    case _:
+                        view.show(index, item)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
