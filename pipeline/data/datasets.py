@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.spec.errors import DataError
 from pipeline.infra.fileio import write_atomic
+from pipeline.spec.errors import DataError
 from pipeline.spec.paths import DATA_ROOT
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"

@@ -10,9 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data import cifar
-from pipeline.data import datasets
-from pipeline.data import imagecache
+from pipeline.data import cifar, datasets, imagecache
 from pipeline.spec import sources
 
 

@@ -26,18 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import cifar
-from pipeline.data import datasets
-from pipeline.data import folders
-from pipeline.data import imagecache
-from pipeline.infra import memory
+from pipeline.data import cifar, datasets, folders, imagecache
 from pipeline.data.augment import Augment, NaturalAugment
-from pipeline.spec.errors import DataError
-from pipeline.infra.fileio import write_atomic
 from pipeline.data.images import Preprocessing
+from pipeline.infra import memory
+from pipeline.infra.fileio import write_atomic
+from pipeline.infra.text import byte_size
+from pipeline.spec.errors import DataError
 from pipeline.spec.paths import DATA_ROOT, PROJECT_ROOT
 from pipeline.spec.sources import CIFAR_DATASETS, DEFAULT_VAL_SIZE, DIGITS, FolderSource
-from pipeline.infra.text import byte_size
 
 DEFAULT_SPLIT_SEED = 0
 TEST_SPLIT_SEED = 1000  # carving a folder's test split: fixed, so every study of the folder holds out the same

@@ -25,15 +25,13 @@ from typing import Any
 
 import optuna
 
-from pipeline.search import champion
-from pipeline.infra import fileio
-from pipeline.search import pareto
-from pipeline.spec import paths
-from pipeline.training import reproducibility
 from pipeline import store
-from pipeline.spec import studies
+from pipeline.infra import fileio
+from pipeline.search import champion, pareto
 from pipeline.search.pruning import PruneReason
+from pipeline.spec import paths, studies
 from pipeline.spec.studies import StudySpec
+from pipeline.training import reproducibility
 
 TEMPLATE = Path(__file__).with_name("report_page.html.j2")
 TOP_TRIALS = 10
