@@ -232,7 +232,7 @@ def test_the_coordinator_ends_and_shows_the_text_of_a_malformed_event_line():
     seen = [ast.literal_eval(line) for line in done.stdout.splitlines()]
     assert seen == [
         ("event", 1, {"event": "batch", "done": 1, "total": 2}),
-        # as the worker wrote it: the view masks the password as it prints (tests/test_views.py)
+        # as the worker wrote it: the view masks the password as it prints (tests/console/test_views.py)
         ("line", 1, "UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted"),
         ("line", 1, workers.EVENT_PREFIX + '{"event": "batch", "done": 2, "to'),
         ("ended", 1, 0, False),
