@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset in the real on-disk layout, registered like the real ones; the
-study environment the CLI tests search in (`study_env`); MLflow stores for the tests that track."""
+study environment the CLI tests search in (`study_env`); MLflow stores for the tests that track; the searches
+several modules share; and the helpers more than one test module uses (every test module imports from here, never
+from another test module: the modules live in folders mirroring pipeline/'s packages)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,20 +22,23 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import postgres
 import pytest
 import torch
 from PIL import Image
-from tiny_study import write_study
+from tiny_study import FIXED, write_study
+from ui_process import free_port
 
 from pipeline import store
 from pipeline.cli import main
-from pipeline.data import datasets
+from pipeline.data import datasets, loading
 from pipeline.search import events
-from pipeline.spec import paths, sources
+from pipeline.spec import hparams, paths, sources
 from pipeline.spec.errors import DataError
-from pipeline.training import models
+from pipeline.training import models, train
 
 TINY_CLI = Path(__file__).parent / "tiny_cli.py"
+PROJECT = Path(__file__).resolve().parents[1]
 
 # What the suite may change in the checkout: tools' own folders, and data/, the datasets' download folder that
 # `make data`, searches and the tests share by design (every file landed there is verified by its checksum).
@@ -97,6 +103,13 @@ def write_tiny_dataset(root: Path, n_train: int = 600, n_test: int = 200, name: 
     return info
 
 
+@pytest.fixture
+def tiny(tiny_dataset) -> loading.PreparedData:
+    """The tiny dataset prepared for training as a trial prepares it (100 validation images), on the CPU."""
+    _, root = tiny_dataset
+    return loading.prepare("tiny", root, val_size=100)
+
+
 def tiny_test_pictures(root: Path, count: int, folder: Path) -> list[Path]:
     """The first `count` test images of the tiny dataset under data root `root`, as PNG files in `folder`."""
     images = datasets.read_idx(root / "Tiny" / "raw" / datasets.TEST_IMAGES)[:count]
@@ -127,7 +140,7 @@ def require_real_dataset(name: str) -> None:
         spec = cifar.info(name)
         if not ((paths.DATA_ROOT / spec.folder).is_dir() or (paths.DATA_ROOT / spec.archive).is_file()):
             pytest.skip(f"{name} is not under data/ and cannot be downloaded here (the pipeline's CIFAR code is "
-                        "tested on a tiny archive in the real format: tests/test_cifar.py)")
+                        "tested on a tiny archive in the real format: tests/data/test_cifar.py)")
         return
     info = datasets.DATASETS[name]
     if not all((info.raw_dir(paths.DATA_ROOT) / f).is_file() for f in datasets.FILES):
@@ -276,6 +289,60 @@ def signal_search_mid_trial(process: subprocess.Popen, find_victim, signal_numbe
     thaw(process.pid)
 
 
+def kill_mid_trial(find_victim) -> int:
+    """SIGKILL the process `find_victim()` names, frozen mid-trial (`freeze_mid_trial`). Returns the pid killed."""
+    pid = freeze_mid_trial(find_victim)
+    os.kill(pid, signal.SIGKILL)  # no handler runs, nothing is closed
+    return pid
+
+
+def kill_search_mid_trial(process: subprocess.Popen, find_victim) -> None:
+    """`kill_mid_trial` on a search started by the test: the process is reaped whatever happens, and must have
+    died of that SIGKILL."""
+    try:
+        kill_mid_trial(find_victim)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def descendants_command_lines(roots: list[int]) -> dict[int, str]:
+    """pid -> command line of every living process under `roots` (the roots included)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # ended meanwhile
+    found: dict[int, str] = {}
+    for pid in parents:
+        ancestor = pid
+        while ancestor not in roots and ancestor in parents and ancestor > 1:
+            ancestor = parents[ancestor]
+        if ancestor in roots:
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                pass
+    return found
+
+
+def run_python(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A Python script in a process of its own, importing this checkout's `pipeline`."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONPATH=str(PROJECT)))
+
+
+@pytest.fixture(scope="module")
+def postgresql_server() -> Iterator[postgres.Server]:
+    """A private PostgreSQL server on 127.0.0.1 (tests/postgres.py), one for the module that asks for it."""
+    server = postgres.start(free_port())
+    yield server
+    server.stop()
+
+
 def mlflow_store_path(tmp_path: Path) -> Path:
     return tmp_path / "mlruns" / "mlflow.db"
 
@@ -400,7 +467,7 @@ class TrackedSearch:
 
 
 @contextlib.contextmanager
-def tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[StudyEnv, datasets.DatasetInfo]]:
+def shared_tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[StudyEnv, datasets.DatasetInfo]]:
     """For a module's shared search: a study env under `base` with its own copy of the empty MLflow store and
     the tiny dataset written and registered, MLFLOW_TRACKING_URI naming that store while the block runs."""
     (base / "mlruns").mkdir()
@@ -411,6 +478,141 @@ def tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[StudyEnv
         patch.setitem(datasets.DATASETS, info.name, info)
         patch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
         yield env, info
+
+
+def register_search(search: TrackedSearch, monkeypatch) -> None:
+    """A module's shared search made current in this test: its dataset registered, its MLflow store named."""
+    monkeypatch.setitem(datasets.DATASETS, search.info.name, search.info)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", search.env.tracking_uri)
+
+
+# --------------------------------------------------------------------------------------------------
+# Searches several tests share: made once, used by each test through a fixture that makes it current
+
+
+EXPORT_FIXED = {"precision": "fp32", "optimizer": "adamw", "schedule": "none", "augment": 0.0}  # fp32 reproduces
+NOT_SEARCHED = {"dropout": None}
+
+
+def write_export_study(env: StudyEnv, trials: int = 2, baseline_lr: float = 1e-2) -> None:
+    """The export tests' study: three epochs a trial; the sampled learning rates reach divergent ones."""
+    env.write_study(trials=trials, seed=5, sampler="random", pruner="none", epochs=3,
+                    fixed={"batch_size": 25, **EXPORT_FIXED},
+                    space={"lr": {"type": "float", "low": 3e-3, "high": 1e4, "log": True}, **NOT_SEARCHED},
+                    baseline=[{"lr": baseline_lr}])
+
+
+@pytest.fixture(scope="module")
+def shared_exported_search(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
+    """One tracked search of the export study and its export, shared by a module's tests (they copy before they
+    change it)."""
+    base = tmp_path_factory.mktemp("searched")
+    with shared_tracked_env(base, empty_mlflow_store) as (env, info):
+        write_export_study(env)
+        assert env.run("search") == 0
+        assert env.run("export-best") == 0
+    return TrackedSearch(env, info)
+
+
+@pytest.fixture
+def exported_search(shared_exported_search, monkeypatch) -> TrackedSearch:
+    """The shared exported search in this test: its dataset registered, its MLflow store current."""
+    register_search(shared_exported_search, monkeypatch)
+    return shared_exported_search
+
+
+@dataclass
+class PristineSearch(TrackedSearch):
+    """A tracked search of the tiny study (one finished fp32 trial, not exported), and copies of both its stores
+    as the search left them, for tests that damage a store of their own."""
+
+    pristine: Path  # optuna.db and mlflow.db as the search left them
+
+
+@pytest.fixture(scope="session")
+def shared_pristine_search(tmp_path_factory, empty_mlflow_store) -> PristineSearch:
+    """The pristine search, made once for the fault modules that damage copies of its stores."""
+    base = tmp_path_factory.mktemp("searched")
+    with shared_tracked_env(base, empty_mlflow_store) as (env, info):
+        env.write_study(trials=1, sampler="random", pruner="none", fixed={"precision": "fp32"})
+        assert env.run("search") == 0
+    pristine = base / "pristine"
+    pristine.mkdir()
+    shutil.copy(base / "optuna.db", pristine / "optuna.db")
+    shutil.copy(base / "mlruns" / "mlflow.db", pristine / "mlflow.db")
+    return PristineSearch(env, info, pristine)
+
+
+@pytest.fixture
+def pristine_search(shared_pristine_search, monkeypatch) -> PristineSearch:
+    """The shared pristine search in this test: its dataset registered, its MLflow store current."""
+    register_search(shared_pristine_search, monkeypatch)
+    return shared_pristine_search
+
+
+# --------------------------------------------------------------------------------------------------
+# Studies more than one test module searches
+
+
+def write_two_lr_study(env: StudyEnv, trials: int = 3, epochs: int = 1, channels: list[int] | None = None,
+                       head: str = "gap", head_units: int = 0) -> None:
+    """Random search over two learning rates, a weak and a strong one, each also queued as a baseline."""
+    env.write_study(trials=trials, epochs=epochs, seed=11, sampler="random", pruner="none",
+                    fixed={"cnn_channels": channels or [8, 16], "head": head, "head_units": head_units,
+                           "precision": "fp32", "augment": 0.0},
+                    space={"lr": {"type": "categorical", "choices": [1e-5, 3e-3]}, "dropout": None},
+                    baseline=[{"lr": 1e-5}, {"lr": 3e-3}])
+
+
+# The tracking study's three baselines run first, in order: a normal trial, one that diverges (PRUNED), one that
+# raises inside the trainer (FAIL, see `tracked_env_failing_at_lr`); then sampled trials. fp32, so the registered
+# fp32 model reproduces the score.
+FAILING_LR = 0.07
+
+
+def write_tracking_study(env: StudyEnv, trials: int, **overrides) -> None:
+    """The tracking tests' study: the three baselines above, then random trials."""
+    env.write_study(trials=trials, seed=3, sampler="random", pruner="none", epochs=2,
+                    fixed={"precision": "fp32", "optimizer": "sgd", "schedule": "none", "batch_norm": False},
+                    space={"lr": {"type": "float", "low": 1e-2, "high": 1e4, "log": True}, "dropout": None},
+                    baseline=[{"lr": 0.05}, {"lr": 1e4}, {"lr": FAILING_LR}], **overrides)
+
+
+@pytest.fixture
+def tracked_env_failing_at_lr(study_env, mlflow_store, monkeypatch) -> StudyEnv:
+    """The study env tracking into this test's MLflow store; trials with lr = FAILING_LR fail with an exception."""
+    real_fit = train.fit
+
+    def fail_at_lr(params, *args, **kwargs):
+        if params.get("lr") == FAILING_LR:
+            raise RuntimeError("injected failure inside the trainer")
+        return real_fit(params, *args, **kwargs)
+
+    monkeypatch.setattr(train, "fit", fail_at_lr)
+    return study_env
+
+
+PARETO_CHANNELS = ([4, 8], [8, 16], [16, 32])
+
+
+def cnn_parameter_count(channels: list[int]) -> int:
+    """The parameter count of the tiny study's CNN with `channels`."""
+    params = hparams.resolve_params({"model": "cnn", **FIXED, "cnn_channels": channels})
+    return models.count_parameters(models.build_model(params, 10, (1, 28, 28), imagenet=False))
+
+
+def pareto_study(**overrides) -> dict:
+    """Three objectives (accuracy, size, latency), a size constraint the largest channel choice misses, and a rule:
+    the smallest model within 0.2 of the front's best accuracy."""
+    limit = cnn_parameter_count(PARETO_CHANNELS[1])
+    return {"trials": 5, "sampler": "nsga2", "pruner": "none", "epochs": 2,
+            "objectives": [{"metric": "val_accuracy"}, {"metric": "parameter_count"}, {"metric": "latency_ms"}],
+            "fixed": {"cnn_channels": None},
+            "space": {"lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
+                      "cnn_channels": {"type": "categorical", "choices": [list(c) for c in PARETO_CHANNELS]}},
+            "baseline": [{"lr": 2e-2, "dropout": 0.0, "cnn_channels": list(c)} for c in PARETO_CHANNELS],
+            "constraints": {"parameter_count": {"max": limit}},
+            "champion": {"prefer": "parameter_count", "within": {"val_accuracy": 0.2}}} | overrides
 
 
 @pytest.fixture
@@ -451,6 +653,25 @@ def tiny_cifar(tmp_path, monkeypatch):
     from cifar_archive import make_tiny_cifar
 
     return make_tiny_cifar(tmp_path / "data", monkeypatch)
+
+
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def chromium():
+    """A headless Chromium driven by Selenium, its console logged; the test skips where chromium-driver is not
+    installed (`make test-browser` installs it)."""
+    if not Path(CHROMEDRIVER).exists():
+        pytest.skip("chromium-driver is not installed; `make test-browser` installs it")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for get_log("browser")
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
 
 
 def refusal(action) -> str:

@@ -11,31 +11,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import StudyEnv, require_real_dataset, wait_until
-from test_tracking import tracked_env, write_study  # noqa: F401  (tracked_env is a fixture)
+from conftest import StudyEnv, chromium, require_real_dataset, wait_until, write_tracking_study
 from ui_process import free_port, start_ui, stop_ui
 
 from pipeline.cli import main
 from pipeline.spec import paths
 
 pytestmark = pytest.mark.browser
-
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-
-
-def chromium():
-    if not Path(CHROMEDRIVER).exists():
-        pytest.skip("chromium-driver is not installed; `make test-browser` installs it")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for get_log("browser")
-    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-
 
 def wait_for(condition, what: str):
     """What `condition()` finds on the page, once it does; the page is still rendering while elements come
@@ -86,10 +68,10 @@ def walk_through_the_ui(env: StudyEnv, study: str, screenshots: Path) -> None:
         stop_ui(process, port)
 
 
-def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(tracked_env, tmp_path):  # noqa: F811
-    write_study(tracked_env, trials=3)
-    assert tracked_env.run("search") == 0
-    walk_through_the_ui(tracked_env, "tiny", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))
+def test_ui_lists_the_parent_with_trials_nested_and_compares_their_parameters(tracked_env_failing_at_lr, tmp_path):
+    write_tracking_study(tracked_env_failing_at_lr, trials=3)
+    assert tracked_env_failing_at_lr.run("search") == 0
+    walk_through_the_ui(tracked_env_failing_at_lr, "tiny", Path(os.environ.get("SCREENSHOT_DIR", tmp_path)))
 
 
 @pytest.mark.data

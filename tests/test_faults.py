@@ -21,7 +21,16 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import TINY_CLI, StudyEnv, freeze_mid_trial, mlflow_runs, thaw, trial_runs, wait_until
+from conftest import (
+    TINY_CLI,
+    freeze_mid_trial,
+    kill_mid_trial,
+    mlflow_runs,
+    thaw,
+    trial_runs,
+    wait_until,
+    write_two_lr_study,
+)
 from PIL import Image
 from ui_process import free_port, wait_for_health
 
@@ -31,34 +40,6 @@ from pipeline.tracking import study_run
 from pipeline.training import models
 
 pytestmark = pytest.mark.faults
-
-
-def write_study(env: StudyEnv, trials: int = 3, epochs: int = 1, channels: list[int] | None = None,
-                head: str = "gap", head_units: int = 0) -> None:
-    """Random search over two learning rates, a weak and a strong one, each also queued as a baseline."""
-    env.write_study(trials=trials, epochs=epochs, seed=11, sampler="random", pruner="none",
-                    fixed={"cnn_channels": channels or [8, 16], "head": head, "head_units": head_units,
-                           "precision": "fp32", "augment": 0.0},
-                    space={"lr": {"type": "categorical", "choices": [1e-5, 3e-3]}, "dropout": None},
-                    baseline=[{"lr": 1e-5}, {"lr": 3e-3}])
-
-
-def kill_mid_trial(find_victim) -> int:
-    """SIGKILL the process `find_victim()` names, frozen mid-trial (`freeze_mid_trial`). Returns the pid killed."""
-    pid = freeze_mid_trial(find_victim)
-    os.kill(pid, signal.SIGKILL)  # no handler runs, nothing is closed
-    return pid
-
-
-def kill_search_mid_trial(process: subprocess.Popen, find_victim) -> None:
-    """`kill_mid_trial` on a search started by the test: the process is reaped whatever happens, and must have
-    died of that SIGKILL."""
-    try:
-        kill_mid_trial(find_victim)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL
 
 
 def integrity_ok(url: str) -> bool:
@@ -74,7 +55,7 @@ def integrity_ok(url: str) -> bool:
 def test_kill_9_mid_trial_then_rerun_fails_retries_and_completes(study_env, mlflow_store, tmp_path, storage):
     """The rerun finds the killed trial's process gone (same host): failed and queued again at once."""
     env = study_env.replace(storage=str(tmp_path / "studies" / "optuna.journal")) if storage == "journal" else study_env
-    write_study(env, trials=3, epochs=8)
+    write_two_lr_study(env, trials=3, epochs=8)
     fast_heartbeat = dict(os.environ, PIPELINE_HEARTBEAT_SECONDS="1", PIPELINE_GRACE_SECONDS="3")
     process = subprocess.Popen(env.command("search"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env=fast_heartbeat)
@@ -158,7 +139,7 @@ def test_kill_9_during_checkpoint_writes_never_leaves_a_truncated_checkpoint(tin
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_two_searches_on_one_study_at_once_both_contribute_nothing_lost(study_env, mlflow_store, tmp_path, storage):
     env = study_env.replace(storage=str(tmp_path / "studies" / "optuna.journal")) if storage == "journal" else study_env
-    write_study(env, trials=6, epochs=2)
+    write_two_lr_study(env, trials=6, epochs=2)
     first = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outputs = [p.communicate(timeout=600) for p in (first, second)]
@@ -190,7 +171,7 @@ def limit_file_size(limit: int):
 
 def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(study_env, mlflow_store):
     # A flatten head of 1024 units: the model is ~3.2 MB, over the 2.5 MB limit; the databases stay under it.
-    write_study(study_env, trials=1, channels=[16, 16], head="flatten", head_units=1024)
+    write_two_lr_study(study_env, trials=1, channels=[16, 16], head="flatten", head_units=1024)
     assert subprocess.run(study_env.command("search"), capture_output=True, text=True, timeout=300).returncode == 0
     first = study_env.records()[0]
     assert first.state == "COMPLETE"  # the weak baseline, its model logged
@@ -220,7 +201,7 @@ def test_disk_full_fails_the_trial_keeps_the_rest_and_resumes(study_env, mlflow_
 def test_disk_full_on_the_databases_stops_the_study_in_one_line_and_resumes(study_env, mlflow_store):
     """The databases themselves cannot grow: a file-size limit at the Optuna store's size, below the MLflow
     store's. The first write that needs room fails; the study stops there instead of failing trial after trial."""
-    write_study(study_env, trials=1)
+    write_two_lr_study(study_env, trials=1)
     assert subprocess.run(study_env.command("search"), capture_output=True, text=True, timeout=300).returncode == 0
     first = study_env.records()[0]
     optuna_db = study_env.storage.removeprefix("sqlite:///")
@@ -250,7 +231,7 @@ def test_disk_full_on_the_databases_stops_the_study_in_one_line_and_resumes(stud
 
 
 def test_locked_tracking_store_fails_fast_before_training(study_env, mlflow_store, capsys):
-    write_study(study_env)
+    write_two_lr_study(study_env)
     lock = sqlite3.connect(mlflow_store.removeprefix("sqlite:///"), timeout=0)
     lock.execute("BEGIN EXCLUSIVE")  # another program holds the database
     try:
@@ -315,7 +296,7 @@ def test_predict_reports_bad_images_by_name_and_classifies_the_rest(tmp_path, ca
 
 def test_corrupt_dataset_file_stops_the_search_before_anything_is_made(study_env, mlflow_store, capsys):
     """The data is checked before the study and its MLflow parent run exist: nothing is left half-made."""
-    write_study(study_env)
+    write_two_lr_study(study_env)
     labels = study_env.root / "Tiny" / "raw" / "t10k-labels-idx1-ubyte"
     payload = bytearray(labels.read_bytes())
     payload[-1] ^= 0xFF  # one flipped byte
@@ -344,7 +325,7 @@ def test_tracking_server_lost_mid_search_stops_with_reasons_then_resumes(study_e
         wait_for_health(port)
         return server
 
-    write_study(env, trials=4, epochs=20)  # trial 1 runs long enough to be caught before it ends
+    write_two_lr_study(env, trials=4, epochs=20)  # trial 1 runs long enough to be caught before it ends
     quick_failures = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     server, process = start_server(), None
     try:

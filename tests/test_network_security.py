@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import postgres
 import pytest
 import requests
-from conftest import mlflow_runs, wait_until
-from test_faults import write_study
+from conftest import descendants_command_lines, mlflow_runs, wait_until, write_two_lr_study
 from ui_process import free_port, wait_for_health
 
 from pipeline import store
@@ -267,43 +265,15 @@ def test_make_server_listens_on_loopback_only_by_default(mlflow_store):
     assert f"MLflow tracking server on 127.0.0.1:{port}" in output
 
 
-def descendants_command_lines(roots: list[int]) -> dict[int, str]:
-    """pid -> command line of every living process under `roots` (the roots included)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass  # ended meanwhile
-    found: dict[int, str] = {}
-    for pid in parents:
-        ancestor = pid
-        while ancestor not in roots and ancestor in parents and ancestor > 1:
-            ancestor = parents[ancestor]
-        if ancestor in roots:
-            try:
-                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                pass
-    return found
-
-
-@pytest.fixture(scope="module")
-def postgresql():
-    server_ = postgres.start(free_port())
-    yield server_
-    server_.stop()
-
-
 @pytest.mark.scale
-def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env, postgresql, tmp_path, monkeypatch):
+def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env, postgresql_server, tmp_path,
+                                                                      monkeypatch):
     """The README's many-hosts set-up on loopback: PostgreSQL with a sentinel password for both stores, `make
     server` with MLflow's login (another sentinel for its admin), a 2-worker search logging in through MLflow's
     variables. The sentinels are in no process's command line while it runs, no output, no MLflow record."""
-    postgresql.create_user("sentinel", SENTINEL)
-    optuna_url = postgresql.create_database("optuna_sentinel", "sentinel", SENTINEL)
-    backend_url = postgresql.create_database("mlflow_sentinel", "sentinel", SENTINEL)
+    postgresql_server.create_user("sentinel", SENTINEL)
+    optuna_url = postgresql_server.create_database("optuna_sentinel", "sentinel", SENTINEL)
+    backend_url = postgresql_server.create_database("mlflow_sentinel", "sentinel", SENTINEL)
     port = free_port()
     quiet = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="1000")
     monkeypatch.delenv("STORAGE", raising=False)
@@ -325,7 +295,7 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
             study_run.connect(uri)  # a search without the login stops before training, saying what to set
 
         env = study_env.replace(storage=optuna_url, tracking_uri=uri)
-        write_study(env, trials=2, epochs=1)
+        write_two_lr_study(env, trials=2, epochs=1)
         command = env.command("search", "--workers", "2")
         at = command.index("--storage")
         del command[at:at + 2]  # STORAGE comes from the environment, as `make search` with STORAGE exported
@@ -398,7 +368,7 @@ def test_a_search_logs_its_runs_over_https_as_a_non_admin_and_plain_http_is_refu
         assert created.ok, created.text
 
         env = study_env.replace(tracking_uri=uri)
-        write_study(env, trials=2, epochs=1)
+        write_two_lr_study(env, trials=2, epochs=1)
         login = dict(quiet, MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_USERNAME="trainer",
                      MLFLOW_TRACKING_PASSWORD=TRAINER_PASSWORD)
         untrusted = subprocess.run(env.command("search"), capture_output=True, text=True, env=login, timeout=300)

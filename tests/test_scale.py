@@ -12,26 +12,27 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import postgres
 import pytest
 import requests
-from conftest import StudyEnv, freeze_when, mlflow_runs, thaw, thread_status, trial_runs, wait_until
+from conftest import (
+    StudyEnv,
+    freeze_when,
+    kill_mid_trial,
+    mlflow_runs,
+    thaw,
+    thread_status,
+    trial_runs,
+    wait_until,
+    write_two_lr_study,
+)
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from test_faults import kill_mid_trial, write_study
 from ui_process import free_port, wait_for_health
 
 from pipeline import store
 
 pytestmark = pytest.mark.scale
 FAST_HEARTBEAT = {"PIPELINE_HEARTBEAT_SECONDS": "1", "PIPELINE_GRACE_SECONDS": "3"}
-
-
-@pytest.fixture(scope="module")
-def postgresql() -> Iterator[postgres.Server]:
-    server = postgres.start(free_port())
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -42,15 +43,16 @@ def journal_env(study_env, tmp_path) -> StudyEnv:
 
 
 @pytest.fixture
-def postgres_env(study_env, tmp_path, postgresql, request) -> Iterator[StudyEnv]:
+def postgres_env(study_env, tmp_path, postgresql_server, request) -> Iterator[StudyEnv]:
     """The study env on an Optuna database and an MLflow server (`make server` over its own PostgreSQL
     database) on loopback: its `tracking_uri`."""
     suffix = re.sub(r"\W", "_", request.node.name)[-40:].lower()
-    optuna_url = postgresql.create_database(f"optuna_{suffix}")
+    optuna_url = postgresql_server.create_database(f"optuna_{suffix}")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend", postgresql.create_database(f"mlflow_{suffix}"), "--artifacts", str(tmp_path / "artifacts")],
+         "--backend", postgresql_server.create_database(f"mlflow_{suffix}"),
+         "--artifacts", str(tmp_path / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_health(port)
@@ -81,7 +83,7 @@ def check_budget_exactly_run(env: StudyEnv, trials: int) -> list[store.TrialReco
 
 
 def run_two_workers(env: StudyEnv, trials: int = 8) -> None:
-    write_study(env, trials=trials, epochs=1)
+    write_two_lr_study(env, trials=trials, epochs=1)
     coordinator = subprocess.Popen(env.command("search", "--workers", "2"), stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True,
                                    env=dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri))
@@ -104,7 +106,7 @@ def test_two_workers_on_postgresql_with_an_mlflow_server_run_exactly_the_budget(
 
 def test_kill_9_of_a_local_worker_mid_trial_is_swept_retried_and_the_budget_completes(journal_env, mlflow_store):
     env = journal_env
-    write_study(env, trials=6, epochs=10)
+    write_two_lr_study(env, trials=6, epochs=10)
     coordinator = subprocess.Popen(env.command("search", "--workers", "2"), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **FAST_HEARTBEAT))
     victim: dict = {}
@@ -137,7 +139,7 @@ def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retri
     """Two hosts on PostgreSQL: one search in its own UTS namespace, so its host name differs and the local
     sweep cannot see it; only Optuna's heartbeat can tell it died."""
     env = postgres_env
-    write_study(env, trials=5, epochs=10)
+    write_two_lr_study(env, trials=5, epochs=10)
     process_env = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri, **FAST_HEARTBEAT)
     here = subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=process_env)
@@ -174,7 +176,7 @@ def test_kill_9_of_a_worker_on_another_host_is_failed_by_the_heartbeat_and_retri
 
 
 def test_several_workers_need_a_positive_count(journal_env):
-    write_study(journal_env)
+    write_two_lr_study(journal_env)
     done = subprocess.run(journal_env.command("search", "--workers", "0"), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
@@ -191,7 +193,7 @@ def signal_pending(pid: int, number: int) -> bool:
 
 def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, mlflow_store):
     env = journal_env
-    write_study(env, trials=4, epochs=30)  # long trials: both workers are mid-trial most of the time
+    write_two_lr_study(env, trials=4, epochs=30)  # long trials: both workers are mid-trial most of the time
     coordinator = subprocess.Popen(env.command("search", "--workers", "2"), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
 
@@ -246,7 +248,7 @@ def test_ctrl_c_stops_every_worker_cleanly_and_the_study_resumes(journal_env, ml
 def test_two_hosts_at_once_share_the_study_the_parent_run_and_the_champion(postgres_env):
     """The README's many-hosts set-up: the same command on two hosts at once, ending at about the same time."""
     env = postgres_env
-    write_study(env, trials=6, epochs=1)
+    write_two_lr_study(env, trials=6, epochs=1)
     process_env = dict(os.environ, MLFLOW_TRACKING_URI=env.tracking_uri)
     hosts = [subprocess.Popen(env.command("search"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=process_env) for _ in range(2)]

@@ -34,11 +34,9 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
-from conftest import StudyEnv, freeze, thaw, wait_until
+from conftest import StudyEnv, descendants_command_lines, freeze, thaw, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from test_network_security import descendants_command_lines
-from test_scale import postgresql  # noqa: F401  (the module's PostgreSQL server, a fixture)
 from ui_process import free_port, wait_for_health
 
 from pipeline import store
@@ -589,7 +587,7 @@ def test_soak_kills_workers_the_server_and_the_coordinator_and_nothing_is_lost(s
         backend_file.write_bytes(request.getfixturevalue("empty_mlflow_store").read_bytes())
         backend = f"sqlite:///{backend_file}"
     else:
-        server = request.getfixturevalue("postgresql")
+        server = request.getfixturevalue("postgresql_server")
         env = study_env.replace(storage=server.create_database("optuna_soak"))
         backend = server.create_database("mlflow_soak")
     tracking_server = TrackingServer(backend, tmp_path / "artifacts", logs)

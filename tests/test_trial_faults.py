@@ -20,9 +20,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
-from conftest import StudyEnv, mlflow_runs, signal_search_mid_trial, trial_runs, wait_until
+from conftest import StudyEnv, kill_search_mid_trial, mlflow_runs, signal_search_mid_trial, trial_runs, wait_until
 from optuna.trial import TrialState
-from test_faults import kill_search_mid_trial
 
 from pipeline import store
 from pipeline.commands import replay

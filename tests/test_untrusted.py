@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, TrackedSearch, tiny_test_pictures, tracked_env
+from conftest import StudyEnv, TrackedSearch, shared_tracked_env, tiny_test_pictures
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -419,7 +419,7 @@ FIXED = {"precision": "fp32", "optimizer": "adamw", "schedule": "none", "augment
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
     base = tmp_path_factory.mktemp("untrusted")
-    with tracked_env(base, empty_mlflow_store) as (env, info):
+    with shared_tracked_env(base, empty_mlflow_store) as (env, info):
         env.write_study(trials=1, epochs=2, sampler="random", pruner="none", fixed=FIXED)
         assert env.run("search") == 0
         assert env.run("export-best") == 0

@@ -267,12 +267,6 @@ def test_a_killed_writers_temporary_file_is_swept_by_the_next_save(tmp_path):
 # The fingerprint
 
 
-@pytest.fixture
-def tiny(tiny_dataset):
-    _, root = tiny_dataset
-    return loading.prepare("tiny", root, val_size=100)
-
-
 def test_the_fingerprint_changes_with_the_params_the_seed_and_the_data_and_nothing_else(tiny, tiny_dataset):
     fingerprint = checkpoints.params_fingerprint(PARAMS, 0, tiny)
     assert len(fingerprint) == 16 and int(fingerprint, 16) >= 0

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.data import loading
 from pipeline.spec import hparams
 from pipeline.training import schedule, train
 
@@ -194,12 +193,6 @@ ACCUMULATED = {"model": "mlp", "mlp_widths": [16], "batch_norm": False, "dropout
                "precision": "fp32", "batch_size": 50, "grad_accum_steps": 3, "epochs": 3, "lr": 0.01,
                "eval_batch_size": 500}
 STEPS_PER_EPOCH, TOTAL_STEPS = 4, 12
-
-
-@pytest.fixture
-def tiny(tiny_dataset):
-    _, root = tiny_dataset
-    return loading.prepare("tiny", root, val_size=100)
 
 
 def _epoch_lrs(tiny, **overrides) -> list[float]:

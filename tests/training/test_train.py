@@ -20,12 +20,6 @@ SMALL_CNN = {"model": "cnn", "cnn_channels": [8, 16], "pool": "every", "head_uni
              "conv_dropout": 0.1, "batch_size": 50, "augment": 1.0}
 
 
-@pytest.fixture
-def tiny(tiny_dataset):
-    _, root = tiny_dataset
-    return loading.prepare("tiny", root, val_size=100)
-
-
 def _metrics(result: train.TrainResult) -> list[tuple]:
     """Per-epoch metrics without the wall-clock ones."""
     return [(m.epoch, m.train_loss, m.train_accuracy, m.val_loss, m.val_accuracy, m.lr) for m in result.history]

@@ -7,37 +7,12 @@ import json
 import statistics
 
 import pytest
-from conftest import study_refusal
+from conftest import PARETO_CHANNELS, cnn_parameter_count, pareto_study, study_refusal
 
 from pipeline.search import pareto, pruning
-from pipeline.spec import hparams, studies
-from pipeline.training import models
+from pipeline.spec import studies
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
-
-CHANNELS = ([4, 8], [8, 16], [16, 32])
-
-
-def parameter_count(channels: list[int]) -> int:
-    from tiny_study import FIXED
-
-    params = hparams.resolve_params({"model": "cnn", **FIXED, "cnn_channels": channels})
-    return models.count_parameters(models.build_model(params, 10, (1, 28, 28), imagenet=False))
-
-
-def pareto_study(**overrides) -> dict:
-    """Three objectives (accuracy, size, latency), a size constraint the largest channel choice misses, and a rule:
-    the smallest model within 0.2 of the front's best accuracy."""
-    limit = parameter_count(CHANNELS[1])
-    return {"trials": 5, "sampler": "nsga2", "pruner": "none", "epochs": 2,
-            "objectives": [{"metric": "val_accuracy"}, {"metric": "parameter_count"}, {"metric": "latency_ms"}],
-            "fixed": {"cnn_channels": None},
-            "space": {"lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True},
-                      "cnn_channels": {"type": "categorical", "choices": [list(c) for c in CHANNELS]}},
-            "baseline": [{"lr": 2e-2, "dropout": 0.0, "cnn_channels": list(c)} for c in CHANNELS],
-            "constraints": {"parameter_count": {"max": limit}},
-            "champion": {"prefer": "parameter_count", "within": {"val_accuracy": 0.2}}} | overrides
-
 
 def test_a_multi_objective_study_measures_latency_keeps_constraints_and_picks_from_the_front(study_env, capsys):
     study_env.write_study(**pareto_study())
@@ -45,10 +20,10 @@ def test_a_multi_objective_study_measures_latency_keeps_constraints_and_picks_fr
     out = capsys.readouterr().out
     spec = studies.load(study_env.studies_dir / "tiny.toml")
     records = study_env.records()
-    limit = parameter_count(CHANNELS[1])
+    limit = cnn_parameter_count(PARETO_CHANNELS[1])
 
     # The largest model misses the size constraint: pruned before any training, its excess given to Optuna.
-    big = [r for r in records if r.params and r.params["cnn_channels"] == CHANNELS[2]]
+    big = [r for r in records if r.params and r.params["cnn_channels"] == PARETO_CHANNELS[2]]
     assert big and all(r.state == "PRUNED" and r.fail_reason == "infeasible" and not r.history for r in big)
     assert all(r.constraints["parameter_count"] == r.parameter_count - limit > 0 for r in big)
     assert "infeasible" in out and f"is not <= {limit}" in out
@@ -126,7 +101,7 @@ def test_a_single_objective_prune_records_what_the_pruner_compared(study_env, ml
     assert reason.compared_with == statistics.median(r.history[0]["val_accuracy"] for r in records[:2])
     assert reason.rule == "median of 2 complete trials at epoch 1"
     assert reason.line() in capsys.readouterr().out
-    from test_tracking import mlflow_runs
+    from conftest import mlflow_runs
 
     run = next(r for r in mlflow_runs(mlflow_store) if r.data.tags.get("trial_number") == "2")
     assert float(run.data.tags["prune_compared_with"]) == reason.compared_with

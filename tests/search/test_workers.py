@@ -230,7 +230,7 @@ def test_the_coordinator_ends_and_shows_the_text_of_a_malformed_event_line():
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [repr(shown) for shown in [
         ("event", 1, BatchDone(1, 2)),
-        # as the worker wrote it: the view masks the password as it prints (tests/test_views.py)
+        # as the worker wrote it: the view masks the password as it prints (tests/console/test_views.py)
         ("line", 1, "UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted"),
         ("line", 1, CUT_SHORT),
         ("ended", 1, 0, False),

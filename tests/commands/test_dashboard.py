@@ -17,8 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import requests
-from conftest import TINY_CLI, StudyEnv, wait_until
-from test_browser import chromium
+from conftest import TINY_CLI, StudyEnv, chromium, wait_until
 from ui_process import free_port
 
 from pipeline import store

@@ -26,7 +26,7 @@ from pipeline.data import imagecache
 from pipeline.infra.text import byte_size
 from pipeline.spec.errors import DataError
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 DIGEST = "0123456789abcdef"
 
 

@@ -239,7 +239,7 @@ def test_leading_best_follows_the_direction(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Which storage (the default stores' choice between SQLite and the journal: tests/test_workers.py)
+# Which storage (the default stores' choice between SQLite and the journal: tests/search/test_workers.py)
 
 
 def test_storage_url_override_then_storage_variable_then_default(monkeypatch):

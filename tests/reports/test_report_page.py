@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_pareto import pareto_study
+from conftest import chromium, pareto_study, wait_until
 
 from pipeline.search import pruning
 
@@ -92,15 +92,11 @@ def test_make_report_of_a_study_never_run_is_one_line_exit_2(study_env, capsys):
 
 @pytest.mark.browser
 def test_the_report_page_opens_offline_in_chromium_without_errors_or_requests(study_env):
-    from test_browser import chromium
-
     study_env.write_study(**pareto_study())
     assert study_env.run("search") == 0
     browser = chromium()
     try:
         browser.get((study_env.reports / "tiny.html").as_uri())
-        from conftest import wait_until
-
         plots = wait_until(lambda: browser.execute_script(
             "return document.querySelectorAll('.js-plotly-plot .main-svg').length") >= 5 or None,
             "plotly to draw the figures", timeout=60)

@@ -12,9 +12,8 @@ from datetime import datetime
 
 import mlflow
 import pytest
-from conftest import TINY_CLI, StudyEnv, study_refusal
+from conftest import TINY_CLI, StudyEnv, kill_search_mid_trial, study_refusal
 from optuna.trial import TrialState
-from test_faults import kill_search_mid_trial
 
 from pipeline import store
 from pipeline.cli import main

@@ -13,7 +13,7 @@ import optuna
 import pytest
 import requests
 import torch
-from conftest import StudyEnv, mlflow_runs, trial_runs
+from conftest import mlflow_runs, trial_runs, write_tracking_study
 from mlflow import MlflowClient
 from ui_process import free_port, start_ui, stop_ui, wait_for_health
 
@@ -22,35 +22,8 @@ from pipeline.commands import server
 from pipeline.data import loading
 from pipeline.spec import hparams
 from pipeline.tracking import registry, study_run
-from pipeline.training import train
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
-
-# Three baselines run first, in order: a normal trial, one that diverges (PRUNED), one that raises inside the
-# trainer (FAIL, see `tracked_env`); then sampled trials. fp32, so the registered fp32 model reproduces the score.
-FAILING_LR = 0.07
-
-
-def write_study(env: StudyEnv, trials: int, **overrides) -> None:
-    env.write_study(trials=trials, seed=3, sampler="random", pruner="none", epochs=2,
-                    fixed={"precision": "fp32", "optimizer": "sgd", "schedule": "none", "batch_norm": False},
-                    space={"lr": {"type": "float", "low": 1e-2, "high": 1e4, "log": True}, "dropout": None},
-                    baseline=[{"lr": 0.05}, {"lr": 1e4}, {"lr": FAILING_LR}], **overrides)
-
-
-@pytest.fixture
-def tracked_env(study_env, mlflow_store, monkeypatch) -> StudyEnv:
-    """The study env tracking into this test's MLflow store; trials with lr = FAILING_LR fail with an exception."""
-    real_fit = train.fit
-
-    def fail_at_lr(params, *args, **kwargs):
-        if params.get("lr") == FAILING_LR:
-            raise RuntimeError("injected failure inside the trainer")
-        return real_fit(params, *args, **kwargs)
-
-    monkeypatch.setattr(train, "fit", fail_at_lr)
-    return study_env
-
 
 def runs_of(uri: str) -> tuple[list, list]:
     """(parent runs, child runs) of the tiny study's experiment."""
@@ -59,9 +32,10 @@ def runs_of(uri: str) -> tuple[list, list]:
             [r for r in runs if study_run.PARENT_TAG in r.data.tags])
 
 
-def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and_params(tracked_env, mlflow_store):
-    env = tracked_env
-    write_study(env, trials=4)
+def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and_params(tracked_env_failing_at_lr,
+                                                                                        mlflow_store):
+    env = tracked_env_failing_at_lr
+    write_tracking_study(env, trials=4)
     assert env.run("search") == 0
     study, trials = env.load(), env.records()
     client = MlflowClient(mlflow_store)
@@ -133,10 +107,10 @@ def test_search_records_one_parent_one_child_per_trial_with_statuses_metrics_and
     assert best_params["params"]["lr"] == best.sampled["lr"]
 
 
-def test_champion_alias_loads_and_scores_as_the_trial_reported(tracked_env, mlflow_store):
-    write_study(tracked_env, trials=3)
-    assert tracked_env.run("search") == 0
-    best = store.leading_best(tracked_env.load())
+def test_champion_alias_loads_and_scores_as_the_trial_reported(tracked_env_failing_at_lr, mlflow_store):
+    write_tracking_study(tracked_env_failing_at_lr, trials=3)
+    assert tracked_env_failing_at_lr.run("search") == 0
+    best = store.leading_best(tracked_env_failing_at_lr.load())
     client = MlflowClient(mlflow_store)
     version = client.get_model_version_by_alias("tiny", "champion")
     assert version.tags["trial_number"] == str(best.number)
@@ -146,43 +120,44 @@ def test_champion_alias_loads_and_scores_as_the_trial_reported(tracked_env, mlfl
     assert info.metadata["classes"][0] == "class0" and len(info.metadata["mean"]) == 1 and info.metadata["mean"][0] > 0
     assert info.metadata["input_shape"] == [1, 28, 28] and info.metadata["preprocessing"]["image_size"] == 28
     model = mlflow.pytorch.load_model("models:/tiny@champion")  # a torch.export program: no project code needed
-    prepared = loading.prepare("tiny", tracked_env.root, "cpu", val_size=100)
+    prepared = loading.prepare("tiny", tracked_env_failing_at_lr.root, "cpu", val_size=100)
     correct = 0
     for images, labels in prepared.val.batches(64):
         correct += (model(images).argmax(1) == labels).sum().item()
     assert correct / len(prepared.val) == pytest.approx(best.values[0], abs=1 / len(prepared.val))
 
 
-def test_resume_adds_children_under_the_same_parent(tracked_env, mlflow_store):
-    write_study(tracked_env, trials=2)
-    assert tracked_env.run("search") == 0
-    first_parent = store.parent_run_id(tracked_env.load())
-    assert tracked_env.run("search", "--trials", "3") == 0
+def test_resume_adds_children_under_the_same_parent(tracked_env_failing_at_lr, mlflow_store):
+    write_tracking_study(tracked_env_failing_at_lr, trials=2)
+    assert tracked_env_failing_at_lr.run("search") == 0
+    first_parent = store.parent_run_id(tracked_env_failing_at_lr.load())
+    assert tracked_env_failing_at_lr.run("search", "--trials", "3") == 0
     parents, children = runs_of(mlflow_store)
     assert [p.info.run_id for p in parents] == [first_parent] and parents[0].info.status == "FINISHED"
-    assert len(children) == len(tracked_env.records()) == 4  # 2 finished + the failing baseline, then one more
+    # 2 finished + the failing baseline, then one more
+    assert len(children) == len(tracked_env_failing_at_lr.records()) == 4
     assert {r.data.tags[study_run.PARENT_TAG] for r in children} == {first_parent}
 
 
-def test_champion_alias_moves_only_to_a_better_model(tracked_env, mlflow_store):
+def test_champion_alias_moves_only_to_a_better_model(tracked_env_failing_at_lr, mlflow_store):
     client = MlflowClient(mlflow_store)
-    write_study(tracked_env, trials=2)
-    assert tracked_env.run("search") == 0
+    write_tracking_study(tracked_env_failing_at_lr, trials=2)
+    assert tracked_env_failing_at_lr.run("search") == 0
     first = client.get_model_version_by_alias("tiny", "champion")
     client.set_model_version_tag("tiny", first.version, "objective_value", "1.5")  # unbeatable
-    assert tracked_env.run("search", "--fresh") == 0
+    assert tracked_env_failing_at_lr.run("search", "--fresh") == 0
     assert client.get_model_version_by_alias("tiny", "champion").version == first.version
     assert len(client.search_model_versions("name = 'tiny'")) == 2
 
     client.set_model_version_tag("tiny", first.version, "objective_value", "-1.0")  # beaten by anything
-    assert tracked_env.run("search", "--fresh") == 0
+    assert tracked_env_failing_at_lr.run("search", "--fresh") == 0
     champion = client.get_model_version_by_alias("tiny", "champion")
     assert champion.version != first.version and champion.tags["study"] == "tiny-v3"
 
     # Scores on another validation split are not comparable: the newer study's best takes over.
     client.set_model_version_tag("tiny", champion.version, "objective_value", "1.5")
-    write_study(tracked_env, trials=2, val_size=150)
-    assert tracked_env.run("search", "--fresh") == 0
+    write_tracking_study(tracked_env_failing_at_lr, trials=2, val_size=150)
+    assert tracked_env_failing_at_lr.run("search", "--fresh") == 0
     moved = client.get_model_version_by_alias("tiny", "champion")
     assert moved.tags["study"] == "tiny-v4" and "val_size=150" in moved.tags["evaluation_set"]
 
@@ -192,7 +167,7 @@ def test_unreachable_tracking_server_fails_fast_before_training(study_env, monke
     port = free_port()  # nothing listens on it
     env = study_env.replace(tracking_uri=f"http://127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
-    write_study(env, trials=2)
+    write_tracking_study(env, trials=2)
     started = time.monotonic()
     assert env.run("search") == 2
     assert time.monotonic() - started < 15
@@ -201,19 +176,19 @@ def test_unreachable_tracking_server_fails_fast_before_training(study_env, monke
     assert optuna.get_all_study_summaries(env.storage) == []  # nothing started, nothing trained
 
 
-def test_no_tracking_flag_runs_without_mlflow(tracked_env, mlflow_store):
-    write_study(tracked_env, trials=1)
-    assert tracked_env.run("search", "--no-tracking") == 0
+def test_no_tracking_flag_runs_without_mlflow(tracked_env_failing_at_lr, mlflow_store):
+    write_tracking_study(tracked_env_failing_at_lr, trials=1)
+    assert tracked_env_failing_at_lr.run("search", "--no-tracking") == 0
     assert MlflowClient(mlflow_store).get_experiment_by_name("tiny") is None
-    assert store.parent_run_id(tracked_env.load()) is None
+    assert store.parent_run_id(tracked_env_failing_at_lr.load()) is None
 
 
-def test_ui_serves_the_study_runs_over_rest(tracked_env, mlflow_store):
-    write_study(tracked_env, trials=2)
-    assert tracked_env.run("search") == 0
+def test_ui_serves_the_study_runs_over_rest(tracked_env_failing_at_lr, mlflow_store):
+    write_tracking_study(tracked_env_failing_at_lr, trials=2)
+    assert tracked_env_failing_at_lr.run("search") == 0
     experiment_id = MlflowClient(mlflow_store).get_experiment_by_name("tiny").experiment_id
     port = free_port()
-    process, url = start_ui(tracked_env, "tiny", port)
+    process, url = start_ui(tracked_env_failing_at_lr, "tiny", port)
     try:
         assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
         response = requests.post(f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
@@ -221,16 +196,16 @@ def test_ui_serves_the_study_runs_over_rest(tracked_env, mlflow_store):
         response.raise_for_status()
         runs = response.json()["runs"]
         names = sorted(r["info"]["run_name"] for r in runs)
-        trials = [t for t in tracked_env.records() if t.state != "WAITING"]  # the third baseline waits
+        trials = [t for t in tracked_env_failing_at_lr.records() if t.state != "WAITING"]  # the third baseline waits
         assert names == sorted(["tiny", *(f"trial-{t.number:04d}" for t in trials)])
     finally:
         stop_ui(process, port)
 
 
-def test_ui_for_a_study_never_tracked_exits_2(tracked_env, capsys):
-    write_study(tracked_env, trials=1)
-    assert tracked_env.run("search", "--no-tracking") == 0
-    assert tracked_env.run("ui") == 2
+def test_ui_for_a_study_never_tracked_exits_2(tracked_env_failing_at_lr, capsys):
+    write_tracking_study(tracked_env_failing_at_lr, trials=1)
+    assert tracked_env_failing_at_lr.run("search", "--no-tracking") == 0
+    assert tracked_env_failing_at_lr.run("ui") == 2
     assert "has no MLflow experiment" in capsys.readouterr().err
 
 
@@ -245,7 +220,7 @@ def test_search_tracks_to_make_server_over_http(study_env, tmp_path, monkeypatch
         wait_for_health(port)
         env = study_env.replace(tracking_uri=f"http://127.0.0.1:{port}")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
-        write_study(env, trials=2)
+        write_tracking_study(env, trials=2)
         assert env.run("search") == 0
         parents, children = runs_of(env.tracking_uri)
         assert len(parents) == 1 and len(children) == 2 and parents[0].info.status == "FINISHED"

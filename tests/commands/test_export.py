@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, TrackedSearch, tiny_test_pictures, tracked_env
+from conftest import EXPORT_FIXED, NOT_SEARCHED, tiny_test_pictures, write_export_study
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -28,49 +28,18 @@ from pipeline.training import models
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
-FIXED = {"precision": "fp32", "optimizer": "adamw", "schedule": "none", "augment": 0.0}  # the fp32 model reproduces
-NOT_SEARCHED = {"dropout": None}
-
-
-def write_study(env: StudyEnv, trials: int = 2, baseline_lr: float = 1e-2) -> None:
-    """Three epochs a trial; the sampled learning rates reach divergent ones."""
-    env.write_study(trials=trials, seed=5, sampler="random", pruner="none", epochs=3,
-                    fixed={"batch_size": 25, **FIXED},
-                    space={"lr": {"type": "float", "low": 3e-3, "high": 1e4, "log": True}, **NOT_SEARCHED},
-                    baseline=[{"lr": baseline_lr}])
-
-
-@pytest.fixture(scope="module")
-def searched(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
-    """One tracked search and its export, shared by the tests below (they copy before they change it)."""
-    base = tmp_path_factory.mktemp("searched")
-    with tracked_env(base, empty_mlflow_store) as (env, info):
-        write_study(env)
-        assert env.run("search") == 0
-        assert env.run("export-best") == 0
-    return TrackedSearch(env, info)
-
-
-@pytest.fixture
-def use(searched, monkeypatch) -> TrackedSearch:
-    """The shared search in this test: its dataset registered, its MLflow store current."""
-    monkeypatch.setitem(datasets.DATASETS, searched.info.name, searched.info)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", searched.env.tracking_uri)
-    return searched
-
-
-def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
-    directory = use.export
+def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(exported_search):
+    directory = exported_search.export
     assert sorted(p.name for p in directory.iterdir()) == sorted([
         "model.pt2", "weights.pt", "config.json", "metrics.json", "model_card.md", "confusion_matrix.png",
         "misclassified.png", "verify.py"])
     assert [p.name for p in directory.parent.iterdir()] == ["tiny"]  # no partial directories left
     config = json.loads((directory / "config.json").read_text())
     metrics = json.loads((directory / "metrics.json").read_text())
-    best = store.leading_best(use.env.load())
+    best = store.leading_best(exported_search.env.load())
     assert config["trial_number"] == best.number and config["trial_seed"] == best.seed
     assert config["split_hash"] == best.split_hash == loading.prepare(
-        "tiny", use.env.root, "cpu", val_size=100).split_hash  # the split the trial was judged on
+        "tiny", exported_search.env.root, "cpu", val_size=100).split_hash  # the split the trial was judged on
     assert config["source"].startswith("registered model 'tiny'")
     assert config["classes"] == [f"class{i}" for i in range(10)] and config["input_shape"] == [1, 28, 28]
     assert metrics["val_accuracy"] == pytest.approx(best.values[0])
@@ -79,7 +48,7 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     assert metrics["cpu_latency_ms_batch1_median"] > 0 and metrics["cpu_throughput_images_per_s_batch256"] > 0
 
     # The model.pt2 alone, in a process of its own, scores exactly what metrics.json says.
-    raw = use.env.root / "Tiny" / "raw"
+    raw = exported_search.env.root / "Tiny" / "raw"
     done = subprocess.run([sys.executable, "-I", str(directory / "verify.py"), "--images",
                            str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)],
                           capture_output=True, text=True, timeout=300, cwd=directory)
@@ -92,7 +61,7 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     model.load_state_dict(torch.load(directory / "weights.pt", weights_only=True))
 
     # The test figures went back to the champion's run and to the study's parent run.
-    client = MlflowClient(use.env.tracking_uri)
+    client = MlflowClient(exported_search.env.tracking_uri)
     champion = client.get_model_version_by_alias("tiny", "champion")
     run = client.get_run(champion.run_id)
     assert run.data.metrics["test_accuracy"] == metrics["test_accuracy"]
@@ -102,7 +71,8 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(use):
     assert f"{metrics['test_accuracy']:.4f}" in card and "Limits" in card
 
 
-def test_export_fails_and_leaves_nothing_when_the_written_model_is_corrupt(use, tmp_path, monkeypatch, capsys):
+def test_export_fails_and_leaves_nothing_when_the_written_model_is_corrupt(exported_search, tmp_path, monkeypatch,
+                                                                          capsys):
     real_write = export.write_export
 
     def write_then_corrupt(champion, spec, root, directory, threads):  # bit rot between writing and verifying
@@ -113,24 +83,24 @@ def test_export_fails_and_leaves_nothing_when_the_written_model_is_corrupt(use, 
         return metrics
 
     monkeypatch.setattr(export, "write_export", write_then_corrupt)
-    assert use.env.replace(exports=tmp_path / "exports").run("export-best") == 1
+    assert exported_search.env.replace(exports=tmp_path / "exports").run("export-best") == 1
     assert "export failed, nothing written" in capsys.readouterr().err
     assert list((tmp_path / "exports").iterdir()) == []
 
 
-def test_verify_detects_a_corrupted_model_file(use, tmp_path):
-    directory = shutil.copytree(use.export, tmp_path / "copy")
-    assert export.verify(directory, use.env.root)["correct"] == json.loads(
+def test_verify_detects_a_corrupted_model_file(exported_search, tmp_path):
+    directory = shutil.copytree(exported_search.export, tmp_path / "copy")
+    assert export.verify(directory, exported_search.env.root)["correct"] == json.loads(
         (directory / "metrics.json").read_text())["test_correct"]
     (directory / "model.pt2").write_bytes((directory / "model.pt2").read_bytes()[:5000])  # truncated
     with pytest.raises(export.ExportFailed, match="could not be re-evaluated"):
-        export.verify(directory, use.env.root)
+        export.verify(directory, exported_search.env.root)
 
 
 @pytest.mark.faults  # README: What survives what
-def test_existing_export_needs_force_then_is_replaced(use, tmp_path, capsys):
-    env = use.env.replace(exports=tmp_path / "exports")
-    shutil.copytree(use.export, env.exports / "tiny")
+def test_existing_export_needs_force_then_is_replaced(exported_search, tmp_path, capsys):
+    env = exported_search.env.replace(exports=tmp_path / "exports")
+    shutil.copytree(exported_search.export, env.exports / "tiny")
     marker = env.exports / "tiny" / "model_card.md"
     marker.write_text("old")
     assert env.run("export-best") == 2
@@ -140,34 +110,34 @@ def test_existing_export_needs_force_then_is_replaced(use, tmp_path, capsys):
     assert marker.read_text() != "old" and [p.name for p in env.exports.iterdir()] == ["tiny"]
 
 
-def test_without_a_registry_the_best_trial_is_retrained_and_exported(use, tmp_path):
-    assert use.env.replace(exports=tmp_path / "exports").run("export-best", "--no-tracking") == 0
+def test_without_a_registry_the_best_trial_is_retrained_and_exported(exported_search, tmp_path):
+    assert exported_search.env.replace(exports=tmp_path / "exports").run("export-best", "--no-tracking") == 0
     config = json.loads((tmp_path / "exports" / "tiny" / "config.json").read_text())
-    best = store.leading_best(use.env.load())
+    best = store.leading_best(exported_search.env.load())
     assert config["trial_number"] == best.number and "retrained" in config["source"]
-    shared = json.loads((use.export / "metrics.json").read_text())
+    shared = json.loads((exported_search.export / "metrics.json").read_text())
     retrained = json.loads((tmp_path / "exports" / "tiny" / "metrics.json").read_text())
     assert retrained["test_correct"] == shared["test_correct"]  # deterministic training: the same model
 
 
-def test_trial_recorded_without_its_split_hash_exports_the_split_it_was_judged_on(use, tmp_path):
+def test_trial_recorded_without_its_split_hash_exports_the_split_it_was_judged_on(exported_search, tmp_path):
     """Trials from before the split was recorded: config.json names the split of the data the champion was built
     for, which is the one the trial saw."""
-    storage = shutil.copy(use.env.storage.removeprefix("sqlite:///"), tmp_path / "optuna.db")
+    storage = shutil.copy(exported_search.env.storage.removeprefix("sqlite:///"), tmp_path / "optuna.db")
     with contextlib.closing(sqlite3.connect(storage)) as db, db:
         db.execute("DELETE FROM trial_user_attributes WHERE key = 'split_hash'")
-    env = use.env.replace(storage=f"sqlite:///{storage}", exports=tmp_path / "exports")
+    env = exported_search.env.replace(storage=f"sqlite:///{storage}", exports=tmp_path / "exports")
     assert store.leading_best(env.load()).split_hash is None
     assert env.run("export-best") == 0
     config = json.loads((env.exports / "tiny" / "config.json").read_text())
-    assert config["split_hash"] == json.loads((use.export / "config.json").read_text())["split_hash"]
+    assert config["split_hash"] == json.loads((exported_search.export / "config.json").read_text())["split_hash"]
 
 
-def test_champion_from_another_optuna_storage_is_refused(use, tmp_path, capsys):
+def test_champion_from_another_optuna_storage_is_refused(exported_search, tmp_path, capsys):
     """The registry's champion must match the trial the storage holds under its name and number."""
-    other = use.env.replace(studies_dir=tmp_path / "studies", storage=f"sqlite:///{tmp_path}/other.db",
+    other = exported_search.env.replace(studies_dir=tmp_path / "studies", storage=f"sqlite:///{tmp_path}/other.db",
                             exports=tmp_path / "exports")  # the same MLflow store and registry
-    write_study(other, baseline_lr=5e-3)  # same study name, trial 0 with another learning rate
+    write_export_study(other, baseline_lr=5e-3)  # same study name, trial 0 with another learning rate
     assert other.run("search", "--no-tracking") == 0
     assert other.run("export-best") == 2
     err = " ".join(capsys.readouterr().err.split())
@@ -177,7 +147,7 @@ def test_champion_from_another_optuna_storage_is_refused(use, tmp_path, capsys):
 
 @pytest.mark.faults  # README: What survives what
 def test_study_without_a_finished_trial_exits_2(study_env, mlflow_store, capsys):
-    write_study(study_env, trials=1, baseline_lr=1e4)  # the only trial diverges: pruned, nothing complete
+    write_export_study(study_env, trials=1, baseline_lr=1e4)  # the only trial diverges: pruned, nothing complete
     assert study_env.run("search") == 0
     assert [r.state for r in study_env.records()] == ["PRUNED"]
     assert study_env.run("export-best") == 2
@@ -189,15 +159,15 @@ def test_study_without_a_finished_trial_exits_2(study_env, mlflow_store, capsys)
 def test_unknown_or_unrun_study_exits_2(study_env, mlflow_store, capsys):
     study_env.studies_dir.mkdir()
     assert study_env.run("export-best", study="nope") == 2
-    write_study(study_env)
+    write_export_study(study_env)
     assert study_env.run("export-best") == 2
     assert "has not been run yet" in capsys.readouterr().err
 
 
-def test_predict_returns_the_labels_of_correctly_classified_test_images(use, tmp_path, capsys, monkeypatch):
-    directory = use.export
+def test_predict_returns_the_labels_of_correctly_classified_test_images(exported_search, tmp_path, capsys, monkeypatch):
+    directory = exported_search.export
     config = json.loads((directory / "config.json").read_text())
-    raw = use.env.root / "Tiny" / "raw"
+    raw = exported_search.env.root / "Tiny" / "raw"
     images = torch.from_numpy(datasets.read_idx(raw / datasets.TEST_IMAGES).copy())
     labels = datasets.read_idx(raw / datasets.TEST_LABELS)
     model = torch.export.load(str(directory / "model.pt2")).module()
@@ -221,18 +191,18 @@ def test_predict_returns_the_labels_of_correctly_classified_test_images(use, tmp
     assert "broken.png: cannot be decoded as an image" in " ".join(err.split())
 
 
-def test_predict_reads_exports_written_before_preprocessing_was_recorded(use, tmp_path):
+def test_predict_reads_exports_written_before_preprocessing_was_recorded(exported_search, tmp_path):
     """An export of the previous version: scalar mean/std, no `preprocessing`, an MNIST-like dataset."""
-    old = shutil.copytree(use.export, tmp_path / "old")
+    old = shutil.copytree(exported_search.export, tmp_path / "old")
     config = json.loads((old / "config.json").read_text())
     config.pop("preprocessing")
     config.update(mean=config["mean"][0], std=config["std"][0], input_shape=[1, 28, 28], dataset="mnist")
     (old / "config.json").write_text(json.dumps(config))
-    paths = tiny_test_pictures(use.env.root, 20, tmp_path)
+    paths = tiny_test_pictures(exported_search.env.root, 20, tmp_path)
 
     assert predict.export_preprocessing(config) == Preprocessing(28, "gray", "mnist")  # the old digit centring
     before, errors = predict.predict(old, paths)
-    now, _ = predict.predict(use.export, paths)
+    now, _ = predict.predict(exported_search.export, paths)
     assert not errors and len(before) == len(paths)
     # 28x28 digit-like pictures pass both preparations unchanged, so the old export predicts as the new one.
     assert [p.top for p in before] == [p.top for p in now]
@@ -284,7 +254,7 @@ def test_folder_of_rgb_pictures_exports_verifies_and_predicts_its_class_names(st
     pictures, root = tmp_path / "pictures", study_env.root
     write_picture_folder(pictures)
     study_env.write_study(trials=1, seed=5, sampler="random", pruner="none", epochs=3, val_size=None,
-                          dataset={"path": str(pictures), "image_size": 16}, fixed={"batch_size": 16, **FIXED},
+                          dataset={"path": str(pictures), "image_size": 16}, fixed={"batch_size": 16, **EXPORT_FIXED},
                           space={"lr": {"type": "float", "low": 1e-2, "high": 2e-2, "log": True}, **NOT_SEARCHED},
                           baseline=None)
     assert study_env.run("search") == 0

@@ -6,9 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from conftest import write_tiny_dataset
+from conftest import TINY_CLI, write_tiny_dataset
 
 from pipeline.spec import paths
 
@@ -94,7 +93,7 @@ def test_data_command_on_landed_files_imports_no_torch(tmp_path):
     root = tmp_path / "data"
     write_tiny_dataset(root)
     result = run_fresh(f'''
-sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path.insert(0, {str(TINY_CLI.parent)!r})
 from tiny_cli import register_tiny
 from pipeline import cli
 
