@@ -23,8 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning
 def test_optuna_version_is_the_one_the_private_calls_were_checked_against():
     assert optuna.__version__.startswith("5.0."), (
         f"Optuna is {optuna.__version__}: the private calls below were checked against Optuna 5.0; re-check "
-        "store.fail_trial, store.requeue_if_queued and store.take_retries_first (and their tests here), then update "
-        "this pin")
+        "store.fail_trial, store.requeue_if_queued and store.take_retries_first (and their tests here) and "
+        "search/samplers.py's Hyperband rungs (tests/test_samplers.py), then update this pin")
 
 
 @pytest.fixture(params=["sqlite", "journal"])

@@ -2,7 +2,8 @@
 both judging from half-way through training, and what a Hyperband rung judged (for pruning.py's explanations).
 
 Reading a Hyperband rung needs Optuna's private API (`hyperband_bracket`, `hyperband_reduction_factor`,
-`RUNG_PREFIX`); each use is wrapped once here, pinned to the Optuna version with the store's (tests/test_store.py).
+`RUNG_PREFIX`); each use is wrapped once here (tests/test_samplers.py; the Optuna version is pinned in
+tests/test_store.py).
 """
 
 from __future__ import annotations
