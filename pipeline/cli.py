@@ -48,13 +48,13 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipeline import store
     from pipeline.commands import session
+    from pipeline.commands.studies import baseline_params
 
     # A study's first baseline trial (on the study's dataset and subset), or the family's classic.
     if args.study:
         spec = studies.load(args.study)
-        params = store.baseline_params(spec)
+        params = baseline_params(spec)
         options = session.TrainOptions(spec.data, args.root, args.device, args.seed, args.threads, spec.val_size,
                                        args.train_limit or spec.train_limit, args.val_limit or spec.val_limit,
                                        args.checkpoint)
@@ -148,9 +148,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_studies(args: argparse.Namespace) -> int:
-    from pipeline import store
+    from pipeline.commands.studies import study_states
 
-    tables.studies_table(store.study_states(args.studies_dir, args.storage))
+    tables.studies_table(study_states(args.studies_dir, args.storage))
     return 0
 
 

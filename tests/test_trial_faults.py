@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from pipeline import store
 from pipeline.commands import replay
-from pipeline.search import events, loop
+from pipeline.search import events, loop, samplers
 from pipeline.spec import paths, studies
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
@@ -123,7 +123,8 @@ def test_a_checkpoint_the_version_before_keyed_folders_left_is_copied_for_the_tr
 def test_complete_pruned_and_failed_trials_remove_their_checkpoints(study_env, tmp_path):
     write_study(study_env, trials=2, epochs=3)
     spec = studies.load("tiny", study_env.studies_dir)
-    study = store.open_study(spec, store.make_storage(study_env.storage), log=lambda line: None)
+    study = store.open_study(spec, store.make_storage(study_env.storage), samplers.make_sampler, samplers.make_pruner,
+                             log=lambda line: None)
     folder = tmp_path / "checkpoints"
     listener = FailsAndPrunes(folder)
     loop.run(spec, study, replay.study_data(spec, study_env.root, "cpu"), listener, threads=1, checkpoints=folder)
@@ -211,9 +212,9 @@ def test_a_retry_copied_by_optunas_heartbeat_starts_its_record_afresh(study_env)
     write_study(study_env, trials=2, epochs=1, baselines=0)
     assert study_env.run("search", "--trials", "1") == 0
     (first,) = study_env.records()
-    copied = {"seed": first.seed, "first_attempt": 7, "history": [{"epoch": e} for e in range(1, 6)],
-              "resumed_from_epoch": 3}
-    store.queue_trial(study_env.load(), first.sampled, **copied)
+    copied = store.TrialNotes(seed=first.seed, first_attempt=7, history=[{"epoch": e} for e in range(1, 6)],
+                              resumed_from_epoch=3)
+    store.queue_trial(study_env.load(), first.sampled, copied)
     assert study_env.run("search", "--trials", "2") == 0
     retry = study_env.records()[1]
     assert retry.state == "COMPLETE" and retry.resumed_from_epoch == 0
@@ -236,7 +237,8 @@ def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials
 
     write_study(study_env, trials=4, epochs=1, baselines=0)
     spec = studies.load("tiny", study_env.studies_dir)
-    study = store.open_study(spec, store.make_storage(study_env.storage), log=lambda line: None)
+    study = store.open_study(spec, store.make_storage(study_env.storage), samplers.make_sampler, samplers.make_pruner,
+                             log=lambda line: None)
     run = study_run.StudyRun(study_run.connect(mlflow_store), study.study_name, spec.name, spec.metrics[0],
                             spec.directions[0], None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{SENTINEL}@127.0.0.1:9")

@@ -28,7 +28,7 @@ from pipeline.commands import replay
 from pipeline.data import loading
 from pipeline.infra import urls
 from pipeline.infra.urls import hide_in, shown
-from pipeline.search import champion, loop, pareto, workers
+from pipeline.search import champion, loop, pareto, samplers, workers
 from pipeline.search.events import Listener, Listeners, TrialEnded
 from pipeline.search.options import SearchOptions, SearchOutcome, SearchView
 from pipeline.spec import hparams, paths
@@ -51,8 +51,8 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     # any worker starts, too, so the data lands once; the coordinator of workers keeps it off the GPU.
     prepared = replay.study_data(spec, options.root, device if options.workers == 1 else "cpu")
     salt = f"{socket.gethostname()}/worker{options.worker}" if options.worker is not None else ""
-    study = store.open_study(spec, storage.backend, fresh=options.fresh, log=view.say,
-                             on_create=lambda new_study: tracking.start(spec, new_study, contested=False),
+    study = store.open_study(spec, storage.backend, samplers.make_sampler, samplers.make_pruner, fresh=options.fresh,
+                             log=view.say, on_create=lambda new_study: tracking.start(spec, new_study, contested=False),
                              sampler_salt=salt)
     tracking.start(spec, study)  # joins the parent run the study's creator opened (a no-op for the creator)
     if options.worker is None:

@@ -295,8 +295,8 @@ def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[s
     queued = 0
     for trial, repeat in wanted:
         if (trial.number, repeat) not in present:
-            store.queue_trial(companion, trial.sampled, confirmation_of=trial.number, repeat=repeat,
-                              seed=repeat_seed(spec, trial.number, repeat))
+            store.queue_trial(companion, trial.sampled, store.TrialNotes(
+                confirmation_of=trial.number, repeat=repeat, seed=repeat_seed(spec, trial.number, repeat)))
             queued += 1
     return queued
 

@@ -41,7 +41,7 @@ from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import process_identity, quiet_if_hung_up, same_process
 from pipeline.infra.text import masked_text
-from pipeline.search import pareto, pruning
+from pipeline.search import pareto, pruning, samplers
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
 from pipeline.spec import hparams, space, studies
 from pipeline.spec.studies import StudySpec
@@ -141,7 +141,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         surplus = _surplus_confirmation(trial) if self.confirming else _surplus(self.spec, trial)
         if surplus:
-            store.note(trial, fail_reason=SURPLUS)
+            store.note(trial, store.TrialNotes(fail_reason=SURPLUS))
             raise SurplusTrial(f"trial {trial.number}: {surplus}")
         self.running = trial.number
         params = space.suggest(self.spec, trial)
@@ -149,10 +149,10 @@ class Objective:
         seed = studies.derive_seed(self.spec.seed, trial.number) if seed is None else seed
         # history and resumed_from_epoch start afresh: Optuna's heartbeat retry copies the failed trial's record
         # (on another host, without its checkpoint, this attempt starts over); a resume sets them again.
-        store.note(trial, seed=seed, first_attempt=first, params=params,
-                   owner={"host": socket.gethostname(), "pid": os.getpid(), **process_identity()},
-                   split_hash=self.data.split_hash, dataset_digest=self.data.checksum, history=[],
-                   resumed_from_epoch=0)
+        store.note(trial, store.TrialNotes(
+            seed=seed, first_attempt=first, params=params,
+            owner={"host": socket.gethostname(), "pid": os.getpid(), **process_identity()},
+            split_hash=self.data.split_hash, dataset_digest=self.data.checksum, history=[], resumed_from_epoch=0))
         checkpoint = checkpoint_path(self.checkpoints, first) if self.checkpoints is not None else None
         if checkpoint is not None:
             _adopt_unkeyed(checkpoint)
@@ -167,40 +167,42 @@ class Objective:
     def _run(self, trial: optuna.Trial, params: dict[str, Any], seed: int,
              checkpoint: Path | None) -> float | list[float]:
         size = _size(params, self.data, flops="flops_per_image" in self.spec.constraints)
-        store.note(trial, **size)  # a pruned or failed trial is still tagged with its size
+        store.note(trial, store.TrialNotes(parameter_count=size.get("parameter_count"),  # a pruned or failed trial is
+                                           flops_per_image=size.get("flops_per_image")))  # still tagged with its size
         started = TrialStarted(trial.number, hparams.resolve_params(params), seed, size.get("parameter_count", -1),
                                self.data, trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0))
         _failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
         # Size is known before training: a trial already outside a size constraint is not worth training.
         missed = _constrain(trial, self.spec, size)
         if missed:
-            store.note(trial, fail_reason="infeasible", fail_detail=missed)
+            store.note(trial, store.TrialNotes(fail_reason="infeasible", fail_detail=missed))
             raise optuna.TrialPruned(f"infeasible before training: {missed}")
         report, resumed = self._reporter(trial)
         try:
             result = self._fit(trial, params, seed, checkpoint, report, resumed)
         except train.Diverged as exc:
-            store.note(trial, fail_reason="diverged", fail_detail=str(exc))
+            store.note(trial, store.TrialNotes(fail_reason="diverged", fail_detail=str(exc)))
             raise optuna.TrialPruned(f"diverged: {exc}") from exc
         except train.OutOfMemory as exc:
-            store.note(trial, fail_reason="oom", fail_detail=str(exc))
+            store.note(trial, store.TrialNotes(fail_reason="oom", fail_detail=str(exc)))
             raise optuna.TrialPruned(f"oom: batch_size {exc.batch_size}") from exc
         except optuna.TrialPruned:
             raise
         except KeyboardInterrupt:
-            store.note(trial, fail_reason="interrupted")
+            store.note(trial, store.TrialNotes(fail_reason="interrupted"))
             raise
         except Exception as exc:
             _record_failure(trial, exc)
             raise
-        store.note(trial, best_epoch=result.best_epoch, precision=result.precision, threads=result.threads,
-                   device=result.device, parameter_count=result.parameter_count,
-                   flops_per_image=result.flops_per_image, stop_reason=result.stop_reason)
+        store.note(trial, store.TrialNotes(
+            best_epoch=result.best_epoch, precision=result.precision, threads=result.threads, device=result.device,
+            parameter_count=result.parameter_count, flops_per_image=result.flops_per_image,
+            stop_reason=result.stop_reason))
         model = train.TrainedModel(result.model, self.data, result.precision)
         latency_ms = None
         if self.spec.measures_latency:
             latency_ms = latency.trial_latency_ms(model.cpu_copy(), self.data.input_shape)
-            store.note(trial, latency_ms=latency_ms, latency_threads=latency.LATENCY_THREADS)
+            store.note(trial, store.TrialNotes(latency_ms=latency_ms, latency_threads=latency.LATENCY_THREADS))
         metrics = trial_metrics(result, latency_ms)
         # Each constraint once (Optuna keeps the first value): what was not known before training.
         missed = _constrain(trial, self.spec, {k: v for k, v in metrics.items() if k not in size})
@@ -259,14 +261,15 @@ class Objective:
                     metrics.epoch, metric, getattr(metrics, metric), math.nan, self.spec.pruner)
             elif several_pruned:
                 maximize = self.spec.directions[self.spec.metrics.index(metric)] == "maximize"
-                first = store.first_pruned_epoch(self.spec.epochs)
+                first = samplers.first_pruned_epoch(self.spec.epochs)
                 reason = pruning.median_from_histories(trial.study, history, metric, maximize, first)
             if reason is not None:
-                store.note(trial, fail_reason="pruned", fail_detail=reason.line(), prune_reason=reason.as_dict())
+                store.note(trial, store.TrialNotes(fail_reason="pruned", fail_detail=reason.line(),
+                                                   prune_reason=reason.as_dict()))
                 raise optuna.TrialPruned(f"pruned at {reason.line()}")
 
         def resumed(done: list[train.EpochMetrics]) -> None:
-            store.note(trial, resumed_from_epoch=len(done))
+            store.note(trial, store.TrialNotes(resumed_from_epoch=len(done)))
             for metrics in done:
                 record(metrics)
 
@@ -393,9 +396,9 @@ def _record_failure(trial: optuna.Trial, exc: BaseException, context: str = "") 
     # (the trial line, the study's stop message, MLflow's tag, trials.csv, the dashboard) is read from here.
     text = masked_text(str(exc))
     detail = text.splitlines()[0][:300] if full else text[:1000]  # a database's error quotes its SQL
-    store.note(trial, fail_reason=DISK_FULL if full else type(exc).__name__,
-               fail_detail=(f"{context}: " if context else "") + detail,
-               traceback=masked_text(traceback.format_exc())[-8000:])
+    store.note(trial, store.TrialNotes(fail_reason=DISK_FULL if full else type(exc).__name__,
+                                       fail_detail=(f"{context}: " if context else "") + detail,
+                                       traceback=masked_text(traceback.format_exc())[-8000:]))
 
 
 # What SQLite says (through its driver, SQLAlchemy and MLflow) when a write finds no room: SQLITE_FULL for a full

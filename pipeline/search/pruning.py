@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import store
+from pipeline.search import samplers
 from pipeline.spec.studies import PRUNED_ON
 
 
@@ -59,7 +60,7 @@ def median_rule(values_at_epoch: Sequence[float], own: Sequence[float], epoch: i
                 complete_trials: int) -> PruneReason | None:
     """The median rule: prune when the trial's best value so far (`own`, epochs 1..epoch) is worse than the median
     of the complete trials' values at this epoch. None: it goes on."""
-    if complete_trials < store.MEDIAN_STARTUP_TRIALS or not values_at_epoch or not own:
+    if complete_trials < samplers.MEDIAN_STARTUP_TRIALS or not values_at_epoch or not own:
         return None
     best, median = _best_so_far(own, maximize), statistics.median(values_at_epoch)
     worse = best < median if maximize else best > median
@@ -72,7 +73,7 @@ def median_rule(values_at_epoch: Sequence[float], own: Sequence[float], epoch: i
 def median_from_histories(study: optuna.Study, history: Sequence[dict[str, float]], metric: str,
                           maximize: bool, first_epoch: int) -> PruneReason | None:
     """The median rule on recorded histories (multi-objective studies): the trial's `history` so far against the
-    complete trials' recorded histories at the same epoch, from `first_epoch` on (store.first_pruned_epoch)."""
+    complete trials' recorded histories at the same epoch, from `first_epoch` on (samplers.first_pruned_epoch)."""
     epoch = len(history)
     if epoch < first_epoch:
         return None
@@ -99,13 +100,13 @@ def _rung(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study, trials: l
           epoch: int, metric: str, maximize: bool) -> PruneReason | None:
     """Successive halving within the trial's Hyperband bracket: at each rung a trial goes on only if its value is
     among the best 1/reduction_factor of the bracket's trials that reached that rung."""
-    rung = store.last_rung(pruner, study, trials, frozen)  # the rung it failed at: the last it was judged at
+    rung = samplers.last_rung(pruner, study, trials, frozen)  # the rung it failed at: the last it was judged at
     if rung is None:
         return None
     competing = sorted(rung.values)
-    factor = store.hyperband_reduction_factor(pruner)
+    factor = samplers.hyperband_reduction_factor(pruner)
     kept = max(len(competing) // factor, 1)
     needed = competing[-kept] if maximize else competing[kept - 1]
-    return PruneReason(epoch, metric, frozen.system_attrs[f"{store.RUNG_PREFIX}{rung.number}"], needed,
+    return PruneReason(epoch, metric, frozen.system_attrs[f"{samplers.RUNG_PREFIX}{rung.number}"], needed,
                        f"Hyperband bracket {rung.bracket} rung {rung.number}: the best {kept} of {len(competing)} "
                        "trials there go on")

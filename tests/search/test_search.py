@@ -18,6 +18,7 @@ from conftest import TINY_CLI, RecordingListener, mlflow_runs, signal_search_mid
 
 from pipeline import store
 from pipeline.cli import main
+from pipeline.commands.studies import study_states
 from pipeline.search import loop
 from pipeline.spec import studies
 from pipeline.tracking import study_run
@@ -48,7 +49,7 @@ def test_studies_command_lists_progress_and_best(study_env, capsys):
     study_env.write_study(name="other", trials=2)
     assert study_env.run("search") == 0
     best = max(r.values[0] for r in study_env.records() if r.state == "COMPLETE")
-    states = {s.file: s for s in store.study_states(study_env.studies_dir, study_env.storage)}
+    states = {s.file: s for s in study_states(study_env.studies_dir, study_env.storage)}
     assert (states["tiny.toml"].done, states["tiny.toml"].trials, states["tiny.toml"].best) == (2, 2, [best])
     assert states["tiny.toml"].state == "done"
     assert (states["other.toml"].done, states["other.toml"].best, states["other.toml"].state) == (0, None,
@@ -157,12 +158,12 @@ def test_of_two_copies_of_a_champion_phase_run_running_at_once_exactly_one_train
     at the same moment: each then sees the other running. The one that started first trains."""
     companion = optuna.create_study(storage=store.make_storage(f"sqlite:///{tmp_path}/s.db"), direction="maximize")
     for _ in range(2):
-        store.queue_trial(companion, {}, confirmation_of=3, repeat=1)
+        store.queue_trial(companion, {}, store.TrialNotes(confirmation_of=3, repeat=1))
     first, second = companion.ask(), companion.ask()  # both RUNNING now; `first` started earlier (or numbered lower)
     assert loop._surplus_confirmation(first) == ""
     assert loop._surplus_confirmation(second) == f"repeat 1 of trial 3 is already trial {first.number}"
     companion.tell(first, 0.99)
-    store.queue_trial(companion, {}, confirmation_of=3, repeat=1)
+    store.queue_trial(companion, {}, store.TrialNotes(confirmation_of=3, repeat=1))
     assert "already trial" in loop._surplus_confirmation(companion.ask())  # a copy of a finished run: surplus
 
 

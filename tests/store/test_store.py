@@ -1,10 +1,10 @@
-"""store.py: the wrappers around Optuna's private API (pinned to the Optuna version), the TrialRecord as
-stored, the champion's tie rule and which storage a command uses."""
+"""The store: the wrappers around Optuna's private API (pinned to the Optuna version), the TrialRecord as stored
+and the TrialNotes that write it, the champion's tie rule and which storage a command uses."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-import types
 
 import optuna
 import pytest
@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from pipeline import store
 from pipeline.spec import paths
 from pipeline.spec.errors import BadInput
+from pipeline.store import storage, trial_records
 from pipeline.tracking import study_run
 
 # Asking trials by hand on a storage with heartbeats makes Optuna say heartbeats belong to optimize().
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning
 def test_optuna_version_is_the_one_the_private_calls_were_checked_against():
     assert optuna.__version__.startswith("5.0."), (
         f"Optuna is {optuna.__version__}: the private calls below were checked against Optuna 5.0; re-check "
-        "store.fail_trial, store.requeue_if_queued and store.take_retries_first (and their tests here), then update "
-        "this pin")
+        "store.fail_trial, store.requeue_if_queued and store.take_retries_first (and their tests here) and "
+        "search/samplers.py's Hyperband rungs (tests/test_samplers.py), then update this pin")
 
 
 @pytest.fixture(params=["sqlite", "journal"])
@@ -92,8 +93,8 @@ def test_a_trial_not_from_the_queue_is_not_queued(url):
 
 def queue_baselines_then_a_retry(study: optuna.Study) -> None:
     """Two baselines queued first (trials 0 and 1), a trial that ran and failed (2), its retry queued (3)."""
-    store.queue_trial(study, {"lr": 0.001}, baseline=True)
-    store.queue_trial(study, {"lr": 0.002}, baseline=True)
+    store.queue_trial(study, {"lr": 0.001}, store.TrialNotes(baseline=True))
+    store.queue_trial(study, {"lr": 0.002}, store.TrialNotes(baseline=True))
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.FAIL, params={"lr": 0.005}, user_attrs={"seed": 99},
         distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}))
@@ -120,7 +121,7 @@ def test_with_take_retries_first_a_retry_runs_before_older_queued_trials(url):
 
 def test_optunas_heartbeat_retry_is_taken_first_too(url):
     study = new_study(url)
-    store.queue_trial(study, {"lr": 0.001}, baseline=True)
+    store.queue_trial(study, {"lr": 0.001}, store.TrialNotes(baseline=True))
     study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={"failed_trial": 7}))
     store.take_retries_first(study)
     assert study.ask().number == 1
@@ -147,7 +148,7 @@ def test_note_then_record_of_round_trips(tmp_path):
     trial.suggest_float("lr", 1e-4, 1e-1, log=True)
     params = {"model": "cnn", "lr": trial.params["lr"], "cnn_channels": [8, 16]}
     history = [{"epoch": 1, "val_accuracy": 0.5}, {"epoch": 2, "val_accuracy": 0.75}]
-    store.note(trial, seed=3, params=params, history=history, baseline=True, retries=1)
+    store.note(trial, store.TrialNotes(seed=3, params=params, history=history, baseline=True, retries=1))
     study.tell(trial, 0.75)
     record = store.record_of(study.get_trials()[0])
     assert (record.seed, record.params, record.history, record.baseline, record.retries) == (3, params, history,
@@ -169,14 +170,45 @@ def test_epochs_noted_one_at_a_time_read_as_the_history_and_a_copied_trials_epoc
     assert store.record_of(study.get_trials()[1]).history == [{"epoch": 1, "val_accuracy": 0.5}]
 
 
-def test_note_refuses_a_name_that_is_not_a_record_field(tmp_path):
+def test_trial_notes_are_the_records_own_fields_each_of_the_same_type_or_none():
+    record_types = {f.name: f.type for f in dataclasses.fields(store.TrialRecord)}
+    notes = dataclasses.fields(store.TrialNotes)
+    assert tuple(f.name for f in notes) == trial_records.RECORDED
+    for f in notes:
+        assert f.type in (record_types[f.name], f"{record_types[f.name]} | None"), f.name
+        assert f.default is None, f.name
+    with pytest.raises(TypeError, match="nonsense"):
+        store.TrialNotes(nonsense=1)  # type: ignore[call-arg]
+
+
+def test_notes_write_only_the_fields_given_under_their_names_as_before(tmp_path):
+    """The user attributes and JSON values the previous version's `note(trial, **fields)` wrote, and no others:
+    a value given as 0, False or [] is written; a field left at None is not."""
     study = new_study(f"sqlite:///{tmp_path}/o.db")
     trial = study.ask()
-    with pytest.raises(KeyError, match="nonsense"):
-        store.note(trial, nonsense=1)
-    with pytest.raises(KeyError, match="nonsense"):
-        store.queue_trial(study, {"lr": 0.01}, nonsense=1)
-    assert study.get_trials()[0].user_attrs == {}
+    prune = {"epoch": 3, "metric": "val_accuracy", "value": 0.5}
+    store.note(trial, store.TrialNotes(fail_reason="pruned", fail_detail="at epoch 3", prune_reason=prune,
+                                       history=[], resumed_from_epoch=0, baseline=False))
+    assert study.get_trials()[0].user_attrs == {"history": [], "fail_reason": "pruned", "fail_detail": "at epoch 3",
+                                                "baseline": False, "resumed_from_epoch": 0, "prune_reason": prune}
+    store.queue_trial(study, {}, store.TrialNotes(confirmation_of=3, repeat=0, seed=7))
+    assert study.get_trials()[1].user_attrs == {"seed": 7, "confirmation_of": 3, "repeat": 0}
+
+
+def test_a_requeued_trial_carries_its_first_attempt_seed_and_repeat(url):
+    study = new_study(url)
+    lr = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+    for attrs in ({"seed": 99, "confirmation_of": 1, "repeat": 2},  # a champion-phase run, failed
+                  {"seed": 5, "retry_of": 7, "first_attempt": 7}):  # a retry of trial 7, failed too
+        study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL, params={"lr": 0.005}, distributions=lr,
+                                                  user_attrs=attrs))
+    store.requeue(study, store.record(study, 0), retries=1)
+    store.requeue(study, store.record(study, 1))
+    run, retry = study.get_trials()[2:]
+    assert run.user_attrs == {"seed": 99, "retry_of": 0, "retries": 1, "first_attempt": 0, "confirmation_of": 1,
+                              "repeat": 2}
+    assert retry.user_attrs == {"seed": 5, "retry_of": 1, "first_attempt": 7}
+    assert retry.system_attrs["fixed_params"] == {"lr": 0.005}  # a queued trial's params, until it runs
 
 
 OLD_ATTRS = {  # user attributes as the previous version wrote them, before TrialRecord existed
@@ -253,61 +285,12 @@ def test_storage_url_override_then_storage_variable_then_default(monkeypatch):
 def test_a_sqlite_url_with_options_opens_its_file_in_a_folder_made_for_it(tmp_path):
     """The file of a `sqlite:///` URL is read the way SQLAlchemy reads it: query options are not part of its path."""
     url = f"sqlite:///{tmp_path}/new/optuna.db?timeout=30"
-    storage = store.make_storage(url)
-    optuna.create_study(storage=storage, study_name="opts")
+    optuna.create_study(storage=store.make_storage(url), study_name="opts")
     assert (tmp_path / "new" / "optuna.db").is_file() and not list((tmp_path / "new").glob("*timeout*"))
-    assert store._holds(url, "opts") and not store._holds(url, "other")
+    assert storage._holds(url, "opts") and not storage._holds(url, "other")
     assert study_run.artifact_root(f"sqlite:///{tmp_path}/runs/mlflow.db?timeout=30") == tmp_path / "runs" / "artifacts"
     assert study_run.artifact_root("sqlite://") == paths.DEFAULT_ARTIFACT_ROOT  # in memory: no file to sit beside
     # A URL SQLAlchemy cannot read is the store's to refuse, in one line.
     assert study_run.artifact_root("sqlite:/x.db") == paths.DEFAULT_ARTIFACT_ROOT
     with pytest.raises(BadInput, match="Optuna storage"):
         store.make_storage("sqlite:/x.db")
-
-
-@pytest.mark.parametrize(("epochs", "first"), [(1, 1), (2, 1), (3, 2), (5, 3), (8, 4), (20, 10)])
-def test_pruners_judge_a_trial_from_half_way_through_its_epochs(epochs, first):
-    assert store.first_pruned_epoch(epochs) == first
-
-
-@pytest.mark.parametrize("pruner", ["hyperband", "median"])
-def test_a_poor_trial_is_not_pruned_before_half_way_and_is_there(pruner):
-    """The shipped set-up on a 5-epoch study: four trials at 0.99 every epoch, then one at 0.5 every epoch. Its
-    noisy early epochs are not judged; at epoch 3 it is below the rung's better half (the median) and stops."""
-    spec = types.SimpleNamespace(pruner=pruner, epochs=5)
-    study = optuna.create_study(direction="maximize", pruner=store.make_pruner(spec))
-
-    def run(value: float) -> int | None:
-        """The epoch it was pruned at, None when it completed."""
-        trial = study.ask()
-        for epoch in range(1, 6):
-            trial.report(value, epoch)
-            if trial.should_prune():
-                study.tell(trial, state=TrialState.PRUNED)
-                return epoch
-        study.tell(trial, value)
-        return None
-
-    assert [run(0.99) for _ in range(4)] == [None] * 4
-    assert run(0.5) == 3
-
-
-def test_a_hyperband_rung_prunes_nothing_until_four_trials_reached_it():
-    """Optuna's rung keeps the best len // 2 (at least one), so the 2nd and 3rd trials to reach it go on only if
-    they beat every earlier one: after two strong (baseline) trials that would prune every sampled one."""
-    spec = types.SimpleNamespace(pruner="hyperband", epochs=5)
-    study = optuna.create_study(direction="maximize", pruner=store.make_pruner(spec))
-    assert isinstance(study.pruner, optuna.pruners.HyperbandPruner) and study.pruner.quorum == 4
-
-    def reach_rung(value: float) -> tuple[bool, int]:
-        trial = study.ask()
-        for epoch in (1, 2, 3):
-            trial.report(value, epoch)
-        pruned = trial.should_prune()
-        study.tell(trial, state=TrialState.PRUNED) if pruned else study.tell(trial, value)
-        trials = study.get_trials(deepcopy=False)
-        return pruned, len(store.last_rung(study.pruner, study, trials, trials[trial.number]).values)
-
-    assert [reach_rung(v) for v in (0.995, 0.994, 0.990)] == [(False, 1), (False, 2), (False, 3)]
-    assert reach_rung(0.980) == (True, 4)  # the rung is 4 strong: the worst half stops
-    assert reach_rung(0.999) == (False, 5)

@@ -1,0 +1,37 @@
+"""The study files as `make studies` and `make train STUDY=...` see them: where each one stands in its storage,
+and the full params of its first baseline trial. Torch-free: `make studies` answers in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from pipeline import store
+from pipeline.spec import space, studies
+from pipeline.spec.studies import StudyError, StudySpec
+
+
+def study_states(studies_dir: Path, storage_override: str | None = None) -> list[store.StudyState]:
+    """Each study file's current version: its trials done, best values and whether it runs, is done or resumes."""
+    states = []
+    for name in studies.available(studies_dir):
+        spec = studies.load(name, studies_dir)
+        try:
+            study = store.find_study(spec, store.open_storage(storage_override, name).backend)
+        except StudyError:
+            states.append(store.StudyState(name, f"{name}.toml", 0, spec.trials, None, "not started"))
+            continue
+        done = store.finished_count(study)
+        state = "running" if store.running_count(study) else ("done" if done >= spec.trials else "resumable")
+        states.append(store.StudyState(study.study_name, f"{name}.toml", done, spec.trials, store.best_values(study),
+                                       state))
+    return states
+
+
+def baseline_params(spec: StudySpec) -> dict[str, Any]:
+    """The full params dict of the study's first baseline trial (for `make train STUDY=...`)."""
+    if not spec.baseline:
+        raise StudyError(f"studies/{spec.name}.toml has no [[baseline]] trial to train")
+    return space.suggest(spec, optuna.trial.FixedTrial(space.enqueue_form(spec, spec.baseline[0])))
