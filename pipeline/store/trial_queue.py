@@ -2,7 +2,7 @@
 again (retries first), failing another process's trial, and what a queued trial carries.
 
 Optuna has no public way to do these; each use of its private API sits behind one small function here, with its
-own test pinned to the Optuna version (tests/test_store.py).
+own test pinned to the Optuna version (tests/store/test_store.py).
 """
 
 from __future__ import annotations

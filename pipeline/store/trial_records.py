@@ -76,7 +76,7 @@ RECORDED = tuple(f.name for f in dataclasses.fields(TrialRecord) if f.name not i
 class TrialNotes:
     """Fields of a trial's TrialRecord to write: each one given is stored as the user attribute of its name, with
     its value as it is (JSON); one left at None is not written. The fields and types are TrialRecord's own
-    (tests/test_store.py keeps the two in step)."""
+    (tests/store/test_store.py keeps the two in step)."""
 
     seed: int | None = None
     params: dict[str, Any] | None = None
