@@ -13,10 +13,10 @@ from rich.console import Console
 from tiny_study import write_study
 
 from pipeline import store
-from pipeline.commands.session import SearchOutcome
 from pipeline.console import views
 from pipeline.search import pareto, workers
 from pipeline.search.events import TrialEnded, TrialStarted
+from pipeline.search.options import SearchOutcome
 from pipeline.spec import studies
 from pipeline.training.train import EpochMetrics
 

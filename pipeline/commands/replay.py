@@ -1,8 +1,7 @@
 """Retrain a recorded trial from its params and seed: `make replay` compares every recorded metric, and
 export retrains a champion that has no registered model.
 
-One recipe turns a study's recorded definition into the data its trials saw (`recorded_data`), so a
-search, a replay and an export all prepare the very same split.
+The data its trials saw comes from data/recorded.py, the same recipe a search and an export use.
 """
 
 from __future__ import annotations
@@ -12,31 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 
 from pipeline import store
 from pipeline.data import loading
-from pipeline.search.loop import HISTORY_KEYS, history_record
-from pipeline.spec import studies
-from pipeline.spec.sources import DEFAULT_VAL_SIZE
+from pipeline.data.recorded import study_data
+from pipeline.search.objective import HISTORY_KEYS, history_record
 from pipeline.spec.studies import StudyError, StudySpec
 from pipeline.training import train
-
-
-def recorded_data(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu",
-                  resident_bytes: int | None = None) -> loading.PreparedData:
-    """The data of a study's trials, from its search definition (as recorded, or a study file's).
-
-    Older records lack `val_size`: they were made with the default. A folder's is None (its val_fraction decides).
-    """
-    return loading.prepare(studies.dataset_ref(definition["dataset"]), root, device,
-                        val_size=definition.get("val_size", DEFAULT_VAL_SIZE),
-                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
-                        resident_bytes=resident_bytes)
-
-
-def study_data(spec: StudySpec, root: Path, device: torch.device | str) -> loading.PreparedData:
-    return recorded_data(spec.search_definition(), root, device)
+from pipeline.training.device import pick_device
 
 
 @dataclass
@@ -53,7 +35,7 @@ def replay_trial(spec: StudySpec, storage_override: str | None, trial_number: in
     storage = store.open_storage(storage_override, spec.name)
     study = store.find_study(spec, storage.backend)
     record = _confirmation_run(storage, study, trial_number, repeat) if repeat else _finished_trial(study, trial_number)
-    prepared = study_data(spec, root, train.pick_device(device))
+    prepared = study_data(spec, root, pick_device(device))
     loading.require_digest(record.dataset_digest, prepared.checksum, trial_number, prepared.dataset,
                         "restore the pictures it was trained on to replay it")
     outcome = compare(record, prepared, threads)

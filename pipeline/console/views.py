@@ -23,6 +23,7 @@ from rich.text import Text
 
 from pipeline.infra.text import printable
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
+from pipeline.spec.stop_reason import StopReason
 
 if TYPE_CHECKING:
     from pipeline.data.landing import Landed
@@ -190,13 +191,13 @@ class SearchView(Listener):
         return WorkersView(spec, status, pool)
 
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
-        if outcome.stop_reason == "interrupted":
+        if outcome.stop_reason == StopReason.INTERRUPTED:
             signal_name = signal.Signals(outcome.signal_number).name
             many = outcome.workers > 1
             err_console.print(f"[yellow]{signal_name} received: the running trial{'s are' if many else ' is'} "
                               f"recorded as FAIL (interrupted) and queued again; finished trials are saved. "
                               f"Resume with: {outcome.resume_command}")
-        elif outcome.stop_reason == "failed":
+        elif outcome.stop_reason == StopReason.FAILED:
             err_console.print(f"[red]study stopped:[/] {literal(outcome.failure or '')}")
         else:
             summary(spec, outcome)
@@ -205,7 +206,7 @@ class SearchView(Listener):
 def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
     """The end of a search: what ran, the top trials, the best one."""
     phase = f" and {outcome.champion.ran} champion-phase runs" if outcome.champion is not None else ""
-    ended = "budget reached" if outcome.stop_reason == "budget" else "time budget spent"
+    ended = "budget reached" if outcome.stop_reason == StopReason.BUDGET else "time budget spent"
     console.print(f"{outcome.ran} trials{phase} run in {outcome.seconds / 60:.1f} min; "
                   f"{outcome.finished}/{spec.trials} finished ({ended})")
     several = len(spec.objectives) > 1
@@ -226,7 +227,7 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
         console.print(f"best trial {best.number}: {values_text(best.values)} with {literal(str(best.params))}")
     if outcome.champion is not None:
         champion_table(outcome.champion.standings)
-        if outcome.champion.stop_reason == "time":
+        if outcome.champion.stop_reason == StopReason.TIME:
             console.print(f"[yellow]the champion phase's {spec.confirmation.minutes:g} minutes would be exceeded by "
                           f"the next run: {outcome.champion.standings.missing} runs left; `{outcome.resume_command}` "
                           "trains them (or raise [champion] minutes)")
@@ -255,7 +256,7 @@ def search_result(spec: StudySpec, outcome: SearchOutcome) -> None:
     """What tracking said at the end, and what to run next."""
     for line in outcome.messages:
         say(line)
-    if outcome.stop_reason in ("budget", "timeout"):
+    if outcome.stop_reason in (StopReason.BUDGET, StopReason.TIMEOUT):
         standings = outcome.champion.standings if outcome.champion is not None else None
         if standings is not None and standings.exported is not None:  # what gets exported is worth re-checking
             run = standings.exported

@@ -1,4 +1,4 @@
-"""The champion phase: the search's best configurations trained again over seeds; the champion is the best mean.
+"""The champion: the search's best configurations, trained again over seeds (seeds.py), and the best mean of them.
 
 One run's validation score is partly its seed's luck, and the search's best trial is the luckiest of many, so its
 score overstates what its configuration delivers. A study with a `[champion]` table (studies.ChampionTable) ends
@@ -6,11 +6,8 @@ with this phase: the `top_k` best distinct configurations (by their search score
 derived from (study seed, trial number, repeat), on the full epoch budget and without pruning, until each has
 `seeds` runs (the search's own run counts as one).
 
-The runs are trials of a companion Optuna study, `<study>:champion` in the same storage, queued with their
-params and seed: they are recorded (params, seed, per-epoch history, provenance), checkpointed, resumed after a
-kill and replayed (`make replay STUDY=x TRIAL=n REPEAT=r`) like the search's trials. Each invocation queues only
-the runs that are missing, so an interrupted phase continues, a finished one is not run again, and a larger
-`[champion]` only adds runs.
+The runs are trials of a companion Optuna study, `<study>:champion` in the same storage (seeds.py runs them).
+This module reads them back: each candidate's runs and statistics, and the choice.
 
 The choice: the best mean among the candidates that have all their runs. A candidate within one standard error
 of that mean (the one-standard-error rule: too close to tell apart with this many seeds) that costs fewer FLOPs
@@ -23,24 +20,18 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
 from pipeline import store
-from pipeline.data.loading import PreparedData
-from pipeline.search import loop
-from pipeline.search.events import Listener
 from pipeline.spec import studies
 from pipeline.spec.studies import StudySpec
 
 COMPANION = ":champion"  # the companion study's name: `<study>:champion` (study files may not hold a ':')
 CONFIDENCE = 0.95
-UNPLANNED = "unplanned"  # a queued run whose configuration is no longer a candidate: dropped, not trained
 
 
 def companion_name(study_name: str) -> str:
@@ -259,112 +250,3 @@ def closest_to_mean(candidate: Candidate) -> Run | None:
     if not confirmations:
         return None
     return min(confirmations, key=lambda r: (abs(r.value - candidate.summary.mean), r.repeat))
-
-
-# --------------------------------------------------------------------------------------------------
-# The phase
-
-
-@dataclass
-class PhaseOutcome:
-    ran: int  # runs trained by this invocation
-    stop_reason: str  # "done", or "time" (the phase's minutes would be exceeded: the rest waits for the next run)
-    standings: Standings
-    notes: list[str] = field(default_factory=list)
-
-
-def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecord, int]]:
-    """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats."""
-    found = candidates(spec, study)
-    return [(trial, repeat) for repeat in range(1, spec.confirmation.seeds) for trial in found]
-
-
-def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> int:
-    """Queue the wanted runs that are neither done nor queued nor running; drop queued runs no longer wanted.
-
-    A run that failed for good (an exception, not a kill) is queued again: this is a new invocation.
-    """
-    keys = {(trial.number, repeat) for trial, repeat in wanted}
-    present = set()
-    for record in store.records(companion):
-        key = (record.confirmation_of, record.repeat)
-        if record.state == "WAITING" and key not in keys:
-            store.fail_trial(companion, record.number, UNPLANNED)
-        elif record.state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
-            present.add(key)
-    queued = 0
-    for trial, repeat in wanted:
-        if (trial.number, repeat) not in present:
-            store.queue_trial(companion, trial.sampled, confirmation_of=trial.number, repeat=repeat,
-                              seed=repeat_seed(spec, trial.number, repeat))
-            queued += 1
-    return queued
-
-
-class Phase:
-    """One invocation's champion phase: what it wants, then `run` to train what is missing."""
-
-    def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage):
-        self.spec, self.study = spec, study
-        self.companion = open_companion(spec, storage, study.study_name)
-        self.wanted = planned(spec, study)
-        self.queued = queue_missing(spec, self.companion, self.wanted)
-
-    def announcement(self) -> str:
-        waiting = len(store.records(self.companion, (TrialState.WAITING,)))
-        table, configurations = self.spec.confirmation, len({trial.number for trial, _ in self.wanted})
-        return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
-                f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
-
-    def status(self) -> tuple[int, list[float] | None]:
-        """Wanted runs done (for the progress bar)."""
-        keys = {(trial.number, repeat) for trial, repeat in self.wanted}
-        done = {(r.confirmation_of, r.repeat) for r in store.records(self.companion, (TrialState.COMPLETE,))}
-        return len(keys & done), None
-
-    def run(self, prepared: PreparedData, listener: Listener, threads: int | None = None,
-            checkpoints: Path | None = None) -> PhaseOutcome:
-        """Train the missing runs within the phase's minutes and return the standings.
-
-        A run starts only when its configuration's search trial took no longer than the time left. Raises
-        search.Interrupted (the running run is queued again and resumes its checkpoint next time),
-        TooManyFailures and DiskFull like the search.
-        """
-        spec, companion = self.spec, self.companion
-        stop = loop.StopRequest()
-        objective = loop.Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints,
-                                     confirming=True)
-        store.take_retries_first(companion)
-        loop.sweep_checkpoints(companion, checkpoints, listener)
-        needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
-        deadline = time.monotonic() + spec.confirmation.minutes * 60
-        ran, failures, stop_reason = 0, 0, "done"
-        with stop.installed():
-            while True:
-                stop.check()
-                for number in loop.fail_dead_owners(companion, checkpoints):
-                    listener.warning(f"champion-phase run {number} was left RUNNING by a process that died: "
-                                     "failed and queued again")
-                upcoming = store.next_waiting(companion)  # the run Optuna will hand out next
-                if upcoming is None:
-                    if not store.running_count(companion):
-                        break
-                    listener.waiting()  # another process runs the last runs: their results join the table
-                    time.sleep(loop.WAIT_SECONDS)
-                    optuna.storages.fail_stale_trials(companion)  # that process died on another host (heartbeat)
-                    continue
-                if time.monotonic() + needs.get(upcoming.confirmation_of, 0.0) > deadline:
-                    stop_reason = "time"
-                    break
-                ended = loop.next_trial(companion, objective, listener)
-                if ended is not None:
-                    ran += 1
-                    failures = loop.failures_in_a_row(failures, ended)
-        return PhaseOutcome(ran, stop_reason, standings(spec, self.study, companion))
-
-
-def _duration(trial: store.TrialRecord, epochs: int) -> float:
-    """How long a run of this configuration takes: its search trial's time, for every epoch (a resumed trial's
-    time covers only the epochs it trained itself)."""
-    trained = epochs - trial.resumed_from_epoch
-    return trial.seconds * epochs / trained if trained > 0 else trial.seconds

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline import store
-from pipeline.search import champion, pareto
+from pipeline.search import pareto, seeds
 from pipeline.spec import paths
+from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ class SearchOptions:
 class SearchOutcome:
     study_name: str
     ran: int  # trials this invocation ran
-    stop_reason: str  # budget, timeout, interrupted, failed
+    stop_reason: StopReason  # BUDGET, TIMEOUT, INTERRUPTED, FAILED
     seconds: float
     signal_number: int | None = None  # interrupted by this signal
     failure: str | None = None  # why the study stopped (failed)
@@ -47,7 +48,7 @@ class SearchOutcome:
     workers: int = 1
     resume_command: str = ""
     messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
-    champion: champion.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
+    champion: seeds.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
 
     @property
     def best(self) -> store.TrialRecord | None:

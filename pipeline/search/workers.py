@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pipeline.infra.concurrency import available_cores, quiet_if_hung_up, stop_with_parent
 from pipeline.infra.memory import HOST_WORKERS_ENV
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
+from pipeline.spec.stop_reason import StopReason
 
 if TYPE_CHECKING:
     from pipeline.search.options import SearchOptions, SearchOutcome
@@ -251,9 +252,9 @@ class EventView(Listener):
         raise AssertionError("a worker does not start workers")
 
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
-        if outcome.stop_reason == "failed":
+        if outcome.stop_reason == StopReason.FAILED:
             emit("too_many_failures", text=outcome.failure)
-        elif outcome.stop_reason != "interrupted":
+        elif outcome.stop_reason != StopReason.INTERRUPTED:
             emit("done", ran=outcome.ran, stop_reason=outcome.stop_reason)
 
 
@@ -276,7 +277,7 @@ class Coordinated:
     """What the workers reported between them."""
 
     ran: int = 0
-    stop_reasons: set[str] = field(default_factory=set)
+    stop_reasons: set[StopReason] = field(default_factory=set)
     failure: str | None = None  # a worker's TooManyFailures message
     signal_number: int | None = None  # the first stop signal this process received
 
@@ -313,7 +314,7 @@ def coordinate(pool: Workers, view: WorkersView) -> Coordinated:
                         pool.signal_all(signal.SIGTERM)  # the study stops: the other workers stop too
                 elif item["event"] == "done":
                     result.ran += item["ran"]
-                    result.stop_reasons.add(item["stop_reason"])
+                    result.stop_reasons.add(StopReason(item["stop_reason"]))
                 else:
                     view.show(index, item)
     finally:
