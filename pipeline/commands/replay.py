@@ -77,7 +77,8 @@ def compare(record: store.TrialRecord, prepared: loading.PreparedData, threads: 
         return len(replayed) >= len(recorded)  # a pruned trial stopped early: stop at the same epoch
 
     # Float sums depend on the thread count: by default, use the one the trial ran with.
-    train.fit(as_trained(record), prepared, callbacks=[collect], seed=record.seed, threads=threads or record.threads)
+    params, seed = as_trained(record)
+    train.fit(params, prepared, callbacks=[collect], seed=seed, threads=threads or record.threads)
     differences = []
     for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
         for key in HISTORY_KEYS:
@@ -91,10 +92,14 @@ def compare(record: store.TrialRecord, prepared: loading.PreparedData, threads: 
 def retrain(record: store.TrialRecord, prepared: loading.PreparedData,
             on_epoch: Any = lambda metrics: None) -> train.TrainResult:
     """Train the trial's model again from its recorded params and seed (on the thread count it ran with)."""
-    return train.fit(as_trained(record), prepared, callbacks=[on_epoch], seed=record.seed, threads=record.threads)
+    params, seed = as_trained(record)
+    return train.fit(params, prepared, callbacks=[on_epoch], seed=seed, threads=record.threads)
 
 
-def as_trained(record: store.TrialRecord) -> dict[str, Any]:
-    """The trial's params with the precision it trained in: "auto" may mean another one on this machine (or under
-    PIPELINE_PRECISION), and bf16 and fp32 round differently."""
-    return record.params | {"precision": record.precision} if record.precision else record.params
+def as_trained(record: store.TrialRecord) -> tuple[dict[str, Any], int]:
+    """The trial's params with the precision it trained in ("auto" may mean another one on this machine, or under
+    PIPELINE_PRECISION, and bf16 and fp32 round differently), and its seed."""
+    if record.params is None or record.seed is None:  # every trained trial records both before training
+        raise StudyError(f"trial {record.number} has no recorded params and seed: it cannot be trained again")
+    params = record.params | {"precision": record.precision} if record.precision else record.params
+    return params, record.seed

@@ -27,7 +27,8 @@ from pipeline.data.recorded import study_data
 from pipeline.infra import urls
 from pipeline.infra.urls import shown
 from pipeline.search import loop, pareto, seeds, workers
-from pipeline.search.events import Listeners
+from pipeline.search.champion import first_value
+from pipeline.search.events import Listener, Listeners
 from pipeline.search.options import SearchOptions, SearchOutcome, SearchView
 from pipeline.search.stopping import Interrupted, StudyStopped, TooManyFailures
 from pipeline.search.trial_files import checkpoint_folder
@@ -45,10 +46,11 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     device = pick_device(options.device)
     options, why_workers = _decide_workers(spec, options, device)
     tracking = Tracking.connect(spec, view) if options.tracking else Tracking.off()
-    storage = store.open_storage(options.storage, spec.name, options.workers)
+    storage = store.open_storage(options.storage, spec.name, options.worker_count)
     # The data first: a missing or corrupt dataset stops here, before a study or an MLflow run is made. Before
     # any worker starts, too, so the data lands once; the coordinator of workers keeps it off the GPU.
-    prepared = study_data(spec, options.root, device if options.workers == 1 else "cpu")
+    prepared: loading.PreparedData | None = study_data(spec, options.root,
+                                                      device if options.worker_count == 1 else "cpu")
     salt = f"{socket.gethostname()}/worker{options.worker}" if options.worker is not None else ""
     study = store.open_study(spec, storage.backend, fresh=options.fresh, log=view.say,
                              on_create=lambda new_study: tracking.start(spec, new_study, contested=False),
@@ -58,18 +60,19 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
         view.header(_header(spec, study, prepared, device, options, storage.url))
         if why_workers:
             view.say(why_workers)
-    if options.workers > 1 and storage.url.startswith("sqlite:"):
-        view.note(f"{options.workers} workers share the SQLite file {storage.url}: Optuna advises a journal file "
+    if options.worker_count > 1 and storage.url.startswith("sqlite:"):
+        view.note(f"{options.worker_count} workers share the SQLite file {storage.url}: Optuna advises a journal file "
                   "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
-    listener = Listeners(view, tracking.listener)
+    listener = Listeners(as_listener(view), tracking.listener)
     resume = resume_command(spec, options, storage.url)
-    outcome = SearchOutcome(study.study_name, 0, StopReason.BUDGET, 0.0, workers=options.workers, resume_command=resume)
+    outcome = SearchOutcome(study.study_name, 0, StopReason.BUDGET, 0.0, workers=options.worker_count,
+                            resume_command=resume)
     started, status = time.monotonic(), "FINISHED"
     try:
-        if options.workers > 1:
+        if options.worker_count > 1:
             prepared = None  # each worker loads its own copy; the coordinator need not hold one for the whole run
             outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
-        else:
+        elif prepared is not None:  # one process: this one, on the data loaded above
             with view.running(spec, lambda: _status(study)):
                 searched = loop.run(spec, study, prepared, listener, threads=options.threads,
                                     checkpoints=checkpoint_folder(options.studies_dir, storage.url, study.study_name))
@@ -83,15 +86,23 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     except StudyStopped as exc:
         outcome.stop_reason, outcome.failure, status = StopReason.FAILED, str(exc), "FAILED"
     outcome.seconds = time.monotonic() - started
-    _standings(spec, study, outcome)
+    decision = _standings(spec, study, outcome)
     view.ended(spec, outcome)
     if options.worker is None:  # a worker's coordinator writes the page and closes the study's MLflow side
-        page = report_page(spec, study, storage.backend, options, view.warning, outcome.decision)
-        outcome.messages = tracking.finish(spec, study, storage.backend, status, outcome.decision, warn=view.warning,
+        page = report_page(spec, study, storage.backend, options, view.warning, decision)
+        outcome.messages = tracking.finish(spec, study, storage.backend, status, decision, warn=view.warning,
                                            page=page)
         if page is not None:
             outcome.messages.append(f"report: {page}")
     return outcome
+
+
+def as_listener(view: SearchView) -> Listener:
+    """The view as one of the search's listeners: every SearchView is an events.Listener (views.SearchView,
+    workers.EventView), which the protocol cannot say."""
+    if not isinstance(view, Listener):
+        raise TypeError(f"{type(view).__name__} is a SearchView but not an events.Listener")
+    return view
 
 
 def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, options: SearchOptions,
@@ -116,7 +127,7 @@ def _champion_phase(spec: StudySpec, study: optuna.Study, storage: store.Storage
     phase = seeds.Phase(spec, study, storage.backend)
     view.say(phase.announcement())
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
-        return phase.run(prepared, Listeners(view, tracking.confirmations), threads=options.threads,
+        return phase.run(prepared, Listeners(as_listener(view), tracking.confirmations), threads=options.threads,
                          checkpoints=checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name))
 
 
@@ -125,7 +136,7 @@ def _decide_workers(spec: StudySpec, options: SearchOptions, device: torch.devic
     user chose). A worker process is one worker."""
     if options.worker is not None:
         return dataclasses.replace(options, workers=1), ""
-    if options.workers != workers.AUTO:
+    if isinstance(options.workers, int):  # a number, not workers.AUTO
         if options.workers < 1:
             raise BadInput(f"WORKERS={options.workers}: expected a number of worker processes >= 1 or auto, "
                            "e.g. WORKERS=4")
@@ -142,8 +153,8 @@ def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
     shell history has it); the default one needs no mention.
     """
     parts = ["make search", f"STUDY={spec.name}"]
-    if options.workers > 1:
-        parts.append(f"WORKERS={options.workers}")
+    if options.worker_count > 1:
+        parts.append(f"WORKERS={options.worker_count}")
     if options.storage or os.environ.get("STORAGE"):
         parts.append(f"STORAGE={shlex.quote(urls.shown(url))}")
     if not options.tracking:
@@ -158,29 +169,30 @@ def _status(study: optuna.Study) -> tuple[int, list[float] | None]:
     return store.finished_count(study), store.best_values(study)
 
 
-def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> None:
-    """The study's champion (decided once here, then shown, put on the page and registered) and its top trials:
-    the best five, or (several objectives) the front, most accurate first."""
+def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> pareto.Choice:
+    """The study's champion (decided once here, then shown, put on the page and registered; returned) and its top
+    trials: the best five, or (several objectives) the front, most accurate first."""
     outcome.finished = store.finished_count(study)
-    outcome.decision = pareto.decide(spec, study)
+    outcome.decision = decision = pareto.decide(spec, study)
     reverse = spec.directions[0] == "maximize"
     if len(spec.objectives) > 1:
-        outcome.top = sorted(outcome.decision.front, key=lambda r: r.values[0], reverse=reverse)
+        outcome.top = sorted(decision.front, key=first_value, reverse=reverse)
     else:
         complete = store.records(study, (optuna.trial.TrialState.COMPLETE,))
-        outcome.top = sorted(complete, key=lambda r: r.values[0], reverse=reverse)[:TOP]
+        outcome.top = sorted(complete, key=first_value, reverse=reverse)[:TOP]
+    return decision
 
 
 def _header(spec: StudySpec, study: optuna.Study, prepared: Any, device: torch.device, options: SearchOptions,
             url: str) -> str:
     shape = "x".join(map(str, prepared.input_shape))
     # With workers, each says where its data went on its own line ("worker N: data ...").
-    placement = prepared.placement if options.workers == 1 else "placed by each worker, below"
+    placement = prepared.placement if options.worker_count == 1 else "placed by each worker, below"
     return (f"{study.study_name}: {spec.description or spec.name} | {prepared.dataset} "
             f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({placement}, digest "
             f"{prepared.checksum}), {device}, sampler {spec.sampler}, "
             f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
-            + (f" | {options.workers} workers, storage {shown(url)}" if options.workers > 1 else ""))
+            + (f" | {options.worker_count} workers, storage {shown(url)}" if options.worker_count > 1 else ""))
 
 
 def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.device, options: SearchOptions,
@@ -192,7 +204,7 @@ def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.
     """
     # GPUs are shared out when the device is left to us; `--device cuda:1` keeps every worker on that GPU.
     gpus = workers.visible_gpus() if device.type == "cuda" and options.device in ("auto", "cuda") else []
-    plans = workers.plan(options.workers, options.threads, gpus)
+    plans = workers.plan(options.worker_count, options.threads, gpus)
     pool = workers.Workers(workers.worker_command(spec, options), plans, workers.storage_environment(url))
     for p in plans:
         gpu = f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else ""

@@ -24,14 +24,29 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from pipeline import store
 from pipeline.spec import studies
-from pipeline.spec.studies import StudySpec
+from pipeline.spec.studies import ChampionTable, StudySpec
 
 COMPANION = ":champion"  # the companion study's name: `<study>:champion` (study files may not hold a ':')
 CONFIDENCE = 0.95
+
+
+def champion_table(spec: StudySpec) -> ChampionTable:
+    """The study's `[champion]` table: only a study that has one has a champion phase."""
+    if spec.confirmation is None:
+        raise ValueError(f"study {spec.name!r} has no [champion] table, so no champion phase")
+    return spec.confirmation
+
+
+def first_value(record: store.TrialRecord) -> float:
+    """A complete trial's (first) objective value: what the candidates are ranked and summed up by."""
+    if record.values is None:
+        raise ValueError(f"trial {record.number} has no objective values: it is not complete")
+    return record.values[0]
 
 
 def companion_name(study_name: str) -> str:
@@ -40,8 +55,9 @@ def companion_name(study_name: str) -> str:
 
 def open_companion(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
     """The study's champion-phase runs, created on first use. Every run is queued, so the sampler never samples."""
+    direction = StudyDirection.MAXIMIZE if spec.directions[0] == "maximize" else StudyDirection.MINIMIZE
     return optuna.create_study(study_name=companion_name(study_name), storage=storage, load_if_exists=True,
-                               direction=spec.directions[0], sampler=optuna.samplers.RandomSampler(seed=0),
+                               direction=direction, sampler=optuna.samplers.RandomSampler(seed=0),
                                pruner=optuna.pruners.NopPruner())
 
 
@@ -151,7 +167,7 @@ class Standings:
                         f"{r['mean']} | {r['std']} | {r['interval']} | {r['min']} | {r['max']} | {r['mflops']} | "
                         f"{r['values']} |")
         rows += ["", self.reason]
-        if self.exported is not None:
+        if self.exported is not None and self.champion is not None:
             rows.append(f"Exported weights: {describe_run(self.exported, self.champion.trial.number)}, the "
                         "confirmation run closest to the mean.")
         return "\n".join(rows) + "\n"
@@ -175,7 +191,7 @@ def _mflops(flops: int | None) -> str:
     return "-" if not flops else f"{flops / 1e6:,.1f}"
 
 
-def _flops_apart(fewer: int, more: int | None) -> str:
+def _flops_apart(fewer: int | None, more: int | None) -> str:
     """`58.31 M vs 58.35 M`: two FLOP counts with the fewest decimals that still tell them apart (`-`: a count
     the trial did not record)."""
     if not fewer or not more:
@@ -191,14 +207,14 @@ def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
     """The best `top_k` distinct feasible configurations by their search score (the first to complete wins a tie)."""
     sign = -1.0 if spec.directions[0] == "maximize" else 1.0
     complete = sorted((r for r in store.records(study, (TrialState.COMPLETE,)) if r.feasible),
-                      key=lambda r: (sign * r.values[0], r.completed_at, r.number))
+                      key=lambda r: (sign * first_value(r), r.completed_at, r.number))
     chosen, seen = [], set()
     for record in complete:
         key = json.dumps(record.params if record.params is not None else record.sampled, sort_keys=True)
         if key not in seen:
             seen.add(key)
             chosen.append(record)
-    return chosen[:spec.confirmation.top_k]
+    return chosen[:champion_table(spec).top_k]
 
 
 def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
@@ -207,16 +223,16 @@ def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
 
 def standings(spec: StudySpec, study: optuna.Study, companion: optuna.Study | None) -> Standings:
     """The table as the stores hold it now (also what export and the report read back)."""
-    seeds, direction = spec.confirmation.seeds, spec.directions[0]
-    done: dict[tuple[int, int], store.TrialRecord] = {}
+    seeds, direction = champion_table(spec).seeds, spec.directions[0]
+    done: dict[tuple[int | None, int], store.TrialRecord] = {}
     for record in store.records(companion, (TrialState.COMPLETE,)) if companion is not None else []:
         done.setdefault((record.confirmation_of, record.repeat), record)  # the first if a run was done twice
     table = Standings(study.study_name, spec.metrics[0], direction, seeds, [])
     for rank, trial in enumerate(candidates(spec, study), start=1):
-        runs = [Run(0, trial.number, trial.seed, trial.values[0])]
+        runs = [Run(0, trial.number, trial.seed, first_value(trial))]
         for repeat in range(1, seeds):
             if (found := done.get((trial.number, repeat))) is not None:
-                runs.append(Run(repeat, found.number, found.seed, found.values[0]))
+                runs.append(Run(repeat, found.number, found.seed, first_value(found)))
         table.candidates.append(Candidate(trial, rank, runs, summarize([r.value for r in runs])))
         table.missing += seeds - len(runs)
     table.champion, table.reason = choose(table.candidates, direction, seeds)

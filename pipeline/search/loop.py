@@ -156,8 +156,9 @@ def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> 
             listener.interrupted("interrupted")
         except Exception as exc:
             listener.warning(f"the interrupted trial's MLflow run could not be closed ({exc})")
-        if objective.running is not None:
-            store.requeue(study, store.record(study, objective.running))
+        running = store.record(study, objective.running) if objective.running is not None else None
+        if running is not None:
+            store.requeue(study, running)
         raise
     objective.running = None
     record = store.record_of(last[0])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -231,10 +231,10 @@ class Objective:
             self.stop.check()
             record(metrics)
             reason = None
-            if single and trial.should_prune():
+            if single and metric is not None and trial.should_prune():
                 reason = pruning.explain(trial.study, trial, metrics.epoch, metric) or pruning.PruneReason(
                     metrics.epoch, metric, getattr(metrics, metric), math.nan, self.spec.pruner)
-            elif several_pruned:
+            elif several_pruned and metric is not None:  # studies.validate: a pruned study has a validation metric
                 maximize = self.spec.directions[self.spec.metrics.index(metric)] == "maximize"
                 first = store.first_pruned_epoch(self.spec.epochs)
                 reason = pruning.median_from_histories(trial.study, history, metric, maximize, first)
@@ -284,7 +284,7 @@ def architecture_size(p: dict[str, Any], data: PreparedData, flops: bool) -> dic
         return {}
 
 
-def constrain(trial: optuna.Trial, spec: StudySpec, metrics: dict[str, float]) -> str:
+def constrain(trial: optuna.Trial, spec: StudySpec, metrics: Mapping[str, float]) -> str:
     """Give Optuna the study's constraints on these metrics; return which are missed ('' when none)."""
     missed = []
     for metric, bound in spec.constraints.items():

@@ -33,6 +33,13 @@ class SearchOptions:
     reports_dir: Path = paths.REPORTS_DIR  # the report page, refreshed at the end: reports/<study>.html
     exports_dir: Path = paths.EXPORTS_DIR  # where the page looks for the champion's export
 
+    @property
+    def worker_count(self) -> int:
+        """The number of worker processes, once decided (`run_search` decides WORKERS=auto before anything else)."""
+        if isinstance(self.workers, str):
+            raise ValueError(f"WORKERS={self.workers} is not decided yet")
+        return self.workers
+
 
 @dataclass
 class SearchOutcome:
@@ -63,6 +70,7 @@ class SearchView(Protocol):
     views.SearchView draws it, workers.EventView sends it to a coordinator."""
 
     def say(self, message: str) -> None: ...
+    def warning(self, message: str) -> None: ...  # as events.Listener's
     def note(self, message: str) -> None: ...  # a warning the user should read
     def header(self, text: str) -> None: ...
     def running(self, spec: StudySpec, status: Status, total: int | None = None,

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.search import loop
-from pipeline.search.champion import Standings, candidates, open_companion, repeat_seed, standings
+from pipeline.search.champion import Standings, candidates, champion_table, open_companion, repeat_seed, standings
 from pipeline.search.events import Listener
 from pipeline.search.failures import failing_trial
 from pipeline.search.objective import Objective
@@ -77,7 +77,8 @@ class PhaseBudget:
         if upcoming is None:
             # Another process runs the last runs (their results join the table), or every run is done.
             return loop.Next.WAIT if store.running_count(study) else StopReason.DONE
-        if time.monotonic() + self.needs.get(upcoming.confirmation_of, 0.0) > deadline:
+        need = self.needs.get(upcoming.confirmation_of, 0.0) if upcoming.confirmation_of is not None else 0.0
+        if time.monotonic() + need > deadline:
             return StopReason.TIME
         return loop.Next.TRIAL
 
@@ -85,7 +86,7 @@ class PhaseBudget:
 def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecord, int]]:
     """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats."""
     found = candidates(spec, study)
-    return [(trial, repeat) for repeat in range(1, spec.confirmation.seeds) for trial in found]
+    return [(trial, repeat) for repeat in range(1, champion_table(spec).seeds) for trial in found]
 
 
 def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> int:
@@ -121,7 +122,7 @@ class Phase:
 
     def announcement(self) -> str:
         waiting = len(store.records(self.companion, (TrialState.WAITING,)))
-        table, configurations = self.spec.confirmation, len({trial.number for trial, _ in self.wanted})
+        table, configurations = champion_table(self.spec), len({trial.number for trial, _ in self.wanted})
         return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
                 f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
 
@@ -142,7 +143,7 @@ class Phase:
         spec = self.spec
         objective = Objective(spec, prepared, ChampionRuns(), listener, threads, checkpoints=checkpoints)
         needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
-        budget = PhaseBudget(needs, spec.confirmation.minutes)
+        budget = PhaseBudget(needs, champion_table(spec).minutes)
         outcome = loop.run_trials(self.companion, objective, budget, checkpoints)
         return PhaseOutcome(outcome.ran, outcome.stop_reason, standings(spec, self.study, self.companion))
 

@@ -62,8 +62,10 @@ def sweep_checkpoints(study: optuna.Study, folder: Path | None, listener: Listen
     The folder is listed before the trials: a trial writes its checkpoint only while it runs, so one written
     meanwhile is never taken for an orphan.
     """
+    if folder is None:
+        return []
     try:
-        names = os.listdir(folder) if folder is not None else []
+        names = os.listdir(folder)
     except FileNotFoundError:
         return []
     found = {int(match["first"]): folder / name for name in names if (match := _CHECKPOINT_NAME.fullmatch(name))}

@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -22,6 +22,9 @@ from pipeline.search.events import Listener, TrialEnded
 from pipeline.search.loop import trial_ended
 from pipeline.search.options import SearchView
 from pipeline.spec.studies import StudySpec
+
+if TYPE_CHECKING:  # annotations only: study_run imports MLflow, which only a tracked search needs
+    from pipeline.tracking.study_run import StudyRun
 
 PARENT_SETTLE_SECONDS = 1.0
 
@@ -37,7 +40,7 @@ class Tracking:
 
     def __init__(self, client: Any | None):
         self.client = client
-        self.run: Any | None = None  # tracking.StudyRun once started
+        self.run: StudyRun | None = None  # once started
 
     @classmethod
     def connect(cls, spec: StudySpec, view: SearchView) -> Tracking:
@@ -80,7 +83,7 @@ class Tracking:
             if contested:
                 time.sleep(PARENT_SETTLE_SECONDS)
                 final = store.parent_run_id(study)  # read from the storage, not cached
-                if final != self.run.parent_run_id:
+                if final is not None and final != self.run.parent_run_id:
                     self.run.adopt_parent(final)
 
     def finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, status: str,
@@ -88,12 +91,13 @@ class Tracking:
         """End of an invocation: close runs of killed trials, refresh the parent's report, register the champion
         (the champion phase's, else the best trial). MLflow out of reach only warns: the trials are safe in Optuna
         and the next run catches up."""
-        if self.run is None:
+        run = self.run
+        if run is None:
             return []
         try:
-            lines = self._finish(spec, study, storage, status, decision, page)
+            lines = self._finish(run, spec, study, storage, status, decision, page)
         except Exception as exc:
-            reason = hide_in(str(exc).splitlines()[0][:200], self.client.tracking_uri)
+            reason = hide_in(str(exc).splitlines()[0][:200], run.client.tracking_uri)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
                       f"{reason}); the trials are saved in Optuna and the next run "
                       "brings MLflow up to date")
@@ -101,15 +105,16 @@ class Tracking:
         return [*lines, f"MLflow: `make ui STUDY={spec.name}` shows the study's runs (experiment "
                         f"{study.study_name!r})"]
 
-    def _finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+    @staticmethod
+    def _finish(run: StudyRun, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
                 status: str, decision: pareto.Choice, page: Path | None) -> list[str]:
         from pipeline.tracking import report
 
         records = store.records(study)
         companion = champion.find_companion(storage, study.study_name) if spec.confirmation is not None else None
-        closed = self.run.close_orphans(_ended(records))
+        closed = run.close_orphans(_ended(records))
         if companion is not None:
-            closed += self.run.confirmations().close_orphans(_ended(store.records(companion)))
+            closed += run.confirmations().close_orphans(_ended(store.records(companion)))
         lines = []
         if closed:
             lines.append(f"{closed} MLflow run(s) left RUNNING (a killed process, or MLflow out of reach) closed "
@@ -122,14 +127,14 @@ class Tracking:
             if page is not None:
                 shutil.copyfile(page, Path(tmp) / "report.html")
             if standings is not None:
-                self.run.champion_standings(standings, Path(tmp))
-            self.run.finish(Path(tmp), best.number if best else None, best.values[0] if best else None, counts,
-                            status)
+                run.champion_standings(standings, Path(tmp))
+            run.finish(Path(tmp), best.number if best else None, champion.first_value(best) if best else None, counts,
+                       status)
         if standings is not None and standings.exported is not None:
-            lines.append(self.run.register_confirmed(standings, evaluation_set(spec)))
+            lines.append(run.register_confirmed(standings, evaluation_set(spec)))
         elif best is not None:
             rule = decision.reason if spec.pareto_choice is not None else None
-            lines.append(self.run.register_champion(best.number, best.values[0], evaluation_set(spec), rule))
+            lines.append(run.register_champion(best.number, champion.first_value(best), evaluation_set(spec), rule))
         return lines
 
 

@@ -155,7 +155,8 @@ def predict(model: nn.Module, split: ResidentImages, batch_size: int = 512, prec
 
 def export_ready_copy(model: nn.Module) -> nn.Module:
     """A float32, contiguous, eval-mode copy on the CPU: what torch.export and a CPU user should get."""
-    return copy.deepcopy(model).to("cpu", dtype=torch.float32, memory_format=torch.contiguous_format).eval()
+    copied = copy.deepcopy(model).to("cpu", dtype=torch.float32, memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs lack memory_format beside a device
+    return copied.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,10 +255,12 @@ def _build(network: Network, data: PreparedData, device: torch.device, precision
     p, model = network.p, network.model
     # channels_last lets oneDNN/cuDNN pick their fast NHWC convolution kernels.
     memory_format = torch.channels_last if precision == "bf16" or device.type == "cuda" else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # as in export_ready_copy
     optimizer = make_optimizer(model, p)
     augment = make_augment(data.augment_policy(p["augment_policy"]), p["augment"], data.input_shape[-1])
-    train_split, val_split, network_fed, input_format = data.train, data.val, model, memory_format
+    train_split: ResidentImages | FeatureSplit = data.train
+    val_split: ResidentImages | FeatureSplit = data.val
+    network_fed, input_format = model, memory_format
     if isinstance(model, models.ResNet18Classifier) and model.mode == "feature_extract" and augment is None:
         # The frozen backbone sees the same images every epoch: run it once per split, train the head on that.
         train_split = backbone_features(model, data.train, p["eval_batch_size"], precision, memory_format)
@@ -292,7 +295,7 @@ def _train_epoch(run: _Run, progress: _Progress, generator: torch.Generator,
     batch_size, accum = p["batch_size"], p["grad_accum_steps"]
     epoch = progress.epoch + 1
     started = time.perf_counter()
-    if run.unfreeze:
+    if run.unfreeze and isinstance(run.model, models.ResNet18Classifier):
         run.model.freeze_backbone(epoch <= run.unfreeze)
     run.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
