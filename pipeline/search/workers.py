@@ -277,7 +277,7 @@ class Coordinated:
     """What the workers reported between them."""
 
     ran: int = 0
-    stop_reasons: set[StopReason] = field(default_factory=set)
+    stop_reasons: set[str] = field(default_factory=set)
     failure: str | None = None  # a worker's TooManyFailures message
     signal_number: int | None = None  # the first stop signal this process received
 
@@ -314,7 +314,7 @@ def coordinate(pool: Workers, view: WorkersView) -> Coordinated:
                         pool.signal_all(signal.SIGTERM)  # the study stops: the other workers stop too
                 elif item["event"] == "done":
                     result.ran += item["ran"]
-                    result.stop_reasons.add(StopReason(item["stop_reason"]))
+                    result.stop_reasons.add(item["stop_reason"])
                 else:
                     view.show(index, item)
     finally:
