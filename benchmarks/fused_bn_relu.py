@@ -36,6 +36,7 @@ from trainer_vs_baseline import BATCH, step_run
 
 from pipeline.data import datasets, loading
 from pipeline.training import allocator, reproducibility, train
+from pipeline.training.device import cpu_has_native_bf16
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "bn_relu.cpp"
 LAYER_SHAPES = ((BATCH, 32, 28, 28), (BATCH, 64, 14, 14))  # the classic CNN's activations before each pool
@@ -201,9 +202,9 @@ def main() -> None:
     started = time.perf_counter()
     fused_class = fused_bn_relu_class(build_kernel())
     print(f"fused BatchNorm + ReLU kernel ({KERNEL_SOURCE.name}) built or loaded in "
-          f"{time.perf_counter() - started:.0f} s; CPU, {threads} threads, native bf16: {train.cpu_has_native_bf16()}")
+          f"{time.perf_counter() - started:.0f} s; CPU, {threads} threads, native bf16: {cpu_has_native_bf16()}")
     compare_layers(fused_class)
-    if not train.cpu_has_native_bf16():  # the trainer would train in fp32, which the kernel does not take
+    if not cpu_has_native_bf16():  # the trainer would train in fp32, which the kernel does not take
         print("trainer step: skipped, this CPU has no native bf16 (the trainer's step would run in fp32)")
         return
     datasets.land("mnist")

@@ -23,12 +23,14 @@ from pathlib import Path
 import optuna
 
 from pipeline import store
-from pipeline.commands import replay, session
+from pipeline.data.recorded import recorded_data, study_data
 from pipeline.search import loop, pareto, samplers
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
 from pipeline.spec import hparams, paths, studies
 from pipeline.tracking import study_run
+from pipeline.tracking.lifecycle import Tracking
 from pipeline.training import models, train
+from pipeline.training.device import pick_device, pick_precision
 
 TIMED_CALLS = ("trial_started", "epoch_ended", "trial_ended", "new_best")
 
@@ -38,9 +40,9 @@ def run_smoke(spec: studies.StudySpec, prepared, workdir: Path, tracked: bool) -
     storage = store.make_storage(f"sqlite:///{workdir}/optuna.db")
     study = store.open_study(spec, storage, samplers.make_sampler, samplers.make_pruner, log=lambda m: None)
     calls: dict[str, list[float]] = defaultdict(list)
-    tracker = session.Tracking.off()
+    tracker = Tracking.off()
     if tracked:
-        tracker = session.Tracking(study_run.connect(f"sqlite:///{workdir}/mlruns/mlflow.db"))
+        tracker = Tracking(study_run.connect(f"sqlite:///{workdir}/mlruns/mlflow.db"))
         tracker.start(spec, study, contested=False)
         for name in TIMED_CALLS:
             setattr(tracker.run, name, _timed(getattr(tracker.run, name), calls[name]))
@@ -69,12 +71,12 @@ def time_cnn_model_logging(study: optuna.Study, run: Listener) -> float:
     """Seconds to log the recorded study's best model (its architecture, the full validation split)."""
     best = store.leading_best(study)
     params = hparams.resolve_params(best.params)
-    prepared = replay.recorded_data(store.definition(study), paths.DATA_ROOT, train.pick_device())
+    prepared = recorded_data(store.definition(study), paths.DATA_ROOT, pick_device())
     model = models.build_model(params, num_classes=len(prepared.classes)).to(prepared.val.device)
     number = 10_000 + best.number  # a throw-away child run of the benchmark's own store
     run.trial_started(TrialStarted(number, params, 0, models.count_parameters(model), prepared))
     started = time.perf_counter()
-    run.new_best(number, 0.0, train.TrainedModel(model, prepared, train.pick_precision("auto", prepared.val.device)))
+    run.new_best(number, 0.0, train.TrainedModel(model, prepared, pick_precision("auto", prepared.val.device)))
     seconds = time.perf_counter() - started
     run.trial_ended(TrialEnded(number, "COMPLETE", [0.0]))
     return seconds
@@ -111,8 +113,8 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = studies.load("smoke")
-    device = train.pick_device()
-    prepared = replay.study_data(spec, paths.DATA_ROOT, device)
+    device = pick_device()
+    prepared = study_data(spec, paths.DATA_ROOT, device)
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("warm-up", "off", "on"):
             (Path(tmp) / mode).mkdir()
@@ -137,7 +139,7 @@ def main() -> None:
         except KeyError:
             print(f"no study {args.cnn_study!r} in {args.storage}: run `make search STUDY=cnn` for the cnn figure")
             return
-        tracker = session.Tracking(study_run.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
+        tracker = Tracking(study_run.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
         tracker.start(spec, optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp}/on/optuna.db"))
         costs = {
             "trial_started": statistics.median(calls["trial_started"]),

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import datasets, loading
 from pipeline.spec import hparams
+from pipeline.training import device as devices
 from pipeline.training import models, reproducibility, train
 
 BATCH = 64
@@ -100,7 +101,8 @@ def step_run(prepared: loading.PreparedData, steps: int) -> train._Run:
     `steps` batches and one batch of evaluation: `train._train_epoch` on it times training steps."""
     params = hparams.resolve_params(our_params("cnn", "auto", augment=1.0))
     device = torch.device("cpu")
-    run = train._build(params, prepared, device, train.pick_precision("auto", device), micro_batches=steps)
+    run = train._build(train.build(params, prepared), prepared, device, devices.pick_precision("auto", device),
+                      micro_batches=steps)
     images, labels = prepared.train.images, prepared.train.labels
     run.train_split = loading.ResidentImages(images[:steps * BATCH], labels[:steps * BATCH], prepared.mean,
                                              prepared.std)
@@ -151,7 +153,7 @@ def main() -> None:
     train_idx = loading.seeded_subset(split.train_indices, limit, loading.DEFAULT_SPLIT_SEED + 1)
 
     print(f"MNIST, {len(prepared.train):,} train + {len(prepared.val):,} val images per epoch, batch {BATCH}, "
-          f"Adam {LR}, CPU, {threads} threads, native bf16: {train.cpu_has_native_bf16()}")
+          f"Adam {LR}, CPU, {threads} threads, native bf16: {devices.cpu_has_native_bf16()}")
     rates = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
     print("matmul rate on these threads: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
     print(f"{'model':30} {'reference s/epoch':>18} {'ours s/epoch':>13} {'ours/reference':>15} "

@@ -23,6 +23,7 @@ from pipeline.data import datasets
 from pipeline.infra.urls import shown
 from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
+from pipeline.spec.stop_reason import StopReason
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -48,23 +49,23 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.commands import session
+    from pipeline.commands import train
     from pipeline.commands.studies import baseline_params
 
     # A study's first baseline trial (on the study's dataset and subset), or the family's classic.
     if args.study:
         spec = studies.load(args.study)
         params = baseline_params(spec)
-        options = session.TrainOptions(spec.data, args.root, args.device, args.seed, args.threads, spec.val_size,
-                                       args.train_limit or spec.train_limit, args.val_limit or spec.val_limit,
-                                       args.checkpoint)
+        options = train.TrainOptions(spec.data, args.root, args.device, args.seed, args.threads, spec.val_size,
+                                     args.train_limit or spec.train_limit, args.val_limit or spec.val_limit,
+                                     args.checkpoint)
     else:
         params = dict(hparams.CLASSIC[args.model])
-        options = session.TrainOptions(args.dataset, args.root, args.device, args.seed, args.threads, args.val_size,
-                                       args.train_limit, args.val_limit, args.checkpoint)
+        options = train.TrainOptions(args.dataset, args.root, args.device, args.seed, args.threads, args.val_size,
+                                     args.train_limit, args.val_limit, args.checkpoint)
     params.update(parse_assignment(item) for item in args.set)
     with train_view.TrainView(hparams.resolve_params(params)["epochs"]) as view:
-        result = session.train_one(params, options, view)
+        result = train.train_one(params, options, view)
     view.result(result)
     return 0
 
@@ -80,19 +81,20 @@ def _study(args: argparse.Namespace) -> studies.StudySpec:
 
 def _cmd_search(args: argparse.Namespace) -> int:
     spec = _study(args)  # a bad study file stops here, before torch is loaded
-    from pipeline.commands import session
+    from pipeline.commands import search
     from pipeline.search import workers
+    from pipeline.search.options import SearchOptions
 
-    options = session.SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
-                                    args.root, args.studies_dir, args.tracking, tuple(args.worker_program),
-                                    args.reports_dir, args.exports_dir)
+    options = SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
+                            args.root, args.studies_dir, args.tracking, tuple(args.worker_program),
+                            args.reports_dir, args.exports_dir)
     view = workers.EventView() if args.worker is not None else search_view.SearchView()
-    outcome = session.run_search(spec, options, view)
+    outcome = search.run_search(spec, options, view)
     if args.worker is None:
         tables.search_result(spec, outcome)
-    if outcome.stop_reason == "interrupted":
+    if outcome.stop_reason == StopReason.INTERRUPTED:
         return 128 + outcome.signal_number
-    return 1 if outcome.stop_reason == "failed" else 0
+    return 1 if outcome.stop_reason == StopReason.FAILED else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -420,9 +420,9 @@ class StudyEnv:
 
     def checkpoints(self, name: str = "tiny") -> Path:
         """The folder where study `name` of this env's store keeps its trials' checkpoints."""
-        from pipeline.search import loop
+        from pipeline.search import trial_files
 
-        return loop.checkpoint_folder(self.studies_dir, self.storage, name)
+        return trial_files.checkpoint_folder(self.studies_dir, self.storage, name)
 
     @property
     def reports(self) -> Path:

@@ -26,9 +26,10 @@ from ui_process import free_port, wait_for_health
 
 from pipeline import store
 from pipeline.cli import main
-from pipeline.commands import server, session
+from pipeline.commands import server
 from pipeline.infra import urls
 from pipeline.search import workers
+from pipeline.search.options import SearchOptions
 from pipeline.spec import studies
 from pipeline.spec.errors import BadInput
 from pipeline.tracking import study_run
@@ -195,7 +196,7 @@ def test_a_worker_gets_the_coordinators_storage_in_its_environment_not_its_comma
     chosen = f"postgresql://pipeline:{SENTINEL.replace('@', '%40')}@db-host/optuna"
     study_env.write_study()
     spec = studies.load("tiny", study_env.studies_dir)
-    command = workers.worker_command(spec, session.SearchOptions(workers=2, worker_program=("python", "-m", "x")))
+    command = workers.worker_command(spec, SearchOptions(workers=2, worker_program=("python", "-m", "x")))
     assert "--storage" not in command
     # A stand-in worker with the real command's arguments: it reports the store a worker resolves (by its digest:
     # a worker's text lines are shown with passwords masked), and its argv.

@@ -24,8 +24,9 @@ from conftest import StudyEnv, kill_search_mid_trial, mlflow_runs, signal_search
 from optuna.trial import TrialState
 
 from pipeline import store
-from pipeline.commands import replay
-from pipeline.search import events, loop, samplers
+from pipeline.data.recorded import study_data
+from pipeline.search import events, loop, samplers, trial_files
+from pipeline.search.stopping import TooManyFailures
 from pipeline.spec import paths, studies
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
@@ -49,7 +50,7 @@ def checkpoint_files(env: StudyEnv) -> list[str]:
 
 def saved_epochs(env: StudyEnv, number: int) -> int | None:
     """Epochs in trial `number`'s checkpoint (a file this test's own search wrote), None without one."""
-    path = loop.checkpoint_path(env.checkpoints(), number)
+    path = trial_files.checkpoint_path(env.checkpoints(), number)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
     except FileNotFoundError:
@@ -81,7 +82,7 @@ def test_a_checkpoint_the_trial_cannot_continue_is_replaced_and_the_trial_trains
     write_study(study_env, trials=1, epochs=1)
     folder = study_env.checkpoints()
     folder.mkdir(parents=True)
-    torch.save(torch.zeros(3), loop.checkpoint_path(folder, 0))  # readable, but not a checkpoint
+    torch.save(torch.zeros(3), trial_files.checkpoint_path(folder, 0))  # readable, but not a checkpoint
     assert study_env.run("search") == 0
     (trial,) = study_env.records()
     assert trial.state == "COMPLETE" and len(trial.history) == 1
@@ -96,8 +97,8 @@ def test_two_stores_holding_a_study_of_one_name_sweep_only_their_own_checkpoints
     other = study_env.replace(storage=f"sqlite:///{tmp_path}/other.db")
     write_study(study_env, trials=1, epochs=1)
     assert study_env.run("search") == 0  # trial 0 of this store is finished
-    theirs = loop.checkpoint_path(other.checkpoints(), 0)  # the other store's trial 0, interrupted
-    ours = loop.checkpoint_path(study_env.checkpoints(), 0)  # ours: an orphan
+    theirs = trial_files.checkpoint_path(other.checkpoints(), 0)  # the other store's trial 0, interrupted
+    ours = trial_files.checkpoint_path(study_env.checkpoints(), 0)  # ours: an orphan
     for path in (theirs, ours):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"epochs of work")
@@ -109,15 +110,15 @@ def test_two_stores_holding_a_study_of_one_name_sweep_only_their_own_checkpoints
 
 
 def test_a_checkpoint_the_version_before_keyed_folders_left_is_copied_for_the_trial_that_resumes_it(tmp_path):
-    postgres = loop.checkpoint_folder(tmp_path, "postgresql://u:pw@db-host/optuna", "cnn")
+    postgres = trial_files.checkpoint_folder(tmp_path, "postgresql://u:pw@db-host/optuna", "cnn")
     unkeyed = tmp_path / "checkpoints" / "cnn" / "trial-3.pt"  # where every store's trial 3 of `cnn` kept it
     unkeyed.parent.mkdir(parents=True)
     unkeyed.write_bytes(b"three epochs")
-    loop._adopt_unkeyed(loop.checkpoint_path(postgres, 3))
-    assert loop.checkpoint_path(postgres, 3).read_bytes() == b"three epochs" and unkeyed.exists()
-    assert postgres == loop.checkpoint_folder(tmp_path, "postgresql://u:another-pw@db-host/optuna", "cnn")
-    assert loop.checkpoint_folder(tmp_path, paths.DEFAULT_STORAGE, "cnn") == unkeyed.parent  # as before
-    assert loop.checkpoint_folder(tmp_path, str(paths.DEFAULT_JOURNAL), "cnn") == unkeyed.parent
+    trial_files.adopt_unkeyed(trial_files.checkpoint_path(postgres, 3))
+    assert trial_files.checkpoint_path(postgres, 3).read_bytes() == b"three epochs" and unkeyed.exists()
+    assert postgres == trial_files.checkpoint_folder(tmp_path, "postgresql://u:another-pw@db-host/optuna", "cnn")
+    assert trial_files.checkpoint_folder(tmp_path, paths.DEFAULT_STORAGE, "cnn") == unkeyed.parent  # as before
+    assert trial_files.checkpoint_folder(tmp_path, str(paths.DEFAULT_JOURNAL), "cnn") == unkeyed.parent
 
 
 def test_complete_pruned_and_failed_trials_remove_their_checkpoints(study_env, tmp_path):
@@ -127,7 +128,7 @@ def test_complete_pruned_and_failed_trials_remove_their_checkpoints(study_env, t
                              log=lambda line: None)
     folder = tmp_path / "checkpoints"
     listener = FailsAndPrunes(folder)
-    loop.run(spec, study, replay.study_data(spec, study_env.root, "cpu"), listener, threads=1, checkpoints=folder)
+    loop.run(spec, study, study_data(spec, study_env.root, "cpu"), listener, threads=1, checkpoints=folder)
     assert [t.state for t in study_env.records()] == ["FAIL", "PRUNED", "COMPLETE"]
     assert listener.seen == [(0, 1, ["trial-0.pt"]), (0, 2, ["trial-0.pt"]),  # written at every epoch
                              (1, 1, ["trial-1.pt"]), (1, 2, ["trial-1.pt"]),  # the failed trial's is gone
@@ -152,7 +153,7 @@ def test_a_dead_processes_trial_is_requeued_with_its_seed_and_checkpoint_or_its_
                     "owner": {"host": socket.gethostname(), "pid": dead_pid()}}))
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    checkpoint = loop.checkpoint_path(folder, 5)
+    checkpoint = trial_files.checkpoint_path(folder, 5)
     checkpoint.write_bytes(b"five epochs of work")
 
     assert loop.fail_dead_owners(study, folder) == [0]
@@ -245,8 +246,8 @@ def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not after MLflow's back-off
     run.client = MlflowClient(study_run.tracking_uri())
     view = search_view.SearchView()
-    with pytest.raises(loop.TooManyFailures) as stopped:
-        loop.run(spec, study, replay.study_data(spec, study_env.root, "cpu"), events.Listeners(view, run), threads=1)
+    with pytest.raises(TooManyFailures) as stopped:
+        loop.run(spec, study, study_data(spec, study_env.root, "cpu"), events.Listeners(view, run), threads=1)
     view.ended(spec, SimpleNamespace(stop_reason="failed", failure=str(stopped.value)))  # what the CLI shows
     (study_env.reports / "table").mkdir(parents=True)
     report.write_report(spec, study, None, study_env.reports / "table")

@@ -44,6 +44,7 @@ import torch
 from pipeline import store
 from pipeline.commands import replay, verify_export
 from pipeline.data import datasets, imagecache, loading
+from pipeline.data.recorded import recorded_data
 from pipeline.infra import fileio
 from pipeline.reports import plots
 from pipeline.search import champion as champion_phase
@@ -55,6 +56,7 @@ from pipeline.spec.studies import StudyError
 from pipeline.store import Storage
 from pipeline.tracking import registry
 from pipeline.training import models, reproducibility, train
+from pipeline.training.device import pick_device
 from pipeline.training.latency import median_seconds
 
 LATENCY_RUNS = 200
@@ -124,7 +126,7 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
             what = f"repeat {best.repeat} of trial {best.confirmation_of} (the champion phase's choice)"
     definition = store.definition(study)
     log(f"{why}: retraining {what} of {study.study_name!r} from its recorded params and seed")
-    prepared = replay.recorded_data(definition, root, train.pick_device())
+    prepared = recorded_data(definition, root, pick_device())
 
     def progress(m: train.EpochMetrics) -> None:
         log(f"  epoch {m.epoch}: val_accuracy {m.val_accuracy:.4f} ({m.epoch_seconds:.0f} s)")
@@ -175,7 +177,7 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path, version: 
                        "original one, or pass --no-tracking to export the study's own best trial")
     definition = store.definition(study)
     # Streamed (resident_bytes=1): only the classes, shape and statistics are needed, not the images.
-    prepared = replay.recorded_data(definition, root, resident_bytes=1)
+    prepared = recorded_data(definition, root, resident_bytes=1)
     # A pretrained ResNet's input adapter needs the data's statistics; not its ImageNet weights, which the
     # champion's replace.
     model = models.build_model(trial.params, len(prepared.classes), prepared.input_shape,

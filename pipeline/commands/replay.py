@@ -1,8 +1,7 @@
 """Retrain a recorded trial from its params and seed: `make replay` compares every recorded metric, and
 export retrains a champion that has no registered model.
 
-One recipe turns a study's recorded definition into the data its trials saw (`recorded_data`), so a
-search, a replay and an export all prepare the very same split.
+The data its trials saw comes from data/recorded.py, the same recipe a search and an export use.
 """
 
 from __future__ import annotations
@@ -12,31 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 
 from pipeline import store
 from pipeline.data import loading
-from pipeline.search.loop import HISTORY_KEYS, history_record
-from pipeline.spec import studies
-from pipeline.spec.sources import DEFAULT_VAL_SIZE
+from pipeline.data.recorded import study_data
+from pipeline.search.objective import HISTORY_KEYS, history_record
 from pipeline.spec.studies import StudyError, StudySpec
 from pipeline.training import train
-
-
-def recorded_data(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu",
-                  resident_bytes: int | None = None) -> loading.PreparedData:
-    """The data of a study's trials, from its search definition (as recorded, or a study file's).
-
-    Older records lack `val_size`: they were made with the default. A folder's is None (its val_fraction decides).
-    """
-    return loading.prepare(studies.dataset_ref(definition["dataset"]), root, device,
-                        val_size=definition.get("val_size", DEFAULT_VAL_SIZE),
-                        train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
-                        resident_bytes=resident_bytes)
-
-
-def study_data(spec: StudySpec, root: Path, device: torch.device | str) -> loading.PreparedData:
-    return recorded_data(spec.search_definition(), root, device)
+from pipeline.training.device import pick_device
 
 
 @dataclass
@@ -53,7 +35,7 @@ def replay_trial(spec: StudySpec, storage_override: str | None, trial_number: in
     storage = store.open_storage(storage_override, spec.name)
     study = store.find_study(spec, storage.backend)
     record = _confirmation_run(storage, study, trial_number, repeat) if repeat else _finished_trial(study, trial_number)
-    prepared = study_data(spec, root, train.pick_device(device))
+    prepared = study_data(spec, root, pick_device(device))
     loading.require_digest(record.dataset_digest, prepared.checksum, trial_number, prepared.dataset,
                         "restore the pictures it was trained on to replay it")
     outcome = compare(record, prepared, threads)
@@ -95,7 +77,8 @@ def compare(record: store.TrialRecord, prepared: loading.PreparedData, threads: 
         return len(replayed) >= len(recorded)  # a pruned trial stopped early: stop at the same epoch
 
     # Float sums depend on the thread count: by default, use the one the trial ran with.
-    train.fit(as_trained(record), prepared, callbacks=[collect], seed=record.seed, threads=threads or record.threads)
+    params, seed = as_trained(record)
+    train.fit(params, prepared, callbacks=[collect], seed=seed, threads=threads or record.threads)
     differences = []
     for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
         for key in HISTORY_KEYS:
@@ -109,10 +92,14 @@ def compare(record: store.TrialRecord, prepared: loading.PreparedData, threads: 
 def retrain(record: store.TrialRecord, prepared: loading.PreparedData,
             on_epoch: Any = lambda metrics: None) -> train.TrainResult:
     """Train the trial's model again from its recorded params and seed (on the thread count it ran with)."""
-    return train.fit(as_trained(record), prepared, callbacks=[on_epoch], seed=record.seed, threads=record.threads)
+    params, seed = as_trained(record)
+    return train.fit(params, prepared, callbacks=[on_epoch], seed=seed, threads=record.threads)
 
 
-def as_trained(record: store.TrialRecord) -> dict[str, Any]:
-    """The trial's params with the precision it trained in: "auto" may mean another one on this machine (or under
-    PIPELINE_PRECISION), and bf16 and fp32 round differently."""
-    return record.params | {"precision": record.precision} if record.precision else record.params
+def as_trained(record: store.TrialRecord) -> tuple[dict[str, Any], int]:
+    """The trial's params with the precision it trained in ("auto" may mean another one on this machine, or under
+    PIPELINE_PRECISION, and bf16 and fp32 round differently), and its seed."""
+    if record.params is None or record.seed is None:  # every trained trial records both before training
+        raise StudyError(f"trial {record.number} has no recorded params and seed: it cannot be trained again")
+    params = record.params | {"precision": record.precision} if record.precision else record.params
+    return params, record.seed

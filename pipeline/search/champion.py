@@ -1,4 +1,4 @@
-"""The champion phase: the search's best configurations trained again over seeds; the champion is the best mean.
+"""The champion: the search's best configurations, trained again over seeds (seeds.py), and the best mean of them.
 
 One run's validation score is partly its seed's luck, and the search's best trial is the luckiest of many, so its
 score overstates what its configuration delivers. A study with a `[champion]` table (studies.ChampionTable) ends
@@ -6,11 +6,8 @@ with this phase: the `top_k` best distinct configurations (by their search score
 derived from (study seed, trial number, repeat), on the full epoch budget and without pruning, until each has
 `seeds` runs (the search's own run counts as one).
 
-The runs are trials of a companion Optuna study, `<study>:champion` in the same storage, queued with their
-params and seed: they are recorded (params, seed, per-epoch history, provenance), checkpointed, resumed after a
-kill and replayed (`make replay STUDY=x TRIAL=n REPEAT=r`) like the search's trials. Each invocation queues only
-the runs that are missing, so an interrupted phase continues, a finished one is not run again, and a larger
-`[champion]` only adds runs.
+The runs are trials of a companion Optuna study, `<study>:champion` in the same storage (seeds.py runs them).
+This module reads them back: each candidate's runs and statistics, and the choice.
 
 The choice: the best mean among the candidates that have all their runs. A candidate within one standard error
 of that mean (the one-standard-error rule: too close to tell apart with this many seeds) that costs fewer FLOPs
@@ -23,24 +20,33 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from pipeline import store
-from pipeline.data.loading import PreparedData
-from pipeline.search import loop
-from pipeline.search.events import Listener
 from pipeline.spec import studies
-from pipeline.spec.studies import StudySpec
+from pipeline.spec.studies import ChampionTable, StudySpec
 
 COMPANION = ":champion"  # the companion study's name: `<study>:champion` (study files may not hold a ':')
 CONFIDENCE = 0.95
-UNPLANNED = "unplanned"  # a queued run whose configuration is no longer a candidate: dropped, not trained
+
+
+def champion_table(spec: StudySpec) -> ChampionTable:
+    """The study's `[champion]` table: only a study that has one has a champion phase."""
+    if spec.confirmation is None:
+        raise ValueError(f"study {spec.name!r} has no [champion] table, so no champion phase")
+    return spec.confirmation
+
+
+def first_value(record: store.TrialRecord) -> float:
+    """A complete trial's (first) objective value: what the candidates are ranked and summed up by."""
+    if record.values is None:
+        raise ValueError(f"trial {record.number} has no objective values: it is not complete")
+    return record.values[0]
 
 
 def companion_name(study_name: str) -> str:
@@ -49,8 +55,9 @@ def companion_name(study_name: str) -> str:
 
 def open_companion(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
     """The study's champion-phase runs, created on first use. Every run is queued, so the sampler never samples."""
+    direction = StudyDirection.MAXIMIZE if spec.directions[0] == "maximize" else StudyDirection.MINIMIZE
     return optuna.create_study(study_name=companion_name(study_name), storage=storage, load_if_exists=True,
-                               direction=spec.directions[0], sampler=optuna.samplers.RandomSampler(seed=0),
+                               direction=direction, sampler=optuna.samplers.RandomSampler(seed=0),
                                pruner=optuna.pruners.NopPruner())
 
 
@@ -160,7 +167,7 @@ class Standings:
                         f"{r['mean']} | {r['std']} | {r['interval']} | {r['min']} | {r['max']} | {r['mflops']} | "
                         f"{r['values']} |")
         rows += ["", self.reason]
-        if self.exported is not None:
+        if self.exported is not None and self.champion is not None:
             rows.append(f"Exported weights: {describe_run(self.exported, self.champion.trial.number)}, the "
                         "confirmation run closest to the mean.")
         return "\n".join(rows) + "\n"
@@ -184,7 +191,7 @@ def _mflops(flops: int | None) -> str:
     return "-" if not flops else f"{flops / 1e6:,.1f}"
 
 
-def _flops_apart(fewer: int, more: int | None) -> str:
+def _flops_apart(fewer: int | None, more: int | None) -> str:
     """`58.31 M vs 58.35 M`: two FLOP counts with the fewest decimals that still tell them apart (`-`: a count
     the trial did not record)."""
     if not fewer or not more:
@@ -200,14 +207,14 @@ def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
     """The best `top_k` distinct feasible configurations by their search score (the first to complete wins a tie)."""
     sign = -1.0 if spec.directions[0] == "maximize" else 1.0
     complete = sorted((r for r in store.records(study, (TrialState.COMPLETE,)) if r.feasible),
-                      key=lambda r: (sign * r.values[0], r.completed_at, r.number))
+                      key=lambda r: (sign * first_value(r), r.completed_at, r.number))
     chosen, seen = [], set()
     for record in complete:
         key = json.dumps(record.params if record.params is not None else record.sampled, sort_keys=True)
         if key not in seen:
             seen.add(key)
             chosen.append(record)
-    return chosen[:spec.confirmation.top_k]
+    return chosen[:champion_table(spec).top_k]
 
 
 def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
@@ -216,16 +223,16 @@ def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
 
 def standings(spec: StudySpec, study: optuna.Study, companion: optuna.Study | None) -> Standings:
     """The table as the stores hold it now (also what export and the report read back)."""
-    seeds, direction = spec.confirmation.seeds, spec.directions[0]
-    done: dict[tuple[int, int], store.TrialRecord] = {}
+    seeds, direction = champion_table(spec).seeds, spec.directions[0]
+    done: dict[tuple[int | None, int], store.TrialRecord] = {}
     for record in store.records(companion, (TrialState.COMPLETE,)) if companion is not None else []:
         done.setdefault((record.confirmation_of, record.repeat), record)  # the first if a run was done twice
     table = Standings(study.study_name, spec.metrics[0], direction, seeds, [])
     for rank, trial in enumerate(candidates(spec, study), start=1):
-        runs = [Run(0, trial.number, trial.seed, trial.values[0])]
+        runs = [Run(0, trial.number, trial.seed, first_value(trial))]
         for repeat in range(1, seeds):
             if (found := done.get((trial.number, repeat))) is not None:
-                runs.append(Run(repeat, found.number, found.seed, found.values[0]))
+                runs.append(Run(repeat, found.number, found.seed, first_value(found)))
         table.candidates.append(Candidate(trial, rank, runs, summarize([r.value for r in runs])))
         table.missing += seeds - len(runs)
     table.champion, table.reason = choose(table.candidates, direction, seeds)
@@ -259,112 +266,3 @@ def closest_to_mean(candidate: Candidate) -> Run | None:
     if not confirmations:
         return None
     return min(confirmations, key=lambda r: (abs(r.value - candidate.summary.mean), r.repeat))
-
-
-# --------------------------------------------------------------------------------------------------
-# The phase
-
-
-@dataclass
-class PhaseOutcome:
-    ran: int  # runs trained by this invocation
-    stop_reason: str  # "done", or "time" (the phase's minutes would be exceeded: the rest waits for the next run)
-    standings: Standings
-    notes: list[str] = field(default_factory=list)
-
-
-def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecord, int]]:
-    """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats."""
-    found = candidates(spec, study)
-    return [(trial, repeat) for repeat in range(1, spec.confirmation.seeds) for trial in found]
-
-
-def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> int:
-    """Queue the wanted runs that are neither done nor queued nor running; drop queued runs no longer wanted.
-
-    A run that failed for good (an exception, not a kill) is queued again: this is a new invocation.
-    """
-    keys = {(trial.number, repeat) for trial, repeat in wanted}
-    present = set()
-    for record in store.records(companion):
-        key = (record.confirmation_of, record.repeat)
-        if record.state == "WAITING" and key not in keys:
-            store.fail_trial(companion, record.number, UNPLANNED)
-        elif record.state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
-            present.add(key)
-    queued = 0
-    for trial, repeat in wanted:
-        if (trial.number, repeat) not in present:
-            store.queue_trial(companion, trial.sampled, store.TrialNotes(
-                confirmation_of=trial.number, repeat=repeat, seed=repeat_seed(spec, trial.number, repeat)))
-            queued += 1
-    return queued
-
-
-class Phase:
-    """One invocation's champion phase: what it wants, then `run` to train what is missing."""
-
-    def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage):
-        self.spec, self.study = spec, study
-        self.companion = open_companion(spec, storage, study.study_name)
-        self.wanted = planned(spec, study)
-        self.queued = queue_missing(spec, self.companion, self.wanted)
-
-    def announcement(self) -> str:
-        waiting = len(store.records(self.companion, (TrialState.WAITING,)))
-        table, configurations = self.spec.confirmation, len({trial.number for trial, _ in self.wanted})
-        return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
-                f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
-
-    def status(self) -> tuple[int, list[float] | None]:
-        """Wanted runs done (for the progress bar)."""
-        keys = {(trial.number, repeat) for trial, repeat in self.wanted}
-        done = {(r.confirmation_of, r.repeat) for r in store.records(self.companion, (TrialState.COMPLETE,))}
-        return len(keys & done), None
-
-    def run(self, prepared: PreparedData, listener: Listener, threads: int | None = None,
-            checkpoints: Path | None = None) -> PhaseOutcome:
-        """Train the missing runs within the phase's minutes and return the standings.
-
-        A run starts only when its configuration's search trial took no longer than the time left. Raises
-        search.Interrupted (the running run is queued again and resumes its checkpoint next time),
-        TooManyFailures and DiskFull like the search.
-        """
-        spec, companion = self.spec, self.companion
-        stop = loop.StopRequest()
-        objective = loop.Objective(spec, prepared, listener, threads, stop, checkpoints=checkpoints,
-                                     confirming=True)
-        store.take_retries_first(companion)
-        loop.sweep_checkpoints(companion, checkpoints, listener)
-        needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
-        deadline = time.monotonic() + spec.confirmation.minutes * 60
-        ran, failures, stop_reason = 0, 0, "done"
-        with stop.installed():
-            while True:
-                stop.check()
-                for number in loop.fail_dead_owners(companion, checkpoints):
-                    listener.warning(f"champion-phase run {number} was left RUNNING by a process that died: "
-                                     "failed and queued again")
-                upcoming = store.next_waiting(companion)  # the run Optuna will hand out next
-                if upcoming is None:
-                    if not store.running_count(companion):
-                        break
-                    listener.waiting()  # another process runs the last runs: their results join the table
-                    time.sleep(loop.WAIT_SECONDS)
-                    optuna.storages.fail_stale_trials(companion)  # that process died on another host (heartbeat)
-                    continue
-                if time.monotonic() + needs.get(upcoming.confirmation_of, 0.0) > deadline:
-                    stop_reason = "time"
-                    break
-                ended = loop.next_trial(companion, objective, listener)
-                if ended is not None:
-                    ran += 1
-                    failures = loop.failures_in_a_row(failures, ended)
-        return PhaseOutcome(ran, stop_reason, standings(spec, self.study, companion))
-
-
-def _duration(trial: store.TrialRecord, epochs: int) -> float:
-    """How long a run of this configuration takes: its search trial's time, for every epoch (a resumed trial's
-    time covers only the epochs it trained itself)."""
-    trained = epochs - trial.resumed_from_epoch
-    return trial.seconds * epochs / trained if trained > 0 else trial.seconds

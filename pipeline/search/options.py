@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline import store
-from pipeline.search import champion, pareto
+from pipeline.search import pareto, seeds
 from pipeline.spec import paths
+from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
 
 if TYPE_CHECKING:
@@ -32,12 +33,19 @@ class SearchOptions:
     reports_dir: Path = paths.REPORTS_DIR  # the report page, refreshed at the end: reports/<study>.html
     exports_dir: Path = paths.EXPORTS_DIR  # where the page looks for the champion's export
 
+    @property
+    def worker_count(self) -> int:
+        """The number of worker processes, once decided (`run_search` decides WORKERS=auto before anything else)."""
+        if isinstance(self.workers, str):
+            raise ValueError(f"WORKERS={self.workers} is not decided yet")
+        return self.workers
+
 
 @dataclass
 class SearchOutcome:
     study_name: str
     ran: int  # trials this invocation ran
-    stop_reason: str  # budget, timeout, interrupted, failed
+    stop_reason: StopReason  # BUDGET, TIMEOUT, INTERRUPTED, FAILED
     seconds: float
     signal_number: int | None = None  # interrupted by this signal
     failure: str | None = None  # why the study stopped (failed)
@@ -47,7 +55,7 @@ class SearchOutcome:
     workers: int = 1
     resume_command: str = ""
     messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
-    champion: champion.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
+    champion: seeds.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
 
     @property
     def best(self) -> store.TrialRecord | None:
@@ -62,6 +70,7 @@ class SearchView(Protocol):
     views.SearchView draws it, workers.EventView sends it to a coordinator."""
 
     def say(self, message: str) -> None: ...
+    def warning(self, message: str) -> None: ...  # as events.Listener's
     def note(self, message: str) -> None: ...  # a warning the user should read
     def header(self, text: str) -> None: ...
     def running(self, spec: StudySpec, status: Status, total: int | None = None,

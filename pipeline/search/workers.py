@@ -37,6 +37,7 @@ from pipeline.search.events import (
     from_line,
     to_line,
 )
+from pipeline.spec.stop_reason import StopReason
 
 if TYPE_CHECKING:
     from pipeline.search.options import SearchOptions, SearchOutcome, Status
@@ -244,9 +245,9 @@ class EventView(Listener):
         raise AssertionError("a worker does not start workers")
 
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
-        if outcome.stop_reason == "failed":
+        if outcome.stop_reason == StopReason.FAILED:
             send(StudyFailed(outcome.failure))
-        elif outcome.stop_reason != "interrupted":
+        elif outcome.stop_reason != StopReason.INTERRUPTED:
             send(WorkerDone(outcome.ran, outcome.stop_reason))
 
 

@@ -5,13 +5,13 @@ It knows neither Optuna nor MLflow. After every epoch it calls each callback wit
 Everything it needs to continue bit for bit (weights, optimiser, RNG and data-order state, the
 best epoch so far) goes into an atomic checkpoint at every epoch boundary.
 
-The optimiser and the learning-rate schedule are schedule.py's; checkpoints are written and read by
-checkpoints.py.
+`build` makes the model first (seeded, its size counted) and `fit` trains it; `fit` alone does both. The
+optimiser and the learning-rate schedule are schedule.py's, the device and precision device.py's; checkpoints
+are written and read by checkpoints.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -26,10 +26,12 @@ from torch import nn
 
 from pipeline.data.augment import Augment, NaturalAugment, make_augment
 from pipeline.data.loading import FeatureSplit, PreparedData, ResidentImages
-from pipeline.spec.errors import BadInput, ParamError
-from pipeline.spec.hparams import machine_precision, resolve_params
+from pipeline.spec.errors import ParamError
+from pipeline.spec.hparams import resolve_params
+from pipeline.spec.stop_reason import StopReason
 from pipeline.training import allocator, models, reproducibility
 from pipeline.training.checkpoints import load_checkpoint, params_fingerprint, save_checkpoint
+from pipeline.training.device import autocast, is_out_of_memory, pick_precision
 from pipeline.training.schedule import Plateau, lr_factor, make_optimizer
 
 
@@ -80,7 +82,7 @@ class TrainResult:
     threads: int
     parameter_count: int
     flops_per_image: int
-    stop_reason: str  # "completed", "early_stopping" or "callback"
+    stop_reason: StopReason  # COMPLETED, EARLY_STOPPING or CALLBACK
     resumed_from_epoch: int = 0
 
 
@@ -103,52 +105,6 @@ class TrainedModel:
     def example_inputs(self, count: int) -> torch.Tensor:
         """The first `count` validation images as the model takes them (normalised float32), on the CPU."""
         return self.data.val.inputs(slice(0, count), None, None).cpu()
-
-
-# --------------------------------------------------------------------------------------------------
-# Device and precision
-
-
-def pick_device(requested: str | None = None) -> torch.device:
-    """cuda, then mps, then cpu, unless one is requested."""
-    if requested and requested != "auto":
-        device = torch.device(requested)
-        cuda_missing = not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-        missing = ((device.type == "cuda" and cuda_missing)
-                   or (device.type == "mps" and not torch.backends.mps.is_available()))
-        if missing:
-            raise BadInput(f"--device {requested}: this machine has no such device; use --device auto (or cpu)")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX-512-BF16: bf16 matmuls/convs run natively instead of being emulated."""
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
-def pick_precision(requested: str, device: torch.device) -> str:
-    if requested == "auto":
-        requested = machine_precision()  # PIPELINE_PRECISION: what "auto" means on this machine
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":  # GPU-only: Ampere and newer have bf16
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return "fp32"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,17 +155,12 @@ def predict(model: nn.Module, split: ResidentImages, batch_size: int = 512, prec
 
 def export_ready_copy(model: nn.Module) -> nn.Module:
     """A float32, contiguous, eval-mode copy on the CPU: what torch.export and a CPU user should get."""
-    return copy.deepcopy(model).to("cpu", dtype=torch.float32, memory_format=torch.contiguous_format).eval()
+    copied = copy.deepcopy(model).to("cpu", dtype=torch.float32, memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs lack memory_format beside a device
+    return copied.eval()
 
 
 # --------------------------------------------------------------------------------------------------
 # The loop
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # CPU allocator
-    )
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -262,8 +213,6 @@ class _Run:
     device: torch.device
     precision: str
     model: nn.Module
-    parameter_count: int
-    flops_per_image: int
     optimizer: torch.optim.Optimizer
     augment: Augment | NaturalAugment | None
     train_split: ResidentImages | FeatureSplit
@@ -277,31 +226,51 @@ class _Run:
     total_steps: int
 
 
-def _build(p: dict[str, Any], data: PreparedData, device: torch.device, precision: str,
-           micro_batches: int) -> _Run:
-    """The model (its initial weights drawn from the seeded RNG), its optimiser and what it trains on."""
+@dataclass
+class Network:
+    """A run's model as `build` made it: its initial weights drawn from the run's seed, its size counted. Built before
+    the rest of the run so that a search can tell a trial's size (and check a size constraint) before training it."""
+
+    p: dict[str, Any]  # the resolved params
+    model: nn.Module  # on the CPU, untrained
+    seed: int
+    threads: int  # the CPU threads the run is deterministic on
+    parameter_count: int
+    flops_per_image: int
+
+
+def build(p: dict[str, Any], data: PreparedData, seed: int = 0, threads: int | None = None) -> Network:
+    """The model the resolved params `p` describe for `data`, built as a reproducible run starts: deterministic
+    kernels on a fixed thread count, every RNG seeded, then the model (its initial weights are the first draws).
+    `fit(network=...)` trains it; nothing in between may draw from torch's RNG."""
+    threads = reproducibility.make_deterministic(threads)
+    reproducibility.seed_everything(seed)
     model = models.build_model(p, len(data.classes), data.input_shape, (data.mean, data.std))
-    parameter_count, flops = models.count_parameters(model), models.flops_per_image(model, data.input_shape)
+    count, flops = models.count_parameters(model), models.flops_per_image(model, data.input_shape)
+    return Network(p, model, seed, threads, count, flops)
+
+
+def _build(network: Network, data: PreparedData, device: torch.device, precision: str, micro_batches: int) -> _Run:
+    """The built model on its device, its optimiser and what it trains on."""
+    p, model = network.p, network.model
     # channels_last lets oneDNN/cuDNN pick their fast NHWC convolution kernels.
     memory_format = torch.channels_last if precision == "bf16" or device.type == "cuda" else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
+    model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # as in export_ready_copy
     optimizer = make_optimizer(model, p)
     augment = make_augment(data.augment_policy(p["augment_policy"]), p["augment"], data.input_shape[-1])
-    train_split, val_split, network, input_format = data.train, data.val, model, memory_format
+    train_split: ResidentImages | FeatureSplit = data.train
+    val_split: ResidentImages | FeatureSplit = data.val
+    network_fed, input_format = model, memory_format
     if isinstance(model, models.ResNet18Classifier) and model.mode == "feature_extract" and augment is None:
         # The frozen backbone sees the same images every epoch: run it once per split, train the head on that.
         train_split = backbone_features(model, data.train, p["eval_batch_size"], precision, memory_format)
         val_split = backbone_features(model, data.val, p["eval_batch_size"], precision, memory_format)
-        network, input_format = model.head, torch.contiguous_format
-    forward = torch.compile(network) if p["compile"] else network
+        network_fed, input_format = model.head, torch.contiguous_format
+    forward = torch.compile(network_fed) if p["compile"] else network_fed
     unfreeze = p["unfreeze_epoch"] if isinstance(model, models.ResNet18Classifier) and model.mode == "finetune" else 0
     steps_per_epoch = math.ceil(micro_batches / p["grad_accum_steps"])
-    return _Run(
-        p=p, device=device, precision=precision, model=model, parameter_count=parameter_count,
-        flops_per_image=flops, optimizer=optimizer, augment=augment, train_split=train_split, val_split=val_split,
-        network=network, forward=forward, input_format=input_format, unfreeze=unfreeze,
-        micro_batches=micro_batches, steps_per_epoch=steps_per_epoch, total_steps=p["epochs"] * steps_per_epoch,
-    )
+    return _Run(p, device, precision, model, optimizer, augment, train_split, val_split, network_fed, forward,
+                input_format, unfreeze, micro_batches, steps_per_epoch, p["epochs"] * steps_per_epoch)
 
 
 def _optimizer_step(run: _Run, progress: _Progress) -> float:
@@ -326,7 +295,7 @@ def _train_epoch(run: _Run, progress: _Progress, generator: torch.Generator,
     batch_size, accum = p["batch_size"], p["grad_accum_steps"]
     epoch = progress.epoch + 1
     started = time.perf_counter()
-    if run.unfreeze:
+    if run.unfreeze and isinstance(run.model, models.ResNet18Classifier):
         run.model.freeze_backbone(epoch <= run.unfreeze)
     run.model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -353,7 +322,7 @@ def _train_epoch(run: _Run, progress: _Progress, generator: torch.Generator,
         train_seconds = time.perf_counter() - started
         val_loss, val_accuracy = evaluate(run.network, run.val_split, p["eval_batch_size"], precision, run.input_format)
     except Exception as exc:
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             raise OutOfMemory(batch_size, str(device), str(exc)) from exc
         raise
     return EpochMetrics(
@@ -363,27 +332,33 @@ def _train_epoch(run: _Run, progress: _Progress, generator: torch.Generator,
     )
 
 
-def _stop_reason(p: dict[str, Any], progress: _Progress, metrics: EpochMetrics, callbacks: Iterable[Callback]) -> str:
-    """Why training stops after this epoch: "completed" when nothing stops it early."""
+def _stop_reason(p: dict[str, Any], progress: _Progress, metrics: EpochMetrics,
+                 callbacks: Iterable[Callback]) -> StopReason:
+    """Why training stops after this epoch: COMPLETED when nothing stops it early."""
     patience = p["early_stopping_patience"]
-    stop_reason = "early_stopping" if patience and progress.epochs_without_gain >= patience else "completed"
+    early = patience and progress.epochs_without_gain >= patience
+    stop_reason = StopReason.EARLY_STOPPING if early else StopReason.COMPLETED
     # Every callback sees every epoch, even when an earlier one asked to stop.
-    return "callback" if any([bool(callback(metrics)) for callback in callbacks]) else stop_reason
+    return StopReason.CALLBACK if any([bool(callback(metrics)) for callback in callbacks]) else stop_reason
 
 
 def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device | None = None,
         callbacks: Iterable[Callback] = (), seed: int = 0, checkpoint: Path | None = None,
         threads: int | None = None, on_batch: Callable[[int, int], None] | None = None,
-        on_resume: Callable[[list[EpochMetrics]], None] | None = None) -> TrainResult:
+        on_resume: Callable[[list[EpochMetrics]], None] | None = None, network: Network | None = None) -> TrainResult:
     """Train the model `params` describes on `data` and return the history and best-epoch model.
 
     `device` defaults to the data's device (they must agree). With `checkpoint`, progress is saved
     atomically after every epoch and an existing matching checkpoint is resumed: `on_resume(history)` is
     then told the epochs it already holds (callbacks see only the epochs trained now). `on_batch(done,
-    total)` is called after every batch (progress displays; it may raise to stop). Raises ParamError before training
-    for bad params, Diverged on a non-finite loss, OutOfMemory when the device runs out of memory.
+    total)` is called after every batch (progress displays; it may raise to stop). `network`: the model `build`
+    already made of these params, seed and threads (a search builds it first to know its size); without it, fit
+    builds it. Raises ParamError before training for bad params, Diverged on a non-finite loss, OutOfMemory when
+    the device runs out of memory.
     """
-    p = resolve_params(params)
+    if network is None:
+        network = build(resolve_params(params), data, seed, threads)
+    p, seed = network.p, network.seed
     device = torch.device(device) if device is not None else data.train.device
     if device != data.train.device:
         raise ValueError(f"data lives on {data.train.device}, training asked for {device}: prepare it there")
@@ -392,9 +367,7 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
         raise ParamError(f"parameters: batch_size = {p['batch_size']} exceeds the {len(data.train)} training images")
     precision = pick_precision(p["precision"], device)
     allocator.keep_freed_memory()
-    threads = reproducibility.make_deterministic(threads)
-    reproducibility.seed_everything(seed)
-    run = _build(p, data, device, precision, micro_batches)
+    run = _build(network, data, device, precision, micro_batches)
 
     generator = torch.Generator().manual_seed(seed)
     fingerprint = params_fingerprint(p, seed, data)
@@ -405,8 +378,8 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
         if on_resume is not None:
             on_resume(list(progress.history))
     resumed_from = progress.epoch
-    stop_reason = "completed"
-    while progress.epoch < p["epochs"] and stop_reason == "completed":
+    stop_reason = StopReason.COMPLETED
+    while progress.epoch < p["epochs"] and stop_reason == StopReason.COMPLETED:
         metrics = _train_epoch(run, progress, generator, on_batch)
         progress.record(metrics, run.model, p)
         if checkpoint is not None:
@@ -419,6 +392,6 @@ def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device |
     return TrainResult(
         params=p, history=progress.history, best_epoch=progress.best_epoch,
         best_val_accuracy=progress.best_val_accuracy, model=run.model, device=str(device), precision=precision,
-        seed=seed, threads=threads, parameter_count=run.parameter_count, flops_per_image=run.flops_per_image,
-        stop_reason=stop_reason, resumed_from_epoch=resumed_from,
+        seed=seed, threads=network.threads, parameter_count=network.parameter_count,
+        flops_per_image=network.flops_per_image, stop_reason=stop_reason, resumed_from_epoch=resumed_from,
     )

@@ -134,18 +134,19 @@ def test_make_storage_with_shell_characters_reaches_the_program_whole(tmp_path):
 
 
 def test_resume_command_names_the_store_and_tracking_it_needs(monkeypatch):
-    from pipeline.commands import session
+    from pipeline.commands import search
+    from pipeline.search.options import SearchOptions
     from pipeline.spec import studies
 
     spec = studies.load("smoke")
     monkeypatch.delenv("STORAGE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    default = session.SearchOptions()
-    assert session.resume_command(spec, default, "sqlite:///studies/optuna.db") == "make search STUDY=smoke"
+    default = SearchOptions()
+    assert search.resume_command(spec, default, "sqlite:///studies/optuna.db") == "make search STUDY=smoke"
     url = "postgresql://pipeline:s3cret@db-host/optuna?sslmode=require&x=1"
-    remote = session.SearchOptions(storage=url, workers=4, tracking=False)
-    command = session.resume_command(spec, remote, url)
+    remote = SearchOptions(storage=url, workers=4, tracking=False)
+    command = search.resume_command(spec, remote, url)
     assert command == ("make search STUDY=smoke WORKERS=4 "
                        "STORAGE='postgresql://pipeline:***@db-host/optuna?sslmode=require&x=1' TRACKING=off")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://db-host:5000")
-    assert session.resume_command(spec, default, "x").startswith("MLFLOW_TRACKING_URI=http://db-host:5000 make search")
+    assert search.resume_command(spec, default, "x").startswith("MLFLOW_TRACKING_URI=http://db-host:5000 make search")

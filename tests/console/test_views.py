@@ -12,10 +12,10 @@ from rich.console import Console
 from tiny_study import write_study
 
 from pipeline import store
-from pipeline.commands.session import SearchOutcome
 from pipeline.console import lines, search_view, tables, train_view, workers_view
 from pipeline.search import pareto, workers
 from pipeline.search.events import BatchDone, EpochEnded, TrialEnded, TrialStarted, Waiting, Warned
+from pipeline.search.options import SearchOutcome
 from pipeline.spec import studies
 from pipeline.training.train import EpochMetrics
 

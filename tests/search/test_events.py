@@ -9,9 +9,10 @@ from conftest import RecordingListener
 from tiny_study import write_study
 
 from pipeline import store
-from pipeline.commands import replay, session
+from pipeline.data.recorded import study_data
 from pipeline.search import events, loop, pareto, samplers
 from pipeline.spec import studies
+from pipeline.tracking.lifecycle import Tracking
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -30,7 +31,7 @@ def setup(tmp_path: Path, root: Path, trials: int = 3, epochs: int = 2):
     spec = studies.load(write_study(tmp_path, trials=trials, epochs=epochs, **EVENTS_STUDY))
     study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/optuna.db"), samplers.make_sampler,
                              samplers.make_pruner, log=lambda m: None)
-    return spec, study, replay.study_data(spec, root, "cpu")
+    return spec, study, study_data(spec, root, "cpu")
 
 
 def test_each_trial_is_told_in_order_and_new_best_only_when_it_improves(tiny_dataset, tmp_path):
@@ -100,7 +101,7 @@ def test_a_listener_failing_at_trial_end_only_warns(tiny_dataset, tmp_path):
 
 
 def test_tracking_off_gives_a_listener_that_does_nothing(tmp_path):
-    tracking = session.Tracking.off()
+    tracking = Tracking.off()
     listener = tracking.listener
     assert type(listener) is events.Listener  # the base class: every event is a no-op
     assert type(tracking.confirmations) is events.Listener

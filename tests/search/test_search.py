@@ -19,7 +19,7 @@ from conftest import TINY_CLI, RecordingListener, mlflow_runs, signal_search_mid
 from pipeline import store
 from pipeline.cli import main
 from pipeline.commands.studies import study_states
-from pipeline.search import loop
+from pipeline.search import seeds, trial_files
 from pipeline.spec import studies
 from pipeline.tracking import study_run
 
@@ -141,16 +141,16 @@ def test_checkpoints_no_trial_will_resume_are_swept_the_others_kept(tmp_path, mo
         (folder / name).write_bytes(b"kept unless an orphan")
 
     told = RecordingListener()
-    removed = loop.sweep_checkpoints(study, folder, told)
+    removed = trial_files.sweep_checkpoints(study, folder, told)
     assert [p.name for p in removed] == ["trial-0.pt"]
     # trial 3 failed a moment ago: its retry may be on its way to the queue. trial-9: no trial of this study.
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "trial-0.pt.tmp", "trial-1.pt", "trial-2.pt",
                                                          "trial-3.pt", "trial-9.pt"]
     assert told.events == [("warning", "removed 1 checkpoint(s) no trial will resume: trial-0.pt")]
-    assert loop.sweep_checkpoints(study, folder, told) == [] and len(told.events) == 1  # nothing more to say
-    monkeypatch.setattr(loop, "SWEEP_GRACE", timedelta(0))  # as if trial 3 had failed long ago, with no retry
-    assert [p.name for p in loop.sweep_checkpoints(study, folder, told)] == ["trial-3.pt"]
-    assert loop.sweep_checkpoints(study, tmp_path / "none", told) == []  # no folder yet: nothing to do
+    assert trial_files.sweep_checkpoints(study, folder, told) == [] and len(told.events) == 1  # nothing more to say
+    monkeypatch.setattr(trial_files, "SWEEP_GRACE", timedelta(0))  # as if trial 3 had failed long ago, with no retry
+    assert [p.name for p in trial_files.sweep_checkpoints(study, folder, told)] == ["trial-3.pt"]
+    assert trial_files.sweep_checkpoints(study, tmp_path / "none", told) == []  # no folder yet: nothing to do
 
 
 def test_of_two_copies_of_a_champion_phase_run_running_at_once_exactly_one_trains(tmp_path):
@@ -160,11 +160,11 @@ def test_of_two_copies_of_a_champion_phase_run_running_at_once_exactly_one_train
     for _ in range(2):
         store.queue_trial(companion, {}, store.TrialNotes(confirmation_of=3, repeat=1))
     first, second = companion.ask(), companion.ask()  # both RUNNING now; `first` started earlier (or numbered lower)
-    assert loop._surplus_confirmation(first) == ""
-    assert loop._surplus_confirmation(second) == f"repeat 1 of trial 3 is already trial {first.number}"
+    assert seeds.surplus_run(first) == ""
+    assert seeds.surplus_run(second) == f"repeat 1 of trial 3 is already trial {first.number}"
     companion.tell(first, 0.99)
     store.queue_trial(companion, {}, store.TrialNotes(confirmation_of=3, repeat=1))
-    assert "already trial" in loop._surplus_confirmation(companion.ask())  # a copy of a finished run: surplus
+    assert "already trial" in seeds.surplus_run(companion.ask())  # a copy of a finished run: surplus
 
 
 def test_a_search_sweeps_its_orphan_checkpoints_when_it_starts(study_env, capsys):
@@ -373,8 +373,8 @@ def test_multi_objective_study_with_nsga2(study_env):
 
 def test_no_baselines_starts_the_sampler_cold_and_workers_are_told(study_env, capsys):
     """BASELINES=off: none of the file's [[baseline]] trials is queued, by this process or by a worker."""
-    from pipeline.commands import session
     from pipeline.search import workers
+    from pipeline.search.options import SearchOptions
     from pipeline.spec import studies
 
     path = study_env.write_study(trials=2, baseline=[{"lr": 3e-3, "dropout": 0.1}, {"lr": 5e-3, "dropout": 0.2}])
@@ -384,5 +384,5 @@ def test_no_baselines_starts_the_sampler_cold_and_workers_are_told(study_env, ca
     assert len(records) == 2 and not any(r.baseline for r in records)
     assert {r.sampled["lr"] for r in records}.isdisjoint({3e-3, 5e-3})
     cold = studies.with_overrides(studies.load(path), baseline=[])
-    assert "--no-baselines" in workers.worker_command(cold, session.SearchOptions())
-    assert "--no-baselines" not in workers.worker_command(studies.load(path), session.SearchOptions())
+    assert "--no-baselines" in workers.worker_command(cold, SearchOptions())
+    assert "--no-baselines" not in workers.worker_command(studies.load(path), SearchOptions())

@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline import store
-from pipeline.search import events, loop, workers
+from pipeline.search import events, objective, workers
 from pipeline.search.events import BatchDone, EpochEnded, TrialEnded, TrialStarted, Waiting, Warned, WorkerDone
 from pipeline.spec import paths, studies
 
@@ -71,7 +71,7 @@ def test_of_two_trials_started_at_once_for_the_last_slot_the_later_number_is_sur
     first = study.ask()
     study.tell(first, 0.5)
     racing = [study.ask() for _ in range(3)]  # numbers 1, 2, 3: all RUNNING at once
-    assert [bool(loop._surplus(spec, t)) for t in racing] == [False, False, True]
+    assert [bool(objective.surplus_trial(spec, t)) for t in racing] == [False, False, True]
 
 
 def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
@@ -80,7 +80,7 @@ def test_a_queued_trial_found_surplus_goes_back_to_the_queue(tmp_path):
     study.ask()  # the budget's only trial, running
     study.enqueue_trial({"lr": 0.01}, user_attrs={"retry_of": 0})
     queued = study.ask()  # takes the queued parameters
-    assert loop._surplus(spec, queued)
+    assert objective.surplus_trial(spec, queued)
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].user_attrs["retry_of"] == 0
     assert waiting[0].system_attrs["fixed_params"] == {"lr": 0.01}  # still runs if the running trial fails

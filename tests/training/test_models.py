@@ -192,7 +192,7 @@ def test_a_pretrained_resnet_is_rebuilt_without_its_imagenet_weights_for_weights
     and no ImageNet weights file needed on this machine."""
     from types import SimpleNamespace
 
-    from pipeline.search import loop
+    from pipeline.search import objective
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     params = {"model": "resnet18", "resnet_mode": "finetune"}
@@ -200,7 +200,8 @@ def test_a_pretrained_resnet_is_rebuilt_without_its_imagenet_weights_for_weights
     scratch = models.build_model({"model": "resnet18", "resnet_mode": "scratch"})
     assert models.count_parameters(model) > models.count_parameters(scratch) // 2
     data = SimpleNamespace(classes=list(range(10)), input_shape=(1, 28, 28))
-    assert loop._size(params, data, flops=False) == {"parameter_count": models.count_parameters(model)}  # not {}
+    counted = objective.architecture_size(params, data, flops=False)
+    assert counted == {"parameter_count": models.count_parameters(model)}  # not {}
 
 
 def test_in_place_relus_give_the_very_outputs_and_gradients_of_out_of_place_ones():

@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.data import loading
 from pipeline.spec import hparams
 from pipeline.spec.errors import BadInput, ParamError
-from pipeline.training import train
+from pipeline.training import device, train
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -214,7 +214,7 @@ def test_trained_model_gives_a_listener_cpu_copies_predictions_and_inputs(tiny):
 def test_auto_precision_follows_the_hardware(tiny, monkeypatch):
     monkeypatch.delenv("PIPELINE_PRECISION", raising=False)  # the machine chooses (make test-portable sets fp32)
     result = train.fit(dict(SMALL_CNN, epochs=1), tiny)
-    assert result.precision == ("bf16" if train.cpu_has_native_bf16() else "fp32")
+    assert result.precision == ("bf16" if device.cpu_has_native_bf16() else "fp32")
     assert result.device == "cpu" and result.threads >= 1
     # The model that trained is the one counted: its parameters, and the FLOPs of a forward pass.
     assert result.parameter_count == sum(p.numel() for p in result.model.parameters())
@@ -225,8 +225,8 @@ def test_auto_precision_follows_the_hardware(tiny, monkeypatch):
 def test_the_machine_precision_setting_decides_auto_and_a_study_fixed_value_wins(setting, monkeypatch):
     monkeypatch.setenv("PIPELINE_PRECISION", setting)
     cpu = torch.device("cpu")
-    assert train.pick_precision("auto", cpu) == setting.strip().lower()
-    assert train.pick_precision("fp32", cpu) == "fp32" and train.pick_precision("bf16", cpu) == "bf16"
+    assert device.pick_precision("auto", cpu) == setting.strip().lower()
+    assert device.pick_precision("fp32", cpu) == "fp32" and device.pick_precision("bf16", cpu) == "bf16"
 
 
 def test_a_misspelt_machine_precision_stops_the_command_with_one_line(monkeypatch, capsys):

@@ -1,0 +1,223 @@
+"""`make search` as one call: `run_search(spec, options, view) -> SearchOutcome`.
+
+It opens the store, the study, the data and (unless it is off) MLflow tracking, runs the search loop
+in this process or in worker processes, then the champion phase when the study has one, writes the study's
+report page and closes the study's MLflow side. What it shows goes through `view` (views.py draws it on the
+console, a worker's view sends event lines to its coordinator); the trial-level work is search/loop.py's, the
+MLflow side tracking/lifecycle.py's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from pipeline import store
+from pipeline.data import loading
+from pipeline.data.recorded import study_data
+from pipeline.infra import urls
+from pipeline.infra.urls import shown
+from pipeline.search import loop, pareto, samplers, seeds, workers
+from pipeline.search.champion import first_value
+from pipeline.search.events import Listener, Listeners
+from pipeline.search.options import SearchOptions, SearchOutcome, SearchView
+from pipeline.search.stopping import Interrupted, StudyStopped, TooManyFailures
+from pipeline.search.trial_files import checkpoint_folder
+from pipeline.spec.errors import BadInput
+from pipeline.spec.stop_reason import StopReason
+from pipeline.spec.studies import StudySpec
+from pipeline.tracking.lifecycle import Tracking
+from pipeline.training.device import pick_device
+
+TOP = 5  # trials in the end-of-search table
+
+
+def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> SearchOutcome:
+    """Run or resume the study until its budget is reached, the time is spent or a signal arrives."""
+    device = pick_device(options.device)
+    options, why_workers = _decide_workers(spec, options, device)
+    tracking = Tracking.connect(spec, view) if options.tracking else Tracking.off()
+    storage = store.open_storage(options.storage, spec.name, options.worker_count)
+    # The data first: a missing or corrupt dataset stops here, before a study or an MLflow run is made. Before
+    # any worker starts, too, so the data lands once; the coordinator of workers keeps it off the GPU.
+    prepared: loading.PreparedData | None = study_data(spec, options.root,
+                                                      device if options.worker_count == 1 else "cpu")
+    salt = f"{socket.gethostname()}/worker{options.worker}" if options.worker is not None else ""
+    study = store.open_study(spec, storage.backend, samplers.make_sampler, samplers.make_pruner,
+                             fresh=options.fresh, log=view.say,
+                             on_create=lambda new_study: tracking.start(spec, new_study, contested=False),
+                             sampler_salt=salt)
+    tracking.start(spec, study)  # joins the parent run the study's creator opened (a no-op for the creator)
+    if options.worker is None:
+        view.header(_header(spec, study, prepared, device, options, storage.url))
+        if why_workers:
+            view.say(why_workers)
+    if options.worker_count > 1 and storage.url.startswith("sqlite:"):
+        view.note(f"{options.worker_count} workers share the SQLite file {storage.url}: Optuna advises a journal file "
+                  "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
+    listener = Listeners(as_listener(view), tracking.listener)
+    resume = resume_command(spec, options, storage.url)
+    outcome = SearchOutcome(study.study_name, 0, StopReason.BUDGET, 0.0, workers=options.worker_count,
+                            resume_command=resume)
+    started, status = time.monotonic(), "FINISHED"
+    try:
+        if options.worker_count > 1:
+            prepared = None  # each worker loads its own copy; the coordinator need not hold one for the whole run
+            outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
+        elif prepared is not None:  # one process: this one, on the data loaded above
+            with view.running(spec, lambda: _status(study)):
+                searched = loop.run(spec, study, prepared, listener, threads=options.threads,
+                                    checkpoints=checkpoint_folder(options.studies_dir, storage.url, study.study_name))
+            outcome.ran, outcome.stop_reason = searched.ran, searched.stop_reason
+        if spec.confirmation is not None and options.worker is None:  # a coordinator runs the phase itself
+            if prepared is None:  # after workers: this process trains the phase's runs itself
+                prepared = study_data(spec, options.root, device)
+            outcome.champion = _champion_phase(spec, study, storage, prepared, options, view, tracking)
+    except Interrupted as exc:
+        outcome.stop_reason, outcome.signal_number, status = StopReason.INTERRUPTED, exc.signal_number, "KILLED"
+    except StudyStopped as exc:
+        outcome.stop_reason, outcome.failure, status = StopReason.FAILED, str(exc), "FAILED"
+    outcome.seconds = time.monotonic() - started
+    decision = _standings(spec, study, outcome)
+    view.ended(spec, outcome)
+    if options.worker is None:  # a worker's coordinator writes the page and closes the study's MLflow side
+        page = report_page(spec, study, storage.backend, options, view.warning, decision)
+        outcome.messages = tracking.finish(spec, study, storage.backend, status, decision, warn=view.warning,
+                                           page=page)
+        if page is not None:
+            outcome.messages.append(f"report: {page}")
+    return outcome
+
+
+def as_listener(view: SearchView) -> Listener:
+    """The view as one of the search's listeners: every SearchView is an events.Listener (views.SearchView,
+    workers.EventView), which the protocol cannot say."""
+    if not isinstance(view, Listener):
+        raise TypeError(f"{type(view).__name__} is a SearchView but not an events.Listener")
+    return view
+
+
+def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, options: SearchOptions,
+                warn: Callable[[str], None], decision: pareto.Choice) -> Path | None:
+    """Refresh the study's report page (reportpage.py). A page that cannot be written only warns: every trial is
+    saved, and `make report` tries again."""
+    from pipeline.reports import reportpage  # plotly and the templates: only at the end of a search
+
+    try:
+        return reportpage.write(spec, study, storage, options.reports_dir, options.exports_dir, options.studies_dir,
+                                decision)
+    except Exception as exc:
+        warn(f"warning: the report page could not be written ({type(exc).__name__}: "
+             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); `make report STUDY={spec.name}` tries again")
+        return None
+
+
+def _champion_phase(spec: StudySpec, study: optuna.Study, storage: store.Storage,
+                    prepared: loading.PreparedData, options: SearchOptions, view: SearchView,
+                    tracking: Tracking) -> seeds.PhaseOutcome:
+    """The search's best configurations trained again over seeds (seeds.py), in this process."""
+    phase = seeds.Phase(spec, study, storage.backend)
+    view.say(phase.announcement())
+    with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
+        return phase.run(prepared, Listeners(as_listener(view), tracking.confirmations), threads=options.threads,
+                         checkpoints=checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name))
+
+
+def _decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device) -> tuple[SearchOptions, str]:
+    """The options with a number of workers (WORKERS=auto decided here), and the line that says why ('' when the
+    user chose). A worker process is one worker."""
+    if options.worker is not None:
+        return dataclasses.replace(options, workers=1), ""
+    if isinstance(options.workers, int):  # a number, not workers.AUTO
+        if options.workers < 1:
+            raise BadInput(f"WORKERS={options.workers}: expected a number of worker processes >= 1 or auto, "
+                           "e.g. WORKERS=4")
+        return options, ""
+    url = store.storage_url(options.storage, spec.name, workers=2)  # where the study lives, or would with workers
+    count, why = workers.auto_count(device.type, url, options.threads, spec.trials)
+    return dataclasses.replace(options, workers=count), why
+
+
+def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
+    """The command that continues this study: the same store, workers and tracking as this run.
+
+    A store named by STORAGE or --storage is repeated (quoted, its password masked: the user's environment or
+    shell history has it); the default one needs no mention.
+    """
+    parts = ["make search", f"STUDY={spec.name}"]
+    if options.worker_count > 1:
+        parts.append(f"WORKERS={options.worker_count}")
+    if options.storage or os.environ.get("STORAGE"):
+        parts.append(f"STORAGE={shlex.quote(urls.shown(url))}")
+    if not options.tracking:
+        parts.append("TRACKING=off")
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        parts.insert(0, f"MLFLOW_TRACKING_URI={shlex.quote(urls.shown(os.environ['MLFLOW_TRACKING_URI']))}")
+    return " ".join(parts)
+
+
+def _status(study: optuna.Study) -> tuple[int, list[float] | None]:
+    """What a progress view shows of the study: finished trials and the best values so far."""
+    return store.finished_count(study), store.best_values(study)
+
+
+def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> pareto.Choice:
+    """The study's champion (decided once here, then shown, put on the page and registered; returned) and its top
+    trials: the best five, or (several objectives) the front, most accurate first."""
+    outcome.finished = store.finished_count(study)
+    outcome.decision = decision = pareto.decide(spec, study)
+    reverse = spec.directions[0] == "maximize"
+    if len(spec.objectives) > 1:
+        outcome.top = sorted(decision.front, key=first_value, reverse=reverse)
+    else:
+        complete = store.records(study, (optuna.trial.TrialState.COMPLETE,))
+        outcome.top = sorted(complete, key=first_value, reverse=reverse)[:TOP]
+    return decision
+
+
+def _header(spec: StudySpec, study: optuna.Study, prepared: Any, device: torch.device, options: SearchOptions,
+            url: str) -> str:
+    shape = "x".join(map(str, prepared.input_shape))
+    # With workers, each says where its data went on its own line ("worker N: data ...").
+    placement = prepared.placement if options.worker_count == 1 else "placed by each worker, below"
+    return (f"{study.study_name}: {spec.description or spec.name} | {prepared.dataset} "
+            f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({placement}, digest "
+            f"{prepared.checksum}), {device}, sampler {spec.sampler}, "
+            f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
+            + (f" | {options.worker_count} workers, storage {shown(url)}" if options.worker_count > 1 else ""))
+
+
+def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.device, options: SearchOptions,
+                  view: SearchView) -> tuple[int, StopReason]:
+    """WORKERS=N: N worker processes on the study, one view of all of them here.
+
+    Ctrl-C (or SIGTERM/SIGHUP) is passed on to every worker, which fails and re-queues its running trial
+    and stops; a second one makes them stop at once. Raises Interrupted or TooManyFailures like a search.
+    """
+    # GPUs are shared out when the device is left to us; `--device cuda:1` keeps every worker on that GPU.
+    gpus = workers.visible_gpus() if device.type == "cuda" and options.device in ("auto", "cuda") else []
+    plans = workers.plan(options.worker_count, options.threads, gpus)
+    pool = workers.Workers(workers.worker_command(spec, options), plans, workers.storage_environment(url))
+    for p in plans:
+        gpu = f"CUDA_VISIBLE_DEVICES={p.gpu}, " if p.gpu is not None else ""
+        view.say(f"worker {p.index}: pid {pool.processes[p.index].pid}, {gpu}"
+                 f"{p.threads} thread{'s' if p.threads > 1 else ''}")
+    coordinated = workers.coordinate(pool, view.workers_view(spec, lambda: _status(study), pool))
+    if coordinated.signal_number is not None:
+        raise Interrupted(coordinated.signal_number)
+    if coordinated.failure is not None:
+        raise TooManyFailures(coordinated.failure)
+    if store.finished_count(study) < spec.trials and StopReason.TIMEOUT not in coordinated.stop_reasons:
+        raise TooManyFailures(f"every worker stopped before the budget was reached (exit codes "
+                              f"{pool.exit_codes()}); see the lines above")
+    timed_out = StopReason.TIMEOUT in coordinated.stop_reasons
+    return coordinated.ran, StopReason.TIMEOUT if timed_out else StopReason.BUDGET

@@ -1,0 +1,31 @@
+"""The data a study's trials saw, from its recorded definition: one recipe, so that a search, a replay and an
+export all prepare the very same split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.data import loading
+from pipeline.spec import studies
+from pipeline.spec.sources import DEFAULT_VAL_SIZE
+from pipeline.spec.studies import StudySpec
+
+
+def recorded_data(definition: dict[str, Any], root: Path, device: torch.device | str = "cpu",
+                  resident_bytes: int | None = None) -> loading.PreparedData:
+    """The data of a study's trials, from its search definition (as recorded, or a study file's).
+
+    Older records lack `val_size`: they were made with the default. A folder's is None (its val_fraction decides).
+    """
+    return loading.prepare(studies.dataset_ref(definition["dataset"]), root, device,
+                           val_size=definition.get("val_size", DEFAULT_VAL_SIZE),
+                           train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
+                           resident_bytes=resident_bytes)
+
+
+def study_data(spec: StudySpec, root: Path, device: torch.device | str) -> loading.PreparedData:
+    """The data of the study file's trials (what a search trains on)."""
+    return recorded_data(spec.search_definition(), root, device)

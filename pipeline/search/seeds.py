@@ -1,0 +1,175 @@
+"""The champion phase's runs: the search's best configurations trained again over seeds (champion.py chooses).
+
+The phase trains the `top_k` best distinct configurations again, with seeds derived from (study seed, trial
+number, repeat), on the full epoch budget and without pruning, until each has `seeds` runs (the search's own run
+counts as one). The runs are trials of a companion Optuna study, `<study>:champion` in the same storage, queued
+with their params and seed: they are recorded (params, seed, per-epoch history, provenance), checkpointed, resumed
+after a kill and replayed (`make replay STUDY=x TRIAL=n REPEAT=r`) like the search's trials, by the search's own
+loop (loop.run_trials) with the phase's rules (`ChampionRuns`) and budget (`PhaseBudget`). Each invocation queues
+only the runs that are missing, so an interrupted phase continues, a finished one is not run again, and a larger
+`[champion]` only adds runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline import store
+from pipeline.data.loading import PreparedData
+from pipeline.search import loop
+from pipeline.search.champion import Standings, candidates, champion_table, open_companion, repeat_seed, standings
+from pipeline.search.events import Listener
+from pipeline.search.failures import failing_trial
+from pipeline.search.objective import Objective
+from pipeline.spec.stop_reason import StopReason
+from pipeline.spec.studies import StudySpec
+from pipeline.training import train
+
+UNPLANNED = "unplanned"  # a queued run whose configuration is no longer a candidate: dropped, not trained
+
+
+@dataclass
+class PhaseOutcome:
+    ran: int  # runs trained by this invocation
+    stop_reason: StopReason  # DONE, or TIME (the phase's minutes would be exceeded: the rest waits for the next run)
+    standings: Standings
+    notes: list[str] = field(default_factory=list)
+
+
+class ChampionRuns:
+    """The champion phase's rules for the objective (objective.Role): only queued runs train, none is pruned, and
+    every model is kept (the champion's may be exported)."""
+
+    prunes = False
+
+    def surplus(self, trial: optuna.Trial) -> str:
+        return surplus_run(trial)
+
+    def keep_model(self, trial: optuna.Trial, values: list[float], feasible: bool, model: train.TrainedModel,
+                   listener: Listener) -> None:
+        failing_trial(trial, lambda: listener.confirmation_model(trial.number, values[0], model),
+                      "the model could not be logged to MLflow")
+
+
+@dataclass(frozen=True)
+class PhaseBudget:
+    """The phase's budget (loop.Budget): the queued runs, in the order Optuna hands them out, within the phase's
+    minutes. A run starts only when its configuration's search trial took no longer than the time left."""
+
+    needs: dict[int, float]  # seconds a run of each candidate takes, by its search trial's number
+    minutes: float
+    what: str = "champion-phase run"
+
+    @property
+    def seconds(self) -> float:
+        return self.minutes * 60
+
+    def reached(self, study: optuna.Study) -> StopReason | None:
+        return None  # the phase ends when its queue is empty (`next`), not on a count
+
+    def next(self, study: optuna.Study, deadline: float) -> loop.Next | StopReason:
+        upcoming = store.next_waiting(study)  # the run Optuna will hand out next
+        if upcoming is None:
+            # Another process runs the last runs (their results join the table), or every run is done.
+            return loop.Next.WAIT if store.running_count(study) else StopReason.DONE
+        need = self.needs.get(upcoming.confirmation_of, 0.0) if upcoming.confirmation_of is not None else 0.0
+        if time.monotonic() + need > deadline:
+            return StopReason.TIME
+        return loop.Next.TRIAL
+
+
+def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecord, int]]:
+    """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats."""
+    found = candidates(spec, study)
+    return [(trial, repeat) for repeat in range(1, champion_table(spec).seeds) for trial in found]
+
+
+def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> int:
+    """Queue the wanted runs that are neither done nor queued nor running; drop queued runs no longer wanted.
+
+    A run that failed for good (an exception, not a kill) is queued again: this is a new invocation.
+    """
+    keys = {(trial.number, repeat) for trial, repeat in wanted}
+    present = set()
+    for record in store.records(companion):
+        key = (record.confirmation_of, record.repeat)
+        if record.state == "WAITING" and key not in keys:
+            store.fail_trial(companion, record.number, UNPLANNED)
+        elif record.state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
+            present.add(key)
+    queued = 0
+    for trial, repeat in wanted:
+        if (trial.number, repeat) not in present:
+            store.queue_trial(companion, trial.sampled, store.TrialNotes(confirmation_of=trial.number, repeat=repeat,
+                              seed=repeat_seed(spec, trial.number, repeat)))
+            queued += 1
+    return queued
+
+
+class Phase:
+    """One invocation's champion phase: what it wants, then `run` to train what is missing."""
+
+    def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage):
+        self.spec, self.study = spec, study
+        self.companion = open_companion(spec, storage, study.study_name)
+        self.wanted = planned(spec, study)
+        self.queued = queue_missing(spec, self.companion, self.wanted)
+
+    def announcement(self) -> str:
+        waiting = len(store.records(self.companion, (TrialState.WAITING,)))
+        table, configurations = champion_table(self.spec), len({trial.number for trial, _ in self.wanted})
+        return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
+                f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
+
+    def status(self) -> tuple[int, list[float] | None]:
+        """Wanted runs done (for the progress bar)."""
+        keys = {(trial.number, repeat) for trial, repeat in self.wanted}
+        done = {(r.confirmation_of, r.repeat) for r in store.records(self.companion, (TrialState.COMPLETE,))}
+        return len(keys & done), None
+
+    def run(self, prepared: PreparedData, listener: Listener, threads: int | None = None,
+            checkpoints: Path | None = None) -> PhaseOutcome:
+        """Train the missing runs within the phase's minutes and return the standings.
+
+        A run starts only when its configuration's search trial took no longer than the time left. Raises
+        stopping.Interrupted (the running run is queued again and resumes its checkpoint next time),
+        TooManyFailures and DiskFull like the search.
+        """
+        spec = self.spec
+        objective = Objective(spec, prepared, ChampionRuns(), listener, threads, checkpoints=checkpoints)
+        needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
+        budget = PhaseBudget(needs, champion_table(spec).minutes)
+        outcome = loop.run_trials(self.companion, objective, budget, checkpoints)
+        return PhaseOutcome(outcome.ran, outcome.stop_reason, standings(spec, self.study, self.companion))
+
+
+def _duration(trial: store.TrialRecord, epochs: int) -> float:
+    """How long a run of this configuration takes: its search trial's time, for every epoch (a resumed trial's
+    time covers only the epochs it trained itself)."""
+    trained = epochs - trial.resumed_from_epoch
+    return trial.seconds * epochs / trained if trained > 0 else trial.seconds
+
+
+def surplus_run(trial: optuna.Trial) -> str:
+    """Why a champion-phase trial must not train (empty: it may). Only queued runs train: an empty queue makes
+    Optuna sample a new trial, which has no business there. Two processes finishing the same search at once
+    may both queue a missing run: the copy already done, or running since earlier, wins. (Two copies started on
+    hosts whose clocks disagree, or one not yet visible when the other checks, may both train: a waste of time,
+    not of results, since the table keeps the first that completed.)"""
+    key = trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat")
+    if key[0] is None:
+        return "not a queued champion-phase run"
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+        same = other.number != trial.number and (other.user_attrs.get("confirmation_of"),
+                                                 other.user_attrs.get("repeat")) == key
+        # Of two running copies the one that started first trains (the lower number if at the same moment):
+        # each sees the other running, and exactly one of them must stand down.
+        if same and (other.state == TrialState.COMPLETE
+                     or (other.datetime_start, other.number) < (trial.datetime_start, trial.number)):
+            return f"repeat {key[1]} of trial {key[0]} is already trial {other.number}"
+    return ""
