@@ -34,7 +34,7 @@ from reference_loop import correct_count, mnist_subsets, train_epoch
 from torch.utils.data import DataLoader
 
 from pipeline import store
-from pipeline.data import datasets, loading
+from pipeline.data import landing, loading
 from pipeline.training import reproducibility
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = reproducibility.make_deterministic()
-    datasets.land("mnist")
+    landing.land("mnist")
     started = time.perf_counter()
     rows = {"ours (cnn study, BASELINES=off)": summary(ours(args.minutes), args.minutes)}
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ import torch
 from reference_loop import correct_count, mnist_subsets, train_epoch
 from torch.utils.data import DataLoader
 
-from pipeline.data import datasets, loading
+from pipeline.data import landing, loading
 from pipeline.spec import hparams
 from pipeline.training import models, reproducibility, train
 
@@ -141,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = reproducibility.make_deterministic()  # same thread count on both sides
 
-    datasets.land("mnist")
+    landing.land("mnist")
     limit = args.train_images if args.train_images < 55000 else None
     prepared = loading.prepare("mnist", train_limit=limit)
     if args.profile:

@@ -19,16 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.console import views
-from pipeline.data import datasets
+from pipeline.data import landing
 from pipeline.infra.urls import shown
 from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from pipeline.data import landing
-
-    views.landed(landing.land(args.dataset, args.root, args.source, log=views.note))
+    views.landed(landing.make_data(args.dataset, args.root, args.source, log=views.note))
     return 0
 
 
@@ -218,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_training_commands(commands: Any) -> None:
     """data, train."""
     p = commands.add_parser("data", help="land and verify datasets under data/ (offline sources first)")
-    p.add_argument("--dataset", default="all", choices=["all", *sorted(datasets.DATASETS), *sources.CIFAR_DATASETS],
+    p.add_argument("--dataset", default="all", choices=["all", *sorted(sources.DATASETS), *sources.CIFAR_DATASETS],
                    help="all: MNIST and Fashion-MNIST; CIFAR needs its archive in data/ or the internet")
-    p.add_argument("--source", default="auto", choices=datasets.SOURCES,
+    p.add_argument("--source", default="auto", choices=landing.SOURCES,
                    help="auto: present files, then the offline package, then torchvision's download")
     p.add_argument("--root", type=Path, default=paths.DATA_ROOT, help="data folder (default: data/)")
     p.set_defaults(run=_cmd_data)
@@ -228,7 +226,7 @@ def _add_training_commands(commands: Any) -> None:
     p = commands.add_parser("train", help="one training run of a model family's baseline (+ --set overrides)")
     p.add_argument("--model", default="cnn", choices=list(hparams.FAMILIES))
     p.add_argument("--study", default=None, help="train this study's first baseline trial instead of --model's")
-    p.add_argument("--dataset", default="mnist", choices=[*sorted(datasets.DATASETS), *sources.CIFAR_DATASETS])
+    p.add_argument("--dataset", default="mnist", choices=[*sorted(sources.DATASETS), *sources.CIFAR_DATASETS])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set lr=0.01 --set cnn_channels=[32,64] (repeatable)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data import datasets, loading
+from pipeline.data import loading
 from pipeline.data.augment import Augment, NaturalAugment, make_augment
 from pipeline.infra import memory
+from pipeline.spec import sources
 from pipeline.spec.errors import BadInput, DataError
 
 
@@ -109,7 +110,7 @@ def test_stratified_split_quotas_add_up_with_remainders():
 @pytest.mark.faults  # README: What survives what
 def test_prepare_refuses_a_corrupt_file_naming_it(tiny_dataset):
     info, root = tiny_dataset
-    path = info.raw_dir(root) / datasets.TRAIN_LABELS
+    path = info.raw_dir(root) / sources.TRAIN_LABELS
     path.write_bytes(path.read_bytes()[:-1] + b"\x09")
     with pytest.raises(DataError, match="SHA-256 mismatch") as err:
         loading.prepare("tiny", root, val_size=100)

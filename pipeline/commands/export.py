@@ -43,12 +43,12 @@ import torch
 
 from pipeline import store
 from pipeline.commands import replay, verify_export
-from pipeline.data import datasets, imagecache, loading
+from pipeline.data import imagecache, loading
 from pipeline.infra import fileio
 from pipeline.reports import plots
 from pipeline.search import champion as champion_phase
 from pipeline.search import pareto
-from pipeline.spec import hparams, paths, studies
+from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
 from pipeline.spec.sources import DEFAULT_VAL_SIZE, DIGITS, FolderSource
 from pipeline.spec.studies import StudyError
@@ -429,8 +429,8 @@ def _test_files(config: dict, root: Path, directory: Path) -> list[str]:
                            f"is missing; run `make search` on its study to land it again, or pass --root")
         return ["--images", str(cache / "images.npy"), "--labels", str(cache / "labels.npy"),
                 "--rows", str(directory / TEST_ROWS)]
-    raw = datasets.dataset_info(config["dataset"]).raw_dir(root)
-    return ["--images", str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)]
+    raw = sources.dataset_info(config["dataset"]).raw_dir(root)
+    return ["--images", str(raw / sources.TEST_IMAGES), "--labels", str(raw / sources.TEST_LABELS)]
 
 
 def _looks(preprocessing: dict) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.infra import fileio
 from pipeline.data import imagecache
 from pipeline.data.datasets import sha256_file
+from pipeline.infra import fileio
 from pipeline.spec.errors import DataError
 
 

@@ -38,13 +38,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.data import imagecache
-from pipeline.infra.concurrency import available_cores
 from pipeline.data.datasets import sha256_file
-from pipeline.spec.errors import DataError
-from pipeline.infra.fileio import write_atomic
 from pipeline.data.images import FORMATS, Preprocessing, decode_files, is_gray_mode
-from pipeline.spec.sources import FolderSource
+from pipeline.infra.concurrency import available_cores
+from pipeline.infra.fileio import write_atomic
 from pipeline.infra.text import printable
+from pipeline.spec.errors import DataError
+from pipeline.spec.sources import FolderSource
 
 SPLIT_FOLDERS = {"train": imagecache.TRAIN, "val": imagecache.VAL, "test": imagecache.TEST}
 DECODE_CHUNK = 64  # pictures per task sent to a decoding process

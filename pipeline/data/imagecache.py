@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.infra import fileio
-from pipeline.spec.errors import DataError
 from pipeline.infra.text import byte_size
+from pipeline.spec.errors import DataError
 
 TRAIN, VAL, TEST, CARVE = 0, 1, 2, 3
 FORMAT_VERSION = 1

@@ -26,18 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import cifar
-from pipeline.data import datasets
-from pipeline.data import folders
-from pipeline.data import imagecache
-from pipeline.infra import memory
+from pipeline.data import cifar, datasets, folders, imagecache, landing
 from pipeline.data.augment import Augment, NaturalAugment
-from pipeline.spec.errors import DataError
-from pipeline.infra.fileio import write_atomic
 from pipeline.data.images import Preprocessing
+from pipeline.infra import memory
+from pipeline.infra.fileio import write_atomic
+from pipeline.infra.text import byte_size
+from pipeline.spec import sources
+from pipeline.spec.errors import DataError
 from pipeline.spec.paths import DATA_ROOT, PROJECT_ROOT
 from pipeline.spec.sources import CIFAR_DATASETS, DEFAULT_VAL_SIZE, DIGITS, FolderSource
-from pipeline.infra.text import byte_size
 
 DEFAULT_SPLIT_SEED = 0
 TEST_SPLIT_SEED = 1000  # carving a folder's test split: fixed, so every study of the folder holds out the same
@@ -100,18 +98,18 @@ def load_arrays(dataset: DatasetRef, root: Path = DATA_ROOT, log: Callable[[str]
 
 
 def _from_idx(name: str, root: Path) -> Arrays:
-    info = datasets.dataset_info(name)
-    datasets.land(name, root)
+    info = sources.dataset_info(name)
+    landing.land(name, root)
     raw = info.raw_dir(root)
 
     def tensor(file_name: str, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(datasets.read_idx(raw / file_name).copy()).to(dtype)
 
-    train_images, test_images = tensor(datasets.TRAIN_IMAGES, torch.uint8), tensor(datasets.TEST_IMAGES, torch.uint8)
+    train_images, test_images = tensor(sources.TRAIN_IMAGES, torch.uint8), tensor(sources.TEST_IMAGES, torch.uint8)
     n_train, n_test = len(train_images), len(test_images)
     return Arrays(
         images=torch.cat([train_images, test_images]).unsqueeze(1),
-        labels=torch.cat([tensor(datasets.TRAIN_LABELS, torch.int64), tensor(datasets.TEST_LABELS, torch.int64)]),
+        labels=torch.cat([tensor(sources.TRAIN_LABELS, torch.int64), tensor(sources.TEST_LABELS, torch.int64)]),
         train_rows=torch.arange(n_train),
         test_rows=torch.arange(n_train, n_train + n_test),
         classes=info.classes,
@@ -407,10 +405,10 @@ def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.devi
         split = stratified_split(train_labels, val_size, split_seed)
     train_idx = seeded_subset(split.train_indices, train_limit, split_seed + 1)
     val_idx = seeded_subset(split.val_indices, val_limit, split_seed + 2)
-    idx = isinstance(dataset, str) and dataset in datasets.DATASETS
+    idx = isinstance(dataset, str) and dataset in sources.DATASETS
     if idx:
         # The IDX datasets' statistics cover the whole training file, as they always have (recorded results).
-        mean, std = datasets.normalisation_stats(datasets.dataset_info(dataset), root)
+        mean, std = datasets.normalisation_stats(sources.dataset_info(dataset), root)
         mean, std = (mean,), (std,)
     else:
         mean, std = _cached_stats(arrays, arrays.train_rows[split.train_indices], root, split.hash)

@@ -25,15 +25,13 @@ from typing import Any
 
 import optuna
 
-from pipeline.search import champion
-from pipeline.infra import fileio
-from pipeline.search import pareto
-from pipeline.spec import paths
-from pipeline.training import reproducibility
 from pipeline import store
-from pipeline.spec import studies
+from pipeline.infra import fileio
+from pipeline.search import champion, pareto
 from pipeline.search.pruning import PruneReason
+from pipeline.spec import paths, studies, tables
 from pipeline.spec.studies import StudySpec
+from pipeline.training import reproducibility
 
 TEMPLATE = Path(__file__).with_name("report_page.html.j2")
 TOP_TRIALS = 10
@@ -117,7 +115,7 @@ def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
 def _space(spec: StudySpec) -> list[dict[str, str]]:
     rows = []
     for key, param in spec.space.items():
-        if isinstance(param, studies.CategoricalParam):
+        if isinstance(param, tables.CategoricalParam):
             values = ", ".join(json.dumps(c) for c in param.choices)
         else:
             values = f"{param.low:g} .. {param.high:g}" + (" (log)" if param.log else "") + (

@@ -43,7 +43,7 @@ from pipeline.infra.concurrency import process_identity, quiet_if_hung_up, same_
 from pipeline.infra.text import masked_text
 from pipeline.search import pareto, pruning
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
-from pipeline.spec import hparams, space, studies
+from pipeline.spec import hparams, space, studies, tables
 from pipeline.spec.studies import StudySpec
 from pipeline.training import latency, models, train
 from pipeline.training.checkpoints import ForeignCheckpoint
@@ -240,7 +240,7 @@ class Objective:
         history: list[dict[str, float]] = []
         metric = pruning.pruned_metric(self.spec.metrics)
         # Optuna's pruner takes one objective, and only a per-epoch one (a size has no epochs)
-        single = len(self.spec.objectives) == 1 and metric in studies.PRUNED_ON
+        single = len(self.spec.objectives) == 1 and metric in tables.PRUNED_ON
         several_pruned = not single and self.spec.pruner != "none" and not self.confirming
 
         def record(metrics: train.EpochMetrics) -> None:

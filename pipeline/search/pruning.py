@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import store
-from pipeline.spec.studies import PRUNED_ON
+from pipeline.spec.tables import PRUNED_ON
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,2 @@
+"""The report page and the figures drawn for it."""
+
