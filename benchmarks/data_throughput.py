@@ -19,6 +19,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
 from pipeline.data import datasets, landing, loading
+from pipeline.data.arrays import load_arrays
 from pipeline.data.augment import Augment
 from pipeline.spec import paths, sources
 
@@ -54,7 +55,7 @@ def main() -> None:
         dataset = tv_class(paths.DATA_ROOT, train=True, download=False, transform=transform)
         return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=args.workers)
 
-    arrays = loading.load_arrays(args.dataset)
+    arrays = load_arrays(args.dataset)
     ours = loading.ResidentImages(arrays.train_images, arrays.train_labels, mean, std, "cpu")
 
     def resident(augment):

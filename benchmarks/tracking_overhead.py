@@ -27,7 +27,7 @@ from pipeline.commands import replay, session
 from pipeline.search import loop, pareto
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
 from pipeline.spec import hparams, paths, studies
-from pipeline.tracking import study_run
+from pipeline.tracking import connection
 from pipeline.training import models, train
 
 TIMED_CALLS = ("trial_started", "epoch_ended", "trial_ended", "new_best")
@@ -40,7 +40,7 @@ def run_smoke(spec: studies.StudySpec, prepared, workdir: Path, tracked: bool) -
     calls: dict[str, list[float]] = defaultdict(list)
     tracker = session.Tracking.off()
     if tracked:
-        tracker = session.Tracking(study_run.connect(f"sqlite:///{workdir}/mlruns/mlflow.db"))
+        tracker = session.Tracking(connection.connect(f"sqlite:///{workdir}/mlruns/mlflow.db"))
         tracker.start(spec, study, contested=False)
         for name in TIMED_CALLS:
             setattr(tracker.run, name, _timed(getattr(tracker.run, name), calls[name]))
@@ -137,7 +137,7 @@ def main() -> None:
         except KeyError:
             print(f"no study {args.cnn_study!r} in {args.storage}: run `make search STUDY=cnn` for the cnn figure")
             return
-        tracker = session.Tracking(study_run.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
+        tracker = session.Tracking(connection.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
         tracker.start(spec, optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp}/on/optuna.db"))
         costs = {
             "trial_started": statistics.median(calls["trial_started"]),

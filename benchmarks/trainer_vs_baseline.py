@@ -25,7 +25,8 @@ import torch
 from reference_loop import correct_count, mnist_subsets, train_epoch
 from torch.utils.data import DataLoader
 
-from pipeline.data import landing, loading
+from pipeline.data import landing, loading, splits
+from pipeline.data.arrays import load_arrays
 from pipeline.spec import hparams
 from pipeline.training import models, reproducibility, train
 
@@ -147,8 +148,8 @@ def main() -> None:
     if args.profile:
         profile_step(prepared, args.profile)
         return
-    split = loading.stratified_split(loading.load_arrays("mnist").train_labels)
-    train_idx = loading.seeded_subset(split.train_indices, limit, loading.DEFAULT_SPLIT_SEED + 1)
+    split = splits.stratified_split(load_arrays("mnist").train_labels)
+    train_idx = splits.seeded_subset(split.train_indices, limit, splits.DEFAULT_SPLIT_SEED + 1)
 
     print(f"MNIST, {len(prepared.train):,} train + {len(prepared.val):,} val images per epoch, batch {BATCH}, "
           f"Adam {LR}, CPU, {threads} threads, native bf16: {train.cpu_has_native_bf16()}")

@@ -119,11 +119,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_export_best(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir)
     from pipeline.commands import export
-    from pipeline.tracking import study_run
+    from pipeline.tracking import connection
 
-    client = study_run.connect() if args.tracking else None
+    client = connection.connect() if args.tracking else None
     if client is not None:
-        views.say(f"tracking to MLflow at {shown(study_run.tracking_uri())}")
+        views.say(f"tracking to MLflow at {shown(connection.tracking_uri())}")
     started = time.perf_counter()
     try:
         destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=views.say,

@@ -159,10 +159,10 @@ def imagenet_weights(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def empty_mlflow_store(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its schema made once (migrations take seconds); tests copy it."""
-    from pipeline.tracking import study_run
+    from pipeline.tracking import connection
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    study_run.connect(f"sqlite:///{path}")
+    connection.connect(f"sqlite:///{path}")
     return path
 
 

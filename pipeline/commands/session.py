@@ -232,10 +232,10 @@ class Tracking:
     @classmethod
     def connect(cls, spec: StudySpec, view: SearchView) -> Tracking:
         """Reach the tracking store now: an unreachable one stops the search before any training."""
-        from pipeline.tracking import study_run
+        from pipeline.tracking import connection
 
-        uri = study_run.tracking_uri()
-        client = study_run.connect(uri)
+        uri = connection.tracking_uri()
+        client = connection.connect(uri)
         view.say(f"tracking to MLflow at {shown(uri)}")
         return cls(client)
 

@@ -47,6 +47,14 @@ class FolderSource:
                 "skip_unreadable": self.skip_unreadable}
 
 
+DatasetRef = str | FolderSource  # what a study's `dataset` names, as data.prepare takes it
+
+
+def dataset_label(dataset: DatasetRef) -> str:
+    """The dataset's name in records: the built-in name, or the folder's name."""
+    return dataset if isinstance(dataset, str) else dataset.name
+
+
 # --------------------------------------------------------------------------------------------------
 # The IDX datasets: their files in torchvision's raw layout and the SHA-256 of each (datasets.py lands and reads them)
 

@@ -78,8 +78,7 @@ class StudySpec(Table):
 
     @property
     def dataset_label(self) -> str:
-        data = self.data
-        return data if isinstance(data, str) else data.name
+        return sources.dataset_label(self.data)
 
     @property
     def directions(self) -> list[str]:
