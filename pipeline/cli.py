@@ -88,7 +88,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     outcome = session.run_search(spec, options, view)
     if args.worker is None:
         views.search_result(spec, outcome)
-    if outcome.stop_reason == "interrupted":
+    if outcome.stop_reason == "interrupted" and outcome.signal_number is not None:  # an interruption names its signal
         return 128 + outcome.signal_number
     return 1 if outcome.stop_reason == "failed" else 0
 

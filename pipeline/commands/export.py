@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,18 +187,21 @@ def _write_model(model: torch.nn.Module, example: torch.Tensor, directory: Path)
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     # Serialised in memory and written by Python: torch's file writer aborts the process on a full disk.
-    for name, save, payload in (("model.pt2", torch.export.save, program), ("weights.pt", torch.save,
-                                                                             model.state_dict())):
-        buffer = io.BytesIO()
-        save(payload, buffer)
-        (directory / name).write_bytes(buffer.getvalue())
+    (directory / "model.pt2").write_bytes(_serialised(lambda buffer: torch.export.save(program, buffer)))
+    (directory / "weights.pt").write_bytes(_serialised(lambda buffer: torch.save(model.state_dict(), buffer)))
     shutil.copy(Path(verify_export.__file__), directory / "verify.py")
+
+
+def _serialised(save: Callable[[io.BytesIO], None]) -> bytes:
+    buffer = io.BytesIO()
+    save(buffer)
+    return buffer.getvalue()
 
 
 def _config(chosen: ExportedModel, spec: studies.StudySpec, dataset: sources.DatasetRef, test: loading.ResidentImages,
             arrays: Arrays, threads: int) -> dict[str, Any]:
     """config.json: what the model is, what it expects, and where it came from."""
-    params = hparams.resolve_params(chosen.trial.params)
+    params = hparams.resolve_params(chosen.params)
     input_shape = list(test.shape)
     channels, height, width = input_shape
     return {
@@ -234,7 +238,7 @@ def _metrics(chosen: ExportedModel, spec: studies.StudySpec, predicted: torch.Te
     model = chosen.model
     return {
         "val_accuracy": max((h["val_accuracy"] for h in chosen.trial.history), default=None),
-        "objective": dict(zip(spec.metrics, chosen.trial.values, strict=False)),
+        "objective": dict(zip(spec.metrics, chosen.trial.values or [], strict=False)),
         "val_over_seeds": _over_seeds(chosen.confirmed),
         "test_accuracy": correct / len(labels),
         "test_correct": correct,

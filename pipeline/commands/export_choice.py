@@ -41,6 +41,14 @@ class ExportedModel:
         """The search trial whose configuration this is (a champion-phase run trains one again)."""
         return self.trial.confirmation_of if self.trial.confirmation_of is not None else self.trial.number
 
+    @property
+    def params(self) -> dict[str, Any]:
+        """The full params it trained with, as its trial recorded them (it was retrained from them, or its
+        registered weights were checked against them)."""
+        if self.trial.params is None:
+            raise BadInput(f"{self.describe()} of {self.study_name!r} recorded no params; it cannot be exported")
+        return self.trial.params
+
     def describe(self) -> str:
         if self.trial.confirmation_of is None:
             return f"trial {self.trial.number}"

@@ -53,11 +53,12 @@ def ui(spec: StudySpec | None, storage_override: str | None, port: int, say: Cal
             raise BadInput(f"study {name!r} has no MLflow experiment in {shown(uri)} yet; run `make search "
                            f"STUDY={spec.name}` with tracking on (the default) first")
         page = f"#/experiments/{experiment_id}/runs"
-    if connection.artifact_root(uri) is None:  # an `mlflow server` already serves its own UI
+    artifacts = connection.artifact_root(uri)
+    if artifacts is None:  # an `mlflow server` already serves its own UI
         say(f"MLflow UI: {shown(uri).rstrip('/')}/{page}")
         return 0
     say(f"MLflow UI on {shown(uri)}: open http://127.0.0.1:{port}/{page}  (Ctrl-C stops it)")
-    return serve(uri, "127.0.0.1", port, connection.artifact_root(uri), "make ui")
+    return serve(uri, "127.0.0.1", port, artifacts, "make ui")
 
 
 def tracking_server(host: str, port: int, backend: str | None, artifacts: Path | None, allowed: str | None,
@@ -73,11 +74,12 @@ def tracking_server(host: str, port: int, backend: str | None, artifacts: Path |
     login = auth_environment(auth) if auth is not None else {}
     tls = check_tls(tls_cert, tls_key)
     backend = backend or os.environ.get(BACKEND_VARIABLE) or connection.tracking_uri()
-    if connection.artifact_root(backend) is None:
+    default_artifacts = connection.artifact_root(backend)
+    if default_artifacts is None:
         raise BadInput(f"--backend {shown(backend)}: expected a database URI (sqlite:///..., postgresql://...), "
                        "not another server")
     connection.connect(backend)  # creates the schema now, and fails here with one line if it cannot
-    artifacts = artifacts or connection.artifact_root(backend)
+    artifacts = artifacts or default_artifacts
     if auth is None and not loopback(host):
         warn(f"warning: no login (INSECURE=1): anyone who reaches {host}:{port} can read, change and delete every "
              "run and registered model; use AUTH=server-auth.ini on a network you do not fully trust")

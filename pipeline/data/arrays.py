@@ -51,7 +51,8 @@ class Arrays:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        channels, height, width = self.images.shape[1:]
+        return channels, height, width
 
     @property
     def train_labels(self) -> torch.Tensor:

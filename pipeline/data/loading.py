@@ -65,8 +65,9 @@ class FeatureSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def inputs(self, index: torch.Tensor | slice, augment: None, generator: torch.Generator | None) -> torch.Tensor:
-        return self.features[index]
+    def inputs(self, index: torch.Tensor | slice, augment: Augment | NaturalAugment | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+        return self.features[index]  # fixed features: never augmented
 
     batches = _batches
 
@@ -104,7 +105,8 @@ class ResidentImages:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        channels, height, width = self.images.shape[1:]
+        return channels, height, width
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -165,7 +167,8 @@ class PreparedData:
         return self.default_augment_policy if requested == "auto" else requested
 
 
-def channel_stats(images: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:
+def channel_stats(images: torch.Tensor, rows: torch.Tensor,
+                  chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and population std of pixel/255 over `images[rows]`, exact (histograms of the 256
     levels), read in chunks so a memory-mapped dataset is never loaded whole."""
     channels = images.shape[1]
@@ -178,7 +181,8 @@ def channel_stats(images: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -
     return tuple(means), tuple(stds)
 
 
-def _cached_stats(arrays: Arrays, rows: torch.Tensor, root: Path, key: str) -> tuple[tuple[float, ...], ...]:
+def _cached_stats(arrays: Arrays, rows: torch.Tensor, root: Path,
+                  key: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Training-split statistics of a cached dataset, kept beside the cache (keyed by the split)."""
     path = imagecache.cache_dir(root, arrays.checksum) / f"stats-{key}.json"
     try:
@@ -244,10 +248,12 @@ def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.devi
     train_idx = seeded_subset(split.train_indices, train_limit, split_seed + 1)
     val_idx = seeded_subset(split.val_indices, val_limit, split_seed + 2)
     idx = isinstance(dataset, str) and dataset in sources.DATASETS
-    if idx:
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    if isinstance(dataset, str) and idx:
         # The IDX datasets' statistics cover the whole training file, as they always have (recorded results).
-        mean, std = datasets.normalisation_stats(sources.dataset_info(dataset), root)
-        mean, std = (mean,), (std,)
+        file_mean, file_std = datasets.normalisation_stats(sources.dataset_info(dataset), root)
+        mean, std = (file_mean,), (file_std,)
     else:
         mean, std = _cached_stats(arrays, arrays.train_rows[split.train_indices], root, split.hash)
     train_rows, val_rows = arrays.train_rows[train_idx], arrays.train_rows[val_idx]

@@ -122,15 +122,17 @@ def _read_ar_member(deb: Path, prefix: str) -> tuple[str, bytes]:
 def fashion_from_deb(deb: Path) -> dict[str, bytes]:
     """Read the four `.gz` files out of the .deb's data tarball, without installing the package.
 
-    DataError when the file is not a whole, readable package (its contents are checked by `_land_files`)."""
+    DataError when the file is not a whole, readable package (its contents are checked by `land_files`)."""
     try:
         name, body = _read_ar_member(deb, "data.tar")
         files = {}
         with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
             for member in tar.getmembers():
                 base = Path(member.name).name
-                if base.endswith(".gz") and base[:-3] in FILES:
-                    files[base[:-3]] = gzip.decompress(tar.extractfile(member).read())
+                wanted = base.endswith(".gz") and base[:-3] in FILES
+                extracted = tar.extractfile(member) if wanted else None  # None too for a member that is no file
+                if extracted is not None:
+                    files[base[:-3]] = gzip.decompress(extracted.read())
     except (OSError, EOFError, ValueError, tarfile.TarError, lzma.LZMAError, zlib.error) as exc:
         raise DataError(f"{deb}: damaged Debian package ({type(exc).__name__}: {exc})") from None
     return files

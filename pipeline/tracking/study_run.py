@@ -167,7 +167,10 @@ class StudyRun(Listener):
             try:
                 experiment_id = self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
             except MlflowException:  # another worker created it a moment ago
-                experiment_id = self.client.get_experiment_by_name(name).experiment_id
+                raced = self.client.get_experiment_by_name(name)
+                if raced is None:  # no: the store refused it for another reason
+                    raise
+                experiment_id = raced.experiment_id
             return experiment_id
         if experiment.lifecycle_stage == "deleted":
             self.client.restore_experiment(experiment.experiment_id)
@@ -204,7 +207,7 @@ class StudyRun(Listener):
 
     def trial_started(self, trial: TrialStarted) -> None:
         """Open the trial's child run (so a running trial is visible live) with its params and dataset."""
-        if self._provenance is None:  # the same data for every trial of this process: described once
+        if self._provenance is None or self._dataset is None:  # the same data for every trial of this process
             self._provenance = provenance(trial.data)
             self._dataset = dataset_input(trial.data)
         number, of = trial.number, trial.confirmation_of
@@ -218,16 +221,16 @@ class StudyRun(Listener):
             logged |= {"trial_number": str(of), "repeat": str(trial.repeat), CONFIRMATION_TAG: str(number)}
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(logged.items())])
-        self._log_dataset(run_id)
+        self._log_dataset(run_id, self._dataset)
         self.children[number] = run_id
 
-    def _log_dataset(self, run_id: str) -> None:
+    def _log_dataset(self, run_id: str, dataset: DatasetInput) -> None:
         """The dataset as the run's input. Workers starting their first trials at once may each find the dataset
         unrecorded and each insert it: the store's unique key refuses the second insert, and a second try finds
         the first one's record."""
         for attempt in range(DATASET_ATTEMPTS):
             try:
-                self.client.log_inputs(run_id, datasets=[self._dataset])
+                self.client.log_inputs(run_id, datasets=[dataset])
                 return
             except MlflowException:
                 if attempt == DATASET_ATTEMPTS - 1:
@@ -334,8 +337,8 @@ class StudyRun(Listener):
         """Offer trial `number`'s logged model for the champion (registry.register_champion); `rule`: the
         multi-objective study's [champion] choice that picked it from the Pareto front."""
         run = self.child_of_trial(number)
-        model_uri = run.data.tags.get("model_uri") if run else None
-        if model_uri is None:
+        model_uri = run.data.tags.get("model_uri") if run is not None else None
+        if run is None or model_uri is None:
             return f"trial {number} has no logged model (it ran without tracking): nothing registered"
         return registry.register_champion(self.client, registry.Candidate(
             self.model_name, self.study_name, number, run.info.run_id, model_uri, self.metric, self.direction,
@@ -344,9 +347,11 @@ class StudyRun(Listener):
     def register_confirmed(self, standings: Standings, evaluation_set: str) -> str:
         """Offer the champion phase's choice for the champion: its run closest to the mean, valued at the mean."""
         chosen, run = standings.champion, standings.exported
+        if chosen is None or run is None:
+            return "the champion phase has not chosen yet: nothing registered"
         found = self.confirmations().child_of_trial(run.number)
-        model_uri = found.data.tags.get("model_uri") if found else None
-        if model_uri is None:
+        model_uri = found.data.tags.get("model_uri") if found is not None else None
+        if found is None or model_uri is None:
             return (f"champion-phase run {run.number} has no logged model (it ran without tracking): nothing "
                     "registered")
         return registry.register_champion(self.client, registry.Candidate(
@@ -358,14 +363,17 @@ class StudyRun(Listener):
         """The phase's table (champion.md, champion.json) into the report folder; its figures on the parent run."""
         (report_dir / "champion.md").write_text(standings.markdown())
         (report_dir / "champion.json").write_text(json.dumps(standings.as_dict(), indent=2, default=str))
-        summary = standings.champion.summary if standings.champion else None
-        if summary is None or summary.ci_low is None:
+        chosen = standings.champion
+        if chosen is None:
             return
-        metrics = {"champion_val_mean": summary.mean, "champion_val_ci_low": summary.ci_low,
-                   "champion_val_ci_high": summary.ci_high, "champion_val_std": summary.std}
+        s = chosen.summary  # the interval and std exist together, from two runs on
+        if s.ci_low is None or s.ci_high is None or s.std is None:
+            return
+        metrics = {"champion_val_mean": s.mean, "champion_val_ci_low": s.ci_low, "champion_val_ci_high": s.ci_high,
+                   "champion_val_std": s.std}
         timestamp = int(time.time() * 1000)
         self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()])
-        self.client.set_tag(self.parent_run_id, "champion_trial", str(standings.champion.trial.number))
+        self.client.set_tag(self.parent_run_id, "champion_trial", str(chosen.trial.number))
 
     # ---- the end of an invocation ------------------------------------------------------------------
 
