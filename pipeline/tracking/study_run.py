@@ -24,13 +24,11 @@ root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, Postgr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import io
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +43,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
+from pipeline.infra import fileio
 from pipeline.infra.text import masked_text
 from pipeline.reports import plots
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
@@ -113,29 +112,6 @@ def dataset_input(data: PreparedData) -> DatasetInput:
                       source=json.dumps({"uri": data.source or data.dataset}), schema=json.dumps(schema.to_dict()),
                       profile=json.dumps(profile))
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
-
-
-def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
-    """Raise OSError (ENOSPC, EFBIG) now if two files of a model this size cannot be written in these folders.
-
-    torch's zip writer aborts the whole process (a C++ exception in a destructor) when a file write
-    fails, so a full disk must be found before it writes: probe files of the model's size plus a
-    margin, written and removed with ordinary Python I/O, fail cleanly instead. A logged model is written
-    twice (its program and its plain weights), so two probes are held at once.
-    """
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 11 // 10 + (1 << 20)
-    chunk = bytes(1 << 20)
-    for directory in directories:
-        if directory is None:  # an `mlflow server` stores the artifacts: its disk, its errors
-            continue
-        directory.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as probes:
-            for _ in range(2):
-                probe = probes.enter_context(tempfile.TemporaryFile(dir=directory))
-                for _ in range(-(-size // len(chunk))):
-                    probe.write(chunk)
-                probe.flush()
-                os.fsync(probe.fileno())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +282,11 @@ class StudyRun(Listener):
     def _log_model(self, number: int, model: TrainedModel) -> None:
         run_id, data = self.children[number], model.data
         cpu_model = model.cpu_copy()
-        ensure_room(cpu_model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
+        # torch's zip writer aborts the whole process (a C++ exception in a destructor) when a file write fails, so a
+        # full disk must be found before it writes; a logged model is written twice (its program, its plain weights).
+        # An `mlflow server` stores the artifacts (artifact_root None): its disk, its errors.
+        size = sum(t.numel() * t.element_size() for t in cpu_model.state_dict().values()) * 11 // 10 + (1 << 20)
+        fileio.ensure_room(size, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)], copies=2)
         example = model.example_inputs(INPUT_EXAMPLE_IMAGES).numpy()
         with torch.no_grad():
             output = cpu_model(torch.from_numpy(example)).numpy()
