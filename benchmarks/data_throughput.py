@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-from pipeline.data import datasets, loading
+from pipeline.data import datasets, landing, loading
+from pipeline.data.arrays import load_arrays
 from pipeline.data.augment import Augment
-from pipeline.spec import paths
+from pipeline.spec import paths, sources
 
 BATCH = 64
 
@@ -37,14 +38,14 @@ def images_per_second(batches, limit: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="mnist", choices=sorted(datasets.DATASETS))
+    parser.add_argument("--dataset", default="mnist", choices=sorted(sources.DATASETS))
     parser.add_argument("--images", type=int, default=20000, help="images drawn per measurement")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers for the baseline")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    datasets.land(args.dataset)
-    info = datasets.dataset_info(args.dataset)
+    landing.land(args.dataset)
+    info = sources.dataset_info(args.dataset)
     mean, std = datasets.normalisation_stats(info)
     tv_class = getattr(tv_datasets, info.folder)
 
@@ -54,7 +55,7 @@ def main() -> None:
         dataset = tv_class(paths.DATA_ROOT, train=True, download=False, transform=transform)
         return DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=args.workers)
 
-    arrays = loading.load_arrays(args.dataset)
+    arrays = load_arrays(args.dataset)
     ours = loading.ResidentImages(arrays.train_images, arrays.train_labels, mean, std, "cpu")
 
     def resident(augment):

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import cpp_extension
 from trainer_vs_baseline import BATCH, step_run
 
-from pipeline.data import datasets, loading
+from pipeline.data import landing, loading
 from pipeline.training import allocator, reproducibility, train
 from pipeline.training.device import cpu_has_native_bf16
 
@@ -207,7 +207,7 @@ def main() -> None:
     if not cpu_has_native_bf16():  # the trainer would train in fp32, which the kernel does not take
         print("trainer step: skipped, this CPU has no native bf16 (the trainer's step would run in fp32)")
         return
-    datasets.land("mnist")
+    landing.land("mnist")
     compare_steps(loading.prepare("mnist"), fused_class, args.steps, args.rounds)
 
 

@@ -34,7 +34,8 @@ from reference_loop import correct_count, mnist_subsets, train_epoch
 from torch.utils.data import DataLoader
 
 from pipeline import store
-from pipeline.data import datasets, loading
+from pipeline.data import landing, splits
+from pipeline.data.arrays import load_arrays
 from pipeline.training import reproducibility
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ class PlainCNN(torch.nn.Module):
 
 def theirs(minutes: float) -> list[tuple[float, float]]:
     """The plain script, for `minutes` of wall time; the same (minutes, best val_accuracy) per finished trial."""
-    split = loading.stratified_split(loading.load_arrays("mnist").train_labels)
+    split = splits.stratified_split(load_arrays("mnist").train_labels)
     train_set, val_set = mnist_subsets(split.train_indices, split.val_indices, (0.1307,), (0.3081,), rotate=True)
     val_loader = DataLoader(val_set, batch_size=1000)
 
@@ -125,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     threads = reproducibility.make_deterministic()
-    datasets.land("mnist")
+    landing.land("mnist")
     started = time.perf_counter()
     rows = {"ours (cnn study, BASELINES=off)": summary(ours(args.minutes), args.minutes)}
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from pipeline.data.recorded import recorded_data, study_data
 from pipeline.search import loop, pareto, samplers
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
 from pipeline.spec import hparams, paths, studies
-from pipeline.tracking import study_run
+from pipeline.tracking import connection
 from pipeline.tracking.lifecycle import Tracking
 from pipeline.training import models, train
 from pipeline.training.device import pick_device, pick_precision
@@ -42,7 +42,7 @@ def run_smoke(spec: studies.StudySpec, prepared, workdir: Path, tracked: bool) -
     calls: dict[str, list[float]] = defaultdict(list)
     tracker = Tracking.off()
     if tracked:
-        tracker = Tracking(study_run.connect(f"sqlite:///{workdir}/mlruns/mlflow.db"))
+        tracker = Tracking(connection.connect(f"sqlite:///{workdir}/mlruns/mlflow.db"))
         tracker.start(spec, study, contested=False)
         for name in TIMED_CALLS:
             setattr(tracker.run, name, _timed(getattr(tracker.run, name), calls[name]))
@@ -139,7 +139,7 @@ def main() -> None:
         except KeyError:
             print(f"no study {args.cnn_study!r} in {args.storage}: run `make search STUDY=cnn` for the cnn figure")
             return
-        tracker = Tracking(study_run.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
+        tracker = Tracking(connection.connect(f"sqlite:///{tmp}/on/mlruns/mlflow.db"))
         tracker.start(spec, optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp}/on/optuna.db"))
         costs = {
             "trial_started": statistics.median(calls["trial_started"]),

@@ -25,7 +25,8 @@ import torch
 from reference_loop import correct_count, mnist_subsets, train_epoch
 from torch.utils.data import DataLoader
 
-from pipeline.data import datasets, loading
+from pipeline.data import landing, loading, splits
+from pipeline.data.arrays import load_arrays
 from pipeline.spec import hparams
 from pipeline.training import device as devices
 from pipeline.training import models, reproducibility, train
@@ -143,14 +144,14 @@ def main() -> None:
     args = parser.parse_args()
     threads = reproducibility.make_deterministic()  # same thread count on both sides
 
-    datasets.land("mnist")
+    landing.land("mnist")
     limit = args.train_images if args.train_images < 55000 else None
     prepared = loading.prepare("mnist", train_limit=limit)
     if args.profile:
         profile_step(prepared, args.profile)
         return
-    split = loading.stratified_split(loading.load_arrays("mnist").train_labels)
-    train_idx = loading.seeded_subset(split.train_indices, limit, loading.DEFAULT_SPLIT_SEED + 1)
+    split = splits.stratified_split(load_arrays("mnist").train_labels)
+    train_idx = splits.seeded_subset(split.train_indices, limit, splits.DEFAULT_SPLIT_SEED + 1)
 
     print(f"MNIST, {len(prepared.train):,} train + {len(prepared.val):,} val images per epoch, batch {BATCH}, "
           f"Adam {LR}, CPU, {threads} threads, native bf16: {devices.cpu_has_native_bf16()}")

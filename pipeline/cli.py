@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.console import lines, search_view, tables, train_view
-from pipeline.data import datasets
+from pipeline.data import landing
 from pipeline.infra.urls import shown
 from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
@@ -27,9 +27,7 @@ from pipeline.spec.stop_reason import StopReason
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from pipeline.data import landing
-
-    tables.landed(landing.land(args.dataset, args.root, args.source, log=lines.note))
+    tables.landed(landing.make_data(args.dataset, args.root, args.source, log=lines.note))
     return 0
 
 
@@ -92,7 +90,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     outcome = search.run_search(spec, options, view)
     if args.worker is None:
         tables.search_result(spec, outcome)
-    if outcome.stop_reason == StopReason.INTERRUPTED:
+    if outcome.stop_reason == StopReason.INTERRUPTED and outcome.signal_number is not None:  # names its signal
         return 128 + outcome.signal_number
     return 1 if outcome.stop_reason == StopReason.FAILED else 0
 
@@ -123,11 +121,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 def _cmd_export_best(args: argparse.Namespace) -> int:
     spec = studies.load(args.study, args.studies_dir)
     from pipeline.commands import export
-    from pipeline.tracking import study_run
+    from pipeline.tracking import connection
 
-    client = study_run.connect() if args.tracking else None
+    client = connection.connect() if args.tracking else None
     if client is not None:
-        lines.say(f"tracking to MLflow at {shown(study_run.tracking_uri())}")
+        lines.say(f"tracking to MLflow at {shown(connection.tracking_uri())}")
     started = time.perf_counter()
     try:
         destination = export.export_best(spec, args.storage, args.root, client, args.out, args.force, log=lines.say,
@@ -220,9 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_training_commands(commands: Any) -> None:
     """data, train."""
     p = commands.add_parser("data", help="land and verify datasets under data/ (offline sources first)")
-    p.add_argument("--dataset", default="all", choices=["all", *sorted(datasets.DATASETS), *sources.CIFAR_DATASETS],
+    p.add_argument("--dataset", default="all", choices=["all", *sorted(sources.DATASETS), *sources.CIFAR_DATASETS],
                    help="all: MNIST and Fashion-MNIST; CIFAR needs its archive in data/ or the internet")
-    p.add_argument("--source", default="auto", choices=datasets.SOURCES,
+    p.add_argument("--source", default="auto", choices=landing.SOURCES,
                    help="auto: present files, then the offline package, then torchvision's download")
     p.add_argument("--root", type=Path, default=paths.DATA_ROOT, help="data folder (default: data/)")
     p.set_defaults(run=_cmd_data)
@@ -230,7 +228,7 @@ def _add_training_commands(commands: Any) -> None:
     p = commands.add_parser("train", help="one training run of a model family's baseline (+ --set overrides)")
     p.add_argument("--model", default="cnn", choices=list(hparams.FAMILIES))
     p.add_argument("--study", default=None, help="train this study's first baseline trial instead of --model's")
-    p.add_argument("--dataset", default="mnist", choices=[*sorted(datasets.DATASETS), *sources.CIFAR_DATASETS])
+    p.add_argument("--dataset", default="mnist", choices=[*sorted(sources.DATASETS), *sources.CIFAR_DATASETS])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set lr=0.01 --set cnn_channels=[32,64] (repeatable)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")

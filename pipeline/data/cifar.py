@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class CifarInfo:
     names_key: bytes
 
 
-def _torchvision_info(name: str, cls: type, label_key: bytes, names_key: bytes,
+def _torchvision_info(name: str, cls: Any, label_key: bytes, names_key: bytes,  # cls: torchvision's CIFAR class
                       archive_sha256: str | None) -> CifarInfo:
     files = {f: md5 for f, md5 in cls.train_list + cls.test_list}
     files[cls.meta["filename"]] = cls.meta["md5"]
@@ -142,7 +143,9 @@ def _extract(spec: CifarInfo, archive: Path, root: Path) -> None:
                 raise DataError(f"{archive}: has no {spec.folder}/{absent[0]}; it is not the original archive, "
                                 f"download it again from {spec.url}")
             for name, member in wanted.items():
-                (partial / name).write_bytes(tar.extractfile(member).read())
+                extracted = tar.extractfile(member)
+                assert extracted is not None  # only files were wanted
+                (partial / name).write_bytes(extracted.read())
         fileio.rename_durably(partial, root / spec.folder)
     except (OSError, tarfile.TarError, EOFError) as exc:
         if (root / spec.folder).is_dir():  # another process extracted it meanwhile
@@ -242,4 +245,4 @@ def land_cifar(name: str, root: Path, log: Callable[[str], None]) -> imagecache.
     except BaseException:  # a full disk, say: no half-written cache folder left behind
         writer.abandon()
         raise
-    return imagecache.open_cache(directory)
+    return imagecache.open_committed(directory)

@@ -343,5 +343,5 @@ def land_folder(source: FolderSource, project_root: Path, data_root: Path,
         counts = Counter(listing.labels)
         log(f"{root}: {len(listing.files):,} pictures in {len(listing.classes)} classes: "
             + ", ".join(f"{printable(name, one_line=True)} {counts[i]:,}" for i, name in enumerate(listing.classes)))
-        cached = imagecache.open_cache(decode_into_cache(listing, source, key, data_root, log))
+        cached = imagecache.open_committed(decode_into_cache(listing, source, key, data_root, log))
     return cached

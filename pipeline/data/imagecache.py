@@ -86,6 +86,15 @@ def open_cache(directory: Path) -> CachedImages | None:
         raise _unreadable(directory, exc) from None
 
 
+def open_committed(directory: Path) -> CachedImages:
+    """The cache `CacheWriter.commit` just wrote in `directory` (its manifest is there: never None)."""
+    cached = open_cache(directory)
+    if cached is None:
+        raise DataError(f"{directory}: the image cache just written has no manifest.json (removed meanwhile?); "
+                        "run again to decode the images anew")
+    return cached
+
+
 class _Damaged(Exception):
     """What proves a cache damaged: it breaks a promise of its (known) format version."""
 

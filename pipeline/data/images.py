@@ -114,7 +114,7 @@ def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     scale = size / min(width, height)
     new = (max(size, round(width * scale)), max(size, round(height * scale)))
     if new != image.size:
-        image = image.resize(new, Image.BILINEAR, reducing_gap=None)
+        image = image.resize(new, Image.Resampling.BILINEAR, reducing_gap=None)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -179,7 +179,8 @@ def digit_picture(image: Image.Image, dataset: str) -> np.ndarray:
     gray = gray.crop(box)
     fit = 20 if dataset == "mnist" else 28
     scale = fit / max(gray.size)
-    gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))), Image.LANCZOS)
+    fitted = (max(1, round(gray.width * scale)), max(1, round(gray.height * scale)))
+    gray = gray.resize(fitted, Image.Resampling.LANCZOS)
     canvas = np.zeros((28, 28), dtype=np.float32)
     small = np.asarray(gray, dtype=np.float32)
     top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2

@@ -14,11 +14,9 @@ for bit on any device; only the small parameter tensors travel to the device.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,179 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import cifar, datasets, folders, imagecache
+from pipeline.data import datasets, imagecache
+from pipeline.data.arrays import Arrays, load_arrays, print_to_stderr
 from pipeline.data.augment import Augment, NaturalAugment
 from pipeline.data.images import Preprocessing
+from pipeline.data.splits import DEFAULT_SPLIT_SEED, Split, seeded_subset, split_hash, stratified_split
 from pipeline.infra import memory
 from pipeline.infra.fileio import write_atomic
 from pipeline.infra.text import byte_size
+from pipeline.spec import sources
 from pipeline.spec.errors import DataError
-from pipeline.spec.paths import DATA_ROOT, PROJECT_ROOT
-from pipeline.spec.sources import CIFAR_DATASETS, DEFAULT_VAL_SIZE, DIGITS, FolderSource
+from pipeline.spec.paths import DATA_ROOT
+from pipeline.spec.sources import DEFAULT_VAL_SIZE, DatasetRef, FolderSource, dataset_label
 
-DEFAULT_SPLIT_SEED = 0
-TEST_SPLIT_SEED = 1000  # carving a folder's test split: fixed, so every study of the folder holds out the same
 DEVICE_MEMORY_SHARE = 0.5  # on a GPU: of its free memory
-DatasetRef = str | FolderSource
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def dataset_label(dataset: DatasetRef) -> str:
-    """The dataset's name in records: the built-in name, or the folder's name."""
-    return dataset if isinstance(dataset, str) else dataset.name
-
-
-@dataclass(frozen=True)
-class Arrays:
-    """A dataset as CPU tensors: images uint8 [N, C, H, W] (memory-mapped for cached sources), labels int64 [N].
-
-    `train_rows` and `test_rows` say which images form the training file and the test split;
-    `given_val` lists the training images (positions in `train_rows`) that the source itself assigned to
-    validation, or is None when the pipeline carves the validation split.
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    train_rows: torch.Tensor
-    test_rows: torch.Tensor
-    classes: tuple[str, ...]
-    checksum: str  # the dataset digest recorded with every result
-    preprocessing: Preprocessing
-    source: str  # where the images came from, for records
-    given_val: torch.Tensor | None = None
-    memory_mapped: bool = False
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
-
-    @property
-    def train_labels(self) -> torch.Tensor:
-        return self.labels[self.train_rows]
-
-    @property
-    def train_images(self) -> torch.Tensor:
-        return self.images[self.train_rows]
-
-
-def load_arrays(dataset: DatasetRef, root: Path = DATA_ROOT, log: Callable[[str], None] = _stderr) -> Arrays:
-    """Land the dataset if needed (verifying every file) and read it as tensors.
-
-    A missing dataset is fetched from its sources; a corrupt file raises DataError naming it.
-    """
-    if isinstance(dataset, FolderSource):
-        return _from_cache(folders.land_folder(dataset, PROJECT_ROOT, root, log), dataset.test_fraction)
-    if dataset in CIFAR_DATASETS:
-        return _from_cache(cifar.land_cifar(dataset, root, log))
-    return _from_idx(dataset, root)
-
-
-def _from_idx(name: str, root: Path) -> Arrays:
-    info = datasets.dataset_info(name)
-    datasets.land(name, root)
-    raw = info.raw_dir(root)
-
-    def tensor(file_name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(datasets.read_idx(raw / file_name).copy()).to(dtype)
-
-    train_images, test_images = tensor(datasets.TRAIN_IMAGES, torch.uint8), tensor(datasets.TEST_IMAGES, torch.uint8)
-    n_train, n_test = len(train_images), len(test_images)
-    return Arrays(
-        images=torch.cat([train_images, test_images]).unsqueeze(1),
-        labels=torch.cat([tensor(datasets.TRAIN_LABELS, torch.int64), tensor(datasets.TEST_LABELS, torch.int64)]),
-        train_rows=torch.arange(n_train),
-        test_rows=torch.arange(n_train, n_train + n_test),
-        classes=info.classes,
-        checksum=info.checksum,
-        preprocessing=Preprocessing(28, "gray", name if name in DIGITS else "photo"),
-        source=str(raw),
-    )
-
-
-def _from_cache(cached: imagecache.CachedImages, test_fraction: float = 0.1) -> Arrays:
-    """Training rows: the given train (+ val) images, or all but the carved test split; test rows likewise."""
-    labels = torch.from_numpy(cached.labels)
-    split = torch.from_numpy(cached.split.astype(np.int64))
-    carve = torch.nonzero(split == imagecache.CARVE).flatten()
-    given_val = None
-    if len(carve):
-        test_size = max(len(torch.unique(labels[carve])), round(test_fraction * len(carve)))
-        carved = stratified_split(labels[carve], test_size, TEST_SPLIT_SEED, what="test split")
-        train_rows, test_rows = carve[carved.train_indices], carve[carved.val_indices]
-    else:
-        train_rows = torch.nonzero((split == imagecache.TRAIN) | (split == imagecache.VAL)).flatten()
-        test_rows = torch.nonzero(split == imagecache.TEST).flatten()
-        given = torch.nonzero(split[train_rows] == imagecache.VAL).flatten()
-        given_val = given if len(given) else None
-    if len(test_rows) == 0:
-        raise DataError(f"{cached.manifest['source']}: the test split is empty; add pictures to test/ "
-                        "(or remove test/ to let the pipeline carve one)")
-    return Arrays(
-        images=torch.from_numpy(cached.images), labels=labels, train_rows=train_rows, test_rows=test_rows,
-        classes=cached.classes, checksum=cached.digest, preprocessing=Preprocessing(**cached.manifest["preprocessing"]),
-        source=cached.manifest["source"], given_val=given_val, memory_mapped=True,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Stratified, seeded train/validation split
-
-
-@dataclass(frozen=True)
-class Split:
-    train_indices: torch.Tensor  # sorted int64 indices into the training file
-    val_indices: torch.Tensor
-    hash: str  # stable fingerprint of both index lists, recorded with every result
-
-
-def split_hash(train_indices: torch.Tensor, val_indices: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    digest.update(train_indices.to(torch.int64).numpy().astype("<i8").tobytes())
-    digest.update(b"|")
-    digest.update(val_indices.to(torch.int64).numpy().astype("<i8").tobytes())
-    return digest.hexdigest()[:16]
-
-
-def stratified_split(labels: torch.Tensor, val_size: int = DEFAULT_VAL_SIZE, seed: int = DEFAULT_SPLIT_SEED,
-                     what: str = "validation split") -> Split:
-    """Carve `val_size` validation indices with each class in proportion to its share of `labels`.
-
-    Per-class quotas use largest remainders so they add up to exactly `val_size`.
-    """
-    n = len(labels)
-    if not 0 < val_size < n:
-        raise DataError(f"{what}: size {val_size} must be between 1 and {n - 1} (the set it is carved from has {n} "
-                        "images); change val_size / the fractions in [dataset], or add pictures")
-    classes, counts = torch.unique(labels, return_counts=True)
-    exact = counts.to(torch.float64) * val_size / n
-    quotas = exact.floor().to(torch.int64)
-    remainder = val_size - int(quotas.sum())
-    # Stable sort: ties in the fractional part go to the lower class, deterministically.
-    order = torch.sort(exact - quotas, descending=True, stable=True).indices
-    quotas[order[:remainder]] += 1
-
-    generator = torch.Generator().manual_seed(seed)
-    val_parts = []
-    for cls, quota in zip(classes.tolist(), quotas.tolist(), strict=True):
-        members = torch.nonzero(labels == cls).flatten()
-        shuffled = members[torch.randperm(len(members), generator=generator)]
-        val_parts.append(shuffled[:quota])
-    val_indices = torch.sort(torch.cat(val_parts)).values
-    is_val = torch.zeros(n, dtype=torch.bool)
-    is_val[val_indices] = True
-    train_indices = torch.nonzero(~is_val).flatten()
-    return Split(train_indices, val_indices, split_hash(train_indices, val_indices))
-
-
-def seeded_subset(indices: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
-    """A sorted random subset of `indices` (all of them when size is None or too large)."""
-    if size is None or size >= len(indices):
-        return indices
-    generator = torch.Generator().manual_seed(seed)
-    return torch.sort(indices[torch.randperm(len(indices), generator=generator)[:size]]).values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,8 +65,9 @@ class FeatureSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def inputs(self, index: torch.Tensor | slice, augment: None, generator: torch.Generator | None) -> torch.Tensor:
-        return self.features[index]
+    def inputs(self, index: torch.Tensor | slice, augment: Augment | NaturalAugment | None,
+               generator: torch.Generator | None) -> torch.Tensor:
+        return self.features[index]  # fixed features: never augmented
 
     batches = _batches
 
@@ -265,7 +105,8 @@ class ResidentImages:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        channels, height, width = self.images.shape[1:]
+        return channels, height, width
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -326,7 +167,8 @@ class PreparedData:
         return self.default_augment_policy if requested == "auto" else requested
 
 
-def channel_stats(images: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:
+def channel_stats(images: torch.Tensor, rows: torch.Tensor,
+                  chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and population std of pixel/255 over `images[rows]`, exact (histograms of the 256
     levels), read in chunks so a memory-mapped dataset is never loaded whole."""
     channels = images.shape[1]
@@ -339,7 +181,8 @@ def channel_stats(images: torch.Tensor, rows: torch.Tensor, chunk: int = 4096) -
     return tuple(means), tuple(stds)
 
 
-def _cached_stats(arrays: Arrays, rows: torch.Tensor, root: Path, key: str) -> tuple[tuple[float, ...], ...]:
+def _cached_stats(arrays: Arrays, rows: torch.Tensor, root: Path,
+                  key: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Training-split statistics of a cached dataset, kept beside the cache (keyed by the split)."""
     path = imagecache.cache_dir(root, arrays.checksum) / f"stats-{key}.json"
     try:
@@ -370,7 +213,7 @@ def _placement(nbytes: int, device: torch.device, resident_bytes: int | None, pr
 def prepare(dataset: DatasetRef, root: Path = DATA_ROOT, device: torch.device | str = "cpu",
             val_size: int | None = DEFAULT_VAL_SIZE, split_seed: int = DEFAULT_SPLIT_SEED,
             train_limit: int | None = None, val_limit: int | None = None, resident_bytes: int | None = None,
-            log: Callable[[str], None] = _stderr, processes: int | None = None) -> PreparedData:
+            log: Callable[[str], None] = print_to_stderr, processes: int | None = None) -> PreparedData:
     """Verify, load, split and place a dataset on `device`; limits take seeded subsets for quick runs.
 
     `val_size` None: a folder's `val_fraction`. The training and validation splits stay resident while
@@ -404,11 +247,13 @@ def _prepare(arrays: Arrays, dataset: DatasetRef, root: Path, device: torch.devi
         split = stratified_split(train_labels, val_size, split_seed)
     train_idx = seeded_subset(split.train_indices, train_limit, split_seed + 1)
     val_idx = seeded_subset(split.val_indices, val_limit, split_seed + 2)
-    idx = isinstance(dataset, str) and dataset in datasets.DATASETS
-    if idx:
+    idx = isinstance(dataset, str) and dataset in sources.DATASETS
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    if isinstance(dataset, str) and idx:
         # The IDX datasets' statistics cover the whole training file, as they always have (recorded results).
-        mean, std = datasets.normalisation_stats(datasets.dataset_info(dataset), root)
-        mean, std = (mean,), (std,)
+        file_mean, file_std = datasets.normalisation_stats(sources.dataset_info(dataset), root)
+        mean, std = (file_mean,), (file_std,)
     else:
         mean, std = _cached_stats(arrays, arrays.train_rows[split.train_indices], root, split.hash)
     train_rows, val_rows = arrays.train_rows[train_idx], arrays.train_rows[val_idx]
@@ -453,7 +298,7 @@ def require_digest(recorded: str | None, actual: str, trial_number: int, dataset
 
 def test_split(dataset: DatasetRef, root: Path = DATA_ROOT, device: torch.device | str = "cpu",
                val_size: int | None = DEFAULT_VAL_SIZE, split_seed: int = DEFAULT_SPLIT_SEED,
-               log: Callable[[str], None] = _stderr) -> tuple[ResidentImages, Arrays]:
+               log: Callable[[str], None] = print_to_stderr) -> tuple[ResidentImages, Arrays]:
     """The untouched test split, normalised with the training split's statistics (read only by exports),
     and the arrays it came from (their `test_rows` say which cache rows it holds)."""
     arrays = load_arrays(dataset, root, log)

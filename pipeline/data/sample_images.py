@@ -64,7 +64,8 @@ def _ink(rng: np.random.Generator, base: np.ndarray) -> tuple[int, int, int]:
     while True:
         colour = rng.uniform(0, 255, 3)
         if abs(_luminance(colour) - _luminance(base)) > 70:
-            return tuple(int(c) for c in colour)
+            red, green, blue = (int(c) for c in colour)
+            return red, green, blue
 
 
 def _polygon(cx: float, cy: float, radii: list[float], angle: float) -> list[tuple[float, float]]:
@@ -148,7 +149,7 @@ def _save(image: Image.Image, folder: Path, index: int, rng: np.random.Generator
         image.save(folder / f"{index:04d}.png", "PNG")
         return
     suffix = [".jpg", ".jpeg", ".JPG"][int(rng.choice(3, p=[0.8, 0.15, 0.05]))]
-    options = {"quality": int(rng.integers(60, 96))}
+    options: dict[str, int | bytes] = {"quality": int(rng.integers(60, 96))}
     if mode == "RGB" and rng.random() < EXIF_SHARE:
         tag = int(rng.choice(sorted(STORED_FOR_TAG)))
         image = image.transpose(STORED_FOR_TAG[tag])

@@ -10,6 +10,7 @@ clone of the project.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -105,3 +106,21 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         Path(path).unlink(missing_ok=True)
+
+
+def ensure_room(size: int, directories: list[Path | None], copies: int = 1) -> None:
+    """Raise OSError (ENOSPC, EFBIG) now if `copies` files of `size` bytes cannot be held at once in each folder
+    (None: a folder on another machine's disk, skipped), for writers that fail badly on a full disk: probe files,
+    written and removed with ordinary Python I/O, fail cleanly instead."""
+    chunk = bytes(1 << 20)
+    for directory in directories:
+        if directory is None:
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as probes:
+            for _ in range(copies):
+                probe = probes.enter_context(tempfile.TemporaryFile(dir=directory))
+                for _ in range(-(-size // len(chunk))):
+                    probe.write(chunk)
+                probe.flush()
+                os.fsync(probe.fileno())

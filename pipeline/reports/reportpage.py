@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import json
+import math
 import platform
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from pipeline import store
 from pipeline.infra import fileio
 from pipeline.search import champion, pareto
 from pipeline.search.pruning import PruneReason
-from pipeline.spec import paths, studies
+from pipeline.spec import paths, studies, tables
 from pipeline.spec.studies import StudySpec
 from pipeline.training import reproducibility
 
@@ -115,7 +116,7 @@ def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
 def _space(spec: StudySpec) -> list[dict[str, str]]:
     rows = []
     for key, param in spec.space.items():
-        if isinstance(param, studies.CategoricalParam):
+        if isinstance(param, tables.CategoricalParam):
             values = ", ".join(json.dumps(c) for c in param.choices)
         else:
             values = f"{param.low:g} .. {param.high:g}" + (" (log)" if param.log else "") + (
@@ -142,18 +143,19 @@ def _budget(records: list[store.TrialRecord], best: store.TrialRecord | None) ->
 def _levels(records: list[store.TrialRecord]) -> list[dict[str, str]]:
     """Minutes from the study's first trial to the first trial whose best epoch reached each accuracy level."""
     started = [r.started_at for r in records if r.started_at is not None]
-    done = sorted((r for r in records if r.finished and r.history and r.completed_at), key=lambda r: r.completed_at)
+    done = sorted(((r.completed_at, r) for r in records if r.finished and r.history and r.completed_at is not None),
+                  key=lambda finished: finished[0])
     if not started or not done:
         return []
     first, rows = min(started), []
-    best_seen = max((max(h["val_accuracy"] for h in r.history) for r in done), default=0.0)
+    best_seen = max((max(h["val_accuracy"] for h in r.history) for _, r in done), default=0.0)
     for level in ACCURACY_LEVELS:
-        hit = next((r for r in done if max(h["val_accuracy"] for h in r.history) >= level), None)
+        hit = next(((at, r) for at, r in done if max(h["val_accuracy"] for h in r.history) >= level), None)
         if hit is None and level > best_seen + 0.02:
             continue  # far beyond what the study reached: not worth a row
         rows.append({"level": f"{level:.1%}",
-                     "minutes": f"{(hit.completed_at - first).total_seconds() / 60:.1f}" if hit else "not reached",
-                     "trial": str(hit.number) if hit else "-"})
+                     "minutes": f"{(hit[0] - first).total_seconds() / 60:.1f}" if hit else "not reached",
+                     "trial": str(hit[1].number) if hit else "-"})
     return rows
 
 
@@ -244,9 +246,14 @@ def _values(spec: StudySpec, values: list[float] | None) -> dict[str, str]:
     return shown
 
 
+def _first_value(record: store.TrialRecord) -> float:
+    """The trial's first objective value, to sort by (the trials sorted here all have values)."""
+    return record.values[0] if record.values else math.nan
+
+
 def _top(spec: StudySpec, records: list[store.TrialRecord]) -> list[dict[str, Any]]:
     complete = [r for r in records if r.state == "COMPLETE" and r.values]
-    complete.sort(key=lambda r: r.values[0], reverse=spec.directions[0] == "maximize")
+    complete.sort(key=_first_value, reverse=spec.directions[0] == "maximize")
     return [{"trial": r.number, "values": _values(spec, r.values), "minutes": f"{r.seconds / 60:.1f}",
              "params": ", ".join(f"{k}={_short(v)}" for k, v in r.sampled.items()),
              "feasible": r.feasible} for r in complete[:TOP_TRIALS]]
@@ -254,7 +261,7 @@ def _top(spec: StudySpec, records: list[store.TrialRecord]) -> list[dict[str, An
 
 def _front_rows(spec: StudySpec, choice: pareto.Choice) -> list[dict[str, Any]]:
     chosen = choice.trial.number if choice.trial else None
-    ordered = sorted(choice.front, key=lambda r: r.values[0], reverse=spec.directions[0] == "maximize")
+    ordered = sorted(choice.front, key=_first_value, reverse=spec.directions[0] == "maximize")
     return [{"trial": r.number, "values": _values(spec, r.values), "chosen": r.number == chosen,
              "params": ", ".join(f"{k}={_short(v)}" for k, v in r.sampled.items())} for r in ordered]
 

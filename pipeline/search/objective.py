@@ -32,7 +32,7 @@ from pipeline.search.events import Listener, TrialStarted
 from pipeline.search.failures import failing_trial, record_failure
 from pipeline.search.stopping import StopRequest, SurplusTrial
 from pipeline.search.trial_files import adopt_unkeyed, checkpoint_path, remove_checkpoint
-from pipeline.spec import hparams, space, studies
+from pipeline.spec import hparams, space, studies, tables
 from pipeline.spec.studies import StudySpec
 from pipeline.training import latency, models, train
 from pipeline.training.checkpoints import ForeignCheckpoint
@@ -220,7 +220,7 @@ class Objective:
         history: list[dict[str, float]] = []
         metric = pruning.pruned_metric(self.spec.metrics)
         # Optuna's pruner takes one objective, and only a per-epoch one (a size has no epochs)
-        single = len(self.spec.objectives) == 1 and metric in studies.PRUNED_ON
+        single = len(self.spec.objectives) == 1 and metric in tables.PRUNED_ON
         several_pruned = not single and self.role.prunes
 
         def record(metrics: train.EpochMetrics) -> None:

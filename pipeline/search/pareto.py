@@ -2,7 +2,7 @@
 
 The front holds the complete, feasible trials (within every [constraints] bound) that no other such trial
 dominates: at least as good on every objective and better on one. Which of them is the champion is the study
-file's decision (studies.ParetoTable): the best by `prefer` among those within its `limits` and within `within`
+file's decision (tables.ParetoTable): the best by `prefer` among those within its `limits` and within `within`
 of the front's best. Without a [champion] the front's most accurate trial (its best on the first objective) is.
 """
 
@@ -15,7 +15,8 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import store
-from pipeline.spec.studies import METRICS, PRUNED_ON, StudySpec
+from pipeline.spec.studies import StudySpec
+from pipeline.spec.tables import METRICS, PRUNED_ON
 
 
 def _signs(directions: Sequence[str]) -> list[float]:

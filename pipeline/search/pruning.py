@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import store
 from pipeline.search import samplers
-from pipeline.spec.studies import PRUNED_ON
+from pipeline.spec.tables import PRUNED_ON
 
 
 @dataclass(frozen=True)

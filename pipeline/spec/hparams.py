@@ -144,7 +144,7 @@ def machine_precision() -> str:
 FAMILIES = ("mlp", "cnn", "resnet18")
 RESNET_MODES = ("scratch", "finetune", "feature_extract")
 
-MODEL_SPECS = {
+MODEL_SPECS: dict[str, Spec] = {
     "model": Choice("cnn", FAMILIES, "architecture family"),
     "activation": Choice("relu", ("relu", "gelu", "leaky_relu")),
     "batch_norm": Bool(True),
@@ -191,7 +191,7 @@ def model_params(params: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # The trainer (train.py)
 
-TRAIN_SPECS = {
+TRAIN_SPECS: dict[str, Spec] = {
     "epochs": Int(5, 1, 10_000),
     "batch_size": Int(64, 1, 65_536),
     "grad_accum_steps": Int(1, 1, 1024, help="effective batch = batch_size x grad_accum_steps"),
@@ -216,7 +216,7 @@ TRAIN_SPECS = {
     "compile": Bool(False, "torch.compile the model (worth it on CUDA)"),
     "eval_batch_size": Int(1000, 1, 65_536),
 }
-PARAM_SPECS = {**MODEL_SPECS, **TRAIN_SPECS}
+PARAM_SPECS: dict[str, Spec] = {**MODEL_SPECS, **TRAIN_SPECS}
 
 
 def resolve_params(params: dict[str, Any]) -> dict[str, Any]:

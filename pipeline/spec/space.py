@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.spec.studies import CategoricalParam, FloatParam, IntParam, StudySpec, active
+from pipeline.spec.studies import StudySpec
+from pipeline.spec.tables import CategoricalParam, FloatParam, IntParam, active
 
 
 def sampling_order(spec: StudySpec) -> list[str]:

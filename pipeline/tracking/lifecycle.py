@@ -22,6 +22,7 @@ from pipeline.search.events import Listener, TrialEnded
 from pipeline.search.loop import trial_ended
 from pipeline.search.options import SearchView
 from pipeline.spec.studies import StudySpec
+from pipeline.tracking import connection
 
 if TYPE_CHECKING:  # annotations only: study_run imports MLflow, which only a tracked search needs
     from pipeline.tracking.study_run import StudyRun
@@ -45,10 +46,9 @@ class Tracking:
     @classmethod
     def connect(cls, spec: StudySpec, view: SearchView) -> Tracking:
         """Reach the tracking store now: an unreachable one stops the search before any training."""
-        from pipeline.tracking import study_run
 
-        uri = study_run.tracking_uri()
-        client = study_run.connect(uri)
+        uri = connection.tracking_uri()
+        client = connection.connect(uri)
         view.say(f"tracking to MLflow at {shown(uri)}")
         return cls(client)
 

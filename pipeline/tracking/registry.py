@@ -179,6 +179,9 @@ def champion(client: MlflowClient, model_name: str) -> ChampionVersion | None:
         version = client.get_model_version_by_alias(model_name, CHAMPION)
     except MlflowException:  # no such registered model, or no alias yet
         return None
+    if version.run_id is None:  # registered from files, not from a run: no trial behind it
+        raise BadInput(f"models:/{model_name}/{version.version}: the {CHAMPION} alias names a version that no run "
+                       f"logged; {REGISTER_FIX}")
     run = client.get_run(version.run_id)
     confirmation = version.tags.get(CONFIRMATION_TAG)
     return ChampionVersion(model_name, version.version, version.tags["study"], int(version.tags["trial_number"]),

@@ -1,6 +1,7 @@
 """MLflow: one experiment and one parent run per study, one child run per trial.
 
-With registry.py (the champion) and server.py (the UI), the only module that imports MLflow. It knows
+With connection.py (connecting), registry.py (the champion) and server.py (the UI), the only modules that import
+MLflow. It knows
 nothing of Optuna: `StudyRun` is a listener (events.py) that the search tells what happens, in plain
 values. The store is
 `sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts/`, both resolved from the project
@@ -23,14 +24,11 @@ root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, Postgr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import io
 import json
-import logging
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
-import requests
 import torch
 from mlflow import MlflowClient
 from mlflow.data.schema import TensorDatasetSchema
@@ -46,15 +43,12 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
-from pipeline.infra import sqlitecheck
-from pipeline.infra.concurrency import open_store
+from pipeline.infra import fileio
 from pipeline.infra.text import masked_text
-from pipeline.infra.urls import hide_in, shown
 from pipeline.reports import plots
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
-from pipeline.spec import paths
-from pipeline.spec.errors import BadInput
 from pipeline.tracking import registry
+from pipeline.tracking.connection import artifact_root
 from pipeline.training import reproducibility
 
 if TYPE_CHECKING:  # annotations only: tracking never trains or predicts itself
@@ -72,74 +66,6 @@ EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr
                  "images_per_second")
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 INPUT_EXAMPLE_IMAGES = 4  # > 1, so torch.export keeps the batch dimension dynamic
-
-
-def quiet_mlflow() -> None:
-    """MLflow's settings for a command-line tool, made before the first MLflow call."""
-    # MLflow announces the SQLite schema migrations at INFO level and draws a progress bar per download.
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # A database error is logged by MLflow with its traceback and SQL, then raised: we report it in one line.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # A server that stops answering costs 2 + 4 + 8 s per call before the error surfaces, not MLflow's ~4 minutes.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    # With a tracking server MLflow prints two "View run ..." lines per closed run; our own output says where
-    # the runs are, and a worker's stdout is its event stream.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or paths.DEFAULT_TRACKING_URI
-
-
-def artifact_root(uri: str) -> Path | None:
-    """Where a new experiment keeps its artifacts: beside a SQLite file, under mlruns/ for another database,
-    and wherever the server decides (None) for an `mlflow server`."""
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    if (database := sqlitecheck.sqlite_path(uri)) is not None:
-        return database.parent / "artifacts"
-    return paths.DEFAULT_ARTIFACT_ROOT
-
-
-def connect(uri: str | None = None) -> MlflowClient:
-    """Open the tracking store, failing fast (before any training) with a clear message if it cannot be reached."""
-    quiet_mlflow()
-    uri = uri or tracking_uri()
-    hint = "check MLFLOW_TRACKING_URI (unset it to use the local store mlruns/mlflow.db)"
-    if uri.startswith(("http://", "https://")):
-        # One quick probe (the client itself would retry for minutes). Any HTTP answer means reachable:
-        # credentials and the like are the real client's to check, and it reports them.
-        insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
-        verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or not insecure
-        try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=5, verify=verify)
-        except requests.RequestException as exc:
-            raise BadInput(f"MLflow tracking server {shown(uri)} is unreachable ({type(exc).__name__}); "
-                           f"start it (make server) or {hint}") from None
-    else:
-        sqlitecheck.prepare(uri, "MLflow tracking store")  # damaged: one line now, not a traceback mid-search
-    mlflow.set_tracking_uri(uri)
-
-    def open_() -> MlflowClient:
-        client = MlflowClient(uri)
-        client.search_experiments(max_results=1)  # a new SQLite store gets its schema here
-        return client
-
-    try:
-        return open_store(open_)
-    except Exception as exc:  # unwritable or locked file, refused connection, wrong credentials
-        reason = hide_in(str(exc).splitlines()[0][:300], uri)  # a driver may quote the URL or its password
-        if _refused_login(exc):
-            hint = ("the server asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an "
-                    "account of its basic-auth user store")
-        raise BadInput(f"MLflow tracking store {shown(uri)} cannot be opened: {reason}; {hint}") from None
-
-
-def _refused_login(exc: Exception) -> bool:
-    """Did an `mlflow server` with a login turn the request away (no or wrong credentials)?"""
-    return isinstance(exc, MlflowException) and exc.get_http_status_code() in (401, 403)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,29 +114,6 @@ def dataset_input(data: PreparedData) -> DatasetInput:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
-def ensure_room(model: torch.nn.Module, directories: list[Path | None]) -> None:
-    """Raise OSError (ENOSPC, EFBIG) now if two files of a model this size cannot be written in these folders.
-
-    torch's zip writer aborts the whole process (a C++ exception in a destructor) when a file write
-    fails, so a full disk must be found before it writes: probe files of the model's size plus a
-    margin, written and removed with ordinary Python I/O, fail cleanly instead. A logged model is written
-    twice (its program and its plain weights), so two probes are held at once.
-    """
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values()) * 11 // 10 + (1 << 20)
-    chunk = bytes(1 << 20)
-    for directory in directories:
-        if directory is None:  # an `mlflow server` stores the artifacts: its disk, its errors
-            continue
-        directory.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as probes:
-            for _ in range(2):
-                probe = probes.enter_context(tempfile.TemporaryFile(dir=directory))
-                for _ in range(-(-size // len(chunk))):
-                    probe.write(chunk)
-                probe.flush()
-                os.fsync(probe.fileno())
-
-
 # --------------------------------------------------------------------------------------------------
 # The study's parent run and its trials' child runs
 
@@ -240,7 +143,10 @@ class StudyRun(Listener):
             try:
                 experiment_id = self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
             except MlflowException:  # another worker created it a moment ago
-                experiment_id = self.client.get_experiment_by_name(name).experiment_id
+                raced = self.client.get_experiment_by_name(name)
+                if raced is None:  # no: the store refused it for another reason
+                    raise
+                experiment_id = raced.experiment_id
             return experiment_id
         if experiment.lifecycle_stage == "deleted":
             self.client.restore_experiment(experiment.experiment_id)
@@ -277,7 +183,7 @@ class StudyRun(Listener):
 
     def trial_started(self, trial: TrialStarted) -> None:
         """Open the trial's child run (so a running trial is visible live) with its params and dataset."""
-        if self._provenance is None:  # the same data for every trial of this process: described once
+        if self._provenance is None or self._dataset is None:  # the same data for every trial of this process
             self._provenance = provenance(trial.data)
             self._dataset = dataset_input(trial.data)
         number, of = trial.number, trial.confirmation_of
@@ -291,16 +197,16 @@ class StudyRun(Listener):
             logged |= {"trial_number": str(of), "repeat": str(trial.repeat), CONFIRMATION_TAG: str(number)}
         run_id = self.client.create_run(self.experiment_id, tags=tags).info.run_id
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(logged.items())])
-        self._log_dataset(run_id)
+        self._log_dataset(run_id, self._dataset)
         self.children[number] = run_id
 
-    def _log_dataset(self, run_id: str) -> None:
+    def _log_dataset(self, run_id: str, dataset: DatasetInput) -> None:
         """The dataset as the run's input. Workers starting their first trials at once may each find the dataset
         unrecorded and each insert it: the store's unique key refuses the second insert, and a second try finds
         the first one's record."""
         for attempt in range(DATASET_ATTEMPTS):
             try:
-                self.client.log_inputs(run_id, datasets=[self._dataset])
+                self.client.log_inputs(run_id, datasets=[dataset])
                 return
             except MlflowException:
                 if attempt == DATASET_ATTEMPTS - 1:
@@ -376,7 +282,11 @@ class StudyRun(Listener):
     def _log_model(self, number: int, model: TrainedModel) -> None:
         run_id, data = self.children[number], model.data
         cpu_model = model.cpu_copy()
-        ensure_room(cpu_model, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)])
+        # torch's zip writer aborts the whole process (a C++ exception in a destructor) when a file write fails, so a
+        # full disk must be found before it writes; a logged model is written twice (its program, its plain weights).
+        # An `mlflow server` stores the artifacts (artifact_root None): its disk, its errors.
+        size = sum(t.numel() * t.element_size() for t in cpu_model.state_dict().values()) * 11 // 10 + (1 << 20)
+        fileio.ensure_room(size, [Path(tempfile.gettempdir()), artifact_root(self.client.tracking_uri)], copies=2)
         example = model.example_inputs(INPUT_EXAMPLE_IMAGES).numpy()
         with torch.no_grad():
             output = cpu_model(torch.from_numpy(example)).numpy()
@@ -407,8 +317,8 @@ class StudyRun(Listener):
         """Offer trial `number`'s logged model for the champion (registry.register_champion); `rule`: the
         multi-objective study's [champion] choice that picked it from the Pareto front."""
         run = self.child_of_trial(number)
-        model_uri = run.data.tags.get("model_uri") if run else None
-        if model_uri is None:
+        model_uri = run.data.tags.get("model_uri") if run is not None else None
+        if run is None or model_uri is None:
             return f"trial {number} has no logged model (it ran without tracking): nothing registered"
         return registry.register_champion(self.client, registry.Candidate(
             self.model_name, self.study_name, number, run.info.run_id, model_uri, self.metric, self.direction,
@@ -417,9 +327,11 @@ class StudyRun(Listener):
     def register_confirmed(self, standings: Standings, evaluation_set: str) -> str:
         """Offer the champion phase's choice for the champion: its run closest to the mean, valued at the mean."""
         chosen, run = standings.champion, standings.exported
+        if chosen is None or run is None:
+            return "the champion phase has not chosen yet: nothing registered"
         found = self.confirmations().child_of_trial(run.number)
-        model_uri = found.data.tags.get("model_uri") if found else None
-        if model_uri is None:
+        model_uri = found.data.tags.get("model_uri") if found is not None else None
+        if found is None or model_uri is None:
             return (f"champion-phase run {run.number} has no logged model (it ran without tracking): nothing "
                     "registered")
         return registry.register_champion(self.client, registry.Candidate(
@@ -431,14 +343,17 @@ class StudyRun(Listener):
         """The phase's table (champion.md, champion.json) into the report folder; its figures on the parent run."""
         (report_dir / "champion.md").write_text(standings.markdown())
         (report_dir / "champion.json").write_text(json.dumps(standings.as_dict(), indent=2, default=str))
-        summary = standings.champion.summary if standings.champion else None
-        if summary is None or summary.ci_low is None:
+        chosen = standings.champion
+        if chosen is None:
             return
-        metrics = {"champion_val_mean": summary.mean, "champion_val_ci_low": summary.ci_low,
-                   "champion_val_ci_high": summary.ci_high, "champion_val_std": summary.std}
+        s = chosen.summary  # the interval and std exist together, from two runs on
+        if s.ci_low is None or s.ci_high is None or s.std is None:
+            return
+        metrics = {"champion_val_mean": s.mean, "champion_val_ci_low": s.ci_low, "champion_val_ci_high": s.ci_high,
+                   "champion_val_std": s.std}
         timestamp = int(time.time() * 1000)
         self.client.log_batch(self.parent_run_id, metrics=[Metric(k, v, timestamp, 0) for k, v in metrics.items()])
-        self.client.set_tag(self.parent_run_id, "champion_trial", str(standings.champion.trial.number))
+        self.client.set_tag(self.parent_run_id, "champion_trial", str(chosen.trial.number))
 
     # ---- the end of an invocation ------------------------------------------------------------------
 
@@ -464,12 +379,3 @@ class StudyRun(Listener):
             path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="confusion_matrix.png",
                                                        dst_path=tmp)
             self.client.log_artifact(self.parent_run_id, path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading back (the UI command)
-
-
-def experiment_id(client: MlflowClient, name: str) -> str | None:
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ class GlobalAvgPool(nn.Module):
 def _activation(name: str) -> nn.Module:
     # ReLU overwrites its input: every layer before one (Linear, conv, BatchNorm) keeps what its backward needs
     # itself, and a training step saves an allocation and a pass over memory per ReLU.
-    return {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "leaky_relu": lambda: nn.LeakyReLU(0.01)}[name]()
+    makers: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU,
+                                                  "leaky_relu": lambda: nn.LeakyReLU(0.01)}
+    return makers[name]()
 
 
 def _fully_connected(widths: list[int], num_classes: int, p: dict[str, Any]) -> list[nn.Module]:
@@ -175,6 +178,12 @@ class ImageNetInput(nn.Module):
     expect: pixels back in [0, 1], gray repeated to RGB, resized to `size` on the device, then normalised
     with ImageNet's mean and std. Part of the model, so exports take the same input as every other model."""
 
+    # Buffers (registered below): declared so that they read as tensors, not as nn.Module's attribute fallback.
+    data_mean: torch.Tensor
+    data_std: torch.Tensor
+    imagenet_mean: torch.Tensor
+    imagenet_std: torch.Tensor
+
     def __init__(self, data_mean: tuple[float, ...], data_std: tuple[float, ...], size: int):
         super().__init__()
         channels = len(data_mean)
@@ -183,7 +192,7 @@ class ImageNetInput(nn.Module):
         self.register_buffer("data_std", torch.tensor(data_std).view(1, channels, 1, 1), persistent=False)
         self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.resize = Resize(size) if size else nn.Identity()
+        self.resize: nn.Module = Resize(size) if size else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.data_std + self.data_mean
@@ -215,7 +224,7 @@ class ResNet18Classifier(nn.Module):
             raise ParamError(f"parameters: model: ResNet-18 needs images of at least 8x8, these are "
                              f"{input_shape[1]}x{input_shape[2]}; set input_size (e.g. 32) to resize them")
         backbone = resnet18(weights=None)
-        self.input = nn.Identity()
+        self.input: nn.Module = nn.Identity()
         if mode == "scratch":
             if size <= SMALL_IMAGE:
                 backbone.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
@@ -289,7 +298,8 @@ def build_model(params: dict[str, Any], num_classes: int = 10,
     data's normalisation and apply ImageNet's. `imagenet=False` leaves a pretrained ResNet's backbone
     untrained, for a caller that loads all the weights itself (no ImageNet weights file needed)."""
     p = model_params(params)
-    input_shape = tuple(input_shape)
+    channels, height, width = input_shape  # config.json gives a list
+    input_shape = (channels, height, width)
     if p["model"] == "mlp":
         return build_mlp(p, num_classes, input_shape)
     if p["model"] == "cnn":

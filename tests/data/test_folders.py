@@ -20,6 +20,7 @@ from conftest import StudyEnv, refusal
 from PIL import Image
 
 from pipeline.data import folders, imagecache, loading
+from pipeline.data.arrays import load_arrays
 from pipeline.data.augment import NaturalAugment
 from pipeline.data.images import Preprocessing, open_picture
 from pipeline.infra.concurrency import available_cores
@@ -208,7 +209,7 @@ def test_carved_splits_are_stratified_disjoint_and_seeded(pictures):
         pictures.add(label, 10)
     options = {"test_fraction": 0.2, "val_fraction": 0.25}
     prepared = pictures.prepare(resident_bytes=1, **options)  # streamed: the split rows are visible
-    arrays = loading.load_arrays(pictures.source(**options), pictures.data_root, pictures.lines.append)
+    arrays = load_arrays(pictures.source(**options), pictures.data_root, pictures.lines.append)
     train, val, test = prepared.train.rows, prepared.val.rows, arrays.test_rows
     assert (len(train), len(val), len(test)) == (18, 6, 6)
     assert torch.bincount(arrays.labels[test]).tolist() == [2, 2, 2]
@@ -219,7 +220,7 @@ def test_carved_splits_are_stratified_disjoint_and_seeded(pictures):
     assert again.split_hash == prepared.split_hash and torch.equal(again.val.rows, val)
     other = pictures.prepare(resident_bytes=1, split_seed=1, **options)
     assert other.split_hash != prepared.split_hash and not torch.equal(other.val.rows, val)
-    assert torch.equal(loading.load_arrays(pictures.source(**options), pictures.data_root).test_rows, test)
+    assert torch.equal(load_arrays(pictures.source(**options), pictures.data_root).test_rows, test)
 
 
 def test_each_test_fraction_gets_its_own_test_split(pictures):

@@ -10,7 +10,7 @@ import pytest
 from conftest import require_real_dataset
 
 from pipeline.data import datasets
-from pipeline.spec import paths
+from pipeline.spec import paths, sources
 
 pytestmark = pytest.mark.data
 
@@ -21,17 +21,17 @@ EXPECTED_STATS = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
 def test_real_dataset_lands_verified_with_expected_stats(name):
     require_real_dataset(name)
-    info = datasets.DATASETS[name]
+    info = sources.DATASETS[name]
     datasets.verify(info, paths.DATA_ROOT)  # every file byte-identical to the original
-    assert datasets.idx_shape(info.raw_dir(paths.DATA_ROOT) / datasets.TRAIN_IMAGES) == (60000, 28, 28)
-    assert datasets.idx_shape(info.raw_dir(paths.DATA_ROOT) / datasets.TEST_IMAGES) == (10000, 28, 28)
+    assert datasets.idx_shape(info.raw_dir(paths.DATA_ROOT) / sources.TRAIN_IMAGES) == (60000, 28, 28)
+    assert datasets.idx_shape(info.raw_dir(paths.DATA_ROOT) / sources.TEST_IMAGES) == (10000, 28, 28)
     mean, std = datasets.normalisation_stats(info, paths.DATA_ROOT)
     assert (round(mean, 4), round(std, 4)) == EXPECTED_STATS[name]
 
 
 def test_mnist_class_counts_and_torchvision_reads_our_files():
     require_real_dataset("mnist")
-    labels = datasets.read_idx(datasets.DATASETS["mnist"].raw_dir(paths.DATA_ROOT) / datasets.TRAIN_LABELS)
+    labels = datasets.read_idx(sources.DATASETS["mnist"].raw_dir(paths.DATA_ROOT) / sources.TRAIN_LABELS)
     assert np.bincount(labels, minlength=10).tolist() == MNIST_TRAIN_CLASS_COUNTS
 
     import torchvision

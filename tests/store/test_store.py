@@ -14,7 +14,7 @@ from pipeline import store
 from pipeline.spec import paths
 from pipeline.spec.errors import BadInput
 from pipeline.store import storage, trial_records
-from pipeline.tracking import study_run
+from pipeline.tracking import connection
 
 # Asking trials by hand on a storage with heartbeats makes Optuna say heartbeats belong to optimize().
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
@@ -288,9 +288,10 @@ def test_a_sqlite_url_with_options_opens_its_file_in_a_folder_made_for_it(tmp_pa
     optuna.create_study(storage=store.make_storage(url), study_name="opts")
     assert (tmp_path / "new" / "optuna.db").is_file() and not list((tmp_path / "new").glob("*timeout*"))
     assert storage._holds(url, "opts") and not storage._holds(url, "other")
-    assert study_run.artifact_root(f"sqlite:///{tmp_path}/runs/mlflow.db?timeout=30") == tmp_path / "runs" / "artifacts"
-    assert study_run.artifact_root("sqlite://") == paths.DEFAULT_ARTIFACT_ROOT  # in memory: no file to sit beside
+    runs = tmp_path / "runs"
+    assert connection.artifact_root(f"sqlite:///{runs}/mlflow.db?timeout=30") == runs / "artifacts"
+    assert connection.artifact_root("sqlite://") == paths.DEFAULT_ARTIFACT_ROOT  # in memory: no file to sit beside
     # A URL SQLAlchemy cannot read is the store's to refuse, in one line.
-    assert study_run.artifact_root("sqlite:/x.db") == paths.DEFAULT_ARTIFACT_ROOT
+    assert connection.artifact_root("sqlite:/x.db") == paths.DEFAULT_ARTIFACT_ROOT
     with pytest.raises(BadInput, match="Optuna storage"):
         store.make_storage("sqlite:/x.db")
