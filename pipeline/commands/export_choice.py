@@ -73,16 +73,20 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
         if version is not None:
             return _registered(spec, storage, root, version)
         decision, confirmed = pareto.decide(spec, study), None
-        best = decision.trial
-        if best is None:
+        if decision.trial is None:
             raise BadInput(f"study {study.study_name!r} has no complete trial to export (or none its [champion] "
                            f"accepts); run `make search STUDY={spec.name}` until one completes")
+        best = decision.trial
         what, why = f"trial {best.number}", f"no registered champion for {spec.name!r}"
         if spec.pareto_choice is not None:
             how = f"Chosen from {decision.reason}"
         table, companion = _phase(spec, storage, study)
         if table is not None and table.exported is not None:  # the champion phase's choice: its run nearest the mean
-            confirmed, best = table.champion, store.record(companion, table.exported.number)
+            exported = store.record(companion, table.exported.number) if companion is not None else None
+            if exported is None:
+                raise StudyError(f"the champion phase's run {table.exported.number} of {study.study_name!r} is "
+                                 "missing from its store; run `make search` again to train it")
+            confirmed, best = table.champion, exported
             what = f"repeat {best.repeat} of trial {best.confirmation_of} (the champion phase's choice)"
     definition = store.definition(study)
     log(f"{why}: retraining {what} of {study.study_name!r} from its recorded params and seed")
@@ -129,7 +133,7 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path,
         trial = store.record(companion, version.confirmation_number) if companion is not None else None
         if table is not None:
             confirmed = next((c for c in table.candidates if c.trial.number == version.trial_number), None)
-    if trial is None or trial.state != "COMPLETE":
+    if trial is None or trial.state != "COMPLETE" or trial.params is None or trial.seed is None:
         raise StudyError(f"trial {version.trial_number} of study {version.study_name!r} is not a complete trial")
     if not version.matches(hparams.resolve_params(trial.params), trial.seed):
         raise BadInput(f"the registered champion of {spec.name!r} (version {version.version}) was trained by "

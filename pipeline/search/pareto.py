@@ -33,14 +33,27 @@ def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str])
 def front(records: Sequence[store.TrialRecord], directions: Sequence[str]) -> list[store.TrialRecord]:
     """The non-dominated complete feasible trials, in trial order."""
     done = [r for r in records if r.state == "COMPLETE" and r.values and r.feasible]
-    return [r for r in done if not any(dominates(o.values, r.values, directions) for o in done if o is not r)]
+    return [r for r in done if not any(dominates(_values(o), _values(r), directions) for o in done if o is not r)]
 
 
 def joins_front(study: optuna.Study, values: Sequence[float]) -> bool:
     """Would a feasible trial with these values be on the front of the study's complete trials so far?"""
     directions = [d.name.lower() for d in study.directions]
     done = [r for r in store.records(study, (TrialState.COMPLETE,)) if r.feasible]
-    return not any(dominates(r.values, values, directions) for r in done)
+    return not any(dominates(_values(r), values, directions) for r in done)
+
+
+def _values(record: store.TrialRecord) -> list[float]:
+    """A complete trial's objective values (a complete trial always has them)."""
+    assert record.values is not None, f"trial {record.number} is complete but has no values"
+    return record.values
+
+
+def _measured(record: store.TrialRecord, metric: str) -> float:
+    """A metric an eligible trial recorded (trials that did not record the rule's metrics are left out first)."""
+    value = metric_of(record, metric)
+    assert value is not None, f"trial {record.number} did not record {metric}"
+    return value
 
 
 def metric_of(record: store.TrialRecord, metric: str) -> float | None:
@@ -71,15 +84,15 @@ def choose(spec: StudySpec, records: list[store.TrialRecord]) -> Choice:
     conditions = []
     if rule is not None:
         for metric, bound in rule.limits.items():
-            eligible = [r for r in eligible if bound.excess(metric_of(r, metric)) <= 0]
+            eligible = [r for r in eligible if bound.excess(_measured(r, metric)) <= 0]
             conditions.append(f"{metric} {bound.describe()}")
         for metric, distance in rule.within.items():
-            values = [metric_of(r, metric) for r in on_front if metric_of(r, metric) is not None]
+            values = [v for v in (metric_of(r, metric) for r in on_front) if v is not None]
             if not values:
                 continue
             maximize = METRICS[metric] == "maximize"
             best = max(values) if maximize else min(values)
-            eligible = [r for r in eligible if abs(metric_of(r, metric) - best) <= distance + 1e-12]
+            eligible = [r for r in eligible if abs(_measured(r, metric) - best) <= distance + 1e-12]
             conditions.append(f"{metric} within {distance:g} of the front's best {best:.4g}")
     where = f" among those with {' and '.join(conditions)}" if conditions else ""
     reading = "highest" if METRICS[prefer] == "maximize" else "lowest"
@@ -91,7 +104,7 @@ def choose(spec: StudySpec, records: list[store.TrialRecord]) -> Choice:
     sign = -1.0 if METRICS[prefer] == "maximize" else 1.0
     # Ties on the preferred metric go to the better first objective, then to the earlier trial.
     first_sign = _signs(spec.directions)[0]
-    chosen = min(eligible, key=lambda r: (sign * metric_of(r, prefer), first_sign * r.values[0], r.number))
+    chosen = min(eligible, key=lambda r: (sign * _measured(r, prefer), first_sign * _values(r)[0], r.number))
     return Choice(chosen, f"{said} ({len(eligible)} qualify): trial {chosen.number}", on_front, eligible)
 
 
