@@ -38,22 +38,22 @@ from pipeline.spec.errors import DataError
 from pipeline.training import models, train
 
 TINY_CLI = Path(__file__).parent / "tiny_cli.py"
-PROJECT = Path(__file__).resolve().parents[1]
 
-# What the suite may change in the checkout: tools' own folders, and data/, the datasets' download folder that
-# `make data`, searches and the tests share by design (every file landed there is verified by its checksum).
-NOT_WATCHED = {".git", ".venv", "data", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".import_linter_cache",
-               "__pycache__", ".gpu"}
+# What the suite may change in the checkout: tools' own folders at its root, and data/, the datasets' download
+# folder that `make data`, searches and the tests share by design (every file landed there is verified by its
+# checksum); and Python's caches and build metadata at any depth. pipeline/data/ and tests/data/ are watched.
+NOT_WATCHED = {".git", ".venv", "data", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".import_linter_cache", ".gpu"}
 
 
-def checkout_files() -> dict[str, tuple[int, int]]:
+def checkout_files(root: Path = paths.PROJECT_ROOT) -> dict[str, tuple[int, int]]:
     """Every file of the checkout outside NOT_WATCHED, with its size and modification time."""
     found = {}
-    for folder, subfolders, files in os.walk(paths.PROJECT_ROOT):
-        subfolders[:] = [d for d in subfolders if d not in NOT_WATCHED and not d.endswith(".egg-info")]
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not (d == "__pycache__" or d.endswith(".egg-info")
+                                                       or (folder == str(root) and d in NOT_WATCHED))]
         for name in files:
             stat = os.lstat(os.path.join(folder, name))
-            found[os.path.relpath(os.path.join(folder, name), paths.PROJECT_ROOT)] = (stat.st_size, stat.st_mtime_ns)
+            found[os.path.relpath(os.path.join(folder, name), root)] = (stat.st_size, stat.st_mtime_ns)
     return found
 
 
@@ -218,6 +218,20 @@ def thread_status(pid: int, field: str) -> list[str]:
             for status in Path(f"/proc/{pid}/task").glob("*/status")]
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc's stat for process `pid` that follow its command name: [0] is field 3 (the state), [1]
+    field 4 (the parent's pid), [n - 3] field n. OSError when there is no such process."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    """Is process `pid` running (a zombie, which nobody may reap in a container, is not)?"""
+    try:
+        return proc_stat(pid)[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def freeze(pid: int) -> None:
     """SIGSTOP process `pid` and wait until every thread of it has stopped: the stop takes effect a moment after
     the signal is sent, and a thread in a system call stops only when it returns. A process that does not stop
@@ -313,7 +327,7 @@ def descendants_command_lines(roots: list[int]) -> dict[int, str]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents[int(entry.name)] = int(proc_stat(int(entry.name))[1])
             except (OSError, IndexError, ValueError):
                 pass  # ended meanwhile
     found: dict[int, str] = {}
@@ -329,10 +343,12 @@ def descendants_command_lines(roots: list[int]) -> dict[int, str]:
     return found
 
 
-def run_python(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """A Python script in a process of its own, importing this checkout's `pipeline`."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, PYTHONPATH=str(PROJECT)))
+def run_python(script: str, *args: str, timeout: float = 120,
+               prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """A Python script in a process of its own (after `prefix`, a command that execs it), importing this checkout's
+    `pipeline`."""
+    return subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(paths.PROJECT_ROOT)))
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def tiny_deb(root: Path) -> bytes:
 
     tar_bytes = io.BytesIO()
     with tarfile.open(fileobj=tar_bytes, mode="w:xz") as tar:
-        for name in datasets.FILES:
+        for name in sources.FILES:
             packed = gzip.compress((root / "Tiny" / "raw" / name).read_bytes(), compresslevel=1)
             member = tarfile.TarInfo(f"./usr/share/datasets/fashion-mnist/{name}.gz")
             member.size = len(packed)
@@ -39,9 +39,9 @@ def fashion_offline(tmp_path, monkeypatch) -> tuple[Path, bytes, Path]:
     """Fashion-MNIST as the tiny dataset's files, no installed package, and a damaged cached .deb (cut short) in
     data/.downloads. Returns the data root, a whole .deb, and a folder for programs on PATH (nothing else is)."""
     info = write_tiny_dataset(tmp_path / "source")
-    monkeypatch.setitem(sources.DATASETS, "fashion-mnist", datasets.DatasetInfo(
+    monkeypatch.setitem(sources.DATASETS, "fashion-mnist", sources.DatasetInfo(
         "fashion-mnist", "FashionMNIST", info.sha256, info.classes))
-    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(offline, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
     good = tiny_deb(tmp_path / "source")
     root = tmp_path / "data"
     (root / ".downloads").mkdir(parents=True)

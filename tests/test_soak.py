@@ -34,7 +34,7 @@ from pathlib import Path
 import optuna
 import psycopg
 import pytest
-from conftest import StudyEnv, descendants_command_lines, freeze, thaw, wait_until
+from conftest import StudyEnv, alive, descendants_command_lines, freeze, thaw, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ui_process import free_port, wait_for_health
@@ -58,15 +58,6 @@ STOP_SECONDS = 120  # a killed coordinator's workers have this long to close the
 
 # --------------------------------------------------------------------------------------------------
 # Processes
-
-
-def alive(pid: int) -> bool:
-    """Is process `pid` running (a zombie, which nobody may reap in a container, is not)?"""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def tail(path: Path, lines: int = 15) -> str:

@@ -20,7 +20,15 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
-from conftest import StudyEnv, kill_search_mid_trial, mlflow_runs, signal_search_mid_trial, trial_runs, wait_until
+from conftest import (
+    StudyEnv,
+    kill_search_mid_trial,
+    mlflow_runs,
+    proc_stat,
+    signal_search_mid_trial,
+    trial_runs,
+    wait_until,
+)
 from optuna.trial import TrialState
 
 from pipeline import store
@@ -169,9 +177,8 @@ def test_a_dead_processes_trial_is_requeued_with_its_seed_and_checkpoint_or_its_
 
 def identity(pid: int) -> dict:
     """Process `pid`'s boot id and start time, read from /proc here (not by the code under test)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
     return {"boot_id": Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
-            "started": int(stat.rsplit(")", 1)[1].split()[22 - 3])}  # field 22, counted after the name's ")"
+            "started": int(proc_stat(pid)[22 - 3])}  # field 22: the start time
 
 
 def test_a_trials_owner_is_recorded_with_its_boot_id_and_start_time(study_env):
@@ -225,7 +232,7 @@ def test_a_retry_copied_by_optunas_heartbeat_starts_its_record_afresh(study_env)
 SENTINEL = "S3NTINEL-pw"
 
 
-def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials_csv(study_env, mlflow_store, tmp_path,
+def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials_csv(study_env, mlflow_store,
                                                                                       monkeypatch, capfd):
     """MLflow quotes the tracking URL it was given, login included, in its errors ("API request to
     http://admin:secret@host/... failed"). The study's parent run is opened, then the server (a URL with a login;

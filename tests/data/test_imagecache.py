@@ -12,21 +12,17 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import StudyEnv
+from conftest import StudyEnv, run_python
 from PIL import Image
 
 from pipeline.data import imagecache
-from pipeline.infra.text import byte_size
 from pipeline.spec.errors import DataError
 
-PROJECT = Path(__file__).resolve().parents[2]
 DIGEST = "0123456789abcdef"
 
 
@@ -38,17 +34,11 @@ def write_cache(root: Path, count: int = 12, shape: tuple[int, int, int] = (1, 8
     split = np.full(count, imagecache.CARVE, dtype=np.uint8)
     directory = writer.commit(labels, split, {"source": str(root), "classes": ["a", "b", "c"],
                                               "preprocessing": {"image_size": shape[1], "channels": "gray"}})
-    return imagecache.open_cache(directory)
+    return imagecache.open_committed(directory)
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
-
-
-def run_python(script: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """A Python script in a process of its own (after `prefix`, a command that execs it), importing this checkout."""
-    return subprocess.run([*prefix, sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(PROJECT)))
 
 
 # Opens the cache in argv[1] in a process of its own: "opened", or the DataError's message and exit 2.
@@ -126,6 +116,11 @@ def test_a_cache_in_a_newer_format_is_kept_and_named(tmp_path):
                                                       f"{imagecache.FORMAT_VERSION + 1}")
     assert f"reads format {imagecache.FORMAT_VERSION}" in message and "kept it" in message
     assert files_of(cached.directory) == before
+
+
+def test_a_just_written_cache_with_no_manifest_is_named(tmp_path):
+    with pytest.raises(DataError, match="the image cache just written has no manifest.json"):
+        imagecache.open_committed(tmp_path / "empty")
 
 
 def test_a_cache_written_before_checksums_were_kept_still_opens(tmp_path):
@@ -222,6 +217,5 @@ def test_a_disk_that_fills_up_while_the_cache_is_written_stops_with_one_line_and
     line = done.stderr.strip().splitlines()[-1]
     cache = small_disk / "cache"
     assert f"{cache}: no room for the image cache on the disk mounted at {small_disk}" in line
-    needed = byte_size(60 * 3 * 64 * 64)  # the decoded pictures
-    assert f"it needs {needed}" in line and "free space there or pass --root" in line
+    assert "it needs 737.3 kB" in line  # the decoded pictures and "free space there or pass --root" in line
     assert list(cache.rglob("*.npy")) == []  # no partial cache folder left on the disk
