@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import StudyEnv, TrackedSearch, shared_tracked_env, tiny_test_pictures
+from conftest import EXPORT_FIXED, StudyEnv, TrackedSearch, shared_tracked_env, tiny_test_pictures
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -267,7 +267,7 @@ def test_a_tracked_search_and_its_export_draw_class_names_as_they_are(study_env,
     parsed as mathtext and raised, failing every new best and then export-best."""
     info, root = tiny_dataset
     monkeypatch.setitem(sources.DATASETS, info.name, dataclasses.replace(info, classes=NAMED_LIKE_CODE))
-    study_env.write_study(trials=1, epochs=1, sampler="random", pruner="none", fixed=FIXED, baseline=None)
+    study_env.write_study(trials=1, epochs=1, sampler="random", pruner="none", fixed=EXPORT_FIXED, baseline=None)
     assert study_env.run("search") == 0
     (record,) = study_env.records()
     assert record.state == "COMPLETE"
@@ -413,14 +413,12 @@ def test_predict_names_each_bad_picture_and_classifies_the_rest(small_export, tm
 # A real search, its registered champion and its export (shared; tests copy the MLflow database before they
 # register anything, and write their own exports)
 
-FIXED = {"precision": "fp32", "optimizer": "adamw", "schedule": "none", "augment": 0.0}
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
     base = tmp_path_factory.mktemp("untrusted")
     with shared_tracked_env(base, empty_mlflow_store) as (env, info):
-        env.write_study(trials=1, epochs=2, sampler="random", pruner="none", fixed=FIXED)
+        env.write_study(trials=1, epochs=2, sampler="random", pruner="none", fixed=EXPORT_FIXED)
         assert env.run("search") == 0
         assert env.run("export-best") == 0
     return TrackedSearch(env, info)

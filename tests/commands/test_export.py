@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXPORT_FIXED, NOT_SEARCHED, tiny_test_pictures, write_export_study
+from conftest import (
+    EXPORT_FIXED,
+    StudyEnv,
+    TrackedSearch,
+    register_search,
+    shared_tracked_env,
+    tiny_test_pictures,
+)
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -27,6 +34,35 @@ from pipeline.spec import hparams, sources
 from pipeline.training import models
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
+
+NOT_SEARCHED = {"dropout": None}
+
+
+def write_export_study(env: StudyEnv, trials: int = 2, baseline_lr: float = 1e-2) -> None:
+    """The export tests' study: three epochs a trial; the sampled learning rates reach divergent ones."""
+    env.write_study(trials=trials, seed=5, sampler="random", pruner="none", epochs=3,
+                    fixed={"batch_size": 25, **EXPORT_FIXED},
+                    space={"lr": {"type": "float", "low": 3e-3, "high": 1e4, "log": True}, **NOT_SEARCHED},
+                    baseline=[{"lr": baseline_lr}])
+
+
+@pytest.fixture(scope="module")
+def shared_exported_search(tmp_path_factory, empty_mlflow_store) -> TrackedSearch:
+    """One tracked search of the export study and its export, shared by this module's tests (they copy before they
+    change it)."""
+    base = tmp_path_factory.mktemp("searched")
+    with shared_tracked_env(base, empty_mlflow_store) as (env, info):
+        write_export_study(env)
+        assert env.run("search") == 0
+        assert env.run("export-best") == 0
+    return TrackedSearch(env, info)
+
+
+@pytest.fixture
+def exported_search(shared_exported_search, monkeypatch) -> TrackedSearch:
+    """The shared exported search in this test: its dataset registered, its MLflow store current."""
+    register_search(shared_exported_search, monkeypatch)
+    return shared_exported_search
 
 def test_export_writes_a_verified_portable_model_and_logs_test_accuracy(exported_search):
     directory = exported_search.export

@@ -20,8 +20,6 @@ from conftest import refusal
 from pipeline.cli import main
 from pipeline.data import cifar, imagecache, loading
 
-pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
-
 
 def test_the_pickles_are_in_the_original_format(tiny_cifar):
     payload = tiny_cifar.members["data_batch_1"]
@@ -179,6 +177,7 @@ def test_prepare_uses_cifars_own_test_split(tiny_cifar):
     assert prepared.default_augment_policy == "natural" and len(prepared.mean) == 3
 
 
+@pytest.mark.trained_values
 def test_search_end_to_end_on_the_tiny_archive(study_env, tiny_cifar, capsys):
     env = study_env.replace(root=tiny_cifar.root)
     env.write_study(dataset="cifar10", trials=1, seed=0, sampler="random", pruner="none", epochs=1, val_size=50,

@@ -26,8 +26,6 @@ from pipeline.data.images import Preprocessing, open_picture
 from pipeline.infra.concurrency import available_cores
 from pipeline.spec.sources import FolderSource
 
-pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
-
 SIZE = 16  # every test lands at 16x16
 COLOURS = {"cat": (200, 60, 40), "dog": (40, 90, 200), "bird": (230, 220, 60), "fish": (30, 160, 90)}
 
@@ -592,6 +590,7 @@ BREAKAGES = [
 
 
 @pytest.mark.faults  # README: What survives what
+@pytest.mark.trained_values
 def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(pictures, study_env, tmp_path, capsys):
     pictures.add("cat", 12)
     pictures.add("dog", 12)
@@ -623,6 +622,7 @@ def test_bad_folders_through_the_cli_exit_2_and_keep_the_recorded_trials(picture
 
 
 @pytest.mark.faults  # README: What survives what
+@pytest.mark.trained_values
 def test_replay_after_a_picture_changed_says_the_digest_no_longer_matches(pictures, study_env, capsys):
     pictures.add("cat", 12)
     dogs = pictures.add("dog", 12)

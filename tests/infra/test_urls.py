@@ -1,6 +1,7 @@
 """Passwords in store URLs are masked wherever a URL is shown."""
 
-from pipeline.infra.urls import hide_in, masked_text, shown
+from pipeline.infra.text import masked_text
+from pipeline.infra.urls import hide_in, shown
 
 
 def test_shown_masks_database_and_server_passwords_and_keeps_the_rest():

@@ -1,6 +1,6 @@
 """The study report page (reports/<study>.html): written by every search and by `make report`, self-contained,
 every section there with the study's own figures; in headless Chromium (marker `browser`) it loads from a file with
-no console error and no request, and a screenshot is kept under reports/."""
+no console error and no request, and a screenshot is kept in $SCREENSHOT_DIR or the test's temporary folder."""
 
 from __future__ import annotations
 

@@ -107,7 +107,39 @@ BAD = [
      "space.cnn_width.step: = 8 cannot be combined with log = true"),
     ("no objective", ('pruner = "median"', 'pruner = "median"\nobjectives = []'),
      "objectives = []: List should have at least 1 item"),
+    ("step of zero", ("step = 8", "step = 0"), "space.cnn_width.step: = 0 must be > 0"),
+    ("no choices", ('choices = ["adamw", "sgd"]', "choices = []"),
+     "space.optimizer.choices: is empty; list at least one value"),
+    ("condition on a value not among the choices", ('when = { optimizer = "sgd" }', 'when = { optimizer = "rmsprop" }'),
+     "space.momentum.when.optimizer: 'rmsprop' is not one of its choices ['adamw', 'sgd']"),
+    ("baseline int given as a float", ("cnn_width = 16\n", "cnn_width = 16.0\n"),
+     "baseline[0].cnn_width: = 16.0 must be an integer"),
+    ("baseline key not in the space", ("cnn_width = 16\n", "cnn_width = 16\nbatch_size = 64\n"),
+     "baseline[0].batch_size: is not in [space]; a baseline sets searched parameters only"),
+    ("name unlike the file's", ("trials = 2", 'name = "other"\ntrials = 2'),
+     "name: is 'other' but the file is trial.toml; make them the same"),
+    ("validation leaving no training images", ("trials = 2", "trials = 2\nval_size = 60000"),
+     "val_size: 60000 leaves no training images; use fewer than 60000"),
+    ("model searched as a range", ("[space]", '[space]\nmodel = { type = "int", low = 1, high = 2 }'),
+     "space.model: must be categorical"),
+    ("single-objective sampler with several objectives",
+     ('sampler = "tpe"\npruner = "median"', 'sampler = "gp"\npruner = "none"\nobjectives = [{ metric = '
+      '"val_accuracy" }, { metric = "parameter_count" }]'),
+     "sampler: 'gp' is single-objective; use nsga2, tpe or random for several objectives"),
+    ("unknown objective metric", ('pruner = "median"', 'pruner = "median"\nobjectives = [{ metric = "val_acc" }]'),
+     "objectives[0].metric: 'val_acc' is not one of val_accuracy"),
 ]
+
+
+def _search_refused(tmp_path, capsys, *flags: str, study: str = "trial") -> str:
+    """`search` of the study file `study` in tmp_path, refused with exit 2 in one line before the study's storage was
+    opened: that line."""
+    code = main(["search", "--study", study, "--studies-dir", str(tmp_path),
+                 "--storage", f"sqlite:///{tmp_path}/optuna.db", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "optuna.db").exists()
+    return err.strip()
 
 
 @pytest.mark.faults  # README: What survives what
@@ -116,20 +148,15 @@ def test_bad_study_file_exits_2_naming_file_and_key(tmp_path, capsys, label, cha
     old, new = change
     assert old in VALID
     path = _write(tmp_path, VALID.replace(old, new, 1))
-    assert main(["search", "--study", "trial", "--studies-dir", str(tmp_path),
-                 "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 2
-    err = " ".join(capsys.readouterr().err.split())  # undo line wrapping
+    err = _search_refused(tmp_path, capsys)
     assert str(path) in err and message in err
-    assert not (tmp_path / "optuna.db").exists()  # refused before the storage was even opened
 
 
 @pytest.mark.faults  # README: What survives what
 def test_a_study_file_that_is_not_utf8_exits_2_naming_the_file(tmp_path, capsys):
     path = tmp_path / "trial.toml"
     path.write_bytes(VALID.replace('"tpe"', '"tpe\u00e9"').encode("latin-1"))
-    assert main(["search", "--study", "trial", "--studies-dir", str(tmp_path),
-                 "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 2
-    err = " ".join(capsys.readouterr().err.split())  # undo line wrapping
+    err = _search_refused(tmp_path, capsys)
     assert err == f"error: {path}: not UTF-8 text (byte {VALID.index('tpe') + 3}); save it as UTF-8"
 
 
@@ -194,11 +221,8 @@ def test_command_line_overrides_are_validated_like_the_file(tmp_path, override):
 def test_a_study_file_named_like_a_version_is_refused(tmp_path, capsys):
     """cnn-v2 is how FRESH=1 names version 2 of cnn: a file of that name would be mistaken for it."""
     _write(tmp_path, VALID, name="trial-v2")
-    assert main(["search", "--study", "trial-v2", "--studies-dir", str(tmp_path),
-                 "--storage", f"sqlite:///{tmp_path}/optuna.db"]) == 2
-    err = " ".join(capsys.readouterr().err.split())
+    err = _search_refused(tmp_path, capsys, study="trial-v2")
     assert "'trial-v2' ends like a study version" in err and "trial-2.toml" in err
-    assert not (tmp_path / "optuna.db").exists()
 
 
 @pytest.mark.faults  # README: What survives what
@@ -208,15 +232,11 @@ def test_a_study_file_named_like_a_version_is_refused(tmp_path, capsys):
     (["--device", "foo"], "--device 'foo': expected auto, cpu, mps, cuda or cuda:<index>"),
     (["--device", "cuda:7"], "--device cuda:7: this machine has no such device"),
     (["--trials", "0"], "trials = 0"),
-    (["--trials", "-3"], "trials = -3"),
     (["--timeout", "-1"], "timeout_minutes = -1.0"),
     (["--train-limit", "-5"], "train_limit = -5"),
 ])
 def test_bad_command_line_values_exit_2_before_anything_opens(tmp_path, capsys, monkeypatch, flags, message):
     _write(tmp_path, VALID)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    code = main(["search", "--study", "trial", "--studies-dir", str(tmp_path),
-                 "--storage", f"sqlite:///{tmp_path}/optuna.db", *flags])
-    err = capsys.readouterr().err
-    assert code == 2 and message in " ".join(err.split()) and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()
+    assert message in _search_refused(tmp_path, capsys, *flags)
+    assert not (tmp_path / "mlflow.db").exists()

@@ -99,7 +99,7 @@ def test_plateau_factor_is_the_plateau_scale_and_none_is_always_one():
     assert {schedule.lr_factor(constant, s, 10, 2, plateau_scale=0.25) for s in range(10)} == {1.0}
 
 
-@pytest.mark.parametrize("name", ["onecycle", "cosine", "step", "plateau", "none"])
+@pytest.mark.parametrize("name", hparams.TRAIN_SPECS["schedule"].options)
 @pytest.mark.parametrize("total", [1, 2, 3, 7])
 def test_very_short_runs_give_finite_positive_factors(name, total):
     """A run of one or two optimiser steps (tiny data, big batches) must not divide by zero or stop the lr at 0."""
@@ -145,9 +145,9 @@ def _tiny_model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
 
 
-@pytest.mark.parametrize("name, kind", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
-                                        ("sgd", torch.optim.SGD)])
-def test_make_optimizer_builds_the_named_optimizer_with_weight_decay_on_matrices_only(name, kind):
+@pytest.mark.parametrize("name", hparams.TRAIN_SPECS["optimizer"].options)
+def test_make_optimizer_builds_the_named_optimizer_with_weight_decay_on_matrices_only(name):
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
     model = _tiny_model()
     p = _params(optimizer=name, lr=0.02, weight_decay=0.01)
     optimizer = schedule.make_optimizer(model, p)
