@@ -41,7 +41,7 @@ def fashion_offline(tmp_path, monkeypatch) -> tuple[Path, bytes, Path]:
     info = write_tiny_dataset(tmp_path / "source")
     monkeypatch.setitem(sources.DATASETS, "fashion-mnist", datasets.DatasetInfo(
         "fashion-mnist", "FashionMNIST", info.sha256, info.classes))
-    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(offline, "FASHION_SYSTEM_DIR", tmp_path / "not-installed")
     good = tiny_deb(tmp_path / "source")
     root = tmp_path / "data"
     (root / ".downloads").mkdir(parents=True)
