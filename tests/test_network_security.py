@@ -133,6 +133,16 @@ def test_insecure_warns_of_the_risk_a_login_over_http_of_clear_text_and_a_login_
     assert f"MLFLOW_TRACKING_SERVER_CERT_PATH=<a copy of {cert}>" in said[0]
 
 
+@pytest.mark.parametrize(("host", "where"), [("::", "<this host>"), ("::1", "[::1]"), ("0.0.0.0", "<this host>"),
+                                             ("127.0.0.1", "127.0.0.1")])
+def test_the_start_line_gives_searches_a_url_they_can_use_ipv6_addresses_in_brackets(host, where, mlflow_store):
+    said: list[str] = []
+    with busy_port() as listener, pytest.raises(BadInput, match="is already in use"):
+        port = listener.getsockname()[1]
+        server.tracking_server(host, port, None, None, None, None, True, said.append, said.append)
+    assert f"MLFLOW_TRACKING_URI=http://{where}:{port}  (Ctrl-C" in said[-1], said
+
+
 def test_a_certificate_and_its_key_are_checked_before_the_server_starts(mlflow_store, tmp_path):
     """Each in one line naming the file: a certificate or key alone, a file that is not one, a missing file, the
     key of another certificate, and a key under a passphrase (uvicorn would ask for it on the terminal)."""

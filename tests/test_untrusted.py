@@ -530,13 +530,23 @@ def _pickle_module_from_its_code_dir(files: Path, marker: Path) -> None:
     mlmodel.write_text(mlmodel.read_text().replace("code: null", "code: code"))
 
 
+def _weights_of_another_network(files: Path, marker: Path) -> None:
+    """A plain state dict of tensors, so it loads, but one tensor has a row more than the trial's network has."""
+    path = files / registry.WEIGHTS_PATH
+    weights = torch.load(path, weights_only=True)
+    name = next(key for key, tensor in weights.items() if tensor.dim())
+    weights[name] = torch.zeros(weights[name].shape[0] + 1, *weights[name].shape[1:])
+    torch.save(weights, path)
+
+
 @pytest.mark.faults  # README: What survives what
 @pytest.mark.parametrize(("craft", "expected"), [
     (_pt2_that_runs_code, "is not a pickle-free payload"),
     (_weights_that_run_code, f"({registry.WEIGHTS_PATH}): not a plain state dict of tensors"),
     (_pickled_model, "a pickled model (data/model.pth), which could run code when loaded, is never loaded"),
     (_pickle_module_from_its_code_dir, "a pickled model (data/model.pth)"),
-], ids=["pt2", "weights.pt", "model.pth", "code-dir"])
+    (_weights_of_another_network, "its weights do not fit the network trial 0 describes (Error(s) in loading"),
+], ids=["pt2", "weights.pt", "model.pth", "code-dir", "wrong-shape"])
 def test_export_best_refuses_a_champion_that_would_run_code(registry_copy, tmp_path, capsys, monkeypatch, craft,
                                                             expected):
     # The same craft is a real exploit where MLflow reads it: loaded as MLflow allows by default, it runs its code.
@@ -546,7 +556,8 @@ def test_export_best_refuses_a_champion_that_would_run_code(registry_copy, tmp_p
     monkeypatch.setattr(sys, "path", list(sys.path))  # MLflow puts a model's code/ on it for good
     exploited = runs_code_when_loaded(lambda: mlflow.pytorch.load_model(str(proof_files)), proof)
     sys.modules.pop(f"sneaky_{proof.name}", None)
-    assert exploited == (craft is not _weights_that_run_code)  # MLflow never reads extra_files/weights.pt
+    # MLflow never reads extra_files/weights.pt
+    assert exploited == (craft not in (_weights_that_run_code, _weights_of_another_network))
 
     marker = tmp_path / "ran"
     files = champion_files(registry_copy, tmp_path / "champion")

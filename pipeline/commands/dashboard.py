@@ -26,7 +26,7 @@ import optuna_dashboard
 
 from pipeline import store
 from pipeline.infra.concurrency import stop_signals_interrupt
-from pipeline.infra.urls import loopback, shown
+from pipeline.infra.urls import loopback, shown, this_host_names, url_host
 from pipeline.spec.errors import BadInput
 from pipeline.spec.studies import StudySpec
 
@@ -47,7 +47,7 @@ def dashboard(spec: StudySpec, storage_override: str | None, host: str, port: in
         warn(f"warning: no login (INSECURE=1): anyone who reaches {host}:{port} can rename and delete studies "
              "and trials")
     say(f"Optuna dashboard of study {study.study_name!r} in {shown(storage.url)}: open "
-        f"http://{_where(host)}:{port}/dashboard/studies/{study_id}  (Ctrl-C stops it)")
+        f"http://{url_host(host)}:{port}/dashboard/studies/{study_id}  (Ctrl-C stops it)")
     stop_signals_interrupt()
     # Requests are served on a thread of their own: a signal interrupts only this one, which waits. (On the main
     # thread it could land inside a request, where wsgiref's catch-all handler would swallow it.)
@@ -83,7 +83,7 @@ def _guarded(app: Callable, host: str, port: int) -> Callable:
     whose Origin is another page's than the dashboard's own: 403 with one line of text."""
     names = {"localhost", host.lower()}
     if host in ("0.0.0.0", "::"):  # other machines reach it by this host's names
-        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        names |= {name.lower() for name in this_host_names()}
 
     def guarded(environ: dict, start_response: Callable) -> list[bytes]:
         address = environ.get("HTTP_HOST", "").lower()
@@ -119,13 +119,6 @@ def _refuse(start_response: Callable, reason: str) -> list[bytes]:
     body = f"Forbidden: {reason}\n".encode()
     start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
     return [body]
-
-
-def _where(host: str) -> str:
-    """`host` as it goes in the address a user opens."""
-    if host in ("0.0.0.0", "::"):
-        return "<this host>"
-    return f"[{host}]" if ":" in host else host
 
 
 class _IPv6Server(WSGIServer):

@@ -42,19 +42,18 @@ import torch
 from pipeline import store
 from pipeline.commands import verify_export
 from pipeline.commands.export_choice import ExportedModel, find_champion
+from pipeline.commands.model_card import model_card
+from pipeline.commands.verify_export import TEST_ROWS
 from pipeline.data import imagecache, loading
 from pipeline.data.arrays import Arrays
+from pipeline.data.recorded import recorded_test_split
 from pipeline.infra import fileio
 from pipeline.reports import plots
-from pipeline.reports.model_card import model_card
 from pipeline.search import champion
 from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
-from pipeline.spec.sources import DEFAULT_VAL_SIZE
 from pipeline.tracking import registry
 from pipeline.training import latency, models, reproducibility
-
-TEST_ROWS = "test_rows.npy"  # written for datasets read from the image cache: the test split's rows of it
 
 
 class ExportFailed(Exception):
@@ -152,9 +151,7 @@ def write_export(chosen: ExportedModel, spec: studies.StudySpec, root: Path, dir
                  threads: int) -> dict[str, Any]:
     """Every file but the verification; returns metrics.json's content."""
     torch.set_num_threads(threads)
-    dataset = studies.dataset_ref(chosen.definition["dataset"])
-    test, arrays = loading.test_split(dataset, root, "cpu",
-                                   val_size=chosen.definition.get("val_size", DEFAULT_VAL_SIZE))
+    dataset, test, arrays = recorded_test_split(chosen.definition, root)
     loading.require_digest(chosen.trial.dataset_digest, arrays.checksum, chosen.trial_number,
                         sources.dataset_label(dataset),
                         "restore the pictures it was trained on, or search again and export that")
@@ -177,7 +174,7 @@ def write_export(chosen: ExportedModel, spec: studies.StudySpec, root: Path, dir
                         scores.softmax(1).max(1).values.numpy(), config["classes"], directory / "misclassified.png",
                         title=f"{spec.name} champion")
     card = model_card(spec, chosen, config, metrics, dataset, arrays.given_val is not None,
-                      _verify_command(config, cached=arrays.memory_mapped))
+                      cached=arrays.memory_mapped)
     (directory / "model_card.md").write_text(card)
     return metrics
 
@@ -288,13 +285,3 @@ def _test_files(config: dict, root: Path, directory: Path) -> list[str]:
                 "--rows", str(directory / TEST_ROWS)]
     raw = sources.dataset_info(config["dataset"]).raw_dir(root)
     return ["--images", str(raw / sources.TEST_IMAGES), "--labels", str(raw / sources.TEST_LABELS)]
-
-
-def _verify_command(config: dict[str, Any], cached: bool) -> str:
-    """How the model card tells to run verify.py (`cached`: the test split is rows of the image cache); the card
-    opens the backquote this closes."""
-    if cached:
-        cache = f"<data>/cache/{config['dataset_checksum']}"
-        return (f"python verify.py --images {cache}/images.npy --labels {cache}/labels.npy --rows "
-                f"{TEST_ROWS}` (`<data>`: the pipeline's data folder, `data/` unless --root moved it)")
-    return "python verify.py --images <t10k-images-idx3-ubyte> --labels <t10k-labels-idx1-ubyte>`"

@@ -57,7 +57,6 @@ class ExportedModel:
         return f"repeat {self.trial.repeat} of trial {self.trial.confirmation_of}"
 
 
-
 def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client: Any | None,
                   log: Any = print, trial: int | None = None) -> ExportedModel:
     """The registry's `champion` of the study's model, else the study's champion (its best trial, the champion
@@ -101,8 +100,8 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
         log(f"warning: the retrained validation accuracy {result.best_val_accuracy} differs from the recorded "
             f"{max(recorded)} (another device or thread count?)")
     return ExportedModel(study.study_name, best, definition, train.export_ready_copy(result.model),
-                    f"{what} retrained from its recorded params and seed ({why})", [],
-                    best.split_hash or prepared.split_hash, confirmed, how)
+                         f"{what} retrained from its recorded params and seed ({why})", [],
+                         best.split_hash or prepared.split_hash, confirmed, how)
 
 
 def _complete_trial(study: optuna.Study, number: int) -> store.TrialRecord:
@@ -154,6 +153,6 @@ def _registered(spec: studies.StudySpec, storage: Storage, root: Path,
         raise BadInput(f"{version.model_uri}: its weights do not fit the network trial {version.trial_number} "
                        f"describes ({detail}); {registry.REGISTER_FIX}") from None
     return ExportedModel(version.study_name, trial, definition, model.eval(),
-                    f"registered model {spec.name!r} version {version.version} (alias champion)",
-                    [r for r in (version.run_id, version.parent_run_id) if r], trial.split_hash or prepared.split_hash,
-                    confirmed)
+                         f"registered model {spec.name!r} version {version.version} (alias champion)",
+                         [r for r in (version.run_id, version.parent_run_id) if r],
+                         trial.split_hash or prepared.split_hash, confirmed)

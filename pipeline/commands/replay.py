@@ -15,6 +15,7 @@ import optuna
 from pipeline import store
 from pipeline.data import loading
 from pipeline.data.recorded import study_data
+from pipeline.search import champion
 from pipeline.search.objective import HISTORY_KEYS, history_record
 from pipeline.spec.studies import StudyError, StudySpec
 from pipeline.training import train
@@ -55,8 +56,6 @@ def _finished_trial(study: optuna.Study, number: int) -> store.TrialRecord:
 
 def _confirmation_run(storage: store.Storage, study: optuna.Study, number: int, repeat: int) -> store.TrialRecord:
     """The completed champion-phase run `repeat` of trial `number`'s configuration."""
-    from pipeline.search import champion
-
     companion = champion.find_companion(storage.backend, study.study_name)
     runs = store.records(companion, (optuna.trial.TrialState.COMPLETE,)) if companion is not None else []
     found = next((r for r in runs if (r.confirmation_of, r.repeat) == (number, repeat)), None)

@@ -28,7 +28,7 @@ from mlflow.server.security_utils import get_default_allowed_hosts
 
 from pipeline import store
 from pipeline.infra.concurrency import stop_signals_interrupt, stop_with_parent
-from pipeline.infra.urls import loopback, shown
+from pipeline.infra.urls import loopback, shown, this_host_names, url_host
 from pipeline.spec.errors import BadInput
 from pipeline.spec.studies import StudySpec
 from pipeline.tracking import connection
@@ -86,14 +86,13 @@ def tracking_server(host: str, port: int, backend: str | None, artifacts: Path |
     elif tls is None and not loopback(host):
         warn(f"warning: no TLS: the login's passwords cross the network to {host}:{port} in clear text; add "
              "TLS_CERT=server.crt TLS_KEY=server.key (README \"Running on many machines\")")
-    where = "<this host>" if host == "0.0.0.0" else host
     credentials = " with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" if auth is not None else ""
     # A certificate of one's own (self-signed, or a private CA's) is trusted only where the client is told to.
     trust = (f" (and MLFLOW_TRACKING_SERVER_CERT_PATH=<a copy of {tls[0]}> unless a CA clients trust signed it)"
              if tls is not None else "")
     say(f"MLflow tracking server on {host}:{port} (backend {shown(backend)}, artifacts {artifacts}"
         f"{', login ' + str(auth) if auth is not None else ''}{', TLS ' + str(tls[0]) if tls is not None else ''}); "
-        f"point searches at it with MLFLOW_TRACKING_URI={'https' if tls is not None else 'http'}://{where}:{port}"
+        f"point searches at it with MLFLOW_TRACKING_URI={'https' if tls is not None else 'http'}://{url_host(host)}:{port}"
         f"{credentials}{trust}  (Ctrl-C stops it)")
     return serve(backend, host, port, artifacts, "make server", allowed_hosts(allowed), login, tls)
 
@@ -168,7 +167,7 @@ def allowed_hosts(extra: str | None) -> str:
     """The Host headers the server answers: MLflow's defaults (localhost, private IP addresses), this
     host's own names, and `extra`. MLflow 3 refuses any other name (DNS rebinding protection), and
     training hosts usually reach the server by its host name."""
-    names = sorted({socket.gethostname(), socket.getfqdn()})
+    names = sorted(this_host_names())
     listed = [h.strip() for h in (extra or "").split(",") if h.strip()]
     return ",".join([*get_default_allowed_hosts(), *names, *(f"{name}:*" for name in names), *listed])
 

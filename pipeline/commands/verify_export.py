@@ -28,6 +28,7 @@ import torch
 
 IDX_DTYPES = {0x08: torch.uint8}
 EVAL_BATCH = 1000  # images per forward pass when an export is scored (export-best, predict)
+TEST_ROWS = "test_rows.npy"  # written for datasets read from the image cache: the test split's rows of it
 
 
 def read_idx(path: Path) -> torch.Tensor:

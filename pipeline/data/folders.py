@@ -96,20 +96,31 @@ def _class_folders(directory: Path) -> list[str]:
     return [c for c in classes if not c.startswith(".")]  # .ipynb_checkpoints and the like are no class
 
 
-def _require_inside(root: Path, files: list[Path]) -> None:
-    """Refuse the first of `files` (found under `root`) whose real path lies outside `root`'s: through a linked class
-    folder or a linked picture. Each folder is resolved once and each file only when it is a link itself: resolving
-    every path takes far longer than listing it (rglob does not descend into linked folders below a class folder)."""
+def _require_inside(root: Path, files: list[Path],
+                    named: Callable[[int], str] | None = None) -> list[Path]:
+    """The real paths of `files` (found under `root`), refusing the first whose real path lies outside `root`'s:
+    through a linked folder or a linked picture. `named(i)` says how the message names file i (default: its path).
+    Each folder is resolved once and each file only when it is a link itself: resolving every path takes far longer
+    than listing it (rglob does not descend into linked folders below a class folder)."""
     real_root = root.resolve()
+    reals = _real_paths(files)
+    for i, (file, real) in enumerate(zip(files, reals, strict=True)):
+        if not real.is_relative_to(real_root):
+            raise DataError(f"{named(i) if named else f'dataset.path: {file}'} leads to {real}, outside the dataset "
+                            f"folder {real_root}; a dataset reads only pictures inside its folder: copy the picture in "
+                            f"instead of linking it, {FOLLOW_LINKS_HINT}")
+    return reals
+
+
+def _real_paths(files: list[Path]) -> list[Path]:
+    """What `files` (absolute, without `..`) resolve to, each folder resolved once and a file only if it is a link."""
     real_folders: dict[Path, Path] = {}
+    reals = []
     for file in files:
         if file.parent not in real_folders:
             real_folders[file.parent] = file.parent.resolve()
-        real = file.resolve() if file.is_symlink() else real_folders[file.parent] / file.name
-        if not real.is_relative_to(real_root):
-            raise DataError(f"dataset.path: {file} leads to {real}, outside the dataset folder {real_root}; a dataset "
-                            f"reads only pictures inside its folder: copy the picture in instead of linking it, "
-                            f"{FOLLOW_LINKS_HINT}")
+        reals.append(file.resolve() if file.is_symlink() else real_folders[file.parent] / file.name)
+    return reals
 
 
 def list_folder(root: Path, follow_links: bool = False) -> Listing:
@@ -160,7 +171,7 @@ def list_csv(root: Path, csv_name: str, follow_links: bool = False) -> Listing:
     naming a picture outside `root` (the dataset folder), or, unless `follow_links`, a link that leads out of it."""
     table = Path(csv_name).expanduser()
     table = table if table.is_absolute() else root / table
-    inside, real_root = Path(os.path.abspath(root)), root.resolve()
+    inside = Path(os.path.abspath(root))
     if not table.is_file():
         raise DataError(f"dataset.csv: {table} does not exist; give a CSV file with `path,label` columns")
     with open(table, newline="", encoding="utf-8-sig") as f:
@@ -168,7 +179,7 @@ def list_csv(root: Path, csv_name: str, follow_links: bool = False) -> Listing:
         if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
             raise DataError(f"dataset.csv: {table} must have a header row with `path` and `label` columns, "
                             f"found {reader.fieldnames}")
-        rows = []
+        rows, lines = [], []
         for row in reader:
             path, label = (row["path"] or "").strip(), (row["label"] or "").strip()
             if not path or not label:
@@ -178,12 +189,12 @@ def list_csv(root: Path, csv_name: str, follow_links: bool = False) -> Listing:
             if not named.is_relative_to(inside):
                 raise DataError(f"dataset.csv: {table} line {reader.line_num} names {path!r}, outside the dataset "
                                 f"folder {inside}; list only pictures inside it, by paths relative to the CSV")
-            file = named.resolve()
-            if not follow_links and not file.is_relative_to(real_root):
-                raise DataError(f"dataset.csv: {table} line {reader.line_num} names {path!r}, which leads to {file}, "
-                                f"outside the dataset folder {real_root}; copy the picture in instead of linking it, "
-                                f"{FOLLOW_LINKS_HINT}")
-            rows.append((path, label, file))
+            rows.append((path, label, named))
+            lines.append(reader.line_num)
+    listed = [named for _, _, named in rows]
+    reals = _real_paths(listed) if follow_links else _require_inside(
+        root, listed, lambda i: f"dataset.csv: {table} line {lines[i]} names {rows[i][0]!r}, which")
+    rows = [(path, label, real) for (path, label, _), real in zip(rows, reals, strict=True)]
     classes = sorted({label for _, label, _ in rows})
     if len(classes) < 2:
         raise DataError(f"dataset.csv: {table} names {len(classes)} class(es); a classifier needs at least two")

@@ -48,6 +48,7 @@ PARTIAL_PATTERN = re.compile(r"^\..+\.partial-(?P<pid>\d+)$")  # CacheWriter's t
 MANIFEST_KEYS = ("digest", "classes", "source", "preprocessing")  # every format-1 manifest has them
 CHECKSUMMED = ("labels.npy", "split.npy")  # small enough to hash on every open; images.npy gets its size checked
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+COPY_BYTES = 64 << 20  # images read into memory at a time when the skipped ones are dropped from the cache
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ class CacheWriter:
         self.partial = self.final.parent / f".{digest}.partial-{os.getpid()}"
         self.digest = digest
         self.size = count * math.prod(shape)  # what the images need on the disk
+        self.needed = self.size  # what the cache needs on the disk at its fullest, as far as is known yet
         shutil.rmtree(self.partial, ignore_errors=True)
         try:
             with self._room():
@@ -213,8 +215,10 @@ class CacheWriter:
     def _write(self, labels: np.ndarray, split: np.ndarray, manifest: dict, keep: np.ndarray | None) -> None:
         images = self.images
         if keep is not None and not keep.all():
+            # The images and their copy without the skipped ones are both on the disk until the copy replaces them.
+            self.needed = self.size + int(keep.sum()) * math.prod(images.shape[1:])
             kept = _reserved_memmap(self.partial / "kept.npy", (int(keep.sum()), *images.shape[1:]))
-            kept[:] = images[keep]
+            _copy_kept(images, keep, kept)
             kept.flush()
             del kept
             labels, split = labels[keep], split[keep]
@@ -245,12 +249,22 @@ class CacheWriter:
             folder = self.final.parent
             free = shutil.disk_usage(_existing(folder)).free
             raise DataError(f"{folder}: no room for the image cache on the disk mounted at {_mount_point(folder)} "
-                            f"({exc.strerror}): it needs {byte_size(self.size)}, {byte_size(free)} are free; "
+                            f"({exc.strerror}): it needs {byte_size(self.needed)}, {byte_size(free)} are free; "
                             "free space there or pass --root to keep the data on a disk with room, then run "
                             "again") from None
 
     def abandon(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _copy_kept(images: np.ndarray, keep: np.ndarray, kept: np.ndarray) -> None:
+    """`images[keep]` into `kept`, COPY_BYTES of `images` at a time: a cache larger than RAM never is in memory."""
+    rows = max(1, COPY_BYTES // max(1, math.prod(images.shape[1:])))
+    at = 0
+    for start in range(0, len(images), rows):
+        chunk = images[start:start + rows][keep[start:start + rows]]
+        kept[at:at + len(chunk)] = chunk
+        at += len(chunk)
 
 
 def _reserved_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:

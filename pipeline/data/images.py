@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -78,9 +79,9 @@ def _eight_bit(image: Image.Image) -> Image.Image:
         return image
     if image.mode in SIXTEEN_BIT:
         top = 65535
-    elif image.mode == "I":
-        top = 65535 if any(band.max(initial=0) > 255 for _, band in _bands(image)) else 255
-    else:  # any NaN makes its band's maximum NaN, which is not <= 1: 255, as a maximum over the whole picture was
+    elif image.mode == "I":  # one band: Pillow finds its (lowest, highest) in C, without a copy
+        top = 65535 if cast(tuple[int, int], image.getextrema())[1] > 255 else 255
+    else:  # any NaN makes its band's maximum NaN, which is not <= 1: 255 (Pillow's getextrema would skip NaN)
         top = 1 if all(band.max(initial=0) <= 1.0 for _, band in _bands(image)) else 255
     result = Image.new("L", image.size)
     for row, band in _bands(image):

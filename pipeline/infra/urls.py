@@ -10,6 +10,7 @@ processes through their environment, never their command line (which every user 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from sqlalchemy.engine import make_url
@@ -70,3 +71,16 @@ def loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: whatever it resolves to, assume the network
+
+
+def url_host(host: str) -> str:
+    """`host` (an address or name listened on) as it goes in the URL a user opens: a wildcard address as
+    <this host>, an IPv6 address in brackets."""
+    if host in ("0.0.0.0", "::"):
+        return "<this host>"
+    return f"[{host}]" if ":" in host else host
+
+
+def this_host_names() -> set[str]:
+    """The names other machines reach this host by, as it knows them: its host name and fully qualified name."""
+    return {socket.gethostname(), socket.getfqdn()}

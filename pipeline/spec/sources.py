@@ -48,6 +48,7 @@ class FolderSource:
 
 
 DatasetRef = str | FolderSource  # what a study's `dataset` names, as data.prepare takes it
+SOURCES = ("auto", "present", "package", "torchvision")  # where `make data` may land a built-in dataset from
 
 
 def dataset_label(dataset: DatasetRef) -> str:

@@ -1,11 +1,8 @@
 """MLflow: one experiment and one parent run per study, one child run per trial.
 
-With connection.py (connecting), registry.py (the champion) and server.py (the UI), the only modules that import
-MLflow. It knows
-nothing of Optuna: `StudyRun` is a listener (events.py) that the search tells what happens, in plain
-values. The store is
-`sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts/`, both resolved from the project
-root, unless MLFLOW_TRACKING_URI names another store (an `mlflow server`, PostgreSQL, another SQLite file).
+With connection.py (which store, and where its artifacts go), registry.py (the champion) and commands/server.py
+(the UI), the only modules that import MLflow. It knows nothing of Optuna: `StudyRun` is a listener (events.py)
+that the search tells what happens, in plain values.
 
 - Parent run: one per study, created on the first invocation and reopened by later ones (its id is
   kept in the study's user attributes). It carries the study report at the end of each invocation.

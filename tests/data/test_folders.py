@@ -6,10 +6,12 @@ Every picture is a real file written with Pillow; every landing decodes them for
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pipeline.data.arrays import load_arrays
 from pipeline.data.augment import NaturalAugment
 from pipeline.data.images import Preprocessing, open_picture
 from pipeline.infra.concurrency import available_cores
+from pipeline.infra.text import byte_size
 from pipeline.spec.sources import FolderSource
 
 SIZE = 16  # every test lands at 16x16
@@ -385,6 +388,52 @@ def test_a_truncated_jpeg_is_named_or_skipped_when_asked(pictures):
     assert pictures.logged(f"skipped (skip_unreadable = true): {broken}: cannot be decoded")
     assert cached.manifest["skipped_unreadable"][0].startswith(str(broken))
     assert np.bincount(cached.labels).tolist() == [4, 4]
+
+
+def skipping_writer(root: Path, count: int, shape: tuple[int, int, int]) -> tuple[imagecache.CacheWriter, np.ndarray]:
+    """A cache writer holding `count` distinct images, and a mask that skips every seventh (skip_unreadable)."""
+    writer = imagecache.CacheWriter(root, "0123456789abcdef", count, shape)
+    writer.images[:] = (np.arange(count, dtype=np.int64) % 251).astype(np.uint8).reshape(count, 1, 1, 1)
+    return writer, np.arange(count) % 7 != 3
+
+
+def commit(writer: imagecache.CacheWriter, keep: np.ndarray) -> Path:
+    count = len(keep)
+    return writer.commit(np.zeros(count, dtype=np.int64), np.full(count, imagecache.CARVE, dtype=np.uint8),
+                         {"source": "pics", "classes": ["a"], "preprocessing": {}}, keep)
+
+
+def test_dropping_skipped_pictures_copies_the_cache_a_slice_at_a_time(tmp_path, monkeypatch):
+    """A split larger than RAM streams from disk: the copy without the skipped pictures never holds them all."""
+    monkeypatch.setattr(imagecache, "COPY_BYTES", 1 << 20)
+    shape = (3, 32, 32)
+    writer, keep = skipping_writer(tmp_path, 4000, shape)  # 12.3 MB of images, 10.5 MB of them kept
+    expected = np.asarray(writer.images)[keep].copy()
+    tracemalloc.start()
+    try:
+        directory = commit(writer, keep)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 << 20, f"{peak:,} bytes in memory at once"
+    images = np.load(directory / "images.npy", mmap_mode="r")
+    assert images.shape == (int(keep.sum()), *shape) and np.array_equal(images, expected)
+
+
+def test_no_room_for_the_copy_without_the_skipped_pictures_names_what_both_need(tmp_path, monkeypatch):
+    shape = (3, 8, 8)
+    writer, keep = skipping_writer(tmp_path, 70, shape)  # 60 kept
+    reserve = imagecache._reserved_memmap
+
+    def full_disk(path: Path, size: tuple[int, ...]) -> np.memmap:
+        if path.name == "kept.npy":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return reserve(path, size)
+
+    monkeypatch.setattr(imagecache, "_reserved_memmap", full_disk)
+    message = refusal(lambda: commit(writer, keep))
+    assert f"it needs {byte_size((70 + 60) * 3 * 8 * 8)}," in message, message
+    assert not list(tmp_path.rglob("*.npy"))
 
 
 def test_skipping_every_picture_of_a_class_is_refused(pictures):

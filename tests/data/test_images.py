@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.data import images
 from pipeline.data.images import PictureError, Preprocessing, open_picture
 
 RGB16 = Preprocessing(16, "rgb")
@@ -67,6 +68,22 @@ def test_float_tiff_in_0_1_is_scaled(tmp_path):
     stored = np.full((16, 16), 0.5, dtype=np.float32)
     path = _save(Image.fromarray(stored, mode="F"), tmp_path / "float.tif")
     assert set(open_picture(path, GRAY16).ravel()) == {128}
+
+
+@pytest.mark.parametrize(("stored", "outlier", "scaled"), [
+    (np.full((32, 16), 255, dtype=np.int32), 65535, 1),  # 32-bit integers: one above 255 makes them 16-bit
+    pytest.param(np.full((32, 16), 1.0, dtype=np.float32), np.nan, 1,  # floats: a NaN means they are not 0-1
+                 marks=pytest.mark.filterwarnings("ignore:invalid value encountered in cast")),  # the NaN's pixel
+])
+def test_the_range_of_a_32_bit_picture_is_judged_on_all_its_bands(stored, outlier, scaled, tmp_path, monkeypatch):
+    """The one value that decides the range lies in the picture's last band, outside the centre crop."""
+    monkeypatch.setattr(images, "BAND_PIXELS", 16 * 8)  # bands of 8 rows
+    stored[31, 0] = outlier
+    path = _save(Image.fromarray(stored), tmp_path / "deep.tif")
+    assert _mode(path) in ("I", "F")
+    assert set(open_picture(path, GRAY16).ravel()) == {scaled}  # 255 of 65535, 1.0 of 255
+    stored[31, 0] = stored[0, 0]  # without it: the 8-bit (0-255, 0-1) range
+    assert set(open_picture(_save(Image.fromarray(stored), tmp_path / "plain.tif"), GRAY16).ravel()) == {255}
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path):

@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
-from pipeline.search import champion
+from pipeline.commands.export_choice import ExportedModel
+from pipeline.commands.verify_export import TEST_ROWS
 from pipeline.spec.sources import DIGITS, FolderSource
 from pipeline.spec.studies import StudySpec
 from pipeline.training.latency import EXPORT_RUNS, THROUGHPUT_BATCH
 
 
-class CardSubject(Protocol):
-    """What the card tells of the exported model (the export's `ExportedModel`)."""
-
-    @property
-    def study_name(self) -> str: ...  # the Optuna study (version) it belongs to
-
-    @property
-    def definition(self) -> dict[str, Any]: ...  # that study's search definition
-
-    @property
-    def source(self) -> str: ...  # one line: registry version, or retrained from the recorded trial
-
-    @property
-    def confirmed(self) -> champion.Candidate | None: ...  # its configuration's runs over seeds (champion phase)
-
-    @property
-    def how_chosen(self) -> str: ...  # the study's rule, or the user's TRIAL=; "": the card says
-
-    @property
-    def trial_number(self) -> int: ...  # the search trial whose configuration this is
-
-    def describe(self) -> str: ...  # "trial 7", "repeat 2 of trial 7"
-
-
-def model_card(spec: StudySpec, chosen: CardSubject, config: dict[str, Any], metrics: dict[str, Any],
-               dataset: str | FolderSource, given_val: bool, verify_command: str) -> str:
-    """`given_val`: the dataset brought its own val/ split; `verify_command`: how verify.py re-checks the test
-    accuracy (ends with a backquote, which the card opens)."""
+def model_card(spec: StudySpec, chosen: ExportedModel, config: dict[str, Any], metrics: dict[str, Any],
+               dataset: str | FolderSource, given_val: bool, cached: bool) -> str:
+    """`given_val`: the dataset brought its own val/ split; `cached`: the test split is rows of the image cache
+    (the export's test_rows.npy), not IDX files."""
     return "\n".join([
         f"# {spec.name} champion: {config['model']} on {config['dataset']}\n",
         f"{spec.description or ''}\n",
@@ -45,7 +22,7 @@ def model_card(spec: StudySpec, chosen: CardSubject, config: dict[str, Any], met
         _how_found(spec, chosen, config, dataset, given_val),
         _figures(spec, chosen, metrics),
         _limits(spec, chosen, config, metrics),
-        _use(config, verify_command),
+        _use(config, cached),
     ])
 
 
@@ -57,7 +34,7 @@ Architecture and training parameters: `config.json` (`params`); how a picture be
 """
 
 
-def _how_found(spec: StudySpec, chosen: CardSubject, config: dict[str, Any], dataset: str | FolderSource,
+def _how_found(spec: StudySpec, chosen: ExportedModel, config: dict[str, Any], dataset: str | FolderSource,
                given_val: bool) -> str:
     definition = chosen.definition
     space = ", ".join(sorted(definition.get("space", {}))) or "none"
@@ -81,7 +58,7 @@ Test: {held_out}. Dataset digest {config['dataset_checksum']}.
 """
 
 
-def _figures(spec: StudySpec, chosen: CardSubject, metrics: dict[str, Any]) -> str:
+def _figures(spec: StudySpec, chosen: ExportedModel, metrics: dict[str, Any]) -> str:
     per_class = "\n".join(f"| {name} | {accuracy:.4f} |"
                           for name, accuracy in metrics["test_per_class_accuracy"].items())
     test = f"{metrics['test_accuracy']:.4f} ({metrics['test_correct']:,}/{metrics['test_images']:,})"
@@ -103,7 +80,7 @@ CPU figures on {metrics['cpu_threads']} threads of the exporting machine. Per-cl
 """
 
 
-def _limits(spec: StudySpec, chosen: CardSubject, config: dict[str, Any], metrics: dict[str, Any]) -> str:
+def _limits(spec: StudySpec, chosen: ExportedModel, config: dict[str, Any], metrics: dict[str, Any]) -> str:
     return f"""## Limits
 - Trained and tested on {config['dataset']} only: {_looks(config['preprocessing'])}.
   Other pictures must be prepared the same way (`make predict` does) and may still score far lower.
@@ -113,7 +90,7 @@ def _limits(spec: StudySpec, chosen: CardSubject, config: dict[str, Any], metric
 """
 
 
-def _use(config: dict[str, Any], verify_command: str) -> str:
+def _use(config: dict[str, Any], cached: bool) -> str:
     return f"""## Use
 ```python
 import torch
@@ -123,8 +100,19 @@ probabilities = model(x).softmax(1)   # x: {config['input']}
 `model.pt2` is a program: loading it unpickles parts of it, which can run code, so load it only from a source
 you trust, like any program. `make predict` does not load it: it rebuilds the network from `config.json` and
 reads `weights.pt` with `torch.load(..., weights_only=True)`, which builds tensors and nothing else.
-`{verify_command} re-checks the test accuracy with torch alone.
+{_verify_sentence(config, cached)}
 """
+
+
+def _verify_sentence(config: dict[str, Any], cached: bool) -> str:
+    """How to run verify.py (`cached`: the test split is rows of the image cache)."""
+    if not cached:
+        return ("`python verify.py --images <t10k-images-idx3-ubyte> --labels <t10k-labels-idx1-ubyte>` re-checks the "
+                "test accuracy with torch alone.")
+    cache = f"<data>/cache/{config['dataset_checksum']}"
+    return (f"`python verify.py --images {cache}/images.npy --labels {cache}/labels.npy --rows {TEST_ROWS}` "
+            "(`<data>`: the pipeline's data folder, `data/` unless --root moved it) re-checks the test accuracy with "
+            "torch alone.")
 
 
 def _looks(preprocessing: dict[str, Any]) -> str:
@@ -136,7 +124,7 @@ def _looks(preprocessing: dict[str, Any]) -> str:
     return f"{size}x{size} {colour}, the shorter side resized to {size} and the centre cropped"
 
 
-def _which_run(chosen: CardSubject, config: dict[str, Any]) -> str:
+def _which_run(chosen: ExportedModel, config: dict[str, Any]) -> str:
     if chosen.confirmed is None:
         return f"This is {chosen.describe()} (seed {config['trial_seed']})"
     return (f"This is {chosen.describe()} (seed {config['trial_seed']}): after the search, the champion phase "
@@ -144,7 +132,7 @@ def _which_run(chosen: CardSubject, config: dict[str, Any]) -> str:
             "mean; these weights are its run closest to that mean, a typical run rather than the luckiest")
 
 
-def _seeds_row(chosen: CardSubject, spec: StudySpec) -> str:
+def _seeds_row(chosen: ExportedModel, spec: StudySpec) -> str:
     """The configuration's validation mean and interval over seeds: a table row, or nothing without them."""
     if chosen.confirmed is None:
         return ""
@@ -154,7 +142,7 @@ def _seeds_row(chosen: CardSubject, spec: StudySpec) -> str:
             f"min {s.low:.4f}, max {s.high:.4f} |\n")
 
 
-def _how_chosen(chosen: CardSubject, spec: StudySpec) -> str:
+def _how_chosen(chosen: ExportedModel, spec: StudySpec) -> str:
     if chosen.how_chosen:
         return chosen.how_chosen
     if chosen.confirmed is None:
