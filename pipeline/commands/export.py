@@ -44,7 +44,7 @@ from pipeline.commands import verify_export
 from pipeline.commands.export_choice import ExportedModel, find_champion
 from pipeline.data import imagecache, loading
 from pipeline.data.arrays import Arrays
-from pipeline.infra import fileio
+from pipeline.infra import fileio, revision
 from pipeline.reports import plots
 from pipeline.reports.model_card import model_card
 from pipeline.search import champion
@@ -52,7 +52,7 @@ from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
 from pipeline.spec.sources import DEFAULT_VAL_SIZE
 from pipeline.tracking import registry
-from pipeline.training import latency, models, reproducibility
+from pipeline.training import latency, models
 
 TEST_ROWS = "test_rows.npy"  # written for datasets read from the image cache: the test split's rows of it
 
@@ -222,7 +222,7 @@ def _config(chosen: ExportedModel, spec: studies.StudySpec, dataset: sources.Dat
         "trial_seed": chosen.trial.seed,
         "repeat": chosen.trial.repeat,  # 0: the search's own run; else the champion phase's run of the trial
         "source": chosen.source,
-        "git_commit": reproducibility.git_commit(),
+        "git_commit": revision.git_commit(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "evaluation": {"threads": threads, "batch_size": verify_export.EVAL_BATCH},
     }

@@ -21,7 +21,7 @@ from pipeline.spec.errors import DataError
 from pipeline.spec.paths import DATA_ROOT
 from pipeline.spec.sources import FILES, DatasetInfo
 
-SOURCES = ("auto", "present", "package", "torchvision")
+SOURCES = sources.SOURCES  # kept in spec so that the command line need not import this module
 
 
 _TORCHVISION_DOWNLOADS = {"mnist", "fashion-mnist"}  # their folder is torchvision's class name

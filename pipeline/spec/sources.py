@@ -15,7 +15,6 @@ from pipeline.spec.errors import DataError
 
 IDX_DATASETS = ("mnist", "fashion-mnist")  # IDX files (datasets.py)
 CIFAR_DATASETS = ("cifar10", "cifar100")  # torchvision's python archives (cifar.py)
-BUILTIN = (*IDX_DATASETS, *CIFAR_DATASETS)
 DIGITS = IDX_DATASETS  # their default augmentation is the digits affine (never flips)
 Channels = Literal["auto", "rgb", "gray"]
 AUGMENT_POLICIES = ("auto", "digits", "natural", "none")
@@ -48,6 +47,7 @@ class FolderSource:
 
 
 DatasetRef = str | FolderSource  # what a study's `dataset` names, as data.prepare takes it
+SOURCES = ("auto", "present", "package", "torchvision")  # where `make data` may land a built-in dataset from
 
 
 def dataset_label(dataset: DatasetRef) -> str:
@@ -109,6 +109,12 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
     ),
 }
+
+
+def builtin_names() -> list[str]:
+    """The built-in datasets a study may name: the IDX registry's (which tests and users may add to at run time),
+    then CIFAR's."""
+    return [*sorted(DATASETS), *CIFAR_DATASETS]
 
 
 def dataset_info(name: str) -> DatasetInfo:
