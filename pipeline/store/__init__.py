@@ -10,6 +10,7 @@ from pipeline.store.storage import (
     Storage,
     make_storage,
     open_storage,
+    open_storages,
     storage_key,
     storage_url,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "note",
     "note_epoch",
     "open_storage",
+    "open_storages",
     "open_study",
     "parent_run_id",
     "queue_trial",

@@ -51,7 +51,7 @@ def storage_url(override: str | None = None, study: str | None = None, workers: 
     """STORAGE when given. Otherwise the default store `study` (a study file name) already lives in:
     studies/optuna.db (SQLite, one worker) or studies/optuna.journal (where several local workers work);
     a new study goes to the journal when it starts with several workers."""
-    chosen = override or os.environ.get("STORAGE")
+    chosen = _chosen(override)
     if chosen:
         return chosen
     if study is None or _holds(paths.DEFAULT_STORAGE, study):
@@ -65,6 +65,19 @@ def open_storage(override: str | None = None, study: str | None = None, workers:
     """The storage `storage_url` chooses, opened."""
     url = storage_url(override, study, workers)
     return Storage(url, make_storage(url))
+
+
+def open_storages(override: str | None = None) -> list[Storage]:
+    """Every store a study file's versions may be in, each opened once: STORAGE's when given, else the default
+    stores whose file exists (none is made), in the order `storage_url` looks in them."""
+    chosen = _chosen(override)
+    defaults = (paths.DEFAULT_STORAGE, str(paths.DEFAULT_JOURNAL))
+    found = [chosen] if chosen else [url for url in defaults if (path := _store_file(url)[1]) and path.is_file()]
+    return [Storage(url, make_storage(url)) for url in found]
+
+
+def _chosen(override: str | None) -> str | None:
+    return override or os.environ.get("STORAGE")
 
 
 _StoreKind = Literal["journal", "sqlite", "server"]

@@ -47,3 +47,24 @@ def test_a_journal_url_opens_and_is_asked_as_the_journal_file_it_names(tmp_path)
     assert (tmp_path / "new" / "o.journal").is_file()
     assert storage._holds(url, "s") and storage._holds(str(tmp_path / "new" / "o.journal"), "s")
     assert not storage._holds(url, "other") and not storage._holds("postgresql://u:pw@db-host/optuna", "s")
+
+
+@pytest.fixture
+def default_stores(tmp_path, monkeypatch) -> tuple[str, Path]:
+    """The default stores moved under tmp_path, STORAGE unset."""
+    monkeypatch.delenv("STORAGE", raising=False)
+    monkeypatch.setattr(paths, "DEFAULT_STORAGE", f"sqlite:///{tmp_path}/studies/optuna.db")
+    monkeypatch.setattr(paths, "DEFAULT_JOURNAL", tmp_path / "studies" / "optuna.journal")
+    return paths.DEFAULT_STORAGE, paths.DEFAULT_JOURNAL
+
+
+def test_open_storages_opens_the_default_stores_that_exist_sqlite_first_and_makes_none(default_stores, tmp_path):
+    sqlite_url, journal = default_stores
+    assert store.open_storages() == []
+    assert not (tmp_path / "studies").exists()
+    store.make_storage(str(journal))
+    assert [s.url for s in store.open_storages()] == [str(journal)]
+    store.make_storage(sqlite_url)
+    assert [s.url for s in store.open_storages()] == [sqlite_url, str(journal)]
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    assert [s.url for s in store.open_storages(elsewhere)] == [elsewhere]  # STORAGE's, and only it
