@@ -24,7 +24,7 @@ import optuna
 
 from pipeline import store
 from pipeline.data.recorded import recorded_data, study_data
-from pipeline.search import loop, pareto, samplers
+from pipeline.search import loop, pareto
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
 from pipeline.spec import hparams, paths, studies
 from pipeline.tracking import connection
@@ -38,7 +38,7 @@ TIMED_CALLS = ("trial_started", "epoch_ended", "trial_ended", "new_best")
 def run_smoke(spec: studies.StudySpec, prepared, workdir: Path, tracked: bool) -> tuple[float, dict[str, list[float]]]:
     """Wall seconds of the smoke search (trials only) and the seconds of each tracking call."""
     storage = store.make_storage(f"sqlite:///{workdir}/optuna.db")
-    study = store.open_study(spec, storage, samplers.make_sampler, samplers.make_pruner, log=lambda m: None)
+    study = store.open_study(spec, storage, log=lambda m: None)
     calls: dict[str, list[float]] = defaultdict(list)
     tracker = Tracking.off()
     if tracked:

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_training_commands(commands: Any) -> None:
     """data, train."""
     p = commands.add_parser("data", help="land and verify datasets under data/ (offline sources first)")
-    p.add_argument("--dataset", default="all", choices=["all", *sorted(sources.DATASETS), *sources.CIFAR_DATASETS],
+    p.add_argument("--dataset", default="all", choices=["all", *sources.builtin_names()],
                    help="all: MNIST and Fashion-MNIST; CIFAR needs its archive in data/ or the internet")
     p.add_argument("--source", default="auto", choices=sources.SOURCES,
                    help="auto: present files, then the offline package, then torchvision's download")
@@ -229,7 +229,7 @@ def _add_training_commands(commands: Any) -> None:
     p = commands.add_parser("train", help="one training run of a model family's baseline (+ --set overrides)")
     p.add_argument("--model", default="cnn", choices=list(hparams.FAMILIES))
     p.add_argument("--study", default=None, help="train this study's first baseline trial instead of --model's")
-    p.add_argument("--dataset", default="mnist", choices=[*sorted(sources.DATASETS), *sources.CIFAR_DATASETS])
+    p.add_argument("--dataset", default="mnist", choices=sources.builtin_names())
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, e.g. --set lr=0.01 --set cnn_channels=[32,64] (repeatable)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from pipeline import store
 from pipeline.data.recorded import study_data
-from pipeline.search import events, loop, samplers, trial_files
+from pipeline.search import events, loop, trial_files
 from pipeline.search.stopping import TooManyFailures
 from pipeline.spec import paths, studies
 
@@ -132,7 +132,7 @@ def test_a_checkpoint_the_version_before_keyed_folders_left_is_copied_for_the_tr
 def test_complete_pruned_and_failed_trials_remove_their_checkpoints(study_env, tmp_path):
     write_study(study_env, trials=2, epochs=3)
     spec = studies.load("tiny", study_env.studies_dir)
-    study = store.open_study(spec, store.make_storage(study_env.storage), samplers.make_sampler, samplers.make_pruner,
+    study = store.open_study(spec, store.make_storage(study_env.storage),
                              log=lambda line: None)
     folder = tmp_path / "checkpoints"
     listener = FailsAndPrunes(folder)
@@ -245,7 +245,7 @@ def test_a_password_quoted_in_an_mlflow_error_reaches_no_record_output_or_trials
 
     write_study(study_env, trials=4, epochs=1, baselines=0)
     spec = studies.load("tiny", study_env.studies_dir)
-    study = store.open_study(spec, store.make_storage(study_env.storage), samplers.make_sampler, samplers.make_pruner,
+    study = store.open_study(spec, store.make_storage(study_env.storage),
                              log=lambda line: None)
     run = study_run.StudyRun(connection.connect(mlflow_store), study.study_name, spec.name, spec.metrics[0],
                             spec.directions[0], None)

@@ -47,13 +47,13 @@ from pipeline.commands.verify_export import TEST_ROWS
 from pipeline.data import imagecache, loading
 from pipeline.data.arrays import Arrays
 from pipeline.data.recorded import recorded_test_split
-from pipeline.infra import fileio
+from pipeline.infra import fileio, revision
 from pipeline.reports import plots
 from pipeline.search import champion
 from pipeline.spec import hparams, paths, sources, studies
 from pipeline.spec.errors import BadInput
 from pipeline.tracking import registry
-from pipeline.training import latency, models, reproducibility
+from pipeline.training import latency, models
 
 
 class ExportFailed(Exception):
@@ -219,7 +219,7 @@ def _config(chosen: ExportedModel, spec: studies.StudySpec, dataset: sources.Dat
         "trial_seed": chosen.trial.seed,
         "repeat": chosen.trial.repeat,  # 0: the search's own run; else the champion phase's run of the trial
         "source": chosen.source,
-        "git_commit": reproducibility.git_commit(),
+        "git_commit": revision.git_commit(),
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
         "evaluation": {"threads": threads, "batch_size": verify_export.EVAL_BATCH},
     }

@@ -26,7 +26,7 @@ from pipeline.data import loading
 from pipeline.data.recorded import study_data
 from pipeline.infra import urls
 from pipeline.infra.urls import shown
-from pipeline.search import loop, pareto, samplers, seeds, workers
+from pipeline.search import loop, pareto, seeds, workers
 from pipeline.search.champion import first_value
 from pipeline.search.events import Listener, Listeners
 from pipeline.search.options import SearchOptions, SearchOutcome, SearchView
@@ -52,7 +52,7 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     prepared: loading.PreparedData | None = study_data(spec, options.root,
                                                       device if options.worker_count == 1 else "cpu")
     salt = f"{socket.gethostname()}/worker{options.worker}" if options.worker is not None else ""
-    study = store.open_study(spec, storage.backend, samplers.make_sampler, samplers.make_pruner,
+    study = store.open_study(spec, storage.backend,
                              fresh=options.fresh, log=view.say,
                              on_create=lambda new_study: tracking.start(spec, new_study, contested=False),
                              sampler_salt=salt)
@@ -117,7 +117,7 @@ def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.B
                                 decision)
     except Exception as exc:
         warn(f"warning: the report page could not be written ({type(exc).__name__}: "
-             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); `make report STUDY={spec.name}` tries again")
+             f"{urls.error_line(exc, limit=200)}); `make report STUDY={spec.name}` tries again")
         return None
 
 

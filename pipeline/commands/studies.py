@@ -14,13 +14,14 @@ from pipeline.spec.studies import StudyError, StudySpec
 
 
 def study_states(studies_dir: Path, storage_override: str | None = None) -> list[store.StudyState]:
-    """Each study file's current version: its trials done, best values and whether it runs, is done or resumes."""
+    """Each study file's current version: its trials done, best values and whether it runs, is done or resumes.
+    Each store is opened once, and a default store that does not exist is not made."""
     states = []
+    storages = store.open_storages(storage_override)
     for name in studies.available(studies_dir):
         spec = studies.load(name, studies_dir)
-        try:
-            study = store.find_study(spec, store.open_storage(storage_override, name).backend)
-        except StudyError:
+        study = next((found for found in (_find(spec, storage) for storage in storages) if found), None)
+        if study is None:
             states.append(store.StudyState(name, f"{name}.toml", 0, spec.trials, None, "not started"))
             continue
         done = store.finished_count(study)
@@ -28,6 +29,15 @@ def study_states(studies_dir: Path, storage_override: str | None = None) -> list
         states.append(store.StudyState(study.study_name, f"{name}.toml", done, spec.trials, store.best_values(study),
                                        state))
     return states
+
+
+def _find(spec: StudySpec, storage: store.Storage) -> optuna.Study | None:
+    """The study file's current version in `storage`, None when it is not there (storage_url's order decides
+    between the default stores: SQLite first)."""
+    try:
+        return store.find_study(spec, storage.backend)
+    except StudyError:
+        return None
 
 
 def baseline_params(spec: StudySpec) -> dict[str, Any]:

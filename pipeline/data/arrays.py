@@ -6,7 +6,6 @@ where a folder without a test/ split has one carved, stratified and seeded, the 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,13 @@ import torch
 from pipeline.data import cifar, datasets, folders, imagecache, landing
 from pipeline.data.images import Preprocessing
 from pipeline.data.splits import stratified_split
+from pipeline.infra.text import print_to_stderr
 from pipeline.spec import sources
 from pipeline.spec.errors import DataError
 from pipeline.spec.paths import DATA_ROOT, PROJECT_ROOT
 from pipeline.spec.sources import CIFAR_DATASETS, DIGITS, DatasetRef, FolderSource
 
 TEST_SPLIT_SEED = 1000  # carving a folder's test split: fixed, so every study of the folder holds out the same
-
-
-def print_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)

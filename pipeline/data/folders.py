@@ -25,7 +25,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from pipeline.data.datasets import sha256_file
 from pipeline.data.images import FORMATS, Preprocessing, decode_files, is_gray_mode
 from pipeline.infra.concurrency import available_cores
 from pipeline.infra.fileio import write_atomic
-from pipeline.infra.text import printable
+from pipeline.infra.text import print_to_stderr, printable
 from pipeline.spec.errors import DataError
 from pipeline.spec.sources import FolderSource
 
@@ -266,10 +265,6 @@ def _resolve_channels(listing: Listing, channels: str) -> str:
     return "gray"
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _progress_bar() -> Progress:
     """The decoding bar (count, images/s, elapsed) on stderr; off when stderr is no terminal, gone when done."""
     console = Console(stderr=True)
@@ -279,7 +274,7 @@ def _progress_bar() -> Progress:
 
 
 def decode_into_cache(listing: Listing, source: FolderSource, key: str, data_root: Path,
-                      log: Callable[[str], None] = _stderr) -> Path:
+                      log: Callable[[str], None] = print_to_stderr) -> Path:
     """Decode every picture once (all cores, a progress bar with images/s) into a new cache folder."""
     channels = _resolve_channels(listing, source.channels)
     preprocessing = Preprocessing(source.image_size, channels)
@@ -340,7 +335,7 @@ def decode_into_cache(listing: Listing, source: FolderSource, key: str, data_roo
 
 
 def land_folder(source: FolderSource, project_root: Path, data_root: Path,
-                log: Callable[[str], None] = _stderr) -> imagecache.CachedImages:
+                log: Callable[[str], None] = print_to_stderr) -> imagecache.CachedImages:
     """The folder's cache, decoding it first when its digest has none yet."""
     root = resolve_root(source, project_root)
     listing = (list_csv(root, source.csv, source.follow_links) if source.csv

@@ -47,7 +47,6 @@ FORMAT_VERSION = 1
 PARTIAL_PATTERN = re.compile(r"^\..+\.partial-(?P<pid>\d+)$")  # CacheWriter's temporary folders
 MANIFEST_KEYS = ("digest", "classes", "source", "preprocessing")  # every format-1 manifest has them
 CHECKSUMMED = ("labels.npy", "split.npy")  # small enough to hash on every open; images.npy gets its size checked
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 COPY_BYTES = 64 << 20  # images read into memory at a time when the skipped ones are dropped from the cache
 
 
@@ -243,7 +242,7 @@ class CacheWriter:
         try:
             yield
         except OSError as exc:
-            if exc.errno not in NO_ROOM:
+            if exc.errno not in fileio.NO_ROOM:
                 raise
             self.abandon()
             folder = self.final.parent
@@ -275,13 +274,8 @@ def _reserved_memmap(path: Path, shape: tuple[int, ...]) -> np.memmap:
     """
     with open(path, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        size = f.tell() + math.prod(shape)
-        try:
-            os.posix_fallocate(f.fileno(), 0, size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            f.truncate(size)  # a file system that cannot allocate ahead: sparse, as numpy would make it
+        f.flush()
+        fileio.reserve(f.fileno(), f.tell() + math.prod(shape))
     return np.lib.format.open_memmap(path, mode="r+")
 
 

@@ -22,6 +22,7 @@ from pipeline.infra.concurrency import process_alive
 
 # write_atomic's temporary names: .<name>.<pid>.<8 random characters from mkstemp>.tmp
 TEMP_PATTERN = re.compile(r"^\..+\.(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that found no room: a full disk, a quota, a size limit
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -108,19 +109,31 @@ def remove(path: Path) -> None:
         Path(path).unlink(missing_ok=True)
 
 
+def reserve(fd: int, size: int) -> None:
+    """Allocate the disk blocks of the first `size` bytes of the open file `fd` (growing it to `size`), so that a
+    full disk, a quota or a file-size limit is an OSError (NO_ROOM) here, not a crash later: a write through a
+    memory map that finds no room kills the process (SIGBUS), and some writers abort. A file system that cannot
+    allocate ahead (EOPNOTSUPP, EINVAL) gets zeros written after the file's end instead, flushed to disk."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        zeros = memoryview(bytes(1 << 20))
+        offset = os.fstat(fd).st_size
+        while offset < size:
+            offset += os.pwrite(fd, zeros[:size - offset], offset)
+        os.fsync(fd)
+
+
 def ensure_room(size: int, directories: list[Path | None], copies: int = 1) -> None:
-    """Raise OSError (ENOSPC, EFBIG) now if `copies` files of `size` bytes cannot be held at once in each folder
-    (None: a folder on another machine's disk, skipped), for writers that fail badly on a full disk: probe files,
-    written and removed with ordinary Python I/O, fail cleanly instead."""
-    chunk = bytes(1 << 20)
+    """Raise OSError (NO_ROOM) now if `copies` files of `size` bytes cannot be held at once in each folder (None: a
+    folder on another machine's disk, skipped), for writers that fail badly on a full disk: probe files, reserved
+    (`reserve`) and removed, fail cleanly instead."""
     for directory in directories:
         if directory is None:
             continue
         directory.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as probes:
             for _ in range(copies):
-                probe = probes.enter_context(tempfile.TemporaryFile(dir=directory))
-                for _ in range(-(-size // len(chunk))):
-                    probe.write(chunk)
-                probe.flush()
-                os.fsync(probe.fileno())
+                reserve(probes.enter_context(tempfile.TemporaryFile(dir=directory)).fileno(), size)

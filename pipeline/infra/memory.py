@@ -41,7 +41,7 @@ def memory_budget(processes: int = 1) -> MemoryBudget:
 
     Available is the kernel's MemAvailable (free memory plus the page cache it can drop), or less where a memory
     cgroup above this process (a container's, a systemd slice's) leaves less room under its limit. Without /proc
-    (not Linux) it is the physical memory, as before.
+    (not Linux) it is the physical memory.
     """
     available, source = _mem_available()
     for cgroup in memory_cgroups():

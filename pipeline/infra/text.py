@@ -7,6 +7,7 @@ nothing more for it.
 from __future__ import annotations
 
 import re
+import sys
 
 HIDDEN = "***"
 
@@ -32,6 +33,11 @@ def printable(text: str, one_line: bool = False) -> str:
     password; `one_line` drops tabs and newlines too (a label, a name in a list)."""
     text = _CONTROL_CHARACTERS.sub("", masked_text(text))
     return _LINE_BREAKS.sub("", text) if one_line else text
+
+
+def print_to_stderr(message: str) -> None:
+    """Print a line on stderr at once (progress and repairs: a worker's stdout carries its events)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def byte_size(nbytes: int) -> str:

@@ -56,6 +56,14 @@ def hide_in(text: str, *urls: str | None) -> str:
     return text
 
 
+def error_line(exc: BaseException, *urls: str | None, limit: int = 300) -> str:
+    """What a one-line error says of `exc`: the first line of its message that is not blank (its type's name when
+    there is none), with every URL's password masked (`hide_in`: a driver may quote the URL it was given), then
+    cut to `limit` characters."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return hide_in(first, *urls)[:limit]
+
+
 def _password(url: str) -> str | None:
     try:
         return urlsplit(url).password

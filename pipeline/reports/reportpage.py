@@ -27,12 +27,12 @@ from typing import Any
 import optuna
 
 from pipeline import store
-from pipeline.infra import fileio
+from pipeline.infra import fileio, revision
+from pipeline.infra.urls import error_line
 from pipeline.search import champion, pareto
 from pipeline.search.pruning import PruneReason
 from pipeline.spec import paths, studies, tables
 from pipeline.spec.studies import StudySpec
-from pipeline.training import reproducibility
 
 TEMPLATE = Path(__file__).with_name("report_page.html.j2")
 TOP_TRIALS = 10
@@ -191,7 +191,7 @@ def _figures(spec: StudySpec, study: optuna.Study, records: list[store.TrialReco
                 warnings.simplefilter("ignore")
                 figure = draw()
         except Exception as exc:  # e.g. importances need two complete trials that differ
-            figures[key] = Figure(title, missing=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            figures[key] = Figure(title, missing=error_line(exc))
             continue
         figure.update_layout(title=None, margin={"t": 30, "l": 60, "r": 20, "b": 50}, height=460)
         figures[key] = Figure(title, figure.to_html(full_html=False, include_plotlyjs=False, config=FIGURE_CONFIG))
@@ -319,7 +319,7 @@ def _export(directory: Path, study_name: str) -> dict[str, Any] | None:
 
 
 def _provenance(best: store.TrialRecord | None) -> dict[str, str]:
-    found = {"code (this report)": reproducibility.git_commit(), "python": platform.python_version()}
+    found = {"code (this report)": revision.git_commit(), "python": platform.python_version()}
     for package in ("torch", "torchvision", "optuna", "mlflow", "plotly"):
         try:
             found[package] = importlib.metadata.version(package)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from pipeline import store
@@ -55,7 +54,7 @@ def companion_name(study_name: str) -> str:
 
 def open_companion(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
     """The study's champion-phase runs, created on first use. Every run is queued, so the sampler never samples."""
-    direction = StudyDirection.MAXIMIZE if spec.directions[0] == "maximize" else StudyDirection.MINIMIZE
+    direction = spec.directions[0]  # "maximize" or "minimize", as Optuna takes it
     return optuna.create_study(study_name=companion_name(study_name), storage=storage, load_if_exists=True,
                                direction=direction, sampler=optuna.samplers.RandomSampler(seed=0),
                                pruner=optuna.pruners.NopPruner())

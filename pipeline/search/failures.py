@@ -8,13 +8,13 @@ trial would fail the same way.
 
 from __future__ import annotations
 
-import errno
 import traceback
 from collections.abc import Callable
 
 import optuna
 
 from pipeline import store
+from pipeline.infra.fileio import NO_ROOM
 from pipeline.infra.text import masked_text
 from pipeline.search.events import TrialEnded
 from pipeline.search.stopping import TooManyFailures
@@ -51,7 +51,7 @@ def disk_full(exc: BaseException) -> bool:
     """Is `exc` (or what caused it) a write that found no room?"""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if isinstance(seen, OSError) and seen.errno in NO_ROOM:
             return True
         if any(sign in str(seen) for sign in DISK_FULL_SIGNS):
             return True

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import same_process
+from pipeline.infra.urls import error_line
 from pipeline.search.events import Listener, TrialEnded
 from pipeline.search.failures import DISK_FULL, disk_full, disk_full_message, failures_in_a_row
 from pipeline.search.objective import SURPLUS, Objective, SearchTrials
@@ -169,7 +170,7 @@ def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> 
         listener.trial_ended(ended)
     except Exception as exc:  # the trial is safe in Optuna; MLflow is told at the end of the run
         listener.warning(f"the end of trial {ended.number} could not be recorded in MLflow "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); the search goes on")
+                         f"({type(exc).__name__}: {error_line(exc, limit=200)}); the search goes on")
     return ended
 
 

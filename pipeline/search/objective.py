@@ -27,13 +27,14 @@ from optuna.trial import TrialState
 from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import process_identity
-from pipeline.search import pareto, pruning, samplers
+from pipeline.search import pareto, pruning
 from pipeline.search.events import Listener, TrialStarted
 from pipeline.search.failures import failing_trial, record_failure
 from pipeline.search.stopping import StopRequest, SurplusTrial
 from pipeline.search.trial_files import adopt_unkeyed, checkpoint_path, remove_checkpoint
 from pipeline.spec import hparams, space, studies, tables
 from pipeline.spec.studies import StudySpec
+from pipeline.store import samplers
 from pipeline.training import latency, models, train
 from pipeline.training.checkpoints import ForeignCheckpoint
 

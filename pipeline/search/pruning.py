@@ -22,8 +22,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline import store
-from pipeline.search import samplers
 from pipeline.spec.tables import PRUNED_ON
+from pipeline.store import samplers
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def _check_name(spec: StudySpec, path: Path, fail: Fail) -> None:
 
 def _check_choices(spec: StudySpec, fail: Fail) -> None:
     """The dataset, model, sampler, pruner and metrics are ones the pipeline has."""
-    builtin = [*sources.DATASETS, *sources.CIFAR_DATASETS]  # the IDX registry may hold more (tests, users)
+    builtin = sources.builtin_names()
     if isinstance(spec.dataset, str) and spec.dataset not in builtin:
         fail("dataset", f"{spec.dataset!r} is not one of {', '.join(builtin)}; or give your own pictures "
                         "as a [dataset] table with path = \"...\" (README: Your own images)")

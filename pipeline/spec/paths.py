@@ -1,7 +1,8 @@
 """Where the project keeps its files, all resolved from the project root so any working directory works.
 
 Every default location is named here once: the data folder, study files, the default Optuna and
-MLflow stores, exports. STORAGE and MLFLOW_TRACKING_URI override the stores (see store.py, tracking.py).
+MLflow stores, exports. STORAGE and MLFLOW_TRACKING_URI override the stores (store/storage.py,
+tracking/connection.py).
 """
 
 from __future__ import annotations

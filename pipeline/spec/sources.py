@@ -15,7 +15,6 @@ from pipeline.spec.errors import DataError
 
 IDX_DATASETS = ("mnist", "fashion-mnist")  # IDX files (datasets.py)
 CIFAR_DATASETS = ("cifar10", "cifar100")  # torchvision's python archives (cifar.py)
-BUILTIN = (*IDX_DATASETS, *CIFAR_DATASETS)
 DIGITS = IDX_DATASETS  # their default augmentation is the digits affine (never flips)
 Channels = Literal["auto", "rgb", "gray"]
 AUGMENT_POLICIES = ("auto", "digits", "natural", "none")
@@ -110,6 +109,12 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
     ),
 }
+
+
+def builtin_names() -> list[str]:
+    """The built-in datasets a study may name: the IDX registry's (which tests and users may add to at run time),
+    then CIFAR's."""
+    return [*sorted(DATASETS), *CIFAR_DATASETS]
 
 
 def dataset_info(name: str) -> DatasetInfo:

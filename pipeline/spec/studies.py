@@ -26,6 +26,7 @@ from pipeline.spec.tables import (
     Bound,
     ChampionTable,
     DatasetTable,
+    Direction,
     Objective,
     ParetoTable,
     SearchParam,
@@ -72,16 +73,16 @@ class StudySpec(Table):
         return self
 
     @property
-    def data(self) -> str | sources.FolderSource:
+    def data(self) -> sources.DatasetRef:
         """What data.prepare takes: a built-in dataset's name, or the folder source."""
-        return self.dataset if isinstance(self.dataset, str) else sources.FolderSource(**self.dataset.model_dump())
+        return dataset_ref(self.dataset)
 
     @property
     def dataset_label(self) -> str:
         return sources.dataset_label(self.data)
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         """Each objective's direction: the file's, else its metric's (every metric of a loaded study has one)."""
         return [o.direction or METRICS[o.metric] for o in self.objectives]
 
@@ -141,9 +142,11 @@ def with_overrides(spec: StudySpec, **overrides: Any) -> StudySpec:
         raise StudyError(f"studies/{spec.name}.toml with the command line's override: {_describe(exc)}") from None
 
 
-def dataset_ref(recorded: str | dict) -> str | sources.FolderSource:
-    """A study's (or a recorded definition's) dataset as data.prepare takes it."""
-    return recorded if isinstance(recorded, str) else sources.FolderSource(**recorded)
+def dataset_ref(dataset: str | dict | DatasetTable) -> sources.DatasetRef:
+    """A study's dataset (or a recorded definition's) as data.prepare takes it."""
+    if isinstance(dataset, str):
+        return dataset
+    return sources.FolderSource(**(dataset.model_dump() if isinstance(dataset, DatasetTable) else dataset))
 
 
 # --------------------------------------------------------------------------------------------------

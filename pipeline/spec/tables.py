@@ -13,10 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.spec import sources
 
+Direction = Literal["maximize", "minimize"]  # as Optuna takes it
 # Metrics a trial can be judged by: the last-epoch-free ones come from the best epoch.
-METRICS = {"val_accuracy": "maximize", "val_loss": "minimize", "parameter_count": "minimize",
+METRICS: dict[str, Direction] = {"val_accuracy": "maximize", "val_loss": "minimize", "parameter_count": "minimize",
            "flops_per_image": "minimize", "latency_ms": "minimize"}
-# The metrics a trial has every epoch: what a pruner can judge it on (search.py, pruning.py), in order of preference.
+# The metrics a trial has every epoch: what a pruner can judge it on (search/objective.py, search/pruning.py), in
+# order of preference.
 PRUNED_ON = ("val_accuracy", "val_loss")
 
 
@@ -69,7 +71,7 @@ def active(param: Param, chosen: dict[str, Any]) -> bool:
 
 class Objective(Table):
     metric: str = "val_accuracy"
-    direction: Literal["maximize", "minimize"] | None = None
+    direction: Direction | None = None
 
 
 class Bound(Table):

@@ -1,6 +1,7 @@
-"""Optuna's storage: opening and repairing stores, study versions, the trial record and the trial queue.
+"""Optuna's storage: opening and repairing stores, study versions (with the study file's sampler and pruner), the
+trial record and the trial queue.
 
-Torch-free; the only package (with search/samplers.py's Hyperband rungs) that touches Optuna's private API.
+Torch-free; the only package that touches Optuna's private API.
 """
 
 from pipeline.store.storage import (
@@ -9,6 +10,7 @@ from pipeline.store.storage import (
     Storage,
     make_storage,
     open_storage,
+    open_storages,
     storage_key,
     storage_url,
 )
@@ -75,6 +77,7 @@ __all__ = [
     "note",
     "note_epoch",
     "open_storage",
+    "open_storages",
     "open_study",
     "parent_run_id",
     "queue_trial",

@@ -2,7 +2,9 @@
 
 What a trial records beyond Optuna's own fields (its seed, full params, per-epoch history, owner, data identity,
 failure) is stored as user attributes under the same keys as ever: written by `note`, `note_epoch` and
-`trial_queue.queue_trial`, read by `record_of`, nowhere else.
+`trial_queue.queue_trial`, read by `record_of`; a running trial's own few (its first attempt, a champion-phase
+run's confirmation_of and repeat) are also read straight from its attributes (trial_queue.py, search/seeds.py,
+search/objective.py).
 """
 
 from __future__ import annotations
@@ -68,10 +70,6 @@ class TrialRecord:
         return all(v <= 0 for v in self.constraints.values())
 
 
-OPTUNA_FIELDS = ("number", "state", "values", "sampled", "seconds", "completed_at", "started_at", "constraints")
-RECORDED = tuple(f.name for f in dataclasses.fields(TrialRecord) if f.name not in OPTUNA_FIELDS)
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrialNotes:
     """Fields of a trial's TrialRecord to write: each one given is stored as the user attribute of its name, with
@@ -109,6 +107,9 @@ class TrialNotes:
         """The user attributes these notes write: the fields given, under their names."""
         given = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
         return {name: value for name, value in given if value is not None}
+
+
+RECORDED = tuple(f.name for f in dataclasses.fields(TrialNotes))  # the user attributes record_of reads
 
 
 def record_of(trial: optuna.trial.FrozenTrial) -> TrialRecord:

@@ -15,16 +15,13 @@ import optuna
 
 from pipeline.spec import space, studies
 from pipeline.spec.studies import StudyError, StudySpec
+from pipeline.store.samplers import make_pruner, make_sampler
 from pipeline.store.trial_queue import queue_trial
 from pipeline.store.trial_records import TrialNotes, finished_count
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 REPLAYS_ATTR = "replays"
 FINGERPRINT_WAIT_SECONDS = 30.0
-
-# The search layer's sampler (given its seed) and pruner for a study file (search/samplers.py makes them).
-SamplerMaker = Callable[[StudySpec, int], optuna.samplers.BaseSampler]
-PrunerMaker = Callable[[StudySpec], optuna.pruners.BasePruner]
 
 
 @dataclass(frozen=True)
@@ -96,11 +93,11 @@ def replays(study: optuna.Study) -> dict[str, dict[str, Any]]:
     return study.user_attrs.get(REPLAYS_ATTR, {})
 
 
-def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, make_sampler: SamplerMaker,
-               make_pruner: PrunerMaker, fresh: bool = False, log: Callable[[str], None] = print,
-               on_create: Callable[[optuna.Study], None] = lambda study: None, sampler_salt: str = "") -> optuna.Study:
-    """Create or resume the study's current version, with the sampler and pruner `make_sampler` and `make_pruner`
-    give the study file; FRESH starts the next version.
+def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: bool = False,
+               log: Callable[[str], None] = print, on_create: Callable[[optuna.Study], None] = lambda study: None,
+               sampler_salt: str = "") -> optuna.Study:
+    """Create or resume the study's current version, with the study file's sampler and pruner (samplers.py);
+    FRESH starts the next version.
 
     Safe when several processes start at once: creating a study is atomic in the storage, the loser
     resumes it, and the creator sets the `fingerprint` attribute last, after queueing the baselines
@@ -114,7 +111,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, make_sampl
     name = study_name(spec.name, version)
     if not found or fresh:
         try:
-            study = optuna.create_study(study_name=name, storage=storage, directions=_directions(spec),
+            study = optuna.create_study(study_name=name, storage=storage, directions=spec.directions,
                                         sampler=make_sampler(spec, studies.derive_seed(spec.seed, 0)),
                                         pruner=make_pruner(spec))
         except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago: join it
@@ -135,11 +132,6 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, make_sampl
     log(f"resuming study {name!r}: {done} of {spec.trials} trials finished")
     _enqueue_new_baselines(spec, study, log)
     return study
-
-
-def _directions(spec: StudySpec) -> list[optuna.study.StudyDirection]:
-    """The study file's directions ("maximize", "minimize") as Optuna's own type."""
-    return [optuna.study.StudyDirection[direction.upper()] for direction in spec.directions]
 
 
 def _check_fingerprint(spec: StudySpec, study: optuna.Study, version: int, log: Callable[[str], None]) -> None:

@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.infra import sqlitecheck
 from pipeline.infra.concurrency import open_store
-from pipeline.infra.urls import hide_in, shown
+from pipeline.infra.urls import error_line, shown
 from pipeline.spec import paths
 from pipeline.spec.errors import BadInput
 
@@ -75,7 +75,7 @@ def connect(uri: str | None = None) -> MlflowClient:
     try:
         return open_store(open_)
     except Exception as exc:  # unwritable or locked file, refused connection, wrong credentials
-        reason = hide_in(str(exc).splitlines()[0][:300], uri)  # a driver may quote the URL or its password
+        reason = error_line(exc, uri)
         if _refused_login(exc):
             hint = ("the server asks for a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an "
                     "account of its basic-auth user store")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from pipeline import store
-from pipeline.infra.urls import hide_in, shown
+from pipeline.infra.urls import error_line, shown
 from pipeline.search import champion, pareto
 from pipeline.search.events import Listener, TrialEnded
 from pipeline.search.loop import trial_ended
@@ -97,7 +97,7 @@ class Tracking:
         try:
             lines = self._finish(run, spec, study, storage, status, decision, page)
         except Exception as exc:
-            reason = hide_in(str(exc).splitlines()[0][:200], run.client.tracking_uri)
+            reason = error_line(exc, run.client.tracking_uri, limit=200)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
                       f"{reason}); the trials are saved in Optuna and the next run "
                       "brings MLflow up to date")

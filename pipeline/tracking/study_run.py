@@ -40,13 +40,12 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
-from pipeline.infra import fileio
+from pipeline.infra import fileio, revision
 from pipeline.infra.text import masked_text
 from pipeline.reports import plots
 from pipeline.search.events import Listener, TrialEnded, TrialStarted
 from pipeline.tracking import registry
 from pipeline.tracking.connection import artifact_root
-from pipeline.training import reproducibility
 
 if TYPE_CHECKING:  # annotations only: tracking never trains or predicts itself
     from pipeline.data.loading import PreparedData
@@ -78,7 +77,7 @@ def provenance(data: PreparedData) -> dict[str, str]:
         "split_hash": data.split_hash,
         "train_images": str(len(data.train)),
         "val_images": str(len(data.val)),
-        "git_commit": reproducibility.git_commit(),
+        "git_commit": revision.git_commit(),
         "torch_version": torch.__version__,
         "optuna_version": importlib.metadata.version("optuna"),
         "mlflow_version": mlflow.__version__,

@@ -10,7 +10,7 @@ from tiny_study import write_study
 
 from pipeline import store
 from pipeline.data.recorded import study_data
-from pipeline.search import events, loop, pareto, samplers
+from pipeline.search import events, loop, pareto
 from pipeline.spec import studies
 from pipeline.tracking.lifecycle import Tracking
 
@@ -29,8 +29,7 @@ EVENTS_STUDY = {
 def setup(tmp_path: Path, root: Path, trials: int = 3, epochs: int = 2):
     """(spec, study, prepared) for a tiny study in tmp_path."""
     spec = studies.load(write_study(tmp_path, trials=trials, epochs=epochs, **EVENTS_STUDY))
-    study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/optuna.db"), samplers.make_sampler,
-                             samplers.make_pruner, log=lambda m: None)
+    study = store.open_study(spec, store.make_storage(f"sqlite:///{tmp_path}/optuna.db"), log=lambda m: None)
     return spec, study, study_data(spec, root, "cpu")
 
 
@@ -113,7 +112,7 @@ def test_tracking_off_gives_a_listener_that_does_nothing(tmp_path):
         assert call() is None
     spec = studies.load("smoke")
     storage = store.make_storage(f"sqlite:///{tmp_path}/o.db")
-    study = store.open_study(spec, storage, samplers.make_sampler, samplers.make_pruner, log=lambda m: None)
+    study = store.open_study(spec, storage, log=lambda m: None)
     tracking.start(spec, study)
     assert tracking.run is None and store.parent_run_id(study) is None  # nothing reached MLflow
     assert tracking.finish(spec, study, storage, "FINISHED", pareto.decide(spec, study), warn=pytest.fail) == []

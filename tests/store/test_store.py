@@ -24,7 +24,7 @@ def test_optuna_version_is_the_one_the_private_calls_were_checked_against():
     assert optuna.__version__.startswith("5.0."), (
         f"Optuna is {optuna.__version__}: the private calls below were checked against Optuna 5.0; re-check "
         "store.fail_trial, store.requeue_if_queued and store.take_retries_first (and their tests here) and "
-        "search/samplers.py's Hyperband rungs (tests/test_samplers.py), then update this pin")
+        "store/samplers.py's Hyperband rungs (tests/store/test_samplers.py), then update this pin")
 
 
 @pytest.fixture(params=["sqlite", "journal"])
@@ -173,7 +173,9 @@ def test_epochs_noted_one_at_a_time_read_as_the_history_and_a_copied_trials_epoc
 def test_trial_notes_are_the_records_own_fields_each_of_the_same_type_or_none():
     record_types = {f.name: f.type for f in dataclasses.fields(store.TrialRecord)}
     notes = dataclasses.fields(store.TrialNotes)
-    assert tuple(f.name for f in notes) == trial_records.RECORDED
+    assert {f.name for f in notes} <= set(record_types)
+    # Optuna's fields first, then ours: every field after Optuna's is one a note writes and record_of reads back.
+    assert [*record_types][-len(notes):] == [f.name for f in notes] == [*trial_records.RECORDED]
     for f in notes:
         assert f.type in (record_types[f.name], f"{record_types[f.name]} | None"), f.name
         assert f.default is None, f.name

@@ -1,4 +1,5 @@
-"""search/samplers.py: the pruners judge from half-way through training, and a Hyperband rung waits for its quorum."""
+"""store/samplers.py: each sampler and pruner name a study file may give makes its own, the pruners judge from
+half-way through training, and a Hyperband rung waits for its quorum."""
 
 from __future__ import annotations
 
@@ -8,7 +9,33 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.search import samplers
+from pipeline.spec import checks
+from pipeline.store import samplers
+
+SAMPLER_TYPES = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+                 "gp": optuna.samplers.GPSampler, "cmaes": optuna.samplers.CmaEsSampler,
+                 "nsga2": optuna.samplers.NSGAIISampler}
+PRUNER_TYPES = {"hyperband": samplers.QuorumHyperband, "median": optuna.pruners.MedianPruner,
+                "none": optuna.pruners.NopPruner}
+
+
+@pytest.mark.parametrize("name", checks.SAMPLERS)
+def test_each_sampler_a_study_file_may_name_makes_its_own(name):
+    made = samplers.make_sampler(types.SimpleNamespace(sampler=name), 3)
+    assert type(made) is SAMPLER_TYPES[name]
+
+
+@pytest.mark.parametrize("name", checks.PRUNERS)
+def test_each_pruner_a_study_file_may_name_makes_its_own(name):
+    made = samplers.make_pruner(types.SimpleNamespace(pruner=name, epochs=5))
+    assert type(made) is PRUNER_TYPES[name]
+
+
+def test_an_unknown_sampler_or_pruner_is_refused_not_replaced():
+    with pytest.raises(ValueError, match="'nsga3'"):
+        samplers.make_sampler(types.SimpleNamespace(sampler="nsga3"), 3)
+    with pytest.raises(ValueError, match="'asha'"):
+        samplers.make_pruner(types.SimpleNamespace(pruner="asha", epochs=5))
 
 
 @pytest.mark.parametrize(("epochs", "first"), [(1, 1), (2, 1), (3, 2), (5, 3), (8, 4), (20, 10)])

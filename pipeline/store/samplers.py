@@ -2,8 +2,9 @@
 both judging from half-way through training, and what a Hyperband rung judged (for pruning.py's explanations).
 
 Reading a Hyperband rung needs Optuna's private API (`hyperband_bracket`, `hyperband_reduction_factor`,
-`RUNG_PREFIX`); each use is wrapped once here (tests/test_samplers.py; the Optuna version is pinned in
-tests/test_store.py).
+`RUNG_PREFIX`); each use is wrapped once here (tests/store/test_samplers.py; the Optuna version is pinned in
+tests/store/test_store.py). `versions.open_study` gives a study the sampler and pruner made here; search/pruning.py
+explains a prune with the rungs read here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.GPSampler(seed=seed)
     if spec.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed)
-    return optuna.samplers.NSGAIISampler(seed=seed)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    raise ValueError(f"unknown sampler {spec.sampler!r}")  # checks.SAMPLERS keeps a study file to the ones above
 
 
 def first_pruned_epoch(epochs: int) -> int:
@@ -87,7 +90,6 @@ def last_rung(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study, trial
     return Rung(max(rungs), bracket, values)
 
 
-
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     """Hyperband: successive halving (keep the better half, reduction factor 2) from half-way through training,
     each rung judging once 4 trials reached it (`QuorumHyperband`): a 5-epoch study has one rung, at epoch 3, and
@@ -99,7 +101,9 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return QuorumHyperband(min_resource=first, max_resource=spec.epochs, reduction_factor=2)
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=first)
-    return optuna.pruners.NopPruner()
+    if spec.pruner == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"unknown pruner {spec.pruner!r}")  # checks.PRUNERS keeps a study file to the ones above
 
 
 def hyperband_bracket(pruner: optuna.pruners.HyperbandPruner, study: optuna.Study,
