@@ -63,8 +63,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         options = train.TrainOptions(args.dataset, args.root, args.device, args.seed, args.threads, args.val_size,
                                      args.train_limit, args.val_limit, args.checkpoint)
     params.update(parse_assignment(item) for item in args.set)
-    with train_view.TrainView(hparams.resolve_params(params)["epochs"]) as view:
-        result = train.train_one(params, options, view)
+    resolved = hparams.resolve_params(params)  # bad parameters stop here, before the data is loaded
+    with train_view.TrainView(resolved["epochs"]) as view:
+        result = train.train_one(resolved, options, view)
     view.result(result)
     return 0
 
@@ -91,8 +92,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     outcome = search.run_search(spec, options, view)
     if args.worker is None:
         tables.search_result(spec, outcome)
-    if outcome.stop_reason == StopReason.INTERRUPTED and outcome.signal_number is not None:  # names its signal
-        return 128 + outcome.signal_number
+    if outcome.stop_reason == StopReason.INTERRUPTED:
+        return 128 + outcome.stop_signal
     return 1 if outcome.stop_reason == StopReason.FAILED else 0
 
 

@@ -570,14 +570,14 @@ def write_tracking_study(env: StudyEnv, trials: int, **overrides) -> None:
 @pytest.fixture
 def tracked_env_failing_at_lr(study_env, mlflow_store, monkeypatch) -> StudyEnv:
     """The study env tracking into this test's MLflow store; trials with lr = FAILING_LR fail with an exception."""
-    real_fit = train.fit
+    real_train = train.train_network
 
-    def fail_at_lr(params, *args, **kwargs):
-        if params.get("lr") == FAILING_LR:
+    def fail_at_lr(network, *args, **kwargs):
+        if network.p.get("lr") == FAILING_LR:
             raise RuntimeError("injected failure inside the trainer")
-        return real_fit(params, *args, **kwargs)
+        return real_train(network, *args, **kwargs)
 
-    monkeypatch.setattr(train, "fit", fail_at_lr)
+    monkeypatch.setattr(train, "train_network", fail_at_lr)
     return study_env
 
 

@@ -2,9 +2,9 @@
 
 It opens the store, the study, the data and (unless it is off) MLflow tracking, runs the search loop
 in this process or in worker processes, then the champion phase when the study has one, writes the study's
-report page and closes the study's MLflow side. What it shows goes through `view` (views.py draws it on the
-console, a worker's view sends event lines to its coordinator); the trial-level work is search/loop.py's, the
-MLflow side tracking/lifecycle.py's.
+report page and closes the study's MLflow side. What it shows goes through `view`, an events.SearchView
+(console/search_view.py draws it on the console, a worker's workers.EventView sends event lines to its
+coordinator); the trial-level work is search/loop.py's, the MLflow side tracking/lifecycle.py's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
@@ -27,9 +26,9 @@ from pipeline.data.recorded import study_data
 from pipeline.infra import urls
 from pipeline.infra.urls import shown
 from pipeline.search import loop, pareto, seeds, workers
-from pipeline.search.champion import first_value
-from pipeline.search.events import Listener, Listeners
-from pipeline.search.options import SearchOptions, SearchOutcome, SearchView
+from pipeline.search.champion import Standings
+from pipeline.search.events import Listeners, SearchView
+from pipeline.search.options import SearchOptions, SearchOutcome
 from pipeline.search.stopping import Interrupted, StudyStopped, TooManyFailures
 from pipeline.search.trial_files import checkpoint_folder
 from pipeline.spec.errors import BadInput
@@ -45,12 +44,11 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     """Run or resume the study until its budget is reached, the time is spent or a signal arrives."""
     device = pick_device(options.device)
     options, why_workers = _decide_workers(spec, options, device)
-    tracking = Tracking.connect(spec, view) if options.tracking else Tracking.off()
+    tracking = Tracking.connect(view.say) if options.tracking else Tracking.off()
     storage = store.open_storage(options.storage, spec.name, options.worker_count)
     # The data first: a missing or corrupt dataset stops here, before a study or an MLflow run is made. Before
     # any worker starts, too, so the data lands once; the coordinator of workers keeps it off the GPU.
-    prepared: loading.PreparedData | None = study_data(spec, options.root,
-                                                      device if options.worker_count == 1 else "cpu")
+    prepared = study_data(spec, options.root, device if options.worker_count == 1 else "cpu")
     salt = f"{socket.gethostname()}/worker{options.worker}" if options.worker is not None else ""
     study = store.open_study(spec, storage.backend,
                              fresh=options.fresh, log=view.say,
@@ -64,24 +62,24 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     if options.worker_count > 1 and storage.url.startswith("sqlite:"):
         view.note(f"{options.worker_count} workers share the SQLite file {storage.url}: Optuna advises a journal file "
                   "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
-    listener = Listeners(as_listener(view), tracking.listener)
+    listener = Listeners(view, tracking.listener)
     resume = resume_command(spec, options, storage.url)
     outcome = SearchOutcome(study.study_name, 0, StopReason.BUDGET, 0.0, workers=options.worker_count,
                             resume_command=resume)
     started, status = time.monotonic(), "FINISHED"
     try:
         if options.worker_count > 1:
-            prepared = None  # each worker loads its own copy; the coordinator need not hold one for the whole run
+            del prepared  # each worker loads its own copy; the coordinator need not hold one for the whole run
             outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
-        elif prepared is not None:  # one process: this one, on the data loaded above
+        else:  # one process: this one, on the data loaded above
             with view.running(spec, lambda: _status(study)):
                 searched = loop.run(spec, study, prepared, listener, threads=options.threads,
                                     checkpoints=checkpoint_folder(options.studies_dir, storage.url, study.study_name))
             outcome.ran, outcome.stop_reason = searched.ran, searched.stop_reason
         if spec.confirmation is not None and options.worker is None:  # a coordinator runs the phase itself
-            if prepared is None:  # after workers: this process trains the phase's runs itself
-                prepared = study_data(spec, options.root, device)
-            outcome.champion = _champion_phase(spec, study, storage, prepared, options, view, tracking)
+            # After workers, this process trains the phase's runs itself: the data again, on the device.
+            phase_data = prepared if options.worker_count == 1 else study_data(spec, options.root, device)
+            outcome.champion = _champion_phase(spec, study, storage, phase_data, options, view, tracking)
     except Interrupted as exc:
         outcome.stop_reason, outcome.signal_number, status = StopReason.INTERRUPTED, exc.signal_number, "KILLED"
     except StudyStopped as exc:
@@ -90,31 +88,25 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     decision = _standings(spec, study, outcome)
     view.ended(spec, outcome)
     if options.worker is None:  # a worker's coordinator writes the page and closes the study's MLflow side
-        page = report_page(spec, study, storage.backend, options, view.warning, decision)
+        standings = outcome.champion.standings if outcome.champion is not None else None  # the phase's, once
+        page = report_page(spec, study, storage.backend, options, view.warning, decision, standings)
         outcome.messages = tracking.finish(spec, study, storage.backend, status, decision, warn=view.warning,
-                                           page=page)
+                                           page=page, standings=standings)
         if page is not None:
             outcome.messages.append(f"report: {page}")
     return outcome
 
 
-def as_listener(view: SearchView) -> Listener:
-    """The view as one of the search's listeners: every SearchView is an events.Listener (views.SearchView,
-    workers.EventView), which the protocol cannot say."""
-    if not isinstance(view, Listener):
-        raise TypeError(f"{type(view).__name__} is a SearchView but not an events.Listener")
-    return view
-
-
 def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, options: SearchOptions,
-                warn: Callable[[str], None], decision: pareto.Choice) -> Path | None:
+                warn: Callable[[str], None], decision: pareto.Choice,
+                standings: Standings | None = None) -> Path | None:
     """Refresh the study's report page (reportpage.py). A page that cannot be written only warns: every trial is
     saved, and `make report` tries again."""
     from pipeline.reports import reportpage  # plotly and the templates: only at the end of a search
 
     try:
         return reportpage.write(spec, study, storage, options.reports_dir, options.exports_dir, options.studies_dir,
-                                decision)
+                                decision, standings)
     except Exception as exc:
         warn(f"warning: the report page could not be written ({type(exc).__name__}: "
              f"{urls.error_line(exc, limit=200)}); `make report STUDY={spec.name}` tries again")
@@ -128,7 +120,7 @@ def _champion_phase(spec: StudySpec, study: optuna.Study, storage: store.Storage
     phase = seeds.Phase(spec, study, storage.backend)
     view.say(phase.announcement())
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
-        return phase.run(prepared, Listeners(as_listener(view), tracking.confirmations), threads=options.threads,
+        return phase.run(prepared, Listeners(view, tracking.confirmations), threads=options.threads,
                          checkpoints=checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name))
 
 
@@ -177,15 +169,15 @@ def _standings(spec: StudySpec, study: optuna.Study, outcome: SearchOutcome) -> 
     outcome.decision = decision = pareto.decide(spec, study)
     reverse = spec.directions[0] == "maximize"
     if len(spec.objectives) > 1:
-        outcome.top = sorted(decision.front, key=first_value, reverse=reverse)
+        outcome.top = sorted(decision.front, key=lambda r: r.first_value, reverse=reverse)
     else:
         complete = store.records(study, (optuna.trial.TrialState.COMPLETE,))
-        outcome.top = sorted(complete, key=first_value, reverse=reverse)[:TOP]
+        outcome.top = sorted(complete, key=lambda r: r.first_value, reverse=reverse)[:TOP]
     return decision
 
 
-def _header(spec: StudySpec, study: optuna.Study, prepared: Any, device: torch.device, options: SearchOptions,
-            url: str) -> str:
+def _header(spec: StudySpec, study: optuna.Study, prepared: loading.PreparedData, device: torch.device,
+            options: SearchOptions, url: str) -> str:
     shape = "x".join(map(str, prepared.input_shape))
     # With workers, each says where its data went on its own line ("worker N: data ...").
     placement = prepared.placement if options.worker_count == 1 else "placed by each worker, below"

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.data import loading
-from pipeline.spec import hparams, paths
+from pipeline.spec import paths
 from pipeline.spec.sources import DEFAULT_VAL_SIZE
 from pipeline.training import train
 from pipeline.training.device import pick_device, pick_precision
@@ -33,15 +33,15 @@ class TrainView(Protocol):
 
 
 def train_one(params: dict[str, Any], options: TrainOptions, view: TrainView) -> train.TrainResult:
-    """`make train`: train `params` once on the dataset and return the result (history, best epoch, model)."""
-    resolved = hparams.resolve_params(params)  # bad parameters stop here, before the data is loaded
+    """`make train`: train the resolved params (hparams.resolve_params: bad parameters stop before the data is
+    loaded) once on the dataset and return the result (history, best epoch, model)."""
     device = pick_device(options.device)
     prepared = loading.prepare(options.dataset, options.root, device, val_size=options.val_size,
                                train_limit=options.train_limit, val_limit=options.val_limit)
-    view.header(f"{resolved['model']} on {prepared.dataset} ({len(prepared.train):,} train / "
+    view.header(f"{params['model']} on {prepared.dataset} ({len(prepared.train):,} train / "
                 f"{len(prepared.val):,} val, {'x'.join(map(str, prepared.input_shape))} {prepared.placement}, split "
-                f"{prepared.split_hash}), {device}, precision {pick_precision(resolved['precision'], device)}, "
+                f"{prepared.split_hash}), {device}, precision {pick_precision(params['precision'], device)}, "
                 f"seed {options.seed}")
-    network = train.build(resolved, prepared, options.seed, options.threads)
-    return train.fit(resolved, prepared, device, callbacks=[view.epoch_ended], checkpoint=options.checkpoint,
-                     on_batch=view.batch_done, network=network)
+    network = train.build(params, prepared, options.seed, options.threads)
+    return train.train_network(network, prepared, device, callbacks=[view.epoch_ended], checkpoint=options.checkpoint,
+                               on_batch=view.batch_done)

@@ -48,9 +48,11 @@ def failed(message: str) -> None:
     err_console.print(f"[red]{literal(message)}")
 
 
-def progress(live: bool) -> Progress:
+def progress(live: bool = True, transient: bool = False) -> Progress:
+    """The bars every view draws: a description, the bar, done/total and the time elapsed; `transient`: gone once
+    they stop."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not live)
+                    console=console, disable=not live, transient=transient)
 
 
 def short(value: object) -> str:

@@ -3,7 +3,6 @@ finished trial (and per epoch when not on a terminal), and what the search ended
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -14,16 +13,18 @@ from pipeline.console import lines
 from pipeline.console.lines import epoch_line, literal, progress, trial_line, trial_name, values_text
 from pipeline.console.tables import summary
 from pipeline.console.workers_view import WorkersView
-from pipeline.search.events import Listener, TrialEnded, TrialStarted
+from pipeline.search import events
+from pipeline.search.events import Status, TrialEnded, TrialStarted
+from pipeline.spec.stop_reason import StopReason
 
 if TYPE_CHECKING:
-    from pipeline.search.options import SearchOutcome, Status
+    from pipeline.search.options import SearchOutcome
     from pipeline.search.workers import Workers
     from pipeline.spec.studies import StudySpec
     from pipeline.training.train import EpochMetrics
 
 
-class SearchView(Listener):
+class SearchView(events.SearchView):
     """One process's search on the console: the study's trials bar, the running trial's epoch bar, one line
     per finished trial (and per epoch when not on a terminal)."""
 
@@ -101,13 +102,12 @@ class SearchView(Listener):
         return WorkersView(spec, status, pool)
 
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
-        if outcome.stop_reason == "interrupted":
-            received = signal.Signals(outcome.signal_number).name if outcome.signal_number else "a stop signal"
-            many = outcome.workers > 1
-            lines.err_console.print(f"[yellow]{received} received: the running trial{'s are' if many else ' is'} "
+        if outcome.stop_reason == StopReason.INTERRUPTED:
+            running = "the running trials are" if outcome.workers > 1 else "the running trial is"
+            lines.err_console.print(f"[yellow]{outcome.stop_signal.name} received: {running} "
                                     f"recorded as FAIL (interrupted) and queued again; finished trials are saved. "
                                     f"Resume with: {outcome.resume_command}")
-        elif outcome.stop_reason == "failed":
+        elif outcome.stop_reason == StopReason.FAILED:
             lines.err_console.print(f"[red]study stopped:[/] {literal(outcome.failure or '')}")
         else:
             summary(spec, outcome)

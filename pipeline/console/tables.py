@@ -14,6 +14,7 @@ from rich.text import Text
 from pipeline.console import lines
 from pipeline.console.lines import error, literal, say, short, values_text
 from pipeline.infra.text import printable
+from pipeline.spec.stop_reason import StopReason
 
 if TYPE_CHECKING:
     from pipeline.data.landing import Landed
@@ -29,7 +30,7 @@ SUMMARY_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
 def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
     """The end of a search: what ran, the top trials, the best one."""
     phase = f" and {outcome.champion.ran} champion-phase runs" if outcome.champion is not None else ""
-    ended = "budget reached" if outcome.stop_reason == "budget" else "time budget spent"
+    ended = "budget reached" if outcome.stop_reason == StopReason.BUDGET else "time budget spent"
     lines.console.print(f"{outcome.ran} trials{phase} run in {outcome.seconds / 60:.1f} min; "
                         f"{outcome.finished}/{spec.trials} finished ({ended})")
     several = len(spec.objectives) > 1
@@ -50,7 +51,7 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
         lines.console.print(f"best trial {best.number}: {values_text(best.values)} with {literal(str(best.params))}")
     if outcome.champion is not None:
         champion_table(outcome.champion.standings)
-        if outcome.champion.stop_reason == "time" and spec.confirmation is not None:  # a phase ran: it has one
+        if outcome.champion.stop_reason == StopReason.TIME and spec.confirmation is not None:  # a phase ran: it has one
             lines.console.print(f"[yellow]the champion phase's {spec.confirmation.minutes:g} minutes would be "
                                 f"exceeded by the next run: {outcome.champion.standings.missing} runs left; "
                                 f"`{outcome.resume_command}` trains them (or raise [champion] minutes)")
@@ -79,7 +80,7 @@ def search_result(spec: StudySpec, outcome: SearchOutcome) -> None:
     """What tracking said at the end, and what to run next."""
     for line in outcome.messages:
         say(line)
-    if outcome.stop_reason in ("budget", "timeout"):
+    if outcome.stop_reason in (StopReason.BUDGET, StopReason.TIMEOUT):
         standings = outcome.champion.standings if outcome.champion is not None else None
         # what gets exported is worth re-checking (an exported run has its champion)
         if standings is not None and standings.exported is not None and standings.champion is not None:

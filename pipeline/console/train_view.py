@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pipeline.console import lines
@@ -19,8 +18,7 @@ class TrainView:
 
     def __init__(self, epochs: int):
         self.epochs = epochs
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=lines.console, transient=True)
+        self.bars = lines.progress(transient=True)
         self.task = self.bars.add_task(f"epoch 1/{epochs}", total=None)
 
     def __enter__(self) -> TrainView:

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.console import lines
 from pipeline.console.lines import epoch_line, literal, progress, trial_line, trial_name, values_text
-from pipeline.search.events import BatchDone, EpochEnded, Shown, TrialEnded, TrialStarted, Waiting, Warned
+from pipeline.search.events import BatchDone, EpochEnded, Shown, Status, TrialEnded, TrialStarted, Waiting, Warned
 
 if TYPE_CHECKING:
-    from pipeline.search.options import Status
     from pipeline.search.workers import Workers
     from pipeline.spec.studies import StudySpec
 
@@ -23,7 +22,7 @@ class WorkersView:
     finished trial once; plain lines instead of bars when the output is not a terminal."""
 
     def __init__(self, spec: StudySpec, status: Status, pool: Workers):
-        self.status, self.pool = status, pool
+        self.status = status
         self.live = lines.console.is_terminal
         self.bars = progress(self.live)
         finished, best = status()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import json
-import math
 import platform
 import warnings
 from collections.abc import Callable
@@ -71,10 +70,12 @@ class Page:
 
 def write(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
           directory: Path = paths.REPORTS_DIR, exports: Path = paths.EXPORTS_DIR,
-          studies_dir: Path = paths.STUDIES_DIR, decision: pareto.Choice | None = None) -> Path:
+          studies_dir: Path = paths.STUDIES_DIR, decision: pareto.Choice | None = None,
+          standings: champion.Standings | None = None) -> Path:
     """Write `directory/<study file>.html` (atomically: a reader never sees half a page); return its path.
-    `decision`: the study's champion as the search decided it (pareto.decide), else decided here."""
-    page = build(spec, study, storage, exports, studies_dir, decision or pareto.decide(spec, study))
+    `decision`: the study's champion as the search decided it (pareto.decide), else decided here; `standings`: the
+    champion phase's table as the search's phase left it, else read here."""
+    page = build(spec, study, storage, exports, studies_dir, decision or pareto.decide(spec, study), standings)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{spec.name}.html"
     fileio.write_atomic(path, render(page).encode())
@@ -90,11 +91,11 @@ def render(page: Page) -> str:
 
 
 def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, exports: Path,
-          studies_dir: Path, decision: pareto.Choice) -> Page:
+          studies_dir: Path, decision: pareto.Choice, standings: champion.Standings | None = None) -> Page:
     from plotly.offline import get_plotlyjs
 
     records = store.records(study)
-    best, table = _chosen(spec, study, storage, decision)
+    best, table = _chosen(spec, study, storage, decision, standings)
     study_file = studies.study_path(spec.name, studies_dir)
     return Page(
         spec=spec, study_name=study.study_name,
@@ -246,14 +247,9 @@ def _values(spec: StudySpec, values: list[float] | None) -> dict[str, str]:
     return shown
 
 
-def _first_value(record: store.TrialRecord) -> float:
-    """The trial's first objective value, to sort by (the trials sorted here all have values)."""
-    return record.values[0] if record.values else math.nan
-
-
 def _top(spec: StudySpec, records: list[store.TrialRecord]) -> list[dict[str, Any]]:
     complete = [r for r in records if r.state == "COMPLETE" and r.values]
-    complete.sort(key=_first_value, reverse=spec.directions[0] == "maximize")
+    complete.sort(key=lambda r: r.first_value, reverse=spec.directions[0] == "maximize")
     return [{"trial": r.number, "values": _values(spec, r.values), "minutes": f"{r.seconds / 60:.1f}",
              "params": ", ".join(f"{k}={_short(v)}" for k, v in r.sampled.items()),
              "feasible": r.feasible} for r in complete[:TOP_TRIALS]]
@@ -261,7 +257,7 @@ def _top(spec: StudySpec, records: list[store.TrialRecord]) -> list[dict[str, An
 
 def _front_rows(spec: StudySpec, choice: pareto.Choice) -> list[dict[str, Any]]:
     chosen = choice.trial.number if choice.trial else None
-    ordered = sorted(choice.front, key=_first_value, reverse=spec.directions[0] == "maximize")
+    ordered = sorted(choice.front, key=lambda r: r.first_value, reverse=spec.directions[0] == "maximize")
     return [{"trial": r.number, "values": _values(spec, r.values), "chosen": r.number == chosen,
              "params": ", ".join(f"{k}={_short(v)}" for k, v in r.sampled.items())} for r in ordered]
 
@@ -275,13 +271,13 @@ def _short(value: Any) -> str:
 
 
 def _chosen(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, decision: pareto.Choice,
-            ) -> tuple[store.TrialRecord | None, champion.Standings | None]:
+            standings: champion.Standings | None) -> tuple[store.TrialRecord | None, champion.Standings | None]:
     """The champion's search trial (the champion phase's choice over seeds when the study has one) and that phase's
-    table."""
+    table (`standings` when given)."""
     best = decision.trial
     if spec.confirmation is None or best is None:
         return best, None
-    table = champion.standings(spec, study, champion.find_companion(storage, study.study_name))
+    table = standings or champion.standings(spec, study, champion.find_companion(storage, study.study_name))
     return (table.champion.trial if table.champion is not None else best), table
 
 

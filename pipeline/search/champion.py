@@ -1,10 +1,10 @@
 """The champion: the search's best configurations, trained again over seeds (seeds.py), and the best mean of them.
 
 One run's validation score is partly its seed's luck, and the search's best trial is the luckiest of many, so its
-score overstates what its configuration delivers. A study with a `[champion]` table (studies.ChampionTable) ends
-with this phase: the `top_k` best distinct configurations (by their search score) are trained again, with seeds
-derived from (study seed, trial number, repeat), on the full epoch budget and without pruning, until each has
-`seeds` runs (the search's own run counts as one).
+score overstates what its configuration delivers. A study with a `[champion]` table (spec/tables.py's
+ChampionTable) ends with this phase: the `top_k` best distinct configurations (by their search score) are trained
+again, with seeds derived from (study seed, trial number, repeat), on the full epoch budget and without pruning,
+until each has `seeds` runs (the search's own run counts as one).
 
 The runs are trials of a companion Optuna study, `<study>:champion` in the same storage (seeds.py runs them).
 This module reads them back: each candidate's runs and statistics, and the choice.
@@ -39,13 +39,6 @@ def champion_table(spec: StudySpec) -> ChampionTable:
     if spec.confirmation is None:
         raise ValueError(f"study {spec.name!r} has no [champion] table, so no champion phase")
     return spec.confirmation
-
-
-def first_value(record: store.TrialRecord) -> float:
-    """A complete trial's (first) objective value: what the candidates are ranked and summed up by."""
-    if record.values is None:
-        raise ValueError(f"trial {record.number} has no objective values: it is not complete")
-    return record.values[0]
 
 
 def companion_name(study_name: str) -> str:
@@ -206,7 +199,7 @@ def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
     """The best `top_k` distinct feasible configurations by their search score (the first to complete wins a tie)."""
     sign = -1.0 if spec.directions[0] == "maximize" else 1.0
     complete = sorted((r for r in store.records(study, (TrialState.COMPLETE,)) if r.feasible),
-                      key=lambda r: (sign * first_value(r), r.completed_at, r.number))
+                      key=lambda r: (sign * r.first_value, r.completed_at, r.number))
     chosen, seen = [], set()
     for record in complete:
         key = json.dumps(record.params if record.params is not None else record.sampled, sort_keys=True)
@@ -228,10 +221,10 @@ def standings(spec: StudySpec, study: optuna.Study, companion: optuna.Study | No
         done.setdefault((record.confirmation_of, record.repeat), record)  # the first if a run was done twice
     table = Standings(study.study_name, spec.metrics[0], direction, seeds, [])
     for rank, trial in enumerate(candidates(spec, study), start=1):
-        runs = [Run(0, trial.number, trial.seed, first_value(trial))]
+        runs = [Run(0, trial.number, trial.seed, trial.first_value)]
         for repeat in range(1, seeds):
             if (found := done.get((trial.number, repeat))) is not None:
-                runs.append(Run(repeat, found.number, found.seed, first_value(found)))
+                runs.append(Run(repeat, found.number, found.seed, found.first_value))
         table.candidates.append(Candidate(trial, rank, runs, summarize([r.value for r in runs])))
         table.missing += seeds - len(runs)
     table.champion, table.reason = choose(table.candidates, direction, seeds)

@@ -4,7 +4,8 @@ Listeners: the console view (console/search_view.py), a worker's event lines to 
 MLflow (tracking/study_run.py). A listener overrides the events it cares about; the rest do nothing. An exception
 raised by `trial_started`, `epoch_ended`, `new_best` or `confirmation_model` fails that trial (it is recorded with the
 traceback, the search goes on); `trial_ended` is told after the trial is safe in Optuna, and its
-errors only warn.
+errors only warn. A `SearchView` is the listener that also shows the rest of a search (its header, its notes, its
+end).
 
 A worker tells its coordinator what happens as these events too, one line each (`to_line`, read back by
 `from_line`): the trial events above and the few below that only a worker sends.
@@ -12,16 +13,23 @@ A worker tells its coordinator what happens as these events too, one line each (
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from pipeline.spec.stop_reason import StopReason
 
 if TYPE_CHECKING:  # annotations only: this module imports neither torch nor Optuna
-    from pipeline.data.loading import PreparedData
-    from pipeline.training.train import EpochMetrics, TrainedModel
+    from contextlib import AbstractContextManager
 
-SENT = "sent"  # a field's metadata key: False for a field that stays in its process, never on a worker's line
+    from pipeline.data.loading import PreparedData
+    from pipeline.search.options import SearchOutcome
+    from pipeline.search.workers import Workers, WorkersView
+    from pipeline.spec.studies import StudySpec
+    from pipeline.store import TrialRecord
+    from pipeline.training.train import EpochMetrics, TrainedModel
 
 
 @dataclass(frozen=True)
@@ -30,8 +38,8 @@ class TrialStarted:
     params: dict[str, Any]  # resolved: every model and training key
     seed: int
     parameter_count: int  # -1 when the model cannot be built (the trial then fails and says why)
-    # The prepared tensors stay in their process: a TrialStarted read from a worker's line has None here.
-    data: PreparedData = field(metadata={SENT: False})
+    # The prepared tensors: None in a coordinator (they stay in their worker, whose line sends none).
+    data: PreparedData | None
     confirmation_of: int | None = None  # a champion-phase run: it trains this search trial's configuration again
     repeat: int = 0  # ...with the seed of this repeat (champion.py)
 
@@ -52,6 +60,15 @@ class TrialEnded:
     confirmation_of: int | None = None  # as in TrialStarted
     repeat: int = 0
     prune_reason: dict[str, Any] | None = None  # why it was pruned (pruning.PruneReason.as_dict)
+
+    @classmethod
+    def of(cls, record: TrialRecord) -> TrialEnded:
+        """The event for a finished trial. One failed by the heartbeat check has no fail_reason of its own:
+        its process was killed."""
+        reason = record.fail_reason or ("stale" if record.state == "FAIL" else None)
+        return cls(record.number, record.state, record.values, record.seconds, record.sampled, reason,
+                   record.fail_detail, record.traceback, record.resumed_from_epoch, record.confirmation_of,
+                   record.repeat, record.prune_reason)
 
 
 class Listener:
@@ -128,6 +145,35 @@ class Listeners(Listener):
             listener.warning(message)
 
 
+Status: TypeAlias = Callable[[], tuple[int, list[float] | None]]  # (finished trials, best values so far)
+
+
+class SearchView(Listener, ABC):
+    """What a search shows: its events (a Listener), and the rest of it below. console/search_view.py draws it on
+    the console; a worker's view (workers.EventView) sends it to its coordinator."""
+
+    @abstractmethod
+    def say(self, message: str) -> None: ...
+
+    @abstractmethod
+    def note(self, message: str) -> None:
+        """A warning the user should read."""
+
+    @abstractmethod
+    def header(self, text: str) -> None: ...
+
+    @abstractmethod
+    def running(self, spec: StudySpec, status: Status, total: int | None = None,
+                what: str = "trials") -> AbstractContextManager[None]:
+        """Around a loop of `total` trials (spec.trials when None)."""
+
+    @abstractmethod
+    def workers_view(self, spec: StudySpec, status: Status, pool: Workers) -> WorkersView: ...
+
+    @abstractmethod
+    def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None: ...
+
+
 # --------------------------------------------------------------------------------------------------
 # A worker's events for its coordinator: besides TrialStarted and TrialEnded, what only a worker sends
 
@@ -175,7 +221,7 @@ class WorkerDone:
     """The worker's search ended on its budget or its time (neither interrupted nor failed)."""
 
     ran: int  # trials it ran
-    stop_reason: str
+    stop_reason: Literal[StopReason.BUDGET, StopReason.TIMEOUT]
 
 
 Shown: TypeAlias = TrialStarted | BatchDone | EpochEnded | TrialEnded | Waiting | Warned  # what the coordinator draws
@@ -192,9 +238,10 @@ EVENT_PREFIX = "@event "  # marks a worker's event lines; anything else it print
 
 def to_line(event: WorkerEvent) -> str:
     """`event` as one line of a worker's output (without its newline): EVENT_PREFIX, then its type's name and its
-    fields as a JSON object (which holds no line break: JSON escapes those in strings)."""
-    fields = {f.name: getattr(event, f.name) for f in dataclasses.fields(event) if f.metadata.get(SENT, True)}
-    return EVENT_PREFIX + json.dumps({"event": type(event).__name__, **fields}, default=str)
+    fields as a JSON object (which holds no line break: JSON escapes those in strings). A field JSON cannot hold
+    raises TypeError (a TrialStarted is sent without its data: workers.EventView)."""
+    named = {f.name: getattr(event, f.name) for f in fields(event)}
+    return EVENT_PREFIX + json.dumps({"event": type(event).__name__, **named})
 
 
 def from_line(line: str) -> list[WorkerEvent | str]:
@@ -205,27 +252,29 @@ def from_line(line: str) -> list[WorkerEvent | str]:
     """
     if line.startswith(EVENT_PREFIX):
         try:
-            fields, end = json.JSONDecoder().raw_decode(line, len(EVENT_PREFIX))
+            read, end = json.JSONDecoder().raw_decode(line, len(EVENT_PREFIX))
         except json.JSONDecodeError:
-            fields, end = None, 0
-        event = _event(fields)
+            read, end = None, 0
+        event = _event(read)
         if event is not None:
             rest = line[end:].strip()
             return [event, rest] if rest else [event]
     return [line] if line.strip() else []
 
 
-def _event(fields: object) -> WorkerEvent | None:
+def _event(read: object) -> WorkerEvent | None:
     """The event that an event line's JSON object describes; None when it describes none."""
-    if not isinstance(fields, dict):
+    if not isinstance(read, dict):
         return None
-    name = fields.pop("event", None)
+    name = read.pop("event", None)
     kind = EVENT_TYPES.get(name) if isinstance(name, str) else None
     if kind is None:
         return None
-    # The fields that stay in the worker's process (see SENT) are None in the coordinator's.
-    kept: dict[str, Any] = {f.name: None for f in dataclasses.fields(kind) if not f.metadata.get(SENT, True)}
+    if kind is WorkerDone:  # its reason, read back as the StopReason it was
+        if read.get("stop_reason") not in (StopReason.BUDGET, StopReason.TIMEOUT):
+            return None
+        read["stop_reason"] = StopReason(read["stop_reason"])
     try:
-        return kind(**kept, **fields)
+        return kind(**read)
     except TypeError:  # fields missing or unknown
         return None

@@ -12,13 +12,12 @@ room stops it at once (DiskFull). Ctrl-C, SIGTERM or SIGHUP (stopping.py) fails 
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import optuna
 from optuna.trial import TrialState
@@ -100,13 +99,14 @@ def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: 
     Raises Interrupted (after closing and re-queueing the running trial), TooManyFailures and DiskFull.
     """
     objective = Objective(spec, prepared, SearchTrials(spec), listener, threads, checkpoints=checkpoints)
-    return run_trials(study, objective, SearchBudget(spec), checkpoints)
+    return run_trials(study, objective, SearchBudget(spec))
 
 
-def run_trials(study: optuna.Study, objective: Objective, budget: Budget, checkpoints: Path | None) -> LoopOutcome:
-    """Run `objective`'s trials of `study` until `budget` says stop (the reason is returned). Checkpoints no trial
-    will resume are swept first, retries run first. Raises Interrupted, TooManyFailures and DiskFull."""
-    listener, stop = objective.listener, objective.stop
+def run_trials(study: optuna.Study, objective: Objective, budget: Budget) -> LoopOutcome:
+    """Run `objective`'s trials of `study` until `budget` says stop (the reason is returned). Checkpoints (in the
+    objective's folder) no trial will resume are swept first, retries run first. Raises Interrupted,
+    TooManyFailures and DiskFull."""
+    listener, stop, checkpoints = objective.listener, objective.stop, objective.checkpoints
     store.take_retries_first(study)
     sweep_checkpoints(study, checkpoints, listener)
     deadline = time.monotonic() + budget.seconds
@@ -125,7 +125,7 @@ def run_trials(study: optuna.Study, objective: Objective, budget: Budget, checkp
                 continue
             if isinstance(step, StopReason):
                 return LoopOutcome(ran, step)
-            ended = next_trial(study, objective, listener)
+            ended = next_trial(study, objective)
             if ended is None:
                 continue  # a surplus trial: no training happened; the loop sees the budget in flight and waits
             ran += 1
@@ -133,10 +133,10 @@ def run_trials(study: optuna.Study, objective: Objective, budget: Budget, checkp
     return LoopOutcome(ran, reached)
 
 
-def next_trial(study: optuna.Study, objective: Objective, listener: Listener) -> TrialEnded | None:
+def next_trial(study: optuna.Study, objective: Objective) -> TrialEnded | None:
     """`one_trial`, where a write that found no room stops the study (DiskFull): every later trial would fail."""
     try:
-        ended = one_trial(study, objective, listener)
+        ended = one_trial(study, objective)
     except Exception as exc:  # Optuna's own bookkeeping could not write the trial's end
         if not disk_full(exc):
             raise
@@ -147,9 +147,9 @@ def next_trial(study: optuna.Study, objective: Objective, listener: Listener) ->
     return ended
 
 
-def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> TrialEnded | None:
-    """Ask Optuna for one trial and run it; tell the listener how it ended (None: it was surplus)."""
-    last: list[optuna.trial.FrozenTrial] = []
+def one_trial(study: optuna.Study, objective: Objective) -> TrialEnded | None:
+    """Ask Optuna for one trial and run it; tell the objective's listener how it ended (None: it was surplus)."""
+    listener, last = objective.listener, list[optuna.trial.FrozenTrial]()
     try:
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _study, t: last.append(t)])
     except Interrupted:
@@ -165,28 +165,13 @@ def one_trial(study: optuna.Study, objective: Objective, listener: Listener) -> 
     record = store.record_of(last[0])
     if record.fail_reason == SURPLUS:
         return None
-    ended = trial_ended(record)
+    ended = TrialEnded.of(record)
     try:
         listener.trial_ended(ended)
     except Exception as exc:  # the trial is safe in Optuna; MLflow is told at the end of the run
         listener.warning(f"the end of trial {ended.number} could not be recorded in MLflow "
                          f"({type(exc).__name__}: {error_line(exc, limit=200)}); the search goes on")
     return ended
-
-
-def trial_ended(record: store.TrialRecord) -> TrialEnded:
-    """The event for a finished trial. One failed by the heartbeat check has no fail_reason of its own:
-    its process was killed."""
-    reason = record.fail_reason or ("stale" if record.state == "FAIL" else None)
-    return TrialEnded(record.number, record.state, record.values, record.seconds, record.sampled, reason,
-                      record.fail_detail, record.traceback, record.resumed_from_epoch, record.confirmation_of,
-                      record.repeat, record.prune_reason)
-
-
-def _owner_running(owner: dict[str, Any]) -> bool:
-    if "started" not in owner and owner["pid"] == os.getpid():
-        return True  # an owner recorded by pid alone: the pid cannot tell this process from an earlier one
-    return same_process(owner["pid"], owner)
 
 
 def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> list[int]:
@@ -197,12 +182,12 @@ def fail_dead_owners(study: optuna.Study, checkpoints: Path | None = None) -> li
     already is not queued again, and its checkpoint (in `checkpoints`) is removed. Returns the trials failed.
     A process is known by its pid, boot id and start time (`process_identity`): after a reboot or a container
     restart a new process, this one included, may have a dead owner's pid. An owner recorded with its pid alone
-    (before the rest was) is judged by the pid, and never taken for this process.
+    (before the rest was) is judged by the pid alone: one still alive (this process included) is running.
     """
     host, failed = socket.gethostname(), []
     for record in store.records(study, (TrialState.RUNNING,)):
         owner = record.owner or {}
-        if owner.get("host") != host or owner.get("pid") is None or _owner_running(owner):
+        if owner.get("host") != host or owner.get("pid") is None or same_process(owner["pid"], owner):
             continue
         if not store.fail_trial(study, record.number, "stale"):
             continue  # another worker swept it first

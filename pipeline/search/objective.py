@@ -1,10 +1,10 @@
 """Optuna's side of a trial: the objective, which turns a trial into a trained model and its objective values.
 
 Each trial turns its suggestions into a plain params dict, resolves it once, builds its model once (its size is
-recorded, and a size constraint checked, before any training), trains it with `train.fit`, reports the objective
-every epoch (the pruner may stop it) and records its seed, params and per-epoch history (store.TrialRecord), so
-any finished trial can be replayed bit for bit. What happens is told to a listener (events.py); this module
-knows neither the console nor MLflow.
+recorded, and a size constraint checked, before any training), trains it with `train.train_network`, reports the
+objective every epoch (the pruner may stop it) and records its seed, params and per-epoch history
+(store.TrialRecord), so any finished trial can be replayed bit for bit. What happens is told to a listener
+(events.py); this module knows neither the console nor MLflow.
 
 A search trial and a champion-phase run differ in a few rules: which trials are one too many, whether several
 objectives prune, which models are kept. The objective takes them as a `Role`: `SearchTrials` here, the
@@ -87,7 +87,7 @@ class SearchTrials:
 
 @dataclass
 class Objective:
-    """Optuna objective: suggestions -> params -> the model, built once -> train.fit -> objective value(s)."""
+    """Optuna objective: suggestions -> params -> the model, built once -> trained -> objective value(s)."""
 
     spec: StudySpec
     data: PreparedData
@@ -160,20 +160,21 @@ class Objective:
 
     def _build(self, p: dict[str, Any], seed: int) -> tuple[train.Network | Exception, dict[str, int]]:
         """The trial's model, built once (it is the one trained), and the size recorded before training:
-        `parameter_count`, and `flops_per_image` when a constraint needs it then. A model that cannot be built
-        comes back as its error, raised when the trial trains (where it is recorded), with the size of its
-        architecture alone when that builds (missing ImageNet weights)."""
+        `parameter_count`, and `flops_per_image` only for a study with a FLOPs constraint (a trial that ends
+        before training records its FLOPs only then, as it always has; a trained one records them with its
+        result). A model that cannot be built comes back as its error, raised when the trial trains (where it is
+        recorded), with the size of its architecture alone when that builds (missing ImageNet weights)."""
         flops = "flops_per_image" in self.spec.constraints
         try:
-            network = train.build(p, self.data, seed, self.threads)
+            network = train.build(p, self.data, seed, self.threads)  # counts its FLOPs, recorded or not
         except Exception as exc:
             return exc, architecture_size(p, self.data, flops)
-        size = {"parameter_count": network.parameter_count}
-        return network, size | ({"flops_per_image": network.flops_per_image} if flops else {})
+        size = {"parameter_count": network.parameter_count, "flops_per_image": network.flops_per_image}
+        return network, size if flops else {"parameter_count": network.parameter_count}
 
     def _train(self, trial: optuna.Trial, p: dict[str, Any], seed: int, network: train.Network | Exception,
                checkpoint: Path | None) -> train.TrainResult:
-        """train.fit, with its failures recorded: pruned when it diverged or ran out of memory, failed otherwise."""
+        """Training, with its failures recorded: pruned when it diverged or ran out of memory, failed otherwise."""
         report, resumed = self._reporter(trial)
         try:
             return self._fit(trial, p, seed, network, checkpoint, report, resumed)
@@ -198,8 +199,8 @@ class Objective:
         def fit(built: train.Network | Exception) -> train.TrainResult:
             if isinstance(built, Exception):
                 raise built
-            return train.fit(p, self.data, callbacks=[report], seed=seed, checkpoint=checkpoint,
-                             threads=self.threads, on_batch=self._on_batch, on_resume=resumed, network=built)
+            return train.train_network(built, self.data, callbacks=[report], checkpoint=checkpoint,
+                                       on_batch=self._on_batch, on_resume=resumed)
 
         try:
             return fit(network)
@@ -238,7 +239,7 @@ class Objective:
             if single and metric is not None and trial.should_prune():
                 reason = pruning.explain(trial.study, trial, metrics.epoch, metric) or pruning.PruneReason(
                     metrics.epoch, metric, getattr(metrics, metric), math.nan, self.spec.pruner)
-            elif several_pruned and metric is not None:  # studies.validate: a pruned study has a validation metric
+            elif several_pruned and metric is not None:  # spec/checks.py: a pruned study has a validation metric
                 maximize = self.spec.directions[self.spec.metrics.index(metric)] == "maximize"
                 first = samplers.first_pruned_epoch(self.spec.epochs)
                 reason = pruning.median_from_histories(trial.study, history, metric, maximize, first)
@@ -278,14 +279,14 @@ def _worth_keeping(study: optuna.Study, values: list[float], feasible: bool) -> 
 
 
 def architecture_size(p: dict[str, Any], data: PreparedData, flops: bool) -> dict[str, int]:
-    """`parameter_count` (and with `flops`, `flops_per_image`) of the architecture alone, for a model that could not
-    be built with its ImageNet weights (missing on this machine): its failed trial is still tagged with its size.
-    {} when the params cannot build at all."""
+    """`parameter_count` (and with `flops`, `flops_per_image`: one more forward pass) of the architecture alone, for
+    a model that could not be built with its ImageNet weights (missing on this machine): its failed trial is still
+    tagged with its size. {} when the params cannot build at all."""
     try:
         model = models.build_model(p, len(data.classes), data.input_shape, imagenet=False)
         counted = {"parameter_count": models.count_parameters(model)}
         return counted | ({"flops_per_image": models.flops_per_image(model, data.input_shape)} if flops else {})
-    except Exception:  # bad params: fit() reports those properly
+    except Exception:  # bad params: training reports those properly
         return {}
 
 

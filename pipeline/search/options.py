@@ -1,21 +1,16 @@
-"""What a search is asked for (`SearchOptions`), what it gives back (`SearchOutcome`) and what it shows
-(`SearchView`): the contract between `make search`'s command, its console view and its worker processes."""
+"""What a search is asked for (`SearchOptions`) and what it gives back (`SearchOutcome`): the contract between
+`make search`'s command, its console view and its worker processes (what a search shows is events.SearchView)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline import store
 from pipeline.search import pareto, seeds
 from pipeline.spec import paths
 from pipeline.spec.stop_reason import StopReason
-from pipeline.spec.studies import StudySpec
-
-if TYPE_CHECKING:
-    from pipeline.search import workers
 
 
 @dataclass(frozen=True)
@@ -61,19 +56,11 @@ class SearchOutcome:
     def best(self) -> store.TrialRecord | None:
         return self.decision.trial if self.decision is not None else None
 
+    @property
+    def stop_signal(self) -> signal.Signals:
+        """The signal that interrupted the search: an INTERRUPTED outcome always has one (run_search records the
+        stopping.Interrupted's)."""
+        if self.stop_reason != StopReason.INTERRUPTED or self.signal_number is None:
+            raise ValueError(f"a search that ended {self.stop_reason} was not interrupted by a signal")
+        return signal.Signals(self.signal_number)
 
-Status = Callable[[], tuple[int, list[float] | None]]  # (finished trials, best values so far)
-
-
-class SearchView(Protocol):
-    """What the session shows, besides the search's events (a SearchView is also an events.Listener):
-    views.SearchView draws it, workers.EventView sends it to a coordinator."""
-
-    def say(self, message: str) -> None: ...
-    def warning(self, message: str) -> None: ...  # as events.Listener's
-    def note(self, message: str) -> None: ...  # a warning the user should read
-    def header(self, text: str) -> None: ...
-    def running(self, spec: StudySpec, status: Status, total: int | None = None,
-                what: str = "trials") -> Any: ...  # context manager around a loop of `total` trials (spec.trials)
-    def workers_view(self, spec: StudySpec, status: Status, pool: workers.Workers) -> workers.WorkersView: ...
-    def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None: ...

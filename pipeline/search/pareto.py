@@ -104,7 +104,7 @@ def choose(spec: StudySpec, records: list[store.TrialRecord]) -> Choice:
     sign = -1.0 if METRICS[prefer] == "maximize" else 1.0
     # Ties on the preferred metric go to the better first objective, then to the earlier trial.
     first_sign = _signs(spec.directions)[0]
-    chosen = min(eligible, key=lambda r: (sign * _measured(r, prefer), first_sign * _values(r)[0], r.number))
+    chosen = min(eligible, key=lambda r: (sign * _measured(r, prefer), first_sign * r.first_value, r.number))
     return Choice(chosen, f"{said} ({len(eligible)} qualify): trial {chosen.number}", on_front, eligible)
 
 

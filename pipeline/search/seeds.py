@@ -13,7 +13,7 @@ only the runs that are missing, so an interrupted phase continues, a finished on
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -38,7 +38,6 @@ class PhaseOutcome:
     ran: int  # runs trained by this invocation
     stop_reason: StopReason  # DONE, or TIME (the phase's minutes would be exceeded: the rest waits for the next run)
     standings: Standings
-    notes: list[str] = field(default_factory=list)
 
 
 class ChampionRuns:
@@ -89,7 +88,7 @@ def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecor
     return [(trial, repeat) for repeat in range(1, champion_table(spec).seeds) for trial in found]
 
 
-def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> int:
+def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> None:
     """Queue the wanted runs that are neither done nor queued nor running; drop queued runs no longer wanted.
 
     A run that failed for good (an exception, not a kill) is queued again: this is a new invocation.
@@ -102,13 +101,10 @@ def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[s
             store.fail_trial(companion, record.number, UNPLANNED)
         elif record.state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
             present.add(key)
-    queued = 0
     for trial, repeat in wanted:
         if (trial.number, repeat) not in present:
             store.queue_trial(companion, trial.sampled, store.TrialNotes(confirmation_of=trial.number, repeat=repeat,
                               seed=repeat_seed(spec, trial.number, repeat)))
-            queued += 1
-    return queued
 
 
 class Phase:
@@ -118,7 +114,7 @@ class Phase:
         self.spec, self.study = spec, study
         self.companion = open_companion(spec, storage, study.study_name)
         self.wanted = planned(spec, study)
-        self.queued = queue_missing(spec, self.companion, self.wanted)
+        queue_missing(spec, self.companion, self.wanted)
 
     def announcement(self) -> str:
         waiting = len(store.records(self.companion, (TrialState.WAITING,)))
@@ -144,7 +140,7 @@ class Phase:
         objective = Objective(spec, prepared, ChampionRuns(), listener, threads, checkpoints=checkpoints)
         needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
         budget = PhaseBudget(needs, champion_table(spec).minutes)
-        outcome = loop.run_trials(self.companion, objective, budget, checkpoints)
+        outcome = loop.run_trials(self.companion, objective, budget)
         return PhaseOutcome(outcome.ran, outcome.stop_reason, standings(spec, self.study, self.companion))
 
 

@@ -9,6 +9,7 @@ study. Which trial each worker runs is decided by Optuna's storage alone; nothin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import signal
@@ -25,8 +26,9 @@ from pipeline.infra.memory import HOST_WORKERS_ENV
 from pipeline.search.events import (
     BatchDone,
     EpochEnded,
-    Listener,
+    SearchView,
     Shown,
+    Status,
     StudyFailed,
     TrialEnded,
     TrialStarted,
@@ -40,7 +42,7 @@ from pipeline.search.events import (
 from pipeline.spec.stop_reason import StopReason
 
 if TYPE_CHECKING:
-    from pipeline.search.options import SearchOptions, SearchOutcome, Status
+    from pipeline.search.options import SearchOptions, SearchOutcome
     from pipeline.spec.studies import StudySpec
     from pipeline.training.train import EpochMetrics
 
@@ -202,14 +204,14 @@ def send(event: WorkerEvent) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-class EventView(Listener):
+class EventView(SearchView):
     """A worker's view of its search: every event as a line for the coordinator, nothing on the console."""
 
     def __init__(self) -> None:
         self.last_batch = 0.0
 
     def trial_started(self, trial: TrialStarted) -> None:
-        send(trial)
+        send(dataclasses.replace(trial, data=None))  # the prepared tensors stay here
 
     def batch_done(self, done: int, total: int) -> None:
         if time.monotonic() - self.last_batch > BATCH_EVENT_SECONDS or done == total:
@@ -238,7 +240,7 @@ class EventView(Listener):
         pass
 
     def running(self, spec: StudySpec, status: Status, total: int | None = None,
-                what: str = "trials") -> contextlib.AbstractContextManager:
+                what: str = "trials") -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def workers_view(self, spec: StudySpec, status: Status, pool: Workers) -> WorkersView:
@@ -247,7 +249,7 @@ class EventView(Listener):
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
         if outcome.stop_reason == StopReason.FAILED:
             send(StudyFailed(outcome.failure))
-        elif outcome.stop_reason != StopReason.INTERRUPTED:
+        elif outcome.stop_reason in (StopReason.BUDGET, StopReason.TIMEOUT):
             send(WorkerDone(outcome.ran, outcome.stop_reason))
 
 
@@ -270,7 +272,7 @@ class Coordinated:
     """What the workers reported between them."""
 
     ran: int = 0
-    stop_reasons: set[str] = field(default_factory=set)
+    stop_reasons: set[StopReason] = field(default_factory=set)  # BUDGET, TIMEOUT
     failure: str | None = None  # a worker's TooManyFailures message
     signal_number: int | None = None  # the first stop signal this process received
 

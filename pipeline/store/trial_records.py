@@ -65,6 +65,14 @@ class TrialRecord:
         return self.state in ("COMPLETE", "PRUNED")
 
     @property
+    def first_value(self) -> float:
+        """A complete trial's (first) objective value: what trials are ranked by (Optuna stores the values of every
+        complete trial; ValueError for one without)."""
+        if self.values is None:
+            raise ValueError(f"trial {self.number} has no objective values: it is not complete")
+        return self.values[0]
+
+    @property
     def feasible(self) -> bool:
         """Within every constraint of the study (a study without constraints: always)."""
         return all(v <= 0 for v in self.constraints.values())
@@ -178,7 +186,7 @@ def leading_best(study: optuna.Study) -> TrialRecord | None:
         return None
     sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     # On ties the first to complete wins: with several workers that need not be the lowest number.
-    return min(complete, key=lambda r: (sign * _first_value(r), r.completed_at, r.number))
+    return min(complete, key=lambda r: (sign * r.first_value, r.completed_at, r.number))
 
 
 def beats_best(study: optuna.Study, value: float) -> bool:
@@ -187,13 +195,7 @@ def beats_best(study: optuna.Study, value: float) -> bool:
     if best is None:
         return True
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
-    return value > _first_value(best) if maximize else value < _first_value(best)
-
-
-def _first_value(complete: TrialRecord) -> float:
-    """A complete trial's first objective value (Optuna stores the values of every complete trial)."""
-    assert complete.values is not None, f"complete trial {complete.number} has no values"
-    return complete.values[0]
+    return value > best.first_value if maximize else value < best.first_value
 
 
 def best_records(study: optuna.Study) -> list[TrialRecord]:

@@ -19,12 +19,9 @@ from pipeline import store
 from pipeline.infra.urls import error_line, shown
 from pipeline.search import champion, pareto
 from pipeline.search.events import Listener, TrialEnded
-from pipeline.search.loop import trial_ended
-from pipeline.search.options import SearchView
 from pipeline.spec.studies import StudySpec
-from pipeline.tracking import connection
 
-if TYPE_CHECKING:  # annotations only: study_run imports MLflow, which only a tracked search needs
+if TYPE_CHECKING:  # annotations only: MLflow takes seconds to import, and only a tracked search needs it
     from pipeline.tracking.study_run import StudyRun
 
 PARENT_SETTLE_SECONDS = 1.0
@@ -44,12 +41,13 @@ class Tracking:
         self.run: StudyRun | None = None  # once started
 
     @classmethod
-    def connect(cls, spec: StudySpec, view: SearchView) -> Tracking:
+    def connect(cls, say: Callable[[str], None]) -> Tracking:
         """Reach the tracking store now: an unreachable one stops the search before any training."""
+        from pipeline.tracking import connection  # MLflow takes seconds to import: only when tracking is on
 
         uri = connection.tracking_uri()
         client = connection.connect(uri)
-        view.say(f"tracking to MLflow at {shown(uri)}")
+        say(f"tracking to MLflow at {shown(uri)}")
         return cls(client)
 
     @classmethod
@@ -87,15 +85,17 @@ class Tracking:
                     self.run.adopt_parent(final)
 
     def finish(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, status: str,
-               decision: pareto.Choice, warn: Callable[[str], None], page: Path | None = None) -> list[str]:
+               decision: pareto.Choice, warn: Callable[[str], None], page: Path | None = None,
+               standings: champion.Standings | None = None) -> list[str]:
         """End of an invocation: close runs of killed trials, refresh the parent's report, register the champion
-        (the champion phase's, else the best trial). MLflow out of reach only warns: the trials are safe in Optuna
-        and the next run catches up."""
+        (the champion phase's, else the best trial). `standings`: the champion phase's table when this invocation
+        ran the phase (read from the stores otherwise). MLflow out of reach only warns: the trials are safe in
+        Optuna and the next run catches up."""
         run = self.run
         if run is None:
             return []
         try:
-            lines = self._finish(run, spec, study, storage, status, decision, page)
+            lines = self._finish(run, spec, study, storage, status, decision, page, standings)
         except Exception as exc:
             reason = error_line(exc, run.client.tracking_uri, limit=200)
             warn(f"warning: MLflow could not record the end of this run ({type(exc).__name__}: "
@@ -107,7 +107,8 @@ class Tracking:
 
     @staticmethod
     def _finish(run: StudyRun, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
-                status: str, decision: pareto.Choice, page: Path | None) -> list[str]:
+                status: str, decision: pareto.Choice, page: Path | None,
+                standings: champion.Standings | None) -> list[str]:
         from pipeline.tracking import report
 
         records = store.records(study)
@@ -120,7 +121,10 @@ class Tracking:
             lines.append(f"{closed} MLflow run(s) left RUNNING (a killed process, or MLflow out of reach) closed "
                          "with their trial's outcome")
         best = decision.trial
-        standings = champion.standings(spec, study, companion) if spec.confirmation is not None and best else None
+        if best is None or spec.confirmation is None:
+            standings = None
+        elif standings is None:  # the phase did not run in this invocation: its table as the stores hold it
+            standings = champion.standings(spec, study, companion)
         counts = {state: sum(r.state == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
         with tempfile.TemporaryDirectory() as tmp:
             report.write_report(spec, study, best, Path(tmp))
@@ -128,15 +132,15 @@ class Tracking:
                 shutil.copyfile(page, Path(tmp) / "report.html")
             if standings is not None:
                 run.champion_standings(standings, Path(tmp))
-            run.finish(Path(tmp), best.number if best else None, champion.first_value(best) if best else None, counts,
+            run.finish(Path(tmp), best.number if best else None, best.first_value if best else None, counts,
                        status)
         if standings is not None and standings.exported is not None:
             lines.append(run.register_confirmed(standings, evaluation_set(spec)))
         elif best is not None:
             rule = decision.reason if spec.pareto_choice is not None else None
-            lines.append(run.register_champion(best.number, champion.first_value(best), evaluation_set(spec), rule))
+            lines.append(run.register_champion(best.number, best.first_value, evaluation_set(spec), rule))
         return lines
 
 
 def _ended(records: list[store.TrialRecord]) -> dict[int, TrialEnded]:
-    return {r.number: trial_ended(r) for r in records if r.state in ("COMPLETE", "PRUNED", "FAIL")}
+    return {r.number: TrialEnded.of(r) for r in records if r.state in ("COMPLETE", "PRUNED", "FAIL")}

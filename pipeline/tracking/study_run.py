@@ -180,6 +180,7 @@ class StudyRun(Listener):
     def trial_started(self, trial: TrialStarted) -> None:
         """Open the trial's child run (so a running trial is visible live) with its params and dataset."""
         if self._provenance is None or self._dataset is None:  # the same data for every trial of this process
+            assert trial.data is not None, "a trial's run is opened in the process that trains it, with its data"
             self._provenance = provenance(trial.data)
             self._dataset = dataset_input(trial.data)
         number, of = trial.number, trial.confirmation_of

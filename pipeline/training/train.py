@@ -1,13 +1,13 @@
-"""The trainer: one function, `fit`, that trains a model from a plain dict of hyperparameters.
+"""The trainer: `fit` trains a model from a plain dict of hyperparameters (`build`, then `train_network`).
 
-It knows neither Optuna nor MLflow. After every epoch it calls each callback with the epoch's
-`EpochMetrics`; a callback that returns True stops training (and may raise, e.g. to prune).
-Everything it needs to continue bit for bit (weights, optimiser, RNG and data-order state, the
-best epoch so far) goes into an atomic checkpoint at every epoch boundary.
+It knows neither Optuna nor MLflow. After every epoch it calls each callback with the epoch's `EpochMetrics`; a
+callback that returns True stops training (and may raise, e.g. to prune). Everything it needs to continue bit for
+bit (weights, optimiser, RNG and data-order state, the best epoch so far) goes into an atomic checkpoint at every
+epoch boundary.
 
-`build` makes the model first (seeded, its size counted) and `fit` trains it; `fit` alone does both. The
-optimiser and the learning-rate schedule are schedule.py's, the device and precision device.py's; checkpoints
-are written and read by checkpoints.py.
+A search calls `build` itself (seeded, its size counted) to know a trial's size before `train_network` trains it.
+The optimiser and the learning-rate schedule are schedule.py's, the device and precision device.py's, the
+checkpoint files checkpoints.py's.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ class EpochMetrics:
 
 
 Callback = Callable[[EpochMetrics], bool | None]
+Resumed = Callable[[list[EpochMetrics]], None]  # told the epochs a resumed checkpoint holds
 
 
 @dataclass
@@ -242,7 +243,7 @@ class Network:
 def build(p: dict[str, Any], data: PreparedData, seed: int = 0, threads: int | None = None) -> Network:
     """The model the resolved params `p` describe for `data`, built as a reproducible run starts: deterministic
     kernels on a fixed thread count, every RNG seeded, then the model (its initial weights are the first draws).
-    `fit(network=...)` trains it; nothing in between may draw from torch's RNG."""
+    `train_network` trains it; nothing in between may draw from torch's RNG."""
     threads = reproducibility.make_deterministic(threads)
     reproducibility.seed_everything(seed)
     model = models.build_model(p, len(data.classes), data.input_shape, (data.mean, data.std))
@@ -343,21 +344,23 @@ def _stop_reason(p: dict[str, Any], progress: _Progress, metrics: EpochMetrics,
 
 
 def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device | None = None,
-        callbacks: Iterable[Callback] = (), seed: int = 0, checkpoint: Path | None = None,
-        threads: int | None = None, on_batch: Callable[[int, int], None] | None = None,
-        on_resume: Callable[[list[EpochMetrics]], None] | None = None, network: Network | None = None) -> TrainResult:
-    """Train the model `params` describes on `data` and return the history and best-epoch model.
+        callbacks: Iterable[Callback] = (), seed: int = 0, checkpoint: Path | None = None, threads: int | None = None,
+        on_batch: Callable[[int, int], None] | None = None, on_resume: Resumed | None = None) -> TrainResult:
+    """`build` the model `params` describes (seeded, on `threads` CPU threads), then `train_network` it on `data`."""
+    network = build(resolve_params(params), data, seed, threads)
+    return train_network(network, data, device, callbacks, checkpoint, on_batch, on_resume)
 
-    `device` defaults to the data's device (they must agree). With `checkpoint`, progress is saved
-    atomically after every epoch and an existing matching checkpoint is resumed: `on_resume(history)` is
-    then told the epochs it already holds (callbacks see only the epochs trained now). `on_batch(done,
-    total)` is called after every batch (progress displays; it may raise to stop). `network`: the model `build`
-    already made of these params, seed and threads (a search builds it first to know its size); without it, fit
-    builds it. Raises ParamError before training for bad params, Diverged on a non-finite loss, OutOfMemory when
-    the device runs out of memory.
+
+def train_network(network: Network, data: PreparedData, device: str | torch.device | None = None,
+                  callbacks: Iterable[Callback] = (), checkpoint: Path | None = None,
+                  on_batch: Callable[[int, int], None] | None = None, on_resume: Resumed | None = None) -> TrainResult:
+    """Train the model `build` made (its params, seed and threads) on `data`: the history, the best-epoch model.
+
+    `device` defaults to the data's (they must agree). With `checkpoint`, progress is saved atomically after every
+    epoch and a matching checkpoint is resumed: `on_resume(history)` is told the epochs it holds (callbacks see
+    only the epochs trained now). `on_batch(done, total)` follows every batch (it may raise to stop). Raises
+    ParamError for a batch larger than the data, Diverged on a non-finite loss, OutOfMemory when the device runs out.
     """
-    if network is None:
-        network = build(resolve_params(params), data, seed, threads)
     p, seed = network.p, network.seed
     device = torch.device(device) if device is not None else data.train.device
     if device != data.train.device:

@@ -1,4 +1,5 @@
-"""Commands that train nothing answer without importing torch (seconds): each checked in a fresh interpreter."""
+"""Commands that train nothing answer without importing torch (seconds), and a search without tracking without
+importing MLflow (seconds too): each checked in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ rc = None
 REPORT = '''
 torchy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "functorch"))
 print("RESULT " + json.dumps({"rc": rc, "torch": torchy, "first_import": _TorchWatch.stack,
-                             "pipeline": sorted(m for m in sys.modules if m.startswith("pipeline"))}))
+                             "pipeline": sorted(m for m in sys.modules if m.startswith("pipeline")),
+                             "mlflow": sorted(m for m in sys.modules if m.split(".")[0] == "mlflow")}))
 '''
 
 
@@ -104,3 +106,14 @@ rc = cli.main(["data", "--dataset", "tiny", "--root", {str(root)!r}])
     assert result["rc"] == 0, result["output"]
     assert "tiny: 600 train + 200 test images" in result["output"]
     assert_no_torch(result)
+
+
+def test_the_search_command_imports_no_mlflow_until_tracking_connects():
+    """TRACKING=off, and every worker's start before it connects, need no MLflow."""
+    result = run_fresh('''
+from pipeline.commands import search
+from pipeline.tracking.lifecycle import Tracking
+Tracking.off()
+''')
+    assert "pipeline.commands.search" in result["pipeline"] and "pipeline.tracking.lifecycle" in result["pipeline"]
+    assert result["mlflow"] == [], f"MLflow was imported ({len(result['mlflow'])} modules)"

@@ -17,6 +17,7 @@ from pipeline.search import pareto, workers
 from pipeline.search.events import BatchDone, EpochEnded, TrialEnded, TrialStarted, Waiting, Warned
 from pipeline.search.options import SearchOutcome
 from pipeline.spec import studies
+from pipeline.spec.stop_reason import StopReason
 from pipeline.training.train import EpochMetrics
 
 
@@ -150,7 +151,7 @@ def test_workers_view_off_a_terminal_names_the_worker_of_each_line(spec, out):
 def outcome(**changes) -> SearchOutcome:
     top = [record(2, 0.95, {"lr": 0.002, "dropout": 0.1}), record(0, 0.9, {"lr": 0.01, "dropout": 0.3}),
            record(3, 0.85, {"lr": 0.0005, "dropout": 0.25})]
-    fields = dict(study_name="views-v2", ran=4, stop_reason="budget", seconds=90.0, finished=4,
+    fields = dict(study_name="views-v2", ran=4, stop_reason=StopReason.BUDGET, seconds=90.0, finished=4,
                   decision=pareto.Choice(top[0], "", [], []), top=top, resume_command="make search STUDY=views")
     return SearchOutcome(**{**fields, **changes})
 
@@ -170,7 +171,7 @@ def test_summary_lists_the_top_trials_in_order_and_the_best_one(spec, out):
 
 
 def test_summary_of_a_timed_out_search_without_complete_trials(spec, out):
-    tables.summary(spec, outcome(stop_reason="timeout", finished=0, decision=None, top=[]))
+    tables.summary(spec, outcome(stop_reason=StopReason.TIMEOUT, finished=0, decision=None, top=[]))
     text = out.getvalue()
     assert "(time budget spent)" in text and "top trials" not in text and "best trial" not in text
 
@@ -188,8 +189,24 @@ def test_search_result_without_a_best_trial_points_to_make_studies(spec, out):
     assert "`make studies`" in out.getvalue() and "make replay" not in out.getvalue()
     out.seek(0)
     out.truncate()
-    tables.search_result(spec, outcome(stop_reason="interrupted"))  # the interrupt message said what to do
+    tables.search_result(spec, outcome(stop_reason=StopReason.INTERRUPTED, signal_number=signal.SIGINT))
+    # ...the interrupt message said what to do
     assert out.getvalue() == ""
+
+
+def test_an_interrupted_search_names_its_signal_and_how_to_resume(spec, capsys):
+    search_view.SearchView().ended(spec, outcome(stop_reason=StopReason.INTERRUPTED, signal_number=signal.SIGTERM))
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("SIGTERM received: the running trial is recorded as FAIL (interrupted) and queued again")
+    assert err.endswith("Resume with: make search STUDY=views")
+
+
+def test_only_an_interrupted_outcome_has_a_stop_signal():
+    assert outcome(stop_reason=StopReason.INTERRUPTED, signal_number=signal.SIGHUP).stop_signal is signal.SIGHUP
+    with pytest.raises(ValueError, match="budget was not interrupted"):
+        outcome().stop_signal  # noqa: B018 - the property raises
+    with pytest.raises(ValueError):
+        outcome(stop_reason=StopReason.INTERRUPTED).stop_signal  # noqa: B018 - without its number
 
 
 @pytest.mark.parametrize("text", ["[/] a closing tag", "[red]red[/red] and [link=x]", "flowers [v2]"])
@@ -212,3 +229,14 @@ def test_whatever_is_printed_loses_its_control_characters_and_the_passwords_of_i
     assert "S3NTINEL" not in captured.out + captured.err and "\x1b" not in captured.out
     assert "warning: ]0;titlehttp://admin:***@db-host:5000 refused [/]" in captured.out
     assert "postgresql://u:***@db/x" in captured.err
+
+
+def test_the_workers_view_masks_the_passwords_a_worker_prints_or_warns_of(spec, out):
+    view = workers_view.WorkersView(spec, lambda: (0, None), SimpleNamespace(plans=workers.plan(1, 1, [])))
+    with view:
+        view.worker_line(1, "UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted")
+        view.show(1, Warned("MLflow: postgresql://u:S3NTINEL-pw@db/x refused"))
+    printed = out.getvalue()
+    assert "S3NTINEL" not in printed
+    assert "worker 1: UserWarning: from a library, password http://admin:***@db-host:5000 quoted" in printed
+    assert "warning (worker 1): MLflow: postgresql://u:***@db/x refused" in printed

@@ -10,8 +10,10 @@ from tiny_study import write_study
 
 from pipeline import store
 from pipeline.data.recorded import study_data
-from pipeline.search import events, loop, pareto
+from pipeline.search import events, loop, pareto, workers
+from pipeline.search.events import BatchDone, EpochEnded, TrialEnded, TrialStarted, Waiting, Warned, WorkerDone
 from pipeline.spec import studies
+from pipeline.spec.stop_reason import StopReason
 from pipeline.tracking.lifecycle import Tracking
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
@@ -116,3 +118,62 @@ def test_tracking_off_gives_a_listener_that_does_nothing(tmp_path):
     tracking.start(spec, study)
     assert tracking.run is None and store.parent_run_id(study) is None  # nothing reached MLflow
     assert tracking.finish(spec, study, storage, "FINISHED", pareto.decide(spec, study), warn=pytest.fail) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# The event lines: written by events.to_line in a worker, read by events.from_line in its coordinator
+
+EVERY_EVENT = [
+    TrialStarted(3, {"model": "cnn", "lr": 0.001}, seed=7, parameter_count=1234, data=None, confirmation_of=1,
+                 repeat=2),
+    BatchDone(3, 10),
+    EpochEnded(3, epoch=2, val_accuracy=0.75, val_loss=0.625, seconds=1.5),
+    TrialEnded(3, "PRUNED", None, 2.0, {"lr": 0.5}, fail_reason="pruned", fail_detail="epoch 2: 0.1 < 0.5",
+               prune_reason={"epoch": 2, "kind": "median"}),
+    Waiting(),
+    Warned("MLflow is slow:\nsecond line"),
+    events.StudyFailed("3 trials failed in a row"),
+    WorkerDone(4, StopReason.TIMEOUT),
+]
+
+
+def test_every_kind_of_event_is_tried_on_the_wire():
+    assert {type(e) for e in EVERY_EVENT} == set(events.EVENT_TYPES.values())
+
+
+@pytest.mark.parametrize("event", EVERY_EVENT, ids=lambda e: type(e).__name__)
+def test_each_event_comes_back_as_it_was_sent_from_one_line(event):
+    line = events.to_line(event)
+    assert "\n" not in line and line.startswith(events.EVENT_PREFIX)
+    assert events.from_line(line) == [event]
+    assert events.from_line(line + " glued text ") == [event, "glued text"]
+
+
+def test_a_worker_sends_a_started_trial_without_its_data(capsys):
+    workers.EventView().trial_started(TrialStarted(3, {"lr": 0.001}, seed=7, parameter_count=1234,
+                                                   data=object()))  # stands for the tensors
+    (line,) = capsys.readouterr().out.splitlines()
+    assert events.from_line(line) == [TrialStarted(3, {"lr": 0.001}, seed=7, parameter_count=1234, data=None)]
+
+
+def test_a_field_no_event_line_can_hold_is_an_error_not_its_text():
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        events.to_line(TrialStarted(3, {"lr": 0.001}, seed=7, parameter_count=1234, data=object()))
+
+
+@pytest.mark.parametrize("line", [
+    events.EVENT_PREFIX + '{"event": "BatchDone", "done": 1}',  # a field missing
+    events.EVENT_PREFIX + '{"event": "BatchDone", "done": 1, "total": 2, "more": 3}',  # a field unknown
+    events.EVENT_PREFIX + '{"event": "Nothing"}',  # no such event
+    events.EVENT_PREFIX + '{"event": ["BatchDone"]}',
+    events.EVENT_PREFIX + '["BatchDone"]',
+    events.EVENT_PREFIX + '{"event": "BatchDone", "do',  # cut short
+    events.EVENT_PREFIX + '{"event": "WorkerDone", "ran": 1, "stop_reason": "failed"}',  # not how a worker ends
+    "a worker's own line, not an event",
+])
+def test_a_line_that_holds_no_whole_event_is_text(line):
+    assert events.from_line(line) == [line]
+
+
+def test_an_empty_line_holds_nothing():
+    assert events.from_line("") == [] and events.from_line("  ") == []

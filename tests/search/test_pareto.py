@@ -95,7 +95,8 @@ def test_a_single_objective_prune_records_what_the_pruner_compared(study_env, ml
     assert study_env.run("search") == 0
     records = study_env.records()
     assert records[2].state == "PRUNED" and records[2].fail_reason == "pruned"
-    # Its size, counted before training; its FLOPs are not (a forward pass, made only for a FLOPs constraint).
+    # Its size, recorded before training; its FLOPs are recorded then only for a FLOPs constraint (else with the
+    # trained result, which a pruned trial never has).
     assert records[2].parameter_count > 0 and records[2].flops_per_image is None
     reason = pruning.PruneReason.from_dict(records[2].prune_reason)
     assert reason.compared_with == statistics.median(r.history[0]["val_accuracy"] for r in records[:2])

@@ -22,6 +22,7 @@ from pipeline.commands.studies import study_states
 from pipeline.search import seeds, trial_files
 from pipeline.spec import studies
 from pipeline.tracking import study_run
+from pipeline.training import models
 
 pytestmark = pytest.mark.trained_values  # make test-portable runs these as a CPU without AVX-512 would
 
@@ -42,6 +43,18 @@ def test_search_runs_budget_and_records_seed_params_history(study_env, capsys):
     assert first.state == "COMPLETE" and first.sampled == BASELINE and first.baseline is True
     out = capsys.readouterr().out
     assert "top trials of tiny" in out and "make replay STUDY=tiny TRIAL=" in out
+
+
+def test_a_search_trial_builds_its_model_once(study_env, monkeypatch):
+    """The model whose size a trial records (and a size constraint checks) before training is the one it trains:
+    one build per trial, not one to count and another to train."""
+    study_env.write_study(trials=2, epochs=1)
+    built = []
+    build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *args, **kwargs: built.append(args) or build(*args, **kwargs))
+    assert study_env.run("search") == 0
+    assert len(study_env.records(states=store.FINISHED)) == 2
+    assert len(built) == 2
 
 
 def test_studies_command_lists_progress_and_best(study_env, capsys):

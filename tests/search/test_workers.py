@@ -1,5 +1,6 @@
-"""The pieces of scale-out that need no second process: how workers share GPUs and cores, which default
-store a study goes to, and the rule that keeps two racing workers inside the trial budget."""
+"""Scale-out: how workers share GPUs and cores, which default store a study goes to, the rule that keeps two racing
+workers inside the trial budget, and a coordinator relaying real worker processes (stand-ins that train nothing).
+The event lines themselves are tests/search/test_events.py's."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from optuna.trial import TrialState
 
 from pipeline import store
 from pipeline.search import events, objective, workers
-from pipeline.search.events import BatchDone, EpochEnded, TrialEnded, TrialStarted, Waiting, Warned, WorkerDone
+from pipeline.search.events import BatchDone, TrialEnded, TrialStarted, Waiting
 from pipeline.spec import paths, studies
+from pipeline.spec.stop_reason import StopReason
 
 CORES = len(os.sched_getaffinity(0))
 
@@ -145,7 +147,8 @@ def coordinate_fake_workers(count: int, monkeypatch, fails: bool = False):
 
 def test_the_coordinator_relays_each_workers_events_lines_and_end(monkeypatch):
     result, seen = coordinate_fake_workers(3, monkeypatch)
-    assert (result.ran, result.stop_reasons, result.failure, result.signal_number) == (2, {"budget"}, None, None)
+    assert (result.ran, result.failure, result.signal_number) == (2, None, None)
+    assert result.stop_reasons == {StopReason.BUDGET}
     for index in (1, 2):
         number = 10 + index
         assert [s for s in seen if s[1] == index] == [
@@ -186,17 +189,18 @@ GLUED_WORKER = f'''
 import sys
 from pipeline.search.events import BatchDone, WorkerDone, to_line
 from pipeline.search.workers import send
+from pipeline.spec.stop_reason import StopReason
 sys.stdout.write(to_line(BatchDone(1, 2)))
 sys.stdout.flush()
 sys.stderr.write("UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted\\n")
 sys.stderr.flush()
 print()
 print({CUT_SHORT!r})
-send(WorkerDone(1, "budget"))
+send(WorkerDone(1, StopReason.BUDGET))
 '''
 
-# A real coordinator in a process of its own (it installs signal handlers, which only a main thread may), printing
-# what its view is shown, one repr a line.
+# A real coordinator in a process of its own, so that one that never returns (as it once did) fails the test at its
+# time bound instead of hanging the suite; it prints what its view is shown, one repr a line.
 COORDINATOR = '''
 import sys
 from pipeline.search import workers
@@ -234,57 +238,8 @@ def test_the_coordinator_ends_and_shows_the_text_of_a_malformed_event_line():
         ("line", 1, "UserWarning: from a library, password http://admin:S3NTINEL-pw@db-host:5000 quoted"),
         ("line", 1, CUT_SHORT),
         ("ended", 1, 0, False),
-        ("ran", 1, ["budget"]),
+        ("ran", 1, [StopReason.BUDGET]),
     ]]
-
-
-# --------------------------------------------------------------------------------------------------
-# The event lines: written by events.to_line in a worker, read by events.from_line in its coordinator
-
-EVERY_EVENT = [
-    TrialStarted(3, {"model": "cnn", "lr": 0.001}, seed=7, parameter_count=1234, data=None, confirmation_of=1,
-                 repeat=2),
-    BatchDone(3, 10),
-    EpochEnded(3, epoch=2, val_accuracy=0.75, val_loss=0.625, seconds=1.5),
-    TrialEnded(3, "PRUNED", None, 2.0, {"lr": 0.5}, fail_reason="pruned", fail_detail="epoch 2: 0.1 < 0.5",
-               prune_reason={"epoch": 2, "kind": "median"}),
-    Waiting(),
-    Warned("MLflow is slow:\nsecond line"),
-    events.StudyFailed("3 trials failed in a row"),
-    WorkerDone(4, "timeout"),
-]
-
-
-@pytest.mark.parametrize("event", EVERY_EVENT, ids=lambda e: type(e).__name__)
-def test_each_event_comes_back_as_it_was_sent_from_one_line(event):
-    line = events.to_line(event)
-    assert "\n" not in line and line.startswith(events.EVENT_PREFIX)
-    assert events.from_line(line) == [event]
-    assert events.from_line(line + " glued text ") == [event, "glued text"]
-
-
-def test_the_prepared_data_of_a_started_trial_stays_in_the_worker():
-    sent = TrialStarted(3, {"lr": 0.001}, seed=7, parameter_count=1234, data=object())  # stands for the tensors
-    line = events.to_line(sent)
-    assert "data" not in line
-    assert events.from_line(line) == [TrialStarted(3, {"lr": 0.001}, seed=7, parameter_count=1234, data=None)]
-
-
-@pytest.mark.parametrize("line", [
-    events.EVENT_PREFIX + '{"event": "BatchDone", "done": 1}',  # a field missing
-    events.EVENT_PREFIX + '{"event": "BatchDone", "done": 1, "total": 2, "more": 3}',  # a field unknown
-    events.EVENT_PREFIX + '{"event": "Nothing"}',  # no such event
-    events.EVENT_PREFIX + '{"event": ["BatchDone"]}',
-    events.EVENT_PREFIX + '["BatchDone"]',
-    events.EVENT_PREFIX + '{"event": "BatchDone", "do',  # cut short
-    "a worker's own line, not an event",
-])
-def test_a_line_that_holds_no_whole_event_is_text(line):
-    assert events.from_line(line) == [line]
-
-
-def test_an_empty_line_holds_nothing():
-    assert events.from_line("") == [] and events.from_line("  ") == []
 
 
 def test_a_worker_whose_coordinator_is_gone_sends_into_nothing(monkeypatch):
@@ -305,8 +260,9 @@ def test_a_worker_whose_coordinator_is_gone_sends_into_nothing(monkeypatch):
 
     monkeypatch.setattr(sys, "stdout", GonePipe())
     try:
+        workers.send(Waiting())  # raises nothing
+        assert os.path.realpath(f"/proc/self/fd/{write_end}") == os.devnull  # the pipe's end now writes nowhere
         workers.send(Waiting())
-        workers.send(Waiting())  # the pipe's end now writes to /dev/null
     finally:
         os.close(write_end)
 

@@ -142,28 +142,7 @@ def test_batch_larger_than_training_set_is_refused(tiny):
         train.fit(dict(SMALL_CNN, batch_size=5000), tiny)
 
 
-@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "none"])
-def test_lr_schedule_shapes(schedule):
-    p = hparams.resolve_params({"schedule": schedule, "warmup_fraction": 0.1, "step_epochs": 1})
-    factors = [train.lr_factor(p, step, total_steps=100, steps_per_epoch=10) for step in range(100)]
-    assert all(0 < f <= 1 for f in factors[:-1])
-    if schedule == "onecycle":
-        assert factors[0] == pytest.approx(1 / 25) and max(factors) == pytest.approx(1.0)
-        assert factors[-1] == pytest.approx(1 / 25e4)
-    if schedule == "cosine":
-        assert factors[9] == pytest.approx(1.0) and factors[0] == pytest.approx(0.1)
-    if schedule == "step":
-        assert factors[9] == 1.0 and factors[10] == 0.5 and factors[25] == 0.25
-
-
-def test_plateau_decays_after_patience():
-    plateau = train.Plateau()
-    for loss in [1.0, 0.9, 0.95, 0.96]:
-        plateau.update(loss, patience=1, gamma=0.5)
-    assert plateau.scale == 0.5 and plateau.best_loss == 0.9
-
-
-@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("optimizer", hparams.TRAIN_SPECS["optimizer"].options)
 def test_every_optimizer_learns(tiny, optimizer):
     lr = {"sgd": 0.05}.get(optimizer, 3e-3)
     result = train.fit(dict(SMALL_CNN, epochs=2, optimizer=optimizer, lr=lr, label_smoothing=0.1, grad_clip=1.0), tiny)
