@@ -14,10 +14,12 @@ SET     ?=
 STUDY   ?=
 TRIAL   ?=
 REPEAT  ?=
-# Optional search overrides: TRIALS (total budget), TIMEOUT (minutes), FRESH=1, STORAGE=<optuna url>,
+RUNG    ?=
+# Optional search overrides: MINUTES (plan the whole run to them), TRIALS (total budget; a planned run's cap),
+# TIMEOUT (an unplanned study's minutes), FRESH=1, STORAGE=<optuna url>,
 # WORKERS=<worker processes on this host, or auto: the default, one per core or GPU>, EPOCHS=, TRAIN_LIMIT=, VAL_LIMIT= (a quicker run on a subset),
 # BASELINES=off (queue none of the study file's [[baseline]] trials: the sampler starts cold)
-SEARCH_FLAGS = $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
+SEARCH_FLAGS = $(if $(MINUTES),--minutes $(MINUTES)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(TIMEOUT),--timeout $(TIMEOUT)) \
                $(if $(call switch,FRESH),--fresh) $(if $(WORKERS),--workers $(WORKERS)) \
                $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) \
                $(if $(VAL_LIMIT),--val-limit $(VAL_LIMIT)) $(if $(BASELINES),$(if $(call switch,BASELINES),,--no-baselines))
@@ -48,7 +50,7 @@ AVX2_ONLY := ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPAB
 export STORAGE
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train search replay report studies export-best predict server ui dashboard test test-portable test-faults test-scale test-browser lint format bench-data bench-trainer \
+.PHONY: help setup data train search plan replay report studies export-best predict server ui dashboard test test-portable test-faults test-scale test-browser lint format bench-data bench-trainer \
         bench-fusion bench-tracking bench-workers bench-search clean sample-images
 
 help: ## list the targets
@@ -71,11 +73,15 @@ train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0
 	$(PY) -m pipeline train --model $(MODEL) --dataset $(if $(filter all,$(DATASET)),mnist,$(DATASET)) \
 		$(if $(STUDY),--study $(STUDY)) $(foreach s,$(SET),--set $(s))
 
-search: $(STAMP) ## run or resume a study: STUDY=cnn [WORKERS=auto|4] [TRIALS=50] [TIMEOUT=60] [FRESH=1] [STORAGE=url] [TRACKING=off]
+search: $(STAMP) ## run or resume a study: STUDY=cnn [MINUTES=30] [WORKERS=auto|4] [TRIALS=50] [FRESH=1] [STORAGE=url] [TRACKING=off]
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
 
-replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12 [REPEAT=1: a champion-phase run]
-	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)" $(if $(REPEAT),--repeat "$(REPEAT)")
+plan: $(STAMP) ## print the plan of STUDY's minutes on this machine without training [MINUTES=n] [WORKERS=]
+	$(PY) -m pipeline plan --study "$(STUDY)" $(if $(MINUTES),--minutes $(MINUTES)) $(if $(WORKERS),--workers $(WORKERS))
+
+replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12 [REPEAT=1: a champion-phase run] [RUNG=1: a planned search's run at that rung]
+	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)" $(if $(REPEAT),--repeat "$(REPEAT)") \
+		$(if $(RUNG),--rung "$(RUNG)")
 
 report: $(STAMP) ## the study's report page -> reports/STUDY.html (one self-contained file; every search refreshes it)
 	$(PY) -m pipeline report --study "$(STUDY)"

@@ -75,6 +75,7 @@ def _study(args: argparse.Namespace) -> studies.StudySpec:
     spec = studies.load(args.study, args.studies_dir)
     return studies.with_overrides(spec, trials=getattr(args, "trials", None),
                                   timeout_minutes=getattr(args, "timeout", None), epochs=args.epochs,
+                                  minutes=getattr(args, "minutes", None),
                                   train_limit=args.train_limit, val_limit=args.val_limit,
                                   baseline=[] if getattr(args, "no_baselines", False) else None)
 
@@ -87,7 +88,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     options = SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
                             args.root, args.studies_dir, args.tracking, tuple(args.worker_program),
-                            args.reports_dir, args.exports_dir)
+                            args.reports_dir, args.exports_dir, args.deadline)
     view = workers.EventView() if args.worker is not None else search_view.SearchView()
     outcome = search.run_search(spec, options, view)
     if args.worker is None:
@@ -95,6 +96,18 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if outcome.stop_reason == StopReason.INTERRUPTED:
         return 128 + outcome.stop_signal
     return 1 if outcome.stop_reason == StopReason.FAILED else 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    spec = _study(args)
+    from pipeline.commands import plan
+    from pipeline.search.options import SearchOptions
+
+    options = SearchOptions(args.storage, workers=args.workers, device=args.device, threads=args.threads,
+                            root=args.root, studies_dir=args.studies_dir)
+    for line in plan.plan_study(spec, options, lines.note).lines:
+        lines.say(line)
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -114,9 +127,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     spec = _study(args)
     from pipeline.commands import replay
 
-    outcome = replay.replay_trial(spec, args.storage, args.trial, args.root, args.device, args.threads, args.repeat)
-    tables.replay_result(lines.trial_name(args.trial, args.trial if args.repeat else None, args.repeat),
-                        outcome.epochs, outcome.differences)
+    outcome = replay.replay_trial(spec, args.storage, args.trial, args.root, args.device, args.threads, args.repeat,
+                                  args.rung)
+    name = lines.trial_name(args.trial, args.trial if outcome.repeat is not None else None, outcome.repeat or 0)
+    tables.replay_result(name + (f" rung {args.rung}" if args.rung else ""), outcome.epochs, outcome.differences)
     return 1 if outcome.differences else 0
 
 
@@ -204,8 +218,10 @@ def _add_study_arguments(p: argparse.ArgumentParser, with_budget: bool) -> None:
     p.add_argument("--val-limit", type=int, default=None, help="override: validate on this many images")
     p.add_argument("--trials", type=int, default=None, help="override the total trial budget" if with_budget
                    else argparse.SUPPRESS)
-    p.add_argument("--timeout", type=float, default=None, help="override the time budget, minutes" if with_budget
-                   else argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=None, help="override an unplanned study's timeout_minutes"
+                   if with_budget else argparse.SUPPRESS)
+    p.add_argument("--minutes", type=float, default=None, help="plan the whole run (search, champion phase, report) "
+                   "to this many minutes on this machine" if with_budget else argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +272,7 @@ def _add_study_commands(commands: Any) -> None:
                    "(the default: one per GPU, else one 1-thread worker per CPU core up to 4, one for a study in a "
                    "SQLite file); GPUs are shared out round robin, CPU threads split between them")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the coordinator
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # a planned run's, for a worker
     p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
                    help="record trials in MLflow ($MLFLOW_TRACKING_URI, default sqlite mlruns/mlflow.db)")
     _add_report_arguments(p)
@@ -269,9 +286,18 @@ def _add_study_commands(commands: Any) -> None:
     p = commands.add_parser("replay", help="retrain one finished trial and compare every recorded metric")
     _add_study_arguments(p, with_budget=False)
     p.add_argument("--trial", type=int, required=True)
-    p.add_argument("--repeat", type=int, default=0,
-                   help="a champion-phase run: this repeat of the trial's configuration (0: the trial itself)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="a champion-phase run: this repeat of the trial's configuration (in a study planned to its "
+                        "minutes every repeat is one; in another, 0 is the trial itself)")
+    p.add_argument("--rung", type=int, default=None, help="a planned search's run of the trial's configuration at "
+                   "this rung (0: the trial itself)")
     p.set_defaults(run=_cmd_replay)
+
+    p = commands.add_parser("plan", help="print the plan of a study's minutes on this machine, without training")
+    _add_study_arguments(p, with_budget=True)
+    p.add_argument("--workers", type=_worker_count, default="auto", help="worker processes at rung 0 (default auto)")
+    p.add_argument("--no-baselines", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(run=_cmd_plan)
 
     p = commands.add_parser("studies", help="list the studies with trials done, best value and state")
     p.add_argument("--storage", default=None)

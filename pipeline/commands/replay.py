@@ -15,7 +15,7 @@ import optuna
 from pipeline import store
 from pipeline.data import loading
 from pipeline.data.recorded import study_data
-from pipeline.search import champion
+from pipeline.search import champion, fidelity
 from pipeline.search.objective import HISTORY_KEYS, history_record
 from pipeline.spec.studies import StudyError, StudySpec
 from pipeline.training import train
@@ -27,21 +27,31 @@ class ReplayOutcome:
     trial_number: int
     epochs: int
     differences: list[str]
+    repeat: int | None = None  # the champion-phase run replayed, if one was
 
 
 def replay_trial(spec: StudySpec, storage_override: str | None, trial_number: int, root: Path,
-                 device: str = "auto", threads: int | None = None, repeat: int = 0) -> ReplayOutcome:
+                 device: str = "auto", threads: int | None = None, repeat: int | None = None,
+                 rung: int | None = None) -> ReplayOutcome:
     """`make replay`: retrain trial `trial_number` of the study's current version (with `repeat`, that champion-phase
-    run of its configuration); list every metric that differs."""
+    run of its configuration; with `rung`, a planned search's run of it at that rung); list every metric that
+    differs. A run of a planned search trains on its rung's subset of the training split, as it did."""
     storage = store.open_storage(storage_override, spec.name)
     study = store.find_study(spec, storage.backend)
-    record = _confirmation_run(storage, study, trial_number, repeat) if repeat else _finished_trial(study, trial_number)
+    if repeat == 0 and not champion.planned_rungs(study):
+        repeat = None  # an unplanned study's repeat 0 is the search's own trial
+    if repeat is not None:
+        record, what = _companion_run(storage, study, trial_number, repeat, champion.COMPANION), f"/repeat {repeat}"
+    elif rung:
+        record, what = _companion_run(storage, study, trial_number, 0, champion.rung_suffix(rung)), f"/rung {rung}"
+    else:
+        record, what = _finished_trial(study, trial_number), ""
     prepared = study_data(spec, root, pick_device(device))
     loading.require_digest(record.dataset_digest, prepared.checksum, trial_number, prepared.dataset,
                         "restore the pictures it was trained on to replay it")
     outcome = compare(record, prepared, threads)
-    store.record_replay(study, f"{trial_number}/repeat {repeat}" if repeat else str(trial_number),
-                        not outcome.differences, outcome.epochs, outcome.differences)
+    outcome.repeat = repeat
+    store.record_replay(study, f"{trial_number}{what}", not outcome.differences, outcome.epochs, outcome.differences)
     return outcome
 
 
@@ -54,15 +64,22 @@ def _finished_trial(study: optuna.Study, number: int) -> store.TrialRecord:
     return record
 
 
-def _confirmation_run(storage: store.Storage, study: optuna.Study, number: int, repeat: int) -> store.TrialRecord:
-    """The completed champion-phase run `repeat` of trial `number`'s configuration."""
-    companion = champion.find_companion(storage.backend, study.study_name)
+def _companion_run(storage: store.Storage, study: optuna.Study, number: int, repeat: int,
+                   suffix: str) -> store.TrialRecord:
+    """The completed run `repeat` of trial `number`'s configuration in the companion study `suffix` names: the
+    champion phase's, or a planned search's rung's."""
+    companion = champion.find_companion(storage.backend, study.study_name, suffix)
     runs = store.records(companion, (optuna.trial.TrialState.COMPLETE,)) if companion is not None else []
     found = next((r for r in runs if (r.confirmation_of, r.repeat) == (number, repeat)), None)
     if found is None:
-        done = sorted(f"TRIAL={r.confirmation_of} REPEAT={r.repeat}" for r in runs)
-        raise StudyError(f"study {study.study_name!r} has no completed champion-phase run REPEAT={repeat} of trial "
-                         f"{number}; completed ones: {', '.join(done) or 'none'}")
+        if suffix == champion.COMPANION:
+            done = sorted(f"TRIAL={r.confirmation_of} REPEAT={r.repeat}" for r in runs)
+            what = f"champion-phase run REPEAT={repeat}"
+        else:
+            done = sorted(f"TRIAL={r.confirmation_of} RUNG={suffix.removeprefix(':rung')}" for r in runs)
+            what = f"run at RUNG={suffix.removeprefix(':rung')}"
+        raise StudyError(f"study {study.study_name!r} has no completed {what} of trial {number}; completed ones: "
+                         f"{', '.join(done) or 'none'}")
     return found
 
 
@@ -77,7 +94,7 @@ def compare(record: store.TrialRecord, prepared: loading.PreparedData, threads: 
 
     # Float sums depend on the thread count: by default, use the one the trial ran with.
     params, seed = as_trained(record)
-    train.fit(params, prepared, callbacks=[collect], seed=seed, threads=threads or record.threads)
+    train.fit(params, trained_on(record, prepared), callbacks=[collect], seed=seed, threads=threads or record.threads)
     differences = []
     for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
         for key in HISTORY_KEYS:
@@ -92,7 +109,12 @@ def retrain(record: store.TrialRecord, prepared: loading.PreparedData,
             on_epoch: Any = lambda metrics: None) -> train.TrainResult:
     """Train the trial's model again from its recorded params and seed (on the thread count it ran with)."""
     params, seed = as_trained(record)
-    return train.fit(params, prepared, callbacks=[on_epoch], seed=seed, threads=record.threads)
+    return train.fit(params, trained_on(record, prepared), callbacks=[on_epoch], seed=seed, threads=record.threads)
+
+
+def trained_on(record: store.TrialRecord, prepared: loading.PreparedData) -> loading.PreparedData:
+    """The data the run trained on: a planned search's rung's subset of the training split, else all of it."""
+    return fidelity.recorded_data(record.fidelity, record.split_hash, prepared, f"trial {record.number}")
 
 
 def as_trained(record: store.TrialRecord) -> tuple[dict[str, Any], int]:

@@ -15,6 +15,7 @@ import shlex
 import socket
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -25,12 +26,13 @@ from pipeline.data import loading
 from pipeline.data.recorded import study_data
 from pipeline.infra import urls
 from pipeline.infra.urls import shown
-from pipeline.search import loop, pareto, seeds, workers
-from pipeline.search.champion import Standings
+from pipeline.search import loop, pareto, plan, planned, seeds, workers
+from pipeline.search.champion import Standings, rung_suffix
 from pipeline.search.events import Listeners, SearchView
 from pipeline.search.options import SearchOptions, SearchOutcome
 from pipeline.search.stopping import Interrupted, StudyStopped, TooManyFailures
 from pipeline.search.trial_files import checkpoint_folder
+from pipeline.spec import paths
 from pipeline.spec.errors import BadInput
 from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
@@ -43,7 +45,8 @@ TOP = 5  # trials in the end-of-search table
 def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> SearchOutcome:
     """Run or resume the study until its budget is reached, the time is spent or a signal arrives."""
     device = pick_device(options.device)
-    options, why_workers = _decide_workers(spec, options, device)
+    options, why_workers = decide_workers(spec, options, device)
+    user_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # MLflow sets it for its own children once connected
     tracking = Tracking.connect(view.say) if options.tracking else Tracking.off()
     storage = store.open_storage(options.storage, spec.name, options.worker_count)
     # The data first: a missing or corrupt dataset stops here, before a study or an MLflow run is made. Before
@@ -63,12 +66,18 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
         view.note(f"{options.worker_count} workers share the SQLite file {storage.url}: Optuna advises a journal file "
                   "(STORAGE=studies/optuna.journal) or PostgreSQL for parallel workers")
     listener = Listeners(view, tracking.listener)
-    resume = resume_command(spec, options, storage.url)
+    resume = resume_command(spec, options, storage.url, user_tracking_uri)
     outcome = SearchOutcome(study.study_name, 0, StopReason.BUDGET, 0.0, workers=options.worker_count,
                             resume_command=resume)
     started, status = time.monotonic(), "FINISHED"
     try:
-        if options.worker_count > 1:
+        if spec.planned:
+            try:
+                outcome.ran, outcome.stop_reason, outcome.champion = _planned(spec, study, storage, prepared, device,
+                                                                              options, view, tracking)
+            finally:
+                outcome.time_left = planned.time_left(spec, study) if options.worker is None else None
+        elif options.worker_count > 1:
             del prepared  # each worker loads its own copy; the coordinator need not hold one for the whole run
             outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
         else:  # one process: this one, on the data loaded above
@@ -76,7 +85,7 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
                 searched = loop.run(spec, study, prepared, listener, threads=options.threads,
                                     checkpoints=checkpoint_folder(options.studies_dir, storage.url, study.study_name))
             outcome.ran, outcome.stop_reason = searched.ran, searched.stop_reason
-        if spec.confirmation is not None and options.worker is None:  # a coordinator runs the phase itself
+        if spec.confirmation is not None and options.worker is None and not spec.planned:  # run by the coordinator
             # After workers, this process trains the phase's runs itself: the data again, on the device.
             phase_data = prepared if options.worker_count == 1 else study_data(spec, options.root, device)
             outcome.champion = _champion_phase(spec, study, storage, phase_data, options, view, tracking)
@@ -95,6 +104,68 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
         if page is not None:
             outcome.messages.append(f"report: {page}")
     return outcome
+
+
+def _planned(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepared: loading.PreparedData,
+             device: torch.device, options: SearchOptions, view: SearchView,
+             tracking: Tracking) -> tuple[int, StopReason, seeds.PhaseOutcome | None]:
+    """A planned search (search/planned.py): the plan (made, or the study's), rung 0 here or on the workers, then
+    (a coordinator) the later rungs and the champion phase on all the threads. The minutes it spends are added to
+    the study's, whatever ends it."""
+    if options.worker is not None:  # the coordinator made and stored the plan, and says the deadline
+        made = planned.stored(study)
+        if made is None or options.deadline is None:
+            raise BadInput("a planned search's worker needs its coordinator's plan and deadline (--deadline)")
+        searched = planned.rung_zero(spec, study, prepared, Listeners(view, tracking.listener), made,
+                                     planned.RunClock(time.time(), options.deadline), options.threads,
+                                     checkpoint_folder(options.studies_dir, storage.url, study.study_name))
+        return searched.ran, searched.stop_reason, None
+    made = planned.current(spec, study, lambda: planned.make(spec, prepared, device, options.worker_count,
+                                                             options.threads, options.root, view.say))
+    clock = planned.RunClock.start(spec, study)
+    for line in plan.table(made, datetime.fromtimestamp(clock.started - planned.minutes_spent(study) * 60)):
+        view.say(line)
+    started = time.time()
+    try:
+        return _stages(spec, study, storage, prepared, device, options, view, tracking, made, clock)
+    finally:
+        planned.add_spent(study, time.time() - started)
+
+
+def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepared: loading.PreparedData,
+            device: torch.device, options: SearchOptions, view: SearchView, tracking: Tracking, made: plan.Plan,
+            clock: planned.RunClock) -> tuple[int, StopReason, seeds.PhaseOutcome | None]:
+    """The plan's stages, each in turn while the clock has time."""
+    checkpoints = checkpoint_folder(options.studies_dir, storage.url, study.study_name)
+    if options.worker_count > 1:
+        del prepared  # each worker loads its own copy
+        with_deadline = dataclasses.replace(options, deadline=clock.deadline)
+        ran, _ = _with_workers(spec, study, storage.url, device, with_deadline, view)
+        prepared = study_data(spec, options.root, device)
+    else:
+        with view.running(spec, lambda: _status(study), total=made.rungs[0].configs, what="rung 0"):
+            ran = planned.rung_zero(spec, study, prepared, Listeners(view, tracking.listener), made, clock,
+                                    options.threads, checkpoints).ran
+    for stage in made.rungs[1:]:
+        if clock.seconds_left <= 0:
+            return ran, StopReason.TIME, None
+        companion_checkpoints = checkpoint_folder(options.studies_dir, storage.url,
+                                                  study.study_name + rung_suffix(stage.rung or 0))
+        view.say(f"{stage.name}: the best {stage.configs} configurations again, {stage.images:,} images x "
+                 f"{stage.epochs} epochs")
+        with view.running(spec, lambda: _status(study), total=stage.configs, what=stage.name):
+            ran += planned.later_rung(spec, study, storage.backend, prepared, Listeners(view, tracking.confirmations),
+                                      made, stage, clock, options.threads, companion_checkpoints).ran
+    if clock.seconds_left <= 0:
+        return ran, StopReason.TIME, None
+    phase = planned.champion_phase(spec, study, storage.backend, made)
+    view.say(phase.announcement())
+    with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
+        outcome = phase.run(prepared, Listeners(view, tracking.confirmations), options.threads,
+                            checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name),
+                            clock.trial_clock(made.whole, prepared, made, "champion"))
+    stop = StopReason.BUDGET if outcome.stop_reason == StopReason.DONE else StopReason.TIME
+    return ran + outcome.ran, stop, outcome
 
 
 def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, options: SearchOptions,
@@ -124,7 +195,7 @@ def _champion_phase(spec: StudySpec, study: optuna.Study, storage: store.Storage
                          checkpoints=checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name))
 
 
-def _decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device) -> tuple[SearchOptions, str]:
+def decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device) -> tuple[SearchOptions, str]:
     """The options with a number of workers (WORKERS=auto decided here), and the line that says why ('' when the
     user chose). A worker process is one worker."""
     if options.worker is not None:
@@ -135,15 +206,16 @@ def _decide_workers(spec: StudySpec, options: SearchOptions, device: torch.devic
                            "e.g. WORKERS=4")
         return options, ""
     url = store.storage_url(options.storage, spec.name, workers=2)  # where the study lives, or would with workers
-    count, why = workers.auto_count(device.type, url, options.threads, spec.trials)
+    count, why = workers.auto_count(device.type, url, options.threads, spec.trial_budget)
     return dataclasses.replace(options, workers=count), why
 
 
-def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
+def resume_command(spec: StudySpec, options: SearchOptions, url: str, tracking_uri: str | None = None) -> str:
     """The command that continues this study: the same store, workers and tracking as this run.
 
     A store named by STORAGE or --storage is repeated (quoted, its password masked: the user's environment or
-    shell history has it); the default one needs no mention.
+    shell history has it), and so is the user's MLFLOW_TRACKING_URI (`tracking_uri`, read before MLflow set it);
+    the default ones need no mention.
     """
     parts = ["make search", f"STUDY={spec.name}"]
     if options.worker_count > 1:
@@ -152,8 +224,8 @@ def resume_command(spec: StudySpec, options: SearchOptions, url: str) -> str:
         parts.append(f"STORAGE={shlex.quote(urls.shown(url))}")
     if not options.tracking:
         parts.append("TRACKING=off")
-    elif os.environ.get("MLFLOW_TRACKING_URI"):
-        parts.insert(0, f"MLFLOW_TRACKING_URI={shlex.quote(urls.shown(os.environ['MLFLOW_TRACKING_URI']))}")
+    elif tracking_uri and tracking_uri != paths.DEFAULT_TRACKING_URI:
+        parts.insert(0, f"MLFLOW_TRACKING_URI={shlex.quote(urls.shown(tracking_uri))}")
     return " ".join(parts)
 
 
@@ -184,7 +256,8 @@ def _header(spec: StudySpec, study: optuna.Study, prepared: loading.PreparedData
     return (f"{study.study_name}: {spec.description or spec.name} | {prepared.dataset} "
             f"{len(prepared.train):,}/{len(prepared.val):,} images {shape} ({placement}, digest "
             f"{prepared.checksum}), {device}, sampler {spec.sampler}, "
-            f"pruner {spec.pruner}, budget {spec.trials} trials / {spec.timeout_minutes:g} min"
+            + (f"planned to {spec.minutes:g} min" if spec.planned else
+               f"pruner {spec.pruner}, budget {spec.trial_budget} trials / {spec.timeout_minutes:g} min")
             + (f" | {options.worker_count} workers, storage {shown(url)}" if options.worker_count > 1 else ""))
 
 
@@ -208,7 +281,9 @@ def _with_workers(spec: StudySpec, study: optuna.Study, url: str, device: torch.
         raise Interrupted(coordinated.signal_number)
     if coordinated.failure is not None:
         raise TooManyFailures(coordinated.failure)
-    if store.finished_count(study) < spec.trials and StopReason.TIMEOUT not in coordinated.stop_reasons:
+    if spec.planned:
+        return coordinated.ran, StopReason.BUDGET
+    if store.finished_count(study) < spec.trial_budget and StopReason.TIMEOUT not in coordinated.stop_reasons:
         raise TooManyFailures(f"every worker stopped before the budget was reached (exit codes "
                               f"{pool.exit_codes()}); see the lines above")
     timed_out = StopReason.TIMEOUT in coordinated.stop_reasons

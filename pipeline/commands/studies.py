@@ -22,12 +22,12 @@ def study_states(studies_dir: Path, storage_override: str | None = None) -> list
         spec = studies.load(name, studies_dir)
         study = next((found for found in (_find(spec, storage) for storage in storages) if found), None)
         if study is None:
-            states.append(store.StudyState(name, f"{name}.toml", 0, spec.trials, None, "not started"))
+            states.append(store.StudyState(name, f"{name}.toml", 0, spec.trial_budget, None, "not started"))
             continue
         done = store.finished_count(study)
-        state = "running" if store.running_count(study) else ("done" if done >= spec.trials else "resumable")
-        states.append(store.StudyState(study.study_name, f"{name}.toml", done, spec.trials, store.best_values(study),
-                                       state))
+        state = "running" if store.running_count(study) else ("done" if done >= spec.trial_budget else "resumable")
+        states.append(store.StudyState(study.study_name, f"{name}.toml", done, spec.trial_budget,
+                                       store.best_values(study), state))
     return states
 
 

@@ -49,7 +49,8 @@ class SearchView(events.SearchView):
                 what: str = "trials") -> Iterator[None]:
         self.status, self.bars, self.what = status, progress(self.live), what
         finished, best = status()
-        self.trials_task = self.bars.add_task(what, total=spec.trials if total is None else total, completed=finished)
+        total = spec.trial_budget if total is None else total
+        self.trials_task = self.bars.add_task(what, total=total, completed=finished)
         self.epoch_task = self.bars.add_task("epoch", total=None)
         try:
             with self.bars:

@@ -31,8 +31,12 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
     """The end of a search: what ran, the top trials, the best one."""
     phase = f" and {outcome.champion.ran} champion-phase runs" if outcome.champion is not None else ""
     ended = "budget reached" if outcome.stop_reason == StopReason.BUDGET else "time budget spent"
-    lines.console.print(f"{outcome.ran} trials{phase} run in {outcome.seconds / 60:.1f} min; "
-                        f"{outcome.finished}/{spec.trials} finished ({ended})")
+    if spec.planned:
+        lines.console.print(f"{outcome.ran} runs in {outcome.seconds / 60:.1f} min; {outcome.finished} "
+                            f"configurations at rung 0 in all")
+    else:
+        lines.console.print(f"{outcome.ran} trials{phase} run in {outcome.seconds / 60:.1f} min; "
+                            f"{outcome.finished}/{spec.trial_budget} finished ({ended})")
     several = len(spec.objectives) > 1
     if outcome.top:
         title = (f"Pareto front of {outcome.study_name} ({', '.join(spec.metrics)})" if several else
@@ -51,17 +55,18 @@ def summary(spec: StudySpec, outcome: SearchOutcome) -> None:
         lines.console.print(f"best trial {best.number}: {values_text(best.values)} with {literal(str(best.params))}")
     if outcome.champion is not None:
         champion_table(outcome.champion.standings)
-        if outcome.champion.stop_reason == StopReason.TIME and spec.confirmation is not None:  # a phase ran: it has one
+        planned_out = spec.planned and outcome.champion.standings.missing
+        if outcome.champion.stop_reason == StopReason.TIME and spec.confirmation is not None and not planned_out:
             lines.console.print(f"[yellow]the champion phase's {spec.confirmation.minutes:g} minutes would be "
                                 f"exceeded by the next run: {outcome.champion.standings.missing} runs left; "
-                                f"`{outcome.resume_command}` trains them (or raise [champion] minutes)")
+                                f"`{literal(outcome.resume_command)}` trains them (or raise \\[champion] minutes)")
 
 
 def champion_table(standings: Standings) -> None:
     """The champion phase's candidates: each one's runs, mean, spread and confidence interval; then the choice."""
     table = Table(title=f"champion phase of {standings.study_name}: {standings.metric} over "
                         f"{standings.seeds} seeds per candidate (95% CI: Student t)")
-    for column in ("trial", "mean", "std", "95% CI", "min-max", "MFLOPs", "runs (repeat: value; 0 = the search's)"):
+    for column in ("trial", "mean", "std", "95% CI", "min-max", "MFLOPs", "runs (repeat: value)"):
         table.add_column(column, justify="left" if column.startswith("runs") else "right", overflow="fold")
     for r in standings.rows():  # in the search's order
         table.add_row(r["trial"], r["mean"], r["std"], r["interval"], f"{r['min']}-{r['max']}", r["mflops"],
@@ -91,8 +96,11 @@ def search_result(spec: StudySpec, outcome: SearchOutcome) -> None:
             replay, what = f"make replay STUDY={spec.name} TRIAL={outcome.best.number}", "the best trial"
         else:
             replay, what = "make studies", "the study's trials"
-        lines.console.print(f"next: `{outcome.resume_command}` continues the study (raise TRIALS= / TIMEOUT= for "
-                            f"more); `{replay}` re-checks {what} bit for bit")
+        more = "raise MINUTES= for more" if spec.planned else "raise TRIALS= / TIMEOUT= for more"
+        lines.console.print(f"next: `{literal(outcome.resume_command)}` continues the study ({more}); `{replay}` "
+                            f"re-checks {what} bit for bit")
+    if spec.planned and outcome.time_left is not None:
+        lines.console.print(outcome.time_left)
 
 
 def landed(datasets: list[Landed]) -> None:
@@ -133,7 +141,7 @@ def exported(destination: Path, seconds: float) -> None:
     lines.console.print(
         f"[green]{literal(str(destination))}[/]: test accuracy {metrics['test_accuracy']:.4f} "
         f"({metrics['test_correct']:,}/{metrics['test_images']:,}, verified by a fresh process), validation "
-        f"{metrics['val_accuracy']}, {metrics['parameter_count']:,} parameters, "
+        f"{metrics['val_accuracy']:.4f}, {metrics['parameter_count']:,} parameters, "
         f"{metrics['cpu_latency_ms_batch1_median']:.2f} ms/image at batch 1, "
         f"{metrics['cpu_throughput_images_per_s_batch256']:,.0f} images/s at batch 256 ({seconds:.0f} s)")
     lines.console.print(f"next: `make predict EXPORT={_relative(destination)} IMAGES=\"a.png b.png\"`; "

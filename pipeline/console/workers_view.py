@@ -26,7 +26,7 @@ class WorkersView:
         self.live = lines.console.is_terminal
         self.bars = progress(self.live)
         finished, best = status()
-        self.trials_task = self.bars.add_task(f"trials | best {values_text(best)}", total=spec.trials,
+        self.trials_task = self.bars.add_task(f"trials | best {values_text(best)}", total=spec.trial_budget,
                                               completed=finished)
         self.tasks = {p.index: self.bars.add_task(f"worker {p.index}: starting", total=None) for p in pool.plans}
         self.waiting: set[int] = set()  # workers waiting for other workers' last trials

@@ -14,6 +14,7 @@ for bit on any device; only the small parameter tensors travel to the device.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,15 @@ from pipeline.data import datasets, imagecache
 from pipeline.data.arrays import Arrays, load_arrays, print_to_stderr
 from pipeline.data.augment import Augment, NaturalAugment
 from pipeline.data.images import Preprocessing
-from pipeline.data.splits import DEFAULT_SPLIT_SEED, Split, seeded_subset, split_hash, stratified_split
+from pipeline.data.splits import (
+    DEFAULT_SPLIT_SEED,
+    Split,
+    seeded_subset,
+    split_hash,
+    stratified_split,
+    stratified_subset,
+    subset_hash,
+)
 from pipeline.infra import memory
 from pipeline.infra.fileio import write_atomic
 from pipeline.infra.text import byte_size
@@ -129,6 +138,14 @@ class ResidentImages:
                generator: torch.Generator | None) -> torch.Tensor:
         return self.to_float(self.uint8(index), augment, generator)
 
+    def subset(self, positions: torch.Tensor) -> ResidentImages:
+        """The images at `positions` of this split, placed as this split is (resident or streamed)."""
+        if self.rows is not None:
+            return ResidentImages(self.images, self.labels.cpu()[positions], self.mean, self.std, self.device,
+                                  rows=self.rows[positions])
+        index = positions.to(self.device)
+        return ResidentImages(self.images[index], self.labels[index], self.mean, self.std, self.device)
+
     batches = _batches
 
 
@@ -165,6 +182,15 @@ class PreparedData:
 
     def augment_policy(self, requested: str) -> str:
         return self.default_augment_policy if requested == "auto" else requested
+
+    def training_subset(self, size: int | None, seed: int) -> PreparedData:
+        """The same data with `size` of its training images (stratified, seeded: `splits.stratified_subset`) and
+        the subset's hash as its split hash; itself when `size` is None or covers the training split."""
+        if size is None or size >= len(self.train):
+            return self
+        positions = stratified_subset(self.train.labels, size, seed)
+        return dataclasses.replace(self, train=self.train.subset(positions),
+                                   split_hash=subset_hash(self.split_hash, positions))
 
 
 def channel_stats(images: torch.Tensor, rows: torch.Tensor,

@@ -66,3 +66,21 @@ def seeded_subset(indices: torch.Tensor, size: int | None, seed: int) -> torch.T
         return indices
     generator = torch.Generator().manual_seed(seed)
     return torch.sort(indices[torch.randperm(len(indices), generator=generator)[:size]]).values
+
+
+def stratified_subset(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted positions of a stratified, seeded subset of `size` of the images whose labels are `labels` (every
+    class in proportion to its share, as the validation split is carved): a search rung's training images. All
+    positions when `size` covers them."""
+    n = len(labels)
+    if size >= n:
+        return torch.arange(n)
+    return stratified_split(labels.cpu(), size, seed, what="training subset").val_indices
+
+
+def subset_hash(parent_hash: str, positions: torch.Tensor) -> str:
+    """A training subset's fingerprint: the split it was taken from and the positions taken, recorded with a rung's
+    results (replay rebuilds the subset and checks it)."""
+    digest = hashlib.sha256(parent_hash.encode())
+    digest.update(positions.to(torch.int64).numpy().astype("<i8").tobytes())
+    return digest.hexdigest()[:16]

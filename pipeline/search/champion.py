@@ -34,28 +34,41 @@ COMPANION = ":champion"  # the companion study's name: `<study>:champion` (study
 CONFIDENCE = 0.95
 
 
-def champion_table(spec: StudySpec) -> ChampionTable:
-    """The study's `[champion]` table: only a study that has one has a champion phase."""
+def champion_table(spec: StudySpec, study: optuna.Study | None = None) -> ChampionTable:
+    """The study's `[champion]` table: only a study that has one has a champion phase. A planned study's stored plan
+    may have fewer configurations or seeds than the file asks for (search/plan.py): those count."""
     if spec.confirmation is None:
         raise ValueError(f"study {spec.name!r} has no [champion] table, so no champion phase")
+    plan = study.user_attrs.get("plan") if study is not None else None
+    if isinstance(plan, dict):
+        stage = next(s for s in plan["stages"] if s["name"] == "champion")
+        return spec.confirmation.model_copy(update={"top_k": stage["configs"], "seeds": stage["seeds"]})
     return spec.confirmation
 
 
-def companion_name(study_name: str) -> str:
-    return study_name + COMPANION
+def companion_name(study_name: str, suffix: str = COMPANION) -> str:
+    return study_name + suffix
 
 
-def open_companion(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study:
-    """The study's champion-phase runs, created on first use. Every run is queued, so the sampler never samples."""
+def rung_suffix(rung: int) -> str:
+    """A planned search's rung r > 0 runs in the companion study `<study>:rung<r>` (rung 0 is the study itself)."""
+    return f":rung{rung}"
+
+
+def open_companion(spec: StudySpec, storage: optuna.storages.BaseStorage, study_name: str,
+                   suffix: str = COMPANION) -> optuna.Study:
+    """The study's champion-phase runs (or a planned search's rung), created on first use. Every run is queued, so
+    the sampler never samples."""
     direction = spec.directions[0]  # "maximize" or "minimize", as Optuna takes it
-    return optuna.create_study(study_name=companion_name(study_name), storage=storage, load_if_exists=True,
+    return optuna.create_study(study_name=companion_name(study_name, suffix), storage=storage, load_if_exists=True,
                                direction=direction, sampler=optuna.samplers.RandomSampler(seed=0),
                                pruner=optuna.pruners.NopPruner())
 
 
-def find_companion(storage: optuna.storages.BaseStorage, study_name: str) -> optuna.Study | None:
+def find_companion(storage: optuna.storages.BaseStorage, study_name: str,
+                   suffix: str = COMPANION) -> optuna.Study | None:
     try:
-        return optuna.load_study(study_name=companion_name(study_name), storage=storage)
+        return optuna.load_study(study_name=companion_name(study_name, suffix), storage=storage)
     except KeyError:
         return None
 
@@ -84,6 +97,8 @@ class Summary:
 def summarize(values: list[float], confidence: float = CONFIDENCE) -> Summary:
     from scipy.stats import t  # a second to import: only when a phase is summed up
 
+    if not values:  # a planned search's candidate before its first full-fidelity run
+        return Summary(0, math.nan, None, None, None, math.nan, math.nan)
     n, mean = len(values), statistics.fmean(values)
     if n < 2:
         return Summary(n, mean, None, None, None, min(values), max(values))
@@ -195,18 +210,40 @@ def _flops_apart(fewer: int | None, more: int | None) -> str:
     return f"{fewer:,} vs {more:,}"
 
 
-def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
-    """The best `top_k` distinct feasible configurations by their search score (the first to complete wins a tie)."""
+def ranked(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
+    """The study's distinct feasible configurations, best first by their score (the first to complete wins a tie).
+    Runs of a planned search's rung are told apart by the trial they train again (`confirmation_of`)."""
     sign = -1.0 if spec.directions[0] == "maximize" else 1.0
     complete = sorted((r for r in store.records(study, (TrialState.COMPLETE,)) if r.feasible),
                       key=lambda r: (sign * r.first_value, r.completed_at, r.number))
     chosen, seen = [], set()
     for record in complete:
-        key = json.dumps(record.params if record.params is not None else record.sampled, sort_keys=True)
+        key = json.dumps(record.sampled if record.confirmation_of is not None else
+                         record.params if record.params is not None else record.sampled, sort_keys=True)
         if key not in seen:
             seen.add(key)
             chosen.append(record)
-    return chosen[:champion_table(spec).top_k]
+    return chosen
+
+
+def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
+    """The best `top_k` distinct feasible configurations by their search score: of a planned search, by their score
+    at its last rung that has runs (each as its rung-0 trial, whose number names the configuration)."""
+    top_k = champion_table(spec, study).top_k
+    plan = planned_rungs(study)
+    for rung in range(plan - 1, 0, -1):
+        companion = find_companion(store.storage_of(study), study.study_name, rung_suffix(rung))
+        found = ranked(spec, companion) if companion is not None else []
+        if found:
+            numbers = [r.confirmation_of for r in found[:top_k] if r.confirmation_of is not None]
+            return [r for n in numbers if (r := store.record(study, n)) is not None]
+    return ranked(spec, study)[:top_k]
+
+
+def planned_rungs(study: optuna.Study) -> int:
+    """How many rungs the study's stored plan has (0: the study is not planned)."""
+    plan = study.user_attrs.get("plan")
+    return sum(stage["name"].startswith("rung ") for stage in plan["stages"]) if isinstance(plan, dict) else 0
 
 
 def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
@@ -215,21 +252,22 @@ def repeat_seed(spec: StudySpec, trial_number: int, repeat: int) -> int:
 
 def standings(spec: StudySpec, study: optuna.Study, companion: optuna.Study | None) -> Standings:
     """The table as the stores hold it now (also what export and the report read back)."""
-    seeds, direction = champion_table(spec).seeds, spec.directions[0]
+    seeds, direction = champion_table(spec, study).seeds, spec.directions[0]
     done: dict[tuple[int | None, int], store.TrialRecord] = {}
     for record in store.records(companion, (TrialState.COMPLETE,)) if companion is not None else []:
         done.setdefault((record.confirmation_of, record.repeat), record)  # the first if a run was done twice
     table = Standings(study.study_name, spec.metrics[0], direction, seeds, [])
+    first = 0 if planned_rungs(study) else 1  # a planned search's repeat 0 is a full-fidelity run, not the trial
     for rank, trial in enumerate(candidates(spec, study), start=1):
-        runs = [Run(0, trial.number, trial.seed, trial.first_value)]
-        for repeat in range(1, seeds):
+        runs = [] if first == 0 else [Run(0, trial.number, trial.seed, trial.first_value)]
+        for repeat in range(first, seeds):
             if (found := done.get((trial.number, repeat))) is not None:
                 runs.append(Run(repeat, found.number, found.seed, found.first_value))
         table.candidates.append(Candidate(trial, rank, runs, summarize([r.value for r in runs])))
         table.missing += seeds - len(runs)
     table.champion, table.reason = choose(table.candidates, direction, seeds)
     if table.champion is not None:
-        table.exported = closest_to_mean(table.champion)
+        table.exported = closest_to_mean(table.champion, first)
     return table
 
 
@@ -252,9 +290,10 @@ def choose(found: list[Candidate], direction: str, seeds: int) -> tuple[Candidat
                       "cheaper model wins the tie.")
 
 
-def closest_to_mean(candidate: Candidate) -> Run | None:
-    """The confirmation run whose value is nearest the mean (the lower repeat on a tie): a typical run's weights."""
-    confirmations = [r for r in candidate.runs if r.repeat > 0]
+def closest_to_mean(candidate: Candidate, first: int = 1) -> Run | None:
+    """The confirmation run whose value is nearest the mean (the lower repeat on a tie): a typical run's weights.
+    Confirmation runs are the repeats from `first` on (0 in a planned search, where every one is a phase run)."""
+    confirmations = [r for r in candidate.runs if r.repeat >= first]
     if not confirmations:
         return None
     return min(confirmations, key=lambda r: (abs(r.value - candidate.summary.mean), r.repeat))

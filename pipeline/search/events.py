@@ -165,7 +165,7 @@ class SearchView(Listener, ABC):
     @abstractmethod
     def running(self, spec: StudySpec, status: Status, total: int | None = None,
                 what: str = "trials") -> AbstractContextManager[None]:
-        """Around a loop of `total` trials (spec.trials when None)."""
+        """Around a loop of `total` trials (spec.trial_budget when None)."""
 
     @abstractmethod
     def workers_view(self, spec: StudySpec, status: Status, pool: Workers) -> WorkersView: ...

@@ -29,7 +29,7 @@ from pipeline.infra.urls import error_line
 from pipeline.search.events import Listener, TrialEnded
 from pipeline.search.failures import DISK_FULL, disk_full, disk_full_message, failures_in_a_row
 from pipeline.search.objective import SURPLUS, Objective, SearchTrials
-from pipeline.search.stopping import DiskFull, Interrupted
+from pipeline.search.stopping import DiskFull, Interrupted, OutOfTime
 from pipeline.search.trial_files import checkpoint_path, remove_checkpoint, sweep_checkpoints
 from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
@@ -71,7 +71,7 @@ class LoopOutcome:
 
 @dataclass(frozen=True)
 class SearchBudget:
-    """The search's: the study's `spec.trials` finished trials, within its `spec.timeout_minutes`."""
+    """The search's: the study's `spec.trial_budget` finished trials, within its `spec.timeout_minutes`."""
 
     spec: StudySpec
     what: str = "trial"
@@ -81,19 +81,19 @@ class SearchBudget:
         return self.spec.timeout_minutes * 60
 
     def reached(self, study: optuna.Study) -> StopReason | None:
-        return StopReason.BUDGET if store.finished_count(study) >= self.spec.trials else None
+        return StopReason.BUDGET if store.finished_count(study) >= self.spec.trial_budget else None
 
     def next(self, study: optuna.Study, deadline: float) -> Next | StopReason:
         if time.monotonic() >= deadline:
             return StopReason.TIMEOUT
-        if store.taken_count(study) >= self.spec.trials:
+        if store.taken_count(study) >= self.spec.trial_budget:
             return Next.WAIT  # other workers hold the rest of the budget: if one of their trials fails, it is redone
         return Next.TRIAL
 
 
 def run(spec: StudySpec, study: optuna.Study, prepared: PreparedData, listener: Listener,
         threads: int | None = None, checkpoints: Path | None = None) -> LoopOutcome:
-    """Run trials until the study has `spec.trials` finished ones or the time budget is spent; each trial
+    """Run trials until the study has `spec.trial_budget` finished ones or the time budget is spent; each trial
     checkpoints into the folder `checkpoints` (when given).
 
     Raises Interrupted (after closing and re-queueing the running trial), TooManyFailures and DiskFull.
@@ -125,7 +125,11 @@ def run_trials(study: optuna.Study, objective: Objective, budget: Budget) -> Loo
                 continue
             if isinstance(step, StopReason):
                 return LoopOutcome(ran, step)
-            ended = next_trial(study, objective)
+            try:
+                ended = next_trial(study, objective)
+            except OutOfTime as exc:  # queued again: the next run starts (or resumes) it first
+                listener.warning(f"{exc}: queued again, the next run starts it first")
+                return LoopOutcome(ran + exc.started, StopReason.TIME)
             if ended is None:
                 continue  # a surplus trial: no training happened; the loop sees the budget in flight and waits
             ran += 1
@@ -152,9 +156,9 @@ def one_trial(study: optuna.Study, objective: Objective) -> TrialEnded | None:
     listener, last = objective.listener, list[optuna.trial.FrozenTrial]()
     try:
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[lambda _study, t: last.append(t)])
-    except Interrupted:
+    except (Interrupted, OutOfTime) as exc:
         try:
-            listener.interrupted("interrupted")
+            listener.interrupted(exc.reason if isinstance(exc, OutOfTime) else "interrupted")
         except Exception as exc:
             listener.warning(f"the interrupted trial's MLflow run could not be closed ({exc})")
         running = store.record(study, objective.running) if objective.running is not None else None

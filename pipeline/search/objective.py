@@ -28,9 +28,11 @@ from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import process_identity
 from pipeline.search import pareto, pruning
+from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener, TrialStarted
 from pipeline.search.failures import failing_trial, record_failure
-from pipeline.search.stopping import StopRequest, SurplusTrial
+from pipeline.search.fidelity import Fidelity
+from pipeline.search.stopping import OutOfTime, StopRequest, SurplusTrial
 from pipeline.search.trial_files import adopt_unkeyed, checkpoint_path, remove_checkpoint
 from pipeline.spec import hparams, space, studies, tables
 from pipeline.spec.studies import StudySpec
@@ -65,17 +67,18 @@ class Role(Protocol):
 
 @dataclass(frozen=True)
 class SearchTrials:
-    """A search's trials: `spec.trials` of them, pruned by the study's pruner, and a model kept when it is a
+    """A search's trials: `spec.trial_budget` of them, pruned by the study's pruner, and a model kept when it is a
     feasible new best (one objective) or joins the Pareto front (several)."""
 
     spec: StudySpec
+    trials: int | None = None  # a planned search's rung 0: this many; None: the study's trial budget
 
     @property
     def prunes(self) -> bool:
-        return self.spec.pruner != "none"
+        return self.spec.pruner != "none" and not self.spec.planned
 
     def surplus(self, trial: optuna.Trial) -> str:
-        return surplus_trial(self.spec, trial)
+        return surplus_trial(self.spec, trial, self.trials)
 
     def keep_model(self, trial: optuna.Trial, values: list[float], feasible: bool, model: train.TrainedModel,
                    listener: Listener) -> None:
@@ -97,6 +100,8 @@ class Objective:
     stop: StopRequest = field(default_factory=StopRequest)
     running: int | None = None  # the number of the trial in progress, for the interrupt handler
     checkpoints: Path | None = None  # the study's checkpoint folder; None: trials keep no checkpoints
+    fidelity: Fidelity | None = None  # a planned search's sampled trials' rung (a queued run carries its own)
+    clock: TrialClock | None = None  # a planned search's: a run that cannot end in time does not start
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         surplus = self.role.surplus(trial)
@@ -104,35 +109,45 @@ class Objective:
             store.note(trial, store.TrialNotes(fail_reason=SURPLUS))
             raise SurplusTrial(f"trial {trial.number}: {surplus}")
         self.running = trial.number
+        fidelity = self._fidelity(trial)
         params = space.suggest(self.spec, trial)
+        if fidelity is not None:
+            params = fidelity.params(params)
+        data = fidelity.data(self.data) if fidelity is not None else self.data
         first, seed = store.first_attempt(trial)  # a retry continues its first attempt: same seed, same checkpoint
         seed = studies.derive_seed(self.spec.seed, trial.number) if seed is None else seed
         # history and resumed_from_epoch start afresh: Optuna's heartbeat retry copies the failed trial's record
         # (on another host, without its checkpoint, this attempt starts over); a resume sets them again.
         store.note(trial, store.TrialNotes(seed=seed, first_attempt=first, params=params,
                    owner={"host": socket.gethostname(), "pid": os.getpid(), **process_identity()},
-                   split_hash=self.data.split_hash, dataset_digest=self.data.checksum, history=[],
-                   resumed_from_epoch=0))
+                   split_hash=data.split_hash, dataset_digest=data.checksum, history=[],
+                   resumed_from_epoch=0, fidelity=fidelity.as_dict() if fidelity is not None else None))
         checkpoint = checkpoint_path(self.checkpoints, first) if self.checkpoints is not None else None
         if checkpoint is not None:
             adopt_unkeyed(checkpoint)
         try:
-            values = self._run(trial, hparams.resolve_params(params), seed, checkpoint)
+            values = self._run(trial, hparams.resolve_params(params), seed, checkpoint, data)
         except Exception:  # pruned or failed for good: no retry will resume it (an interrupt keeps it)
             remove_checkpoint(checkpoint)
             raise
         remove_checkpoint(checkpoint)
         return values
 
-    def _run(self, trial: optuna.Trial, p: dict[str, Any], seed: int,
-             checkpoint: Path | None) -> float | list[float]:
-        """Train the trial of resolved params `p`: its size first (a trial outside a size constraint is pruned
-        untrained), then the model, its metrics and the objective values."""
-        network, size = self._build(p, seed)
+    def _fidelity(self, trial: optuna.Trial) -> Fidelity | None:
+        """The rung this trial trains at: a queued run's own, else the sampled trials' (None: unplanned)."""
+        recorded = trial.user_attrs.get("fidelity")
+        return Fidelity.from_dict(recorded) if recorded is not None else self.fidelity
+
+    def _run(self, trial: optuna.Trial, p: dict[str, Any], seed: int, checkpoint: Path | None,
+             data: PreparedData) -> float | list[float]:
+        """Train the trial of resolved params `p` on `data`: its size first (a trial outside a size constraint is
+        pruned untrained, one that cannot end in the time left is not started), then the model, its metrics and
+        the objective values."""
+        network, size = self._build(p, seed, data)
         # A pruned or failed trial is still tagged with its size.
         store.note(trial, store.TrialNotes(parameter_count=size.get("parameter_count"),
                                            flops_per_image=size.get("flops_per_image")))
-        started = TrialStarted(trial.number, p, seed, size.get("parameter_count", -1), self.data,
+        started = TrialStarted(trial.number, p, seed, size.get("parameter_count", -1), data,
                                trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0))
         failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
         # Size is known before training: a trial already outside a size constraint is not worth training.
@@ -140,15 +155,18 @@ class Objective:
         if missed:
             store.note(trial, store.TrialNotes(fail_reason="infeasible", fail_detail=missed))
             raise optuna.TrialPruned(f"infeasible before training: {missed}")
-        result = self._train(trial, p, seed, network, checkpoint)
+        if self.clock is not None:
+            flops = network.flops_per_image if isinstance(network, train.Network) else None
+            self.clock.check_start(len(data.train), p["epochs"], flops, f"trial {trial.number}")
+        result = self._train(trial, p, seed, network, checkpoint, data)
         store.note(trial, store.TrialNotes(best_epoch=result.best_epoch, precision=result.precision,
                                            threads=result.threads, device=result.device,
                                            parameter_count=result.parameter_count,
                                            flops_per_image=result.flops_per_image, stop_reason=result.stop_reason))
-        model = train.TrainedModel(result.model, self.data, result.precision)
+        model = train.TrainedModel(result.model, data, result.precision)
         latency_ms = None
         if self.spec.measures_latency:
-            latency_ms = latency.trial_latency_ms(model.cpu_copy(), self.data.input_shape)
+            latency_ms = latency.trial_latency_ms(model.cpu_copy(), data.input_shape)
             store.note(trial, store.TrialNotes(latency_ms=latency_ms, latency_threads=latency.LATENCY_THREADS))
         metrics = trial_metrics(result, latency_ms)
         # Each constraint once (Optuna keeps the first value): what was not known before training.
@@ -158,7 +176,8 @@ class Objective:
         self.role.keep_model(trial, values, not missed, model, self.listener)
         return values[0] if len(values) == 1 else values
 
-    def _build(self, p: dict[str, Any], seed: int) -> tuple[train.Network | Exception, dict[str, int]]:
+    def _build(self, p: dict[str, Any], seed: int,
+               data: PreparedData) -> tuple[train.Network | Exception, dict[str, int]]:
         """The trial's model, built once (it is the one trained), and the size recorded before training:
         `parameter_count`, and `flops_per_image` only for a study with a FLOPs constraint (a trial that ends
         before training records its FLOPs only then, as it always has; a trained one records them with its
@@ -166,18 +185,18 @@ class Objective:
         recorded), with the size of its architecture alone when that builds (missing ImageNet weights)."""
         flops = "flops_per_image" in self.spec.constraints
         try:
-            network = train.build(p, self.data, seed, self.threads)  # counts its FLOPs, recorded or not
+            network = train.build(p, data, seed, self.threads)  # counts its FLOPs, recorded or not
         except Exception as exc:
-            return exc, architecture_size(p, self.data, flops)
+            return exc, architecture_size(p, data, flops)
         size = {"parameter_count": network.parameter_count, "flops_per_image": network.flops_per_image}
         return network, size if flops else {"parameter_count": network.parameter_count}
 
     def _train(self, trial: optuna.Trial, p: dict[str, Any], seed: int, network: train.Network | Exception,
-               checkpoint: Path | None) -> train.TrainResult:
+               checkpoint: Path | None, data: PreparedData) -> train.TrainResult:
         """Training, with its failures recorded: pruned when it diverged or ran out of memory, failed otherwise."""
         report, resumed = self._reporter(trial)
         try:
-            return self._fit(trial, p, seed, network, checkpoint, report, resumed)
+            return self._fit(trial, p, seed, network, checkpoint, report, resumed, data)
         except train.Diverged as exc:
             store.note(trial, store.TrialNotes(fail_reason="diverged", fail_detail=str(exc)))
             raise optuna.TrialPruned(f"diverged: {exc}") from exc
@@ -185,6 +204,9 @@ class Objective:
             store.note(trial, store.TrialNotes(fail_reason="oom", fail_detail=str(exc)))
             raise optuna.TrialPruned(f"oom: batch_size {exc.batch_size}") from exc
         except optuna.TrialPruned:
+            raise
+        except OutOfTime as exc:
+            store.note(trial, store.TrialNotes(fail_reason=exc.reason, fail_detail=str(exc)))
             raise
         except KeyboardInterrupt:
             store.note(trial, store.TrialNotes(fail_reason="interrupted"))
@@ -195,11 +217,11 @@ class Objective:
 
     def _fit(self, trial: optuna.Trial, p: dict[str, Any], seed: int, network: train.Network | Exception,
              checkpoint: Path | None, report: Reporter,
-             resumed: Callable[[list[train.EpochMetrics]], None]) -> train.TrainResult:
+             resumed: Callable[[list[train.EpochMetrics]], None], data: PreparedData) -> train.TrainResult:
         def fit(built: train.Network | Exception) -> train.TrainResult:
             if isinstance(built, Exception):
                 raise built
-            return train.train_network(built, self.data, callbacks=[report], checkpoint=checkpoint,
+            return train.train_network(built, data, callbacks=[report], checkpoint=checkpoint,
                                        on_batch=self._on_batch, on_resume=resumed)
 
         try:
@@ -209,10 +231,12 @@ class Objective:
             # parameters still deserve a run, from the start. Nothing was trained yet: the check comes first.
             self.listener.warning(f"trial {trial.number}: {exc}; it is removed and the trial trains from the start")
             remove_checkpoint(checkpoint)
-            return fit(train.build(p, self.data, seed, self.threads))  # seeded and built again, as a new run starts
+            return fit(train.build(p, data, seed, self.threads))  # seeded and built again, as a new run starts
 
     def _on_batch(self, done: int, total: int) -> None:
         self.stop.check()
+        if self.clock is not None:
+            self.clock.check_running(f"trial {self.running}")
         self.listener.batch_done(done, total)
 
     def _reporter(self, trial: optuna.Trial) -> tuple[Reporter, Callable[[list[train.EpochMetrics]], None]]:
@@ -256,7 +280,7 @@ class Objective:
         return report, resumed
 
 
-def surplus_trial(spec: StudySpec, trial: optuna.Trial) -> str:
+def surplus_trial(spec: StudySpec, trial: optuna.Trial, budget: int | None = None) -> str:
     """Why this new trial is one too many (empty: it is not). Workers check the budget before asking for a
     trial, but two may ask at the same moment. Trial numbers are handed out in order by the storage, so the trial whose
     earlier-numbered finished or running trials already fill the budget is the surplus one, and exactly
@@ -264,10 +288,11 @@ def surplus_trial(spec: StudySpec, trial: optuna.Trial) -> str:
     queued again, so its parameters still run if a running trial fails."""
     others = trial.study.get_trials(deepcopy=False, states=(*store.FINISHED, TrialState.RUNNING))
     taken = sum(t.state in store.FINISHED or t.number < trial.number for t in others)
-    if taken < spec.trials:
+    budget = spec.trial_budget if budget is None else budget
+    if taken < budget:
         return ""
     store.requeue_if_queued(trial)
-    return f"the study's {spec.trials} trials are all taken"
+    return f"the study's {budget} trials are all taken"
 
 
 def _worth_keeping(study: optuna.Study, values: list[float], feasible: bool) -> bool:

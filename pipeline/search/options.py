@@ -27,6 +27,7 @@ class SearchOptions:
     worker_program: tuple[str, ...] = ()  # how a worker runs this program (see workers.worker_command)
     reports_dir: Path = paths.REPORTS_DIR  # the report page, refreshed at the end: reports/<study>.html
     exports_dir: Path = paths.EXPORTS_DIR  # where the page looks for the champion's export
+    deadline: float | None = None  # a worker of a planned search: its coordinator's deadline (time.time())
 
     @property
     def worker_count(self) -> int:
@@ -51,6 +52,7 @@ class SearchOutcome:
     resume_command: str = ""
     messages: list[str] = field(default_factory=list)  # what MLflow tracking has to say at the end
     champion: seeds.PhaseOutcome | None = None  # the champion phase's runs and table (studies with [champion])
+    time_left: str | None = None  # a planned search: what a rerun does with the study's minutes left
 
     @property
     def best(self) -> store.TrialRecord | None:

@@ -22,9 +22,18 @@ from optuna.trial import TrialState
 from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.search import loop
-from pipeline.search.champion import Standings, candidates, champion_table, open_companion, repeat_seed, standings
+from pipeline.search.champion import (
+    Standings,
+    candidates,
+    champion_table,
+    open_companion,
+    repeat_seed,
+    standings,
+)
+from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.failures import failing_trial
+from pipeline.search.fidelity import Fidelity
 from pipeline.search.objective import Objective
 from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
@@ -82,18 +91,39 @@ class PhaseBudget:
         return loop.Next.TRIAL
 
 
-def planned(spec: StudySpec, study: optuna.Study) -> list[tuple[store.TrialRecord, int]]:
-    """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats."""
-    found = candidates(spec, study)
-    return [(trial, repeat) for repeat in range(1, champion_table(spec).seeds) for trial in found]
+@dataclass(frozen=True)
+class QueuedRun:
+    """A run a companion study wants: repeat `repeat` of search trial `trial`'s configuration, at `fidelity` (a
+    planned search's rung or full fidelity; None: the study's own epochs on the whole training split)."""
+
+    trial: store.TrialRecord
+    repeat: int
+    seed: int
+    fidelity: Fidelity | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.trial.number, self.repeat
 
 
-def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[store.TrialRecord, int]]) -> None:
+def planned(spec: StudySpec, study: optuna.Study, full: Fidelity | None = None) -> list[QueuedRun]:
+    """Every run the phase wants: repeat by repeat, so a phase cut short still has every candidate's early repeats.
+    A planned search's phase (`full`: its full fidelity) trains every repeat, the first with the trial's own seed."""
+    found, table = candidates(spec, study), champion_table(spec, study)
+    if full is None:
+        return [QueuedRun(trial, repeat, repeat_seed(spec, trial.number, repeat))
+                for repeat in range(1, table.seeds) for trial in found]
+    return [QueuedRun(trial, repeat, trial.seed if repeat == 0 and trial.seed is not None else
+                      repeat_seed(spec, trial.number, repeat), full)
+            for repeat in range(table.seeds) for trial in found]
+
+
+def queue_missing(companion: optuna.Study, wanted: list[QueuedRun]) -> None:
     """Queue the wanted runs that are neither done nor queued nor running; drop queued runs no longer wanted.
 
     A run that failed for good (an exception, not a kill) is queued again: this is a new invocation.
     """
-    keys = {(trial.number, repeat) for trial, repeat in wanted}
+    keys = {run.key for run in wanted}
     present = set()
     for record in store.records(companion):
         key = (record.confirmation_of, record.repeat)
@@ -101,45 +131,58 @@ def queue_missing(spec: StudySpec, companion: optuna.Study, wanted: list[tuple[s
             store.fail_trial(companion, record.number, UNPLANNED)
         elif record.state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
             present.add(key)
-    for trial, repeat in wanted:
-        if (trial.number, repeat) not in present:
-            store.queue_trial(companion, trial.sampled, store.TrialNotes(confirmation_of=trial.number, repeat=repeat,
-                              seed=repeat_seed(spec, trial.number, repeat)))
+    for run in wanted:
+        if run.key not in present:
+            fidelity = run.fidelity.as_dict() if run.fidelity is not None else None
+            store.queue_trial(companion, run.trial.sampled, store.TrialNotes(
+                confirmation_of=run.trial.number, repeat=run.repeat, seed=run.seed, fidelity=fidelity))
 
 
 class Phase:
-    """One invocation's champion phase: what it wants, then `run` to train what is missing."""
+    """One invocation's champion phase: what it wants, then `run` to train what is missing. A planned search's
+    (`full` given) trains every run at full fidelity to the run's clock."""
 
-    def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage):
-        self.spec, self.study = spec, study
+    def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                 full: Fidelity | None = None):
+        self.spec, self.study, self.full = spec, study, full
         self.companion = open_companion(spec, storage, study.study_name)
-        self.wanted = planned(spec, study)
-        queue_missing(spec, self.companion, self.wanted)
+        self.wanted = planned(spec, study, full)
+        queue_missing(self.companion, self.wanted)
 
     def announcement(self) -> str:
         waiting = len(store.records(self.companion, (TrialState.WAITING,)))
-        table, configurations = champion_table(self.spec), len({trial.number for trial, _ in self.wanted})
+        table, configurations = champion_table(self.spec, self.study), len({run.trial.number for run in self.wanted})
+        if self.full is not None:
+            return (f"champion phase: the {configurations} best configurations of the last rung, {table.seeds} runs "
+                    f"each at full fidelity: {waiting} runs to train")
         return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
                 f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
 
     def status(self) -> tuple[int, list[float] | None]:
         """Wanted runs done (for the progress bar)."""
-        keys = {(trial.number, repeat) for trial, repeat in self.wanted}
+        keys = {run.key for run in self.wanted}
         done = {(r.confirmation_of, r.repeat) for r in store.records(self.companion, (TrialState.COMPLETE,))}
         return len(keys & done), None
 
     def run(self, prepared: PreparedData, listener: Listener, threads: int | None = None,
-            checkpoints: Path | None = None) -> PhaseOutcome:
-        """Train the missing runs within the phase's minutes and return the standings.
+            checkpoints: Path | None = None, clock: TrialClock | None = None) -> PhaseOutcome:
+        """Train the missing runs within the phase's minutes (a planned search's: by its `clock`) and return the
+        standings.
 
-        A run starts only when its configuration's search trial took no longer than the time left. Raises
-        stopping.Interrupted (the running run is queued again and resumes its checkpoint next time),
-        TooManyFailures and DiskFull like the search.
+        A run starts only when its configuration's search trial took no longer than the time left (a planned
+        search's: when the clock's estimate of it fits). Raises stopping.Interrupted (the running run is queued again
+        and resumes its checkpoint next time), TooManyFailures and DiskFull like the search.
         """
         spec = self.spec
-        objective = Objective(spec, prepared, ChampionRuns(), listener, threads, checkpoints=checkpoints)
-        needs = {trial.number: _duration(trial, spec.epochs) for trial, _ in self.wanted}
-        budget = PhaseBudget(needs, champion_table(spec).minutes)
+        objective = Objective(spec, prepared, ChampionRuns(), listener, threads, checkpoints=checkpoints,
+                              clock=clock)
+        if clock is None:
+            needs = {run.trial.number: _duration(run.trial, spec.epochs) for run in self.wanted}
+            budget = PhaseBudget(needs, champion_table(spec).minutes)
+        else:
+            needs = {run.trial.number: clock.estimate(len(prepared.train), spec.epochs, run.trial.flops_per_image)
+                     for run in self.wanted}
+            budget = PhaseBudget(needs, max(clock.stage_end - time.time(), 0.0) / 60)
         outcome = loop.run_trials(self.companion, objective, budget)
         return PhaseOutcome(outcome.ran, outcome.stop_reason, standings(spec, self.study, self.companion))
 

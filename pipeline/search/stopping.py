@@ -26,6 +26,20 @@ class Interrupted(KeyboardInterrupt):
         self.signal_number = signal_number
 
 
+class OutOfTime(KeyboardInterrupt):
+    """A planned search's clock: the trial about to start would not end in the time left (`started` False), or the
+    run's deadline came while it trained (`started` True: its last epoch's checkpoint is kept). Either way the trial is
+    queued again to run first next time, as an interrupted one is."""
+
+    def __init__(self, started: bool, detail: str):
+        super().__init__(detail)
+        self.started = started
+
+    @property
+    def reason(self) -> str:
+        return "deadline" if self.started else "no_time"
+
+
 class StudyStopped(Exception):
     """The search cannot usefully go on; the message says why and what to do. Every trial is recorded."""
 

@@ -169,8 +169,12 @@ def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:
     environment: `storage_environment`)."""
     command = [*options.worker_program, "search", "--study", spec.name, "--studies-dir", str(options.studies_dir),
                "--root", str(options.root), "--device", options.device,
-               "--trials", str(spec.trials), "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
+               "--trials", str(spec.trial_budget), "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
                "--tracking" if options.tracking else "--no-tracking"]
+    if spec.minutes is not None:  # a planned search's: the worker reads the plan from the study
+        command += ["--minutes", str(spec.minutes)]
+    if options.deadline is not None:
+        command += ["--deadline", repr(options.deadline)]
     if not spec.baseline:  # BASELINES=off (or a file without any): a worker must not queue the file's
         command.append("--no-baselines")
     for flag, value in (("--train-limit", spec.train_limit), ("--val-limit", spec.val_limit)):

@@ -23,6 +23,7 @@ from pipeline.spec.errors import BadInput, ParamError
 from pipeline.spec.paths import STUDIES_DIR
 from pipeline.spec.tables import (
     METRICS,
+    PRUNED_ON,
     Bound,
     ChampionTable,
     DatasetTable,
@@ -35,6 +36,7 @@ from pipeline.spec.tables import (
 
 # A study file nests a few levels ([space] -> a parameter -> its choices -> a list choice); far deeper is no study.
 MAX_NESTING = 32
+DEFAULT_TRIALS = 20  # an unplanned study's trials when its file does not say
 
 
 class StudyError(BadInput):
@@ -47,7 +49,11 @@ class StudySpec(Table):
     dataset: str | DatasetTable
     model: str
     objectives: list[Objective] = Field([Objective()], min_length=1)
-    trials: int = Field(20, ge=1)
+    # `minutes` set: the whole run (search, champion phase, report) is planned to it on this machine (search/plan.py),
+    # `trials` is then only a cap. Unset: the budget of studies made before it, `trials` (20 unless set) and
+    # `timeout_minutes` (no trial starts after it), with the [champion] phase's own minutes after.
+    minutes: float | None = Field(None, gt=0, le=7 * 24 * 60)
+    trials: int | None = Field(None, ge=1)
     timeout_minutes: float = Field(30.0, gt=0)
     seed: int = Field(0, ge=0)
     sampler: str = "tpe"
@@ -70,7 +76,23 @@ class StudySpec(Table):
         for objective in self.objectives:
             if objective.direction is None and objective.metric in METRICS:
                 object.__setattr__(objective, "direction", METRICS[objective.metric])
+        if self.minutes is not None:
+            if len(self.objectives) > 1 or self.objectives[0].metric not in PRUNED_ON:
+                raise ValueError(f"minutes plans a study of one validation objective ({' or '.join(PRUNED_ON)}); "
+                                 "budget this one with trials and timeout_minutes instead")
+            if self.champion is None:  # a planned run ends by training its best at full fidelity
+                object.__setattr__(self, "champion", ChampionTable(top_k=2, seeds=2, minutes=12.0))
         return self
+
+    @property
+    def planned(self) -> bool:
+        """Is the run planned to the study's `minutes` (else budgeted by trials and timeout_minutes)?"""
+        return self.minutes is not None
+
+    @property
+    def trial_budget(self) -> int:
+        """The trials an unplanned study runs: `trials`, 20 when the file does not say."""
+        return self.trials if self.trials is not None else DEFAULT_TRIALS
 
     @property
     def data(self) -> sources.DatasetRef:
@@ -115,6 +137,8 @@ class StudySpec(Table):
             del definition["dataset"]["follow_links"]  # only when set: folder studies made before it keep theirs
         if self.constraints:  # only then: studies made before constraints existed keep their fingerprint
             definition["constraints"] = {k: b.model_dump() for k, b in self.constraints.items()}
+        if self.planned:  # rungs of complete short runs, not one fidelity: a search of its own (not its minutes)
+            definition["planned"] = True
         return definition
 
     def fingerprint(self) -> str:

@@ -12,6 +12,7 @@ from pipeline.store.storage import (
     open_storage,
     open_storages,
     storage_key,
+    storage_of,
     storage_url,
 )
 from pipeline.store.trial_queue import (
@@ -91,6 +92,7 @@ __all__ = [
     "requeue_if_queued",
     "running_count",
     "storage_key",
+    "storage_of",
     "storage_url",
     "take_retries_first",
     "taken_count",

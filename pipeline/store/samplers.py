@@ -97,6 +97,8 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     minutes-long trials has few trials per rung. Median: the median rule from the same epoch, once two trials are
     complete."""
     first = first_pruned_epoch(spec.epochs)
+    if spec.planned:  # its rungs are complete short runs (search/plan.py), ranked when they end: none stops part-way
+        return optuna.pruners.NopPruner()
     if spec.pruner == "hyperband":
         return QuorumHyperband(min_resource=first, max_resource=spec.epochs, reduction_factor=2)
     if spec.pruner == "median":

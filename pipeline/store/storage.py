@@ -140,3 +140,9 @@ def make_storage(url: str, log: Callable[[str], None] = print_to_stderr) -> optu
         reason = error_line(exc, url)
         raise BadInput(f"Optuna storage {shown(url)!r} cannot be opened: {reason}; "
                        "check STORAGE (default: sqlite:///studies/optuna.db, or a path ending in .journal)") from None
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study lives in (its companions live there too). Optuna keeps it private; it has no public
+    accessor."""
+    return study._storage

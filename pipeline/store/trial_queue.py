@@ -95,7 +95,7 @@ def requeue(study: optuna.Study, failed: TrialRecord, retries: int | None = None
     repeat = failed.repeat if failed.confirmation_of is not None else None
     queue_trial(study, failed.sampled, TrialNotes(retry_of=failed.number, first_attempt=first, seed=failed.seed,
                                                   confirmation_of=failed.confirmation_of, repeat=repeat,
-                                                  retries=retries))
+                                                  retries=retries, fidelity=failed.fidelity))
 
 
 def first_attempt(trial: optuna.Trial | optuna.trial.FrozenTrial) -> tuple[int, int | None]:

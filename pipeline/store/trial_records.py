@@ -59,6 +59,9 @@ class TrialRecord:
     latency_ms: float | None = None  # CPU latency per image at batch 1 (latency.py), when the study reads it
     latency_threads: int | None = None  # ...measured on this many threads
     prune_reason: dict[str, Any] | None = None  # why it was pruned (pruning.PruneReason)
+    # A planned search's rung (search/fidelity.py): {"rung", "images", "epochs", "subset_seed"}; None: the whole
+    # training split for the params' epochs (every trial of an unplanned study, and those made before rungs)
+    fidelity: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -110,6 +113,7 @@ class TrialNotes:
     latency_ms: float | None = None
     latency_threads: int | None = None
     prune_reason: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
 
     def user_attrs(self) -> dict[str, Any]:
         """The user attributes these notes write: the fields given, under their names."""

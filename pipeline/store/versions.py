@@ -129,7 +129,7 @@ def open_study(spec: StudySpec, storage: optuna.storages.BaseStorage, fresh: boo
     _check_fingerprint(spec, study, version, log)
     done = finished_count(study)
     study.sampler = make_sampler(spec, studies.derive_seed(spec.seed, done, *filter(None, [sampler_salt])))
-    log(f"resuming study {name!r}: {done} of {spec.trials} trials finished")
+    log(f"resuming study {name!r}: {done} of {spec.trial_budget} trials finished")
     _enqueue_new_baselines(spec, study, log)
     return study
 

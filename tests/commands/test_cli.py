@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pipeline.cli import main, parse_assignment
+from pipeline.spec import paths
 from pipeline.spec.errors import BadInput
 
 
@@ -148,5 +149,7 @@ def test_resume_command_names_the_store_and_tracking_it_needs(monkeypatch):
     command = search.resume_command(spec, remote, url)
     assert command == ("make search STUDY=smoke WORKERS=4 "
                        "STORAGE='postgresql://pipeline:***@db-host/optuna?sslmode=require&x=1' TRACKING=off")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://db-host:5000")
-    assert search.resume_command(spec, default, "x").startswith("MLFLOW_TRACKING_URI=http://db-host:5000 make search")
+    assert search.resume_command(spec, default, "x", "http://db-host:5000").startswith(
+        "MLFLOW_TRACKING_URI=http://db-host:5000 make search")
+    # MLflow puts its default store's URI in the environment once connected: the hint does not repeat it
+    assert search.resume_command(spec, default, "x", paths.DEFAULT_TRACKING_URI) == "make search STUDY=smoke"

@@ -1,0 +1,259 @@
+"""The plan of a study's minutes: which rungs run, how many configurations each, how long each takes, what is left for
+the champion phase. Pure arithmetic on measured rates (training/calibration.py measures them); nothing runs here.
+
+A planned search is successive halving over complete runs. Rung 0 trains every sampled configuration briefly: a
+complete short run (its own one-cycle schedule annealed to the end) on a stratified, seeded share of the training
+split. The best third of rung 0 trains again at the next rung, more images and/or epochs, and so on; the best
+`top_k` of the last cheap rung go to the champion phase, which trains each at full fidelity (the study's epochs on
+the whole training split) over `seeds` seeds. The ladder (`LADDER`) is the one whose rungs ranked configurations
+most like full fidelity for their cost (benchmarks/rung_correlation.py, README "Cheap rungs that rank honestly").
+
+The plan fills the minutes: after a reserve (start-up, the report) and the champion phase, rung 0 gets as many
+configurations as fit, each later rung a third of the one before. Rung 0 runs on every worker at once; the later
+rungs and the champion phase run one trial at a time on all the threads (fewer, longer trials: no core idles while
+the last of them trains).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+# (share of the training split, epochs) of each cheap rung, lowest first; full fidelity comes after them.
+LADDER: tuple[tuple[float, int], ...] = ((1 / 8, 1), (1.0, 1))
+KEEP = 3  # each rung trains the best 1/KEEP of the one below
+MIN_SUBSET_PER_CLASS = 50  # a rung's subset holds at least this many images of each class (else the whole split)
+RESERVE_SECONDS = 45.0  # start-up (data, calibration), the champion's choice and the report page
+RESERVE_SHARE = 0.03  # ...and this share of the minutes: estimates are estimates
+MIN_FIRST_RUNG = 8  # fewer configurations than this at rung 0 is no search: the plan says so
+CHAMPION_SHARE = 0.4  # a fast device's champion phase takes up to this share, with more configurations than top_k...
+MAX_CHAMPIONS = 8  # ...up to this many
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Seconds a trial of a model of `flops` per image takes per training image and per validation image."""
+
+    flops: int
+    train_seconds_per_image: float
+    eval_seconds_per_image: float
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Measured rates of the space's smallest, typical and largest models, on one thread count, plus what a trial
+    costs beyond its images (building, the first batches, recording)."""
+
+    threads: int
+    points: tuple[Rate, ...]  # by flops, ascending
+    trial_seconds: float = 2.0
+
+    def at(self, flops: int | None) -> Rate:
+        """The rate of a model of `flops` per image: linear between the measured points, flat beyond them."""
+        points = sorted(self.points, key=lambda r: r.flops)
+        if flops is None:
+            return points[len(points) // 2]
+        if flops <= points[0].flops:
+            return points[0]
+        for low, high in zip(points, points[1:], strict=False):
+            if flops <= high.flops:
+                share = (flops - low.flops) / max(high.flops - low.flops, 1)
+                return Rate(flops, _between(low.train_seconds_per_image, high.train_seconds_per_image, share),
+                            _between(low.eval_seconds_per_image, high.eval_seconds_per_image, share))
+        return points[-1]
+
+    def run_seconds(self, images: int, epochs: int, val_images: int, flops: int | None = None) -> float:
+        """A complete run of `epochs` epochs on `images` training images, judged on `val_images` each epoch."""
+        rate = self.at(flops)
+        per_epoch = images * rate.train_seconds_per_image + val_images * rate.eval_seconds_per_image
+        return self.trial_seconds + epochs * per_epoch
+
+    def scaled(self, factor: float) -> Rates:
+        """These rates on a device `factor` times as fast."""
+        points = tuple(Rate(r.flops, r.train_seconds_per_image / factor, r.eval_seconds_per_image / factor)
+                       for r in self.points)
+        return Rates(self.threads, points, self.trial_seconds / factor)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threads": self.threads, "trial_seconds": self.trial_seconds,
+                "points": [asdict(r) for r in self.points]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rates:
+        return cls(data["threads"], tuple(Rate(**r) for r in data["points"]), data["trial_seconds"])
+
+
+def _between(low: float, high: float, share: float) -> float:
+    return low + (high - low) * share
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the plan: a rung, or the champion phase (full fidelity, `seeds` runs of each configuration)."""
+
+    name: str  # "rung 0", "rung 1", "champion"
+    images: int  # training images of each run
+    epochs: int
+    configs: int
+    seeds: int  # runs of each configuration (1 for a rung)
+    seconds_each: float  # a typical configuration's run
+    parallel: int  # runs at once (the workers at rung 0; 1 later, on all the threads)
+
+    @property
+    def runs(self) -> int:
+        return self.configs * self.seeds
+
+    @property
+    def seconds(self) -> float:
+        return math.ceil(self.runs / self.parallel) * self.seconds_each
+
+    @property
+    def rung(self) -> int | None:
+        """The rung's index (None: the champion phase)."""
+        return int(self.name.split()[1]) if self.name.startswith("rung ") else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    minutes: float
+    workers: int  # at rung 0
+    threads: int  # all of them: the later stages' threads
+    stages: tuple[Stage, ...]
+    reserve_seconds: float
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+    each: Rates | None = None  # the rates it was made with: a trial's at rung 0...
+    whole: Rates | None = None  # ...and on all the threads
+
+    @property
+    def planned_seconds(self) -> float:
+        return self.reserve_seconds + sum(s.seconds for s in self.stages)
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    @property
+    def rungs(self) -> list[Stage]:
+        return [s for s in self.stages if s.rung is not None]
+
+    @property
+    def champion(self) -> Stage:
+        return next(s for s in self.stages if s.rung is None)
+
+    def after(self, name: str) -> float:
+        """Planned seconds of the stages after stage `name` (what must be left for them when it ends)."""
+        names = [s.name for s in self.stages]
+        return sum(s.seconds for s in self.stages[names.index(name) + 1:])
+
+    def as_dict(self) -> dict[str, Any]:
+        rates = {k: r.as_dict() for k, r in (("each", self.each), ("whole", self.whole)) if r is not None}
+        return {"minutes": self.minutes, "workers": self.workers, "threads": self.threads,
+                "reserve_seconds": self.reserve_seconds, "warnings": list(self.warnings),
+                "stages": [asdict(s) for s in self.stages], **rates}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        each, whole = (Rates.from_dict(data[k]) if k in data else None for k in ("each", "whole"))
+        return cls(data["minutes"], data["workers"], data["threads"], tuple(Stage(**s) for s in data["stages"]),
+                   data["reserve_seconds"], tuple(data.get("warnings", ())), each, whole)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a plan is made for: the minutes, the data's size, the workers, the champion phase wanted."""
+
+    minutes: float
+    train_images: int
+    val_images: int
+    classes: int
+    epochs: int  # full fidelity
+    workers: int
+    top_k: int
+    seeds: int
+    cap: int | None = None  # the study's `trials`: at most this many configurations at rung 0
+
+
+def rung_images(share: float, train_images: int, classes: int) -> int:
+    """A rung's training images: its share of the split, unless that leaves too few of each class."""
+    images = math.floor(train_images * share)
+    return train_images if images < MIN_SUBSET_PER_CLASS * classes else images
+
+
+def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
+    """The plan of `budget`'s minutes with trials at rates `each` on every worker at rung 0, `whole` on all the threads
+    later. When the champion phase does not leave rung 0 room for MIN_FIRST_RUNG configurations its seeds, then its
+    configurations are cut (down to 2 seeds of 1; a warning says so)."""
+    full = whole.run_seconds(budget.train_images, budget.epochs, budget.val_images)
+    reserve = RESERVE_SECONDS + RESERVE_SHARE * budget.minutes * 60
+    warnings: list[str] = []
+    seeds, usable = budget.seeds, budget.minutes * 60 - reserve
+    # A fast device confirms more configurations at full fidelity (the study's top_k is the least it asks for).
+    affordable = math.floor(CHAMPION_SHARE * usable / (seeds * full))
+    top_k = max(budget.top_k, min(MAX_CHAMPIONS, affordable))
+    while True:
+        champion = Stage("champion", budget.train_images, budget.epochs, top_k, seeds, full, 1)
+        rungs = _rungs(budget, each, whole, budget.minutes * 60 - reserve - champion.seconds, top_k)
+        capped = budget.cap is not None and rungs[0].configs >= budget.cap
+        if rungs[0].configs >= MIN_FIRST_RUNG or capped or (top_k, seeds) == (1, min(2, budget.seeds)):
+            break
+        if seeds > 2:
+            seeds -= 1
+        elif top_k > 1:
+            top_k -= 1
+        else:
+            seeds = min(2, budget.seeds)
+    if top_k < budget.top_k or seeds < budget.seeds:
+        warnings.append(f"the champion phase is cut to {top_k} configuration(s) x {seeds} seeds (the study asks "
+                        f"{budget.top_k} x {budget.seeds}) so that the search samples enough configurations")
+    if rungs[0].configs < MIN_FIRST_RUNG and not (budget.cap is not None and rungs[0].configs >= budget.cap):
+        warnings.append(f"{budget.minutes:g} minutes leave room for only {rungs[0].configs} configurations at rung 0 "
+                        "on this machine: raise minutes for a real search")
+    return Plan(budget.minutes, budget.workers, whole.threads, (*rungs, champion), reserve, tuple(warnings), each,
+                whole)
+
+
+def _rungs(budget: Budget, each: Rates, whole: Rates, seconds: float, top_k: int) -> list[Stage]:
+    """The cheap rungs, rung 0 as large as `seconds` allow (rung r holds 1/KEEP^r of it, at least `top_k`)."""
+    shapes, seen = [], set()
+    for share, epochs in LADDER:
+        images = rung_images(share, budget.train_images, budget.classes)
+        if (images, epochs) not in seen and (images, epochs) != (budget.train_images, budget.epochs):
+            seen.add((images, epochs))
+            shapes.append((images, epochs))
+    costs = [(each if r == 0 else whole).run_seconds(images, epochs, budget.val_images)
+             for r, (images, epochs) in enumerate(shapes)]
+
+    def stages(first: int) -> list[Stage]:
+        counts = [first] + [max(math.ceil(first / KEEP ** r), top_k) for r in range(1, len(shapes))]
+        counts = [min(c, first) for c in counts]
+        return [Stage(f"rung {r}", images, epochs, count, 1, cost, budget.workers if r == 0 else 1)
+                for r, ((images, epochs), count, cost) in enumerate(zip(shapes, counts, costs, strict=True))]
+
+    first = top_k
+    cap = budget.cap if budget.cap is not None else 100_000
+    while first < cap and sum(s.seconds for s in stages(first + 1)) <= seconds:
+        first = max(first + 1, min(cap, int(first * 1.05)))  # grows fast on a fast device, then by ones
+    while first > top_k and sum(s.seconds for s in stages(first)) > seconds:
+        first -= 1
+    return stages(min(first, cap))
+
+
+def table(plan: Plan, started: datetime | None = None) -> list[str]:
+    """The plan as a few lines: one per stage, then the deadline as a clock time."""
+    started = started or datetime.now()
+    rows = [f"{'stage':<9} {'images x epochs':>16} {'configs':>8} {'runs':>5} {'each':>7} {'stage':>7}  at once"]
+    for s in plan.stages:
+        rows.append(f"{s.name:<9} {s.images:>9,} x {s.epochs:<4} {s.configs:>8} {s.runs:>5} "
+                    f"{_duration(s.seconds_each):>7} {_duration(s.seconds):>7}  {s.parallel}")
+    ends = started + timedelta(minutes=plan.minutes)
+    rows.append(f"planned {_duration(plan.planned_seconds)} of {plan.minutes:g} min (reserve "
+                f"{_duration(plan.reserve_seconds)}); the run ends by {ends:%H:%M}")
+    return rows + [f"note: {w}" for w in plan.warnings]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"

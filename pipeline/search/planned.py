@@ -1,0 +1,208 @@
+"""A planned search, run to the study's clock: rung 0 (the study's own sampled trials), each later rung (the best of
+the rung below, trained again at more images or epochs, in a companion study `<study>:rung<r>`), then the champion
+phase at full fidelity (seeds.py). The plan (plan.py) and the minutes already spent are stored with the study: a
+search killed and started again goes on with the same plan and the minutes left, on any machine.
+
+The clock: the run's deadline is its start plus the minutes the study has left, less END_SECONDS for the report.
+Each stage ends early enough to leave the later stages their planned time; a run that would not end by then is not
+started, and a run still training at the deadline is stopped (its last epoch's checkpoint kept) and queued again to
+run first next time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from pipeline import store
+from pipeline.data.loading import PreparedData
+from pipeline.infra.concurrency import available_cores
+from pipeline.search import calibration, loop, plan, seeds
+from pipeline.search.champion import open_companion, ranked, rung_suffix
+from pipeline.search.clock import TrialClock
+from pipeline.search.events import Listener
+from pipeline.search.fidelity import FULL, Fidelity, subset_seed
+from pipeline.search.objective import Objective, SearchTrials
+from pipeline.spec.stop_reason import StopReason
+from pipeline.spec.studies import StudySpec
+
+PLAN_KEY = "plan"  # the study's user attribute: the plan (plan.Plan.as_dict)
+SPENT_KEY = "minutes_spent"  # ...and the minutes its invocations have spent so far
+END_SECONDS = 20.0  # kept at the end for the champion's choice, the report page and MLflow's closing
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan and the clock, stored with the study
+
+
+def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int, threads: int | None,
+         root: Path, log: Any = None, minutes: float | None = None) -> plan.Plan:
+    """The plan of `minutes` (the study's by default) for this study on this machine: its rates measured (or read
+    from the cache), `workers` trials at once at rung 0, all the threads later."""
+    whole_threads = threads or available_cores()
+    each_threads = max(whole_threads // workers, 1) if device.type == "cpu" else whole_threads
+    each = calibration.rates(spec, data, device, each_threads, root, log)
+    whole = each if each_threads == whole_threads else calibration.rates(spec, data, device, whole_threads, root, log)
+    table = spec.confirmation
+    budget = plan.Budget(minutes or spec.minutes or 0.0, len(data.train), len(data.val), len(data.classes),
+                         spec.epochs, workers, table.top_k if table else 2, table.seeds if table else 2, spec.trials)
+    return plan.make_plan(budget, each, whole)
+
+
+def stored(study: optuna.Study) -> plan.Plan | None:
+    found = study.user_attrs.get(PLAN_KEY)
+    return plan.Plan.from_dict(found) if isinstance(found, dict) else None
+
+
+def store_plan(study: optuna.Study, made: plan.Plan) -> None:
+    study.set_user_attr(PLAN_KEY, made.as_dict())
+
+
+def minutes_spent(study: optuna.Study) -> float:
+    return float(study.user_attrs.get(SPENT_KEY, 0.0))
+
+
+def add_spent(study: optuna.Study, seconds: float) -> None:
+    study.set_user_attr(SPENT_KEY, minutes_spent(study) + seconds / 60)
+
+
+def current(spec: StudySpec, study: optuna.Study, make_plan: Any) -> plan.Plan:
+    """The study's stored plan, or a new one (`make_plan()`, stored) when it has none or its minutes changed."""
+    found = stored(study)
+    if found is not None and found.minutes == spec.minutes:
+        return found
+    made = make_plan()
+    store_plan(study, made)
+    return made
+
+
+def time_left(spec: StudySpec, study: optuna.Study) -> str:
+    """What a rerun does with the study's minutes, in plain figures."""
+    minutes, spent = spec.minutes or 0.0, minutes_spent(study)
+    left = minutes - spent
+    if left * 60 <= END_SECONDS + plan.RESERVE_SECONDS:
+        return (f"the study has spent its {minutes:g} minutes ({spent:.1f} min in all): a rerun with "
+                f"MINUTES={minutes + 15:g} gives it 15 more, for more configurations and a champion among them")
+    return (f"the study has {left:.1f} of its {minutes:g} minutes left: a rerun goes on where this one stopped "
+            "(an interrupted run first) and ends on time")
+
+
+@dataclass(frozen=True)
+class RunClock:
+    """This invocation's clock: when it started and when it must end (both `time.time()`)."""
+
+    started: float
+    deadline: float
+
+    @classmethod
+    def start(cls, spec: StudySpec, study: optuna.Study) -> RunClock:
+        now = time.time()
+        left = (spec.minutes or 0.0) * 60 - minutes_spent(study) * 60
+        return cls(now, now + max(left - END_SECONDS, 0.0))
+
+    @property
+    def seconds_left(self) -> float:
+        return max(self.deadline - time.time(), 0.0)
+
+    def stage_end(self, made: plan.Plan, stage: str) -> float:
+        """When stage `stage` must end for the later stages to get their planned time."""
+        return self.deadline - made.after(stage)
+
+    def trial_clock(self, rates: plan.Rates | None, data: PreparedData, made: plan.Plan, stage: str) -> TrialClock:
+        assert rates is not None, "a stored plan carries its rates"
+        return TrialClock(rates, len(data.val), self.stage_end(made, stage), self.deadline)
+
+
+def fidelity(spec: StudySpec, stage: plan.Stage) -> Fidelity:
+    return Fidelity(stage.rung if stage.rung is not None else FULL, stage.images, stage.epochs, subset_seed(spec))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stages
+
+
+@dataclass(frozen=True)
+class RungBudget:
+    """Rung 0's budget (loop.Budget): trials until the stage's end (the plan expects `stage.configs` of them; faster
+    trials than measured make more), none started that would not end by then, at most `cap` (the study's `trials`)."""
+
+    cap: int | None
+    seconds: float  # to the stage's end
+    typical: float  # seconds a typical trial of the rung takes
+    what: str = "trial"
+
+    def reached(self, study: optuna.Study) -> StopReason | None:
+        return StopReason.BUDGET if self.cap is not None and store.finished_count(study) >= self.cap else None
+
+    def next(self, study: optuna.Study, deadline: float) -> loop.Next | StopReason:
+        if time.monotonic() + self.typical > deadline:
+            return StopReason.TIME
+        if self.cap is not None and store.taken_count(study) >= self.cap:
+            return loop.Next.WAIT  # other workers hold the last trials: if one of theirs fails, it is redone
+        return loop.Next.TRIAL
+
+
+def rung_zero(spec: StudySpec, study: optuna.Study, data: PreparedData, listener: Listener, made: plan.Plan,
+              clock: RunClock, threads: int | None, checkpoints: Path | None) -> loop.LoopOutcome:
+    """The study's sampled (and queued) trials at rung 0, until the rung has its configurations or its time."""
+    stage = made.rungs[0]
+    trial_clock = clock.trial_clock(made.each, data, made, stage.name)
+    cap = spec.trials if spec.trials is not None else 1_000_000  # Optuna's surplus check wants a number
+    objective = Objective(spec, data, SearchTrials(spec, cap), listener, threads, checkpoints=checkpoints,
+                          fidelity=fidelity(spec, stage), clock=trial_clock)
+    budget = RungBudget(spec.trials, max(trial_clock.stage_end - time.time(), 0.0), stage.seconds_each)
+    return loop.run_trials(study, objective, budget)
+
+
+class RungRuns:
+    """A later rung's rules for the objective (objective.Role): only queued runs train, none is pruned, no model is
+    kept (the champion phase trains the ones worth keeping)."""
+
+    prunes = False
+
+    def surplus(self, trial: optuna.Trial) -> str:
+        return seeds.surplus_run(trial)
+
+    def keep_model(self, *_: Any) -> None:
+        pass
+
+
+def later_rung(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, data: PreparedData,
+               listener: Listener, made: plan.Plan, stage: plan.Stage, clock: RunClock, threads: int | None,
+               checkpoints: Path | None) -> loop.LoopOutcome:
+    """Rung r > 0: the best `stage.configs` of rung r-1, trained again at this rung's fidelity."""
+    assert stage.rung is not None and stage.rung > 0
+    below = study if stage.rung == 1 else open_companion(spec, storage, study.study_name, rung_suffix(stage.rung - 1))
+    numbers = [r.confirmation_of if r.confirmation_of is not None else r.number for r in ranked(spec, below)]
+    trials = [r for n in numbers[:stage.configs] if (r := store.record(study, n)) is not None]
+    rung = fidelity(spec, stage)
+    companion = open_companion(spec, storage, study.study_name, rung_suffix(stage.rung))
+    seeds.queue_missing(companion, [seeds.QueuedRun(t, 0, t.seed if t.seed is not None else 0, rung) for t in trials])
+    trial_clock = clock.trial_clock(made.whole, data, made, stage.name)
+    objective = Objective(spec, data, RungRuns(), listener, threads, checkpoints=checkpoints, clock=trial_clock)
+    needs = {t.number: trial_clock.estimate(stage.images, stage.epochs, t.flops_per_image) for t in trials}
+    budget = seeds.PhaseBudget(needs, max(trial_clock.stage_end - time.time(), 0.0) / 60, what=f"rung {stage.rung} run")
+    return loop.run_trials(companion, objective, budget)
+
+
+def champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                   made: plan.Plan) -> seeds.Phase:
+    """The champion phase of a planned search: its candidates at full fidelity (queued when it is made)."""
+    return seeds.Phase(spec, study, storage, fidelity(spec, made.champion))
+
+
+def configurations_at(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                      made: plan.Plan) -> list[int]:
+    """Distinct configurations each rung has completed (for the end-of-run lines and the report)."""
+    counts = []
+    for stage in made.rungs:
+        rung = stage.rung or 0
+        found = study if rung == 0 else open_companion(spec, storage, study.study_name, rung_suffix(rung))
+        counts.append(len(ranked(spec, found)))
+    return counts
+

@@ -1,0 +1,91 @@
+"""The plan of a study's minutes (search/plan.py): pure arithmetic on rates, so these feed it faked ones."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.search import plan
+from pipeline.search.plan import Budget, Rate, Rates, make_plan
+
+# About a 2-core CPU's rates for the cnn space at 1 thread (bf16): 0.3-0.9 ms per training image.
+CPU = Rates(1, (Rate(5_000_000, 0.0003, 0.0001), Rate(20_000_000, 0.0005, 0.00015), Rate(60_000_000, 0.0009, 0.0003)),
+            trial_seconds=1.3)
+MNIST = Budget(minutes=30, train_images=55_000, val_images=5_000, classes=10, epochs=5, workers=2, top_k=2, seeds=3)
+
+
+def test_rates_interpolate_by_flops_and_hold_flat_beyond_the_measured_models():
+    assert CPU.at(5_000_000).train_seconds_per_image == 0.0003
+    assert CPU.at(12_500_000).train_seconds_per_image == pytest.approx(0.0004)
+    assert CPU.at(1_000).train_seconds_per_image == 0.0003
+    assert CPU.at(10**12).train_seconds_per_image == 0.0009
+    assert CPU.at(None) == CPU.points[1]  # unknown size: the typical model
+    seconds = CPU.run_seconds(1000, 2, 500)
+    assert seconds == pytest.approx(1.3 + 2 * (1000 * 0.0005 + 500 * 0.00015))
+
+
+def test_a_plan_fills_the_minutes_and_no_more():
+    made = make_plan(MNIST, CPU, CPU.scaled(1.8))
+    assert made.planned_seconds <= 30 * 60
+    assert made.planned_seconds > 0.9 * 30 * 60  # it uses them
+    assert [s.name for s in made.stages] == ["rung 0", "rung 1", "champion"]
+    first, second, champion = made.stages
+    assert (first.images, first.epochs) == (55_000 // 8, 1) and (second.images, second.epochs) == (55_000, 1)
+    assert second.configs == math.ceil(first.configs / plan.KEEP)
+    assert (champion.images, champion.epochs, champion.configs, champion.seeds) == (55_000, 5, 2, 3)
+    assert first.parallel == 2 and second.parallel == champion.parallel == 1
+    assert not made.warnings
+
+
+@pytest.mark.parametrize("faster", [3.0, 10.0])
+def test_a_faster_device_gets_about_as_many_times_the_configurations(faster):
+    base = make_plan(MNIST, CPU, CPU)
+    fast = make_plan(MNIST, CPU.scaled(faster), CPU.scaled(faster))
+    ratio = fast.rungs[0].configs / base.rungs[0].configs
+    # at least that many times; up to twice that, the champion phase's full-fidelity runs taking a smaller share
+    assert 0.8 * faster <= ratio <= 2 * faster, (base.rungs[0].configs, fast.rungs[0].configs)
+    assert fast.planned_seconds <= 30 * 60
+    assert fast.champion.configs > base.champion.configs  # and confirms more configurations at full fidelity
+
+
+def test_a_slow_device_still_plans_within_its_minutes_by_cutting_the_champion_phase():
+    slow = make_plan(MNIST, CPU.scaled(0.3), CPU.scaled(0.3))
+    assert slow.planned_seconds <= 30 * 60
+    champion = slow.champion
+    assert champion.seeds * champion.configs < 2 * 3  # cut to leave the search room
+    assert any("champion phase is cut" in w for w in slow.warnings)
+    assert slow.rungs[0].configs >= plan.MIN_FIRST_RUNG
+
+
+def test_a_device_too_slow_for_any_search_says_so():
+    hopeless = make_plan(MNIST, CPU.scaled(0.01), CPU.scaled(0.01))
+    assert any("raise minutes" in w for w in hopeless.warnings)
+
+
+def test_the_study_cap_bounds_rung_zero_without_cutting_the_champion():
+    capped = make_plan(Budget(**{**MNIST.__dict__, "cap": 5}), CPU, CPU)
+    assert capped.rungs[0].configs == 5
+    assert (capped.champion.configs, capped.champion.seeds) == (2, 3)
+    assert not capped.warnings
+
+
+def test_a_small_training_split_is_not_cut_below_a_class_minimum():
+    small = make_plan(Budget(**{**MNIST.__dict__, "train_images": 3_000}), CPU, CPU)
+    assert small.rungs[0].images == 3_000  # an eighth would hold under 50 images a class
+    # its next rung would be the same shape as rung 0 or as full fidelity: not run twice
+    assert len({(s.images, s.epochs) for s in small.stages}) == len(small.stages)
+
+
+def test_a_plan_round_trips_through_its_stored_form():
+    made = make_plan(MNIST, CPU, CPU.scaled(1.8))
+    assert plan.Plan.from_dict(made.as_dict()) == made
+
+
+def test_the_plan_table_shows_each_stage_and_the_deadline():
+    from datetime import datetime
+
+    rows = plan.table(make_plan(MNIST, CPU, CPU), datetime(2026, 1, 1, 10, 0))
+    assert rows[0].split()[:2] == ["stage", "images"]
+    assert [r.split()[0] for r in rows[1:4]] == ["rung", "rung", "champion"]
+    assert rows[4].endswith("ends by 10:30")
