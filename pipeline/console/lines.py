@@ -67,11 +67,14 @@ def values_text(values: list[float] | None) -> str:
                      for v in values)
 
 
-def trial_name(number: int, confirmation_of: int | None = None, repeat: int = 0, width: int = 0) -> str:
-    """`trial 12`, or for a champion-phase run `trial 3 repeat 1` (trial 3's configuration, its repeat 1's seed);
-    the number right-aligned in `width` characters."""
+def trial_name(number: int, confirmation_of: int | None = None, repeat: int = 0, width: int = 0,
+               rung: int | None = None) -> str:
+    """`trial 12`, for a champion-phase run `trial 3 repeat 1` (trial 3's configuration, its repeat 1's seed), for a
+    planned search's run at a later rung `trial 3 rung 1`; the number right-aligned in `width` characters."""
     if confirmation_of is None:
         return f"trial {number:>{width}}"
+    if rung is not None:
+        return f"trial {confirmation_of:>{width}} rung {rung}"
     return f"trial {confirmation_of:>{width}} repeat {repeat}"
 
 
@@ -85,8 +88,10 @@ def trial_line(trial: TrialEnded) -> str:
             value += f": {trial.fail_detail.splitlines()[0][:120]}"  # a prune's reason: the epoch and the values
     shown = ", ".join(f"{k}={short(v)}" for k, v in (trial.sampled or {}).items())
     resumed = f" (resumed from epoch {trial.resumed_from_epoch})" if trial.resumed_from_epoch else ""
-    name = trial_name(trial.number, trial.confirmation_of, trial.repeat, width=3)
-    if trial.confirmation_of is not None:
+    name = trial_name(trial.number, trial.confirmation_of, trial.repeat, width=3, rung=trial.rung)
+    if trial.rung is not None:
+        shown = f"rung {trial.rung}, run {trial.number}"
+    elif trial.confirmation_of is not None:
         shown = f"champion phase, run {trial.number}"
     return f"{name} {trial.state:<8} {value:<10} {trial.seconds:6.1f} s  {shown}{resumed}"
 

@@ -65,7 +65,7 @@ class SearchView(events.SearchView):
         return self.names.get(number, f"trial {number}")
 
     def trial_started(self, trial: TrialStarted) -> None:
-        name = trial_name(trial.number, trial.confirmation_of, trial.repeat)
+        name = trial_name(trial.number, trial.confirmation_of, trial.repeat, rung=trial.rung)
         self.names[trial.number] = name
         if self.bars is not None:
             self.bars.update(self.trials_task, description=f"{name} | {self._best()}")

@@ -5,7 +5,8 @@ is not started), and whether the run's deadline has come (then it stops where it
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from pipeline.search.plan import Rates
 from pipeline.search.stopping import OutOfTime
@@ -17,17 +18,18 @@ class TrialClock:
     val_images: int
     stage_end: float  # no run starts that would end after this
     deadline: float  # a run still training at this time is stopped (its checkpoint kept)
+    now: Callable[[], float] = field(default=time.time)  # the wall clock (a test's own, to stop at a given moment)
 
     def estimate(self, images: int, epochs: int, flops: int | None) -> float:
         return self.rates.run_seconds(images, epochs, self.val_images, flops)
 
     def check_start(self, images: int, epochs: int, flops: int | None, what: str) -> None:
         """Raise OutOfTime (not started) when a run of this size would not end by the stage's end."""
-        need, left = self.estimate(images, epochs, flops), self.stage_end - time.time()
+        need, left = self.estimate(images, epochs, flops), self.stage_end - self.now()
         if need > left:
             raise OutOfTime(False, f"{what} needs about {need:.0f} s and {max(left, 0):.0f} s are left")
 
     def check_running(self, what: str) -> None:
         """Raise OutOfTime (started) once the deadline has come."""
-        if time.time() >= self.deadline:
+        if self.now() >= self.deadline:
             raise OutOfTime(True, f"{what} was still training at the run's deadline")

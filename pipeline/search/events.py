@@ -42,6 +42,7 @@ class TrialStarted:
     data: PreparedData | None
     confirmation_of: int | None = None  # a champion-phase run: it trains this search trial's configuration again
     repeat: int = 0  # ...with the seed of this repeat (champion.py)
+    rung: int | None = None  # a planned search's later rung (1, 2...): a run of trial `confirmation_of` there
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,17 @@ class TrialEnded:
     confirmation_of: int | None = None  # as in TrialStarted
     repeat: int = 0
     prune_reason: dict[str, Any] | None = None  # why it was pruned (pruning.PruneReason.as_dict)
+    rung: int | None = None  # as in TrialStarted
 
     @classmethod
     def of(cls, record: TrialRecord) -> TrialEnded:
         """The event for a finished trial. One failed by the heartbeat check has no fail_reason of its own:
         its process was killed."""
         reason = record.fail_reason or ("stale" if record.state == "FAIL" else None)
+        rung = record.fidelity.get("rung") if record.fidelity else None
         return cls(record.number, record.state, record.values, record.seconds, record.sampled, reason,
                    record.fail_detail, record.traceback, record.resumed_from_epoch, record.confirmation_of,
-                   record.repeat, record.prune_reason)
+                   record.repeat, record.prune_reason, rung if rung is not None and rung > 0 else None)
 
 
 class Listener:
@@ -221,7 +224,7 @@ class WorkerDone:
     """The worker's search ended on its budget or its time (neither interrupted nor failed)."""
 
     ran: int  # trials it ran
-    stop_reason: Literal[StopReason.BUDGET, StopReason.TIMEOUT]
+    stop_reason: Literal[StopReason.BUDGET, StopReason.TIMEOUT, StopReason.TIME]  # TIME: a planned rung 0
 
 
 Shown: TypeAlias = TrialStarted | BatchDone | EpochEnded | TrialEnded | Waiting | Warned  # what the coordinator draws
@@ -271,7 +274,7 @@ def _event(read: object) -> WorkerEvent | None:
     if kind is None:
         return None
     if kind is WorkerDone:  # its reason, read back as the StopReason it was
-        if read.get("stop_reason") not in (StopReason.BUDGET, StopReason.TIMEOUT):
+        if read.get("stop_reason") not in (StopReason.BUDGET, StopReason.TIMEOUT, StopReason.TIME):
             return None
         read["stop_reason"] = StopReason(read["stop_reason"])
     try:

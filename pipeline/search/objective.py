@@ -147,8 +147,10 @@ class Objective:
         # A pruned or failed trial is still tagged with its size.
         store.note(trial, store.TrialNotes(parameter_count=size.get("parameter_count"),
                                            flops_per_image=size.get("flops_per_image")))
+        rung = (trial.user_attrs.get("fidelity") or {}).get("rung")
         started = TrialStarted(trial.number, p, seed, size.get("parameter_count", -1), data,
-                               trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0))
+                               trial.user_attrs.get("confirmation_of"), trial.user_attrs.get("repeat", 0),
+                               rung if rung is not None and rung > 0 else None)
         failing_trial(trial, lambda: self.listener.trial_started(started), "the trial could not be started")
         # Size is known before training: a trial already outside a size constraint is not worth training.
         missed = constrain(trial, self.spec, size)
@@ -157,7 +159,11 @@ class Objective:
             raise optuna.TrialPruned(f"infeasible before training: {missed}")
         if self.clock is not None:
             flops = network.flops_per_image if isinstance(network, train.Network) else None
-            self.clock.check_start(len(data.train), p["epochs"], flops, f"trial {trial.number}")
+            try:
+                self.clock.check_start(len(data.train), p["epochs"], flops, f"trial {trial.number}")
+            except OutOfTime as exc:
+                store.note(trial, store.TrialNotes(fail_reason=exc.reason, fail_detail=str(exc)))
+                raise
         result = self._train(trial, p, seed, network, checkpoint, data)
         store.note(trial, store.TrialNotes(best_epoch=result.best_epoch, precision=result.precision,
                                            threads=result.threads, device=result.device,

@@ -188,8 +188,9 @@ def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
     reserve = RESERVE_SECONDS + RESERVE_SHARE * budget.minutes * 60
     warnings: list[str] = []
     seeds, usable = budget.seeds, budget.minutes * 60 - reserve
-    # A fast device confirms more configurations at full fidelity (the study's top_k is the least it asks for).
-    affordable = math.floor(CHAMPION_SHARE * usable / (seeds * full))
+    # A fast device confirms more configurations at full fidelity (the study's top_k is the least it asks for),
+    # unless the study caps its configurations.
+    affordable = math.floor(CHAMPION_SHARE * usable / (seeds * full)) if budget.cap is None else 0
     top_k = max(budget.top_k, min(MAX_CHAMPIONS, affordable))
     while True:
         champion = Stage("champion", budget.train_images, budget.epochs, top_k, seeds, full, 1)

@@ -253,7 +253,7 @@ class EventView(SearchView):
     def ended(self, spec: StudySpec, outcome: SearchOutcome) -> None:
         if outcome.stop_reason == StopReason.FAILED:
             send(StudyFailed(outcome.failure))
-        elif outcome.stop_reason in (StopReason.BUDGET, StopReason.TIMEOUT):
+        elif outcome.stop_reason in (StopReason.BUDGET, StopReason.TIMEOUT, StopReason.TIME):
             send(WorkerDone(outcome.ran, outcome.stop_reason))
 
 

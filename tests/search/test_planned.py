@@ -1,0 +1,178 @@
+"""A search planned to its study's minutes (search/planned.py): the clock that keeps a run from starting when it
+cannot end in time and stops one at the deadline (to resume it next time), and a whole planned run through the real
+CLI: rungs recorded with their fidelity and replayed bit for bit, the champion phase at full fidelity on the threads
+the rung-0 workers had between them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from conftest import StudyEnv, require_real_dataset
+
+from pipeline import store
+from pipeline.cli import main
+from pipeline.data.recorded import study_data
+from pipeline.infra.concurrency import available_cores
+from pipeline.search import champion, loop, planned
+from pipeline.search.clock import TrialClock
+from pipeline.search.events import Listener
+from pipeline.search.fidelity import FULL
+from pipeline.search.objective import Objective, SearchTrials
+from pipeline.search.plan import Rate, Rates
+from pipeline.search.trial_files import checkpoint_path
+from pipeline.spec import paths, studies
+from pipeline.spec.stop_reason import StopReason
+from pipeline.training import train
+
+# A device that trains one image a second: no tiny run fits in a few seconds.
+CRAWLING = Rates(1, (Rate(1, 1.0, 0.0),), trial_seconds=0.0)
+FAST = Rates(1, (Rate(1, 1e-6, 0.0),), trial_seconds=0.0)
+
+
+def open_tiny(env: StudyEnv, root, **study) -> tuple[studies.StudySpec, optuna.Study, object]:
+    env.write_study(pruner="none", **study)
+    spec = studies.load("tiny", env.studies_dir)
+    opened = store.open_study(spec, store.make_storage(env.storage), log=lambda line: None)
+    return spec, opened, study_data(spec, root, "cpu")
+
+
+def test_a_trial_that_would_not_end_by_its_stage_end_is_not_started_but_queued_again(study_env, tiny_dataset):
+    spec, study, data = open_tiny(study_env, tiny_dataset[1], epochs=3)
+    clock = TrialClock(CRAWLING, 100, stage_end=time.time() + 30, deadline=time.time() + 600)
+    objective = Objective(spec, data, SearchTrials(spec), threads=1, checkpoints=study_env.checkpoints(), clock=clock)
+    outcome = loop.run_trials(study, objective, loop.SearchBudget(spec))
+    assert (outcome.ran, outcome.stop_reason) == (0, StopReason.TIME)
+    first, retry = store.records(study)
+    assert (first.state, first.fail_reason, first.history) == ("FAIL", "no_time", [])  # not one epoch trained
+    assert "needs about 1500 s" in first.fail_detail  # 500 images x 3 epochs at a second each
+    assert (retry.state, retry.retry_of) == ("WAITING", first.number)
+    # The next run, with time, trains those very parameters first.
+    rerun = Objective(spec, data, SearchTrials(spec), threads=1, checkpoints=study_env.checkpoints())
+    assert loop.run_trials(study, rerun, loop.SearchBudget(spec)).stop_reason == StopReason.BUDGET
+    done = store.records(study, (optuna.trial.TrialState.COMPLETE,))
+    assert (done[0].retry_of, done[0].sampled, done[0].seed) == (first.number, first.sampled, first.seed)
+
+
+def test_a_trial_running_at_the_deadline_is_stopped_with_its_checkpoint_and_resumed_by_the_next_run(
+        study_env, tiny_dataset):
+    spec, study, data = open_tiny(study_env, tiny_dataset[1], epochs=3, trials=1)
+    deadline, epochs_seen = time.time() + 600, []
+
+    class Watch(Listener):
+        def epoch_ended(self, number, metrics):
+            epochs_seen.append(metrics.epoch)
+
+    def now() -> float:  # the deadline comes once the first epoch has ended (and been checkpointed)
+        return deadline + 1 if epochs_seen else time.time()
+
+    clock = TrialClock(FAST, 100, stage_end=deadline, deadline=deadline, now=now)
+    checkpoints = study_env.checkpoints()
+    objective = Objective(spec, data, SearchTrials(spec), Watch(), threads=1, checkpoints=checkpoints, clock=clock)
+    outcome = loop.run_trials(study, objective, loop.SearchBudget(spec))
+    assert (outcome.ran, outcome.stop_reason) == (1, StopReason.TIME)
+    stopped, retry = store.records(study)
+    assert (stopped.state, stopped.fail_reason, len(stopped.history)) == ("FAIL", "deadline", 1)
+    assert checkpoint_path(checkpoints, stopped.number).is_file()  # epoch 1 kept for the retry
+    assert (retry.state, retry.first_attempt, retry.seed) == ("WAITING", stopped.number, stopped.seed)
+
+    # The next run (no deadline near) resumes it from epoch 1 and ends as an uninterrupted run would.
+    rerun = Objective(spec, data, SearchTrials(spec), threads=1, checkpoints=checkpoints)
+    assert loop.run_trials(study, rerun, loop.SearchBudget(spec)).stop_reason == StopReason.BUDGET
+    resumed = store.records(study, (optuna.trial.TrialState.COMPLETE,))[0]
+    assert resumed.resumed_from_epoch == 1
+    whole = train.fit(stopped.params, data, seed=stopped.seed, threads=1)
+    assert resumed.history == [{k: getattr(m, k) for k in resumed.history[0]} for m in whole.history]
+    assert not checkpoint_path(checkpoints, stopped.number).exists()  # done: nothing left to resume
+
+
+PLANNED_STUDY = {
+    "dataset": "mnist", "model": "cnn", "minutes": 30, "trials": 6, "seed": 3, "sampler": "tpe", "epochs": 2,
+    "train_limit": 5000, "val_limit": 1000,
+    "fixed": {"cnn_channels": [8, 16], "pool": "every", "head": "gap", "head_units": 0, "batch_size": 64},
+    "space": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+              "dropout": {"type": "float", "low": 0.0, "high": 0.3}},
+    "champion": {"top_k": 2, "seeds": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def planned_run(tmp_path_factory):
+    """One planned search of 6 configurations on an MNIST subset, with 2 workers at rung 0, tracked nowhere. Its
+    minutes are far more than it needs on any machine: the study's cap of 6 configurations ends rung 0."""
+    require_real_dataset("mnist")
+    folder = tmp_path_factory.mktemp("planned")
+    (folder / "studies").mkdir()
+    (folder / "studies" / "planned.toml").write_text(_toml(PLANNED_STUDY))
+    storage = str(folder / "optuna.journal")
+    args = ["search", "--study", "planned", "--studies-dir", str(folder / "studies"), "--storage", storage,
+            "--root", str(paths.DATA_ROOT), "--no-tracking", "--workers", "2", "--reports-dir", str(folder / "reports")]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder, storage, done.stdout
+
+
+def _toml(content: dict) -> str:
+    plain = [f"{k} = {json.dumps(v)}" for k, v in content.items() if not isinstance(v, dict)]
+    tables = [f"[{k}]\n" + "\n".join(f"{key} = {_inline(value)}" for key, value in v.items())
+              for k, v in content.items() if isinstance(v, dict)]
+    return "\n".join(plain) + "\n\n" + "\n\n".join(tables) + "\n"
+
+
+def _inline(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
+
+
+def test_a_planned_run_trains_its_rungs_then_the_champion_at_full_fidelity_on_every_thread(planned_run):
+    folder, storage, stdout = planned_run
+    backend = store.make_storage(storage)
+    study = optuna.load_study(study_name="planned", storage=backend)
+    made = planned.stored(study)
+    assert [s.name for s in made.stages] == ["rung 0", "rung 1", "champion"]
+    assert "rung 0" in stdout and "the run ends by" in stdout  # the plan's table came first
+    assert planned.minutes_spent(study) > 0
+
+    sampled = store.records(study, (optuna.trial.TrialState.COMPLETE,))
+    assert len(sampled) == 6  # the study's cap
+    full_split = study_data(studies.load("planned", folder / "studies"), paths.DATA_ROOT, "cpu").split_hash
+    for record in sampled:
+        assert record.fidelity == {"rung": 0, "images": 625, "epochs": 1, "subset_seed": record.fidelity["subset_seed"]}
+        assert record.params["epochs"] == 1 and record.split_hash != full_split
+    workers_threads = max(available_cores() // 2, 1)
+    assert {r.threads for r in sampled} == {workers_threads}
+
+    rung1 = store.records(champion.find_companion(backend, "planned", champion.rung_suffix(1)),
+                          (optuna.trial.TrialState.COMPLETE,))
+    best_two = sorted(sampled, key=lambda r: -r.first_value)[:2]
+    assert sorted(r.confirmation_of for r in rung1) == sorted(r.number for r in best_two)  # the best third of 6
+    assert {(r.fidelity["rung"], r.fidelity["images"], r.fidelity["epochs"]) for r in rung1} == {(1, 5000, 1)}
+
+    runs = store.records(champion.find_companion(backend, "planned"), (optuna.trial.TrialState.COMPLETE,))
+    assert sorted((r.confirmation_of, r.repeat) for r in runs) == sorted(
+        (n, repeat) for n in {r.confirmation_of for r in rung1} for repeat in (0, 1))
+    assert {(r.fidelity["rung"], r.fidelity["epochs"], len(r.history), r.split_hash) for r in runs} == {
+        (FULL, 2, 2, full_split)}
+    # Free threads go to the running trials: the later stages run one at a time on every core.
+    assert {r.threads for r in runs} == {available_cores()}
+
+
+def test_every_rung_of_a_planned_run_replays_bit_for_bit(planned_run, capsys):
+    folder, storage, _ = planned_run
+    backend = store.make_storage(storage)
+    study = optuna.load_study(study_name="planned", storage=backend)
+    runs = store.records(champion.find_companion(backend, "planned"), (optuna.trial.TrialState.COMPLETE,))
+    number = runs[0].confirmation_of
+    common = ["replay", "--study", "planned", "--studies-dir", str(folder / "studies"), "--storage", storage,
+              "--root", str(paths.DATA_ROOT), "--trial", str(number)]
+    for extra in ([], ["--rung", "1"], ["--repeat", "0"]):
+        assert main([*common, *extra]) == 0, (extra, capsys.readouterr().out[-2000:])
+    study = optuna.load_study(study_name="planned", storage=backend)  # the replays' records, as they wrote them
+    recorded = store.replays(study)
+    assert {name: r["matched"] for name, r in recorded.items()} == {
+        f"{number}": True, f"{number}/rung 1": True, f"{number}/repeat 0": True}
