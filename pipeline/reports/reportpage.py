@@ -28,7 +28,7 @@ import optuna
 from pipeline import store
 from pipeline.infra import fileio, revision
 from pipeline.infra.urls import error_line
-from pipeline.search import champion, pareto
+from pipeline.search import champion, pareto, planned
 from pipeline.search.pruning import PruneReason
 from pipeline.spec import paths, studies, tables
 from pipeline.spec.studies import StudySpec
@@ -65,6 +65,7 @@ class Page:
     champion: dict[str, Any]
     provenance: dict[str, str]
     replays: dict[str, dict[str, Any]]
+    plan: dict[str, Any] | None = None  # a planned search's stages, planned against what happened
     plotly_js: str = ""
 
 
@@ -106,8 +107,30 @@ def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
         figures=_figures(spec, study, records), pruned=_pruned(records), top=_top(spec, records),
         pareto_rows=_front_rows(spec, decision) if len(spec.objectives) > 1 else [],
         champion=_champion(spec, study, best, decision.reason, table, exports), provenance=_provenance(best),
-        replays=store.replays(study), plotly_js=get_plotlyjs(),
+        replays=store.replays(study), plan=_plan(spec, study), plotly_js=get_plotlyjs(),
     )
+
+
+def _plan(spec: StudySpec, study: optuna.Study) -> dict[str, Any] | None:
+    """A planned search's stages as planned and as they went: runs, a typical run's time, the stage's wall time."""
+    made = planned.stored(study)
+    if made is None:
+        return None
+    rows = []
+    for found in planned.actuals(spec, study, made):
+        s = found.stage
+        rows.append({"stage": s.name, "shape": f"{s.images:,} x {s.epochs}", "runs": f"{found.runs} of {s.runs}",
+                     "each": f"{s.seconds_each:.1f} s", "median": _seconds(found.median_seconds),
+                     "planned": f"{s.seconds / 60:.1f} min", "wall": _seconds(found.wall_seconds, minutes=True),
+                     "ratio": "-" if found.ratio is None else f"{found.ratio:.2f}"})
+    return {"minutes": made.minutes, "spent": planned.minutes_spent(study), "rows": rows,
+            "warnings": list(made.warnings)}
+
+
+def _seconds(seconds: float | None, minutes: bool = False) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds / 60:.1f} min" if minutes else f"{seconds:.1f} s"
 
 
 # --------------------------------------------------------------------------------------------------

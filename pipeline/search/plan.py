@@ -222,6 +222,8 @@ def _rungs(budget: Budget, each: Rates, whole: Rates, seconds: float, top_k: int
         if (images, epochs) not in seen and (images, epochs) != (budget.train_images, budget.epochs):
             seen.add((images, epochs))
             shapes.append((images, epochs))
+    if not shapes:  # too few images for a subset, too few epochs for fewer: rung 0 is full fidelity itself
+        shapes = [(budget.train_images, budget.epochs)]
     costs = [(each if r == 0 else whole).run_seconds(images, epochs, budget.val_images)
              for r, (images, epochs) in enumerate(shapes)]
 

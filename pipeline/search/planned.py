@@ -11,6 +11,7 @@ run first next time.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import available_cores
 from pipeline.search import calibration, loop, plan, seeds
-from pipeline.search.champion import open_companion, ranked, rung_suffix
+from pipeline.search.champion import COMPANION, find_companion, open_companion, ranked, rung_suffix
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL, Fidelity, subset_seed
@@ -196,13 +197,37 @@ def champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storage
     return seeds.Phase(spec, study, storage, fidelity(spec, made.champion))
 
 
-def configurations_at(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
-                      made: plan.Plan) -> list[int]:
-    """Distinct configurations each rung has completed (for the end-of-run lines and the report)."""
-    counts = []
-    for stage in made.rungs:
-        rung = stage.rung or 0
-        found = study if rung == 0 else open_companion(spec, storage, study.study_name, rung_suffix(rung))
-        counts.append(len(ranked(spec, found)))
-    return counts
+@dataclass(frozen=True)
+class StageActual:
+    """What a stage of the plan did: its runs that completed, a typical run's time, the stage's wall time."""
+
+    stage: plan.Stage
+    runs: int
+    median_seconds: float | None  # of its completed runs
+    wall_seconds: float | None  # from its first run's start to its last run's end
+
+    @property
+    def ratio(self) -> float | None:
+        """Wall time against the plan's (1.0: on plan)."""
+        return self.wall_seconds / self.stage.seconds if self.wall_seconds and self.stage.seconds else None
+
+
+def actuals(spec: StudySpec, study: optuna.Study, made: plan.Plan) -> list[StageActual]:
+    """Each stage of the plan against what happened (the report page's "Plan and clock")."""
+    storage = store.storage_of(study)
+    found = []
+    for stage in made.stages:
+        if stage.rung == 0:
+            runs = store.records(study)
+        else:
+            suffix = rung_suffix(stage.rung) if stage.rung is not None else COMPANION
+            companion = find_companion(storage, study.study_name, suffix)
+            runs = store.records(companion) if companion is not None else []
+        done = [r for r in runs if r.state == "COMPLETE"]
+        started = [r.started_at for r in runs if r.started_at is not None]
+        ended = [r.completed_at for r in runs if r.completed_at is not None]
+        wall = (max(ended) - min(started)).total_seconds() if started and ended else None
+        median = statistics.median(r.seconds for r in done) if done else None
+        found.append(StageActual(stage, len(done), median, wall))
+    return found
 

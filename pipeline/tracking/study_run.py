@@ -179,8 +179,9 @@ class StudyRun(Listener):
 
     def trial_started(self, trial: TrialStarted) -> None:
         """Open the trial's child run (so a running trial is visible live) with its params and dataset."""
-        if self._provenance is None or self._dataset is None:  # the same data for every trial of this process
-            assert trial.data is not None, "a trial's run is opened in the process that trains it, with its data"
+        assert trial.data is not None, "a trial's run is opened in the process that trains it, with its data"
+        # The same data for every trial of this process, but for a planned search's rungs (their own subsets)
+        if self._provenance is None or self._dataset is None or self._provenance["split_hash"] != trial.data.split_hash:
             self._provenance = provenance(trial.data)
             self._dataset = dataset_input(trial.data)
         number, of = trial.number, trial.confirmation_of
@@ -188,7 +189,11 @@ class StudyRun(Listener):
                 self.number_tag: str(number), "optuna_state": "RUNNING", "parameter_count": str(trial.parameter_count)}
         logged = {k: registry.param_value(v) for k, v in trial.params.items()}
         logged |= {"trial_number": str(number), "trial_seed": str(trial.seed), **self._provenance}
-        if of is not None:  # a champion-phase run: trial `of`'s configuration, with repeat `repeat`'s seed
+        if of is not None and trial.rung is not None:  # a planned search's run of trial `of` at a later rung
+            tags |= {RUN_NAME_TAG: f"trial-{of:04d}-rung-{trial.rung}", "role": "rung", "rung": str(trial.rung),
+                     "confirmation_of": str(of)}
+            logged |= {"trial_number": str(of), "rung": str(trial.rung), CONFIRMATION_TAG: str(number)}
+        elif of is not None:  # a champion-phase run: trial `of`'s configuration, with repeat `repeat`'s seed
             tags |= {RUN_NAME_TAG: f"trial-{of:04d}-repeat-{trial.repeat}", "role": "confirmation",
                      "confirmation_of": str(of), "repeat": str(trial.repeat)}
             logged |= {"trial_number": str(of), "repeat": str(trial.repeat), CONFIRMATION_TAG: str(number)}

@@ -89,3 +89,9 @@ def test_the_plan_table_shows_each_stage_and_the_deadline():
     assert rows[0].split()[:2] == ["stage", "images"]
     assert [r.split()[0] for r in rows[1:4]] == ["rung", "rung", "champion"]
     assert rows[4].endswith("ends by 10:30")
+
+
+def test_data_too_small_for_a_cheaper_rung_searches_at_full_fidelity():
+    tiny = make_plan(Budget(**{**MNIST.__dict__, "train_images": 256, "epochs": 1}), CPU, CPU)
+    (rung,) = tiny.rungs
+    assert (rung.images, rung.epochs) == (256, 1) == (tiny.champion.images, tiny.champion.epochs)

@@ -161,6 +161,13 @@ def test_a_planned_run_trains_its_rungs_then_the_champion_at_full_fidelity_on_ev
     # Free threads go to the running trials: the later stages run one at a time on every core.
     assert {r.threads for r in runs} == {available_cores()}
 
+    # The report page sets each stage's plan against what happened.
+    page = (folder / "reports" / "planned.html").read_text()
+    assert "Plan and clock" in page
+    for found in planned.actuals(studies.load("planned", folder / "studies"), study, made):
+        assert found.runs == found.stage.runs  # every planned run completed (the cap fixed rung 0's count)
+        assert found.wall_seconds is not None and f"{found.runs} of {found.stage.runs}" in page
+
 
 def test_every_rung_of_a_planned_run_replays_bit_for_bit(planned_run, capsys):
     folder, storage, _ = planned_run

@@ -38,7 +38,7 @@ def test_study_file_runs_end_to_end(name, tmp_path, imagenet_weights, mlflow_sto
     code = main(["search", "--study", name, "--storage", storage, "--studies-dir", str(studies_dir),
                  "--reports-dir", str(tmp_path / "reports"), "--exports-dir", str(tmp_path / "exports"),
                  "--trials", "2", "--epochs", "1", "--train-limit", "256", "--val-limit", "128", "--timeout", "5",
-                 *root])
+                 *(["--minutes", "3"] if spec.planned else []), *root])
     assert code == 0, capsys.readouterr().err
     finished = store.records(optuna.load_study(study_name=name, storage=storage), store.FINISHED)
     assert len(finished) == 2

@@ -27,7 +27,7 @@ def test_each_sampler_a_study_file_may_name_makes_its_own(name):
 
 @pytest.mark.parametrize("name", checks.PRUNERS)
 def test_each_pruner_a_study_file_may_name_makes_its_own(name):
-    made = samplers.make_pruner(types.SimpleNamespace(pruner=name, epochs=5))
+    made = samplers.make_pruner(types.SimpleNamespace(pruner=name, epochs=5, planned=False))
     assert type(made) is PRUNER_TYPES[name]
 
 
@@ -35,7 +35,7 @@ def test_an_unknown_sampler_or_pruner_is_refused_not_replaced():
     with pytest.raises(ValueError, match="'nsga3'"):
         samplers.make_sampler(types.SimpleNamespace(sampler="nsga3"), 3)
     with pytest.raises(ValueError, match="'asha'"):
-        samplers.make_pruner(types.SimpleNamespace(pruner="asha", epochs=5))
+        samplers.make_pruner(types.SimpleNamespace(pruner="asha", epochs=5, planned=False))
 
 
 @pytest.mark.parametrize(("epochs", "first"), [(1, 1), (2, 1), (3, 2), (5, 3), (8, 4), (20, 10)])
@@ -47,7 +47,7 @@ def test_pruners_judge_a_trial_from_half_way_through_its_epochs(epochs, first):
 def test_a_poor_trial_is_not_pruned_before_half_way_and_is_there(pruner):
     """The shipped set-up on a 5-epoch study: four trials at 0.99 every epoch, then one at 0.5 every epoch. Its
     noisy early epochs are not judged; at epoch 3 it is below the rung's better half (the median) and stops."""
-    spec = types.SimpleNamespace(pruner=pruner, epochs=5)
+    spec = types.SimpleNamespace(pruner=pruner, epochs=5, planned=False)
     study = optuna.create_study(direction="maximize", pruner=samplers.make_pruner(spec))
 
     def run(value: float) -> int | None:
@@ -68,7 +68,7 @@ def test_a_poor_trial_is_not_pruned_before_half_way_and_is_there(pruner):
 def test_a_hyperband_rung_prunes_nothing_until_four_trials_reached_it():
     """Optuna's rung keeps the best len // 2 (at least one), so the 2nd and 3rd trials to reach it go on only if
     they beat every earlier one: after two strong (baseline) trials that would prune every sampled one."""
-    spec = types.SimpleNamespace(pruner="hyperband", epochs=5)
+    spec = types.SimpleNamespace(pruner="hyperband", epochs=5, planned=False)
     study = optuna.create_study(direction="maximize", pruner=samplers.make_pruner(spec))
     assert isinstance(study.pruner, optuna.pruners.HyperbandPruner) and study.pruner.quorum == 4
 
