@@ -6,9 +6,10 @@ Reference (the usual tutorial script): `torchvision.datasets.MNIST` + `DataLoade
 shuffle=True)` with per-sample PIL `RandomRotation(10)` (CNN only), `ToTensor`, `Normalize`, Adam 1e-3,
 fp32, then a validation pass. Ours: `train.fit` for one epoch at batch 64, Adam 1e-3, no schedule,
 resident data, augmentation on for the CNN (our affine also shifts and zooms, so it does more work),
-once with `precision=auto` (bf16 + channels_last where the CPU has it) and once with `precision=fp32`,
-so the two levers (resident data, bf16) are seen apart. Both sides train the identical network built
-by `models.build_model`, on the same training subset and the same 5,000 validation images.
+in bf16 (only where the CPU runs it natively: what `precision=auto` picks there), in fp32 channels_last (what fp32
+trains in now) and in fp32 NCHW (what it trained in before), each row labelled by the path it took, so the levers
+(resident data, bf16, the layout) are seen apart. Both sides train the identical network built by
+`models.build_model`, on the same training subset and the same 5,000 validation images.
 
 Beside each of our figures, the CPU's ceiling: the epoch's FLOPs (3x the forward FLOPs per training image, for the
 forward and backward passes, plus one forward per validation image) at this CPU's measured matmul rate in the
@@ -78,9 +79,16 @@ def our_params(family: str, precision: str, augment: float) -> dict:
                 schedule="none", augment=augment, precision=precision)
 
 
-def our_epoch(family: str, prepared: loading.PreparedData, precision: str, augment: float) -> tuple[float, str]:
-    result = train.fit(our_params(family, precision, augment), prepared, seed=0)
-    return result.history[0].epoch_seconds, result.precision
+def our_epoch(family: str, prepared: loading.PreparedData, precision: str, augment: float,
+              layout: str) -> tuple[float, str, str]:
+    result = train.fit(our_params(family, precision, augment), prepared, seed=0, memory_format=layout)
+    return result.history[0].epoch_seconds, result.precision, result.memory_format
+
+
+def our_paths() -> list[tuple[str, str]]:
+    """(precision, layout) of each of our rows: bf16 only where the CPU runs it natively."""
+    native = [("bf16", "channels_last")] if devices.cpu_has_native_bf16() else []
+    return [*native, ("fp32", "channels_last"), ("fp32", "contiguous")]
 
 
 # Where a training step's time goes: profiler op names (self time) by the part of the step they belong to.
@@ -155,19 +163,21 @@ def main() -> None:
 
     print(f"MNIST, {len(prepared.train):,} train + {len(prepared.val):,} val images per epoch, batch {BATCH}, "
           f"Adam {LR}, CPU, {threads} threads, native bf16: {devices.cpu_has_native_bf16()}")
-    rates = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
+    rates = {"fp32": matmul_rate(torch.float32)}
+    if devices.cpu_has_native_bf16():  # emulated bf16 is no path anything takes: not timed
+        rates["bf16"] = matmul_rate(torch.bfloat16)
     print("matmul rate on these threads: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
-    print(f"{'model':30} {'reference s/epoch':>18} {'ours s/epoch':>13} {'ours/reference':>15} "
+    print(f"{'model, our path':40} {'reference s/epoch':>18} {'ours s/epoch':>13} {'ours/reference':>15} "
           f"{'ceiling s/epoch':>16} {'ours/ceiling':>13}")
     for family in args.models:
         rotate = family == "cnn"  # the reference CNN script rotates; the MLP one does not
         flops = epoch_flops(family, prepared)
         reference = reference_epoch(family, train_idx, split.val_indices, prepared.mean, prepared.std, rotate)
-        for precision in ("auto", "fp32"):
-            ours, used = our_epoch(family, prepared, precision, augment=1.0 if rotate else 0.0)
-            ceiling = flops / rates["bf16" if used == "bf16" else "fp32"]
-            label = f"{family}{' + rotation' if rotate else ''}, ours {used}"
-            print(f"{label:30} {reference:18.1f} {ours:13.1f} {ours / reference:15.2f} {ceiling:16.1f} "
+        for precision, layout in our_paths():
+            ours, used, laid = our_epoch(family, prepared, precision, 1.0 if rotate else 0.0, layout)
+            ceiling = flops / rates[used]
+            label = f"{family}{' + rotation' if rotate else ''}, ours {used} {'NCHW' if laid == 'contiguous' else laid}"
+            print(f"{label:40} {reference:18.1f} {ours:13.1f} {ours / reference:15.2f} {ceiling:16.1f} "
                   f"{ours / ceiling:13.2f}", flush=True)
         print(f"  {family}: {flops / 1e12:.2f} TFLOP per epoch", flush=True)
 

@@ -19,7 +19,7 @@ from pipeline.search import champion, fidelity
 from pipeline.search.objective import HISTORY_KEYS, history_record
 from pipeline.spec.studies import StudyError, StudySpec
 from pipeline.training import train
-from pipeline.training.device import pick_device
+from pipeline.training.device import legacy_memory_format, pick_device
 
 
 @dataclass
@@ -94,7 +94,8 @@ def compare(record: store.TrialRecord, prepared: loading.PreparedData, threads: 
 
     # Float sums depend on the thread count: by default, use the one the trial ran with.
     params, seed = as_trained(record)
-    train.fit(params, trained_on(record, prepared), callbacks=[collect], seed=seed, threads=threads or record.threads)
+    train.fit(params, trained_on(record, prepared), callbacks=[collect], seed=seed, threads=threads or record.threads,
+              memory_format=layout_of(record))
     differences = []
     for epoch, (old, new) in enumerate(zip(recorded, replayed, strict=False), start=1):
         for key in HISTORY_KEYS:
@@ -109,7 +110,19 @@ def retrain(record: store.TrialRecord, prepared: loading.PreparedData,
             on_epoch: Any = lambda metrics: None) -> train.TrainResult:
     """Train the trial's model again from its recorded params and seed (on the thread count it ran with)."""
     params, seed = as_trained(record)
-    return train.fit(params, trained_on(record, prepared), callbacks=[on_epoch], seed=seed, threads=record.threads)
+    return train.fit(params, trained_on(record, prepared), callbacks=[on_epoch], seed=seed, threads=record.threads,
+                     memory_format=layout_of(record))
+
+
+def layout_of(record: store.TrialRecord) -> str | None:
+    """The memory layout the run trained in: as recorded, else the one runs had before it was (bf16 and CUDA in
+    channels_last, fp32 on a CPU in NCHW), so that an older run still replays bit for bit. None: nothing recorded at
+    all (the trainer's own choice)."""
+    if record.memory_format is not None:
+        return record.memory_format
+    if record.precision is None or record.device is None:
+        return None
+    return legacy_memory_format(record.precision, record.device)
 
 
 def trained_on(record: store.TrialRecord, prepared: loading.PreparedData) -> loading.PreparedData:

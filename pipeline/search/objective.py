@@ -166,10 +166,11 @@ class Objective:
                 raise
         result = self._train(trial, p, seed, network, checkpoint, data)
         store.note(trial, store.TrialNotes(best_epoch=result.best_epoch, precision=result.precision,
+                                           memory_format=result.memory_format,
                                            threads=result.threads, device=result.device,
                                            parameter_count=result.parameter_count,
                                            flops_per_image=result.flops_per_image, stop_reason=result.stop_reason))
-        model = train.TrainedModel(result.model, data, result.precision)
+        model = train.TrainedModel(result.model, data, result.precision, result.memory_format)
         latency_ms = None
         if self.spec.measures_latency:
             latency_ms = latency.trial_latency_ms(model.cpu_copy(), data.input_shape)

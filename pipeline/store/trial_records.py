@@ -62,6 +62,7 @@ class TrialRecord:
     # A planned search's rung (search/fidelity.py): {"rung", "images", "epochs", "subset_seed"}; None: the whole
     # training split for the params' epochs (every trial of an unplanned study, and those made before rungs)
     fidelity: dict[str, Any] | None = None
+    memory_format: str | None = None  # channels_last or contiguous; None: recorded before it was (train.py's legacy)
 
     @property
     def finished(self) -> bool:
@@ -114,6 +115,7 @@ class TrialNotes:
     latency_threads: int | None = None
     prune_reason: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
+    memory_format: str | None = None
 
     def user_attrs(self) -> dict[str, Any]:
         """The user attributes these notes write: the fields given, under their names."""

@@ -12,7 +12,6 @@ checkpoint files checkpoints.py's.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +30,15 @@ from pipeline.spec.hparams import resolve_params
 from pipeline.spec.stop_reason import StopReason
 from pipeline.training import allocator, models, reproducibility
 from pipeline.training.checkpoints import load_checkpoint, params_fingerprint, save_checkpoint
-from pipeline.training.device import autocast, is_out_of_memory, pick_precision
+from pipeline.training.device import (
+    CHANNELS_LAST,
+    MEMORY_FORMATS,
+    autocast,
+    is_out_of_memory,
+    pick_memory_format,
+    pick_precision,
+)
+from pipeline.training.evaluation import backbone_features, evaluate, export_ready_copy, predict
 from pipeline.training.schedule import Plateau, lr_factor, make_optimizer
 
 
@@ -85,6 +92,7 @@ class TrainResult:
     flops_per_image: int
     stop_reason: StopReason  # COMPLETED, EARLY_STOPPING or CALLBACK
     resumed_from_epoch: int = 0
+    memory_format: str = CHANNELS_LAST  # how the images and weights were laid out (the arithmetic depends on it)
 
 
 @dataclass
@@ -94,6 +102,7 @@ class TrainedModel:
     model: nn.Module
     data: PreparedData  # what it trained on
     precision: str  # what it trained in
+    memory_format: str = CHANNELS_LAST  # ...and in what layout
 
     def cpu_copy(self) -> nn.Module:
         """A float32, eval-mode copy on the CPU (`export_ready_copy`)."""
@@ -101,63 +110,11 @@ class TrainedModel:
 
     def val_predictions(self) -> torch.Tensor:
         """The predicted class of every validation image, in order, on the CPU."""
-        return predict(self.model, self.data.val, precision=self.precision)
+        return predict(self.model, self.data.val, precision=self.precision, memory_format=self.memory_format)
 
     def example_inputs(self, count: int) -> torch.Tensor:
         """The first `count` validation images as the model takes them (normalised float32), on the CPU."""
         return self.data.val.inputs(slice(0, count), None, None).cpu()
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: ResidentImages | FeatureSplit, batch_size: int, precision: str = "fp32",
-             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, float]:
-    """Mean cross-entropy (no label smoothing) and accuracy over a whole split, in order."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=split.device)
-    correct = torch.zeros((), dtype=torch.int64, device=split.device)
-    with autocast(split.device, precision):
-        for x, y in split.batches(batch_size):
-            logits = model(x.contiguous(memory_format=memory_format)).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
-    return loss_sum.item() / len(split), correct.item() / len(split)
-
-
-@torch.no_grad()
-def backbone_features(model: models.ResNet18Classifier, split: ResidentImages, batch_size: int, precision: str,
-                      memory_format: torch.memory_format) -> FeatureSplit:
-    """A split's images through the frozen backbone (eval mode, in order), once: [N, 512] float32."""
-    model.eval()
-    with autocast(split.device, precision):
-        features = [model.features(x.contiguous(memory_format=memory_format)).float() for x, _ in
-                    split.batches(batch_size)]
-    return FeatureSplit(torch.cat(features), split.labels)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, split: ResidentImages, batch_size: int = 512, precision: str = "fp32") -> torch.Tensor:
-    """Predicted class of every image of a split, in order, on the CPU (confusion matrices, reports)."""
-    was_training = model.training
-    model.eval()
-    memory_format = torch.channels_last if precision == "bf16" else torch.contiguous_format
-    predicted = []
-    with autocast(split.device, precision):
-        for x, _ in split.batches(batch_size):
-            predicted.append(model(x.contiguous(memory_format=memory_format)).argmax(1).cpu())
-    model.train(was_training)
-    return torch.cat(predicted)
-
-
-def export_ready_copy(model: nn.Module) -> nn.Module:
-    """A float32, contiguous, eval-mode copy on the CPU: what torch.export and a CPU user should get."""
-    copied = copy.deepcopy(model).to("cpu", dtype=torch.float32, memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # torch's stubs lack memory_format beside a device
-    return copied.eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,11 +208,11 @@ def build(p: dict[str, Any], data: PreparedData, seed: int = 0, threads: int | N
     return Network(p, model, seed, threads, count, flops)
 
 
-def _build(network: Network, data: PreparedData, device: torch.device, precision: str, micro_batches: int) -> _Run:
-    """The built model on its device, its optimiser and what it trains on."""
+def _build(network: Network, data: PreparedData, device: torch.device, precision: str, micro_batches: int,
+           layout: str = CHANNELS_LAST) -> _Run:
+    """The built model on its device (in `layout`: pick_memory_format), its optimiser and what it trains on."""
     p, model = network.p, network.model
-    # channels_last lets oneDNN/cuDNN pick their fast NHWC convolution kernels.
-    memory_format = torch.channels_last if precision == "bf16" or device.type == "cuda" else torch.contiguous_format
+    memory_format = MEMORY_FORMATS[layout]
     model = model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # as in export_ready_copy
     optimizer = make_optimizer(model, p)
     augment = make_augment(data.augment_policy(p["augment_policy"]), p["augment"], data.input_shape[-1])
@@ -345,15 +302,17 @@ def _stop_reason(p: dict[str, Any], progress: _Progress, metrics: EpochMetrics,
 
 def fit(params: dict[str, Any], data: PreparedData, device: str | torch.device | None = None,
         callbacks: Iterable[Callback] = (), seed: int = 0, checkpoint: Path | None = None, threads: int | None = None,
-        on_batch: Callable[[int, int], None] | None = None, on_resume: Resumed | None = None) -> TrainResult:
+        on_batch: Callable[[int, int], None] | None = None, on_resume: Resumed | None = None,
+        memory_format: str | None = None) -> TrainResult:
     """`build` the model `params` describes (seeded, on `threads` CPU threads), then `train_network` it on `data`."""
     network = build(resolve_params(params), data, seed, threads)
-    return train_network(network, data, device, callbacks, checkpoint, on_batch, on_resume)
+    return train_network(network, data, device, callbacks, checkpoint, on_batch, on_resume, memory_format)
 
 
 def train_network(network: Network, data: PreparedData, device: str | torch.device | None = None,
                   callbacks: Iterable[Callback] = (), checkpoint: Path | None = None,
-                  on_batch: Callable[[int, int], None] | None = None, on_resume: Resumed | None = None) -> TrainResult:
+                  on_batch: Callable[[int, int], None] | None = None, on_resume: Resumed | None = None,
+                  memory_format: str | None = None) -> TrainResult:
     """Train the model `build` made (its params, seed and threads) on `data`: the history, the best-epoch model.
 
     `device` defaults to the data's (they must agree). With `checkpoint`, progress is saved atomically after every
@@ -370,7 +329,8 @@ def train_network(network: Network, data: PreparedData, device: str | torch.devi
         raise ParamError(f"parameters: batch_size = {p['batch_size']} exceeds the {len(data.train)} training images")
     precision = pick_precision(p["precision"], device)
     allocator.keep_freed_memory()
-    run = _build(network, data, device, precision, micro_batches)
+    layout = pick_memory_format(memory_format, device)
+    run = _build(network, data, device, precision, micro_batches, layout)
 
     generator = torch.Generator().manual_seed(seed)
     fingerprint = params_fingerprint(p, seed, data)
@@ -397,4 +357,5 @@ def train_network(network: Network, data: PreparedData, device: str | torch.devi
         best_val_accuracy=progress.best_val_accuracy, model=run.model, device=str(device), precision=precision,
         seed=seed, threads=network.threads, parameter_count=network.parameter_count,
         flops_per_image=network.flops_per_image, stop_reason=stop_reason, resumed_from_epoch=resumed_from,
+        memory_format=layout,
     )

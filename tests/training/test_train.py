@@ -323,3 +323,24 @@ def test_fit_turns_off_deterministic_modes_nan_fill_of_new_tensors(tiny):
     train.fit(dict(SMALL_CNN, epochs=1), tiny)
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.utils.deterministic.fill_uninitialized_memory is False
+
+
+def test_fp32_trains_channels_last_and_a_run_recorded_before_replays_in_its_own_layout(tiny):
+    """fp32 on the CPU now trains in channels_last (faster convolutions); a run recorded before the layout was
+    recorded trained NCHW, and its replay must use NCHW to match it bit for bit."""
+    from datetime import datetime
+
+    from pipeline import store
+    from pipeline.commands import replay
+    from pipeline.search.objective import history_record
+
+    params = {"model": "cnn", "cnn_channels": [8, 16], "epochs": 2, "batch_size": 50, "precision": "fp32",
+              "lr": 0.01}
+    today = train.fit(params, tiny, seed=3, threads=1)
+    assert today.memory_format == "channels_last"
+    before = train.fit(params, tiny, seed=3, threads=1, memory_format="contiguous")
+    history = [history_record(m) for m in before.history]
+    assert history != [history_record(m) for m in today.history]  # the layout changes the arithmetic's last bits
+    legacy = store.TrialRecord(4, "COMPLETE", [before.best_val_accuracy], {}, 1.0, datetime.now(), seed=3,
+                               params=before.params, history=history, precision="fp32", threads=1, device="cpu")
+    assert replay.compare(legacy, tiny).differences == []
