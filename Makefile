@@ -160,8 +160,8 @@ bench-fusion: $(STAMP) data ## ms per trainer step with BatchNorm + ReLU as torc
 bench-tracking: $(STAMP) data ## trial time of the smoke study with MLflow tracking vs without
 	$(PY) benchmarks/tracking_overhead.py
 
-bench-search: $(STAMP) data ## cold start: the cnn study with BASELINES=off vs a plain Optuna script, MINUTES each (default 15)
-	$(PY) benchmarks/search_cold_start.py --minutes $(or $(MINUTES),15)
+bench-search: $(STAMP) data ## cold start: the cnn study planned to MINUTES with BASELINES=off vs a plain Optuna script for as long (default 30)
+	$(PY) benchmarks/search_cold_start.py --minutes $(or $(MINUTES),30)
 
 bench-workers: $(STAMP) data ## trials/hour of a fixed small study with 1 worker vs WORKERS (default 2)
 	$(PY) benchmarks/workers_scaling.py --workers $(or $(WORKERS),2)

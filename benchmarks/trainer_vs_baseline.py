@@ -86,8 +86,9 @@ def our_epoch(family: str, prepared: loading.PreparedData, precision: str, augme
 
 
 def our_paths() -> list[tuple[str, str]]:
-    """(precision, layout) of each of our rows: bf16 only where the CPU runs it natively."""
-    native = [("bf16", "channels_last")] if devices.cpu_has_native_bf16() else []
+    """(precision, layout) of each of our rows: bf16 only where `precision=auto` picks it (the CPU runs it natively,
+    and PIPELINE_PRECISION does not say fp32)."""
+    native = [("bf16", "channels_last")] if devices.pick_precision("auto", torch.device("cpu")) == "bf16" else []
     return [*native, ("fp32", "channels_last"), ("fp32", "contiguous")]
 
 
@@ -162,9 +163,10 @@ def main() -> None:
     train_idx = splits.seeded_subset(split.train_indices, limit, splits.DEFAULT_SPLIT_SEED + 1)
 
     print(f"MNIST, {len(prepared.train):,} train + {len(prepared.val):,} val images per epoch, batch {BATCH}, "
-          f"Adam {LR}, CPU, {threads} threads, native bf16: {devices.cpu_has_native_bf16()}")
+          f"Adam {LR}, CPU, {threads} threads, native bf16: {devices.cpu_has_native_bf16()}, precision auto means "
+          f"{devices.pick_precision('auto', torch.device('cpu'))} here")
     rates = {"fp32": matmul_rate(torch.float32)}
-    if devices.cpu_has_native_bf16():  # emulated bf16 is no path anything takes: not timed
+    if any(precision == "bf16" for precision, _ in our_paths()):  # emulated bf16 is no path anything takes
         rates["bf16"] = matmul_rate(torch.bfloat16)
     print("matmul rate on these threads: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
     print(f"{'model, our path':40} {'reference s/epoch':>18} {'ours s/epoch':>13} {'ours/reference':>15} "

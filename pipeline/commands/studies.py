@@ -25,9 +25,15 @@ def study_states(studies_dir: Path, storage_override: str | None = None) -> list
             states.append(store.StudyState(name, f"{name}.toml", 0, spec.trial_budget, None, "not started"))
             continue
         done = store.finished_count(study)
-        state = "running" if store.running_count(study) else ("done" if done >= spec.trial_budget else "resumable")
+        minutes = None
+        if spec.minutes is not None:  # planned: done when its minutes are spent (bar the last minute's reserve)
+            minutes = (float(study.user_attrs.get(store.SPENT_ATTR, 0.0)), spec.minutes)
+            finished = minutes[0] >= spec.minutes - 1
+        else:
+            finished = done >= spec.trial_budget
+        state = "running" if store.running_count(study) else ("done" if finished else "resumable")
         states.append(store.StudyState(study.study_name, f"{name}.toml", done, spec.trial_budget,
-                                       store.best_values(study), state))
+                                       store.best_values(study), state, minutes))
     return states
 
 

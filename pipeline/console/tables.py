@@ -112,10 +112,10 @@ def landed(datasets: list[Landed]) -> None:
 
 def studies_table(states: list[StudyState]) -> None:
     table = Table(title="studies")
-    for column in ("study", "file", "trials done", "best value", "state"):
+    for column in ("study", "file", "done", "best value", "state"):
         table.add_column(column)
     for s in states:
-        table.add_row(s.name, s.file, f"{s.done}/{s.trials}", values_text(s.best), s.state)
+        table.add_row(s.name, s.file, s.progress, values_text(s.best), s.state)
     lines.console.print(table)
 
 

@@ -39,7 +39,7 @@ def champion_table(spec: StudySpec, study: optuna.Study | None = None) -> Champi
     may have fewer configurations or seeds than the file asks for (search/plan.py): those count."""
     if spec.confirmation is None:
         raise ValueError(f"study {spec.name!r} has no [champion] table, so no champion phase")
-    plan = study.user_attrs.get("plan") if study is not None else None
+    plan = study.user_attrs.get(store.PLAN_ATTR) if study is not None else None
     if isinstance(plan, dict):
         stage = next(s for s in plan["stages"] if s["name"] == "champion")
         return spec.confirmation.model_copy(update={"top_k": stage["configs"], "seeds": stage["seeds"]})
@@ -242,7 +242,7 @@ def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
 
 def planned_rungs(study: optuna.Study) -> int:
     """How many rungs the study's stored plan has (0: the study is not planned)."""
-    plan = study.user_attrs.get("plan")
+    plan = study.user_attrs.get(store.PLAN_ATTR)
     return sum(stage["name"].startswith("rung ") for stage in plan["stages"]) if isinstance(plan, dict) else 0
 
 

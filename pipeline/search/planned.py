@@ -32,8 +32,7 @@ from pipeline.search.objective import Objective, SearchTrials
 from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
 
-PLAN_KEY = "plan"  # the study's user attribute: the plan (plan.Plan.as_dict)
-SPENT_KEY = "minutes_spent"  # ...and the minutes its invocations have spent so far
+PLAN_KEY, SPENT_KEY = store.PLAN_ATTR, store.SPENT_ATTR  # the study's user attributes: the plan, the minutes spent
 END_SECONDS = 20.0  # kept at the end for the champion's choice, the report page and MLflow's closing
 
 

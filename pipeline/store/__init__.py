@@ -43,6 +43,8 @@ from pipeline.store.trial_records import (
     taken_count,
 )
 from pipeline.store.versions import (
+    PLAN_ATTR,
+    SPENT_ATTR,
     StudyState,
     definition,
     find_study,
@@ -55,6 +57,8 @@ from pipeline.store.versions import (
 )
 
 __all__ = [
+    "PLAN_ATTR",
+    "SPENT_ATTR",
     "EPOCH_PREFIX",
     "FINISHED",
     "MAX_RETRIES",

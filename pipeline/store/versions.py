@@ -21,6 +21,8 @@ from pipeline.store.trial_records import TrialNotes, finished_count
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 REPLAYS_ATTR = "replays"
+PLAN_ATTR = "plan"  # a planned search's plan (search/plan.py's Plan.as_dict)
+SPENT_ATTR = "minutes_spent"  # ...and the minutes its invocations have spent so far
 FINGERPRINT_WAIT_SECONDS = 30.0
 
 
@@ -34,6 +36,14 @@ class StudyState:
     trials: int
     best: list[float] | None
     state: str  # not started, running, done, resumable
+    minutes: tuple[float, float] | None = None  # a planned study's (spent, planned)
+
+    @property
+    def progress(self) -> str:
+        """`12/20` trials, or a planned study's `69 configs, 29.6/30 min`."""
+        if self.minutes is None:
+            return f"{self.done}/{self.trials}"
+        return f"{self.done} configs, {self.minutes[0]:.1f}/{self.minutes[1]:g} min"
 
 
 def versions(storage: optuna.storages.BaseStorage, name: str) -> list[int]:

@@ -27,6 +27,7 @@ from pipeline.search.plan import Rate, Rates
 from pipeline.search.trial_files import checkpoint_path
 from pipeline.spec import paths, studies
 from pipeline.spec.stop_reason import StopReason
+from pipeline.store.versions import versions
 from pipeline.training import train
 
 # A device that trains one image a second: no tiny run fits in a few seconds.
@@ -161,6 +162,12 @@ def test_a_planned_run_trains_its_rungs_then_the_champion_at_full_fidelity_on_ev
     # Free threads go to the running trials: the later stages run one at a time on every core.
     assert {r.threads for r in runs} == {available_cores()}
 
+    # `make studies` counts a planned study in configurations and minutes
+    from pipeline.commands.studies import study_states
+
+    (state,) = study_states(folder / "studies", storage)
+    assert state.progress == f"6 configs, {planned.minutes_spent(study):.1f}/30 min" and state.state == "resumable"
+
     # The report page sets each stage's plan against what happened.
     page = (folder / "reports" / "planned.html").read_text()
     assert "Plan and clock" in page
@@ -183,3 +190,24 @@ def test_every_rung_of_a_planned_run_replays_bit_for_bit(planned_run, capsys):
     recorded = store.replays(study)
     assert {name: r["matched"] for name, r in recorded.items()} == {
         f"{number}": True, f"{number}/rung 1": True, f"{number}/repeat 0": True}
+
+
+def test_make_plan_prints_the_plan_without_training_or_touching_the_store(planned_run, capsys):
+    folder, _, _ = planned_run
+    storage = str(folder / "untouched.journal")
+    code = main(["plan", "--study", "planned", "--studies-dir", str(folder / "studies"), "--storage", storage,
+                 "--root", str(paths.DATA_ROOT), "--workers", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "planned: 30 minutes on cpu" in out and "2 worker(s) at rung 0" in out
+    rows = [line.split()[0:2] for line in out.splitlines()]
+    assert ["rung", "0"] in rows and ["rung", "1"] in rows and ["champion", "5,000"] in rows
+    assert "the run ends by" in out
+    assert versions(store.make_storage(storage), "planned") == []  # nothing made
+
+
+def test_make_plan_refuses_a_study_without_minutes_in_one_line(study_env, tiny_dataset, capsys):
+    study_env.write_study()
+    assert study_env.run("plan") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no minutes to plan" in err and "MINUTES=30" in err
