@@ -87,6 +87,9 @@ def find_champion(spec: studies.StudySpec, storage: Storage, root: Path, client:
                                  "missing from its store; run `make search` again to train it")
             confirmed, best = table.champion, exported
             what = f"repeat {best.repeat} of trial {best.confirmation_of} (the champion phase's choice)"
+        elif champion.planned_rungs(study):  # its trials are brief rung-0 runs, no model to ship
+            raise BadInput(f"study {study.study_name!r} has no champion yet: its champion phase has not all its runs; "
+                           f"`make search STUDY={spec.name}` completes it (or TRIAL= exports a trial you choose)")
     definition = store.definition(study)
     log(f"{why}: retraining {what} of {study.study_name!r} from its recorded params and seed")
     prepared = recorded_data(definition, root, pick_device())

@@ -26,7 +26,7 @@ from pipeline.data import loading
 from pipeline.data.recorded import study_data
 from pipeline.infra import urls
 from pipeline.infra.urls import shown
-from pipeline.search import loop, pareto, plan, planned, seeds, workers
+from pipeline.search import loop, pareto, plan, plan_record, planned, seeds, workers
 from pipeline.search.champion import Standings, rung_suffix
 from pipeline.search.events import Listeners, SearchView
 from pipeline.search.options import SearchOptions, SearchOutcome
@@ -113,7 +113,7 @@ def _planned(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepa
     (a coordinator) the later rungs and the champion phase on all the threads. The minutes it spends are added to
     the study's, whatever ends it."""
     if options.worker is not None:  # the coordinator made and stored the plan, and says the deadline
-        made = planned.stored(study)
+        made = plan_record.stored(study)
         if made is None or options.deadline is None:
             raise BadInput("a planned search's worker needs its coordinator's plan and deadline (--deadline)")
         searched = planned.rung_zero(spec, study, prepared, Listeners(view, tracking.listener), made,
@@ -123,13 +123,13 @@ def _planned(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepa
     made = planned.current(spec, study, lambda: planned.make(spec, prepared, device, options.worker_count,
                                                              options.threads, options.root, view.say))
     clock = planned.RunClock.start(spec, study)
-    for line in plan.table(made, datetime.fromtimestamp(clock.started - planned.minutes_spent(study) * 60)):
+    for line in plan.table(made, datetime.fromtimestamp(clock.started - plan_record.minutes_spent(study) * 60)):
         view.say(line)
     started = time.time()
     try:
         return _stages(spec, study, storage, prepared, device, options, view, tracking, made, clock)
     finally:
-        planned.add_spent(study, time.time() - started)
+        plan_record.add_spent(study, time.time() - started)
 
 
 def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepared: loading.PreparedData,
@@ -154,8 +154,12 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
         view.say(f"{stage.name}: the best {stage.configs} configurations again, {stage.images:,} images x "
                  f"{stage.epochs} epochs")
         with view.running(spec, lambda: _status(study), total=stage.configs, what=stage.name):
-            ran += planned.later_rung(spec, study, storage.backend, prepared, Listeners(view, tracking.confirmations),
-                                      made, stage, clock, options.threads, companion_checkpoints).ran
+            rung = planned.later_rung(spec, study, storage.backend, prepared, Listeners(view, tracking.confirmations),
+                                      made, stage, clock, options.threads, companion_checkpoints)
+        ran += rung.ran
+        if rung.stop_reason == StopReason.TIME:
+            view.note(f"{stage.name}: its next run would not end by the stage's end; the champion phase takes the "
+                      "best of the runs done")
     if clock.seconds_left <= 0:
         return ran, StopReason.TIME, None
     phase = planned.champion_phase(spec, study, storage.backend, made)
@@ -163,7 +167,11 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
         outcome = phase.run(prepared, Listeners(view, tracking.confirmations), options.threads,
                             checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name),
-                            clock.trial_clock(made.whole, prepared, made, "champion"))
+                            clock.trial_clock(planned.later_rates(spec, study, made, len(prepared.val)), prepared,
+                                              made, "champion"))
+    if outcome.stop_reason != StopReason.DONE:
+        view.note(f"champion phase: {outcome.standings.missing} run(s) would not end by the deadline; a rerun of "
+                  "the study trains them first")
     stop = StopReason.BUDGET if outcome.stop_reason == StopReason.DONE else StopReason.TIME
     return ran + outcome.ran, stop, outcome
 

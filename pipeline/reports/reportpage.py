@@ -28,7 +28,7 @@ import optuna
 from pipeline import store
 from pipeline.infra import fileio, revision
 from pipeline.infra.urls import error_line
-from pipeline.search import champion, pareto, planned
+from pipeline.search import champion, pareto, plan_record
 from pipeline.search.pruning import PruneReason
 from pipeline.spec import paths, studies, tables
 from pipeline.spec.studies import StudySpec
@@ -113,17 +113,17 @@ def build(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseSto
 
 def _plan(spec: StudySpec, study: optuna.Study) -> dict[str, Any] | None:
     """A planned search's stages as planned and as they went: runs, a typical run's time, the stage's wall time."""
-    made = planned.stored(study)
+    made = plan_record.stored(study)
     if made is None:
         return None
     rows = []
-    for found in planned.actuals(spec, study, made):
+    for found in plan_record.actuals(spec, study, made):
         s = found.stage
         rows.append({"stage": s.name, "shape": f"{s.images:,} x {s.epochs}", "runs": f"{found.runs} of {s.runs}",
                      "each": f"{s.seconds_each:.1f} s", "median": _seconds(found.median_seconds),
                      "planned": f"{s.seconds / 60:.1f} min", "wall": _seconds(found.wall_seconds, minutes=True),
                      "ratio": "-" if found.ratio is None else f"{found.ratio:.2f}"})
-    return {"minutes": made.minutes, "spent": planned.minutes_spent(study), "rows": rows,
+    return {"minutes": made.minutes, "spent": plan_record.minutes_spent(study), "rows": rows,
             "warnings": list(made.warnings)}
 
 

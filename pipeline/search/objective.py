@@ -82,6 +82,8 @@ class SearchTrials:
 
     def keep_model(self, trial: optuna.Trial, values: list[float], feasible: bool, model: train.TrainedModel,
                    listener: Listener) -> None:
+        if self.spec.planned:  # a rung's brief run is no model to keep: the champion phase trains those
+            return
         if _worth_keeping(trial.study, values, feasible):
             failing_trial(trial, lambda: listener.new_best(trial.number, values[0], model),
                           "the best model could not be logged to MLflow")

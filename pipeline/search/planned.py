@@ -29,10 +29,10 @@ from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL, Fidelity, subset_seed
 from pipeline.search.objective import Objective, SearchTrials
+from pipeline.search.plan_record import minutes_spent, store_plan, stored
 from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
 
-PLAN_KEY, SPENT_KEY = store.PLAN_ATTR, store.SPENT_ATTR  # the study's user attributes: the plan, the minutes spent
 END_SECONDS = 20.0  # kept at the end for the champion's choice, the report page and MLflow's closing
 
 
@@ -52,23 +52,6 @@ def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int
     budget = plan.Budget(minutes or spec.minutes or 0.0, len(data.train), len(data.val), len(data.classes),
                          spec.epochs, workers, table.top_k if table else 2, table.seeds if table else 2, spec.trials)
     return plan.make_plan(budget, each, whole)
-
-
-def stored(study: optuna.Study) -> plan.Plan | None:
-    found = study.user_attrs.get(PLAN_KEY)
-    return plan.Plan.from_dict(found) if isinstance(found, dict) else None
-
-
-def store_plan(study: optuna.Study, made: plan.Plan) -> None:
-    study.set_user_attr(PLAN_KEY, made.as_dict())
-
-
-def minutes_spent(study: optuna.Study) -> float:
-    return float(study.user_attrs.get(SPENT_KEY, 0.0))
-
-
-def add_spent(study: optuna.Study, seconds: float) -> None:
-    study.set_user_attr(SPENT_KEY, minutes_spent(study) + seconds / 60)
 
 
 def current(spec: StudySpec, study: optuna.Study, make_plan: Any) -> plan.Plan:
@@ -116,6 +99,39 @@ class RunClock:
     def trial_clock(self, rates: plan.Rates | None, data: PreparedData, made: plan.Plan, stage: str) -> TrialClock:
         assert rates is not None, "a stored plan carries its rates"
         return TrialClock(rates, len(data.val), self.stage_end(made, stage), self.deadline)
+
+
+def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_images: int) -> plan.Rates | None:
+    """`rates` scaled by how long the study's completed runs at them took against their estimates (the median ratio):
+    the machine as it runs today, not only as the calibration's few batches saw it. Unchanged without such runs."""
+    if rates is None:
+        return None
+    ratios = []
+    for run in runs:
+        if run.state != "COMPLETE" or not run.fidelity or run.resumed_from_epoch or run.seconds <= 0:
+            continue
+        estimate = rates.run_seconds(run.fidelity["images"], run.fidelity["epochs"], val_images,
+                                     run.flops_per_image)
+        ratios.append(run.seconds / estimate)
+    return rates.scaled(1 / statistics.median(ratios)) if ratios else rates
+
+
+def later_rates(spec: StudySpec, study: optuna.Study, made: plan.Plan, val_images: int) -> plan.Rates | None:
+    """The rates of the later stages (all the threads), corrected by the study's completed runs at them, else (none
+    yet) by how far rung 0's runs were from their own estimates."""
+    storage = store.storage_of(study)
+    runs = []
+    for suffix in [rung_suffix(s.rung) for s in made.rungs[1:] if s.rung] + [COMPANION]:
+        companion = find_companion(storage, study.study_name, suffix)
+        runs += store.records(companion) if companion is not None else []
+    if any(r.state == "COMPLETE" and r.fidelity for r in runs):
+        return corrected(made.whole, runs, val_images)
+    if made.each is None or made.whole is None:
+        return made.whole
+    first = corrected(made.each, store.records(study), val_images)
+    assert first is not None
+    factor = made.each.at(None).train_seconds_per_image / first.at(None).train_seconds_per_image
+    return made.whole.scaled(factor)
 
 
 def fidelity(spec: StudySpec, stage: plan.Stage) -> Fidelity:
@@ -183,7 +199,7 @@ def later_rung(spec: StudySpec, study: optuna.Study, storage: optuna.storages.Ba
     rung = fidelity(spec, stage)
     companion = open_companion(spec, storage, study.study_name, rung_suffix(stage.rung))
     seeds.queue_missing(companion, [seeds.QueuedRun(t, 0, t.seed if t.seed is not None else 0, rung) for t in trials])
-    trial_clock = clock.trial_clock(made.whole, data, made, stage.name)
+    trial_clock = clock.trial_clock(later_rates(spec, study, made, len(data.val)), data, made, stage.name)
     objective = Objective(spec, data, RungRuns(), listener, threads, checkpoints=checkpoints, clock=trial_clock)
     needs = {t.number: trial_clock.estimate(stage.images, stage.epochs, t.flops_per_image) for t in trials}
     budget = seeds.PhaseBudget(needs, max(trial_clock.stage_end - time.time(), 0.0) / 60, what=f"rung {stage.rung} run")
@@ -194,39 +210,3 @@ def champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storage
                    made: plan.Plan) -> seeds.Phase:
     """The champion phase of a planned search: its candidates at full fidelity (queued when it is made)."""
     return seeds.Phase(spec, study, storage, fidelity(spec, made.champion))
-
-
-@dataclass(frozen=True)
-class StageActual:
-    """What a stage of the plan did: its runs that completed, a typical run's time, the stage's wall time."""
-
-    stage: plan.Stage
-    runs: int
-    median_seconds: float | None  # of its completed runs
-    wall_seconds: float | None  # from its first run's start to its last run's end
-
-    @property
-    def ratio(self) -> float | None:
-        """Wall time against the plan's (1.0: on plan)."""
-        return self.wall_seconds / self.stage.seconds if self.wall_seconds and self.stage.seconds else None
-
-
-def actuals(spec: StudySpec, study: optuna.Study, made: plan.Plan) -> list[StageActual]:
-    """Each stage of the plan against what happened (the report page's "Plan and clock")."""
-    storage = store.storage_of(study)
-    found = []
-    for stage in made.stages:
-        if stage.rung == 0:
-            runs = store.records(study)
-        else:
-            suffix = rung_suffix(stage.rung) if stage.rung is not None else COMPANION
-            companion = find_companion(storage, study.study_name, suffix)
-            runs = store.records(companion) if companion is not None else []
-        done = [r for r in runs if r.state == "COMPLETE"]
-        started = [r.started_at for r in runs if r.started_at is not None]
-        ended = [r.completed_at for r in runs if r.completed_at is not None]
-        wall = (max(ended) - min(started)).total_seconds() if started and ended else None
-        median = statistics.median(r.seconds for r in done) if done else None
-        found.append(StageActual(stage, len(done), median, wall))
-    return found
-

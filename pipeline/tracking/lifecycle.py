@@ -136,6 +136,9 @@ class Tracking:
                        status)
         if standings is not None and standings.exported is not None:
             lines.append(run.register_confirmed(standings, evaluation_set(spec)))
+        elif spec.planned:  # its trials are brief rung-0 runs: only the champion phase's choice is a champion
+            lines.append("no champion registered yet: the champion phase has not all its runs; `make search "
+                         f"STUDY={spec.name}` again completes it")
         elif best is not None:
             rule = decision.reason if spec.pareto_choice is not None else None
             lines.append(run.register_champion(best.number, best.first_value, evaluation_set(spec), rule))

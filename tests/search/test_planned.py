@@ -18,7 +18,7 @@ from pipeline import store
 from pipeline.cli import main
 from pipeline.data.recorded import study_data
 from pipeline.infra.concurrency import available_cores
-from pipeline.search import champion, loop, planned
+from pipeline.search import champion, loop, plan_record
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL
@@ -134,10 +134,10 @@ def test_a_planned_run_trains_its_rungs_then_the_champion_at_full_fidelity_on_ev
     folder, storage, stdout = planned_run
     backend = store.make_storage(storage)
     study = optuna.load_study(study_name="planned", storage=backend)
-    made = planned.stored(study)
+    made = plan_record.stored(study)
     assert [s.name for s in made.stages] == ["rung 0", "rung 1", "champion"]
     assert "rung 0" in stdout and "the run ends by" in stdout  # the plan's table came first
-    assert planned.minutes_spent(study) > 0
+    assert plan_record.minutes_spent(study) > 0
 
     sampled = store.records(study, (optuna.trial.TrialState.COMPLETE,))
     assert len(sampled) == 6  # the study's cap
@@ -152,7 +152,7 @@ def test_a_planned_run_trains_its_rungs_then_the_champion_at_full_fidelity_on_ev
                           (optuna.trial.TrialState.COMPLETE,))
     best_two = sorted(sampled, key=lambda r: -r.first_value)[:2]
     assert sorted(r.confirmation_of for r in rung1) == sorted(r.number for r in best_two)  # the best third of 6
-    assert {(r.fidelity["rung"], r.fidelity["images"], r.fidelity["epochs"]) for r in rung1} == {(1, 5000, 1)}
+    assert {(r.fidelity["rung"], r.fidelity["images"], r.fidelity["epochs"]) for r in rung1} == {(1, 1250, 2)}
 
     runs = store.records(champion.find_companion(backend, "planned"), (optuna.trial.TrialState.COMPLETE,))
     assert sorted((r.confirmation_of, r.repeat) for r in runs) == sorted(
@@ -166,12 +166,12 @@ def test_a_planned_run_trains_its_rungs_then_the_champion_at_full_fidelity_on_ev
     from pipeline.commands.studies import study_states
 
     (state,) = study_states(folder / "studies", storage)
-    assert state.progress == f"6 configs, {planned.minutes_spent(study):.1f}/30 min" and state.state == "resumable"
+    assert state.progress == f"6 configs, {plan_record.minutes_spent(study):.1f}/30 min" and state.state == "resumable"
 
     # The report page sets each stage's plan against what happened.
     page = (folder / "reports" / "planned.html").read_text()
     assert "Plan and clock" in page
-    for found in planned.actuals(studies.load("planned", folder / "studies"), study, made):
+    for found in plan_record.actuals(studies.load("planned", folder / "studies"), study, made):
         assert found.runs == found.stage.runs  # every planned run completed (the cap fixed rung 0's count)
         assert found.wall_seconds is not None and f"{found.runs} of {found.stage.runs}" in page
 
