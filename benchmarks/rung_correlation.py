@@ -99,8 +99,9 @@ def top_hits(rule: list[float], full: list[float], keep: int, best: int = 3) -> 
 
 
 def table(paths: list[Path]) -> None:
-    print("| rule | cost (full = 1) | " + " | ".join(f"Spearman {p.stem}" for p in paths)
-          + " | " + " | ".join(f"best 3 in top third, {p.stem}" for p in paths) + " |")
+    names = [next(iter(_read(p)), {}).get("dataset", p.stem) for p in paths]
+    print("| rule | cost (full = 1) | " + " | ".join(f"Spearman, {n}" for n in names)
+          + " | " + " | ".join(f"best 3 in top third, {n}" for n in names) + " |")
     print("|---|---|" + "---|" * (2 * len(paths)))
     rows: dict[str, tuple[float, list[str], list[str]]] = {}
     for column, path in enumerate(paths):

@@ -81,3 +81,30 @@ def test_the_fused_batchnorm_relu_kernel_computes_what_torchs_ops_compute(monkey
     assert sum(isinstance(m, fused_class) for m in swapped) == 4
     assert sum(isinstance(m, nn.ReLU) for m in swapped) == 1  # the head's, which no BatchNorm precedes
     assert [id(p) for p in swapped.parameters()] == [id(p) for p in model.parameters()]
+
+
+def test_the_rung_table_ranks_rules_against_full_fidelity(tmp_path, monkeypatch, capsys):
+    """`benchmarks/rung_correlation.py --table`: Spearman's rho with ties as average ranks, the top-third hits, and a
+    row per rule from the recorded runs (a rule missing for some configuration is left out)."""
+    import json
+
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
+    bench = runpy.run_path(str(PROJECT_ROOT / "benchmarks" / "rung_correlation.py"))
+    spearman, top_hits = bench["spearman"], bench["top_hits"]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254)  # ranks 0.5, 0.5, 2 against 0, 1, 2
+    assert top_hits([0.1, 0.9, 0.8, 0.2, 0.3, 0.7], [0.6, 0.5, 0.9, 0.1, 0.8, 0.2], keep=2) == 1  # keeps 1, 2
+
+    path = tmp_path / "runs.jsonl"
+    rows = []
+    for config, (full, cheap) in enumerate([(0.99, 0.95), (0.98, 0.96), (0.97, 0.94)]):
+        rows.append({"dataset": "mnist", "config": config, "rung": "full", "best": full,
+                     "history": [cheap - 0.1, cheap, full, full, full]})
+        rows.append({"dataset": "mnist", "config": config, "rung": "1/8 x 1", "best": cheap, "history": [cheap]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench["table"]([path])
+    out = capsys.readouterr().out
+    assert "| complete run, 1/8 x 1 | 0.03 | +0.50 (3 configs) |" in out
+    assert "| epoch 3 of the full run | 0.60 | +1.00 (3 configs) |" in out
+    assert "1/4 x 2" not in out  # no such runs recorded

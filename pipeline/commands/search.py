@@ -125,47 +125,58 @@ def _planned(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepa
     clock = planned.RunClock.start(spec, study)
     for line in plan.table(made, datetime.fromtimestamp(clock.started - plan_record.minutes_spent(study) * 60)):
         view.say(line)
-    started = time.time()
+    ticker = plan_record.Ticker(study)
     try:
-        return _stages(spec, study, storage, prepared, device, options, view, tracking, made, clock)
+        return _stages(spec, study, storage, prepared, device, options, view, tracking, made, clock, ticker)
     finally:
-        plan_record.add_spent(study, time.time() - started)
+        ticker.tick()
 
 
 def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepared: loading.PreparedData,
             device: torch.device, options: SearchOptions, view: SearchView, tracking: Tracking, made: plan.Plan,
-            clock: planned.RunClock) -> tuple[int, StopReason, seeds.PhaseOutcome | None]:
-    """The plan's stages, each in turn while the clock has time."""
+            clock: planned.RunClock, ticker: plan_record.Ticker) -> tuple[int, StopReason, seeds.PhaseOutcome | None]:
+    """The plan's stages, each in turn while the clock has time; `ticker` counts the minutes they spend."""
     checkpoints = checkpoint_folder(options.studies_dir, storage.url, study.study_name)
-    if options.worker_count > 1:
+    ran = 0
+    if plan_record.passed(made, study, "rung 0"):
+        view.say("rung 0 was done by an earlier run: the study goes on from where it was")
+    elif options.worker_count > 1:
+        plan_record.reach(study, "rung 0")
         del prepared  # each worker loads its own copy
         with_deadline = dataclasses.replace(options, deadline=clock.deadline)
         ran, _ = _with_workers(spec, study, storage.url, device, with_deadline, view)
+        ticker.tick()
         prepared = study_data(spec, options.root, device)
     else:
+        plan_record.reach(study, "rung 0")
         with view.running(spec, lambda: _status(study), total=made.rungs[0].configs, what="rung 0"):
-            ran = planned.rung_zero(spec, study, prepared, Listeners(view, tracking.listener), made, clock,
+            ran = planned.rung_zero(spec, study, prepared, Listeners(view, tracking.listener, ticker), made, clock,
                                     options.threads, checkpoints).ran
     for stage in made.rungs[1:]:
         if clock.seconds_left <= 0:
             return ran, StopReason.TIME, None
+        if plan_record.passed(made, study, stage.name):
+            continue
+        plan_record.reach(study, stage.name)
         companion_checkpoints = checkpoint_folder(options.studies_dir, storage.url,
                                                   study.study_name + rung_suffix(stage.rung or 0))
         view.say(f"{stage.name}: the best {stage.configs} configurations again, {stage.images:,} images x "
                  f"{stage.epochs} epochs")
         with view.running(spec, lambda: _status(study), total=stage.configs, what=stage.name):
-            rung = planned.later_rung(spec, study, storage.backend, prepared, Listeners(view, tracking.confirmations),
-                                      made, stage, clock, options.threads, companion_checkpoints)
+            rung = planned.later_rung(spec, study, storage.backend, prepared,
+                                      Listeners(view, tracking.confirmations, ticker), made, stage, clock,
+                                      options.threads, companion_checkpoints)
         ran += rung.ran
         if rung.stop_reason == StopReason.TIME:
             view.note(f"{stage.name}: its next run would not end by the stage's end; the champion phase takes the "
                       "best of the runs done")
     if clock.seconds_left <= 0:
         return ran, StopReason.TIME, None
+    plan_record.reach(study, "champion")
     phase = planned.champion_phase(spec, study, storage.backend, made)
     view.say(phase.announcement())
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
-        outcome = phase.run(prepared, Listeners(view, tracking.confirmations), options.threads,
+        outcome = phase.run(prepared, Listeners(view, tracking.confirmations, ticker), options.threads,
                             checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name),
                             clock.trial_clock(planned.later_rates(spec, study, made, len(prepared.val)), prepared,
                                               made, "champion"))

@@ -225,8 +225,9 @@ def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
 def _rungs(budget: Budget, each: Rates, whole: Rates, seconds: float, top_k: int) -> list[Stage]:
     """The cheap rungs, rung 0 as large as `seconds` allow (rung r holds 1/KEEP^r of it, at least `top_k`)."""
     shapes, seen = [], set()
-    for share, epochs in LADDER:
+    for share, rung_epochs in LADDER:
         images = rung_images(share, budget.train_images, budget.classes)
+        epochs = min(rung_epochs, budget.epochs)  # a rung is never more than full fidelity
         if (images, epochs) not in seen and (images, epochs) != (budget.train_images, budget.epochs):
             seen.add((images, epochs))
             shapes.append((images, epochs))

@@ -5,6 +5,7 @@ them without loading torch."""
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 
 import optuna
@@ -12,9 +13,11 @@ import optuna
 from pipeline import store
 from pipeline.search import plan
 from pipeline.search.champion import COMPANION, find_companion, rung_suffix
+from pipeline.search.events import Listener, TrialEnded
 from pipeline.spec.studies import StudySpec
 
 PLAN_KEY, SPENT_KEY = store.PLAN_ATTR, store.SPENT_ATTR  # the study's user attributes: the plan, the minutes spent
+STAGE_KEY = "plan_stage"  # ...and the last stage a run of it started
 
 
 def stored(study: optuna.Study) -> plan.Plan | None:
@@ -32,6 +35,39 @@ def minutes_spent(study: optuna.Study) -> float:
 
 def add_spent(study: optuna.Study, seconds: float) -> None:
     study.set_user_attr(SPENT_KEY, minutes_spent(study) + seconds / 60)
+
+
+class Ticker(Listener):
+    """Adds the minutes this run spends to the study's, at every `tick()` and every trial's end, so that a run killed
+    outright still leaves the minutes it used (all but those since the last tick) counted."""
+
+    def __init__(self, study: optuna.Study):
+        self.study, self.last = study, time.time()
+
+    def tick(self) -> None:
+        now = time.time()
+        add_spent(self.study, now - self.last)
+        self.last = now
+
+    def trial_ended(self, trial: TrialEnded) -> None:
+        self.tick()
+
+
+def reached(study: optuna.Study) -> str | None:
+    """The last stage of the plan a run of the study started (None: none yet): a resumed run goes on from there."""
+    found = study.user_attrs.get(STAGE_KEY)
+    return found if isinstance(found, str) else None
+
+
+def reach(study: optuna.Study, stage: str) -> None:
+    study.set_user_attr(STAGE_KEY, stage)
+
+
+def passed(made: plan.Plan, study: optuna.Study, stage: str) -> bool:
+    """Did a run of the study already go beyond stage `stage` (so a resumed run skips it)?"""
+    names = [s.name for s in made.stages]
+    last = reached(study)
+    return last in names and names.index(stage) < names.index(last)
 
 
 @dataclass(frozen=True)

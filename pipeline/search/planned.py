@@ -29,7 +29,7 @@ from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL, Fidelity, subset_seed
 from pipeline.search.objective import Objective, SearchTrials
-from pipeline.search.plan_record import minutes_spent, store_plan, stored
+from pipeline.search.plan_record import minutes_spent, reach, store_plan, stored
 from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
 
@@ -55,12 +55,14 @@ def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int
 
 
 def current(spec: StudySpec, study: optuna.Study, make_plan: Any) -> plan.Plan:
-    """The study's stored plan, or a new one (`make_plan()`, stored) when it has none or its minutes changed."""
+    """The study's stored plan, or a new one (`make_plan()`, stored) when it has none or its minutes changed; a new
+    plan starts again from rung 0 (more minutes: more configurations, and a champion among them)."""
     found = stored(study)
     if found is not None and found.minutes == spec.minutes:
         return found
     made = make_plan()
     store_plan(study, made)
+    reach(study, "")
     return made
 
 

@@ -12,7 +12,7 @@ import time
 
 import optuna
 import pytest
-from conftest import StudyEnv, require_real_dataset
+from conftest import StudyEnv, kill_search_mid_trial, require_real_dataset
 
 from pipeline import store
 from pipeline.cli import main
@@ -211,3 +211,41 @@ def test_make_plan_refuses_a_study_without_minutes_in_one_line(study_env, tiny_d
     assert study_env.run("plan") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no minutes to plan" in err and "MINUTES=30" in err
+
+
+def test_a_planned_run_killed_in_its_champion_phase_resumes_there_with_the_minutes_it_has_left(study_env):
+    """kill -9 in the middle of a champion-phase run: the rerun skips the rungs done, resumes the killed run from its
+    checkpoint, and the minutes of both runs add up on the study's clock."""
+    study_env.write_study(minutes=30, trials=4, epochs=12, pruner="none", champion={"top_k": 2, "seeds": 2})
+    process = subprocess.Popen(study_env.command("search"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = store.make_storage(study_env.storage)
+    cut: dict[str, object] = {}
+
+    def mid_phase_run() -> int | None:
+        """A champion-phase run with an epoch or more behind it, after another one completed."""
+        companion = champion.find_companion(storage, "tiny")
+        runs = store.records(companion) if companion is not None else []
+        running = [r for r in runs if r.state == "RUNNING" and 1 <= len(r.history) <= 10]
+        if not running or not any(r.state == "COMPLETE" for r in runs):
+            return None
+        cut.update(running=running[0])
+        return process.pid
+
+    kill_search_mid_trial(process, mid_phase_run)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    spent_before = plan_record.minutes_spent(study)
+    assert spent_before > 0  # counted as trials ended, though the process never got to say goodbye
+    assert plan_record.reached(study) == "champion"
+
+    rerun = subprocess.run(study_env.command("search"), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "rung 0 was done by an earlier run" in rerun.stdout
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(store.records(study, store.FINISHED)) == 4  # no new rung-0 trial
+    assert plan_record.minutes_spent(study) > spent_before
+    runs = store.records(champion.find_companion(storage, "tiny"), (optuna.trial.TrialState.COMPLETE,))
+    assert len({(r.confirmation_of, r.repeat) for r in runs}) == 4
+    killed = cut["running"]
+    (retry,) = [r for r in runs if r.retry_of == killed.number]
+    assert (retry.confirmation_of, retry.repeat, retry.seed) == (killed.confirmation_of, killed.repeat, killed.seed)
+    assert retry.resumed_from_epoch >= 1 and len(retry.history) == 12
