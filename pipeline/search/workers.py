@@ -169,8 +169,10 @@ def worker_command(spec: StudySpec, options: SearchOptions) -> list[str]:
     environment: `storage_environment`)."""
     command = [*options.worker_program, "search", "--study", spec.name, "--studies-dir", str(options.studies_dir),
                "--root", str(options.root), "--device", options.device,
-               "--trials", str(spec.trial_budget), "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
+               "--timeout", str(spec.timeout_minutes), "--epochs", str(spec.epochs),
                "--tracking" if options.tracking else "--no-tracking"]
+    if spec.trials is not None:  # a planned study's cap only when it has one (else its rung 0 runs to its time)
+        command += ["--trials", str(spec.trials)]
     if spec.minutes is not None:  # a planned search's: the worker reads the plan from the study
         command += ["--minutes", str(spec.minutes)]
     if options.deadline is not None:

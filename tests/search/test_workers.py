@@ -304,3 +304,19 @@ def test_a_coordinator_killed_outright_leaves_each_interrupted_trial_queued_agai
     assert not [r for r in records if r.state == "RUNNING"]
     queued_again = {r.retry_of for r in records if r.state == "WAITING"}
     assert queued_again == {r.number for r in failed}  # each one's parameters run again, from its checkpoint
+
+
+def test_a_planned_studys_worker_gets_its_minutes_and_deadline_and_no_cap_it_was_not_given():
+    """A planned study's rung 0 runs to its stage's end: a worker told `--trials 20` (the unplanned default) stopped
+    after 20 configurations of a plan that wanted 200."""
+    from pipeline.search import workers
+    from pipeline.search.options import SearchOptions
+    from pipeline.spec import studies
+
+    spec = studies.load("cnn")
+    command = workers.worker_command(spec, SearchOptions(deadline=1_700_000_000.5))
+    assert "--trials" not in command
+    assert command[command.index("--minutes") + 1] == "30.0"
+    assert float(command[command.index("--deadline") + 1]) == 1_700_000_000.5
+    capped = workers.worker_command(studies.with_overrides(spec, trials=50), SearchOptions())
+    assert capped[capped.index("--trials") + 1] == "50"
