@@ -173,13 +173,12 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
     if clock.seconds_left <= 0:
         return ran, StopReason.TIME, None
     plan_record.reach(study, "champion")
-    phase = planned.champion_phase(spec, study, storage.backend, made)
+    phase, phase_clock = planned.champion_phase(spec, study, storage.backend, made, clock, prepared)
     view.say(phase.announcement())
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
         outcome = phase.run(prepared, Listeners(view, tracking.confirmations, ticker), options.threads,
                             checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name),
-                            clock.trial_clock(planned.later_rates(spec, study, made, len(prepared.val)), prepared,
-                                              made, "champion"))
+                            phase_clock)
     if outcome.stop_reason != StopReason.DONE:
         view.note(f"champion phase: {outcome.standings.missing} run(s) would not end by the deadline; a rerun of "
                   "the study trains them first")

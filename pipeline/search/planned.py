@@ -11,6 +11,8 @@ run first next time.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import available_cores
 from pipeline.search import calibration, loop, plan, seeds
-from pipeline.search.champion import COMPANION, find_companion, open_companion, ranked, rung_suffix
+from pipeline.search.champion import COMPANION, candidates, find_companion, open_companion, ranked, rung_suffix
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL, Fidelity, subset_seed
@@ -94,13 +96,48 @@ class RunClock:
     def seconds_left(self) -> float:
         return max(self.deadline - time.time(), 0.0)
 
-    def stage_end(self, made: plan.Plan, stage: str) -> float:
-        """When stage `stage` must end for the later stages to get their planned time."""
-        return self.deadline - made.after(stage)
+    def stage_end(self, made: plan.Plan, stage: str, later: plan.Rates | None = None, val_images: int = 0) -> float:
+        """When stage `stage` must end for the later stages to get their time: as planned, or (`later` given: the
+        later stages' rates as corrected by the runs so far) as they now look to need."""
+        return self.deadline - (made.after(stage) if later is None else need_after(made, stage, later, val_images))
 
-    def trial_clock(self, rates: plan.Rates | None, data: PreparedData, made: plan.Plan, stage: str) -> TrialClock:
+    def trial_clock(self, rates: plan.Rates | None, data: PreparedData, made: plan.Plan, stage: str,
+                    later: plan.Rates | None = None) -> TrialClock:
         assert rates is not None, "a stored plan carries its rates"
-        return TrialClock(rates, len(data.val), self.stage_end(made, stage), self.deadline)
+        return TrialClock(rates, len(data.val), self.stage_end(made, stage, later, len(data.val)), self.deadline)
+
+
+def need_after(made: plan.Plan, stage: str, later: plan.Rates, val_images: int) -> float:
+    """Seconds the stages after `stage` need at the (corrected) rates `later`, for configurations the size promotion
+    favours."""
+    names = [s.name for s in made.stages]
+    return sum(math.ceil(s.runs / s.parallel) * later.run_seconds(s.images, s.epochs, val_images, later.promoted_flops)
+               for s in made.stages[names.index(stage) + 1:])
+
+
+def fit_champion(spec: StudySpec, study: optuna.Study, made: plan.Plan, rates: plan.Rates, data: PreparedData,
+                 seconds: float) -> plan.Plan:
+    """The plan with its champion phase cut to what `seconds` hold at `rates` for the candidates at hand (fewer
+    configurations first, then fewer seeds), stored: a phase that cannot give every candidate all its runs would end
+    with no champion at all."""
+    stage = made.champion
+    found = candidates(spec, study)
+    flops = max((t.flops_per_image or 0 for t in found), default=0) or None
+    each = rates.run_seconds(stage.images, stage.epochs, len(data.val), flops)
+    fits = int(seconds // each)
+    configs, seeds_each = stage.configs, stage.seeds
+    if configs * seeds_each > fits:
+        configs = max(1, min(configs, fits // seeds_each))
+        seeds_each = max(1, min(seeds_each, fits // configs))
+    if (configs, seeds_each) == (stage.configs, stage.seeds):
+        return made
+    cut = dataclasses.replace(stage, configs=configs, seeds=seeds_each)
+    fitted = dataclasses.replace(made, stages=tuple(cut if s.name == "champion" else s for s in made.stages),
+                                 warnings=(*made.warnings, f"the champion phase was cut to {configs} configuration(s) "
+                                           f"x {seeds_each} seed(s): {seconds / 60:.1f} min were left for runs of "
+                                           f"about {each / 60:.1f} min"))
+    store_plan(study, fitted)
+    return fitted
 
 
 def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_images: int) -> plan.Rates | None:
@@ -201,14 +238,20 @@ def later_rung(spec: StudySpec, study: optuna.Study, storage: optuna.storages.Ba
     rung = fidelity(spec, stage)
     companion = open_companion(spec, storage, study.study_name, rung_suffix(stage.rung))
     seeds.queue_missing(companion, [seeds.QueuedRun(t, 0, t.seed if t.seed is not None else 0, rung) for t in trials])
-    trial_clock = clock.trial_clock(later_rates(spec, study, made, len(data.val)), data, made, stage.name)
+    rates = later_rates(spec, study, made, len(data.val))
+    trial_clock = clock.trial_clock(rates, data, made, stage.name, later=rates)
     objective = Objective(spec, data, RungRuns(), listener, threads, checkpoints=checkpoints, clock=trial_clock)
     needs = {t.number: trial_clock.estimate(stage.images, stage.epochs, t.flops_per_image) for t in trials}
     budget = seeds.PhaseBudget(needs, max(trial_clock.stage_end - time.time(), 0.0) / 60, what=f"rung {stage.rung} run")
     return loop.run_trials(companion, objective, budget)
 
 
-def champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
-                   made: plan.Plan) -> seeds.Phase:
-    """The champion phase of a planned search: its candidates at full fidelity (queued when it is made)."""
-    return seeds.Phase(spec, study, storage, fidelity(spec, made.champion))
+def champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, made: plan.Plan,
+                   clock: RunClock, data: PreparedData) -> tuple[seeds.Phase, TrialClock]:
+    """The champion phase of a planned search: its candidates at full fidelity (queued when it is made), as many as
+    the time left holds all the runs of, and the clock its runs keep to."""
+    rates = later_rates(spec, study, made, len(data.val))
+    assert rates is not None, "a stored plan carries its rates"
+    made = fit_champion(spec, study, made, rates, data, clock.seconds_left)
+    return seeds.Phase(spec, study, storage, fidelity(spec, made.champion)), clock.trial_clock(rates, data, made,
+                                                                                               "champion")

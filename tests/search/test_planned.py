@@ -18,7 +18,7 @@ from pipeline import store
 from pipeline.cli import main
 from pipeline.data.recorded import study_data
 from pipeline.infra.concurrency import available_cores
-from pipeline.search import champion, loop, plan_record
+from pipeline.search import champion, loop, plan_record, planned
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL
@@ -249,3 +249,29 @@ def test_a_planned_run_killed_in_its_champion_phase_resumes_there_with_the_minut
     (retry,) = [r for r in runs if r.retry_of == killed.number]
     assert (retry.confirmation_of, retry.repeat, retry.seed) == (killed.confirmation_of, killed.repeat, killed.seed)
     assert retry.resumed_from_epoch >= 1 and len(retry.history) == 12
+
+
+def test_the_champion_phase_is_cut_to_what_the_time_left_holds_so_a_champion_comes_out(tiny):
+    """Runs slower than planned leave the phase less time than its configurations x seeds: it trains fewer
+    configurations (then fewer seeds) with every run each needs, rather than all of them without a champion."""
+    from pipeline.search import plan as plans
+
+    spec = studies.load("cnn")
+    study = optuna.create_study(direction="maximize")
+    for value in (0.98, 0.97, 0.96):
+        trial = study.ask()
+        trial.set_user_attr("flops_per_image", 50_000_000)
+        study.tell(trial, value)
+    rates = Rates(2, (Rate(50_000_000, 0.001, 0.0),), trial_seconds=0.0)  # a full-fidelity run: 110 s of 110 k images
+    budget = plans.Budget(30, 110_000, 100, 10, 1, 1, top_k=2, seeds=3)
+    made = plans.make_plan(budget, rates, rates)
+    plan_record.store_plan(study, made)
+    assert (made.champion.configs, made.champion.seeds) == (2, 3)
+    assert planned.fit_champion(spec, study, made, rates, tiny, seconds=700) == made  # 6 runs fit: unchanged
+    fitted = planned.fit_champion(spec, study, made, rates, tiny, seconds=450)  # 4 runs fit
+    assert (fitted.champion.configs, fitted.champion.seeds) == (1, 3)
+    assert plan_record.stored(study).champion == fitted.champion  # the phase's table reads the stored plan
+    assert champion.champion_table(spec, study).top_k == 1 and champion.champion_table(spec, study).seeds == 3
+    fitted = planned.fit_champion(spec, study, fitted, rates, tiny, seconds=250)  # 2 runs fit
+    assert (fitted.champion.configs, fitted.champion.seeds) == (1, 2)
+    assert "cut to 1 configuration(s) x 2 seed(s)" in fitted.warnings[-1]
