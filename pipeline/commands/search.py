@@ -72,11 +72,7 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
     started, status = time.monotonic(), "FINISHED"
     try:
         if spec.planned:
-            try:
-                outcome.ran, outcome.stop_reason, outcome.champion = _planned(spec, study, storage, prepared, device,
-                                                                              options, view, tracking)
-            finally:
-                outcome.time_left = planned.time_left(spec, study) if options.worker is None else None
+            _planned(spec, study, storage, prepared, device, options, view, tracking, outcome)
         elif options.worker_count > 1:
             del prepared  # each worker loads its own copy; the coordinator need not hold one for the whole run
             outcome.ran, outcome.stop_reason = _with_workers(spec, study, storage.url, device, options, view)
@@ -107,8 +103,20 @@ def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> Sea
 
 
 def _planned(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepared: loading.PreparedData,
-             device: torch.device, options: SearchOptions, view: SearchView,
-             tracking: Tracking) -> tuple[int, StopReason, seeds.PhaseOutcome | None]:
+             device: torch.device, options: SearchOptions, view: SearchView, tracking: Tracking,
+             outcome: SearchOutcome) -> None:
+    """`outcome`'s runs, stop reason, champion phase and (a coordinator's, whatever ends it) what a rerun would do
+    with the time left, from a planned search (`_planned_search`)."""
+    try:
+        outcome.ran, outcome.stop_reason, outcome.champion = _planned_search(spec, study, storage, prepared, device,
+                                                                             options, view, tracking)
+    finally:
+        outcome.time_left = planned.time_left(spec, study) if options.worker is None else None
+
+
+def _planned_search(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepared: loading.PreparedData,
+                    device: torch.device, options: SearchOptions, view: SearchView,
+                    tracking: Tracking) -> tuple[int, StopReason, seeds.PhaseOutcome | None]:
     """A planned search (search/planned.py): the plan (made, or the study's), rung 0 here or on the workers, then
     (a coordinator) the later rungs and the champion phase on all the threads. The minutes it spends are added to
     the study's, whatever ends it."""

@@ -128,7 +128,7 @@ def run_trials(study: optuna.Study, objective: Objective, budget: Budget) -> Loo
             try:
                 ended = next_trial(study, objective)
             except OutOfTime as exc:  # queued again: the next run starts (or resumes) it first
-                listener.warning(f"{exc}: queued again, the next run starts it first")
+                listener.warning(f"{exc}: queued again")
                 return LoopOutcome(ran + exc.started, StopReason.TIME)
             if ended is None:
                 continue  # a surplus trial: no training happened; the loop sees the budget in flight and waits

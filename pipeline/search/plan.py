@@ -72,9 +72,9 @@ class Rates:
 
     @property
     def promoted_flops(self) -> int:
-        """The size the plan assumes of a promoted configuration: half way from the typical model to the largest
-        (the better configurations of a rung tend to be the bigger ones; measured: the cnn study's promoted runs
-        were its largest models)."""
+        """The size the plan assumes of its configurations: half way from the typical model to the largest (the
+        sampler soon favours the better configurations of rung 0, and those tend to be the bigger ones; measured:
+        most of the cnn study's rung-0 trials, and all it promoted, were its largest models)."""
         points = sorted(self.points, key=lambda r: r.flops)
         return (points[len(points) // 2].flops + points[-1].flops) // 2
 
@@ -233,8 +233,7 @@ def _rungs(budget: Budget, each: Rates, whole: Rates, seconds: float, top_k: int
             shapes.append((images, epochs))
     if not shapes:  # too few images for a subset, too few epochs for fewer: rung 0 is full fidelity itself
         shapes = [(budget.train_images, budget.epochs)]
-    costs = [each.run_seconds(images, epochs, budget.val_images) if r == 0 else
-             whole.run_seconds(images, epochs, budget.val_images, whole.promoted_flops)
+    costs = [(each if r == 0 else whole).run_seconds(images, epochs, budget.val_images, whole.promoted_flops)
              for r, (images, epochs) in enumerate(shapes)]
 
     def stages(first: int) -> list[Stage]:
