@@ -105,7 +105,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     options = SearchOptions(args.storage, workers=args.workers, device=args.device, threads=args.threads,
                             root=args.root, studies_dir=args.studies_dir)
-    for line in plan.plan_study(spec, options, lines.note).lines:
+    for line in plan.plan_study(spec, options, lines.note):
         lines.say(line)
     return 0
 

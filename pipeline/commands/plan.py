@@ -3,7 +3,7 @@ training (search/plan.py; the rates are measured once and cached)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -16,14 +16,8 @@ from pipeline.spec.studies import StudySpec
 from pipeline.training.device import pick_device, pick_precision
 
 
-@dataclass(frozen=True)
-class PlanView:
-    plan: plan.Plan
-    lines: list[str]
-
-
-def plan_study(spec: StudySpec, options: SearchOptions, log=print) -> PlanView:
-    """The study's plan here: the same workers, data, rates and arithmetic a search would use."""
+def plan_study(spec: StudySpec, options: SearchOptions, log: Callable[[str], None] = print) -> list[str]:
+    """The lines of the study's plan here: the same workers, data, rates and arithmetic a search would use."""
     if spec.minutes is None:
         raise BadInput(f"studies/{spec.name}.toml has no minutes to plan: add `minutes = 30` to it, or give "
                        "MINUTES=30")
@@ -34,4 +28,4 @@ def plan_study(spec: StudySpec, options: SearchOptions, log=print) -> PlanView:
     precision = pick_precision(spec.fixed.get("precision", "auto"), device)
     head = [f"{spec.name}: {spec.minutes:g} minutes on {device} ({precision}), {options.worker_count} worker(s) at "
             f"rung 0 and {made.threads} thread(s) after; {len(data.train):,} training images"]
-    return PlanView(made, head + ([why] if why else []) + plan.table(made, datetime.now()))
+    return head + ([why] if why else []) + plan.table(made, datetime.now())

@@ -10,6 +10,7 @@ the measured device that many times as fast (the tests' faked devices; 0.5 halve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,8 +99,6 @@ def measure(chosen: list[dict[str, Any]], data: PreparedData, device: torch.devi
 
 def _sample(data: PreparedData, images: int) -> PreparedData:
     """The first `images` training and VAL_IMAGES validation images: enough to time, too few to cost."""
-    import dataclasses
-
     return dataclasses.replace(data, train=data.train.subset(torch.arange(images)),
                                val=data.val.subset(torch.arange(min(VAL_IMAGES, len(data.val)))))
 

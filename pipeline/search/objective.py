@@ -104,6 +104,8 @@ class Objective:
     checkpoints: Path | None = None  # the study's checkpoint folder; None: trials keep no checkpoints
     fidelity: Fidelity | None = None  # a planned search's sampled trials' rung (a queued run carries its own)
     clock: TrialClock | None = None  # a planned search's: a run that cannot end in time does not start
+    # A rung's subset, drawn once per process: every configuration of the rung trains on the same images
+    subsets: dict[Fidelity, PreparedData] = field(default_factory=dict)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         surplus = self.role.surplus(trial)
@@ -115,7 +117,7 @@ class Objective:
         params = space.suggest(self.spec, trial)
         if fidelity is not None:
             params = fidelity.params(params)
-        data = fidelity.data(self.data) if fidelity is not None else self.data
+        data = self._data(fidelity)
         first, seed = store.first_attempt(trial)  # a retry continues its first attempt: same seed, same checkpoint
         seed = studies.derive_seed(self.spec.seed, trial.number) if seed is None else seed
         # history and resumed_from_epoch start afresh: Optuna's heartbeat retry copies the failed trial's record
@@ -134,6 +136,14 @@ class Objective:
             raise
         remove_checkpoint(checkpoint)
         return values
+
+    def _data(self, fidelity: Fidelity | None) -> PreparedData:
+        """The data a trial of `fidelity` trains on: the whole split, or its rung's subset (made once)."""
+        if fidelity is None:
+            return self.data
+        if fidelity not in self.subsets:
+            self.subsets[fidelity] = fidelity.data(self.data)
+        return self.subsets[fidelity]
 
     def _fidelity(self, trial: optuna.Trial) -> Fidelity | None:
         """The rung this trial trains at: a queued run's own, else the sampled trials' (None: unplanned)."""

@@ -138,9 +138,6 @@ class Plan:
     def planned_seconds(self) -> float:
         return self.reserve_seconds + sum(s.seconds for s in self.stages)
 
-    def stage(self, name: str) -> Stage | None:
-        return next((s for s in self.stages if s.name == name), None)
-
     @property
     def rungs(self) -> list[Stage]:
         return [s for s in self.stages if s.rung is not None]

@@ -275,3 +275,15 @@ def test_the_champion_phase_is_cut_to_what_the_time_left_holds_so_a_champion_com
     fitted = planned.fit_champion(spec, study, fitted, rates, tiny, seconds=250)  # 2 runs fit
     assert (fitted.champion.configs, fitted.champion.seeds) == (1, 2)
     assert "cut to 1 configuration(s) x 2 seed(s)" in fitted.warnings[-1]
+
+
+def test_a_rungs_subset_is_drawn_once_per_process_and_is_the_one_its_records_name(study_env, tiny_dataset):
+    from pipeline.search.fidelity import Fidelity
+
+    spec, _, data = open_tiny(study_env, tiny_dataset[1])
+    objective = Objective(spec, data, SearchTrials(spec), threads=1)
+    rung = Fidelity(0, 200, 1, 5)
+    first = objective._data(rung)
+    assert objective._data(rung) is first and len(first.train) == 200
+    assert first.split_hash == rung.data(data).split_hash != data.split_hash  # the same images, drawn afresh
+    assert objective._data(None) is data
