@@ -23,6 +23,8 @@ SEARCH_FLAGS = $(if $(MINUTES),--minutes $(MINUTES)) $(if $(TRIALS),--trials $(T
                $(if $(call switch,FRESH),--fresh) $(if $(WORKERS),--workers $(WORKERS)) \
                $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(TRAIN_LIMIT),--train-limit $(TRAIN_LIMIT)) \
                $(if $(VAL_LIMIT),--val-limit $(VAL_LIMIT)) $(if $(BASELINES),$(if $(call switch,BASELINES),,--no-baselines))
+# When this make began: a planned search's minutes count from it, the set-up of a fresh clone's .venv included
+STARTED := $(shell date +%s)
 PORT    ?= 5000
 EXPORT  ?= exports/$(or $(STUDY),cnn)
 IMAGES  ?=
@@ -74,7 +76,7 @@ train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0
 		$(if $(STUDY),--study $(STUDY)) $(foreach s,$(SET),--set $(s))
 
 search: $(STAMP) ## run or resume a study: STUDY=cnn [MINUTES=30] [WORKERS=auto|4] [TRIALS=50] [FRESH=1] [STORAGE=url] [TRACKING=off]
-	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS)
+	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS) --started-at $(STARTED)
 
 plan: $(STAMP) ## print the plan of STUDY's minutes on this machine without training [MINUTES=n] [WORKERS=]
 	$(PY) -m pipeline plan --study "$(STUDY)" $(if $(MINUTES),--minutes $(MINUTES)) $(if $(WORKERS),--workers $(WORKERS))

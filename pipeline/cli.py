@@ -11,6 +11,7 @@ name should answer without it.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -70,6 +71,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _started_at(text: str) -> float:
+    """--started-at: a time.time() of the last hour (a planned search's clock counts from it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not time.time() - 3600 <= value <= time.time() + 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected the Unix time the command began, within the last hour "
+                                         "(make passes it); leave --started-at out to count from now")
+    return value
+
+
 def _study(args: argparse.Namespace) -> studies.StudySpec:
     """The study file with the command line's overrides (trials, timeout, epochs, subsets)."""
     spec = studies.load(args.study, args.studies_dir)
@@ -88,7 +101,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     options = SearchOptions(args.storage, args.fresh, args.workers, args.worker, args.device, args.threads,
                             args.root, args.studies_dir, args.tracking, tuple(args.worker_program),
-                            args.reports_dir, args.exports_dir, args.deadline)
+                            args.reports_dir, args.exports_dir, args.deadline,
+                            time.time() if args.started_at is None else args.started_at)
     view = workers.EventView() if args.worker is not None else search_view.SearchView()
     outcome = search.run_search(spec, options, view)
     if args.worker is None:
@@ -273,6 +287,9 @@ def _add_study_commands(commands: Any) -> None:
                    "SQLite file); GPUs are shared out round robin, CPU threads split between them")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set by the coordinator
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # a planned run's, for a worker
+    p.add_argument("--started-at", type=_started_at, default=None, metavar="UNIX_TIME",
+                   help="when the command began (`make search` passes its own start, so a fresh clone's set-up "
+                   "counts against the study's minutes); default: now")
     p.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
                    help="record trials in MLflow ($MLFLOW_TRACKING_URI, default sqlite mlruns/mlflow.db)")
     _add_report_arguments(p)

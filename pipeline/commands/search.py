@@ -130,10 +130,10 @@ def _planned_search(spec: StudySpec, study: optuna.Study, storage: store.Storage
         return searched.ran, searched.stop_reason, None
     made = planned.current(spec, study, lambda: planned.make(spec, prepared, device, options.worker_count,
                                                              options.threads, options.root, view.say))
-    clock = planned.RunClock.start(spec, study)
+    clock = planned.RunClock.start(spec, study, options.started)
     for line in plan.table(made, datetime.fromtimestamp(clock.started - plan_record.minutes_spent(study) * 60)):
         view.say(line)
-    ticker = plan_record.Ticker(study)
+    ticker = plan_record.Ticker(study, since=clock.started)
     try:
         return _stages(spec, study, storage, prepared, device, options, view, tracking, made, clock, ticker)
     finally:

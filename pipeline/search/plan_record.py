@@ -41,8 +41,8 @@ class Ticker(Listener):
     """Adds the minutes this run spends to the study's, at every `tick()` and every trial's end, so that a run killed
     outright still leaves the minutes it used (all but those since the last tick) counted."""
 
-    def __init__(self, study: optuna.Study):
-        self.study, self.last = study, time.time()
+    def __init__(self, study: optuna.Study, since: float | None = None):
+        self.study, self.last = study, since or time.time()
 
     def tick(self) -> None:
         now = time.time()

@@ -87,10 +87,12 @@ class RunClock:
     deadline: float
 
     @classmethod
-    def start(cls, spec: StudySpec, study: optuna.Study) -> RunClock:
-        now = time.time()
+    def start(cls, spec: StudySpec, study: optuna.Study, started: float | None = None) -> RunClock:
+        """The clock of a run that began at `started` (default: now; `make search` passes its own start, so that the
+        set-up before this process counts too) and has the minutes the study has left."""
+        began = min(started or time.time(), time.time())
         left = (spec.minutes or 0.0) * 60 - minutes_spent(study) * 60
-        return cls(now, now + max(left - END_SECONDS, 0.0))
+        return cls(began, began + max(left - END_SECONDS, 0.0))
 
     @property
     def seconds_left(self) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -113,6 +114,7 @@ def test_make_baselines_trial_and_report_reach_their_commands():
     cold, warm = (_make("-n", "search", "STUDY=cnn", f"BASELINES={value}") for value in ("off", "on"))
     assert cold.returncode == 0 and warm.returncode == 0, cold.stderr + warm.stderr
     assert "--no-baselines" in cold.stdout and "--no-baselines" not in warm.stdout
+    assert re.search(r"--started-at \d{10}", warm.stdout)  # the clock of a planned search counts make's set-up
     refused = _make("-n", "search", "STUDY=cnn", "BASELINES=cold")
     assert refused.returncode == 2 and "BASELINES=cold: expected 1 or 0" in refused.stderr
     one, champion = (_make("-n", "export-best", "STUDY=cnn", *trial) for trial in (["TRIAL=7"], []))

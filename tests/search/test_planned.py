@@ -287,3 +287,19 @@ def test_a_rungs_subset_is_drawn_once_per_process_and_is_the_one_its_records_nam
     assert objective._data(rung) is first and len(first.train) == 200
     assert first.split_hash == rung.data(data).split_hash != data.split_hash  # the same images, drawn afresh
     assert objective._data(None) is data
+
+
+def test_a_planned_runs_minutes_count_from_when_the_command_began(study_env, tiny_dataset, capsys):
+    """`make search` passes its own start (--started-at): the set-up before the program (a fresh clone's .venv)
+    spends the study's minutes too. Begun 55 s ago with one minute, the run has no time for a trial and says so."""
+    study_env.write_study(minutes=1, trials=4, pruner="none")
+    began = time.time() - 55
+    assert study_env.run("search", "--workers", "1", "--started-at", f"{began:.0f}") == 0
+    study = study_env.load()
+    assert store.records(study, store.FINISHED) == []
+    assert 55 / 60 <= plan_record.minutes_spent(study) < 1.5
+    assert "spent its 1 minutes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        study_env.run("search", "--started-at", "yesterday")
+    assert refused.value.code == 2
+    assert "expected the Unix time the command began" in capsys.readouterr().err
