@@ -28,7 +28,7 @@ class SearchOptions:
     reports_dir: Path = paths.REPORTS_DIR  # the report page, refreshed at the end: reports/<study>.html
     exports_dir: Path = paths.EXPORTS_DIR  # where the page looks for the champion's export
     deadline: float | None = None  # a worker of a planned search: its coordinator's deadline (time.time())
-    started: float | None = None  # when the command began (time.time()), if before this process: a planned clock's start
+    started: float | None = None  # when the command began (time.time()): a planned search's clock starts there
 
     @property
     def worker_count(self) -> int:
