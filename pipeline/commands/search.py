@@ -128,8 +128,8 @@ def _planned_search(spec: StudySpec, study: optuna.Study, storage: store.Storage
                                      planned.RunClock(time.time(), options.deadline), options.threads,
                                      checkpoint_folder(options.studies_dir, storage.url, study.study_name))
         return searched.ran, searched.stop_reason, None
-    made = planned.current(spec, study, lambda: planned.make(spec, prepared, device, options.worker_count,
-                                                             options.threads, options.root, view.say))
+    made = planned.current(spec, study, lambda minutes: planned.make(
+        spec, prepared, device, options.worker_count, options.threads, options.root, view.say, minutes))
     clock = planned.RunClock.start(spec, study, options.started)
     for line in plan.table(made, datetime.fromtimestamp(clock.started - plan_record.minutes_spent(study) * 60)):
         view.say(line)
@@ -188,8 +188,8 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
                             checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name),
                             phase_clock)
     if outcome.stop_reason != StopReason.DONE:
-        view.note(f"champion phase: {outcome.standings.missing} run(s) would not end by the deadline; a rerun of "
-                  "the study trains them first")
+        view.note(f"champion phase: {outcome.standings.missing} run(s) would not end by the deadline, so no "
+                  "configuration has all its seeds yet")  # what a rerun does with the minutes: time_left, at the end
     stop = StopReason.BUDGET if outcome.stop_reason == StopReason.DONE else StopReason.TIME
     return ran + outcome.ran, stop, outcome
 

@@ -72,11 +72,12 @@ class Rates:
 
     @property
     def promoted_flops(self) -> int:
-        """The size the plan assumes of its configurations: half way from the typical model to the largest (the
-        sampler soon favours the better configurations of rung 0, and those tend to be the bigger ones; measured:
-        most of the cnn study's rung-0 trials, and all it promoted, were its largest models)."""
-        points = sorted(self.points, key=lambda r: r.flops)
-        return (points[len(points) // 2].flops + points[-1].flops) // 2
+        """The size the plan assumes of its configurations: the largest measured. The sampler soon favours the
+        better configurations, and those tend to be the bigger ones. Measured in two 30-minute cnn runs: the median
+        rung-0 trial, every promoted one and the champion were the space's largest model; the plan's estimates at
+        half way from the typical model were 1.4x short. A plan made for smaller models would promise configurations
+        and champion runs that the clock then has to cut."""
+        return max(r.flops for r in self.points)
 
     def scaled(self, factor: float) -> Rates:
         """These rates on a device `factor` times as fast."""

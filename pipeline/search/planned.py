@@ -57,12 +57,18 @@ def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int
 
 
 def current(spec: StudySpec, study: optuna.Study, make_plan: Any) -> plan.Plan:
-    """The study's stored plan, or a new one (`make_plan()`, stored) when it has none or its minutes changed; a new
-    plan starts again from rung 0 (more minutes: more configurations, and a champion among them)."""
+    """The study's stored plan, or a new one (`make_plan(minutes)`, stored) when it has none or its minutes changed.
+    A new plan is made for the minutes the study has left (raised from 30 to 45 after 30 spent: 15), and starts
+    again from rung 0: more configurations, then the rungs above and a champion among them all."""
     found = stored(study)
     if found is not None and found.minutes == spec.minutes:
         return found
-    made = make_plan()
+    minutes, spent = spec.minutes or 0.0, minutes_spent(study)
+    made = make_plan(max(minutes - spent, 1.0))
+    if spent > 0:
+        made = dataclasses.replace(made, minutes=minutes, warnings=made.warnings + (
+            f"the study spent {spent:.1f} of its {minutes:g} minutes before: this plan is for the "
+            f"{max(minutes - spent, 0):.1f} left",))
     store_plan(study, made)
     reach(study, "")
     return made
@@ -133,7 +139,7 @@ def fit_champion(spec: StudySpec, study: optuna.Study, made: plan.Plan, rates: p
         seeds_each = max(1, min(seeds_each, fits // configs))
     if (configs, seeds_each) == (stage.configs, stage.seeds):
         return made
-    cut = dataclasses.replace(stage, configs=configs, seeds=seeds_each)
+    cut = dataclasses.replace(stage, configs=configs, seeds=seeds_each, seconds_each=each)  # the estimate that cut it
     fitted = dataclasses.replace(made, stages=tuple(cut if s.name == "champion" else s for s in made.stages),
                                  warnings=(*made.warnings, f"the champion phase was cut to {configs} configuration(s) "
                                            f"x {seeds_each} seed(s): {seconds / 60:.1f} min were left for runs of "
@@ -232,11 +238,14 @@ class RungRuns:
 def later_rung(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, data: PreparedData,
                listener: Listener, made: plan.Plan, stage: plan.Stage, clock: RunClock, threads: int | None,
                checkpoints: Path | None) -> loop.LoopOutcome:
-    """Rung r > 0: the best `stage.configs` of rung r-1, trained again at this rung's fidelity."""
+    """Rung r > 0: the best 1/KEEP of what rung r-1 finished (at most the plan's `stage.configs`, at least the
+    champion phase's configurations), trained again at this rung's fidelity. A rung below that fell short of its
+    plan (a slower machine than measured) so still sends on only its best third."""
     assert stage.rung is not None and stage.rung > 0
     below = study if stage.rung == 1 else open_companion(spec, storage, study.study_name, rung_suffix(stage.rung - 1))
     numbers = [r.confirmation_of if r.confirmation_of is not None else r.number for r in ranked(spec, below)]
-    trials = [r for n in numbers[:stage.configs] if (r := store.record(study, n)) is not None]
+    promoted = min(stage.configs, max(math.ceil(len(numbers) / plan.KEEP), made.champion.configs))
+    trials = [r for n in numbers[:promoted] if (r := store.record(study, n)) is not None]
     rung = fidelity(spec, stage)
     companion = open_companion(spec, storage, study.study_name, rung_suffix(stage.rung))
     seeds.queue_missing(companion, [seeds.QueuedRun(t, 0, t.seed if t.seed is not None else 0, rung) for t in trials])

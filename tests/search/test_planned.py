@@ -6,6 +6,7 @@ the rung-0 workers had between them."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -298,8 +299,38 @@ def test_a_planned_runs_minutes_count_from_when_the_command_began(study_env, tin
     study = study_env.load()
     assert store.records(study, store.FINISHED) == []
     assert 55 / 60 <= plan_record.minutes_spent(study) < 1.5
-    assert "spent its 1 minutes" in capsys.readouterr().out
+    assert "MINUTES=16 gives it 15 more" in capsys.readouterr().out
+
+    # Raised to 3 minutes, the study is planned again for what it has left, and trains.
+    assert study_env.run("search", "--workers", "1", "--minutes", "3") == 0
+    assert re.search(r"this plan is for the 2\.[01] left", capsys.readouterr().out)
+    study = study_env.load()
+    made = plan_record.stored(study)
+    assert made.minutes == 3 and made.planned_seconds <= 2.1 * 60
+    assert len(store.records(study, store.FINISHED)) == 4  # the study's cap of configurations
     with pytest.raises(SystemExit) as refused:
         study_env.run("search", "--started-at", "yesterday")
     assert refused.value.code == 2
     assert "expected the Unix time the command began" in capsys.readouterr().err
+
+
+def test_a_rung_that_fell_short_of_its_plan_sends_on_only_its_best_third(study_env, tiny_dataset):
+    """Rung 1 was planned for 20 of rung 0's 40 configurations, but rung 0 finished only 9 (a machine slower than
+    measured): rung 1 trains the best 3 again, not all 9."""
+    from pipeline.search.plan import Plan, Stage
+
+    spec, study, data = open_tiny(study_env, tiny_dataset[1], minutes=30, trials=9)
+    images = len(data.train)
+    made = Plan(30, 1, 1, (Stage("rung 0", images, 1, 40, 1, 1.0, 1), Stage("rung 1", images, 1, 20, 1, 1.0, 1),
+                           Stage("champion", images, 1, 2, 2, 1.0, 1)), 0.0, (), FAST, FAST)
+    plan_record.store_plan(study, made)
+    now = time.time()
+    searched = planned.rung_zero(spec, study, data, Listener(), made, planned.RunClock(now, now + 600), 1, None)
+    assert searched.ran == 9
+    out_of_time = planned.RunClock(time.time(), time.time())  # queue rung 1, train none of it
+    planned.later_rung(spec, study, store.storage_of(study), data, Listener(), made, made.rungs[1], out_of_time, 1,
+                       None)
+    companion = champion.find_companion(store.storage_of(study), study.study_name, champion.rung_suffix(1))
+    queued = store.records(companion, (optuna.trial.TrialState.WAITING,))
+    best_three = [r.number for r in champion.ranked(spec, study)[:3]]
+    assert sorted(r.confirmation_of for r in queued) == sorted(best_three)
