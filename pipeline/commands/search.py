@@ -166,13 +166,16 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
         if plan_record.passed(made, study, stage.name):
             continue
         plan_record.reach(study, stage.name)
+        made, rates = planned.replanned(spec, study, made, stage, clock, prepared)
+        stage = made.stage(stage.name)
         companion_checkpoints = checkpoint_folder(options.studies_dir, storage.url,
                                                   study.study_name + rung_suffix(stage.rung or 0))
+        view.say(f"planned again {made.warnings[-1]}")
         view.say(f"{stage.name}: the best {stage.configs} configurations again, {stage.images:,} images x "
                  f"{stage.epochs} epochs")
         with view.running(spec, lambda: _status(study), total=stage.configs, what=stage.name):
             rung = planned.later_rung(spec, study, storage.backend, prepared,
-                                      Listeners(view, tracking.confirmations, ticker), made, stage, clock,
+                                      Listeners(view, tracking.confirmations, ticker), made, rates, stage, clock,
                                       options.threads, companion_checkpoints)
         ran += rung.ran
         if rung.stop_reason == StopReason.TIME:
@@ -181,7 +184,9 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
     if clock.seconds_left <= 0:
         return ran, StopReason.TIME, None
     plan_record.reach(study, "champion")
-    phase, phase_clock = planned.champion_phase(spec, study, storage.backend, made, clock, prepared)
+    made, rates = planned.replanned(spec, study, made, made.champion, clock, prepared)
+    view.say(f"planned again {made.warnings[-1]}")
+    phase, phase_clock = planned.champion_phase(spec, study, storage.backend, made, rates, clock, prepared)
     view.say(phase.announcement())
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
         outcome = phase.run(prepared, Listeners(view, tracking.confirmations, ticker), options.threads,

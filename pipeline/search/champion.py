@@ -73,6 +73,16 @@ def find_companion(storage: optuna.storages.BaseStorage, study_name: str,
         return None
 
 
+def stage_runs(study: optuna.Study, rung: int | None) -> list[store.TrialRecord]:
+    """The runs of a planned search's stage: rung 0's are the study's own trials, rung r's those of `<study>:rung<r>`,
+    the champion phase's (`rung` None) those of `<study>:champion`; [] for a stage no run has reached."""
+    if rung == 0:
+        return store.records(study)
+    companion = find_companion(store.storage_of(study), study.study_name,
+                               rung_suffix(rung) if rung is not None else COMPANION)
+    return store.records(companion) if companion is not None else []
+
+
 # --------------------------------------------------------------------------------------------------
 # Statistics of one candidate's runs
 

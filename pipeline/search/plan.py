@@ -16,6 +16,7 @@ the last of them trains).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -147,6 +148,9 @@ class Plan:
     def champion(self) -> Stage:
         return next(s for s in self.stages if s.rung is None)
 
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
     def after(self, name: str) -> float:
         """Planned seconds of the stages after stage `name` (what must be left for them when it ends)."""
         names = [s.name for s in self.stages]
@@ -218,6 +222,73 @@ def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
                         "on this machine: raise minutes for a real search")
     return Plan(budget.minutes, budget.workers, whole.threads, (*rungs, champion), reserve, tuple(warnings), each,
                 whole)
+
+
+@dataclass(frozen=True)
+class Now:
+    """What a stage about to start knows that the plan could only guess: the seconds left to the deadline, a run's
+    seconds in each stage from it on (at the rates the runs so far corrected, for the configurations it will train),
+    the configurations the stage before finished, and the runs of this stage already done (a resumed run)."""
+
+    seconds: float
+    costs: dict[str, float]  # stage name -> seconds a run of it takes
+    below: int  # configurations finished by the stage before
+    done: int = 0  # runs of this stage already complete
+
+
+def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | None) -> Plan:
+    """The plan from stage `stage` on, made again as it starts, with what the runs so far showed (`now`): a machine
+    faster or slower than measured, and configurations larger or smaller than the plan assumed (the sampler's
+    choice), would otherwise leave minutes unused or a champion phase without the time for its runs.
+
+    Each rung trains the best 1/KEEP of the one below. The champion phase gets the study's `asked` (configurations,
+    seeds), more configurations where the time allows (as make_plan; not when the study caps its configurations),
+    and is cut where it does not: seeds down to 2, then configurations, then (at its own start) seeds down to 1. What
+    the champion phase cannot take is left to the rungs, fewest configurations first."""
+    names = [s.name for s in made.stages]
+    start = names.index(stage)
+    rungs, champion = list(made.stages[start:-1]), made.champion
+    counts, below = [], now.below
+    for _ in rungs:
+        below = max(math.ceil(below / KEEP), 1)
+        counts.append(below)
+    available = counts[-1] if counts else now.below  # configurations the champion phase can choose from
+    full = now.costs["champion"]
+
+    def champion_seconds(top_k: int, seeds: int) -> float:
+        return max(top_k * seeds - (now.done if not rungs else 0), 0) * full
+
+    def rung_seconds(counts: list[int]) -> float:
+        return sum(max(n - (now.done if i == 0 else 0), 0) * now.costs[r.name]
+                   for i, (r, n) in enumerate(zip(rungs, counts, strict=True)))
+
+    top_k, seeds = asked
+    if cap is None:  # more configurations in what the rungs leave (at its own start, all the time left)
+        spare = min(CHAMPION_SHARE * now.seconds if rungs else now.seconds, now.seconds - rung_seconds(counts))
+        top_k = max(top_k, min(MAX_CHAMPIONS, math.floor(spare / (seeds * full))))
+    top_k = max(1, min(top_k, available))
+    while rung_seconds(counts) + champion_seconds(top_k, seeds) > now.seconds:
+        if seeds > 2:
+            seeds -= 1
+        elif top_k > 1:
+            top_k -= 1
+        elif counts and counts[0] > top_k:
+            counts[0] -= 1
+        elif not rungs and seeds > 1:
+            seeds -= 1
+        else:
+            break
+    # Fewer configurations may leave room for the seeds the study asks (1 x 3 where 2 x 2 did not fit).
+    while seeds < asked[1] and rung_seconds(counts) + champion_seconds(top_k, seeds + 1) <= now.seconds:
+        seeds += 1
+    counts = [max(n, top_k) for n in counts]
+    stages = [dataclasses.replace(r, configs=n, seconds_each=now.costs[r.name]) for r, n in zip(rungs, counts,
+                                                                                                strict=True)]
+    stages.append(dataclasses.replace(champion, configs=top_k, seeds=seeds, seconds_each=full))
+    note = (f"at {stage}, {now.seconds / 60:.1f} min left: " + ", ".join(
+        f"{s.name} {s.configs} x {s.seeds} run(s) of {_duration(s.seconds_each)}" if s.rung is None else
+        f"{s.name} {s.configs} configurations of {_duration(s.seconds_each)}" for s in stages))
+    return dataclasses.replace(made, stages=(*made.stages[:start], *stages), warnings=(*made.warnings, note))
 
 
 def _rungs(budget: Budget, each: Rates, whole: Rates, seconds: float, top_k: int) -> list[Stage]:

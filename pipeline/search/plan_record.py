@@ -12,7 +12,7 @@ import optuna
 
 from pipeline import store
 from pipeline.search import plan
-from pipeline.search.champion import COMPANION, find_companion, rung_suffix
+from pipeline.search.champion import stage_runs
 from pipeline.search.events import Listener, TrialEnded
 from pipeline.spec.studies import StudySpec
 
@@ -87,15 +87,9 @@ class StageActual:
 
 def actuals(spec: StudySpec, study: optuna.Study, made: plan.Plan) -> list[StageActual]:
     """Each stage of the plan against what happened (the report page's "Plan and clock")."""
-    storage = store.storage_of(study)
     found = []
     for stage in made.stages:
-        if stage.rung == 0:
-            runs = store.records(study)
-        else:
-            suffix = rung_suffix(stage.rung) if stage.rung is not None else COMPANION
-            companion = find_companion(storage, study.study_name, suffix)
-            runs = store.records(companion) if companion is not None else []
+        runs = stage_runs(study, stage.rung)
         done = [r for r in runs if r.state == "COMPLETE"]
         started = [r.started_at for r in runs if r.started_at is not None]
         ended = [r.completed_at for r in runs if r.completed_at is not None]

@@ -26,7 +26,7 @@ from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import available_cores
 from pipeline.search import calibration, loop, plan, seeds
-from pipeline.search.champion import COMPANION, candidates, find_companion, open_companion, ranked, rung_suffix
+from pipeline.search.champion import find_companion, open_companion, ranked, rung_suffix, stage_runs
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL, Fidelity, subset_seed
@@ -104,48 +104,49 @@ class RunClock:
     def seconds_left(self) -> float:
         return max(self.deadline - time.time(), 0.0)
 
-    def stage_end(self, made: plan.Plan, stage: str, later: plan.Rates | None = None, val_images: int = 0) -> float:
-        """When stage `stage` must end for the later stages to get their time: as planned, or (`later` given: the
-        later stages' rates as corrected by the runs so far) as they now look to need."""
-        return self.deadline - (made.after(stage) if later is None else need_after(made, stage, later, val_images))
+    def stage_end(self, made: plan.Plan, stage: str) -> float:
+        """When stage `stage` must end for the later stages to get their planned time."""
+        return self.deadline - made.after(stage)
 
-    def trial_clock(self, rates: plan.Rates | None, data: PreparedData, made: plan.Plan, stage: str,
-                    later: plan.Rates | None = None) -> TrialClock:
+    def trial_clock(self, rates: plan.Rates | None, data: PreparedData, made: plan.Plan, stage: str) -> TrialClock:
         assert rates is not None, "a stored plan carries its rates"
-        return TrialClock(rates, len(data.val), self.stage_end(made, stage, later, len(data.val)), self.deadline)
+        return TrialClock(rates, len(data.val), self.stage_end(made, stage), self.deadline)
 
 
-def need_after(made: plan.Plan, stage: str, later: plan.Rates, val_images: int) -> float:
-    """Seconds the stages after `stage` need at the (corrected) rates `later`, for configurations the size promotion
-    favours."""
-    names = [s.name for s in made.stages]
-    return sum(math.ceil(s.runs / s.parallel) * later.run_seconds(s.images, s.epochs, val_images, later.promoted_flops)
-               for s in made.stages[names.index(stage) + 1:])
+def replanned(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan.Stage, clock: RunClock,
+              data: PreparedData) -> tuple[plan.Plan, plan.Rates]:
+    """The plan made again as `stage` (a rung above 0, or the champion phase) starts, stored (plan.replan): the time
+    left, the rates the runs so far corrected, and the sizes of the configurations it and the later stages will
+    train (the best of the stage below), where the first plan could only assume the space's largest."""
+    made = stored(study) or made  # with the notes of the stages before
+    rates = later_rates(spec, study, made, len(data.val))
+    assert rates is not None, "a stored plan carries its rates"
+    below = _below(spec, study, made, stage)
+    asked = (spec.confirmation.top_k, spec.confirmation.seeds) if spec.confirmation else (2, 2)
+    promoted = below[:math.ceil(len(below) / plan.KEEP)] if stage.rung is not None else below
+    sizes = sorted(r.flops_per_image for r in promoted if r.flops_per_image) or [rates.promoted_flops]
+    largest = max((r.flops_per_image or 0 for r in promoted[:asked[0]]), default=0) or sizes[-1]
+    costs = {s.name: rates.run_seconds(s.images, s.epochs, len(data.val),
+                                       largest if s.rung is None else sizes[len(sizes) // 2])
+             for s in made.stages if s.rung != 0}
+    done = sum(r.state == "COMPLETE" for r in stage_runs(study, stage.rung))
+    again = plan.replan(made, stage.name, plan.Now(clock.seconds_left, costs, len(below), done), asked, spec.trials)
+    store_plan(study, again)
+    return again, rates
 
 
-def fit_champion(spec: StudySpec, study: optuna.Study, made: plan.Plan, rates: plan.Rates, data: PreparedData,
-                 seconds: float) -> plan.Plan:
-    """The plan with its champion phase cut to what `seconds` hold at `rates` for the candidates at hand (fewer
-    configurations first, then fewer seeds), stored: a phase that cannot give every candidate all its runs would end
-    with no champion at all."""
-    stage = made.champion
-    found = candidates(spec, study)
-    flops = max((t.flops_per_image or 0 for t in found), default=0) or None
-    each = rates.run_seconds(stage.images, stage.epochs, len(data.val), flops)
-    fits = int(seconds // each)
-    configs, seeds_each = stage.configs, stage.seeds
-    if configs * seeds_each > fits:
-        configs = max(1, min(configs, fits // seeds_each))
-        seeds_each = max(1, min(seeds_each, fits // configs))
-    if (configs, seeds_each) == (stage.configs, stage.seeds):
-        return made
-    cut = dataclasses.replace(stage, configs=configs, seeds=seeds_each, seconds_each=each)  # the estimate that cut it
-    fitted = dataclasses.replace(made, stages=tuple(cut if s.name == "champion" else s for s in made.stages),
-                                 warnings=(*made.warnings, f"the champion phase was cut to {configs} configuration(s) "
-                                           f"x {seeds_each} seed(s): {seconds / 60:.1f} min were left for runs of "
-                                           f"about {each / 60:.1f} min"))
-    store_plan(study, fitted)
-    return fitted
+def _below(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan.Stage) -> list[store.TrialRecord]:
+    """The configurations the stage before `stage` finished, best first (each as its rung-0 trial): rung r-1's for
+    rung r, the last rung with runs for the champion phase."""
+    lower = [s.rung for s in made.rungs if s.rung is not None and (stage.rung is None or s.rung < stage.rung)]
+    for rung in reversed(lower):
+        companion = study if rung == 0 else find_companion(store.storage_of(study), study.study_name,
+                                                           rung_suffix(rung))
+        ranked_runs = ranked(spec, companion) if companion is not None else []
+        if ranked_runs or rung == 0:
+            numbers = [r.confirmation_of if r.confirmation_of is not None else r.number for r in ranked_runs]
+            return [r for n in numbers if (r := store.record(study, n)) is not None]
+    return []
 
 
 def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_images: int) -> plan.Rates | None:
@@ -166,11 +167,7 @@ def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_image
 def later_rates(spec: StudySpec, study: optuna.Study, made: plan.Plan, val_images: int) -> plan.Rates | None:
     """The rates of the later stages (all the threads), corrected by the study's completed runs at them, else (none
     yet) by how far rung 0's runs were from their own estimates."""
-    storage = store.storage_of(study)
-    runs = []
-    for suffix in [rung_suffix(s.rung) for s in made.rungs[1:] if s.rung] + [COMPANION]:
-        companion = find_companion(storage, study.study_name, suffix)
-        runs += store.records(companion) if companion is not None else []
+    runs = [run for stage in made.stages if stage.rung != 0 for run in stage_runs(study, stage.rung)]
     if any(r.state == "COMPLETE" and r.fidelity for r in runs):
         return corrected(made.whole, runs, val_images)
     if made.each is None or made.whole is None:
@@ -236,21 +233,16 @@ class RungRuns:
 
 
 def later_rung(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, data: PreparedData,
-               listener: Listener, made: plan.Plan, stage: plan.Stage, clock: RunClock, threads: int | None,
-               checkpoints: Path | None) -> loop.LoopOutcome:
-    """Rung r > 0: the best 1/KEEP of what rung r-1 finished (at most the plan's `stage.configs`, at least the
-    champion phase's configurations), trained again at this rung's fidelity. A rung below that fell short of its
-    plan (a slower machine than measured) so still sends on only its best third."""
+               listener: Listener, made: plan.Plan, rates: plan.Rates, stage: plan.Stage, clock: RunClock,
+               threads: int | None, checkpoints: Path | None) -> loop.LoopOutcome:
+    """Rung r > 0 of plan `made` (as `replanned` made it when the rung started): the best `stage.configs` of what
+    rung r-1 finished, trained again at this rung's fidelity, at `rates`."""
     assert stage.rung is not None and stage.rung > 0
-    below = study if stage.rung == 1 else open_companion(spec, storage, study.study_name, rung_suffix(stage.rung - 1))
-    numbers = [r.confirmation_of if r.confirmation_of is not None else r.number for r in ranked(spec, below)]
-    promoted = min(stage.configs, max(math.ceil(len(numbers) / plan.KEEP), made.champion.configs))
-    trials = [r for n in numbers[:promoted] if (r := store.record(study, n)) is not None]
+    trials = _below(spec, study, made, stage)[:stage.configs]
     rung = fidelity(spec, stage)
     companion = open_companion(spec, storage, study.study_name, rung_suffix(stage.rung))
     seeds.queue_missing(companion, [seeds.QueuedRun(t, 0, t.seed if t.seed is not None else 0, rung) for t in trials])
-    rates = later_rates(spec, study, made, len(data.val))
-    trial_clock = clock.trial_clock(rates, data, made, stage.name, later=rates)
+    trial_clock = clock.trial_clock(rates, data, made, stage.name)
     objective = Objective(spec, data, RungRuns(), listener, threads, checkpoints=checkpoints, clock=trial_clock)
     needs = {t.number: trial_clock.estimate(stage.images, stage.epochs, t.flops_per_image) for t in trials}
     budget = seeds.PhaseBudget(needs, max(trial_clock.stage_end - time.time(), 0.0) / 60, what=f"rung {stage.rung} run")
@@ -258,11 +250,8 @@ def later_rung(spec: StudySpec, study: optuna.Study, storage: optuna.storages.Ba
 
 
 def champion_phase(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, made: plan.Plan,
-                   clock: RunClock, data: PreparedData) -> tuple[seeds.Phase, TrialClock]:
-    """The champion phase of a planned search: its candidates at full fidelity (queued when it is made), as many as
-    the time left holds all the runs of, and the clock its runs keep to."""
-    rates = later_rates(spec, study, made, len(data.val))
-    assert rates is not None, "a stored plan carries its rates"
-    made = fit_champion(spec, study, made, rates, data, clock.seconds_left)
+                   rates: plan.Rates, clock: RunClock, data: PreparedData) -> tuple[seeds.Phase, TrialClock]:
+    """The champion phase of plan `made` (as `replanned` made it when the phase started): its candidates at full
+    fidelity, queued, and the clock its runs keep to."""
     return seeds.Phase(spec, study, storage, fidelity(spec, made.champion)), clock.trial_clock(rates, data, made,
                                                                                                "champion")

@@ -95,3 +95,53 @@ def test_data_too_small_for_a_cheaper_rung_searches_at_full_fidelity():
     tiny = make_plan(Budget(**{**MNIST.__dict__, "train_images": 256, "epochs": 1}), CPU, CPU)
     (rung,) = tiny.rungs
     assert (rung.images, rung.epochs) == (256, 1) == (tiny.champion.images, tiny.champion.epochs)
+
+
+def _made() -> plan.Plan:
+    return make_plan(MNIST, CPU, CPU.scaled(1.8))
+
+
+def test_a_rung_planned_again_trains_the_best_third_of_what_the_rung_below_finished():
+    """Rung 0 planned for many configurations finished only 30 (a machine slower than measured, or larger models):
+    rung 1 takes the best 10, and the champion keeps the study's 2 x 3 when the time left holds them."""
+    made = _made()
+    now = plan.Now(seconds=20 * 60, costs={"rung 1": 15.0, "champion": 120.0}, below=30)
+    again = plan.replan(made, "rung 1", now, asked=(2, 3), cap=None)
+    assert again.stages[0] == made.stages[0]  # what has run stays as it was planned
+    assert again.stage("rung 1").configs == 10 and again.stage("rung 1").seconds_each == 15.0
+    assert (again.champion.configs, again.champion.seeds, again.champion.seconds_each) == (2, 3, 120.0)
+    assert again.after("rung 1") == 6 * 120.0  # rung 1 ends in time for them
+    assert again.warnings[-1].startswith("at rung 1, 20.0 min left: rung 1 10 configurations of 15 s, champion 2 x 3")
+
+
+def test_a_plan_made_again_cuts_seeds_then_configurations_then_the_rung_to_fit_the_time_left():
+    made = _made()
+    costs = {"rung 1": 30.0, "champion": 100.0}
+
+    def replanned(minutes: float, below: int = 30) -> tuple[int, int, int]:
+        again = plan.replan(made, "rung 1", plan.Now(minutes * 60, costs, below), asked=(2, 3), cap=None)
+        return again.stage("rung 1").configs, again.champion.configs, again.champion.seeds
+
+    assert replanned(16) == (10, 2, 3)  # 300 s + 600 s
+    assert replanned(12) == (10, 2, 2)  # 300 s + 400 s: a seed less
+    assert replanned(9) == (10, 1, 2)  # 300 s + 200 s
+    assert replanned(4) == (1, 1, 2)  # 30 s + 200 s: rung 1 down to what fits (at least the champion's one)
+    assert replanned(60, below=300) == (100, 2, 3)  # the best third, no more: the rest is the champion's
+
+
+def test_the_champion_phase_planned_at_its_start_fits_its_runs_to_the_time_left_or_takes_more():
+    made = _made()
+
+    def at_champion(seconds: float, below: int = 5, done: int = 0, cap: int | None = None) -> tuple[int, int]:
+        again = plan.replan(made, "champion", plan.Now(seconds, {"champion": 100.0}, below, done), (2, 3), cap)
+        return again.champion.configs, again.champion.seeds
+
+    assert at_champion(650) == (2, 3)
+    assert at_champion(450) == (2, 2)  # 4 runs fit
+    assert at_champion(350) == (1, 3)  # one configuration fewer leaves room for every seed the study asks
+    assert at_champion(250) == (1, 2)
+    assert at_champion(150) == (1, 1)  # one full-fidelity run rather than no champion
+    assert at_champion(250, done=2) == (2, 2)  # a resumed phase needs only the runs it has not done
+    assert at_champion(3_000) == (5, 3)  # a faster machine: every configuration of the last rung, at full fidelity
+    assert at_champion(3_000, below=20) == (plan.MAX_CHAMPIONS, 3)
+    assert at_champion(3_000, cap=20) == (2, 3)  # a study that caps its configurations keeps its top_k

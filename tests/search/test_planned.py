@@ -252,30 +252,35 @@ def test_a_planned_run_killed_in_its_champion_phase_resumes_there_with_the_minut
     assert retry.resumed_from_epoch >= 1 and len(retry.history) == 12
 
 
-def test_the_champion_phase_is_cut_to_what_the_time_left_holds_so_a_champion_comes_out(tiny):
-    """Runs slower than planned leave the phase less time than its configurations x seeds: it trains fewer
-    configurations (then fewer seeds) with every run each needs, rather than all of them without a champion."""
+def test_the_champion_phase_is_planned_again_at_its_start_for_the_time_left_so_a_champion_comes_out(tiny):
+    """Runs slower than planned leave the phase less time than its configurations x seeds: planned again as it
+    starts, it trains fewer seeds (then fewer configurations) with every run each needs, rather than all of them
+    without a champion; the study's champion table is then the stored plan's."""
     from pipeline.search import plan as plans
 
     spec = studies.load("cnn")
     study = optuna.create_study(direction="maximize")
     for value in (0.98, 0.97, 0.96):
         trial = study.ask()
+        trial.suggest_float("lr", 1e-3, 1e-2)  # three distinct configurations
         trial.set_user_attr("flops_per_image", 50_000_000)
         study.tell(trial, value)
     rates = Rates(2, (Rate(50_000_000, 0.001, 0.0),), trial_seconds=0.0)  # a full-fidelity run: 110 s of 110 k images
     budget = plans.Budget(30, 110_000, 100, 10, 1, 1, top_k=2, seeds=3)
     made = plans.make_plan(budget, rates, rates)
     plan_record.store_plan(study, made)
-    assert (made.champion.configs, made.champion.seeds) == (2, 3)
-    assert planned.fit_champion(spec, study, made, rates, tiny, seconds=700) == made  # 6 runs fit: unchanged
-    fitted = planned.fit_champion(spec, study, made, rates, tiny, seconds=450)  # 4 runs fit
-    assert (fitted.champion.configs, fitted.champion.seeds) == (1, 3)
-    assert plan_record.stored(study).champion == fitted.champion  # the phase's table reads the stored plan
-    assert champion.champion_table(spec, study).top_k == 1 and champion.champion_table(spec, study).seeds == 3
-    fitted = planned.fit_champion(spec, study, fitted, rates, tiny, seconds=250)  # 2 runs fit
-    assert (fitted.champion.configs, fitted.champion.seeds) == (1, 2)
-    assert "cut to 1 configuration(s) x 2 seed(s)" in fitted.warnings[-1]
+
+    def at_champion(seconds: float) -> plans.Stage:
+        clock = planned.RunClock(time.time(), time.time() + seconds)
+        return planned.replanned(spec, study, made, made.champion, clock, tiny)[0].champion
+
+    assert (at_champion(700).configs, at_champion(700).seeds) == (2, 3)  # 6 runs of 110 s fit
+    stage = at_champion(450)  # 4 runs fit
+    assert (stage.configs, stage.seeds, stage.seconds_each) == (2, 2, pytest.approx(110.0))
+    assert plan_record.stored(study).champion == stage
+    assert champion.champion_table(spec, study).top_k == 2 and champion.champion_table(spec, study).seeds == 2
+    assert (at_champion(250).configs, at_champion(250).seeds) == (1, 2)
+    assert "champion 1 x 2 run(s) of 1.8 min" in plan_record.stored(study).warnings[-1]
 
 
 def test_a_rungs_subset_is_drawn_once_per_process_and_is_the_one_its_records_name(study_env, tiny_dataset):
@@ -327,9 +332,11 @@ def test_a_rung_that_fell_short_of_its_plan_sends_on_only_its_best_third(study_e
     now = time.time()
     searched = planned.rung_zero(spec, study, data, Listener(), made, planned.RunClock(now, now + 600), 1, None)
     assert searched.ran == 9
+    again, rates = planned.replanned(spec, study, made, made.rungs[1], planned.RunClock(now, now + 600), data)
+    assert again.stage("rung 1").configs == 3 and plan_record.stored(study) == again
     out_of_time = planned.RunClock(time.time(), time.time())  # queue rung 1, train none of it
-    planned.later_rung(spec, study, store.storage_of(study), data, Listener(), made, made.rungs[1], out_of_time, 1,
-                       None)
+    planned.later_rung(spec, study, store.storage_of(study), data, Listener(), again, rates, again.stage("rung 1"),
+                       out_of_time, 1, None)
     companion = champion.find_companion(store.storage_of(study), study.study_name, champion.rung_suffix(1))
     queued = store.records(companion, (optuna.trial.TrialState.WAITING,))
     best_three = [r.number for r in champion.ranked(spec, study)[:3]]
