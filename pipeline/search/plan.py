@@ -29,7 +29,10 @@ MIN_SUBSET_PER_CLASS = 50  # a rung's subset holds at least this many images of 
 RESERVE_SECONDS = 45.0  # start-up (data, calibration), the champion's choice and the report page
 RESERVE_SHARE = 0.03  # ...and this share of the minutes: estimates are estimates
 MIN_FIRST_RUNG = 8  # fewer configurations than this at rung 0 is no search: the plan says so
-CHAMPION_SHARE = 0.4  # a fast device's champion phase takes up to this share, with more configurations than top_k...
+# The champion phase takes at most this share of the minutes (cut to fewer seeds, then configurations, until it
+# does), so the search gets the rest: on a slow machine the study's top_k x seeds full-fidelity runs would otherwise
+# leave rung 0 a handful of configurations. A fast device fills it with more configurations than top_k...
+CHAMPION_SHARE = 0.4
 MAX_CHAMPIONS = 8  # ...up to this many
 
 
@@ -192,8 +195,9 @@ def rung_images(share: float, train_images: int, classes: int) -> int:
 
 def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
     """The plan of `budget`'s minutes with trials at rates `each` on every worker at rung 0, `whole` on all the threads
-    later. When the champion phase does not leave rung 0 room for MIN_FIRST_RUNG configurations its seeds, then its
-    configurations are cut (down to 2 seeds of 1; a warning says so)."""
+    later. When the champion phase takes more than CHAMPION_SHARE of the minutes, or leaves rung 0 room for fewer than
+    MIN_FIRST_RUNG configurations, its seeds, then its configurations are cut (down to 2 seeds of 1; a warning says
+    so)."""
     full = whole.run_seconds(budget.train_images, budget.epochs, budget.val_images, whole.promoted_flops)
     reserve = RESERVE_SECONDS + RESERVE_SHARE * budget.minutes * 60
     warnings: list[str] = []
@@ -206,7 +210,8 @@ def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
         champion = Stage("champion", budget.train_images, budget.epochs, top_k, seeds, full, 1)
         rungs = _rungs(budget, each, whole, budget.minutes * 60 - reserve - champion.seconds, top_k)
         capped = budget.cap is not None and rungs[0].configs >= budget.cap
-        if rungs[0].configs >= MIN_FIRST_RUNG or capped or (top_k, seeds) == (1, min(2, budget.seeds)):
+        searches = champion.seconds <= CHAMPION_SHARE * usable and rungs[0].configs >= MIN_FIRST_RUNG
+        if searches or capped or (top_k, seeds) == (1, min(2, budget.seeds)):
             break
         if seeds > 2:
             seeds -= 1
