@@ -170,7 +170,7 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
         stage = made.stage(stage.name)
         companion_checkpoints = checkpoint_folder(options.studies_dir, storage.url,
                                                   study.study_name + rung_suffix(stage.rung or 0))
-        view.say(f"planned again {made.warnings[-1]}")
+        view.say(made.warnings[-1])
         view.say(f"{stage.name}: the best {stage.configs} configurations again, {stage.images:,} images x "
                  f"{stage.epochs} epochs")
         with view.running(spec, lambda: _status(study), total=stage.configs, what=stage.name):
@@ -185,16 +185,17 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
         return ran, StopReason.TIME, None
     plan_record.reach(study, "champion")
     made, rates = planned.replanned(spec, study, made, made.champion, clock, prepared)
-    view.say(f"planned again {made.warnings[-1]}")
+    view.say(made.warnings[-1])
     phase, phase_clock = planned.champion_phase(spec, study, storage.backend, made, rates, clock, prepared)
     view.say(phase.announcement())
     with view.running(spec, phase.status, total=len(phase.wanted), what="champion runs"):
         outcome = phase.run(prepared, Listeners(view, tracking.confirmations, ticker), options.threads,
                             checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name),
                             phase_clock)
-    if outcome.stop_reason != StopReason.DONE:
-        view.note(f"champion phase: {outcome.standings.missing} run(s) would not end by the deadline, so no "
-                  "configuration has all its seeds yet")  # what a rerun does with the minutes: time_left, at the end
+    if outcome.stop_reason != StopReason.DONE:  # what a rerun does with the minutes: time_left, at the end
+        chosen = ("the champion is the best of those with all their seeds" if outcome.standings.champion is not None
+                  else "no configuration has all its seeds yet")
+        view.note(f"champion phase: {outcome.standings.missing} run(s) would not end by the deadline: {chosen}")
     stop = StopReason.BUDGET if outcome.stop_reason == StopReason.DONE else StopReason.TIME
     return ran + outcome.ran, stop, outcome
 

@@ -248,8 +248,8 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
 
     Each rung trains the best 1/KEEP of the one below. The champion phase gets the study's `asked` (configurations,
     seeds), more configurations where the time allows (as make_plan; not when the study caps its configurations),
-    and is cut where it does not: seeds down to 2, then configurations, then (at its own start) seeds down to 1. What
-    the champion phase cannot take is left to the rungs, fewest configurations first."""
+    and is cut where it does not: seeds down to 2, then the rung's configurations down to the best ninth of the rung
+    below, then the champion's configurations, then the rung's down to them, then (at its own start) seeds to 1."""
     names = [s.name for s in made.stages]
     start = names.index(stage)
     rungs, champion = list(made.stages[start:-1]), made.champion
@@ -272,9 +272,14 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
         spare = min(CHAMPION_SHARE * now.seconds if rungs else now.seconds, now.seconds - rung_seconds(counts))
         top_k = max(top_k, min(MAX_CHAMPIONS, math.floor(spare / (seeds * full))))
     top_k = max(1, min(top_k, available))
+    # A rung's tail (its configurations past the best ninth of the rung below) is worth less than a second
+    # candidate at full fidelity: rung 1 ranks well, not perfectly.
+    tail = max(math.ceil(now.below / KEEP ** 2), 1)
     while rung_seconds(counts) + champion_seconds(top_k, seeds) > now.seconds:
         if seeds > 2:
             seeds -= 1
+        elif counts and counts[0] > max(tail, top_k):
+            counts[0] -= 1
         elif top_k > 1:
             top_k -= 1
         elif counts and counts[0] > top_k:
@@ -290,7 +295,7 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
     stages = [dataclasses.replace(r, configs=n, seconds_each=now.costs[r.name]) for r, n in zip(rungs, counts,
                                                                                                 strict=True)]
     stages.append(dataclasses.replace(champion, configs=top_k, seeds=seeds, seconds_each=full))
-    note = (f"at {stage}, {now.seconds / 60:.1f} min left: " + ", ".join(
+    note = (f"planned again at {stage}, {now.seconds / 60:.1f} min left: " + ", ".join(
         f"{s.name} {s.configs} x {s.seeds} run(s) of {_duration(s.seconds_each)}" if s.rung is None else
         f"{s.name} {s.configs} configurations of {_duration(s.seconds_each)}" for s in stages))
     return dataclasses.replace(made, stages=(*made.stages[:start], *stages), warnings=(*made.warnings, note))

@@ -115,10 +115,10 @@ def test_a_rung_planned_again_trains_the_best_third_of_what_the_rung_below_finis
     assert again.stage("rung 1").configs == 10 and again.stage("rung 1").seconds_each == 15.0
     assert (again.champion.configs, again.champion.seeds, again.champion.seconds_each) == (2, 3, 120.0)
     assert again.after("rung 1") == 6 * 120.0  # rung 1 ends in time for them
-    assert again.warnings[-1].startswith("at rung 1, 20.0 min left: rung 1 10 configurations of 15 s, champion 2 x 3")
+    assert again.warnings[-1].startswith("planned again at rung 1, 20.0 min left: rung 1 10 configurations of 15 s, champion 2 x 3")
 
 
-def test_a_plan_made_again_cuts_seeds_then_configurations_then_the_rung_to_fit_the_time_left():
+def test_a_plan_made_again_cuts_seeds_then_the_rungs_tail_then_configurations_to_fit_the_time_left():
     made = _made()
     costs = {"rung 1": 30.0, "champion": 100.0}
 
@@ -128,7 +128,8 @@ def test_a_plan_made_again_cuts_seeds_then_configurations_then_the_rung_to_fit_t
 
     assert replanned(16) == (10, 2, 3)  # 300 s + 600 s
     assert replanned(12) == (10, 2, 2)  # 300 s + 400 s: a seed less
-    assert replanned(9) == (10, 1, 2)  # 300 s + 200 s
+    assert replanned(9) == (4, 2, 2)  # 120 s + 400 s: rung 1 down to the best ninth of rung 0 first
+    assert replanned(6) == (4, 1, 2)  # 120 s + 200 s: then a configuration less
     assert replanned(4) == (1, 1, 2)  # 30 s + 200 s: rung 1 down to what fits (at least the champion's one)
     assert replanned(60, below=300) == (100, 2, 3)  # the best third, no more: the rest is the champion's
 
