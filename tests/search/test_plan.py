@@ -115,7 +115,8 @@ def test_a_rung_planned_again_trains_the_best_third_of_what_the_rung_below_finis
     assert again.stage("rung 1").configs == 10 and again.stage("rung 1").seconds_each == 15.0
     assert (again.champion.configs, again.champion.seeds, again.champion.seconds_each) == (2, 3, 120.0)
     assert again.after("rung 1") == 6 * 120.0  # rung 1 ends in time for them
-    assert again.warnings[-1].startswith("planned again at rung 1, 20.0 min left: rung 1 10 configurations of 15 s, champion 2 x 3")
+    assert again.warnings[-1].startswith("planned again at rung 1, 20.0 min left: rung 1 10 configurations of 15 s, "
+                                         "champion 2 x 3")
 
 
 def test_a_plan_made_again_cuts_seeds_then_the_rungs_tail_then_configurations_to_fit_the_time_left():
