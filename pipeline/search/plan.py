@@ -247,7 +247,7 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
     choice), would otherwise leave minutes unused or a champion phase without the time for its runs.
 
     Each rung trains the best 1/KEEP of the one below. The champion phase gets the study's `asked` (configurations,
-    seeds), more configurations where the time allows (as make_plan; not when the study caps its configurations),
+    seeds), more configurations in what the rungs leave (not when the study caps its configurations),
     and is cut where it does not: seeds down to 2, then the rung's configurations down to the best ninth of the rung
     below, then the champion's configurations, then the rung's down to them, then (at its own start) seeds to 1."""
     names = [s.name for s in made.stages]
@@ -268,8 +268,8 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
                    for i, (r, n) in enumerate(zip(rungs, counts, strict=True)))
 
     top_k, seeds = asked
-    if cap is None:  # more configurations in what the rungs leave (at its own start, all the time left)
-        spare = min(CHAMPION_SHARE * now.seconds if rungs else now.seconds, now.seconds - rung_seconds(counts))
+    if cap is None:  # more configurations in what the rungs leave: rung 0, whose breadth the first plan kept, is done
+        spare = now.seconds - rung_seconds(counts)
         top_k = max(top_k, min(MAX_CHAMPIONS, math.floor(spare / (seeds * full))))
     top_k = max(1, min(top_k, available))
     # A rung's tail (its configurations past the best ninth of the rung below) is worth less than a second

@@ -151,3 +151,11 @@ def test_the_champion_phase_planned_at_its_start_fits_its_runs_to_the_time_left_
     assert at_champion(3_000) == (5, 3)  # a faster machine: every configuration of the last rung, at full fidelity
     assert at_champion(3_000, below=20) == (plan.MAX_CHAMPIONS, 3)
     assert at_champion(3_000, cap=20) == (2, 3)  # a study that caps its configurations keeps its top_k
+
+
+def test_a_rung_planned_again_leaves_the_champion_phase_what_it_does_not_need():
+    """Rung 0 is done; rung 1's best third needs 4 of the 24 minutes left: the champion phase takes a second
+    configuration with the rest rather than leave it unused (the start's 40% share protected rung 0's breadth)."""
+    now = plan.Now(seconds=24.5 * 60, costs={"rung 1": 8.2, "champion": 288.0}, below=87)
+    again = plan.replan(_made(), "rung 1", now, asked=(1, 2), cap=None)
+    assert (again.stage("rung 1").configs, again.champion.configs, again.champion.seeds) == (29, 2, 2)
