@@ -239,15 +239,20 @@ def ranked(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
 def candidates(spec: StudySpec, study: optuna.Study) -> list[store.TrialRecord]:
     """The best `top_k` distinct feasible configurations by their search score: of a planned search, by their score
     at its last rung that has runs (each as its rung-0 trial, whose number names the configuration)."""
-    top_k = champion_table(spec, study).top_k
-    plan = planned_rungs(study)
-    for rung in range(plan - 1, 0, -1):
+    return rung_ranking(spec, study)[:champion_table(spec, study).top_k]
+
+
+def rung_ranking(spec: StudySpec, study: optuna.Study, below: int | None = None) -> list[store.TrialRecord]:
+    """The configurations of the highest rung that has runs (below rung `below`; None: of them all), best first,
+    each as its rung-0 trial; the study's own ranking when no rung above 0 has runs (or it is not planned)."""
+    highest = planned_rungs(study) if below is None else below
+    for rung in range(highest - 1, 0, -1):
         companion = find_companion(store.storage_of(study), study.study_name, rung_suffix(rung))
         found = ranked(spec, companion) if companion is not None else []
         if found:
-            numbers = [r.confirmation_of for r in found[:top_k] if r.confirmation_of is not None]
+            numbers = [r.confirmation_of for r in found if r.confirmation_of is not None]
             return [r for n in numbers if (r := store.record(study, n)) is not None]
-    return ranked(spec, study)[:top_k]
+    return ranked(spec, study)
 
 
 def planned_rungs(study: optuna.Study) -> int:

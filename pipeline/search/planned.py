@@ -26,7 +26,7 @@ from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import available_cores
 from pipeline.search import calibration, loop, plan, seeds
-from pipeline.search.champion import find_companion, open_companion, ranked, rung_suffix, stage_runs
+from pipeline.search.champion import open_companion, rung_ranking, rung_suffix, stage_runs
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL, Fidelity, subset_seed
@@ -50,10 +50,15 @@ def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int
     each_threads = max(whole_threads // workers, 1) if device.type == "cpu" else whole_threads
     each = calibration.rates(spec, data, device, each_threads, root, log)
     whole = each if each_threads == whole_threads else calibration.rates(spec, data, device, whole_threads, root, log)
-    table = spec.confirmation
     budget = plan.Budget(minutes or spec.minutes or 0.0, len(data.train), len(data.val), len(data.classes),
-                         spec.epochs, workers, table.top_k if table else 2, table.seeds if table else 2, spec.trials)
+                         spec.epochs, workers, *champion_asked(spec), spec.trials)
     return plan.make_plan(budget, each, whole)
+
+
+def champion_asked(spec: StudySpec) -> tuple[int, int]:
+    """The configurations x seeds the study's [champion] table asks for (2 x 2 without one)."""
+    table = spec.confirmation
+    return (table.top_k, table.seeds) if table is not None else (2, 2)
 
 
 def current(spec: StudySpec, study: optuna.Study, make_plan: Any) -> plan.Plan:
@@ -121,8 +126,8 @@ def replanned(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan
     made = stored(study) or made  # with the notes of the stages before
     rates = later_rates(spec, study, made, len(data.val))
     assert rates is not None, "a stored plan carries its rates"
-    below = _below(spec, study, made, stage)
-    asked = (spec.confirmation.top_k, spec.confirmation.seeds) if spec.confirmation else (2, 2)
+    below = rung_ranking(spec, study, stage.rung)
+    asked = champion_asked(spec)
     promoted = below[:math.ceil(len(below) / plan.KEEP)] if stage.rung is not None else below
     sizes = sorted(r.flops_per_image for r in promoted if r.flops_per_image) or [rates.promoted_flops]
     largest = max((r.flops_per_image or 0 for r in promoted[:asked[0]]), default=0) or sizes[-1]
@@ -133,20 +138,6 @@ def replanned(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan
     again = plan.replan(made, stage.name, plan.Now(clock.seconds_left, costs, len(below), done), asked, spec.trials)
     store_plan(study, again)
     return again, rates
-
-
-def _below(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan.Stage) -> list[store.TrialRecord]:
-    """The configurations the stage before `stage` finished, best first (each as its rung-0 trial): rung r-1's for
-    rung r, the last rung with runs for the champion phase."""
-    lower = [s.rung for s in made.rungs if s.rung is not None and (stage.rung is None or s.rung < stage.rung)]
-    for rung in reversed(lower):
-        companion = study if rung == 0 else find_companion(store.storage_of(study), study.study_name,
-                                                           rung_suffix(rung))
-        ranked_runs = ranked(spec, companion) if companion is not None else []
-        if ranked_runs or rung == 0:
-            numbers = [r.confirmation_of if r.confirmation_of is not None else r.number for r in ranked_runs]
-            return [r for n in numbers if (r := store.record(study, n)) is not None]
-    return []
 
 
 def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_images: int) -> plan.Rates | None:
@@ -238,7 +229,7 @@ def later_rung(spec: StudySpec, study: optuna.Study, storage: optuna.storages.Ba
     """Rung r > 0 of plan `made` (as `replanned` made it when the rung started): the best `stage.configs` of what
     rung r-1 finished, trained again at this rung's fidelity, at `rates`."""
     assert stage.rung is not None and stage.rung > 0
-    trials = _below(spec, study, made, stage)[:stage.configs]
+    trials = rung_ranking(spec, study, stage.rung)[:stage.configs]
     rung = fidelity(spec, stage)
     companion = open_companion(spec, storage, study.study_name, rung_suffix(stage.rung))
     seeds.queue_missing(companion, [seeds.QueuedRun(t, 0, t.seed if t.seed is not None else 0, rung) for t in trials])
