@@ -8,6 +8,10 @@ after a kill and replayed (`make replay STUDY=x TRIAL=n REPEAT=r`) like the sear
 loop (loop.run_trials) with the phase's rules (`ChampionRuns`) and budget (`PhaseBudget`). Each invocation queues
 only the runs that are missing, so an interrupted phase continues, a finished one is not run again, and a larger
 `[champion]` only adds runs.
+
+The runs go in rounds, one repeat of every candidate a round: the first round in the search's order, each later
+one best mean first. A phase the clock cuts short then leaves the weakest candidate without all its seeds, not the
+one its runs so far favour (the champion is chosen among candidates with all their seeds).
 """
 
 from __future__ import annotations
@@ -118,8 +122,9 @@ def planned(spec: StudySpec, study: optuna.Study, full: Fidelity | None = None) 
             for repeat in range(table.seeds) for trial in found]
 
 
-def queue_missing(companion: optuna.Study, wanted: list[QueuedRun]) -> None:
-    """Queue the wanted runs that are neither done nor queued nor running; drop queued runs no longer wanted.
+def queue_missing(companion: optuna.Study, wanted: list[QueuedRun], now: list[QueuedRun] | None = None) -> None:
+    """Queue the runs of `now` (default: every wanted run) that are neither done nor queued nor running, in that
+    order; drop queued runs no longer wanted.
 
     A run that failed for good (an exception, not a kill) is queued again: this is a new invocation.
     """
@@ -131,7 +136,7 @@ def queue_missing(companion: optuna.Study, wanted: list[QueuedRun]) -> None:
             store.fail_trial(companion, record.number, UNPLANNED)
         elif record.state in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
             present.add(key)
-    for run in wanted:
+    for run in wanted if now is None else now:
         if run.key not in present:
             fidelity = run.fidelity.as_dict() if run.fidelity is not None else None
             store.queue_trial(companion, run.trial.sampled, store.TrialNotes(
@@ -139,24 +144,24 @@ def queue_missing(companion: optuna.Study, wanted: list[QueuedRun]) -> None:
 
 
 class Phase:
-    """One invocation's champion phase: what it wants, then `run` to train what is missing. A planned search's
-    (`full` given) trains every run at full fidelity to the run's clock."""
+    """One invocation's champion phase: what it wants, then `run` to train what is missing, round by round. A planned
+    search's (`full` given) trains every run at full fidelity to the run's clock."""
 
     def __init__(self, spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage,
                  full: Fidelity | None = None):
         self.spec, self.study, self.full = spec, study, full
         self.companion = open_companion(spec, storage, study.study_name)
         self.wanted = planned(spec, study, full)
-        queue_missing(self.companion, self.wanted)
+        queue_missing(self.companion, self.wanted, now=[])  # drops what is no longer wanted; `run` queues rounds
 
     def announcement(self) -> str:
-        waiting = len(store.records(self.companion, (TrialState.WAITING,)))
+        to_train = len(self.wanted) - self.status()[0]
         table, configurations = champion_table(self.spec, self.study), len({run.trial.number for run in self.wanted})
         if self.full is not None:
             return (f"champion phase: the {configurations} best configurations of the last rung, {table.seeds} runs "
-                    f"each at full fidelity: {waiting} runs to train")
+                    f"each at full fidelity: {to_train} runs to train")
         return (f"champion phase: the {configurations} best configurations, {table.seeds} runs each (the search's "
-                f"own counts as one): {waiting} runs to train, {table.minutes:g} min budget")
+                f"own counts as one): {to_train} runs to train, {table.minutes:g} min budget")
 
     def status(self) -> tuple[int, list[float] | None]:
         """Wanted runs done (for the progress bar)."""
@@ -164,27 +169,47 @@ class Phase:
         done = {(r.confirmation_of, r.repeat) for r in store.records(self.companion, (TrialState.COMPLETE,))}
         return len(keys & done), None
 
+    def rounds(self) -> list[list[QueuedRun]]:
+        """The wanted runs by repeat: one run of every candidate a round."""
+        repeats = sorted({run.repeat for run in self.wanted})
+        return [[run for run in self.wanted if run.repeat == repeat] for repeat in repeats]
+
+    def best_first(self, runs: list[QueuedRun]) -> list[QueuedRun]:
+        """`runs` in the order of their candidates' means so far, best first; candidates without a run yet in the
+        search's order, after those with runs."""
+        table = standings(self.spec, self.study, self.companion)
+        sign = 1.0 if table.direction == "maximize" else -1.0
+        order = {c.trial.number: (c.summary.n == 0, -sign * c.summary.mean if c.summary.n else 0.0, c.rank)
+                 for c in table.candidates}
+        return sorted(runs, key=lambda run: order.get(run.trial.number, (True, 0.0, run.trial.number)))
+
     def run(self, prepared: PreparedData, listener: Listener, threads: int | None = None,
             checkpoints: Path | None = None, clock: TrialClock | None = None) -> PhaseOutcome:
-        """Train the missing runs within the phase's minutes (a planned search's: by its `clock`) and return the
-        standings.
+        """Train the missing runs within the phase's minutes (a planned search's: by its `clock`), a round at a
+        time, and return the standings.
 
         A run starts only when its configuration's search trial took no longer than the time left (a planned
         search's: when the clock's estimate of it fits). Raises stopping.Interrupted (the running run is queued again
         and resumes its checkpoint next time), TooManyFailures and DiskFull like the search.
         """
-        spec = self.spec
+        spec, started, ran = self.spec, time.time(), 0
         objective = Objective(spec, prepared, ChampionRuns(), listener, threads, checkpoints=checkpoints,
                               clock=clock)
         if clock is None:
             needs = {run.trial.number: _duration(run.trial, spec.epochs) for run in self.wanted}
-            budget = PhaseBudget(needs, champion_table(spec).minutes)
+            end = started + champion_table(spec).minutes * 60
         else:
             needs = {run.trial.number: clock.estimate(len(prepared.train), spec.epochs, run.trial.flops_per_image)
                      for run in self.wanted}
-            budget = PhaseBudget(needs, max(clock.stage_end - time.time(), 0.0) / 60)
-        outcome = loop.run_trials(self.companion, objective, budget)
-        return PhaseOutcome(outcome.ran, outcome.stop_reason, standings(spec, self.study, self.companion))
+            end = clock.stage_end
+        stop_reason = StopReason.DONE
+        for runs in self.rounds():
+            queue_missing(self.companion, self.wanted, self.best_first(runs))
+            outcome = loop.run_trials(self.companion, objective, PhaseBudget(needs, max(end - time.time(), 0.0) / 60))
+            ran, stop_reason = ran + outcome.ran, outcome.stop_reason
+            if stop_reason != StopReason.DONE:
+                break
+        return PhaseOutcome(ran, stop_reason, standings(spec, self.study, self.companion))
 
 
 def _duration(trial: store.TrialRecord, epochs: int) -> float:

@@ -137,6 +137,13 @@ def test_the_champion_is_the_best_mean_not_the_lucky_single_run_and_everything_i
     assert lucky.runs[0].value > steady.runs[0].value  # the lucky configuration owns the best single run...
     assert steady.summary.mean > lucky.summary.mean  # ...and the steady one the best mean over three seeds
     assert standings.champion is steady and steady.trial.number == 0
+    # Rounds, best mean first: repeat 1 in the search's order (the lucky run first); by then the steady configuration
+    # leads on its mean, so its repeat 2 trains before the lucky one's (a phase cut short there completes it).
+    number = {(r.confirmation_of, r.repeat): r.number for r in runs}
+    assert max(number[(0, 1)], number[(1, 1)]) < min(number[(0, 2)], number[(1, 2)])
+    assert number[(1, 1)] < number[(0, 1)]
+    assert sum(r.value for r in steady.runs[:2]) > sum(r.value for r in lucky.runs[:2])
+    assert number[(0, 2)] < number[(1, 2)]
     mean, exported = steady.summary.mean, standings.exported
     assert exported.repeat == min((1, 2), key=lambda repeat: (abs(steady.runs[repeat].value - mean), repeat))
     assert "champion phase of tiny" in out and f"Champion: trial 0 has the best mean ({mean:.4f} over 3 runs)" in out
