@@ -175,13 +175,13 @@ class Phase:
         return [[run for run in self.wanted if run.repeat == repeat] for repeat in repeats]
 
     def best_first(self, runs: list[QueuedRun]) -> list[QueuedRun]:
-        """`runs` in the order of their candidates' means so far, best first; candidates without a run yet in the
-        search's order, after those with runs."""
+        """`runs` (of the phase's candidates) in the order of their candidates' means so far, best first; candidates
+        without a run yet in the search's order, after those with runs."""
         table = standings(self.spec, self.study, self.companion)
         sign = 1.0 if table.direction == "maximize" else -1.0
         order = {c.trial.number: (c.summary.n == 0, -sign * c.summary.mean if c.summary.n else 0.0, c.rank)
                  for c in table.candidates}
-        return sorted(runs, key=lambda run: order.get(run.trial.number, (True, 0.0, run.trial.number)))
+        return sorted(runs, key=lambda run: order[run.trial.number])
 
     def run(self, prepared: PreparedData, listener: Listener, threads: int | None = None,
             checkpoints: Path | None = None, clock: TrialClock | None = None) -> PhaseOutcome:
