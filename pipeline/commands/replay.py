@@ -17,6 +17,7 @@ from pipeline.data import loading
 from pipeline.data.recorded import study_data
 from pipeline.search import champion, fidelity
 from pipeline.search.objective import HISTORY_KEYS, history_record
+from pipeline.spec import hparams
 from pipeline.spec.studies import StudyError, StudySpec
 from pipeline.training import train
 from pipeline.training.device import legacy_memory_format, pick_device
@@ -132,8 +133,10 @@ def trained_on(record: store.TrialRecord, prepared: loading.PreparedData) -> loa
 
 def as_trained(record: store.TrialRecord) -> tuple[dict[str, Any], int]:
     """The trial's params with the precision it trained in ("auto" may mean another one on this machine, or under
-    PIPELINE_PRECISION, and bf16 and fp32 round differently), and its seed."""
+    PIPELINE_PRECISION, and bf16 and fp32 round differently) and the batch it evaluated at, and its seed."""
     if record.params is None or record.seed is None:  # every trained trial records both before training
         raise StudyError(f"trial {record.number} has no recorded params and seed: it cannot be trained again")
     params = record.params | {"precision": record.precision} if record.precision else record.params
+    if "eval_batch_size" not in params:  # the default then, which the record keeps since it was recorded
+        params = params | {"eval_batch_size": record.eval_batch_size or hparams.LEGACY_EVAL_BATCH_SIZE}
     return params, record.seed

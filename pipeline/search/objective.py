@@ -178,7 +178,7 @@ class Objective:
                 raise
         result = self._train(trial, p, seed, network, checkpoint, data)
         store.note(trial, store.TrialNotes(best_epoch=result.best_epoch, precision=result.precision,
-                                           memory_format=result.memory_format,
+                                           memory_format=result.memory_format, eval_batch_size=p["eval_batch_size"],
                                            threads=result.threads, device=result.device,
                                            parameter_count=result.parameter_count,
                                            flops_per_image=result.flops_per_image, stop_reason=result.stop_reason))

@@ -214,9 +214,15 @@ TRAIN_SPECS: dict[str, Spec] = {
     "unfreeze_epoch": Int(0, 0, 10_000, help="ResNet fine-tuning: epochs that train the head alone first"),
     "precision": Choice("auto", PRECISIONS, "auto: bf16 where the hardware has it (PIPELINE_PRECISION sets it)"),
     "compile": Bool(False, "torch.compile the model (worth it on CUDA)"),
-    "eval_batch_size": Int(1000, 1, 65_536),
+    # 128: a batch whose activations stay under glibc's mmap threshold (32 MiB), so evaluation reuses freed memory
+    # (allocator.py) instead of faulting fresh pages in every batch: a 48-wide three-block CNN evaluated 5,000
+    # images in 2.2 s at 128 against 4.2 s at 1000. Runs recorded before it evaluated at LEGACY_EVAL_BATCH_SIZE.
+    "eval_batch_size": Int(128, 1, 65_536),
 }
 PARAM_SPECS: dict[str, Spec] = {**MODEL_SPECS, **TRAIN_SPECS}
+# The evaluation batch of every run recorded before runs recorded theirs (TrialRecord.eval_batch_size): a replay
+# uses it, since the batch changes the last bits of the validation loss.
+LEGACY_EVAL_BATCH_SIZE = 1000
 
 
 def resolve_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class TrialRecord:
     # training split for the params' epochs (every trial of an unplanned study, and those made before rungs)
     fidelity: dict[str, Any] | None = None
     memory_format: str | None = None  # channels_last or contiguous; None: recorded before it was (train.py's legacy)
+    eval_batch_size: int | None = None  # the validation batch; None: recorded before it was (LEGACY_EVAL_BATCH_SIZE)
 
     @property
     def finished(self) -> bool:
@@ -116,6 +117,7 @@ class TrialNotes:
     prune_reason: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
     memory_format: str | None = None
+    eval_batch_size: int | None = None
 
     def user_attrs(self) -> dict[str, Any]:
         """The user attributes these notes write: the fields given, under their names."""

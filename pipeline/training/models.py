@@ -32,6 +32,31 @@ MAX_FLAT_FEATURES = 1 << 21  # a flatten head over more features than this would
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def _channels_last(grad: torch.Tensor) -> torch.Tensor:
+    return grad.contiguous(memory_format=torch.channels_last)
+
+
+def keep_gradient_channels_last(x: torch.Tensor) -> None:
+    """Have the gradient that comes back into a channels_last activation `x` arrive channels_last.
+
+    A flatten or a mean hands back an NCHW gradient; the max-pool, ReLU or BatchNorm backward before it, given that
+    gradient beside a channels_last input, copies its input to NCHW and its own result back to channels_last: two
+    passes over the big activation. Laying out the small gradient here is one pass over it, and the values are the
+    same (a copy), so a run trains bit for bit as before.
+    """
+    channels_last_only = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if channels_last_only and x.requires_grad and not torch.compiler.is_compiling():
+        x.register_hook(_channels_last)
+
+
+class Flatten(nn.Flatten):
+    """nn.Flatten whose gradient goes back channels_last when its input was (keep_gradient_channels_last)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep_gradient_channels_last(x)
+        return super().forward(x)
+
+
 class GlobalAvgPool(nn.Module):
     """Mean over height and width -> [B, C].
 
@@ -40,6 +65,7 @@ class GlobalAvgPool(nn.Module):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep_gradient_channels_last(x)
         return x.mean(dim=(2, 3))
 
 
@@ -132,7 +158,7 @@ def build_cnn(p: dict[str, Any], num_classes: int, input_shape: tuple[int, int, 
         layers.append(GlobalAvgPool())
         features = c_in
     else:
-        layers.append(nn.Flatten())
+        layers.append(Flatten())
         features = c_in * height * width
         _check_flat("head", features)
     widths = [features, p["head_units"]] if p["head_units"] else [features]

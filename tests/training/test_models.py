@@ -228,3 +228,34 @@ def test_in_place_relus_give_the_very_outputs_and_gradients_of_out_of_place_ones
         (out_a, grads_a), (out_b, grads_b) = results
         assert torch.equal(out_a, out_b)
         assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+
+@pytest.mark.parametrize("head", ["flatten", "gap"])
+def test_a_channels_last_cnn_gets_its_gradient_back_channels_last_and_trains_bit_for_bit_as_before(head):
+    """The flatten or mean hands back an NCHW gradient; it is laid out channels_last before the max-pool's backward
+    (which would otherwise copy its input to NCHW and its result back), and the training is the same to the bit."""
+    params = hparams.resolve_params({"model": "cnn", "cnn_channels": [8, 16], "pool": "every", "head": head,
+                                     "head_units": 16, "batch_norm": True, "dropout": 0.0})
+    torch.manual_seed(0)
+    ours = models.build_model(params).to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(ours)
+    plain[-4] = nn.Flatten() if head == "flatten" else _PlainMean()
+    x = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,))
+    arrived = []
+    for model in (ours, plain):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            features = model[:-4](x)  # the last max-pool's output: the flatten or mean comes next
+            logits = model[-4:](features)
+            features.register_hook(lambda grad: arrived.append(grad.is_contiguous(memory_format=torch.channels_last)))
+            nn.functional.cross_entropy(logits, y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert arrived == [True] * 3 + [False] * 3
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values(), strict=True))
+
+
+class _PlainMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))

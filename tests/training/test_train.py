@@ -344,3 +344,29 @@ def test_fp32_trains_channels_last_and_a_run_recorded_before_replays_in_its_own_
     legacy = store.TrialRecord(4, "COMPLETE", [before.best_val_accuracy], {}, 1.0, datetime.now(), seed=3,
                                params=before.params, history=history, precision="fp32", threads=1, device="cpu")
     assert replay.compare(legacy, tiny).differences == []
+
+
+def test_a_run_recorded_before_its_evaluation_batch_was_replays_at_the_batch_of_then(tiny_dataset):
+    """Validation now runs in batches of 128 (no fresh pages faulted in per batch); a run recorded before evaluated
+    in batches of 1000, which changes the validation loss's last bits, so its replay must evaluate at 1000 to match
+    it bit for bit, and a run that recorded its batch replays at that one."""
+    import dataclasses
+    from datetime import datetime
+
+    from pipeline import store
+    from pipeline.commands import replay
+    from pipeline.search.objective import history_record
+
+    _, root = tiny_dataset
+    data = loading.prepare("tiny", root, val_size=300)  # three batches of 128 or less, one of 1000
+    params = {"model": "cnn", "cnn_channels": [8, 16], "epochs": 1, "batch_size": 50, "precision": "fp32"}
+    today = train.fit(params, data, seed=3, threads=1)
+    before = train.fit(params | {"eval_batch_size": hparams.LEGACY_EVAL_BATCH_SIZE}, data, seed=3, threads=1)
+    history_today, history_before = ([history_record(m) for m in run.history] for run in (today, before))
+    assert history_before != history_today
+    legacy = store.TrialRecord(4, "COMPLETE", [before.best_val_accuracy], {}, 1.0, datetime.now(), seed=3,
+                               params=params, history=history_before, precision="fp32", threads=1, device="cpu",
+                               memory_format="channels_last")
+    assert replay.compare(legacy, data).differences == []
+    recorded = dataclasses.replace(legacy, history=history_today, eval_batch_size=128)
+    assert replay.compare(recorded, data).differences == []
