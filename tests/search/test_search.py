@@ -20,7 +20,7 @@ from pipeline import store
 from pipeline.cli import main
 from pipeline.commands.studies import study_states
 from pipeline.search import seeds, trial_files
-from pipeline.spec import studies
+from pipeline.spec import hparams, studies
 from pipeline.tracking import study_run
 from pipeline.training import models
 
@@ -282,6 +282,8 @@ def _set_recorded_val_accuracy(storage: str, number: int, value: float) -> None:
 def test_replay_identical_then_detects_an_altered_metric(study_env, capsys):
     study_env.write_study(trials=2, epochs=2)
     assert study_env.run("search") == 0
+    # each run records the batch it evaluated at (the default), which its replay uses
+    assert [r.eval_batch_size for r in study_env.records()] == [hparams.TRAIN_SPECS["eval_batch_size"].default] * 2
     assert study_env.run("replay", "--trial", "1") == 0
     assert "replayed identically" in capsys.readouterr().out  # replay's report is what is under test
     _set_recorded_val_accuracy(study_env.storage, 1, 0.123)
