@@ -78,8 +78,9 @@ train: $(STAMP) ## train one baseline: MODEL=cnn|mlp|resnet18 DATASET= SET="lr=0
 search: $(STAMP) ## run or resume a study: STUDY=cnn [MINUTES=30] [WORKERS=auto|4] [TRIALS=50] [FRESH=1] [STORAGE=url] [TRACKING=off]
 	$(PY) -m pipeline search --study "$(STUDY)" $(SEARCH_FLAGS) --started-at $(STARTED)
 
-plan: $(STAMP) ## print the plan of STUDY's minutes on this machine without training [MINUTES=n] [WORKERS=]
-	$(PY) -m pipeline plan --study "$(STUDY)" $(if $(MINUTES),--minutes $(MINUTES)) $(if $(WORKERS),--workers $(WORKERS))
+plan: $(STAMP) ## print the plan of STUDY's minutes on this machine without training [MINUTES=n] [WORKERS=] [BASELINES=off]
+	$(PY) -m pipeline plan --study "$(STUDY)" $(if $(MINUTES),--minutes $(MINUTES)) $(if $(WORKERS),--workers $(WORKERS)) \
+		$(if $(BASELINES),$(if $(call switch,BASELINES),,--no-baselines))
 
 replay: $(STAMP) ## retrain one finished trial and compare its metrics: STUDY=cnn TRIAL=12 [REPEAT=1: a champion-phase run] [RUNG=1: a planned search's run at that rung]
 	$(PY) -m pipeline replay --study "$(STUDY)" --trial "$(TRIAL)" $(if $(REPEAT),--repeat "$(REPEAT)") \

@@ -128,9 +128,10 @@ def _planned_search(spec: StudySpec, study: optuna.Study, storage: store.Storage
                                      planned.RunClock(time.time(), options.deadline), options.threads,
                                      checkpoint_folder(options.studies_dir, storage.url, study.study_name))
         return searched.ran, searched.stop_reason, None
-    made = planned.current(spec, study, lambda minutes: planned.make(
-        spec, prepared, device, options.worker_count, options.threads, options.root, view.say, minutes))
     clock = planned.RunClock.start(spec, study, options.started)
+    made = planned.current(spec, study, lambda minutes: planned.make(
+        spec, prepared, device, options.worker_count, options.threads, options.root, view.say, minutes),
+        setup_seconds=time.time() - clock.started)
     for line in plan.table(made, datetime.fromtimestamp(clock.started - plan_record.minutes_spent(study) * 60)):
         view.say(line)
     ticker = plan_record.Ticker(study, since=clock.started)
@@ -166,21 +167,8 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
         if plan_record.passed(made, study, stage.name):
             continue
         plan_record.reach(study, stage.name)
-        made, rates = planned.replanned(spec, study, made, stage, clock, prepared)
-        stage = made.stage(stage.name)
-        companion_checkpoints = checkpoint_folder(options.studies_dir, storage.url,
-                                                  study.study_name + rung_suffix(stage.rung or 0))
-        view.say(made.warnings[-1])
-        view.say(f"{stage.name}: the best {stage.configs} configurations again, {stage.images:,} images x "
-                 f"{stage.epochs} epochs")
-        with view.running(spec, lambda: _status(study), total=stage.configs, what=stage.name):
-            rung = planned.later_rung(spec, study, storage.backend, prepared,
-                                      Listeners(view, tracking.confirmations, ticker), made, rates, stage, clock,
-                                      options.threads, companion_checkpoints)
-        ran += rung.ran
-        if rung.stop_reason == StopReason.TIME:
-            view.note(f"{stage.name}: its next run would not end by the stage's end; the champion phase takes the "
-                      "best of the runs done")
+        made, more = _later_rung(spec, study, storage, prepared, options, view, tracking, made, stage, clock, ticker)
+        ran += more
     if clock.seconds_left <= 0:
         return ran, StopReason.TIME, None
     plan_record.reach(study, "champion")
@@ -198,6 +186,33 @@ def _stages(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepar
         view.note(f"champion phase: {outcome.standings.missing} run(s) would not end by the deadline: {chosen}")
     stop = StopReason.BUDGET if outcome.stop_reason == StopReason.DONE else StopReason.TIME
     return ran + outcome.ran, stop, outcome
+
+
+def _later_rung(spec: StudySpec, study: optuna.Study, storage: store.Storage, prepared: loading.PreparedData,
+                options: SearchOptions, view: SearchView, tracking: Tracking, made: plan.Plan, stage: plan.Stage,
+                clock: planned.RunClock, ticker: plan_record.Ticker) -> tuple[plan.Plan, int]:
+    """Rung `stage` (above 0), planned again as it starts, then widened while the plan made again after its runs
+    gives it more configurations; the plan as it then stands and the runs trained."""
+    checkpoints = checkpoint_folder(options.studies_dir, storage.url, study.study_name + rung_suffix(stage.rung or 0))
+    again: tuple[plan.Plan, plan.Rates] | None = planned.replanned(spec, study, made, stage, clock, prepared)
+    ran, wording = 0, "the best {} configurations again"
+    while again is not None:
+        made, rates = again
+        stage = made.stage(stage.name)
+        view.say(made.warnings[-1])
+        view.say(f"{stage.name}: {wording.format(stage.configs)}, {stage.images:,} images x {stage.epochs} epochs")
+        with view.running(spec, lambda: _status(study), total=stage.configs, what=stage.name):
+            rung = planned.later_rung(spec, study, storage.backend, prepared,
+                                      Listeners(view, tracking.confirmations, ticker), made, rates, stage, clock,
+                                      options.threads, checkpoints)
+        ran += rung.ran
+        if rung.stop_reason == StopReason.TIME:
+            view.note(f"{stage.name}: its next run would not end by the stage's end; the champion phase takes the "
+                      "best of the runs done")
+        if rung.stop_reason != StopReason.DONE:
+            break
+        again, wording = planned.widened(spec, study, made, stage, clock, prepared), "widened to the best {}"
+    return made, ran
 
 
 def report_page(spec: StudySpec, study: optuna.Study, storage: optuna.storages.BaseStorage, options: SearchOptions,

@@ -2,10 +2,11 @@
 typical and largest models, on the device, precision and thread count the trials will use.
 
 The models are picked by FLOPs per image among configurations drawn from the study's space (seeded), and each is
-timed by the trainer itself (`train.train_network`) on a few batches: one short run to warm the kernels up, one
-timed. A few seconds in all; the rates are cached per machine, library versions, device, precision, threads and
-models (`<data root>/calibration.json`, plain JSON), so a second plan is instant. PIPELINE_RATE_SCALE=<factor> makes
-the measured device that many times as fast (the tests' faked devices; 0.5 halves it).
+timed by the trainer itself (`train.train_network`) on a few batches: a run of two batches to warm the kernels up,
+then one of TIMED_BATCHES timed. A few seconds in all; the rates are cached per machine, library versions, device,
+precision, threads and models (`<data root>/calibration.json`, plain JSON), so a second plan is instant.
+PIPELINE_RATE_SCALE=<factor> makes the measured device that many times as fast (the tests' faked devices; 0.5 halves
+it).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipeline.training.device import pick_precision
 DRAWN = 24  # configurations drawn from the space to find its smallest, typical and largest models
 TIMED_BATCHES = 8
 VAL_IMAGES = 2048  # fewer were measured at half the time per image a whole validation split takes
+WARM_BATCHES = 2  # the warm-up's training and validation batches: the shapes the timed run uses, a quarter the cost
 BOOKKEEPING_SECONDS = 0.3  # a trial's store writes and events beyond its training (measured: 0.1-0.3 s)
 CACHE_FILE = "calibration.json"
 SCALE_ENV = "PIPELINE_RATE_SCALE"
@@ -83,7 +85,8 @@ def measure(chosen: list[dict[str, Any]], data: PreparedData, device: torch.devi
         images = min(TIMED_BATCHES * batch, len(data.train))
         sample = _sample(data, images)
         settings = {**p, "epochs": 1, "early_stopping_patience": 0}
-        train.train_network(train.build(settings, sample, 0, threads), sample, device)  # warm the kernels up
+        warm = _sample(data, WARM_BATCHES * batch, WARM_BATCHES * p["eval_batch_size"])
+        train.train_network(train.build(settings, warm, 0, threads), warm, device)  # the kernels for these shapes
         started = time.perf_counter()
         network = train.build(settings, sample, 0, threads)
         built = time.perf_counter()
@@ -97,10 +100,10 @@ def measure(chosen: list[dict[str, Any]], data: PreparedData, device: torch.devi
                  max(overheads) + BOOKKEEPING_SECONDS)
 
 
-def _sample(data: PreparedData, images: int) -> PreparedData:
-    """The first `images` training and VAL_IMAGES validation images: enough to time, too few to cost."""
-    return dataclasses.replace(data, train=data.train.subset(torch.arange(images)),
-                               val=data.val.subset(torch.arange(min(VAL_IMAGES, len(data.val)))))
+def _sample(data: PreparedData, images: int, val_images: int = VAL_IMAGES) -> PreparedData:
+    """The first `images` training and `val_images` validation images: enough to time, too few to cost."""
+    return dataclasses.replace(data, train=data.train.subset(torch.arange(min(images, len(data.train)))),
+                               val=data.val.subset(torch.arange(min(val_images, len(data.val)))))
 
 
 def _key(chosen: list[dict[str, Any]], data: PreparedData, device: torch.device, threads: int) -> str:

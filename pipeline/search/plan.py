@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +30,12 @@ MIN_SUBSET_PER_CLASS = 50  # a rung's subset holds at least this many images of 
 RESERVE_SECONDS = 45.0  # start-up (data, calibration), the champion's choice and the report page
 RESERVE_SHARE = 0.03  # ...and this share of the minutes: estimates are estimates
 MIN_FIRST_RUNG = 8  # fewer configurations than this at rung 0 is no search: the plan says so
+# Rung 0 is the search's breadth: the sampler's first 10 configurations are random (TPE's start-up), so under this
+# many sampled ones (the study's baselines come on top) it has barely begun to learn the space. Where the minutes
+# are short, the later rungs shrink (to LEAST_LATER configurations: still a comparison) and then the champion
+# phase, before rung 0 goes below it.
+BROAD_FIRST_RUNG = 40
+LEAST_LATER = 3
 # The champion phase takes at most this share of the minutes (cut to fewer seeds, then configurations, until it
 # does), so the search gets the rest: on a slow machine the study's top_k x seeds full-fidelity runs would otherwise
 # leave rung 0 a handful of configurations. A fast device fills it with more configurations than top_k...
@@ -185,6 +192,7 @@ class Budget:
     top_k: int
     seeds: int
     cap: int | None = None  # the study's `trials`: at most this many configurations at rung 0
+    queued: int = 0  # the study's baselines: rung-0 configurations beyond the sampled ones
 
 
 def rung_images(share: float, train_images: int, classes: int) -> int:
@@ -196,8 +204,8 @@ def rung_images(share: float, train_images: int, classes: int) -> int:
 def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
     """The plan of `budget`'s minutes with trials at rates `each` on every worker at rung 0, `whole` on all the threads
     later. When the champion phase takes more than CHAMPION_SHARE of the minutes, or leaves rung 0 room for fewer than
-    MIN_FIRST_RUNG configurations, its seeds, then its configurations are cut (down to 2 seeds of 1; a warning says
-    so)."""
+    BROAD_FIRST_RUNG sampled configurations (the later rungs at their least), its seeds, then its configurations are
+    cut (down to 2 seeds of 1; a warning says so)."""
     full = whole.run_seconds(budget.train_images, budget.epochs, budget.val_images, whole.promoted_flops)
     reserve = RESERVE_SECONDS + RESERVE_SHARE * budget.minutes * 60
     warnings: list[str] = []
@@ -210,7 +218,7 @@ def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
         champion = Stage("champion", budget.train_images, budget.epochs, top_k, seeds, full, 1)
         rungs = _rungs(budget, each, whole, budget.minutes * 60 - reserve - champion.seconds, top_k)
         capped = budget.cap is not None and rungs[0].configs >= budget.cap
-        searches = champion.seconds <= CHAMPION_SHARE * usable and rungs[0].configs >= MIN_FIRST_RUNG
+        searches = champion.seconds <= CHAMPION_SHARE * usable and rungs[0].configs >= broad(budget)
         if searches or capped or (top_k, seeds) == (1, min(2, budget.seeds)):
             break
         if seeds > 2:
@@ -302,32 +310,63 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
 
 
 def _rungs(budget: Budget, each: Rates, whole: Rates, seconds: float, top_k: int) -> list[Stage]:
-    """The cheap rungs, rung 0 as large as `seconds` allow (rung r holds 1/KEEP^r of it, at least `top_k`)."""
-    shapes, seen = [], set()
-    for share, rung_epochs in LADDER:
-        images = rung_images(share, budget.train_images, budget.classes)
-        epochs = min(rung_epochs, budget.epochs)  # a rung is never more than full fidelity
-        if (images, epochs) not in seen and (images, epochs) != (budget.train_images, budget.epochs):
-            seen.add((images, epochs))
-            shapes.append((images, epochs))
-    if not shapes:  # too few images for a subset, too few epochs for fewer: rung 0 is full fidelity itself
-        shapes = [(budget.train_images, budget.epochs)]
+    """The cheap rungs, rung 0 as large as `seconds` allow (rung r holds 1/KEEP^r of it, at least `top_k`). Where
+    that leaves rung 0 fewer than BROAD_FIRST_RUNG configurations, the later rungs shrink first (to LEAST_LATER
+    configurations, or `top_k`) to make rung 0 that broad, then take back what is left."""
+    shapes = _shapes(budget)
     costs = [(each if r == 0 else whole).run_seconds(images, epochs, budget.val_images, whole.promoted_flops)
              for r, (images, epochs) in enumerate(shapes)]
 
-    def stages(first: int) -> list[Stage]:
-        counts = [first] + [max(math.ceil(first / KEEP ** r), top_k) for r in range(1, len(shapes))]
-        counts = [min(c, first) for c in counts]
+    def stages(counts: list[int]) -> list[Stage]:
         return [Stage(f"rung {r}", images, epochs, count, 1, cost, budget.workers if r == 0 else 1)
                 for r, ((images, epochs), count, cost) in enumerate(zip(shapes, counts, costs, strict=True))]
 
-    first = top_k
+    def fits(counts: list[int]) -> bool:
+        return sum(s.seconds for s in stages(counts)) <= seconds
+
+    def thirds(first: int) -> list[int]:
+        return [first] + [min(max(math.ceil(first / KEEP ** r), top_k), first) for r in range(1, len(shapes))]
+
+    def least(first: int) -> list[int]:
+        return [first] + [min(max(LEAST_LATER, top_k), first)] * (len(shapes) - 1)
+
     cap = budget.cap if budget.cap is not None else 100_000
-    while first < cap and sum(s.seconds for s in stages(first + 1)) <= seconds:
+    first = _largest(thirds, fits, top_k, cap)
+    if first >= broad(budget):
+        return stages(thirds(first))
+    first = max(first, min(_largest(least, fits, top_k, cap), broad(budget)))
+    counts = least(first)
+    for r in range(1, len(shapes)):  # the later rungs take back what rung 0 leaves, up to their third
+        while counts[r] < thirds(first)[r] and fits([*counts[:r], counts[r] + 1, *counts[r + 1:]]):
+            counts[r] += 1
+    return stages(counts)
+
+
+def broad(budget: Budget) -> int:
+    """The configurations of a broad rung 0: BROAD_FIRST_RUNG sampled ones beside the study's baselines, or the cap."""
+    wanted = BROAD_FIRST_RUNG + budget.queued
+    return min(wanted, budget.cap) if budget.cap is not None else wanted
+
+
+def _shapes(budget: Budget) -> list[tuple[int, int]]:
+    """(training images, epochs) of each cheap rung: the LADDER's, without repeats or full fidelity itself."""
+    shapes: list[tuple[int, int]] = []
+    for share, rung_epochs in LADDER:
+        images = rung_images(share, budget.train_images, budget.classes)
+        epochs = min(rung_epochs, budget.epochs)  # a rung is never more than full fidelity
+        if (images, epochs) not in shapes and (images, epochs) != (budget.train_images, budget.epochs):
+            shapes.append((images, epochs))
+    return shapes or [(budget.train_images, budget.epochs)]  # too small for cheaper: rung 0 is full fidelity
+
+
+def _largest(counts: Callable[[int], list[int]], fits: Callable[[list[int]], bool], least: int, cap: int) -> int:
+    """The most configurations at rung 0 (from `least` up to `cap`) whose rungs' `counts(first)` fit."""
+    first = least
+    while first < cap and fits(counts(first + 1)):
         first = max(first + 1, min(cap, int(first * 1.05)))  # grows fast on a fast device, then by ones
-    while first > top_k and sum(s.seconds for s in stages(first)) > seconds:
+    while first > least and not fits(counts(first)):
         first -= 1
-    return stages(min(first, cap))
+    return min(first, cap)
 
 
 def table(plan: Plan, started: datetime | None = None) -> list[str]:

@@ -36,6 +36,7 @@ from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
 
 END_SECONDS = 20.0  # kept at the end for the champion's choice, the report page and MLflow's closing
+SETUP_NOTED_SECONDS = 10.0  # a set-up shorter than this (imports, the data) goes unmentioned in the plan's notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int
     each = calibration.rates(spec, data, device, each_threads, root, log)
     whole = each if each_threads == whole_threads else calibration.rates(spec, data, device, whole_threads, root, log)
     budget = plan.Budget(minutes or spec.minutes or 0.0, len(data.train), len(data.val), len(data.classes),
-                         spec.epochs, workers, *champion_asked(spec), spec.trials)
+                         spec.epochs, workers, *champion_asked(spec), spec.trials, len(spec.baseline))
     return plan.make_plan(budget, each, whole)
 
 
@@ -61,19 +62,21 @@ def champion_asked(spec: StudySpec) -> tuple[int, int]:
     return (table.top_k, table.seeds) if table is not None else (2, 2)
 
 
-def current(spec: StudySpec, study: optuna.Study, make_plan: Any) -> plan.Plan:
+def current(spec: StudySpec, study: optuna.Study, make_plan: Any, setup_seconds: float = 0.0) -> plan.Plan:
     """The study's stored plan, or a new one (`make_plan(minutes)`, stored) when it has none or its minutes changed.
-    A new plan is made for the minutes the study has left (raised from 30 to 45 after 30 spent: 15), and starts
-    again from rung 0: more configurations, then the rungs above and a champion among them all."""
+    A new plan is made for the minutes the study has left (raised from 30 to 45 after 30 spent: 15), less the
+    `setup_seconds` this command spent before the search (a fresh clone's set-up counts against the minutes), and
+    starts again from rung 0: more configurations, then the rungs above and a champion among them all."""
     found = stored(study)
     if found is not None and found.minutes == spec.minutes:
         return found
-    minutes, spent = spec.minutes or 0.0, minutes_spent(study)
-    made = make_plan(max(minutes - spent, 1.0))
-    if spent > 0:
-        made = dataclasses.replace(made, minutes=minutes, warnings=made.warnings + (
-            f"the study spent {spent:.1f} of its {minutes:g} minutes before: this plan is for the "
-            f"{max(minutes - spent, 0):.1f} left",))
+    minutes, spent, setup = spec.minutes or 0.0, minutes_spent(study), max(setup_seconds, 0.0) / 60
+    left = max(minutes - spent - setup, 1.0)
+    made = make_plan(left)
+    why = ([f"the study spent {spent:.1f} of its {minutes:g} minutes before"] if spent > 0 else []) + (
+        [f"the set-up before the search took {setup:.1f} min"] if setup_seconds >= SETUP_NOTED_SECONDS else [])
+    note = (f"{'; '.join(why)}: this plan is for the {left:.1f} left",) if why else ()
+    made = dataclasses.replace(made, minutes=minutes, warnings=made.warnings + note)  # the study's: found next time
     store_plan(study, made)
     reach(study, "")
     return made
@@ -123,7 +126,26 @@ def replanned(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan
     """The plan made again as `stage` (a rung above 0, or the champion phase) starts, stored (plan.replan): the time
     left, the rates the runs so far corrected, and the sizes of the configurations it and the later stages will
     train (the best of the stage below), where the first plan could only assume the space's largest."""
-    made = stored(study) or made  # with the notes of the stages before
+    again, rates = _made_again(spec, study, stored(study) or made, stage, clock, data)  # stored: with earlier notes
+    store_plan(study, again)
+    return again, rates
+
+
+def widened(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan.Stage, clock: RunClock,
+            data: PreparedData) -> tuple[plan.Plan, plan.Rates] | None:
+    """The plan made again when rung `stage` has trained its configurations, stored, if it gives the rung more of
+    them (None otherwise): the rung's own runs, on all the threads, measured the later stages better than rung 0's
+    could, and minutes the champion phase turns out not to need go to the next-best configurations of the rung
+    below rather than sit unused at the end."""
+    again, rates = _made_again(spec, study, stored(study) or made, stage, clock, data)
+    if again.stage(stage.name).configs <= stage.configs:
+        return None
+    store_plan(study, again)
+    return again, rates
+
+
+def _made_again(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan.Stage, clock: RunClock,
+                data: PreparedData) -> tuple[plan.Plan, plan.Rates]:
     rates = later_rates(spec, study, made, len(data.val))
     assert rates is not None, "a stored plan carries its rates"
     below = rung_ranking(spec, study, stage.rung)
@@ -135,9 +157,8 @@ def replanned(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan
                                        largest if s.rung is None else sizes[len(sizes) // 2])
              for s in made.stages if s.rung != 0}
     done = sum(r.state == "COMPLETE" for r in stage_runs(study, stage.rung))
-    again = plan.replan(made, stage.name, plan.Now(clock.seconds_left, costs, len(below), done), asked, spec.trials)
-    store_plan(study, again)
-    return again, rates
+    now = plan.Now(clock.seconds_left, costs, len(below), done)
+    return plan.replan(made, stage.name, now, asked, spec.trials), rates
 
 
 def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_images: int) -> plan.Rates | None:

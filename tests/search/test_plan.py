@@ -62,6 +62,23 @@ def test_a_slow_device_still_plans_within_its_minutes_by_cutting_the_champion_ph
     assert slow.rungs[0].configs >= plan.MIN_FIRST_RUNG
 
 
+@pytest.mark.parametrize("baselines", [0, 2])
+def test_a_slow_device_keeps_rung_zero_broad_by_shrinking_the_later_rungs_first(baselines):
+    """A device where a full-fidelity run takes over 6 minutes (fp32 on a 2-core CPU), 28 of 30 minutes left after a
+    fresh clone's set-up: the best third of rung 0 at rung 1 would leave rung 0 under 30 configurations. Rung 1
+    shrinks instead (still a comparison), and takes back what rung 0's 40 sampled configurations leave."""
+    budget = Budget(**{**MNIST.__dict__, "minutes": 28, "queued": baselines})
+    slow = make_plan(budget, CPU.scaled(0.37), CPU.scaled(0.37 * 1.8))
+    first, second, champion = slow.stages
+    assert first.configs == plan.BROAD_FIRST_RUNG + baselines  # the study's baselines come on top of the 40
+    assert plan.LEAST_LATER <= second.configs < math.ceil(first.configs / plan.KEEP)
+    assert (champion.configs, champion.seeds) == (1, 2)
+    assert slow.planned_seconds <= 28 * 60 < slow.planned_seconds + second.seconds_each  # rung 1 took what was left
+    # On a device fast enough for both, rung 1 keeps its third and rung 0 goes past 40.
+    fast = make_plan(budget, CPU, CPU.scaled(1.8))
+    assert fast.rungs[1].configs == math.ceil(fast.rungs[0].configs / plan.KEEP) and fast.rungs[0].configs > 40
+
+
 def test_a_device_too_slow_for_any_search_says_so():
     hopeless = make_plan(MNIST, CPU.scaled(0.01), CPU.scaled(0.01))
     assert any("raise minutes" in w for w in hopeless.warnings)

@@ -5,8 +5,10 @@ the rung-0 workers had between them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ from pipeline import store
 from pipeline.cli import main
 from pipeline.data.recorded import study_data
 from pipeline.infra.concurrency import available_cores
-from pipeline.search import champion, loop, plan_record, planned
+from pipeline.search import champion, loop, plan, plan_record, planned
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL
@@ -240,7 +242,7 @@ def test_a_planned_run_killed_in_its_champion_phase_resumes_there_with_the_minut
 
     rerun = subprocess.run(study_env.command("search"), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert "rung 0 was done by an earlier run" in rerun.stdout
+    assert "rung 0 was done by an earlier run" in rerun.stdout, rerun.stdout
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(store.records(study, store.FINISHED)) == 4  # no new rung-0 trial
     assert plan_record.minutes_spent(study) > spent_before
@@ -317,6 +319,42 @@ def test_a_planned_runs_minutes_count_from_when_the_command_began(study_env, tin
         study_env.run("search", "--started-at", "yesterday")
     assert refused.value.code == 2
     assert "expected the Unix time the command began" in capsys.readouterr().err
+
+
+def test_the_set_up_before_the_search_is_taken_out_of_the_first_plan(study_env, tiny_dataset, capsys):
+    """Begun two minutes before the search (a fresh clone's .venv), a 10-minute study is planned for the 8 left, so
+    that rung 0 does not find its stage two minutes shorter than planned; the stored plan keeps the study's 10."""
+    study_env.write_study(minutes=10, trials=4, pruner="none")
+    assert study_env.run("search", "--workers", "1", "--started-at", str(int(time.time()) - 120)) == 0
+    found = re.search(r"the set-up before the search took (2\.\d) min: this plan is for the (\d\.\d) left",
+                      capsys.readouterr().out)
+    assert found is not None and float(found[1]) + float(found[2]) == pytest.approx(10, abs=0.11)
+    made = plan_record.stored(study_env.load())
+    assert made.minutes == 10
+    assert made.reserve_seconds == pytest.approx(
+        plan.RESERVE_SECONDS + plan.RESERVE_SHARE * float(found[2]) * 60, abs=0.5)  # made for the 8 minutes
+
+
+def test_a_rung_whose_runs_leave_time_unused_is_widened_to_the_next_best_configurations(planned_run, tmp_path):
+    """Rung 1 planned for fewer configurations than the time left holds (its first estimate of the champion phase,
+    from rung 0's runs, was long): once its runs are done, the plan made again gives it the next best of rung 0, up
+    to the best third, and no more; with no time left it stays as it is."""
+    folder, storage, _ = planned_run
+    copy = tmp_path / "copy.journal"
+    shutil.copy(storage, copy)
+    study = optuna.load_study(study_name="planned", storage=store.make_storage(str(copy)))
+    spec = studies.load("planned", folder / "studies")
+    data = study_data(spec, paths.DATA_ROOT, "cpu")
+    made = plan_record.stored(study)
+    narrow = dataclasses.replace(made, stages=tuple(dataclasses.replace(s, configs=1) if s.rung == 1 else s
+                                                    for s in made.stages))
+    plan_record.store_plan(study, narrow)
+    now = time.time()
+    assert planned.widened(spec, study, narrow, narrow.stage("rung 1"), planned.RunClock(now, now + 1), data) is None
+    wide, _ = planned.widened(spec, study, narrow, narrow.stage("rung 1"), planned.RunClock(now, now + 1800), data)
+    assert wide.stage("rung 1").configs == 2  # the best third of rung 0's 6
+    assert plan_record.stored(study).stage("rung 1").configs == 2 and "planned again at rung 1" in wide.warnings[-1]
+    assert planned.widened(spec, study, wide, wide.stage("rung 1"), planned.RunClock(now, now + 1800), data) is None
 
 
 def test_a_rung_that_fell_short_of_its_plan_sends_on_only_its_best_third(study_env, tiny_dataset):
