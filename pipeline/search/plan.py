@@ -41,6 +41,10 @@ LEAST_LATER = 3
 # leave rung 0 a handful of configurations. A fast device fills it with more configurations than top_k...
 CHAMPION_SHARE = 0.4
 MAX_CHAMPIONS = 8  # ...up to this many
+# A later rung planned again keeps the champion phase this much more than its estimate: a run at full fidelity is
+# long, and an estimate a few percent short would cost it a seed (a 30-minute fp32 run: 14.2 minutes planned for
+# two runs, 15.4 needed, one trained). Minutes the phase turns out not to need widen the rung when its runs are done.
+CHAMPION_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -267,9 +271,10 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
         counts.append(below)
     available = counts[-1] if counts else now.below  # configurations the champion phase can choose from
     full = now.costs["champion"]
+    margin = 1 + CHAMPION_MARGIN if rungs else 1.0  # at its own start the champion phase takes what is left
 
     def champion_seconds(top_k: int, seeds: int) -> float:
-        return max(top_k * seeds - (now.done if not rungs else 0), 0) * full
+        return max(top_k * seeds - (now.done if not rungs else 0), 0) * full * margin
 
     def rung_seconds(counts: list[int]) -> float:
         return sum(max(n - (now.done if i == 0 else 0), 0) * now.costs[r.name]
@@ -278,7 +283,7 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
     top_k, seeds = asked
     if cap is None:  # more configurations in what the rungs leave: rung 0, whose breadth the first plan kept, is done
         spare = now.seconds - rung_seconds(counts)
-        top_k = max(top_k, min(MAX_CHAMPIONS, math.floor(spare / (seeds * full))))
+        top_k = max(top_k, min(MAX_CHAMPIONS, math.floor(spare / (seeds * full * margin))))
     top_k = max(1, min(top_k, available))
     # A rung's tail (its configurations past the best ninth of the rung below) is worth less than a second
     # candidate at full fidelity: rung 1 ranks well, not perfectly.

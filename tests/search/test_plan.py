@@ -144,12 +144,13 @@ def test_a_plan_made_again_cuts_seeds_then_the_rungs_tail_then_configurations_to
         again = plan.replan(made, "rung 1", plan.Now(minutes * 60, costs, below), asked=(2, 3), cap=None)
         return again.stage("rung 1").configs, again.champion.configs, again.champion.seeds
 
-    assert replanned(16) == (10, 2, 3)  # 300 s + 600 s
-    assert replanned(12) == (10, 2, 2)  # 300 s + 400 s: a seed less
-    assert replanned(9) == (4, 2, 2)  # 120 s + 400 s: rung 1 down to the best ninth of rung 0 first
-    assert replanned(6) == (4, 1, 2)  # 120 s + 200 s: then a configuration less
-    assert replanned(4) == (1, 1, 2)  # 30 s + 200 s: rung 1 down to what fits (at least the champion's one)
-    assert replanned(60, below=300) == (100, 2, 3)  # the best third, no more: the rest is the champion's
+    # The champion phase's runs count 10% over their estimate until it starts (plan.CHAMPION_MARGIN).
+    assert replanned(16) == (10, 2, 3)  # 300 s + 660 s
+    assert replanned(12.5) == (10, 2, 2)  # 300 s + 440 s: a seed less
+    assert replanned(9.5) == (4, 2, 2)  # 120 s + 440 s: rung 1 down to the best ninth of rung 0 first
+    assert replanned(6) == (4, 1, 2)  # 120 s + 220 s: then a configuration less
+    assert replanned(4) == (1, 1, 2)  # 30 s + 220 s: rung 1 down to what fits (at least the champion's one)
+    assert replanned(61, below=300) == (100, 2, 3)  # the best third, no more: the rest is the champion's
 
 
 def test_the_champion_phase_planned_at_its_start_fits_its_runs_to_the_time_left_or_takes_more():
@@ -171,8 +172,19 @@ def test_the_champion_phase_planned_at_its_start_fits_its_runs_to_the_time_left_
 
 
 def test_a_rung_planned_again_leaves_the_champion_phase_what_it_does_not_need():
-    """Rung 0 is done; rung 1's best third needs 4 of the 24 minutes left: the champion phase takes a second
+    """Rung 0 is done; rung 1's best third needs 4 of the 25.5 minutes left: the champion phase takes a second
     configuration with the rest rather than leave it unused (the start's 40% share protected rung 0's breadth)."""
-    now = plan.Now(seconds=24.5 * 60, costs={"rung 1": 8.2, "champion": 288.0}, below=87)
+    now = plan.Now(seconds=25.5 * 60, costs={"rung 1": 8.2, "champion": 288.0}, below=87)
     again = plan.replan(_made(), "rung 1", now, asked=(1, 2), cap=None)
     assert (again.stage("rung 1").configs, again.champion.configs, again.champion.seeds) == (29, 2, 2)
+
+
+def test_a_later_rung_planned_again_keeps_the_champion_phase_a_margin_that_its_own_start_spends():
+    """Rung 1's 10 runs and the champion's 2 x 2 would fill the 700 s left exactly: an estimate a few percent short
+    would then cost the champion a seed. Rung 1 gives up two runs to keep the phase 10% over its estimate; at its own
+    start the phase takes the time left as it is."""
+    now = plan.Now(seconds=700, costs={"rung 1": 30.0, "champion": 100.0}, below=30)
+    again = plan.replan(_made(), "rung 1", now, asked=(2, 2), cap=None)
+    assert (again.stage("rung 1").configs, again.champion.configs, again.champion.seeds) == (8, 2, 2)
+    at_start = plan.replan(again, "champion", plan.Now(400, {"champion": 100.0}, below=8), (2, 2), None)
+    assert (at_start.champion.configs, at_start.champion.seeds) == (2, 2)

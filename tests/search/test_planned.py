@@ -335,6 +335,13 @@ def test_the_set_up_before_the_search_is_taken_out_of_the_first_plan(study_env, 
         plan.RESERVE_SECONDS + plan.RESERVE_SHARE * float(found[2]) * 60, abs=0.5)  # made for the 8 minutes
 
 
+def test_rung_zeros_pace_carries_over_to_all_the_threads_when_slower_than_measured_not_when_faster():
+    whole = Rates(2, (Rate(1, 0.001, 0.0005),), trial_seconds=1.0)
+    each = whole.scaled(0.5)
+    assert planned.carried_over(each, each.scaled(0.8), whole) == whole.scaled(0.8)  # a busy machine: slower
+    assert planned.carried_over(each, each.scaled(1.3), whole) == whole  # faster at rung 0: the calibration stands
+
+
 def test_a_rung_whose_runs_leave_time_unused_is_widened_to_the_next_best_configurations(planned_run, tmp_path):
     """Rung 1 planned for fewer configurations than the time left holds (its first estimate of the champion phase,
     from rung 0's runs, was long): once its runs are done, the plan made again gives it the next best of rung 0, up
