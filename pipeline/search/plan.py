@@ -43,8 +43,10 @@ CHAMPION_SHARE = 0.4
 MAX_CHAMPIONS = 8  # ...up to this many
 # A later rung planned again keeps the champion phase this much more than its estimate: a run at full fidelity is
 # long, and an estimate a few percent short would cost it a seed (a 30-minute fp32 run: 14.2 minutes planned for
-# two runs, 15.4 needed, one trained). Minutes the phase turns out not to need widen the rung when its runs are done.
+# two runs, 15.4 needed, one trained). Once the rung's own runs on all the threads have measured the machine (its
+# champion-phase runs then took 1.00x their estimates) the margin is smaller, and what that frees widens the rung.
 CHAMPION_MARGIN = 0.1
+MEASURED_MARGIN = 0.03
 
 
 @dataclass(frozen=True)
@@ -251,6 +253,7 @@ class Now:
     costs: dict[str, float]  # stage name -> seconds a run of it takes
     below: int  # configurations finished by the stage before
     done: int = 0  # runs of this stage already complete
+    measured: bool = False  # the costs come from runs on all the threads (a later rung's), not rung 0's or the plan's
 
 
 def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | None) -> Plan:
@@ -271,7 +274,8 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
         counts.append(below)
     available = counts[-1] if counts else now.below  # configurations the champion phase can choose from
     full = now.costs["champion"]
-    margin = 1 + CHAMPION_MARGIN if rungs else 1.0  # at its own start the champion phase takes what is left
+    # At its own start the champion phase takes what is left; before, it keeps a margin.
+    margin = 1 + (MEASURED_MARGIN if now.measured else CHAMPION_MARGIN) if rungs else 1.0
 
     def champion_seconds(top_k: int, seeds: int) -> float:
         return max(top_k * seeds - (now.done if not rungs else 0), 0) * full * margin

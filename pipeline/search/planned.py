@@ -148,6 +148,7 @@ def _made_again(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: pl
                 data: PreparedData) -> tuple[plan.Plan, plan.Rates]:
     rates = later_rates(spec, study, made, len(data.val))
     assert rates is not None, "a stored plan carries its rates"
+    measured = _measured(_later_runs(study, made))
     below = rung_ranking(spec, study, stage.rung)
     asked = champion_asked(spec)
     promoted = below[:math.ceil(len(below) / plan.KEEP)] if stage.rung is not None else below
@@ -157,7 +158,7 @@ def _made_again(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: pl
                                        largest if s.rung is None else sizes[len(sizes) // 2])
              for s in made.stages if s.rung != 0}
     done = sum(r.state == "COMPLETE" for r in stage_runs(study, stage.rung))
-    now = plan.Now(clock.seconds_left, costs, len(below), done)
+    now = plan.Now(clock.seconds_left, costs, len(below), done, measured)
     return plan.replan(made, stage.name, now, asked, spec.trials), rates
 
 
@@ -179,14 +180,24 @@ def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_image
 def later_rates(spec: StudySpec, study: optuna.Study, made: plan.Plan, val_images: int) -> plan.Rates | None:
     """The rates of the later stages (all the threads), corrected by the study's completed runs at them, else (none
     yet) by how far rung 0's runs were from their own estimates."""
-    runs = [run for stage in made.stages if stage.rung != 0 for run in stage_runs(study, stage.rung)]
-    if any(r.state == "COMPLETE" and r.fidelity for r in runs):
+    runs = _later_runs(study, made)
+    if _measured(runs):
         return corrected(made.whole, runs, val_images)
     if made.each is None or made.whole is None:
         return made.whole
     first = corrected(made.each, store.records(study), val_images)
     assert first is not None
     return carried_over(made.each, first, made.whole)
+
+
+def _later_runs(study: optuna.Study, made: plan.Plan) -> list[store.TrialRecord]:
+    """The runs of the stages after rung 0 (on all the threads)."""
+    return [run for stage in made.stages if stage.rung != 0 for run in stage_runs(study, stage.rung)]
+
+
+def _measured(runs: list[store.TrialRecord]) -> bool:
+    """Whether any of `runs` completed, a measure of the machine at its rung."""
+    return any(r.state == "COMPLETE" and r.fidelity for r in runs)
 
 
 def carried_over(each: plan.Rates, first: plan.Rates, whole: plan.Rates) -> plan.Rates:
