@@ -211,7 +211,8 @@ def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
     """The plan of `budget`'s minutes with trials at rates `each` on every worker at rung 0, `whole` on all the threads
     later. When the champion phase takes more than CHAMPION_SHARE of the minutes, or leaves rung 0 room for fewer than
     BROAD_FIRST_RUNG sampled configurations (the later rungs at their least), its seeds, then its configurations are
-    cut (down to 2 seeds of 1; a warning says so)."""
+    cut (down to 2 seeds of 1, or 1 seed where 2 would leave rung 0 under MIN_FIRST_RUNG; a warning says so). The
+    phase is planned again at its start, with the time left and the size of the configuration it trains."""
     full = whole.run_seconds(budget.train_images, budget.epochs, budget.val_images, whole.promoted_flops)
     reserve = RESERVE_SECONDS + RESERVE_SHARE * budget.minutes * 60
     warnings: list[str] = []
@@ -225,20 +226,22 @@ def make_plan(budget: Budget, each: Rates, whole: Rates) -> Plan:
         rungs = _rungs(budget, each, whole, budget.minutes * 60 - reserve - champion.seconds, top_k)
         capped = budget.cap is not None and rungs[0].configs >= budget.cap
         searches = champion.seconds <= CHAMPION_SHARE * usable and rungs[0].configs >= broad(budget)
-        if searches or capped or (top_k, seeds) == (1, min(2, budget.seeds)):
+        if searches or capped or (top_k, seeds) == (1, 1):
             break
+        if (top_k, seeds) == (1, min(2, budget.seeds)) and rungs[0].configs >= MIN_FIRST_RUNG:
+            break  # two seeds before more breadth; one only where two would leave no search at all
         if seeds > 2:
             seeds -= 1
         elif top_k > 1:
             top_k -= 1
         else:
-            seeds = min(2, budget.seeds)
+            seeds -= 1
     if top_k < budget.top_k or seeds < budget.seeds:
         warnings.append(f"the champion phase is cut to {top_k} configuration(s) x {seeds} seeds (the study asks "
                         f"{budget.top_k} x {budget.seeds}) so that the search samples enough configurations")
     if rungs[0].configs < MIN_FIRST_RUNG and not (budget.cap is not None and rungs[0].configs >= budget.cap):
-        warnings.append(f"{budget.minutes:g} minutes leave room for only {rungs[0].configs} configurations at rung 0 "
-                        "on this machine: raise minutes for a real search")
+        warnings.append(f"{_duration(budget.minutes * 60)} leave room for only {rungs[0].configs} configurations at "
+                        "rung 0 on this machine: raise minutes for a real search")
     return Plan(budget.minutes, budget.workers, whole.threads, (*rungs, champion), reserve, tuple(warnings), each,
                 whole)
 

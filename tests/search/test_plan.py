@@ -80,6 +80,18 @@ def test_a_slow_device_keeps_rung_zero_broad_by_shrinking_the_later_rungs_first(
     assert fast.rungs[1].configs == math.ceil(fast.rungs[0].configs / plan.KEEP) and fast.rungs[0].configs > 40
 
 
+def test_a_champion_phase_that_would_leave_no_search_at_all_is_planned_over_one_seed():
+    """20 epochs at full fidelity (a run of 17 minutes, fashion-cnn on a slow day): two seeds would not even fit.
+    One seed is planned, rung 0 gets its breadth, and the phase planned again at its start (with the time left and
+    the size of the configuration it trains) takes the second seed if the time left holds it."""
+    budget = Budget(**{**MNIST.__dict__, "minutes": 28, "epochs": 20, "top_k": 1, "seeds": 2})
+    slow = make_plan(budget, CPU.scaled(0.55), CPU.scaled(0.55 * 1.8))
+    assert 2 * slow.champion.seconds_each > 28 * 60
+    assert (slow.champion.configs, slow.champion.seeds) == (1, 1)
+    assert slow.rungs[0].configs >= plan.BROAD_FIRST_RUNG and slow.planned_seconds <= 28 * 60
+    assert any("cut to 1 configuration(s) x 1 seeds" in w for w in slow.warnings)
+
+
 def test_a_device_too_slow_for_any_search_says_so():
     hopeless = make_plan(MNIST, CPU.scaled(0.01), CPU.scaled(0.01))
     assert any("raise minutes" in w for w in hopeless.warnings)
