@@ -295,6 +295,7 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
     # A rung's tail (its configurations past the best ninth of the rung below) is worth less than a second
     # candidate at full fidelity: rung 1 ranks well, not perfectly.
     tail = max(math.ceil(now.below / KEEP ** 2), 1)
+    third = counts[0] if counts else 0
     while rung_seconds(counts) + champion_seconds(top_k, seeds) > now.seconds:
         if seeds > 2:
             seeds -= 1
@@ -304,13 +305,17 @@ def replan(made: Plan, stage: str, now: Now, asked: tuple[int, int], cap: int | 
             top_k -= 1
         elif counts and counts[0] > top_k:
             counts[0] -= 1
-        elif not rungs and seeds > 1:
-            seeds -= 1
+        elif seeds > 1 and champion_seconds(top_k, seeds) > now.seconds * margin:
+            seeds -= 1  # its runs alone (margin aside) outlast the time left: one run rather than no champion
         else:
             break
     # Fewer configurations may leave room for the seeds the study asks (1 x 3 where 2 x 2 did not fit).
     while seeds < asked[1] and rung_seconds(counts) + champion_seconds(top_k, seeds + 1) <= now.seconds:
         seeds += 1
+    # What a cut freed (a seed fewer, where the runs did not fit) goes back to the rung, up to its third.
+    while counts and counts[0] < third and rung_seconds([counts[0] + 1, *counts[1:]]) + champion_seconds(
+            top_k, seeds) <= now.seconds:
+        counts[0] += 1
     counts = [max(n, top_k) for n in counts]
     stages = [dataclasses.replace(r, configs=n, seconds_each=now.costs[r.name]) for r, n in zip(rungs, counts,
                                                                                                 strict=True)]

@@ -164,6 +164,11 @@ def test_a_plan_made_again_cuts_seeds_then_the_rungs_tail_then_configurations_to
     assert replanned(6) == (4, 1, 2)  # 120 s + 220 s: then a configuration less
     assert replanned(4) == (1, 1, 2)  # 30 s + 220 s: rung 1 down to what fits (at least the champion's one)
     assert replanned(61, below=300) == (100, 2, 3)  # the best third, no more: the rest is the champion's
+    # The champion's two runs alone outlast the time left (fashion-cnn's 20 epochs on a slow day): one seed, and what
+    # that frees goes back to rung 1 (up to its third) rather than sit unused at the end.
+    costs["champion"] = 400.0
+    assert replanned(12) == (9, 1, 1)  # 270 s + 440 s
+    assert replanned(10) == (5, 1, 1)  # 150 s + 440 s
 
 
 def test_the_champion_phase_planned_at_its_start_fits_its_runs_to_the_time_left_or_takes_more():
