@@ -146,9 +146,10 @@ def widened(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan.S
 
 def _made_again(spec: StudySpec, study: optuna.Study, made: plan.Plan, stage: plan.Stage, clock: RunClock,
                 data: PreparedData) -> tuple[plan.Plan, plan.Rates]:
-    rates = later_rates(spec, study, made, len(data.val))
+    later = _later_runs(study, made)  # read once: the rates and the margin both depend on them
+    rates = later_rates(spec, study, made, len(data.val), later)
     assert rates is not None, "a stored plan carries its rates"
-    measured = _measured(_later_runs(study, made))
+    measured = _measured(later)
     below = rung_ranking(spec, study, stage.rung)
     asked = champion_asked(spec)
     promoted = below[:math.ceil(len(below) / plan.KEEP)] if stage.rung is not None else below
@@ -177,10 +178,11 @@ def corrected(rates: plan.Rates | None, runs: list[store.TrialRecord], val_image
     return rates.scaled(1 / statistics.median(ratios)) if ratios else rates
 
 
-def later_rates(spec: StudySpec, study: optuna.Study, made: plan.Plan, val_images: int) -> plan.Rates | None:
-    """The rates of the later stages (all the threads), corrected by the study's completed runs at them, else (none
-    yet) by how far rung 0's runs were from their own estimates."""
-    runs = _later_runs(study, made)
+def later_rates(spec: StudySpec, study: optuna.Study, made: plan.Plan, val_images: int,
+                runs: list[store.TrialRecord] | None = None) -> plan.Rates | None:
+    """The rates of the later stages (all the threads), corrected by the study's completed runs at them (`runs`,
+    read from the study when not given), else (none yet) by how far rung 0's runs were from their own estimates."""
+    runs = _later_runs(study, made) if runs is None else runs
     if _measured(runs):
         return corrected(made.whole, runs, val_images)
     if made.each is None or made.whole is None:
