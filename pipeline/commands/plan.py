@@ -22,7 +22,7 @@ def plan_study(spec: StudySpec, options: SearchOptions, log: Callable[[str], Non
         raise BadInput(f"studies/{spec.name}.toml has no minutes to plan: add `minutes = 30` to it, or give "
                        "MINUTES=30")
     device = pick_device(options.device)
-    options, why = decide_workers(spec, options, device)
+    options, why = decide_workers(spec, options, device, log)
     data = study_data(spec, options.root, device if options.worker_count == 1 else "cpu")
     made = planned.make(spec, data, device, options.worker_count, options.threads, Path(options.root), log)
     precision = pick_precision(spec.fixed.get("precision", "auto"), device)

@@ -26,7 +26,7 @@ from pipeline.data import loading
 from pipeline.data.recorded import study_data
 from pipeline.infra import urls
 from pipeline.infra.urls import shown
-from pipeline.search import loop, pareto, plan, plan_record, planned, seeds, workers
+from pipeline.search import loop, pareto, plan, plan_record, planned, seeds, sharing, workers
 from pipeline.search.champion import Standings, rung_suffix
 from pipeline.search.events import Listeners, SearchView
 from pipeline.search.options import SearchOptions, SearchOutcome
@@ -45,7 +45,7 @@ TOP = 5  # trials in the end-of-search table
 def run_search(spec: StudySpec, options: SearchOptions, view: SearchView) -> SearchOutcome:
     """Run or resume the study until its budget is reached, the time is spent or a signal arrives."""
     device = pick_device(options.device)
-    options, why_workers = decide_workers(spec, options, device)
+    options, why_workers = decide_workers(spec, options, device, view.say)
     user_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")  # MLflow sets it for its own children once connected
     tracking = Tracking.connect(view.say) if options.tracking else Tracking.off()
     storage = store.open_storage(options.storage, spec.name, options.worker_count)
@@ -242,9 +242,10 @@ def _champion_phase(spec: StudySpec, study: optuna.Study, storage: store.Storage
                          checkpoints=checkpoint_folder(options.studies_dir, storage.url, phase.companion.study_name))
 
 
-def decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device) -> tuple[SearchOptions, str]:
+def decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device,
+                   log: Callable[[str], None] | None = None) -> tuple[SearchOptions, str]:
     """The options with a number of workers (WORKERS=auto decided here), and the line that says why ('' when the
-    user chose). A worker process is one worker."""
+    user chose). A worker process is one worker. `log` hears of a measurement the decision needs first."""
     if options.worker is not None:
         return dataclasses.replace(options, workers=1), ""
     if isinstance(options.workers, int):  # a number, not workers.AUTO
@@ -253,7 +254,11 @@ def decide_workers(spec: StudySpec, options: SearchOptions, device: torch.device
                            "e.g. WORKERS=4")
         return options, ""
     url = store.storage_url(options.storage, spec.name, workers=2)  # where the study lives, or would with workers
-    count, why = workers.auto_count(device.type, url, options.threads, spec.trial_budget)
+    per_gpu = 1
+    if device.type == "cuda" and spec.minutes and not url.startswith("sqlite:"):  # measured: search/sharing.py
+        data = study_data(spec, options.root, "cpu")
+        per_gpu = sharing.per_device(sharing.measured_here(spec, data, device, options.threads, options.root, log))
+    count, why = workers.auto_count(device.type, url, options.threads, spec.trial_budget, per_gpu)
     return dataclasses.replace(options, workers=count), why
 
 

@@ -64,16 +64,16 @@ def rates(spec: StudySpec, data: PreparedData, device: torch.device, threads: in
           log: Any = None) -> Rates:
     """The rates of this study's models here (cached); PIPELINE_RATE_SCALE applied."""
     chosen = representatives(spec, data)
-    key = _key(chosen, data, device, threads)
+    key = cache_key(chosen, data, device, threads)
     cache = root / CACHE_FILE
-    found = _read(cache).get(key)
+    found = read_cache(cache).get(key)
     if found is not None:
         measured = Rates.from_dict(found)
     else:
         if log is not None:
             log(f"measuring this machine: {len(chosen)} models x {TIMED_BATCHES} batches on {threads} thread(s)")
         measured = measure(chosen, data, device, threads)
-        _write(cache, {**_read(cache), key: measured.as_dict()})
+        write_cache(cache, {**read_cache(cache), key: measured.as_dict()})
     return measured.scaled(float(os.environ.get(SCALE_ENV, "1") or 1))
 
 
@@ -83,9 +83,9 @@ def measure(chosen: list[dict[str, Any]], data: PreparedData, device: torch.devi
     for p in chosen:
         batch = p["batch_size"]
         images = min(TIMED_BATCHES * batch, len(data.train))
-        sample = _sample(data, images)
+        sample = first_images(data, images)
         settings = {**p, "epochs": 1, "early_stopping_patience": 0}
-        warm = _sample(data, WARM_BATCHES * batch, WARM_BATCHES * p["eval_batch_size"])
+        warm = first_images(data, WARM_BATCHES * batch, WARM_BATCHES * p["eval_batch_size"])
         train.train_network(train.build(settings, warm, 0, threads), warm, device)  # the kernels for these shapes
         started = time.perf_counter()
         network = train.build(settings, sample, 0, threads)
@@ -100,13 +100,13 @@ def measure(chosen: list[dict[str, Any]], data: PreparedData, device: torch.devi
                  max(overheads) + BOOKKEEPING_SECONDS)
 
 
-def _sample(data: PreparedData, images: int, val_images: int = VAL_IMAGES) -> PreparedData:
+def first_images(data: PreparedData, images: int, val_images: int = VAL_IMAGES) -> PreparedData:
     """The first `images` training and `val_images` validation images: enough to time, too few to cost."""
     return dataclasses.replace(data, train=data.train.subset(torch.arange(min(images, len(data.train)))),
                                val=data.val.subset(torch.arange(min(val_images, len(data.val)))))
 
 
-def _key(chosen: list[dict[str, Any]], data: PreparedData, device: torch.device, threads: int) -> str:
+def cache_key(chosen: list[dict[str, Any]], data: PreparedData, device: torch.device, threads: int) -> str:
     precision = pick_precision(chosen[0]["precision"], device)
     what = {"cpu": _cpu_name(), "torch": torch.__version__, "device": _device_name(device), "precision": precision,
             "threads": threads, "shape": list(data.input_shape), "models": chosen}
@@ -129,7 +129,7 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_cache(path: Path) -> dict[str, Any]:
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -137,7 +137,7 @@ def _read(path: Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def _write(path: Path, cache: dict[str, Any]) -> None:
+def write_cache(path: Path, cache: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(cache, indent=1).encode())

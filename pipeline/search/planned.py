@@ -25,7 +25,7 @@ import torch
 from pipeline import store
 from pipeline.data.loading import PreparedData
 from pipeline.infra.concurrency import available_cores
-from pipeline.search import calibration, loop, plan, seeds
+from pipeline.search import calibration, loop, plan, seeds, sharing
 from pipeline.search.champion import open_companion, rung_ranking, rung_suffix, stage_runs
 from pipeline.search.clock import TrialClock
 from pipeline.search.events import Listener
@@ -46,11 +46,15 @@ SETUP_NOTED_SECONDS = 10.0  # a set-up shorter than this (imports, the data) goe
 def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int, threads: int | None,
          root: Path, log: Any = None, minutes: float | None = None) -> plan.Plan:
     """The plan of `minutes` (the study's by default) for this study on this machine: its rates measured (or read
-    from the cache), `workers` trials at once at rung 0, all the threads later."""
+    from the cache), `workers` trials at once at rung 0 (on a GPU, several on one at their measured shared pace),
+    all the threads later."""
     whole_threads = threads or available_cores()
     each_threads = max(whole_threads // workers, 1) if device.type == "cpu" else whole_threads
     each = calibration.rates(spec, data, device, each_threads, root, log)
     whole = each if each_threads == whole_threads else calibration.rates(spec, data, device, whole_threads, root, log)
+    sharing_one = math.ceil(workers / sharing.devices(device))
+    if device.type != "cpu" and sharing_one > 1:  # several trials on one GPU: each at its measured shared pace
+        each = sharing.shared_rates(whole, sharing.measured_here(spec, data, device, threads, root, log), sharing_one)
     budget = plan.Budget(minutes or spec.minutes or 0.0, len(data.train), len(data.val), len(data.classes),
                          spec.epochs, workers, *champion_asked(spec), spec.trials, len(spec.baseline))
     return plan.make_plan(budget, each, whole)

@@ -76,15 +76,20 @@ AUTO = "auto"
 AUTO_CPU_WORKERS_MAX = 4
 
 
-def auto_count(device_type: str, storage_url: str, threads: int | None, trials: int) -> tuple[int, str]:
+def auto_count(device_type: str, storage_url: str, threads: int | None, trials: int,
+               per_gpu: int = 1) -> tuple[int, str]:
     """WORKERS=auto: how many worker processes run the study on this host, and why (shown at the start).
 
-    A GPU each where there are GPUs; on a CPU one worker per core (each with `threads`, default 1), up to
-    AUTO_CPU_WORKERS_MAX; never more than the trial budget. A study in a SQLite file gets one process: Optuna
-    advises against several writers on one SQLite file, and that is where a study made before WORKERS=auto lives.
+    `per_gpu` on each GPU where there are GPUs (more than one where several small trials on one were measured
+    faster: sharing.py); on a CPU one worker per core (each with `threads`, default 1), up to
+    AUTO_CPU_WORKERS_MAX; never more than the trial budget. A study in a SQLite file gets one process on a CPU:
+    Optuna advises against several writers on one SQLite file, and that is where a study made before WORKERS=auto
+    lives.
     """
     if device_type == "cuda":
-        count, why = max(1, len(visible_gpus())), "one per GPU"
+        gpus = max(1, len(visible_gpus()))
+        count, why = per_gpu * gpus, (f"{per_gpu} per GPU on {gpus} GPU{'s' if gpus > 1 else ''}, measured faster "
+                                      "than one each" if per_gpu > 1 else "one per GPU")
     elif device_type != "cpu":
         count, why = 1, f"one process on {device_type}"
     elif storage_url.startswith("sqlite:"):
