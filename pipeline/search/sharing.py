@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import queue
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -92,16 +94,21 @@ def slowdowns(spec: StudySpec, data: PreparedData, device: torch.device, cores: 
         return {int(k): float(v) for k, v in found.items()}
     if log is not None:
         log(f"measuring how many trials share the {device.type} best: {', '.join(map(str, shares))} at once")
-    pace = {k: statistics.mean(t.seconds_per_image for t in timed_together(params, data, device, max(cores // k, 1), k))
-            for k in sorted({1, *shares})}
-    measured = {k: seconds / pace[1] for k, seconds in pace.items()}
+    pace: dict[int, float] = {}
+    for k in sorted({1, *shares}):
+        together = timed_together(params, data, device, max(cores // k, 1), k)
+        if together is None:  # k at once failed (out of memory, most likely): more would too
+            break
+        pace[k] = statistics.mean(t.seconds_per_image for t in together)
+    measured = {k: seconds / pace[1] for k, seconds in pace.items()} if 1 in pace else {1: 1.0}
     calibration.write_cache(cache, {**calibration.read_cache(cache), key: {str(k): v for k, v in measured.items()}})
     return measured
 
 
 def timed_together(params: dict[str, Any], data: PreparedData, device: torch.device, threads: int,
-                   k: int) -> list[Timing]:
-    """`k` processes train `params` on `device` at once (`threads` threads each): their timings, started together."""
+                   k: int) -> list[Timing] | None:
+    """`k` processes train `params` on `device` at once (`threads` threads each): their timings, started together;
+    None when one of them failed (it breaks the barrier or reports its error)."""
     batch = params["batch_size"]
     sample = calibration.first_images(data, TIMED_BATCHES * batch)
     warm = calibration.first_images(data, calibration.WARM_BATCHES * batch,
@@ -116,7 +123,10 @@ def timed_together(params: dict[str, Any], data: PreparedData, device: torch.dev
         process.start()
     try:
         barrier.wait(timeout=START_TIMEOUT)
-        return [results.get(timeout=START_TIMEOUT) for _ in processes]
+        timings = [results.get(timeout=START_TIMEOUT) for _ in processes]
+        return timings if all(isinstance(t, Timing) for t in timings) else None
+    except (threading.BrokenBarrierError, queue.Empty):
+        return None
     finally:
         for process in processes:
             process.join(timeout=10)
@@ -129,14 +139,22 @@ def _timed(params: dict[str, Any], sample: PreparedData, warm: PreparedData, dev
     """One of the processes: warm up, wait for the others, time the batches, report."""
     from pipeline.training import train
 
-    torch.set_num_threads(threads)
-    settings = {**params, "epochs": 1, "early_stopping_patience": 0}
-    sample, warm = _placed(sample, device), _placed(warm, device)
-    train.train_network(train.build(settings, warm, 0, threads), warm, device)
-    network = train.build(settings, sample, 0, threads)
+    try:
+        torch.set_num_threads(threads)
+        settings = {**params, "epochs": 1, "early_stopping_patience": 0}
+        sample, warm = _placed(sample, device), _placed(warm, device)
+        train.train_network(train.build(settings, warm, 0, threads), warm, device)
+        network = train.build(settings, sample, 0, threads)
+    except Exception:
+        barrier.abort()  # the others and the parent stop waiting: this k is not measured
+        raise
     barrier.wait(timeout=START_TIMEOUT)
     started = time.monotonic()
-    metrics = train.train_network(network, sample, device).history[0]
+    try:
+        metrics = train.train_network(network, sample, device).history[0]
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+        raise
     results.put(Timing(os.getpid(), started, time.monotonic(), 1 / metrics.images_per_second))
 
 

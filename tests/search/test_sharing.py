@@ -30,6 +30,11 @@ def test_trials_sharing_a_device_train_at_once_each_in_its_own_process(tiny, tmp
     assert all(t.seconds_per_image > 0 for t in timings)
 
 
+def test_a_process_that_fails_leaves_its_k_unmeasured_rather_than_hanging(tiny, tmp_path):
+    params = {**calibration.representatives(_tiny_spec(tmp_path), tiny)[0], "batch_size": 10_000}  # > the images
+    assert sharing.timed_together(params, tiny, torch.device("cpu"), threads=1, k=2) is None
+
+
 def test_the_slowdowns_are_measured_once_and_then_read_from_the_machines_cache(tiny, tmp_path):
     spec, cpu = _tiny_spec(tmp_path), torch.device("cpu")
     measured = sharing.slowdowns(spec, tiny, cpu, cores=2, root=tmp_path, shares=(1, 2))
