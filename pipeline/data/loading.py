@@ -226,9 +226,10 @@ def _placement(nbytes: int, device: torch.device, resident_bytes: int | None, pr
     if resident_bytes is not None:
         return nbytes <= resident_bytes, ""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        budget = int(free * DEVICE_MEMORY_SHARE)
-        why = f"{DEVICE_MEMORY_SHARE:.0%} of the GPU's {byte_size(free)} free"
+        free, sharing = torch.cuda.mem_get_info(device)[0], memory.gpu_workers()
+        budget = int(free * DEVICE_MEMORY_SHARE / sharing)  # workers on one GPU start together: each its part
+        why = f"{DEVICE_MEMORY_SHARE:.0%} of the GPU's {byte_size(free)} free" + (
+            f", split among the {sharing} workers on it" if sharing > 1 else "")
     else:
         host = memory.memory_budget(processes)
         budget, why = host.bytes, str(host)

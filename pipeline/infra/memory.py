@@ -15,6 +15,7 @@ from pipeline.spec.errors import BadInput
 # MemAvailable, or less under a cgroup's limit), divided among the worker processes of the host: each holds a copy.
 RAM_SHARE = 0.5
 HOST_WORKERS_ENV = "PIPELINE_HOST_WORKERS"  # set by workers.Workers: how many worker processes share this host
+GPU_WORKERS_ENV = "PIPELINE_GPU_WORKERS"  # ...and how many share a worker's GPU (several small trials on one)
 # cgroup v1 states "no limit" as a number near 2**63 (v2 writes "max"); anything this large is no limit.
 CGROUP_NO_LIMIT = 1 << 60
 
@@ -53,9 +54,19 @@ def memory_budget(processes: int = 1) -> MemoryBudget:
 def host_workers() -> int:
     """How many worker processes on this host share its memory (HOST_WORKERS_ENV; 1 outside a coordinator's
     workers)."""
-    value = os.environ.get(HOST_WORKERS_ENV, "1")
+    return _workers(HOST_WORKERS_ENV, "on this host")
+
+
+def gpu_workers() -> int:
+    """How many worker processes share this process's GPU, each with its own copy of the data there
+    (GPU_WORKERS_ENV; 1 outside a coordinator's workers)."""
+    return _workers(GPU_WORKERS_ENV, "on this GPU")
+
+
+def _workers(name: str, where: str) -> int:
+    value = os.environ.get(name, "1")
     if not value.strip().isdigit() or int(value) < 1:
-        raise BadInput(f"{HOST_WORKERS_ENV}={value!r}: expected the number of worker processes on this host, a whole "
+        raise BadInput(f"{name}={value!r}: expected the number of worker processes {where}, a whole "
                        "number >= 1 (a search's coordinator sets it for its workers); unset it")
     return int(value)
 

@@ -53,7 +53,7 @@ def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int
     each = calibration.rates(spec, data, device, each_threads, root, log)
     whole = each if each_threads == whole_threads else calibration.rates(spec, data, device, whole_threads, root, log)
     sharing_one = math.ceil(workers / sharing.devices(device))
-    if device.type != "cpu" and sharing_one > 1:  # several trials on one GPU: each at its measured shared pace
+    if device.type == "cuda" and sharing_one > 1:  # several trials on one GPU: each at its measured shared pace
         each = sharing.shared_rates(whole, sharing.measured_here(spec, data, device, threads, root, log), sharing_one)
     budget = plan.Budget(minutes or spec.minutes or 0.0, len(data.train), len(data.val), len(data.classes),
                          spec.epochs, workers, *champion_asked(spec), spec.trials, len(spec.baseline))

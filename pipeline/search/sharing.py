@@ -2,8 +2,8 @@
 
 A small model leaves a GPU mostly idle: its kernels are short, and the launches and the Python between them take
 longer. k trials sharing the GPU (k worker processes on it) can then train nearly k times the images of one. Whether
-they do on this device is measured, not assumed: k processes train the space's typical model at once, started
-together after their warm-up (a barrier), for each k in SHARES. The result is each trial's slowdown (its seconds per
+they do on this device is measured, not assumed: k processes train the space's largest model at once, started
+together after their warm-up, for each k in SHARES. The result is each trial's slowdown (its seconds per
 image beside k-1 others, over its seconds alone). WORKERS=auto puts on each GPU the k whose trials together train the
 most images a second (`per_device`), and the plan counts each rung-0 trial at its shared pace (`shared_rates`).
 Cached beside the calibration's rates, per machine, library versions, device, precision, threads and model.
@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import queue
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from typing import Any
 import torch
 
 from pipeline.data.loading import PreparedData, ResidentImages
-from pipeline.infra.concurrency import available_cores
 from pipeline.search import calibration, workers
 from pipeline.search.plan import Rates
 from pipeline.spec.studies import StudySpec
@@ -37,7 +35,8 @@ SHARES = (1, 2, 4, 8)  # trials at once on one device, measured in turn
 # copy of the data and CUDA context, so a gain within the measurement's noise is not worth them.
 SHARING_GAIN = 1.15
 TIMED_BATCHES = 24  # each process's timed batches: a GPU's are short, and the processes must overlap for long
-START_TIMEOUT = 300.0  # seconds for the processes to import torch, warm up and meet at the barrier
+START_TIMEOUT = 300.0  # seconds for the processes to import torch, warm up and time their batches
+TIMED_OUT = "timed out"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +71,9 @@ def shared_rates(alone: Rates, slowdowns: dict[int, float], sharing: int) -> Rat
 
 def measured_here(spec: StudySpec, data: PreparedData, device: torch.device, threads: int | None, root: Path,
                   log: Any = None) -> dict[int, float]:
-    """The slowdowns on this host's device, its CPU threads (`threads`, else every core) split between its GPUs."""
-    return slowdowns(spec, data, device, max((threads or available_cores()) // devices(device), 1), root, log)
+    """The slowdowns on this host's device, each process with the threads a worker would get (`threads`, else the
+    cores split among all the workers of the host's GPUs)."""
+    return slowdowns(spec, data, device, threads, devices(device), root, log)
 
 
 def devices(device: torch.device) -> int:
@@ -81,62 +81,90 @@ def devices(device: torch.device) -> int:
     return max(len(workers.visible_gpus()), 1) if device.type == "cuda" else 1
 
 
-def slowdowns(spec: StudySpec, data: PreparedData, device: torch.device, cores: int, root: Path,
+def slowdowns(spec: StudySpec, data: PreparedData, device: torch.device, threads: int | None, gpus: int, root: Path,
               log: Any = None, shares: tuple[int, ...] = SHARES) -> dict[int, float]:
     """Each k's slowdown of a trial beside k-1 others on `device` (1.0 for k = 1), measured or read from the cache.
-    The k processes split `cores` CPU threads between them, as k workers on one GPU would."""
-    typical = calibration.representatives(spec, data)
-    params = typical[len(typical) // 2]
-    key = "shared:" + calibration.cache_key([params], data, device, cores) + ":" + ",".join(map(str, shares))
+    Measured on the space's largest model: the one the plan counts on (plan.Rates.promoted_flops), and the one
+    that needs the device most. A k whose processes fail ends the measurement there (more would fail too); a
+    measurement cut short by a timeout, or failing alone, is not cached (the next run measures again)."""
+    params = calibration.representatives(spec, data)[-1]
+    key = "shared:" + calibration.cache_key([params], data, device, threads or 0) + f":{gpus}:" + ",".join(
+        map(str, shares))
     cache = root / calibration.CACHE_FILE
     found = calibration.read_cache(cache).get(key)
     if isinstance(found, dict):
         return {int(k): float(v) for k, v in found.items()}
-    if log is not None:
-        log(f"measuring how many trials share the {device.type} best: {', '.join(map(str, shares))} at once")
+    say = log or (lambda line: None)
+    say(f"measuring how many trials share the {device.type} best: {', '.join(map(str, shares))} at once")
     pace: dict[int, float] = {}
+    lasting = True
     for k in sorted({1, *shares}):
-        together = timed_together(params, data, device, max(cores // k, 1), k)
-        if together is None:  # k at once failed (out of memory, most likely): more would too
+        together = timed_together(params, data, device, workers.threads_each(k * gpus, threads), k)
+        if isinstance(together, str):
+            say(f"{k} trials at once on the {device.type} failed ({together}): {max(pace, default=0) or 'none'} "
+                "at most")
+            lasting = k > 1 and not together.startswith(TIMED_OUT)
             break
         pace[k] = statistics.mean(t.seconds_per_image for t in together)
     measured = {k: seconds / pace[1] for k, seconds in pace.items()} if 1 in pace else {1: 1.0}
-    calibration.write_cache(cache, {**calibration.read_cache(cache), key: {str(k): v for k, v in measured.items()}})
+    if lasting:
+        calibration.write_cache(cache, {**calibration.read_cache(cache), key: {str(k): v for k, v in measured.items()}})
     return measured
 
 
 def timed_together(params: dict[str, Any], data: PreparedData, device: torch.device, threads: int,
-                   k: int) -> list[Timing] | None:
-    """`k` processes train `params` on `device` at once (`threads` threads each): their timings, started together;
-    None when one of them failed (it breaks the barrier or reports its error)."""
+                   k: int) -> list[Timing] | str:
+    """`k` processes train `params` on `device` at once (`threads` threads each): their timings, started together
+    once all have warmed up; or why not (the first error a process reported, one that died, or TIMED_OUT)."""
     batch = params["batch_size"]
-    sample = calibration.first_images(data, TIMED_BATCHES * batch)
-    warm = calibration.first_images(data, calibration.WARM_BATCHES * batch,
-                                     calibration.WARM_BATCHES * params["eval_batch_size"])
+    sample = _on_cpu(calibration.first_images(data, TIMED_BATCHES * batch))
+    warm = _on_cpu(calibration.first_images(data, calibration.WARM_BATCHES * batch,
+                                            calibration.WARM_BATCHES * params["eval_batch_size"]))
     # Spawned, not forked: a process forked after CUDA started cannot use it. Each gets the few images it times.
     context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(k + 1)
-    results = context.Queue()
-    processes = [context.Process(target=_timed, args=(params, _on_cpu(sample), _on_cpu(warm), str(device), threads,
-                                                       barrier, results), daemon=True) for _ in range(k)]
+    go, messages = context.Event(), context.Queue()
+    processes = [context.Process(target=_timed, args=(params, sample, warm, str(device), threads, go, messages),
+                                 daemon=True) for _ in range(k)]
     for process in processes:
         process.start()
     try:
-        barrier.wait(timeout=START_TIMEOUT)
-        timings = [results.get(timeout=START_TIMEOUT) for _ in processes]
-        return timings if all(isinstance(t, Timing) for t in timings) else None
-    except (threading.BrokenBarrierError, queue.Empty):
-        return None
+        deadline = time.monotonic() + START_TIMEOUT
+        ready = _collect(messages, processes, "ready", deadline)
+        if isinstance(ready, str):
+            return ready
+        go.set()
+        return _collect(messages, processes, "timed", deadline)
     finally:
+        go.set()  # a process still waiting goes on, and ends
         for process in processes:
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
 
 
+def _collect(messages: Any, processes: list[Any], what: str, deadline: float) -> list[Any] | str:
+    """One `what` message from each process; or the first error, a process that died, or TIMED_OUT."""
+    found: list[Any] = []
+    while len(found) < len(processes):
+        try:
+            kind, value = messages.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                return f"a process ended with exit code {dead[0].exitcode}"
+            if time.monotonic() > deadline:
+                return f"{TIMED_OUT} after {START_TIMEOUT:.0f} s"
+            continue
+        if kind == "error":
+            return value
+        found.append(value)
+    return found
+
+
 def _timed(params: dict[str, Any], sample: PreparedData, warm: PreparedData, device: str, threads: int,
-           barrier: Any, results: Any) -> None:
-    """One of the processes: warm up, wait for the others, time the batches, report."""
+           go: Any, messages: Any) -> None:
+    """One of the processes: warm up, say so, wait for the word, time the batches, report (or report the error:
+    the parent says it, so no traceback reaches the search's screen)."""
     from pipeline.training import train
 
     try:
@@ -145,17 +173,13 @@ def _timed(params: dict[str, Any], sample: PreparedData, warm: PreparedData, dev
         sample, warm = _placed(sample, device), _placed(warm, device)
         train.train_network(train.build(settings, warm, 0, threads), warm, device)
         network = train.build(settings, sample, 0, threads)
-    except Exception:
-        barrier.abort()  # the others and the parent stop waiting: this k is not measured
-        raise
-    barrier.wait(timeout=START_TIMEOUT)
-    started = time.monotonic()
-    try:
+        messages.put(("ready", os.getpid()))
+        go.wait()
+        started = time.monotonic()
         metrics = train.train_network(network, sample, device).history[0]
+        messages.put(("timed", Timing(os.getpid(), started, time.monotonic(), 1 / metrics.images_per_second)))
     except Exception as exc:
-        results.put(f"{type(exc).__name__}: {exc}")
-        raise
-    results.put(Timing(os.getpid(), started, time.monotonic(), 1 / metrics.images_per_second))
+        messages.put(("error", f"{type(exc).__name__}: {str(exc)[:200]}"))
 
 
 def _on_cpu(data: PreparedData) -> PreparedData:

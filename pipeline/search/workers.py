@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.infra.concurrency import available_cores, quiet_if_hung_up, stop_with_parent
-from pipeline.infra.memory import HOST_WORKERS_ENV
+from pipeline.infra.memory import GPU_WORKERS_ENV, HOST_WORKERS_ENV
 from pipeline.search.events import (
     BatchDone,
     EpochEnded,
@@ -113,6 +113,19 @@ def visible_gpus() -> list[str]:
     return listed or [str(i) for i in range(torch.cuda.device_count())]
 
 
+def worker_environment(p: WorkerPlan, plans: list[WorkerPlan], environment: dict[str, str] | None) -> dict[str, str]:
+    """Worker `p`'s environment: its threads, its GPU, and how many workers share the host and its GPU."""
+    env = dict(os.environ, **(environment or {}), OMP_NUM_THREADS=str(p.threads), MKL_NUM_THREADS=str(p.threads),
+               PYTHONUNBUFFERED="1")
+    # Each worker decides alone whether its data stays resident, a copy in each: it must know how many copies this
+    # host's memory holds (memory.memory_budget divides it among them), and its GPU's (loading._placement).
+    env[HOST_WORKERS_ENV] = str(len(plans))
+    if p.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = p.gpu
+        env[GPU_WORKERS_ENV] = str(sum(1 for other in plans if other.gpu == p.gpu))
+    return env
+
+
 class Workers:
     """The running worker processes and the one queue their output lines arrive on."""
 
@@ -121,13 +134,7 @@ class Workers:
         self.lines: queue.Queue[tuple[int, WorkerEvent | str | None]] = queue.Queue()
         self.processes: dict[int, subprocess.Popen] = {}
         for p in plans:
-            env = dict(os.environ, **(environment or {}), OMP_NUM_THREADS=str(p.threads),
-                       MKL_NUM_THREADS=str(p.threads), PYTHONUNBUFFERED="1")
-            # Each worker decides alone whether its data stays resident, a copy in each: it must know how many
-            # copies this host's memory holds (memory.memory_budget divides it among them).
-            env[HOST_WORKERS_ENV] = str(len(plans))
-            if p.gpu is not None:
-                env["CUDA_VISIBLE_DEVICES"] = p.gpu
+            env = worker_environment(p, plans, environment)
             # Its own session: a Ctrl-C reaches the coordinator, which passes one SIGINT on to each worker
             # (a terminal would signal them all at once, and a second signal means "stop now").
             process = subprocess.Popen([*command, "--threads", str(p.threads), "--worker", str(p.index)], env=env,

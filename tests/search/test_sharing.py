@@ -11,10 +11,13 @@ import torch
 from tiny_study import write_study
 
 from pipeline.commands.search import decide_workers
+from pipeline.infra import memory
+from pipeline.infra.memory import GPU_WORKERS_ENV, HOST_WORKERS_ENV
 from pipeline.search import calibration, plan, planned, sharing, workers
 from pipeline.search.options import SearchOptions
 from pipeline.search.plan import Budget, Rate, Rates
 from pipeline.spec import studies
+from pipeline.spec.errors import BadInput
 
 # About one GPU's rates for the cnn space with one trial on it: 20-40 us per training image.
 GPU = Rates(8, (Rate(5_000_000, 0.00002, 0.000005), Rate(60_000_000, 0.00004, 0.00001)), trial_seconds=1.0)
@@ -32,16 +35,39 @@ def test_trials_sharing_a_device_train_at_once_each_in_its_own_process(tiny, tmp
 
 def test_a_process_that_fails_leaves_its_k_unmeasured_rather_than_hanging(tiny, tmp_path):
     params = {**calibration.representatives(_tiny_spec(tmp_path), tiny)[0], "batch_size": 10_000}  # > the images
-    assert sharing.timed_together(params, tiny, torch.device("cpu"), threads=1, k=2) is None
+    failed = sharing.timed_together(params, tiny, torch.device("cpu"), threads=1, k=2)
+    assert isinstance(failed, str) and failed.startswith("ParamError") and "batch_size = 10000" in failed
+
+
+@pytest.mark.parametrize(("failure", "measured", "cached"), [
+    ({4: "OutOfMemoryError: CUDA out of memory"}, {1: 1.0, 2: 1.5}, True),  # the device's limit: kept
+    ({4: f"{sharing.TIMED_OUT} after 300 s"}, {1: 1.0, 2: 1.5}, False),  # a slow start: measured again next time
+    ({1: "RuntimeError: busy"}, {1: 1.0}, False),  # nothing measured: one per GPU, measured again next time
+])
+def test_a_k_that_fails_ends_the_measurement_and_only_a_lasting_limit_is_cached(tiny, tmp_path, monkeypatch,
+                                                                                 failure, measured, cached):
+    """timed_together faked (it is measured above): 2 at once take 1.5x as long each; a k in `failure` fails."""
+    tried, said = [], []
+
+    def timed(params, data, device, threads, k):
+        tried.append(k)
+        return failure.get(k) or [sharing.Timing(k, 0.0, 1.0, 0.001 * (1.5 if k == 2 else 1.0))] * k
+
+    monkeypatch.setattr(sharing, "timed_together", timed)
+    spec, cpu = _tiny_spec(tmp_path), torch.device("cpu")
+    assert sharing.slowdowns(spec, tiny, cpu, 1, 1, tmp_path, said.append) == measured
+    assert tried == [k for k in sharing.SHARES if k <= max(failure)]  # nothing after the k that failed
+    assert said[-1].startswith(f"{max(failure)} trials at once on the cpu failed ({failure[max(failure)]})")
+    assert (tmp_path / calibration.CACHE_FILE).is_file() == cached
 
 
 def test_the_slowdowns_are_measured_once_and_then_read_from_the_machines_cache(tiny, tmp_path):
     spec, cpu = _tiny_spec(tmp_path), torch.device("cpu")
-    measured = sharing.slowdowns(spec, tiny, cpu, cores=2, root=tmp_path, shares=(1, 2))
+    measured = sharing.slowdowns(spec, tiny, cpu, threads=1, gpus=1, root=tmp_path, shares=(1, 2))
     assert set(measured) == {1, 2} and measured[1] == 1.0 and measured[2] > 0
     cached = json.loads((tmp_path / calibration.CACHE_FILE).read_text())
     assert [v for k, v in cached.items() if k.startswith("shared:")] == [{"1": 1.0, "2": measured[2]}]
-    assert sharing.slowdowns(spec, tiny, cpu, cores=2, root=tmp_path, shares=(1, 2)) == measured  # not again
+    assert sharing.slowdowns(spec, tiny, cpu, threads=1, gpus=1, root=tmp_path, shares=(1, 2)) == measured  # cached
 
 
 @pytest.mark.parametrize(("slowdowns", "chosen"), [
@@ -52,6 +78,15 @@ def test_the_slowdowns_are_measured_once_and_then_read_from_the_machines_cache(t
 ])
 def test_a_device_takes_more_trials_at_once_only_where_together_they_train_more_images(slowdowns, chosen):
     assert sharing.per_device(slowdowns) == chosen
+
+
+def test_a_trial_sharing_its_device_is_slowed_by_the_nearest_k_measured_in_its_images_only():
+    measured = {1: 1.0, 2: 1.2, 4: 2.0}
+    assert sharing.shared_rates(GPU, measured, 1) == GPU
+    assert sharing.shared_rates(GPU, measured, 3) == sharing.shared_rates(GPU, measured, 4)  # a tie: the larger
+    shared = sharing.shared_rates(GPU, measured, 6)  # beyond the measured: the largest
+    assert shared.points[0].train_seconds_per_image == pytest.approx(2.0 * GPU.points[0].train_seconds_per_image)
+    assert shared.trial_seconds == GPU.trial_seconds
 
 
 def test_a_gpu_shared_by_four_small_trials_plans_as_many_more_configurations_as_they_train_images():
@@ -117,3 +152,34 @@ def test_the_plan_of_a_shared_gpu_counts_each_rung_zero_trial_at_its_shared_pace
                                                                  shared.promoted_flops))
     assert planned.make(spec, tiny, torch.device("cuda"), 1, None, tmp_path).rungs[0].seconds_each == pytest.approx(
         GPU.run_seconds(first.images, first.epochs, len(tiny.val), GPU.promoted_flops))
+    monkeypatch.setattr(workers, "visible_gpus", lambda: ["0", "1"])
+    assert planned.make(spec, tiny, torch.device("cuda"), 2, None, tmp_path).rungs[0].seconds_each == pytest.approx(
+        GPU.run_seconds(first.images, first.epochs, len(tiny.val), GPU.promoted_flops))  # one on each GPU
+
+
+def test_a_cpu_plan_never_measures_sharing(tiny, tmp_path, monkeypatch):
+    def refuse(*args):
+        raise AssertionError("a CPU's workers share its cores by threads; nothing to measure")
+
+    monkeypatch.setattr(sharing, "measured_here", refuse)
+    monkeypatch.setattr(calibration, "rates", lambda *args: GPU)
+    assert planned.make(_tiny_spec(tmp_path), tiny, torch.device("cpu"), 2, None, tmp_path).rungs[0].parallel == 2
+
+
+def test_each_worker_is_told_how_many_share_its_gpu():
+    plans = workers.plan(3, 1, ["0", "1"])  # round robin: workers 1 and 3 on GPU 0
+    told = [workers.worker_environment(p, plans, None) for p in plans]
+    assert [(e["CUDA_VISIBLE_DEVICES"], e[GPU_WORKERS_ENV], e[HOST_WORKERS_ENV]) for e in told] == [
+        ("0", "2", "3"), ("1", "1", "3"), ("0", "2", "3")]
+    assert GPU_WORKERS_ENV not in workers.worker_environment(workers.plan(1, 1, [])[0], plans, {})
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_gpu_workers_value_is_refused_in_one_line(monkeypatch, value):
+    monkeypatch.setenv(GPU_WORKERS_ENV, value)
+    with pytest.raises(BadInput) as refused:
+        memory.gpu_workers()
+    assert str(refused.value).startswith(f"{GPU_WORKERS_ENV}={value!r}: expected the number of worker processes on "
+                                         "this GPU") and "\n" not in str(refused.value)
+    monkeypatch.setenv(GPU_WORKERS_ENV, "3")
+    assert memory.gpu_workers() == 3
