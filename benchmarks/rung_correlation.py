@@ -63,11 +63,13 @@ def configurations(spec: studies.StudySpec, count: int, seed: int) -> list[dict]
     return drawn
 
 
-def measure(dataset: str, count: int, out: Path, threads: int, policy: str | None) -> None:
+def measure(dataset: str, count: int, out: Path, threads: int, policy: str | None, first: int = 0) -> None:
     spec = measured_space(studies.load("cnn"))
     data = prepare(dataset)
     done = {(r["config"], r["rung"]) for r in _read(out)}
     for index, params in enumerate(configurations(spec, count, seed=0)):
+        if index < first:
+            continue
         if policy is not None:
             params = {**params, "augment_policy": policy}
         seed = studies.derive_seed(spec.seed, "rungs", index)
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--configs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--policy", default=None, help="augment_policy for every run (fashion-mnist: natural)")
+    parser.add_argument("--first", type=int, default=0,
+                        help="skip the configurations before this one (a second process measures the tail into "
+                             "its own file; concatenate the files)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--table", type=Path, nargs="+")
     args = parser.parse_args(argv)
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.out is None:
         sys.exit("--out FILE.jsonl is needed to measure")
-    measure(args.dataset, args.configs, args.out, args.threads, args.policy)
+    measure(args.dataset, args.configs, args.out, args.threads, args.policy, args.first)
 
 
 if __name__ == "__main__":
