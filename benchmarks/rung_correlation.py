@@ -34,6 +34,7 @@ from pipeline.training import train
 # (name, share of the training split, epochs); the last is full fidelity for a study of 5 epochs.
 RUNGS = (("1/8 x 1", 1 / 8, 1), ("1/4 x 1", 1 / 4, 1), ("1/4 x 2", 1 / 4, 2), ("1/1 x 1", 1.0, 1))
 SUBSET_SEED = 1
+LADDER = ("1/8 x 1", "1/4 x 2")  # a planned search's rungs 0 and 1 for a study of 5 epochs (search/plan.py)
 
 
 # The space the configurations are drawn from: the cnn study's as it was when this measurement began, two or three
@@ -116,6 +117,13 @@ def top_hits(rule: list[float], full: list[float], keep: int, best: int = 3) -> 
     return len(kept & set(sorted(range(len(full)), key=lambda i: -full[i])[:best]))
 
 
+def ladder(low: dict[int, float], high: dict[int, float], keep: int) -> dict[int, float]:
+    """The planned search's ranking: the best `keep` of the low rung ranked by the high rung, above all the rest
+    (ranked by the low rung). Accuracies are at most 1, so 1 + the high rung's puts the kept ones first."""
+    kept = set(sorted(low, key=lambda c: -low[c])[:keep])
+    return {c: 1 + high[c] if c in kept else low[c] for c in low}
+
+
 def table(paths: list[Path]) -> None:
     names = [next(iter(_read(p)), {}).get("dataset", p.stem) for p in paths]
     print("| rule | cost (full = 1) | " + " | ".join(f"Spearman, {n}" for n in names)
@@ -131,10 +139,16 @@ def table(paths: list[Path]) -> None:
         epochs = len(full[configs[0]]["history"])
         rules = {f"epoch {e} of the full run": ({c: full[c]["history"][e - 1] for c in configs}, e / epochs)
                  for e in (1, 2, 3)}
+        complete = {}
         for name, share, rung_epochs in RUNGS:
             found = {r["config"]: r["best"] for r in records if r["rung"] == name and r["config"] in full}
             if len(found) == len(configs):
-                rules[f"complete run, {name}"] = (found, share * rung_epochs / epochs)
+                complete[name] = (found, share * rung_epochs / epochs)
+                rules[f"complete run, {name}"] = complete[name]
+        if all(name in complete for name in LADDER):
+            (low, low_cost), (high, high_cost) = (complete[name] for name in LADDER)
+            rules[f"the ladder: {LADDER[0]}, its best third again at {LADDER[1]}"] = (
+                ladder(low, high, keep), low_cost + keep / len(configs) * high_cost)
         for name, (values, cost) in rules.items():
             rule = [values[c] for c in configs]
             entry = rows.setdefault(name, (cost, ["-"] * len(paths), ["-"] * len(paths)))

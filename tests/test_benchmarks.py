@@ -108,3 +108,13 @@ def test_the_rung_table_ranks_rules_against_full_fidelity(tmp_path, monkeypatch,
     assert "| complete run, 1/8 x 1 | 0.03 | +0.50 (3 configs) |" in out
     assert "| epoch 3 of the full run | 0.60 | +1.00 (3 configs) |" in out
     assert "1/4 x 2" not in out  # no such runs recorded
+
+
+def test_the_rung_table_ranks_the_ladder_as_a_planned_search_does(monkeypatch):
+    """The ladder row: rung 0's best third, ranked by rung 1, above the rest (ranked by rung 0)."""
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT / "benchmarks"))
+    bench = runpy.run_path(str(PROJECT_ROOT / "benchmarks" / "rung_correlation.py"))
+    low = {0: 0.90, 1: 0.95, 2: 0.80, 3: 0.97, 4: 0.85, 5: 0.70}
+    high = {0: 0.99, 1: 0.96, 2: 0.999, 3: 0.98, 4: 0.90, 5: 0.91}
+    ranked = bench["ladder"](low, high, keep=2)  # rung 0 keeps 3 and 1; rung 1 puts 3 first
+    assert sorted(ranked, key=lambda c: -ranked[c]) == [3, 1, 0, 4, 2, 5]
