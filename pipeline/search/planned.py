@@ -32,6 +32,7 @@ from pipeline.search.events import Listener
 from pipeline.search.fidelity import FULL, Fidelity, subset_seed
 from pipeline.search.objective import Objective, SearchTrials
 from pipeline.search.plan_record import minutes_spent, reach, store_plan, stored
+from pipeline.search.workers import devices
 from pipeline.spec.stop_reason import StopReason
 from pipeline.spec.studies import StudySpec
 
@@ -52,7 +53,7 @@ def make(spec: StudySpec, data: PreparedData, device: torch.device, workers: int
     each_threads = max(whole_threads // workers, 1) if device.type == "cpu" else whole_threads
     each = calibration.rates(spec, data, device, each_threads, root, log)
     whole = each if each_threads == whole_threads else calibration.rates(spec, data, device, whole_threads, root, log)
-    sharing_one = math.ceil(workers / sharing.devices(device))
+    sharing_one = math.ceil(workers / devices(device.type))
     if device.type == "cuda" and sharing_one > 1:  # several trials on one GPU: each at its measured shared pace
         each = sharing.shared_rates(whole, sharing.measured_here(spec, data, device, threads, root, log), sharing_one)
     budget = plan.Budget(minutes or spec.minutes or 0.0, len(data.train), len(data.val), len(data.classes),

@@ -63,7 +63,7 @@ def per_device(slowdowns: dict[int, float]) -> int:
 def shared_rates(alone: Rates, slowdowns: dict[int, float], sharing: int) -> Rates:
     """`alone`'s rates for a trial that shares its device with `sharing` - 1 others (the nearest k measured). Only
     its images slow down: what a trial costs beyond them (building, recording) is each process's own CPU work."""
-    if sharing <= 1 or not slowdowns:
+    if sharing <= 1:
         return alone
     nearest = min(slowdowns, key=lambda k: (abs(k - sharing), -k))
     return dataclasses.replace(alone.scaled(1 / slowdowns[nearest]), trial_seconds=alone.trial_seconds)
@@ -73,12 +73,7 @@ def measured_here(spec: StudySpec, data: PreparedData, device: torch.device, thr
                   log: Any = None) -> dict[int, float]:
     """The slowdowns on this host's device, each process with the threads a worker would get (`threads`, else the
     cores split among all the workers of the host's GPUs)."""
-    return slowdowns(spec, data, device, threads, devices(device), root, log)
-
-
-def devices(device: torch.device) -> int:
-    """How many devices of `device`'s kind the workers share out (the visible GPUs; one of anything else)."""
-    return max(len(workers.visible_gpus()), 1) if device.type == "cuda" else 1
+    return slowdowns(spec, data, device, threads, workers.devices(device.type), root, log)
 
 
 def slowdowns(spec: StudySpec, data: PreparedData, device: torch.device, threads: int | None, gpus: int, root: Path,
@@ -117,9 +112,9 @@ def timed_together(params: dict[str, Any], data: PreparedData, device: torch.dev
     """`k` processes train `params` on `device` at once (`threads` threads each): their timings, started together
     once all have warmed up; or why not (the first error a process reported, one that died, or TIMED_OUT)."""
     batch = params["batch_size"]
-    sample = _on_cpu(calibration.first_images(data, TIMED_BATCHES * batch))
-    warm = _on_cpu(calibration.first_images(data, calibration.WARM_BATCHES * batch,
-                                            calibration.WARM_BATCHES * params["eval_batch_size"]))
+    sample = _placed(calibration.first_images(data, TIMED_BATCHES * batch), "cpu")
+    warm = _placed(calibration.first_images(data, calibration.WARM_BATCHES * batch,
+                                            calibration.WARM_BATCHES * params["eval_batch_size"]), "cpu")
     # Spawned, not forked: a process forked after CUDA started cannot use it. Each gets the few images it times.
     context = multiprocessing.get_context("spawn")
     go, messages = context.Event(), context.Queue()
@@ -182,12 +177,8 @@ def _timed(params: dict[str, Any], sample: PreparedData, warm: PreparedData, dev
         messages.put(("error", f"{type(exc).__name__}: {str(exc)[:200]}"))
 
 
-def _on_cpu(data: PreparedData) -> PreparedData:
-    """`data`'s splits resident on the CPU: what a spawned process is sent."""
-    return dataclasses.replace(data, train=_split(data.train, "cpu"), val=_split(data.val, "cpu"))
-
-
 def _placed(data: PreparedData, device: str) -> PreparedData:
+    """`data`'s splits resident on `device` (the CPU for what a spawned process is sent)."""
     return dataclasses.replace(data, train=_split(data.train, device), val=_split(data.val, device))
 
 

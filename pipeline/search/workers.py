@@ -87,7 +87,7 @@ def auto_count(device_type: str, storage_url: str, threads: int | None, trials: 
     lives.
     """
     if device_type == "cuda":
-        gpus = max(1, len(visible_gpus()))
+        gpus = devices(device_type)
         count, why = per_gpu * gpus, (f"{per_gpu} per GPU on {gpus} GPU{'s' if gpus > 1 else ''}, measured faster "
                                       "than one each" if per_gpu > 1 else "one per GPU")
     elif device_type != "cpu":
@@ -101,6 +101,11 @@ def auto_count(device_type: str, storage_url: str, threads: int | None, trials: 
         why = f"{cores} CPU cores, {threads_each(count, threads)} thread(s) each"
     count = max(1, min(count, trials))
     return count, f"WORKERS=auto: {count} worker{'s' if count > 1 else ''} ({why})"
+
+
+def devices(device_type: str) -> int:
+    """How many devices of this kind the workers share out: the visible GPUs (at least one); one of anything else."""
+    return max(len(visible_gpus()), 1) if device_type == "cuda" else 1
 
 
 def visible_gpus() -> list[str]:

@@ -183,3 +183,15 @@ def test_a_bad_gpu_workers_value_is_refused_in_one_line(monkeypatch, value):
                                          "this GPU") and "\n" not in str(refused.value)
     monkeypatch.setenv(GPU_WORKERS_ENV, "3")
     assert memory.gpu_workers() == 3
+
+
+def test_workers_sharing_a_gpu_split_its_memory_share_for_resident_data(monkeypatch):
+    """loading._placement on a (named) cuda device whose free memory is faked: 2 workers each get half the share."""
+    from pipeline.data import loading
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (4_000_000, 8_000_000))
+    monkeypatch.delenv(GPU_WORKERS_ENV, raising=False)
+    assert loading._placement(1_500_000, torch.device("cuda"), None, 1)[0]  # alone: half of 4 MB
+    monkeypatch.setenv(GPU_WORKERS_ENV, "2")
+    fits, why = loading._placement(1_500_000, torch.device("cuda"), None, 1)
+    assert not fits and why.endswith(", split among the 2 workers on it")
